@@ -399,7 +399,7 @@ def load_pairs(
     field_map: Mapping[str, str] | None = None,
     split: str = "train",
     limit: int | None = None,
-    strict: bool = True,
+    strict: bool | None = None,
     id_field: str = "id",
     **load_dataset_kwargs: Any,
 ) -> PairSet:
@@ -409,13 +409,18 @@ def load_pairs(
     ``"llamafactory-dpo-demo"``), a local file, a ``datasets.load_dataset`` name, or an iterable
     of record dicts. ``format`` forces one of ``FORMATS`` (otherwise detected per record).
     ``field_map`` renames fields first, e.g. ``{"prompt": "question", "chosen": "good"}``.
-    ``strict=False`` skips bad records and counts them in ``report.skipped`` instead of raising.
+    ``strict=False`` skips bad records and counts them in ``report.skipped`` instead of raising;
+    the default (``None``) is strict for your own files and lenient for the vendored aliases,
+    which are real data with a few known-bad records (empty responses, mismatched prompts).
     ``limit`` keeps the first ``limit`` valid pairs.
     """
+    is_alias = isinstance(source, str) and source in _ALIASES
+    if strict is None:
+        strict = not is_alias
     if format is not None and format not in _NORMALISERS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
     label, records = _open_source(source, split, format, load_dataset_kwargs)
-    if isinstance(source, str) and source in _ALIASES:
+    if is_alias:
         format = format or _ALIASES[source][1]
     report = LoadReport(source=label)
     stream = _records_with_report(records, report, strict)
@@ -498,8 +503,8 @@ def _open_source(source, split: str, format: str | None, load_dataset_kwargs: di
         if path.is_dir():
             raise DataError("is a directory; pass a file", file=str(path), reason="bad_file")
         return str(path), (lambda report, strict, p=path: _iter_file_records(p, report, strict))
-    if isinstance(source, str) and re.search(r"\.(jsonl?|csv|parquet)(\.gz)?$", source):
-        raise DataError("file not found", file=source, reason="not_found")
+    if not isinstance(source, str) or re.search(r"\.(jsonl?|csv|parquet|txt)(\.gz)?$", str(source)):
+        raise DataError("file not found", file=str(source), reason="not_found")
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
@@ -522,7 +527,7 @@ def chat_corpus(include_pairs: bool = True) -> Iterator[tuple[list[dict], str, s
     """
     if include_pairs:
         for alias in ("hh-rlhf", "pandalm", "oasst-en100", "llamafactory-dpo-demo"):
-            for pair in load_pairs(alias, strict=False):
+            for pair in load_pairs(alias):
                 yield list(pair.prompt), pair.chosen, alias
                 yield list(pair.prompt), pair.rejected, alias
     path = data_dir() / "gpteacher_roleplay/roleplay-simple-deduped-roleplay-dataset.json"

@@ -136,7 +136,10 @@ def load_sae(
         )
     sae.eval()
     hook = getattr(sae.cfg.metadata, "hook_name", None)
-    found = layer if layer is not None else layer_from_hook(hook)
+    from_hook = layer_from_hook(hook)
+    if layer is not None and from_hook is not None and layer != from_hook:
+        raise ValueError(f"{name} was trained on layer {from_hook} ({hook}); it cannot read layer {layer}")
+    found = layer if layer is not None else from_hook
     if found is None:
         raise ValueError(f"{name}: cannot tell which layer the SAE reads (hook_name={hook!r}); pass layer=")
     return LoadedSAE(sae=sae, layer=found, name=name, fingerprint=_weights_fingerprint(sae), card=card)

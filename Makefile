@@ -1,0 +1,24 @@
+# The two commands of the README: `make run` (the main job) and `make test` (the tests).
+# Both do all set-up first (scripts/setup.sh, idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/default
+
+.PHONY: setup run test test-all benchmark sae
+setup:
+	bash scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/anatomy-nb run --run-dir $(RUN_DIR)
+
+test: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+benchmark: setup
+	$(PY) benchmarks/extract.py
+
+sae: setup
+	$(PY) -m anatomy_nb.sae_recipe --work-dir work/sae_recipe

@@ -1,0 +1,96 @@
+"""``anatomy-nb``: the pipeline from a shell.
+
+    anatomy-nb run [--run-dir runs/default] [--n-pairs 300] ...   # notebooks, headless, + HTML
+    anatomy-nb extract --data hh-rlhf --n-pairs 200 --run-dir runs/x
+    anatomy-nb train-sae --work-dir work/sae_recipe                # rebuild the default SAE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_RUN_DIR = "runs/default"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .notebooks import run_notebook
+
+    params = {
+        "model": args.model,
+        "sae": args.sae,
+        "data_source": args.data,
+        "n_pairs": args.n_pairs,
+    }
+    for name in args.notebooks:
+        print(f"[anatomy-nb] running {name} → {args.run_dir}/notebooks/{name}.ipynb", flush=True)
+        out = run_notebook(name, args.run_dir, params, html=not args.no_html)
+        print(f"[anatomy-nb] done: {out}" + ("" if args.no_html else f" and {out.with_suffix('.html')}"), flush=True)
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .data import load_pairs
+    from .extract import ExtractConfig, extract
+
+    pairs = load_pairs(args.data, limit=args.n_pairs, strict=args.strict)
+    if pairs.report.skipped:
+        print(f"[anatomy-nb] skipped {sum(pairs.report.skipped.values())} records: {dict(pairs.report.skipped)}", file=sys.stderr)
+    store = extract(pairs, args.model, args.sae, args.run_dir, ExtractConfig(shard_size=args.shard_size))
+    print(store)
+    print(json.dumps({k: store.manifest[k] for k in ("key", "n_pairs", "d_sae", "layer")}, indent=2))
+    return 0
+
+
+def _cmd_train_sae(args: argparse.Namespace) -> int:
+    from .sae_recipe import RecipeConfig, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    card = run(args.work_dir, args.out, RecipeConfig(train_tokens=args.train_tokens))
+    print(json.dumps(card["held_out_metrics"], indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .models import DEFAULT_MODEL
+    from .sae import DEFAULT_SAE
+
+    p = argparse.ArgumentParser(prog="anatomy-nb", description="Audit a preference data set at the level of SAE concepts.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+        sp.add_argument("--model", default=DEFAULT_MODEL, help="model alias, hub id or local directory")
+        sp.add_argument("--sae", default=DEFAULT_SAE, help="shipped SAE name or local sae-lens directory")
+        sp.add_argument("--data", default="hh-rlhf", help="vendored alias, local file or datasets name")
+        sp.add_argument("--n-pairs", type=int, default=300)
+
+    r = sub.add_parser("run", help="run the stage notebooks headless (papermill) and render HTML")
+    common(r)
+    r.add_argument("--notebooks", nargs="+", default=["01_extract"])
+    r.add_argument("--no-html", action="store_true")
+    r.set_defaults(func=_cmd_run)
+
+    e = sub.add_parser("extract", help="write the feature store for a data set")
+    common(e)
+    e.add_argument("--shard-size", type=int, default=128)
+    e.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    e.set_defaults(func=_cmd_extract)
+
+    t = sub.add_parser("train-sae", help="re-train the default SAE (sweep, train, evaluate, card)")
+    t.add_argument("--work-dir", default="work/sae_recipe")
+    t.add_argument("--out", default=None)
+    t.add_argument("--train-tokens", type=int, default=800_000)
+    t.set_defaults(func=_cmd_train_sae)
+
+    args = p.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Running the stage notebooks headless with papermill and rendering them to shareable HTML."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .artifacts import atomic_path
+
+__all__ = ["NOTEBOOKS", "notebook_dir", "run_notebook"]
+
+NOTEBOOKS = ["00_train_sae", "01_extract"]
+
+
+def notebook_dir() -> Path:
+    """The repository's ``notebooks/`` folder (``$ANATOMY_NB_NOTEBOOKS`` overrides)."""
+    env = os.environ.get("ANATOMY_NB_NOTEBOOKS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, Any] | None = None, html: bool = True, timeout: int = 3600, progress: bool = True) -> Path:
+    """Execute ``notebooks/<name>.ipynb`` with papermill into ``run_dir/notebooks/`` and, if
+    ``html``, render it to standalone HTML next to it. Returns the executed notebook's path."""
+    import papermill as pm
+
+    src = notebook_dir() / f"{name}.ipynb"
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such notebook (known: {', '.join(NOTEBOOKS)})")
+    run_dir = Path(run_dir).resolve()
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = {"run_dir": str(run_dir), **(parameters or {})}
+    out = out_dir / f"{name}.ipynb"
+    # papermill writes the output as it goes: a failed run leaves a notebook showing where.
+    pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(src.parent), kernel_name="python3", progress_bar=progress, execution_timeout=timeout, language="python")
+    if html:
+        render_html(out)
+    return out
+
+
+def render_html(notebook: str | os.PathLike) -> Path:
+    """Standalone HTML of an executed notebook (plotly figures embedded, no kernel needed)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook = Path(notebook)
+    nb = nbformat.read(notebook, as_version=4)
+    exporter = HTMLExporter()
+    exporter.exclude_input_prompt = True
+    exporter.exclude_output_prompt = True
+    body, _ = exporter.from_notebook_node(nb)
+    out = notebook.with_suffix(".html")
+    with atomic_path(out) as tmp:
+        tmp.write_text(body, encoding="utf-8")
+    return out

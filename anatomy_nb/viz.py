@@ -1,0 +1,116 @@
+"""Figures and HTML shared by the notebooks.
+
+Dataset text is untrusted: everything that puts it into HTML goes through :func:`escape_text`
+(``html.escape`` with quotes), so a pair containing ``<script>`` is shown, never run.
+Figures are plotly; :func:`setup_plotly` makes them self-contained so they survive HTML export
+and open without a kernel or a network.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["escape_text", "html_table", "setup_plotly", "token_html"]
+
+
+def setup_plotly() -> None:
+    """Embed plotly.js in the notebook output (once) so exported HTML works offline."""
+    import plotly.io as pio
+
+    pio.renderers.default = "notebook"
+
+
+def escape_text(text: object, max_chars: int | None = None) -> str:
+    s = "" if text is None else str(text)
+    if max_chars is not None and len(s) > max_chars:
+        s = s[: max_chars - 1] + "…"
+    return html.escape(s, quote=True).replace("\n", "<br>")
+
+
+def html_table(df: pd.DataFrame, max_chars: int = 400, columns: Sequence[str] | None = None) -> str:
+    """An HTML table whose every cell is escaped text (no markup from the data survives)."""
+    cols = list(columns or df.columns)
+    head = "".join(f"<th style='text-align:left'>{escape_text(c)}</th>" for c in cols)
+    rows = []
+    for _, r in df.iterrows():
+        cells = "".join(f"<td style='text-align:left;vertical-align:top;max-width:32em'>{escape_text(r[c], max_chars)}</td>" for c in cols)
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table class='anatomy-nb'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def token_html(tokens: Iterable[str], values: Sequence[float] | None = None, peak: int | None = None) -> str:
+    """Tokens as escaped spans, shaded by activation; the peak token outlined."""
+    tokens = list(tokens)
+    vmax = max(values) if values is not None and len(values) and max(values) > 0 else 1.0
+    spans = []
+    for i, t in enumerate(tokens):
+        alpha = 0.0 if values is None else float(values[i]) / vmax
+        style = f"background:rgba(255,140,0,{alpha:.2f});"
+        if peak is not None and i == peak:
+            style += "outline:2px solid #d9480f;background:rgba(255,140,0,0.6);"
+        spans.append(f"<span style='{style}white-space:pre-wrap'>{escape_text(t)}</span>")
+    return "".join(spans)
+
+
+# --- stage 1 figures -------------------------------------------------------------------------------
+
+
+def length_figure(lengths: pd.DataFrame):
+    """Token lengths of chosen vs rejected responses (overlaid histograms + scatter)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("response length (tokens)", "chosen vs rejected length per pair"))
+    for side, color in (("chosen", "#2b8a3e"), ("rejected", "#c92a2a")):
+        fig.add_trace(go.Histogram(x=lengths[side], name=side, opacity=0.6, marker_color=color, nbinsx=50), row=1, col=1)
+    fig.add_trace(go.Scattergl(x=lengths["rejected"], y=lengths["chosen"], mode="markers", marker=dict(size=4, opacity=0.5), name="pairs", text=lengths["id"], showlegend=False), row=1, col=2)
+    m = float(max(lengths["chosen"].max(), lengths["rejected"].max(), 1))
+    fig.add_trace(go.Scatter(x=[0, m], y=[0, m], mode="lines", line=dict(dash="dot", color="grey"), showlegend=False), row=1, col=2)
+    fig.update_layout(barmode="overlay", height=360, margin=dict(t=40, b=40))
+    fig.update_xaxes(title_text="tokens", row=1, col=1)
+    fig.update_xaxes(title_text="rejected tokens", row=1, col=2)
+    fig.update_yaxes(title_text="chosen tokens", row=1, col=2)
+    return fig
+
+
+def density_figure(fire_rate_all: np.ndarray):
+    """How often each feature fires across responses (log scale): dead and dense features."""
+    import plotly.graph_objects as go
+
+    live = fire_rate_all[fire_rate_all > 0]
+    fig = go.Figure(go.Histogram(x=np.log10(live), nbinsx=60, marker_color="#1971c2"))
+    dead = int((fire_rate_all == 0).sum())
+    fig.update_layout(
+        title=f"feature density over responses ({len(live)} fire at least once, {dead} never)",
+        xaxis_title="log10(fraction of responses where the feature fires)",
+        yaxis_title="features",
+        height=320,
+        margin=dict(t=50, b=40),
+    )
+    return fig
+
+
+def firing_rate_figure(rate_chosen: np.ndarray, rate_rejected: np.ndarray, labels: Sequence[str] | None = None):
+    """Per-feature firing rate on chosen vs rejected responses (descriptive; stage 2 tests it)."""
+    import plotly.graph_objects as go
+
+    diff = rate_chosen - rate_rejected
+    text = labels if labels is not None else [f"feature {i}" for i in range(len(diff))]
+    fig = go.Figure(
+        go.Scattergl(
+            x=rate_rejected,
+            y=rate_chosen,
+            mode="markers",
+            marker=dict(size=4, color=diff, colorscale="RdBu", cmid=0, colorbar=dict(title="chosen − rejected")),
+            text=text,
+            hovertemplate="%{text}<br>rejected %{x:.3f}<br>chosen %{y:.3f}<extra></extra>",
+        )
+    )
+    m = float(max(rate_chosen.max(initial=0), rate_rejected.max(initial=0), 1e-3))
+    fig.add_trace(go.Scatter(x=[0, m], y=[0, m], mode="lines", line=dict(dash="dot", color="grey"), showlegend=False))
+    fig.update_layout(title="feature firing rate: chosen vs rejected responses", xaxis_title="fires on rejected (fraction of pairs)", yaxis_title="fires on chosen (fraction of pairs)", height=420, margin=dict(t=50, b=40))
+    return fig
