@@ -47,12 +47,20 @@ class ExtractConfig:
     """Parameters of the feature store (all but ``progress`` are part of its key)."""
 
     max_prompt_tokens: int = 1024  # longer prompts keep their first token and their last tokens
-    max_response_tokens: int = 512
+    max_response_tokens: int = 512  # at most 65,535 (counts are stored as uint16)
     shard_size: int = 128
     top_contexts: int = 32  # per feature: the responses where it peaks highest
     shared_prefix: bool = True  # False runs prompt+response twice (the naive baseline)
     store_prompts: bool = True
     progress: bool = True
+
+    def __post_init__(self):
+        if not 1 <= self.max_response_tokens <= 65_535:
+            raise ValueError(f"max_response_tokens must be in 1..65535, got {self.max_response_tokens}")
+        if self.max_prompt_tokens < 2:
+            raise ValueError(f"max_prompt_tokens must be >= 2, got {self.max_prompt_tokens}")
+        if self.shard_size < 1 or self.top_contexts < 1:
+            raise ValueError("shard_size and top_contexts must be >= 1")
 
 
 # --- one pair -----------------------------------------------------------------------------------
@@ -107,6 +115,12 @@ class _Encoder:
         batch = torch.tensor([resp + [pad] * (R - len(resp)) for resp in (chosen, rejected)])
         x = self.run(batch, cache).float()
         return prompt_resid, [x[0, : len(chosen)], x[1, : len(rejected)]]
+
+
+def _feature_dtype(d_sae: int):
+    """Pooled statistics take 8 bytes per firing feature: uint16 id, float16 max and mean,
+    uint16 count (responses are capped well below 65,535 tokens)."""
+    return np.uint16 if d_sae <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
 def _pool(acts: torch.Tensor) -> dict[str, np.ndarray]:
@@ -180,12 +194,13 @@ def _compute_shard(enc: _Encoder, pairs: Sequence[PreferencePair], cfg: ExtractC
                 prm[k].append(pooled[k])
             prm_nnz.append(len(pooled["feat"]))
             prm_ntok.append(int(keep.numel()))
+    fdt = _feature_dtype(d_sae)
     out = {
         "resp_nnz": np.asarray(resp_nnz, dtype=np.int64),
-        "resp_feat": np.concatenate(resp["feat"]).astype(np.int32),
+        "resp_feat": np.concatenate(resp["feat"]).astype(fdt),
         "resp_max": np.concatenate(resp["max"]).astype(np.float16),
         "resp_mean": np.concatenate(resp["mean"]).astype(np.float16),
-        "resp_count": np.concatenate(resp["count"]).astype(np.int32),
+        "resp_count": np.concatenate(resp["count"]).astype(np.uint16),
         "resp_ntok": np.asarray(resp_ntok, dtype=np.int32),
         "tok_len": np.asarray([len(t) for t in tokens], dtype=np.int64),
         "tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
@@ -198,10 +213,10 @@ def _compute_shard(enc: _Encoder, pairs: Sequence[PreferencePair], cfg: ExtractC
     if cfg.store_prompts:
         out.update(
             prompt_nnz=np.asarray(prm_nnz, dtype=np.int64),
-            prompt_feat=np.concatenate(prm["feat"]).astype(np.int32),
+            prompt_feat=np.concatenate(prm["feat"]).astype(fdt),
             prompt_max=np.concatenate(prm["max"]).astype(np.float16),
             prompt_mean=np.concatenate(prm["mean"]).astype(np.float16),
-            prompt_count=np.concatenate(prm["count"]).astype(np.int32),
+            prompt_count=np.concatenate(prm["count"]).astype(np.uint16),
             prompt_ntok=np.asarray(prm_ntok, dtype=np.int32),
         )
     return out
@@ -272,7 +287,8 @@ def _distributed():
     """accelerate's process state: rank and world size under ``accelerate launch``, else 1 process."""
     from accelerate import PartialState
 
-    return PartialState()
+    # cpu=True lets several CPU processes (torchrun / accelerate launch) form a gloo group.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 
@@ -438,7 +454,7 @@ class FeatureStore:
             data = np.ones(len(feat), dtype=np.float32)
         else:
             data = np.asarray(self.array(f"{prefix}_{stat}"), dtype=np.float32)
-        m = sp.csr_matrix((data, np.asarray(feat), indptr), shape=(len(indptr) - 1, self.d_sae))
+        m = sp.csr_matrix((data, np.asarray(feat, dtype=np.int32), indptr), shape=(len(indptr) - 1, self.d_sae))
         if prefix == "prompt" or side is None:
             return m
         return m[{"chosen": CHOSEN, "rejected": REJECTED}[side] :: 2]

@@ -394,6 +394,8 @@ def evaluate_sae(
                 n_tok += x.shape[0]
     finally:
         handle.remove()
+    if n_tok == 0:
+        raise ValueError("evaluate_sae: the documents have no tokens to evaluate on")
     total_var = sum_x2 - float((sum_x**2).sum()) / n_tok
     metrics = {
         "n_tokens": n_tok,

@@ -182,3 +182,26 @@ def test_model_sae_mismatch_is_a_clear_error(tiny_lm, hh_pairs, tmp_path):
 
     with pytest.raises(ValueError, match="d_in=32 but model tiny-llama has d_model=64"):
         extract(hh_pairs, tiny_lm, tiny_sae(32, layer=1), tmp_path, CFG)
+
+
+def test_torchrun_two_processes_match_one(tiny_lm, tiny_sae_, tmp_path):
+    """A real distributed run (torchrun, gloo on CPU, as `accelerate launch --multi_gpu` uses):
+    each rank writes its shards, rank 0 merges; bitwise equal to one process at equal threads."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from anatomy_nb.sae import save_sae
+
+    sae_dir = save_sae(tiny_sae_, tmp_path / "sae")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "anatomy_nb.cli", "extract", "--model", "tiny-llama", "--sae", str(sae_dir), "--n-pairs", "14", "--shard-size", "3"]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    subprocess.run([torchrun, "--nproc_per_node", "2", *args, "--run-dir", str(tmp_path / "two")], check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, *args, "--run-dir", str(tmp_path / "one")], check=True, env=env, capture_output=True, timeout=300)
+    two, one = FeatureStore.from_run(tmp_path / "two"), FeatureStore.from_run(tmp_path / "one")
+    assert two.manifest["world_size"] == 2 and one.manifest["world_size"] == 1
+    assert two.path.name == one.path.name
+    for k, v in arrays(one).items():
+        assert v.tobytes() == np.load(two.path / f"{k}.npy").tobytes(), k

@@ -1,0 +1,49 @@
+"""The notebooks run headless with papermill (tiny model here; the real default in test_e2e.py),
+render to standalone HTML, and never let dataset text execute."""
+
+import json
+
+import nbformat
+import pytest
+
+from anatomy_nb.notebooks import notebook_dir, run_notebook
+from anatomy_nb.sae import save_sae
+
+XSS = [
+    {"id": "xss-1", "prompt": "<script>window.__pwned=1</script> hi", "chosen": "<img src=x onerror=\"window.__pwned=2\"> fine", "rejected": "[click](javascript:alert(3)) **bold** <b>raw</b>"},
+] + [{"id": f"ok-{i}", "prompt": f"Question {i}?", "chosen": f"A helpful answer number {i}.", "rejected": f"No. {i}"} for i in range(7)]
+
+
+def test_notebooks_are_committed_clean_with_a_parameters_cell():
+    for path in sorted(notebook_dir().glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), path
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path} has outputs"
+
+
+def test_01_extract_runs_headless_and_escapes_dataset_text(tmp_path, tiny_lm, tiny_sae_):
+    data = tmp_path / "xss.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in XSS))
+    sae_dir = save_sae(tiny_sae_, tmp_path / "tiny_sae")
+    run_dir = tmp_path / "run"
+    out = run_notebook("01_extract", run_dir, {"model": "tiny-llama", "sae": str(sae_dir), "data_source": str(data), "n_pairs": None, "shard_size": 4}, progress=False)
+    nb = nbformat.read(out, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert (run_dir / "index.json").exists() and json.loads((run_dir / "index.json").read_text())["features"]["n_pairs"] == 8
+    html = out.with_suffix(".html").read_text()
+    assert "plotly" in html.lower()  # figures embedded
+    # the untrusted text is present, escaped; none of it is live markup
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in html
+    assert "&lt;img src=x onerror=" in html
+    assert "<script>window.__pwned" not in html and "<img src=x onerror" not in html and "<b>raw</b>" not in html
+
+
+def test_00_train_sae_runs_headless_on_the_tiny_model(tmp_path):
+    run_dir = tmp_path / "run"
+    params = {"model": "tiny-llama", "sweep_layers": [1, 2], "train_tokens": 6000, "sweep_tokens": 3000, "epochs": 2.0, "k": 4, "expansion": 2, "eval_tokens": 600, "eval_loss_docs": 3}
+    out = run_notebook("00_train_sae", run_dir, params, progress=False)
+    assert (run_dir / "sae" / "sae_weights.safetensors").exists()
+    card = json.loads((run_dir / "sae" / "card.json").read_text())
+    assert card["layer"] in (1, 2) and set(card["sweep"]) == {"1", "2"}
+    assert out.with_suffix(".html").exists()
