@@ -156,3 +156,13 @@ def test_bad_files(tmp_path):
         load_pairs(tmp_path / "g.jsonl.gz")
     with pytest.raises(ValueError, match="unknown format"):
         load_pairs("hh-rlhf", format="nope")
+
+
+def test_datasets_load_dataset_names_go_through_the_same_normaliser(tmp_path):
+    """A name that is not a file goes to datasets.load_dataset (here its offline 'json' builder)."""
+    path = write_jsonl(tmp_path / "hub_like.jsonl", [{"question": "Q", "response_j": "good", "response_k": "bad"}])
+    ps = load_pairs("json", data_files=str(path), field_map={"prompt": "question", "chosen": "response_j", "rejected": "response_k"})
+    assert (ps[0].prompt_text, ps[0].chosen, ps[0].rejected) == ("Q", "good", "bad")
+    assert ps.report.source == "json[train]"
+    with pytest.raises(DataError, match="datasets.load_dataset failed"):
+        load_pairs("no-such-org/no-such-dataset-anatomy-nb")

@@ -90,3 +90,19 @@ def test_shipped_default_sae_card_meets_quality_bars():
     assert sae.sae.cfg.metadata.hook_name == f"blocks.{card['layer']}.hook_resid_post"
     # What the card claims is what the weights do: recomputed in tests/test_e2e.py on real text.
     assert m["fve"] > 0.8 and m["loss_recovered"] > 0.85, m
+
+
+def test_pretrained_release_goes_to_sae_lens(monkeypatch, tiny_sae_):
+    """Release/id loading is sae-lens's own (needs the hub); we pass the arguments and read the layer."""
+    from sae_lens import SAE
+
+    calls = []
+
+    def fake_from_pretrained(release, sae_id, device="cpu", **kw):
+        calls.append((release, sae_id, device))
+        return tiny_sae_.sae
+
+    monkeypatch.setattr(SAE, "from_pretrained", staticmethod(fake_from_pretrained))
+    loaded = load_sae("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical", device="cpu")
+    assert calls == [("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical", "cpu")]
+    assert loaded.name == "gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical" and loaded.layer == 2

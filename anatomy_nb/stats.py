@@ -1,0 +1,154 @@
+"""Paired statistics for preference data, vectorised over every hypothesis at once.
+
+A preference pair is one unit: its chosen and rejected responses share a prompt, so the quantity
+tested is the *signed within-pair difference* of a concept's activity. Pairs that share a prompt
+are not independent either; ``group_means`` collapses them to one unit per prompt before testing.
+All functions take a (units × hypotheses) matrix and return one value per hypothesis; no Python
+loop runs over hypotheses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import stats as sps
+
+__all__ = [
+    "PairedTest",
+    "bh_qvalues",
+    "group_means",
+    "length_controlled",
+    "paired_test",
+    "split_half_agreement",
+    "welch_inside_outside",
+]
+
+
+def group_means(x: np.ndarray | sp.spmatrix, groups: np.ndarray | None) -> np.ndarray:
+    """Average the rows of ``x`` that share a group (prompt): one row per group, in group order."""
+    if groups is None:
+        return np.asarray(x.todense() if sp.issparse(x) else x, dtype=np.float64)
+    groups = np.asarray(groups)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    n = len(groups)
+    G = sp.csr_matrix((np.ones(n), (inv, np.arange(n))), shape=(len(uniq), n))
+    counts = np.asarray(G.sum(1)).ravel()
+    G = sp.diags(1.0 / counts) @ G
+    out = G @ x
+    return np.asarray(out.todense() if sp.issparse(out) else out, dtype=np.float64)
+
+
+@dataclass
+class PairedTest:
+    """One-sample tests of per-unit paired differences against zero, one entry per column."""
+
+    n: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    cohens_d: np.ndarray  # d_z: mean / sd of the paired differences
+    t: np.ndarray
+    p: np.ndarray
+
+
+def paired_test(d: np.ndarray) -> PairedTest:
+    """t-test of mean(d[:, j]) = 0 for every column j (d: units × hypotheses of paired differences).
+
+    Columns with zero variance get t = 0, p = 1 (nothing to test) unless their mean is non-zero,
+    where every unit agrees: then p is the sign test's exact two-sided p-value.
+    """
+    d = np.asarray(d, dtype=np.float64)
+    n = d.shape[0]
+    mean = d.mean(0)
+    sd = d.std(0, ddof=1) if n > 1 else np.zeros(d.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(sd > 0, mean / (sd / np.sqrt(n)), 0.0)
+        cohens = np.where(sd > 0, mean / sd, 0.0)
+    p = 2 * sps.t.sf(np.abs(t), df=max(n - 1, 1))
+    constant = (sd == 0) & (mean != 0)
+    if constant.any():
+        p = np.where(constant, min(1.0, 2 * 0.5**n), p)
+    p = np.where((sd == 0) & (mean == 0), 1.0, p)
+    return PairedTest(n=np.full(d.shape[1], n), mean=mean, sd=sd, cohens_d=cohens, t=t, p=p)
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values) over one family of tests."""
+    p = np.asarray(p, dtype=np.float64)
+    if p.size == 0:
+        return p
+    return sps.false_discovery_control(np.clip(p, 0, 1), method="bh")
+
+
+def split_half_agreement(d: np.ndarray, n_splits: int = 20, seed: int = 0) -> np.ndarray:
+    """Fraction of random half/half splits of the units in which both halves' means have the sign
+    of the full-sample mean. Near 1: the effect is carried by many units; near 0.5 or below: by few."""
+    d = np.asarray(d, dtype=np.float64)
+    n = d.shape[0]
+    if n < 4:
+        return np.full(d.shape[1], np.nan)
+    rng = np.random.default_rng(seed)
+    sign = np.sign(d.mean(0))
+    agree = np.zeros(d.shape[1])
+    for _ in range(n_splits):  # a loop over splits, not hypotheses
+        perm = rng.permutation(n)
+        a, b = perm[: n // 2], perm[n // 2 :]
+        agree += (np.sign(d[a].mean(0)) == sign) & (np.sign(d[b].mean(0)) == sign) & (sign != 0)
+    return agree / n_splits
+
+
+def length_controlled(d: np.ndarray, length_diff: np.ndarray) -> PairedTest:
+    """The paired effect at equal response lengths: the intercept of d = a + b·Δlength + e.
+
+    Max-pooled activity grows with length, so a concept can separate chosen from rejected only
+    because chosen responses are longer. ``length_diff`` is the per-unit difference of log token
+    counts (chosen − rejected) and is *not* centred: ``a`` is the effect when lengths agree
+    (Δ = 0), which differs from the raw mean exactly when chosen and rejected differ in length.
+    Returns the intercept's estimate, its t and p (OLS, vectorised over columns).
+    """
+    d = np.asarray(d, dtype=np.float64)
+    x = np.asarray(length_diff, dtype=np.float64)
+    n = len(x)
+    X = np.column_stack([np.ones(n), x])
+    XtX_inv = np.linalg.pinv(X.T @ X)
+    beta = XtX_inv @ X.T @ d  # (2, H)
+    resid = d - X @ beta
+    dof = max(n - 2, 1)
+    s2 = (resid**2).sum(0) / dof
+    se = np.sqrt(np.maximum(s2 * XtX_inv[0, 0], 0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(se > 0, beta[0] / se, 0.0)
+    p = 2 * sps.t.sf(np.abs(t), df=dof)
+    p = np.where(se > 0, p, np.where(beta[0] != 0, 0.0, 1.0))
+    sd = np.sqrt(s2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d_eff = np.where(sd > 0, beta[0] / sd, 0.0)
+    return PairedTest(n=np.full(d.shape[1], n), mean=beta[0], sd=sd, cohens_d=d_eff, t=t, p=p)
+
+
+def welch_inside_outside(d: np.ndarray, inside: np.ndarray) -> PairedTest:
+    """Δ = mean(d | unit inside) − mean(d | outside) per column, Welch's t-test.
+
+    ``inside``: boolean per unit. This is the prompt-conditioned contrast: a concept preferred
+    only for prompts of one topic shows up here even when its overall mean is near zero.
+    """
+    d = np.asarray(d, dtype=np.float64)
+    inside = np.asarray(inside, dtype=bool)
+    a, b = d[inside], d[~inside]
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        nan = np.full(d.shape[1], np.nan)
+        return PairedTest(n=np.full(d.shape[1], na), mean=nan, sd=nan, cohens_d=nan, t=nan, p=np.ones(d.shape[1]))
+    ma, mb = a.mean(0), b.mean(0)
+    va, vb = a.var(0, ddof=1), b.var(0, ddof=1)
+    se = np.sqrt(va / na + vb / nb)
+    delta = ma - mb
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(se > 0, delta / se, 0.0)
+        dof = np.where(se > 0, (va / na + vb / nb) ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1)), 1.0)
+        pooled_sd = np.sqrt(((na - 1) * va + (nb - 1) * vb) / (na + nb - 2))
+        cohens = np.where(pooled_sd > 0, delta / pooled_sd, 0.0)
+    p = 2 * sps.t.sf(np.abs(t), df=np.maximum(dof, 1))
+    p = np.where(se > 0, p, 1.0)
+    return PairedTest(n=np.full(d.shape[1], na), mean=delta, sd=np.sqrt(va), cohens_d=cohens, t=t, p=p)

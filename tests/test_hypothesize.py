@@ -1,0 +1,135 @@
+"""Stage 2 on synthetic feature tables with known answers, and on a real (tiny) feature store."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from anatomy_nb.concepts import ConceptConfig, cluster_features
+from anatomy_nb.hypothesize import HypothesizeConfig, Hypotheses, PairFeatures, hypothesize, score_concepts
+
+
+def synthetic(n=400, d=120, planted=0.3, seed=0, swap=None):
+    """Background features fire independently (same rate on both sides); block A (0-5) and block
+    B (6-11) each co-fire through a latent switch. A's switch is on more often in chosen responses
+    (by ``planted``); B's is not."""
+    rng = np.random.default_rng(seed)
+    rates = rng.uniform(0.02, 0.3, d)
+
+    def side(p_a):
+        F = rng.uniform(size=(n, d)) < rates
+        za = rng.uniform(size=n) < p_a
+        zb = rng.uniform(size=n) < 0.3
+        F[:, :6] = za[:, None] & (rng.uniform(size=(n, 6)) < 0.85)
+        F[:, 6:12] = zb[:, None] & (rng.uniform(size=(n, 6)) < 0.85)
+        return F
+
+    Fc, Fr = side(0.15 + planted), side(0.15)
+    if swap is not None:  # shuffle sides: the null
+        Fc, Fr = np.where(swap[:, None], Fr, Fc), np.where(swap[:, None], Fc, Fr)
+    ntok = rng.integers(20, 200, size=(n, 2))
+    return PairFeatures(sp.csr_matrix(Fc.astype(np.float32)), sp.csr_matrix(Fr.astype(np.float32)), ntok, np.arange(n), [""] * n, [""] * n, [""] * n)
+
+
+CFG = HypothesizeConfig(concepts=ConceptConfig(min_support=5, k_neighbors=5, min_phi=0.2))
+
+
+def concept_of(labels, features):
+    return {int(labels[f]) for f in features}
+
+
+def test_clustering_groups_cofiring_features_and_ignores_sides():
+    pf = synthetic()
+    labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), CFG.concepts)
+    assert len(concept_of(labels, range(6))) == 1 and len(concept_of(labels, range(6, 12))) == 1
+    assert concept_of(labels, range(6)) != concept_of(labels, range(6, 12))
+    swapped = cluster_features(sp.vstack([pf.fires_rejected, pf.fires_chosen]), CFG.concepts)
+    np.testing.assert_array_equal(labels, swapped)  # unsigned: which side is which does not matter
+
+
+def test_planted_concept_is_found_and_ranked_first():
+    pf = synthetic(planted=0.25)
+    labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), CFG.concepts)
+    table, features = score_concepts(pf, labels, CFG)
+    table = table.sort_values("p")
+    (a,) = concept_of(labels, range(6))
+    (b,) = concept_of(labels, range(6, 12))
+    assert table.iloc[0]["concept"] == a and table.iloc[0]["q"] < 1e-3 and table.iloc[0]["n_features"] == 6
+    assert table.iloc[0]["predicted_direction"] == "up" and table.iloc[0]["predicted_change"] == pytest.approx(0.85 * 0.25, abs=0.07)
+    assert table.iloc[0]["split_half_agreement"] == 1.0
+    assert not table.set_index("concept").loc[b, "significant"]
+
+
+@pytest.mark.parametrize("planted", [0.0, 0.25])
+def test_shuffled_sides_keep_false_discoveries_within_the_fdr(planted):
+    """With sides shuffled at random, no concept truly separates them: across repeated data sets,
+    BH at q < 0.05 makes any discovery in at most about 5 % of them (the complete null)."""
+    sims, with_discovery, false_fraction = 60, 0, []
+    for s in range(sims):
+        rng = np.random.default_rng(1000 + s)
+        pf = synthetic(n=200, d=60, planted=planted, seed=s, swap=rng.uniform(size=200) < 0.5)
+        labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), CFG.concepts)
+        table, _ = score_concepts(pf, labels, CFG)
+        with_discovery += bool(table["significant"].any())
+    assert with_discovery / sims <= 0.10, with_discovery
+
+
+def test_fdr_holds_with_real_and_null_concepts():
+    """Many concepts, a known subset truly different: the false discovery proportion averages <= q."""
+    rng = np.random.default_rng(7)
+    fdps, powers = [], []
+    for s in range(40):
+        n, C = 150, 200
+        truth = np.zeros(C, bool)
+        truth[:20] = True
+        d = rng.normal(0, 1, (n, C)) + truth * 0.4
+        from anatomy_nb.stats import bh_qvalues, paired_test
+
+        sig = bh_qvalues(paired_test(d).p) < 0.05
+        fdps.append((sig & ~truth).sum() / max(sig.sum(), 1))
+        powers.append((sig & truth).sum() / truth.sum())
+    assert np.mean(fdps) <= 0.05 + 0.02 and np.mean(powers) > 0.8
+
+
+def test_deterministic_with_a_seed():
+    pf = synthetic(seed=3)
+    run = lambda: score_concepts(pf, cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), CFG.concepts), CFG)[0]
+    pd.testing.assert_frame_equal(run(), run())
+
+
+def test_topic_only_signal_is_found_by_the_prompt_conditioned_view():
+    """A concept preferred only inside one topic: flat overall, clear inside vs outside."""
+    pf = synthetic(n=600, planted=0.0, seed=4)
+    topic = np.repeat([0, 1, 2], 200)
+    Fc = pf.fires_chosen.toarray()
+    rng = np.random.default_rng(0)
+    boost = (topic == 1) & (rng.uniform(size=600) < 0.5)
+    Fc[boost, 6:12] = rng.uniform(size=(boost.sum(), 6)) < 0.85
+    Fr = pf.fires_rejected.toarray()
+    flip = (topic != 1) & (rng.uniform(size=600) < 0.08)  # a little the other way elsewhere
+    Fr[flip, 6:12] = 1
+    pf2 = PairFeatures(sp.csr_matrix(Fc), sp.csr_matrix(Fr), pf.ntok, pf.groups, pf.prompts, pf.chosen, pf.rejected)
+    labels = cluster_features(sp.vstack([pf2.fires_chosen, pf2.fires_rejected]), CFG.concepts)
+    (b,) = concept_of(labels, range(6, 12))
+    table, _ = score_concepts(pf2, labels, CFG, topic_of_group=topic)
+    t1 = table[(table.view == "topic") & (table.topic == 1) & (table.concept == b)].iloc[0]
+    assert t1["significant"] and t1["mean_diff"] > 0.2
+
+
+def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_, hh_pairs, tmp_path):
+    from anatomy_nb.extract import ExtractConfig, extract
+
+    store = extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, ExtractConfig(shard_size=10, progress=False))
+    h = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_)
+    assert isinstance(h, Hypotheses) and h.manifest["features_key"] == store.manifest["key"]
+    t = h.table
+    for col in ["features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "z", "p", "q", "split_half_agreement", "length_controlled_mean_diff", "n_units", "predicted_direction", "predicted_change", "label", "promoted_tokens", "text_stats"]:
+        assert col in t.columns, col
+    assert list(t["rank"]) == list(range(1, len(t) + 1))
+    assert h.manifest["promoted_tokens"] == "ok" and t["promoted_tokens"].str.len().gt(0).all()
+    assert (h.features["concept"] >= -1).all() and len(h.features) == tiny_sae_.d_sae
+    again = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_)
+    assert again.path == h.path  # unchanged: reused
+    other = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=4)), model=tiny_lm, sae=tiny_sae_)
+    assert other.path != h.path
+    assert Hypotheses.from_run(tmp_path).path == other.path

@@ -1,0 +1,90 @@
+"""Statistics against known answers: reference implementations, planted effects, null data."""
+
+import numpy as np
+import pytest
+import scipy.stats as sps
+
+from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, paired_test, split_half_agreement, welch_inside_outside
+
+
+def reference_bh_reject(p, alpha):
+    """Benjamini–Hochberg step-up, written out: reject the k smallest where k = max{i: p(i) <= i α / m}."""
+    m = len(p)
+    order = np.argsort(p)
+    passed = [i for i in range(1, m + 1) if p[order[i - 1]] <= i * alpha / m]
+    k = max(passed) if passed else 0
+    reject = np.zeros(m, bool)
+    reject[order[:k]] = True
+    return reject
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bh_matches_the_step_up_rule(seed):
+    rng = np.random.default_rng(seed)
+    p = np.concatenate([rng.uniform(size=200), rng.uniform(0, 1e-3, size=20)])
+    q = bh_qvalues(p)
+    for alpha in (0.01, 0.05, 0.1, 0.2):
+        np.testing.assert_array_equal(q <= alpha, reference_bh_reject(p, alpha))
+    assert np.all(q >= p - 1e-15) and np.all(q <= 1)
+
+
+def test_paired_and_welch_match_scipy():
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.1, 1, size=(80, 7))
+    t = paired_test(d)
+    ref = sps.ttest_1samp(d, 0)
+    np.testing.assert_allclose(t.t, ref.statistic)
+    np.testing.assert_allclose(t.p, ref.pvalue)
+    inside = rng.uniform(size=80) < 0.3
+    w = welch_inside_outside(d, inside)
+    ref = sps.ttest_ind(d[inside], d[~inside], equal_var=False)
+    np.testing.assert_allclose(w.t, ref.statistic)
+    np.testing.assert_allclose(w.p, ref.pvalue)
+
+
+def test_constant_columns():
+    d = np.zeros((30, 3))
+    d[:, 1] = 1.0  # every unit agrees: sign-test p
+    t = paired_test(d)
+    assert t.p[0] == 1.0 and t.p[1] == pytest.approx(2 * 0.5**30) and t.t[0] == 0
+
+
+def test_length_control_removes_a_pure_length_effect_and_keeps_a_real_one():
+    rng = np.random.default_rng(2)
+    n = 600
+    len_diff = rng.normal(0.4, 0.5, n)  # chosen responses tend to be longer
+    only_length = 0.5 * len_diff + rng.normal(0, 0.5, n)
+    real = 0.3 + 0.5 * len_diff + rng.normal(0, 0.5, n)
+    d = np.column_stack([only_length, real])
+    raw, lc = paired_test(d), length_controlled(d, len_diff)
+    assert raw.p[0] < 1e-10  # the naive test is fooled by length
+    assert lc.p[0] > 0.01 and abs(lc.mean[0]) < 0.1
+    assert lc.p[1] < 1e-6 and lc.mean[1] == pytest.approx(0.3, abs=0.08)
+
+
+def test_grouping_makes_the_prompt_the_unit():
+    rng = np.random.default_rng(3)
+    base = rng.normal(0.15, 1, size=(100, 4))
+    dup = np.repeat(base, 3, axis=0)  # three pairs per prompt, identical signal
+    groups = np.repeat(np.arange(100), 3)
+    grouped = paired_test(group_means(dup, groups))
+    ungrouped = paired_test(dup)
+    np.testing.assert_allclose(grouped.t, paired_test(base).t)
+    assert grouped.n[0] == 100 and ungrouped.n[0] == 300
+    np.testing.assert_allclose(ungrouped.t / grouped.t, np.sqrt(299 / 99), rtol=0.01)  # pseudo-replication inflates t
+
+
+def test_split_half_agreement():
+    rng = np.random.default_rng(4)
+    strong = rng.normal(1.0, 1, 400)
+    one_outlier = np.zeros(400)
+    one_outlier[0] = 50.0
+    a = split_half_agreement(np.column_stack([strong, one_outlier]), n_splits=40)
+    assert a[0] == 1.0 and a[1] == 0.0  # an effect carried by one unit never replicates in both halves
+
+
+def test_null_p_values_are_uniform():
+    rng = np.random.default_rng(5)
+    p = paired_test(rng.normal(size=(60, 4000))).p
+    assert abs((p < 0.05).mean() - 0.05) < 0.012
+    assert sps.kstest(p, "uniform").pvalue > 0.001
