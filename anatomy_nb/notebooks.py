@@ -10,7 +10,7 @@ from .artifacts import atomic_path
 
 __all__ = ["NOTEBOOKS", "notebook_dir", "run_notebook"]
 
-NOTEBOOKS = ["00_train_sae", "01_extract"]
+NOTEBOOKS = ["00_train_sae", "01_extract", "02_hypothesize"]
 
 
 def notebook_dir() -> Path:
@@ -19,9 +19,13 @@ def notebook_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "notebooks"
 
 
-def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, Any] | None = None, html: bool = True, timeout: int = 3600, progress: bool = True) -> Path:
+def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, Any] | None = None, html: bool = True, timeout: int = 3600, progress: bool = True, strict_parameters: bool = True) -> Path:
     """Execute ``notebooks/<name>.ipynb`` with papermill into ``run_dir/notebooks/`` and, if
-    ``html``, render it to standalone HTML next to it. Returns the executed notebook's path."""
+    ``html``, render it to standalone HTML next to it. Returns the executed notebook's path.
+
+    A parameter the notebook does not declare is an error (a typo would otherwise be ignored);
+    ``strict_parameters=False`` passes each notebook only the ones it declares (the pipeline
+    runner shares one parameter set across notebooks)."""
     import papermill as pm
 
     src = notebook_dir() / f"{name}.ipynb"
@@ -31,6 +35,11 @@ def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, An
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"run_dir": str(run_dir), **(parameters or {})}
+    declared = set(pm.inspect_notebook(str(src)))
+    unknown = sorted(set(parameters or {}) - declared)
+    if unknown and strict_parameters:
+        raise ValueError(f"{src.name} has no parameter(s) {unknown}; it declares {sorted(declared)}")
+    params = {k: v for k, v in params.items() if k in declared}
     out = out_dir / f"{name}.ipynb"
     # papermill writes the output as it goes: a failed run leaves a notebook showing where.
     pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(src.parent), kernel_name="python3", progress_bar=progress, execution_timeout=timeout, language="python")

@@ -47,3 +47,22 @@ def test_00_train_sae_runs_headless_on_the_tiny_model(tmp_path):
     card = json.loads((run_dir / "sae" / "card.json").read_text())
     assert card["layer"] in (1, 2) and set(card["sweep"]) == {"1", "2"}
     assert out.with_suffix(".html").exists()
+
+
+def test_02_hypothesize_runs_headless_after_01(tmp_path, tiny_lm, tiny_sae_, hh_pairs):
+    from anatomy_nb.extract import ExtractConfig, extract
+
+    sae_dir = save_sae(tiny_sae_, tmp_path / "tiny_sae")
+    from anatomy_nb.sae import load_sae
+
+    extract(hh_pairs, tiny_lm, load_sae(str(sae_dir)), tmp_path / "run", ExtractConfig(shard_size=10, progress=False))
+    out = run_notebook("02_hypothesize", tmp_path / "run", {"min_support": 3}, progress=False)
+    nb = nbformat.read(out, as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert json.loads((tmp_path / "run" / "index.json").read_text())["hypotheses"]["key"]
+    assert out.with_suffix(".html").exists()
+
+
+def test_unknown_parameter_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="has no parameter"):
+        run_notebook("01_extract", tmp_path, {"n_pairz": 3}, html=False)

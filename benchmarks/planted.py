@@ -1,0 +1,171 @@
+"""The planted-concept benchmark: does the audit find a concept we planted, and down to which p?
+
+    python benchmarks/planted.py                       # default model + shipped SAE, 200 HH-RLHF pairs
+    python benchmarks/planted.py --tiny --pairs 60     # tiny random model (plumbing check only)
+
+For each kind of concept (bold markdown, a flattering opener, an emoji, a closing question, a
+fixed topic word) the kind is planted into *every* chosen response once, and the chosen side is
+re-extracted. For each fraction p a random subset of pairs (seeded) takes its planted chosen
+response, the rest keep the original; stage 2 runs on that mix.
+
+Ground truth, from the full planted-vs-original comparison (never from the test): a concept
+*matches* the plant when planting raises its activity (mean member-feature firing) on chosen
+responses by >= 0.2 and it fires on >= 50 % of planted responses; a single feature matches when
+planting raises its firing rate by >= 0.5. Reported per kind and p: the rank of the first
+matching hypothesis (1 = top) and whether it is significant at q < 0.05, for
+
+- anatomy_nb concepts (stage 2's ranking: significant first, then |Cohen's d|);
+- per-feature paired tests ranked by p (the naive approach);
+- the L1-logistic baseline (features by |coefficient|);
+- text statistics alone (the statistic built to detect that kind, where one exists).
+
+Null check: on the original pairs with sides swapped at random, the number of significant
+hypotheses over repeated shuffles (BH promises P(any discovery) <= q under the complete null).
+
+Peers ``hypothesaes`` and ``prefscope`` are attempted and reported as not run, with the reason,
+when they cannot run offline here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from anatomy_nb.concepts import ConceptConfig, cluster_features, membership_matrix  # noqa: E402
+from anatomy_nb.data import PreferencePair, load_pairs  # noqa: E402
+from anatomy_nb.extract import ExtractConfig, extract  # noqa: E402
+from anatomy_nb.hypothesize import HypothesizeConfig, PairFeatures, _rank, linear_baseline, score_concepts, text_stat_baseline  # noqa: E402
+from anatomy_nb.models import load_model  # noqa: E402
+from anatomy_nb.sae import load_sae, tiny_sae  # noqa: E402
+from anatomy_nb.textstats import text_stats  # noqa: E402
+
+KINDS = {
+    "bold": (lambda r: "**Short answer:** " + r, "bold"),
+    "opener": (lambda r: "Great question! " + r, "flattery_opener"),
+    "emoji": (lambda r: r.rstrip() + " 😊", "emoji"),
+    "question": (lambda r: r.rstrip() + " Does that help?", "ends_with_question"),
+    "word": (lambda r: r.rstrip() + " (By the way, pineapples are wonderful.)", None),
+}
+
+
+def planted_pairs(pairs, fn):
+    return [PreferencePair(id=p.id, prompt=p.prompt, chosen=fn(p.chosen), rejected=p.rejected, metadata=p.metadata) for p in pairs]
+
+
+def mix(base: PairFeatures, planted: PairFeatures, chosen_idx: np.ndarray) -> PairFeatures:
+    sel = np.zeros(base.n_pairs, bool)
+    sel[chosen_idx] = True
+    S = sp.diags(sel.astype(np.float32))
+    Fc = (sp.diags((~sel).astype(np.float32)) @ base.fires_chosen + S @ planted.fires_chosen).tocsr()
+    ntok = base.ntok.copy()
+    ntok[sel, 0] = planted.ntok[sel, 0]
+    chosen = [planted.chosen[i] if sel[i] else base.chosen[i] for i in range(base.n_pairs)]
+    return PairFeatures(Fc, base.fires_rejected, ntok, base.groups, base.prompts, chosen, base.rejected, base.prompt_features)
+
+
+def first_rank(mask_in_rank_order: np.ndarray) -> int | None:
+    hits = np.flatnonzero(mask_in_rank_order)
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS))
+    ap.add_argument("--null-shuffles", type=int, default=20)
+    ap.add_argument("--work-dir", default="work/planted")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    t_start = time.time()
+    if args.tiny:
+        lm = load_model("tiny-llama")
+        sae = tiny_sae(lm.d_model, layer=2, d_sae=256, k=8)
+    else:
+        lm, sae = load_model(), load_sae(device="cpu")
+    pairs = list(load_pairs("hh-rlhf", limit=args.pairs))
+    ecfg = ExtractConfig(progress=True, max_prompt_tokens=384)
+    work = Path(args.work_dir)
+    base_store = extract(pairs, lm, sae, work, ecfg)
+    base = PairFeatures.from_store(base_store)
+    cfg = HypothesizeConfig(concepts=ConceptConfig())
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for kind in args.kinds:
+        fn, stat = KINDS[kind]
+        planted = PairFeatures.from_store(extract(planted_pairs(pairs, fn), lm, sae, work, ecfg))
+        lift_f = np.asarray((planted.fires_chosen - base.fires_chosen).mean(0)).ravel()
+        for p in args.fractions:
+            k = max(1, int(round(p * len(pairs))))
+            idx = rng.choice(len(pairs), size=k, replace=False)
+            pf = mix(base, planted, idx)
+            labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), cfg.concepts)
+            M = membership_matrix(labels)
+            u_base = np.asarray((base.fires_chosen.astype(np.float64) @ M).todense())
+            u_pl = np.asarray((planted.fires_chosen.astype(np.float64) @ M).todense())
+            lift_c = (u_pl - u_base).mean(0)
+            cover_c = (u_pl > 0).mean(0)
+            matches = (lift_c >= 0.2) & (cover_c >= 0.5)
+            table, feats = score_concepts(pf, labels, cfg)
+            ranked = _rank(table[table["view"] == "overall"]).reset_index(drop=True)
+            r_concept = first_rank(matches[ranked["concept"].to_numpy()])
+            sig_concept = bool(ranked.loc[r_concept - 1, "significant"]) if r_concept else False
+            fr = feats[feats["support"] > 0].sort_values("p")
+            r_feat = first_rank(lift_f[fr["feature"].to_numpy()] >= 0.5)
+            lin, _ = linear_baseline(pf, labels, cfg, top=200)
+            r_lin = first_rank(lift_f[lin["feature"].to_numpy()] >= 0.5) if len(lin) else None
+            r_text = None
+            if stat is not None:
+                ts = text_stat_baseline(pf, cfg, text_stats(pf.chosen), text_stats(pf.rejected))
+                r_text = first_rank((ts["statistic"] == stat).to_numpy() & (ts["q"] < 0.05).to_numpy())
+            rows.append({"kind": kind, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "n_concepts": len(ranked)})
+            print(rows[-1], flush=True)
+    res = pd.DataFrame(rows)
+    # null: shuffled sides on the original data
+    any_disc, n_disc, n_tests = 0, [], 0
+    for s in range(args.null_shuffles):
+        sw = np.random.default_rng(1000 + s).uniform(size=base.n_pairs) < 0.5
+        S, N = sp.diags(sw.astype(np.float32)), sp.diags((~sw).astype(np.float32))
+        pf = PairFeatures((N @ base.fires_chosen + S @ base.fires_rejected).tocsr(), (N @ base.fires_rejected + S @ base.fires_chosen).tocsr(), np.where(sw[:, None], base.ntok[:, ::-1], base.ntok), base.groups, base.prompts, base.chosen, base.rejected)
+        labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), cfg.concepts)
+        table, _ = score_concepts(pf, labels, cfg)
+        n_disc.append(int(table["significant"].sum()))
+        any_disc += n_disc[-1] > 0
+        n_tests = len(table)
+    peers = {}
+    for name in ("hypothesaes", "prefscope"):
+        try:
+            __import__(name)
+            peers[name] = "installed, but no offline runner is wired in this script yet"
+        except Exception as exc:  # report, never hide
+            peers[name] = f"not run: {type(exc).__name__}: {exc}"
+
+    pd.set_option("display.width", 200)
+    print("\n=== planted-concept benchmark ===")
+    print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, seed {args.seed}")
+    print("ranks: 1 = the first hypothesis reported; '-' = no matching hypothesis in the ranking\n")
+    show = res.copy()
+    for c in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank"):
+        show[c] = show[c].map(lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else int(v))
+    print(show.to_string(index=False))
+    hi = res[res["p"] >= 0.05]
+    if len(hi):
+        per_kind = hi.groupby("kind")["concept_rank"].apply(lambda s: bool((s == 1).all()))
+        print(f"\nkinds ranked 1st by concepts at every p >= 5 %: {int(per_kind.sum())}/{len(per_kind)} ({per_kind.mean():.0%}; aim >= 90 %)")
+    print(f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery {any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at q<0.05 promises P(any) <= 0.05 under the complete null)")
+    for name, status in peers.items():
+        print(f"peer {name}: {status}")
+    print(f"total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
