@@ -1,0 +1,81 @@
+"""LLM explanations: templates, backends and the fidelity score, with deterministic backends."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from anatomy_nb.explain import OpenAICompatibleBackend, TransformersBackend, explain_concept, fidelity, load_prompt
+
+
+class KeywordJudge:
+    """A stand-in model: explains by the peak token, judges by whether the keyword occurs."""
+
+    def complete(self, prompt, max_new_tokens=32):
+        if "Answer with the phrase only" in prompt:
+            line = next(ln for ln in prompt.splitlines() if ln.startswith("ACTIVE:"))
+            peak = line.split("[[", 1)[1].split("]]", 1)[0]
+            return f"the word {peak.strip()}"
+        desc = prompt.split('described as: "', 1)[1].split('"', 1)[0]
+        word = desc.split()[-1]
+        text = prompt.split("Text: ", 1)[1]
+        return "yes" if word.lower() in text.lower() else "no"
+
+
+def test_templates_are_files_with_placeholders():
+    assert "{examples}" in load_prompt("explain_concept")
+    assert "{explanation}" in load_prompt("score_fidelity") and "{text}" in load_prompt("score_fidelity")
+
+
+def test_a_faithful_explanation_scores_high_and_a_wrong_one_does_not():
+    judge = KeywordJudge()
+    ctx = [{"tokens": ["I", " am", " sorry", ","], "peak": 2}]
+    expl = explain_concept(judge, ctx, inactive=["Sure, here it is."])
+    assert expl == "the word sorry"
+    texts = ["I am sorry about that", "Here you go", "So sorry!", "Great idea", "sorry, no", "Fine"]
+    fired = [True, False, True, False, True, False]
+    good = fidelity(judge, expl, texts, fired)
+    bad = fidelity(judge, "the word banana", texts, fired)
+    assert good["auroc"] == 1.0 and good["accuracy"] == 1.0
+    assert bad["auroc"] == 0.5 and bad["said_yes"] == 0.0
+
+
+def test_openai_compatible_backend_speaks_the_chat_api():
+    seen = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen["path"] = self.path
+            seen["auth"] = self.headers.get("Authorization")
+            seen["body"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            out = json.dumps({"choices": [{"message": {"content": " yes \n"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        import os
+
+        os.environ["ANATOMY_NB_TEST_KEY"] = "k123"
+        backend = OpenAICompatibleBackend(f"http://127.0.0.1:{server.server_port}/v1", "some-model", api_key_env="ANATOMY_NB_TEST_KEY", timeout=10)
+        assert backend.complete("hello", max_new_tokens=3) == "yes"
+    finally:
+        thread.join(5)
+        server.server_close()
+    assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer k123"
+    assert seen["body"]["messages"] == [{"role": "user", "content": "hello"}] and seen["body"]["temperature"] == 0
+
+
+def test_transformers_backend_generates_deterministically(tiny_lm):
+    b = TransformersBackend(tiny_lm)
+    a1, a2 = b.complete("Describe this.", max_new_tokens=5), b.complete("Describe this.", max_new_tokens=5)
+    assert isinstance(a1, str) and a1 == a2
