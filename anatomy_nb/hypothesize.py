@@ -56,6 +56,8 @@ class HypothesizeConfig:
     label_features: int = 3  # member features whose contexts label a concept
     promoted_tokens: int = 8
     linear_baseline: bool = True
+    explain_top: int = 10  # with an explainer: how many top concepts get an LLM explanation
+    fidelity_texts: int = 40  # held-out responses (half firing, half not) to score each explanation
     seed: int = 0
 
 
@@ -319,17 +321,20 @@ def hypothesize(
     store: FeatureStore | None = None,
     model: Any = None,
     sae: Any = None,
+    explainer: Any = None,
 ) -> Hypotheses:
     """Cluster, test and label; write (or reuse) ``run_dir/hypotheses/<key>``.
 
     ``store`` defaults to the run's latest feature store. ``model``/``sae`` (LoadedModel /
     LoadedSAE) enable promoted-token labels; by default they are loaded by the names the store
     recorded, and the labels are skipped (and the manifest says why) when that fails.
+    ``explainer`` (an ``explain.ExplainerBackend``) adds an LLM explanation and its fidelity on
+    held-out responses to the ``explain_top`` strongest concepts.
     """
     cfg = config or HypothesizeConfig()
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     store = store or FeatureStore.from_run(run)
-    key = content_hash(FORMAT, store.manifest["key"], asdict(cfg))
+    key = content_hash(FORMAT, store.manifest["key"], asdict(cfg), _describe(explainer))
     out = run.artifact_dir(STAGE, key)
     if (out / "manifest.json").exists():
         run.record(STAGE, key)
@@ -365,6 +370,8 @@ def hypothesize(
     table["topic_label"] = table["topic"].map(lambda t: "all prompts" if t < 0 else topic_words.get(t, ""))
     table = _rank(table).reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
+    if explainer is not None:
+        table = _add_explanations(table, pf, labels, explainer, cfg)
     base_text = text_stat_baseline(pf, cfg, stats_c, stats_r)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.linear_baseline and pf.n_pairs >= 10:
@@ -407,3 +414,39 @@ def _short_label(peaks: str, stats: str) -> str:
     if stats:
         parts.append(f"tracks {stats}")
     return "; ".join(parts)
+
+
+def _describe(explainer: Any) -> Any:
+    if explainer is None:
+        return None
+    fields = {k: v for k, v in vars(explainer).items() if isinstance(v, (str, int, float))} if hasattr(explainer, "__dict__") else {}
+    lm = getattr(explainer, "lm", None)
+    if lm is not None:
+        fields["model"] = getattr(lm, "fingerprint", repr(lm))
+    return {"backend": type(explainer).__name__, **fields}
+
+
+def _add_explanations(table: pd.DataFrame, pf: PairFeatures, labels: np.ndarray, explainer: Any, cfg: HypothesizeConfig) -> pd.DataFrame:
+    """LLM explanation + fidelity for the strongest overall concepts.
+
+    The explanation sees the concept's top contexts and a few non-firing responses; fidelity is
+    scored on other responses, half where the concept fires and half where it does not."""
+    from .explain import explain_concept, fidelity
+
+    rng = np.random.default_rng(cfg.seed)
+    M = membership_matrix(labels)
+    U = np.vstack([np.asarray((pf.fires_chosen.astype(np.float64) @ M).todense()), np.asarray((pf.fires_rejected.astype(np.float64) @ M).todense())])
+    texts = pf.chosen + pf.rejected
+    table = table.copy()
+    table["llm_explanation"], table["llm_fidelity_auroc"], table["llm_fidelity_accuracy"] = "", np.nan, np.nan
+    top = table[table["view"] == "overall"].head(cfg.explain_top)
+    for idx, row in top.iterrows():
+        fired = U[:, int(row["concept"])] > 0
+        on, off = rng.permutation(np.flatnonzero(fired)), rng.permutation(np.flatnonzero(~fired))
+        half = cfg.fidelity_texts // 2
+        shown_off = off[:3]
+        held = np.concatenate([on[:half], off[3 : 3 + half]])
+        expl = explain_concept(explainer, list(row["example_contexts"])[:6], [texts[i] for i in shown_off])
+        score = fidelity(explainer, expl, [texts[i] for i in held], fired[held])
+        table.loc[idx, ["llm_explanation", "llm_fidelity_auroc", "llm_fidelity_accuracy"]] = [expl, score["auroc"], score["accuracy"]]
+    return table

@@ -79,3 +79,18 @@ def test_transformers_backend_generates_deterministically(tiny_lm):
     b = TransformersBackend(tiny_lm)
     a1, a2 = b.complete("Describe this.", max_new_tokens=5), b.complete("Describe this.", max_new_tokens=5)
     assert isinstance(a1, str) and a1 == a2
+
+
+def test_hypothesize_adds_explanations_with_fidelity(tiny_lm, tiny_sae_, hh_pairs, tmp_path):
+    from anatomy_nb.concepts import ConceptConfig
+    from anatomy_nb.extract import ExtractConfig, extract
+    from anatomy_nb.hypothesize import HypothesizeConfig, hypothesize
+
+    extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, ExtractConfig(shard_size=10, progress=False))
+    cfg = HypothesizeConfig(concepts=ConceptConfig(min_support=3), explain_top=2, fidelity_texts=10)
+    h = hypothesize(tmp_path, cfg, model=tiny_lm, sae=tiny_sae_, explainer=KeywordJudge())
+    top = h.overall().head(2)
+    assert top["llm_explanation"].str.startswith("the word").all()
+    assert top["llm_fidelity_accuracy"].between(0, 1).all()
+    plain = hypothesize(tmp_path, cfg, model=tiny_lm, sae=tiny_sae_)
+    assert plain.path != h.path  # the explainer is part of the key
