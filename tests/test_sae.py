@@ -106,3 +106,19 @@ def test_pretrained_release_goes_to_sae_lens(monkeypatch, tiny_sae_):
     loaded = load_sae("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical", device="cpu")
     assert calls == [("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical", "cpu")]
     assert loaded.name == "gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical" and loaded.layer == 2
+
+
+@pytest.mark.slow
+def test_shipped_sae_card_matches_a_fresh_measurement():
+    """Re-measure the held-out quality the card reports (same split, fewer tokens)."""
+    from anatomy_nb.models import load_model
+    from anatomy_nb.sae_recipe import RecipeConfig, split_corpus
+
+    lm = load_model()
+    sae = load_sae(DEFAULT_SAE, device="cpu")
+    card = json.loads((SHIPPED_DIR / DEFAULT_SAE / "card.json").read_text())["held_out_metrics"]
+    _, held = split_corpus(RecipeConfig().held_out_every)
+    docs = chat_documents(lm, held, RecipeConfig().max_seq_len)
+    m = evaluate_sae(lm, sae, docs, max_tokens=20_000, loss_docs=40)
+    assert m["fve"] == pytest.approx(card["fve"], abs=0.03)
+    assert m["loss_recovered"] == pytest.approx(card["loss_recovered"], abs=0.05)
