@@ -122,7 +122,8 @@ def load_sae(
     if sae_id is None and path.is_dir():
         if not (path / "cfg.json").exists():
             raise FileNotFoundError(f"{path}: not a sae-lens SAE directory (no cfg.json)")
-        sae = SAE.load_from_disk(str(path), device=device)
+        # float16 on disk (the shipped SAE) is computed in float32: CPUs are slow at half precision
+        sae = SAE.load_from_disk(str(path), device=device, dtype=None if str(device).startswith("cuda") else "float32")
         name = str(name_or_path)
         if (path / "card.json").exists():
             card = json.loads((path / "card.json").read_text())
@@ -175,13 +176,22 @@ def tiny_sae(d_in: int, layer: int, d_sae: int = 128, k: int = 8, seed: int = 0,
     return LoadedSAE(sae=sae, layer=layer, name=f"tiny-sae-{d_sae}-k{k}-seed{seed}", fingerprint=_weights_fingerprint(sae))
 
 
-def save_sae(loaded: LoadedSAE, path: str | Path, card: dict | None = None) -> Path:
-    """Save in sae-lens's inference format (safetensors + cfg.json) plus our card, atomically."""
+def save_sae(loaded: LoadedSAE, path: str | Path, card: dict | None = None, dtype: str | None = None) -> Path:
+    """Save in sae-lens's inference format (safetensors + cfg.json) plus our card, atomically.
+
+    ``dtype="float16"`` halves the file (the shipped SAE); ``load_sae`` always computes in
+    float32 on CPU.
+    """
+    import copy
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         sae = loaded.sae
+        if dtype is not None:
+            sae = copy.deepcopy(sae).to(getattr(torch, dtype))
+            sae.cfg.dtype = dtype
         if hasattr(sae, "save_inference_model"):
             sae.save_inference_model(str(tmp))
         else:

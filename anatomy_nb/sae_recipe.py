@@ -23,7 +23,7 @@ import numpy as np
 from .artifacts import atomic_write_json
 from .data import chat_corpus
 from .models import DEFAULT_MODEL, load_model
-from .sae import SAETrainingConfig, SHIPPED_DIR, DEFAULT_SAE, chat_documents, collect_activations, evaluate_sae, save_sae, train_sae
+from .sae import DEFAULT_SAE, SHIPPED_DIR, SAETrainingConfig, chat_documents, collect_activations, evaluate_sae, load_sae, save_sae, train_sae
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class RecipeConfig:
     final: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(epochs=3.0))
     eval_tokens: int = 60_000
     eval_loss_docs: int = 100
+    ship_dtype: str = "float16"  # weights on disk; computed in float32
 
 
 def _held_out(messages: list[dict], every: int) -> bool:
@@ -111,8 +112,16 @@ def run(work_dir: str | Path, out_dir: str | Path | None = None, cfg: RecipeConf
     layer, why = choose_layer(sweep, lm.n_layers)
     final_cfg = SAETrainingConfig(**{**asdict(cfg.final), "layer": layer})
     t = time.time()
-    sae = train_sae(acts[layer], final_cfg, model_name=lm.name)
-    train_s = time.time() - t
+    trained_path = work / "final_sae"
+    if (trained_path / "cfg.json").exists():  # resume: training finished before an interruption
+        sae = load_sae(str(trained_path), device="cpu")
+        train_s = json.loads((work / "final_train_seconds.json").read_text())
+    else:
+        sae = train_sae(acts[layer], final_cfg, model_name=lm.name)
+        train_s = time.time() - t
+        save_sae(sae, trained_path, dtype=cfg.ship_dtype)
+        atomic_write_json(work / "final_train_seconds.json", train_s)
+        sae = load_sae(str(trained_path), device="cpu")  # evaluate exactly what ships
     metrics = evaluate_sae(lm, sae, held_docs, max_tokens=cfg.eval_tokens, loss_docs=cfg.eval_loss_docs)
     card = {
         "name": DEFAULT_SAE,
@@ -130,7 +139,8 @@ def run(work_dir: str | Path, out_dir: str | Path | None = None, cfg: RecipeConf
         "held_out_metrics": metrics,
         "sweep": {str(k): v for k, v in sweep.items()},
     }
-    save_sae(sae, out, card=card)
+    card["weights_dtype"] = cfg.ship_dtype
+    save_sae(sae, out, card=card, dtype=cfg.ship_dtype)
     return card
 
 

@@ -10,8 +10,9 @@ from anatomy_nb.notebooks import notebook_dir, run_notebook
 from anatomy_nb.sae import save_sae
 
 XSS = [
-    {"id": "xss-1", "prompt": "<script>window.__pwned=1</script> hi", "chosen": "<img src=x onerror=\"window.__pwned=2\"> fine", "rejected": "[click](javascript:alert(3)) **bold** <b>raw</b>"},
-] + [{"id": f"ok-{i}", "prompt": f"Question {i}?", "chosen": f"A helpful answer number {i}.", "rejected": f"No. {i}"} for i in range(7)]
+    {"id": f"xss-{i}", "prompt": f"<script>window.__pwned=1</script> question {i}", "chosen": f"<img src=x onerror=\"window.__pwned=2\"> fine {i}", "rejected": f"[click](javascript:alert(3)) **bold** <b>raw</b> {i}"}
+    for i in range(8)
+]
 
 
 def test_notebooks_are_committed_clean_with_a_parameters_cell():
