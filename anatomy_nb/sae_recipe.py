@@ -56,21 +56,23 @@ def split_corpus(every: int):
     return train, held
 
 
-def choose_layer(sweep: dict[int, dict], n_layers: int) -> tuple[int, str]:
-    """Prefer the layer nearest mid-depth among those that reconstruct well.
+def choose_layer(sweep: dict[int, dict], n_layers: int, tolerance: float = 0.05) -> tuple[int, str]:
+    """Prefer the layer nearest mid-depth among those that reconstruct about as well as the best.
 
     Mid-depth residual features are the most abstract that an SAE still reconstructs faithfully
     (early layers give token-level features, late ones are dominated by next-token prediction);
-    concept audits want the former without losing faithfulness.
+    concept audits want the former without losing faithfulness. Sweep runs are short, so layers
+    are compared with each other (loss recovered within ``tolerance`` of the sweep's best), not
+    against the final quality bar.
     """
-    good = {L: m for L, m in sweep.items() if m["loss_recovered"] >= 0.85 and m["fve"] >= 0.75}
-    pool = good or sweep
+    best = max(sweep, key=lambda L: sweep[L]["loss_recovered"])
+    good = {L: m for L, m in sweep.items() if m["loss_recovered"] >= sweep[best]["loss_recovered"] - tolerance}
     mid = (n_layers - 1) / 2
-    layer = min(pool, key=lambda L: (abs(L - mid), -pool[L]["loss_recovered"]))
+    layer = min(good, key=lambda L: (abs(L - mid), -good[L]["loss_recovered"]))
+    table = ", ".join(f"L{L}: FVE {m['fve']:.2f}, loss recovered {m['loss_recovered']:.3f}, dead {m['dead_fraction']:.1%}" for L, m in sorted(sweep.items()))
     why = (
-        f"nearest to mid-depth ({mid:.1f} of {n_layers}) among layers with loss recovered >= 0.85 and FVE >= 0.75 in the sweep"
-        if good
-        else "no layer met the sweep bar; nearest to mid-depth"
+        f"nearest to mid-depth ({mid:.1f} of {n_layers} layers) among sweep layers whose loss recovered is within "
+        f"{tolerance} of the best (layer {best}); short sweep runs ({table})"
     )
     return layer, why
 
