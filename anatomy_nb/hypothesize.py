@@ -103,8 +103,10 @@ class PairFeatures:
         return self.fires_chosen.shape[1]
 
 
-def _units(x: np.ndarray | sp.spmatrix, groups: np.ndarray | None) -> np.ndarray:
-    return group_means(x, groups)
+def concept_activity(pf: PairFeatures, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair and concept, the fraction of the concept's features firing on chosen / rejected."""
+    M = membership_matrix(labels)
+    return (np.asarray((pf.fires_chosen.astype(np.float64) @ M).todense()), np.asarray((pf.fires_rejected.astype(np.float64) @ M).todense()))
 
 
 def _stat_columns(prefix: str, t) -> dict[str, np.ndarray]:
@@ -114,14 +116,13 @@ def _stat_columns(prefix: str, t) -> dict[str, np.ndarray]:
 def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig, topic_of_group: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The statistics of every concept (overall, and inside vs outside each topic) and of every
     feature. Returns (hypotheses without labels, per-feature table)."""
-    M = membership_matrix(labels)
-    n_concepts = M.shape[1]
     Fc, Fr = pf.fires_chosen.astype(np.float64), pf.fires_rejected.astype(np.float64)
-    Uc, Ur = np.asarray((Fc @ M).todense()), np.asarray((Fr @ M).todense())
+    Uc, Ur = concept_activity(pf, labels)
+    n_concepts = Uc.shape[1]
     D = Uc - Ur  # per pair, per concept: signed difference of member-feature firing
     groups = pf.groups if cfg.group_by_prompt else None
-    Du = _units(D, groups)
-    len_diff = _units((np.log(np.maximum(pf.ntok[:, 0], 1)) - np.log(np.maximum(pf.ntok[:, 1], 1)))[:, None], groups)[:, 0]
+    Du = group_means(D, groups)
+    len_diff = group_means((np.log(np.maximum(pf.ntok[:, 0], 1)) - np.log(np.maximum(pf.ntok[:, 1], 1)))[:, None], groups)[:, 0]
     overall = paired_test(Du)
     lc = length_controlled(Du, len_diff)
     split = split_half_agreement(Du, cfg.n_splits, cfg.seed)
@@ -160,7 +161,7 @@ def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig,
     table["predicted_change"] = np.where(table["significant"], delta, 0.0)
     table["effect_survives_length_control"] = table["length_controlled_p"] < cfg.fdr
     # per-feature tests: a separate family, for drill-downs and for comparison with concepts
-    Dfeat = _units((Fc - Fr), groups)
+    Dfeat = group_means((Fc - Fr), groups)
     ft = paired_test(Dfeat)
     support = np.asarray((Fc + Fr).sum(0)).ravel()
     features = pd.DataFrame({"feature": np.arange(pf.d_sae), "concept": labels, "support": support, "chosen_rate": np.asarray(Fc.mean(0)).ravel(), "rejected_rate": np.asarray(Fr.mean(0)).ravel(), **_stat_columns("", ft)})
@@ -182,8 +183,7 @@ def _rank(table: pd.DataFrame) -> pd.DataFrame:
 
 def _text_stat_labels(pf: PairFeatures, labels: np.ndarray, stats_df: pd.DataFrame) -> list[str]:
     """Per concept, the text statistics its activity correlates with most (Pearson over responses)."""
-    M = membership_matrix(labels)
-    U = np.vstack([np.asarray((pf.fires_chosen.astype(np.float64) @ M).todense()), np.asarray((pf.fires_rejected.astype(np.float64) @ M).todense())])
+    U = np.vstack(concept_activity(pf, labels))
     S = stats_df.to_numpy(dtype=np.float64)
     Zu = (U - U.mean(0)) / np.where(U.std(0) > 0, U.std(0), 1)
     Zs = (S - S.mean(0)) / np.where(S.std(0) > 0, S.std(0), 1)
@@ -241,7 +241,7 @@ def promoted_tokens(sae, lm, labels: np.ndarray, n: int) -> list[str]:
 
 def text_stat_baseline(pf: PairFeatures, cfg: HypothesizeConfig, stats_c: pd.DataFrame, stats_r: pd.DataFrame) -> pd.DataFrame:
     D = stats_c.to_numpy(np.float64) - stats_r.to_numpy(np.float64)
-    Du = _units(D, pf.groups if cfg.group_by_prompt else None)
+    Du = group_means(D, pf.groups if cfg.group_by_prompt else None)
     t = paired_test(Du)
     out = pd.DataFrame({"statistic": list(stats_c.columns), "chosen_mean": stats_c.mean().to_numpy(), "rejected_mean": stats_r.mean().to_numpy(), **_stat_columns("", t)})
     out["q"] = bh_qvalues(out["p"].to_numpy())
@@ -434,8 +434,7 @@ def _add_explanations(table: pd.DataFrame, pf: PairFeatures, labels: np.ndarray,
     from .explain import explain_concept, fidelity
 
     rng = np.random.default_rng(cfg.seed)
-    M = membership_matrix(labels)
-    U = np.vstack([np.asarray((pf.fires_chosen.astype(np.float64) @ M).todense()), np.asarray((pf.fires_rejected.astype(np.float64) @ M).todense())])
+    U = np.vstack(concept_activity(pf, labels))
     texts = pf.chosen + pf.rejected
     table = table.copy()
     table["llm_explanation"], table["llm_fidelity_auroc"], table["llm_fidelity_accuracy"] = "", np.nan, np.nan

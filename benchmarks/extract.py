@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from anatomy_nb.data import load_pairs  # noqa: E402
-from anatomy_nb.extract import ExtractConfig, _compute_shard, _Encoder, extract  # noqa: E402
-from anatomy_nb.models import load_model, render_example, truncated_to_layer  # noqa: E402
+from anatomy_nb.extract import ExtractConfig, _compute_shard, _Encoder, _truncate_prompt, extract  # noqa: E402
+from anatomy_nb.models import load_model, render_example  # noqa: E402
 from anatomy_nb.sae import load_sae, tiny_sae  # noqa: E402
 
 
@@ -42,21 +42,15 @@ def n_tokens(lm, pairs, cfg: ExtractConfig) -> int:
 
 @torch.no_grad()
 def bare_forward(lm, sae, pairs, cfg: ExtractConfig) -> None:
-    """The same shared-prefix forward to the SAE layer, with nothing else."""
-    from transformers import DynamicCache
-
+    """Extraction's own shared-prefix forward to the SAE layer (same truncation), with no SAE,
+    pooling, contexts or histograms."""
     tok = lm.tokenizer
-    with truncated_to_layer(lm.model, sae.layer) as base:
+    with _Encoder(lm, sae) as enc:
         for p in pairs:
             r = render_example(tok, p.prompt, p.chosen)
             rej = tok(p.rejected, add_special_tokens=False)["input_ids"]
-            prompt = r.prompt_ids[-cfg.max_prompt_tokens:]
-            sides = [r.response_ids[: cfg.max_response_tokens], list(rej)[: cfg.max_response_tokens]]
-            cache = DynamicCache()
-            base(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(2)
-            R = max(map(len, sides))
-            base(input_ids=torch.tensor([s + [tok.pad_token_id] * (R - len(s)) for s in sides]), past_key_values=cache, use_cache=True)
+            prompt, _, _ = _truncate_prompt(r.prompt_ids, r.prompt_content, cfg.max_prompt_tokens)
+            enc.pair(prompt, r.response_ids[: cfg.max_response_tokens], list(rej)[: cfg.max_response_tokens], shared_prefix=True)
 
 
 def timed(fn) -> float:
