@@ -10,7 +10,7 @@ from .artifacts import atomic_path
 
 __all__ = ["NOTEBOOKS", "notebook_dir", "run_notebook"]
 
-NOTEBOOKS = ["00_train_sae", "01_extract", "02_hypothesize"]
+NOTEBOOKS = ["00_train_sae", "01_extract", "02_hypothesize", "03_intervene"]
 
 
 def notebook_dir() -> Path:
@@ -48,13 +48,26 @@ def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, An
     return out
 
 
+def static_widgets(nb):
+    """Without a kernel a widget view renders as nothing (and nbconvert would fetch the widget
+    manager from a CDN): keep the static ``text/html`` our widgets also emit, drop the view and
+    the saved widget state."""
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "application/vnd.jupyter.widget-view+json" in data and "text/html" in data:
+                del data["application/vnd.jupyter.widget-view+json"]
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
 def render_html(notebook: str | os.PathLike) -> Path:
     """Standalone HTML of an executed notebook (plotly figures embedded, no kernel needed)."""
     import nbformat
     from nbconvert import HTMLExporter
 
     notebook = Path(notebook)
-    nb = nbformat.read(notebook, as_version=4)
+    nb = static_widgets(nbformat.read(notebook, as_version=4))
     exporter = HTMLExporter()
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
