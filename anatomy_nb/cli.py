@@ -3,6 +3,7 @@
     anatomy-nb run [--run-dir runs/default] [--n-pairs 300] ...   # notebooks 01-02, headless, + HTML
     anatomy-nb extract --data hh-rlhf --n-pairs 200 --run-dir runs/x
     anatomy-nb train-sae --work-dir work/sae_recipe                # rebuild the default SAE
+    anatomy-nb report runs/default                                 # standalone HTML: notebooks + summary
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    index = build_report(args.run_dir, args.out)
+    print(f"[anatomy-nb] report: {index}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import DEFAULT_MODEL
     from .sae import DEFAULT_SAE
@@ -87,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", default=None)
     t.add_argument("--train-tokens", type=int, default=800_000)
     t.set_defaults(func=_cmd_train_sae)
+
+    rp = sub.add_parser("report", help="render the executed notebooks and a summary page to standalone HTML")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
+    rp.set_defaults(func=_cmd_report)
 
     args = p.parse_args(argv)
     return int(args.func(args) or 0)

@@ -1,0 +1,88 @@
+"""``anatomy-nb report RUN_DIR``: the executed notebooks and a summary page as standalone HTML.
+
+Everything opens from disk without a kernel or a network: plotly figures are embedded by the
+notebooks (``viz.setup_plotly``), widgets fall back to the static views they also emit
+(``notebooks.static_widgets``), and the summary page is plain escaped HTML with no script at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from .artifacts import RunDir, atomic_path, read_json
+from .plan import PLAN_FILE
+from .viz import escape_text, html_table
+
+__all__ = ["build_report"]
+
+_STYLE = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#212529}
+table{border-collapse:collapse;font-size:13px}th,td{border-top:1px solid #e9ecef;padding:3px 6px}th{background:#f1f3f5}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}.muted{color:#868e96}code{background:#f1f3f5;padding:0 3px}"""
+
+
+def _facts(run: RunDir) -> pd.DataFrame:
+    rows: list[tuple[str, str]] = []
+    index = run.index()
+    if "features" in index:
+        m = read_json(run.latest("features") / "manifest.json")
+        rows += [("pairs", m.get("n_pairs")), ("model", (m.get("model") or {}).get("name")), ("SAE", (m.get("sae") or {}).get("name")), ("layer", m.get("layer")), ("SAE features", m.get("d_sae"))]
+    if "hypotheses" in index:
+        h = read_json(run.latest("hypotheses") / "manifest.json")
+        rows += [("concepts", h.get("n_concepts")), ("topics", h.get("n_topics")), ("tests (one BH family)", h.get("n_tests")), (f"significant at q < {h.get('config', {}).get('fdr')}", h.get("n_significant")), ("  of which overall", h.get("n_significant_overall"))]
+    return pd.DataFrame(rows, columns=["", "value"])
+
+
+def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, render: bool = True) -> Path:
+    """Render ``run_dir/notebooks/*.ipynb`` to HTML and write ``index.html`` beside them.
+    Returns the summary page's path (``out`` defaults to ``run_dir/report``)."""
+    from .notebooks import render_html
+
+    run = RunDir(run_dir)
+    out_dir = Path(out) if out else run.path / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pages = []
+    for nb in sorted((run.path / "notebooks").glob("*.ipynb")):
+        if render:
+            html = render_html(nb)
+            target = out_dir / html.name
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(html.read_bytes())
+        pages.append(nb.stem)
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'\">",
+        f"<title>anatomy_nb report — {escape_text(run.path.name)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>anatomy_nb report: {escape_text(run.path.name)}</h1>",
+        f"<p class='muted'>{escape_text(str(run.path.resolve()))} · generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
+        "<h2>Notebooks</h2><ul>",
+    ]
+    parts += [f"<li><a href='{escape_text(p)}.html'>{escape_text(p)}</a></li>" for p in pages] or ["<li>none executed yet (run <code>anatomy-nb run</code>)</li>"]
+    parts.append("</ul><h2>Run</h2>")
+    parts.append(html_table(_facts(run)))
+    if "hypotheses" in run.index():
+        from .hypothesize import Hypotheses
+
+        hyp = Hypotheses.from_run(run)
+        top = hyp.overall().head(15)[["rank", "concept", "n_features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "q", "predicted_direction", "label"]].copy()
+        for c in ("chosen_rate", "rejected_rate", "mean_diff", "cohens_d"):
+            top[c] = top[c].map(lambda v: f"{v:.3f}")
+        top["q"] = top["q"].map(lambda v: f"{v:.2g}")
+        parts += ["<h2>Strongest concepts (overall)</h2>", html_table(top, max_chars=200)]
+    plan_path = run.path / PLAN_FILE
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        active = [c for c in plan.get("concepts", []) if c.get("action") != "allow"]
+        parts.append(f"<h2>Intervention plan</h2><p>{len(active)} of {len(plan.get('concepts', []))} concepts changed (<code>{escape_text(PLAN_FILE)}</code>).</p>")
+        if active:
+            df = pd.DataFrame(active)[["concept", "action", "method", "strength", "label"]]
+            parts.append(html_table(df, max_chars=200))
+    parts.append("</body></html>")
+    index = out_dir / "index.html"
+    with atomic_path(index) as tmp:
+        tmp.write_text("".join(parts), encoding="utf-8")
+    return index
