@@ -8,7 +8,8 @@ needs one or both of:
   (the same quantity stage 2 tests), read from the stage-1 feature store for the pairs it holds —
   nothing is recomputed — and computed with the model + SAE only for other text (held-out pairs,
   generations). ``text:<name>``: presence (0/1) of a regex match, or a text statistic from
-  ``textstats.TEXT_STATS`` min–max scaled over the training responses. ``direction:<name>``: the
+  ``textstats.TEXT_STATS`` divided by its largest value on the training responses (0/1 statistics
+  stay as they are). ``direction:<name>``: the
   mean over response tokens of the residual stream's projection onto the direction (the norm of
   the projection for several directions), min–max scaled over the training responses. The scale
   is recorded so other text is scored on the same axis (and clipped to [0, 1]).
@@ -179,11 +180,10 @@ def resolve_plan(
 
 
 def _text_raw(pattern: str, texts: Sequence[str]) -> tuple[np.ndarray, bool]:
-    """Raw text scores and whether they are already in [0, 1] (regex presence, 0/1 statistics)."""
+    """Raw text scores and whether they are a regex's presence (already 0/1, never scaled)."""
     if pattern in TEXT_STATS:
         fn = TEXT_STATS[pattern]
-        vals = np.asarray([fn(t) for t in texts], dtype=np.float64)
-        return vals, bool(np.isin(vals, (0.0, 1.0)).all())
+        return np.asarray([fn(t) for t in texts], dtype=np.float64), False
     rx = re.compile(pattern)
     return np.asarray([1.0 if rx.search(t) else 0.0 for t in texts], dtype=np.float64), True
 
@@ -286,7 +286,7 @@ def pair_scores(
     fit_scale: bool = True,
 ) -> np.ndarray:
     """(n_pairs, 2) scores (chosen, rejected). SAE concepts read the feature store when it holds
-    these pairs (no recompute). ``fit_scale``: set the min–max scale of text statistics and
+    these pairs (no recompute). ``fit_scale``: set the scale of text statistics and
     directions from these responses (training pairs); otherwise use the concept's recorded one."""
     c = concept.choice
     pairs = as_pairs(pairs)
@@ -305,9 +305,9 @@ def pair_scores(
             raise ValueError(f"{c.concept}: the feature store does not hold these pairs; pass lm= and sae= to compute the scores")
     prompts = [p.prompt for p in pairs]
     if c.kind == "text":
-        raw, unit = _text_raw(c.pattern, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-        if fit_scale:
-            concept.scale = None if unit else (float(raw.min()), float(raw.max()))
+        raw, regex = _text_raw(c.pattern, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+        if fit_scale:  # statistics are >= 0: divide by the largest, so 0/1 statistics stay as they are
+            concept.scale = None if regex else (0.0, float(raw.max()) if raw.max() > 0 else 1.0)
         return _scaled(raw, concept.scale).reshape(2, -1).T
     if c.kind == "direction":
         items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
