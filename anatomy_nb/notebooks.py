@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ def render_html(notebook: str | os.PathLike) -> Path:
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
     body, _ = exporter.from_notebook_node(nb)
+    # the template's require.js / MathJax come from a CDN: useless offline (plotly is embedded)
+    body = re.sub(r"<script[^>]*\bsrc=[\"']https?://[^>]*>\s*</script>", "", body)
     out = notebook.with_suffix(".html")
     with atomic_path(out) as tmp:
         tmp.write_text(body, encoding="utf-8")

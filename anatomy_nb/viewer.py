@@ -480,6 +480,8 @@ def _toggles_class():
 
         @T.observe("choices")
         def _on_choices(self, change):
+            if getattr(self, "_restoring", False):
+                return
             new = change["new"] or {}
             try:
                 plan = InterventionPlan(concepts=list(self.plan.concepts), hypotheses=self.plan.hypotheses)
@@ -497,6 +499,12 @@ def _toggles_class():
                     extra = {k: ch[k] for k in ("instruction", "filter_mode", "ablation") if ch.get(k)}
                     set_choice(plan, name, action, method, strength, **extra)
             except (PlanError, ValueError, TypeError) as exc:
+                # refuse: the controls snap back to the plan as it is, the reason stays shown
+                self._restoring = True
+                try:
+                    self.choices = self._choices_of(self.plan)
+                finally:
+                    self._restoring = False
                 self.error = str(exc)
                 return
             self.error = ""
