@@ -184,3 +184,21 @@ def test_default_model_trains_with_shaping(tmp_path):
     ids = model.tokenizer("Hello there", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model.model(input_ids=ids).logits, res.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_04_train_notebook_runs_headless(tmp_path, tiny_lm, tiny_sae_):
+    import nbformat
+
+    from anatomy_nb.extract import ExtractConfig, extract
+    from anatomy_nb.notebooks import run_notebook
+
+    run = tmp_path / "run"
+    extract(PAIRS, tiny_lm, tiny_sae_, run, ExtractConfig(shard_size=24, progress=False))
+    plan = {"concepts": [SHAPE, {"concept": "text:sorry", "action": "amplify", "method": "filter", "pattern": "(?i)sorry", "strength": 1.0}]}
+    out = run_notebook("04_train", run, {"plan": plan, "max_length": 96, "batch_size": 4, "learning_rate": 2e-3, "heldout_fraction": 0.25, "compare_plain": True}, progress=False)
+    nb = nbformat.read(out, as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    index = json.loads((run / "index.json").read_text())
+    assert "train" in index
+    html = out.with_suffix(".html").read_text()
+    assert "plotly" in html.lower() and "Reward-shaping offset" in html
