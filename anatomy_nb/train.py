@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -382,16 +383,8 @@ def prepare(
     return Prepared(key=key, train_pairs=final, heldout_pairs=[all_pairs[i] for i in held_idx], train_ids=[all_pairs[i].id for i in train_idx], offsets=offsets, scores=scores, report=report, concepts=concepts, plan=plan, lm=lm, sae=sae)
 
 
-def make_trainer(prep: Prepared, cfg: TrainConfig, output_dir: str | Path, *, hooks: ResidualHooks | None = None, callbacks: Sequence = ()):
-    """TRL's DPO trainer (our subclass) for prepared data. Open ``hooks`` before calling: the
-    reference log-probs are precomputed here."""
-    from peft import LoraConfig
-    from trl import DPOConfig
-
-    ShapingCollator, ShapedDPOTrainer, _ = _trainer_classes()
-    lm = prep.lm
-    cuda = torch.cuda.is_available()
-    args = DPOConfig(
+def _dpo_config(DPOConfig, cfg: TrainConfig, output_dir: str | Path, cuda: bool):
+    return DPOConfig(
         output_dir=str(output_dir),
         beta=cfg.beta,
         loss_type=["sigmoid"],
@@ -414,22 +407,43 @@ def make_trainer(prep: Prepared, cfg: TrainConfig, output_dir: str | Path, *, ho
         seed=cfg.seed,
         dataloader_num_workers=0,
     )
+
+
+def make_trainer(prep: Prepared, cfg: TrainConfig, output_dir: str | Path, *, hooks: ResidualHooks | None = None, callbacks: Sequence = ()):
+    """TRL's DPO trainer (our subclass) for prepared data. Open ``hooks`` before calling: the
+    reference log-probs are precomputed here."""
+    from peft import LoraConfig
+    from trl import DPOConfig
+
+    ShapingCollator, ShapedDPOTrainer, _ = _trainer_classes()
+    lm = prep.lm
+    cuda = torch.cuda.is_available()
+    with warnings.catch_warnings():  # transformers 5 renames gradient_checkpointing; TRL still sets it
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        args = _dpo_config(DPOConfig, cfg, output_dir, cuda)
     peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target, task_type="CAUSAL_LM") if cfg.lora else None
     ref_model = None
     if not cfg.lora and not cfg.precompute_ref:
         ref_model = copy.deepcopy(lm.model).eval()  # TRL would otherwise reload it from config._name_or_path
     lm.model.train()
-    return ShapedDPOTrainer(
-        model=lm.model,
-        ref_model=ref_model,
-        args=args,
-        data_collator=ShapingCollator(pad_token_id=lm.tokenizer.pad_token_id, max_length=cfg.max_length),
-        train_dataset=_dataset(prep.train_pairs, prep.offsets),
-        processing_class=lm.tokenizer,
-        peft_config=peft_config,
-        callbacks=list(callbacks),
-        hooks=hooks,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        trainer = ShapedDPOTrainer(
+            model=lm.model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=ShapingCollator(pad_token_id=lm.tokenizer.pad_token_id, max_length=cfg.max_length),
+            train_dataset=_dataset(prep.train_pairs, prep.offsets),
+            processing_class=lm.tokenizer,
+            peft_config=peft_config,
+            callbacks=list(callbacks),
+            hooks=hooks,
+        )
+    if not cfg.progress:  # without a progress bar, transformers prints every log dict instead
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def train(
