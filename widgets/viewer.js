@@ -23,7 +23,7 @@ function render({ model, el: root }) {
   root.lastChild.append(tableBox, drill);
 
   const dataMap = new Scatter(maps, {
-    height, title: "data: pairs by prompt (UMAP of prompt features) — shift-drag to lasso",
+    height, title: `data: pairs by prompt (${(model.get("data_map").method || "").toUpperCase()} of prompt features) — shift-drag to lasso`,
     onHover: (i) => {
       const d = model.get("data_map"), eff = model.get("pair_effect");
       const e = eff.length ? ` · effect ${signed(eff[i], 2)}` : "";
@@ -33,7 +33,7 @@ function render({ model, el: root }) {
     onLasso: (idx) => { model.set("selected_topic", -1); model.set("selected_pairs", idx); model.save_changes(); },
   });
   const featMap = new Scatter(maps, {
-    height, title: "features: co-firing (UMAP), coloured by their concept's effect — click to drill down",
+    height, title: `features: co-firing (${(model.get("feature_map").method || "").toUpperCase()}), coloured by their concept's effect — click to drill down`,
     onHover: (i) => {
       const f = model.get("feature_map"), c = f.concept[i], row = rowOf(c);
       return `feature ${f.feature[i]} · concept ${c}${row ? ` · ${row.badge} · Δ ${signed(row.mean_diff)}` : ""}\n${row ? row.label : ""}`;
