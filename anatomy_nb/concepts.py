@@ -6,8 +6,16 @@ tests afterwards; clustering on it would make those tests circular (features wou
 because they separate the sides, then "found" to separate them).
 
 Method: the phi correlation of binary firing across responses; a k-nearest-neighbour graph on
-it (positive correlations only); Leiden communities (leidenalg, RB configuration, seeded).
-Features that fire on too few responses to test are left out (label −1).
+it (positive correlations only); Leiden communities (leidenalg, seeded) under the constant Potts
+model (CPM): a community must be denser than ``resolution`` in mean edge weight, which does not
+depend on how many features there are, so the same default gives tight concepts for a 96-feature
+test SAE and for the 4,608-feature default one. Features that fire on too few responses to test
+are left out (label −1).
+
+Why CPM at 0.05 (measured with ``benchmarks/planted.py``, 600 HH-RLHF pairs, the shipped SAE):
+modularity-style (RB) Leiden at resolution 1 gave ~26 concepts of ~120 features, and a planted
+concept in 5 % of pairs drowned among its co-members (rank 3 to not found). CPM 0.05 gives ~480
+concepts (median a few features) and ranks the plant first in most cases (README table).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ class ConceptConfig:
     min_support: int = 5  # a feature must fire on at least this many responses to be tested
     k_neighbors: int = 10
     min_phi: float = 0.05  # edges below this correlation are dropped
-    resolution: float = 1.0  # Leiden resolution: higher → more, smaller concepts
+    resolution: float = 0.05  # CPM density threshold: higher → more, smaller, tighter concepts
+    quality: str = "cpm"  # "cpm" (constant Potts; resolution is graph-size free) or "rb" (modularity-style)
     seed: int = 0
 
 
@@ -75,7 +84,8 @@ def cluster_features(fires: sp.spmatrix, cfg: ConceptConfig | None = None) -> np
     upper = A.row < A.col
     g = ig.Graph(n=len(testable), edges=list(zip(A.row[upper].tolist(), A.col[upper].tolist())), directed=False)
     g.es["weight"] = A.data[upper].tolist()
-    part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, weights="weight", resolution_parameter=cfg.resolution, seed=cfg.seed)
+    partition_type = leidenalg.CPMVertexPartition if cfg.quality == "cpm" else leidenalg.RBConfigurationVertexPartition
+    part = leidenalg.find_partition(g, partition_type, weights="weight", resolution_parameter=cfg.resolution, seed=cfg.seed)
     raw = np.asarray(part.membership)
     # renumber by size (largest first), ties by smallest member feature: stable across runs
     order = sorted(set(raw.tolist()), key=lambda c: (-(raw == c).sum(), testable[raw == c].min()))
