@@ -1,6 +1,6 @@
 """The planted-concept benchmark: does the audit find a concept we planted, and down to which p?
 
-    python benchmarks/planted.py                       # default model + shipped SAE, 200 HH-RLHF pairs
+    python benchmarks/planted.py                       # default model + shipped SAE, 600 HH-RLHF pairs, 3 seeds
     python benchmarks/planted.py --tiny --pairs 60     # tiny random model (plumbing check only)
 
 For each kind of concept (bold markdown, a flattering opener, an emoji, a closing question, a
@@ -140,13 +140,13 @@ def first_rank(mask_in_rank_order: np.ndarray) -> int | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--pairs", type=int, default=600)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS))
     ap.add_argument("--null-shuffles", type=int, default=20)
     ap.add_argument("--work-dir", default="work/planted")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each seed draws its own planted subsets")
     args = ap.parse_args()
     t_start = time.time()
     if args.tiny:
@@ -160,7 +160,6 @@ def main() -> None:
     base_store = extract(pairs, lm, sae, work, ecfg)
     base = PairFeatures.from_store(base_store)
     cfg = HypothesizeConfig(concepts=ConceptConfig())
-    rng = np.random.default_rng(args.seed)
     peers = Peers()
     if peers.hsae is not None:
         from anatomy_nb.topics import embed_prompts
@@ -172,7 +171,8 @@ def main() -> None:
         planted = PairFeatures.from_store(extract(planted_pairs(pairs, fn), lm, sae, work, ecfg))
         lift_f = np.asarray((planted.fires_chosen - base.fires_chosen).mean(0)).ravel()
         E_pl_c = embed_prompts(planted.chosen) if peers.hsae is not None else None
-        for p in args.fractions:
+        for seed, p in [(s_, p_) for s_ in args.seeds for p_ in args.fractions]:
+            rng = np.random.default_rng([seed, list(KINDS).index(kind), int(p * 1000)])
             k = max(1, int(round(p * len(pairs))))
             idx = rng.choice(len(pairs), size=k, replace=False)
             pf = mix(base, planted, idx)
@@ -199,10 +199,10 @@ def main() -> None:
             if peers.hsae is not None:
                 E_c = E_base_c.copy()
                 E_c[idx] = E_pl_c[idx]
-                r_hsae = peers.hypothesaes_rank(E_c, E_r, idx, args.seed)
+                r_hsae = peers.hypothesaes_rank(E_c, E_r, idx, seed)
             if peers.prefscope is not None:
                 r_pref = peers.prefscope_rank(pf, lift_f)
-            rows.append({"kind": kind, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked)})
+            rows.append({"kind": kind, "seed": seed, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_size": int(ranked.loc[r_concept - 1, "n_features"]) if r_concept else None, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked)})
             print(rows[-1], flush=True)
     res = pd.DataFrame(rows)
     # null: shuffled sides on the original data
@@ -219,7 +219,7 @@ def main() -> None:
 
     pd.set_option("display.width", 200)
     print("\n=== planted-concept benchmark ===")
-    print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, seed {args.seed}")
+    print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, seeds {args.seeds}, concepts {cfg.concepts}")
     print("ranks: 1 = the first hypothesis reported; '-' = no matching hypothesis in the ranking\n")
     show = res.copy()
     for c in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank"):
@@ -228,7 +228,10 @@ def main() -> None:
     hi = res[res["p"] >= 0.05]
     if len(hi):
         per_kind = hi.groupby("kind")["concept_rank"].apply(lambda s: bool((s == 1).all()))
-        print(f"\nkinds ranked 1st by concepts at every p >= 5 %: {int(per_kind.sum())}/{len(per_kind)} ({per_kind.mean():.0%}; aim >= 90 %)")
+        print(f"\nkinds ranked 1st by concepts at every p >= 5 % and every seed: {int(per_kind.sum())}/{len(per_kind)} ({per_kind.mean():.0%}; aim >= 90 %)")
+        for col in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank"):
+            by_p = hi.groupby("p")[col].apply(lambda s: f"{int((s == 1).sum())}/{len(s)}")
+            print(f"  {col:>17}: rank 1 in " + ", ".join(f"p={p:.0%}: {v}" for p, v in by_p.items()) + " (kind x seed cells)")
     print(f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery {any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at q<0.05 promises P(any) <= 0.05 under the complete null)")
     for name, status in peers.status.items():
         print(f"peer {name}: {status}")
