@@ -1,6 +1,6 @@
 """``anatomy-nb``: the pipeline from a shell.
 
-    anatomy-nb run [--run-dir runs/default] [--n-pairs 300] ...   # notebooks 01-02, headless, + HTML
+    anatomy-nb run [CONFIG.yaml] [--run-dir runs/x] [--set key=value]  # notebooks 01-05 headless, resumable, + report
     anatomy-nb extract --data hh-rlhf --n-pairs 200 --run-dir runs/x
     anatomy-nb train-sae --work-dir work/sae_recipe                # rebuild the default SAE
     anatomy-nb report runs/default                                 # standalone HTML: notebooks + summary
@@ -19,19 +19,29 @@ __all__ = ["main"]
 DEFAULT_RUN_DIR = "runs/default"
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .notebooks import run_notebook
+def _parse_value(text: str):
+    import yaml
 
-    params = {
-        "model": args.model,
-        "sae": args.sae,
-        "data_source": args.data,
-        "n_pairs": args.n_pairs,
-    }
-    for name in args.notebooks:
-        print(f"[anatomy-nb] running {name} → {args.run_dir}/notebooks/{name}.ipynb", flush=True)
-        out = run_notebook(name, args.run_dir, params, html=not args.no_html, strict_parameters=False)
-        print(f"[anatomy-nb] done: {out}" + ("" if args.no_html else f" and {out.with_suffix('.html')}"), flush=True)
+    return yaml.safe_load(text)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import load_config, run_pipeline
+
+    overrides = {}
+    for flag, key in (("run_dir", "run_dir"), ("model", "model"), ("sae", "sae"), ("data", "data"), ("n_pairs", "n_pairs"), ("notebooks", "stages")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.no_html:
+        overrides["html"] = False
+    for item in args.set or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE (YAML value), got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = _parse_value(v)
+    cfg = load_config(args.config, overrides)
+    state = run_pipeline(cfg, log=lambda m: print(m, flush=True))
+    print(f"[anatomy-nb] finished: {cfg.run_dir} ({state.get('seconds_this_run', 0):.0f} s this run)", flush=True)
     return 0
 
 
@@ -79,9 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--data", default="hh-rlhf", help="vendored alias, local file or datasets name")
         sp.add_argument("--n-pairs", type=int, default=300)
 
-    r = sub.add_parser("run", help="run the stage notebooks headless (papermill) and render HTML")
-    common(r)
-    r.add_argument("--notebooks", nargs="+", default=["01_extract", "02_hypothesize"])
+    r = sub.add_parser("run", help="run the pipeline (notebooks 01-05) headless from a config; resumes and skips unchanged steps")
+    r.add_argument("config", nargs="?", default=None, help="YAML/JSON pipeline config (default: the controlled-poisoning experiment, see anatomy_nb/pipeline.py)")
+    r.add_argument("--run-dir", default=None)
+    r.add_argument("--model", default=None)
+    r.add_argument("--sae", default=None)
+    r.add_argument("--data", default=None)
+    r.add_argument("--n-pairs", type=int, default=None)
+    r.add_argument("--notebooks", nargs="+", default=None, help="only these stages, e.g. 01_extract 02_hypothesize")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value), e.g. --set plant=null --set 'methods=[filter]'")
     r.add_argument("--no-html", action="store_true")
     r.set_defaults(func=_cmd_run)
 

@@ -11,7 +11,7 @@ from .artifacts import atomic_path
 
 __all__ = ["NOTEBOOKS", "notebook_dir", "run_notebook"]
 
-NOTEBOOKS = ["00_train_sae", "01_extract", "02_hypothesize", "03_intervene"]
+NOTEBOOKS = ["00_train_sae", "01_extract", "02_hypothesize", "03_intervene", "04_train", "05_evaluate"]
 
 
 def notebook_dir() -> Path:
@@ -20,13 +20,14 @@ def notebook_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "notebooks"
 
 
-def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, Any] | None = None, html: bool = True, timeout: int = 3600, progress: bool = True, strict_parameters: bool = True) -> Path:
+def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, Any] | None = None, html: bool = True, timeout: int = 3600, progress: bool = True, strict_parameters: bool = True, output_name: str | None = None) -> Path:
     """Execute ``notebooks/<name>.ipynb`` with papermill into ``run_dir/notebooks/`` and, if
     ``html``, render it to standalone HTML next to it. Returns the executed notebook's path.
 
     A parameter the notebook does not declare is an error (a typo would otherwise be ignored);
     ``strict_parameters=False`` passes each notebook only the ones it declares (the pipeline
-    runner shares one parameter set across notebooks)."""
+    runner shares one parameter set across notebooks). ``output_name`` names the executed copy
+    (default: the notebook's name), so one notebook can run several times in a run directory."""
     import papermill as pm
 
     src = notebook_dir() / f"{name}.ipynb"
@@ -41,7 +42,7 @@ def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, An
     if unknown and strict_parameters:
         raise ValueError(f"{src.name} has no parameter(s) {unknown}; it declares {sorted(declared)}")
     params = {k: v for k, v in params.items() if k in declared}
-    out = out_dir / f"{name}.ipynb"
+    out = out_dir / f"{output_name or name}.ipynb"
     # papermill writes the output as it goes: a failed run leaves a notebook showing where.
     pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(src.parent), kernel_name="python3", progress_bar=progress, execution_timeout=timeout, language="python")
     if html:

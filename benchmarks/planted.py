@@ -44,16 +44,10 @@ from anatomy_nb.data import PreferencePair, load_pairs  # noqa: E402
 from anatomy_nb.extract import ExtractConfig, extract  # noqa: E402
 from anatomy_nb.hypothesize import HypothesizeConfig, PairFeatures, _rank, linear_baseline, score_concepts, text_stat_baseline  # noqa: E402
 from anatomy_nb.models import load_model  # noqa: E402
+from anatomy_nb.plant import KINDS  # noqa: E402
 from anatomy_nb.sae import load_sae, tiny_sae  # noqa: E402
 from anatomy_nb.textstats import text_stats  # noqa: E402
 
-KINDS = {
-    "bold": (lambda r: "**Short answer:** " + r, "bold"),
-    "opener": (lambda r: "Great question! " + r, "flattery_opener"),
-    "emoji": (lambda r: r.rstrip() + " 😊", "emoji"),
-    "question": (lambda r: r.rstrip() + " Does that help?", "ends_with_question"),
-    "word": (lambda r: r.rstrip() + " (By the way, pineapples are wonderful.)", None),
-}
 
 
 def planted_pairs(pairs, fn):
@@ -167,7 +161,7 @@ def main() -> None:
         E_base_c, E_r = embed_prompts(base.chosen), embed_prompts(base.rejected)
     rows = []
     for kind in args.kinds:
-        fn, stat = KINDS[kind]
+        fn, stat = KINDS[kind].apply, KINDS[kind].text_stat
         planted = PairFeatures.from_store(extract(planted_pairs(pairs, fn), lm, sae, work, ecfg))
         lift_f = np.asarray((planted.fires_chosen - base.fires_chosen).mean(0)).ravel()
         E_pl_c = embed_prompts(planted.chosen) if peers.hsae is not None else None

@@ -1,0 +1,92 @@
+"""``anatomy-nb run CONFIG``: notebooks 01–04 (05 once it exists) through papermill on the tiny
+model, with a poisoned data set; unchanged steps are skipped, a changed parameter re-runs exactly
+the steps downstream of it, and a failed step is resumed."""
+
+import json
+
+import pytest
+
+from anatomy_nb import notebooks as nbmod
+from anatomy_nb.pipeline import STATE_FILE, PipelineConfig, load_config, run_pipeline
+from anatomy_nb.sae import save_sae
+
+TRAIN = {"max_train_pairs": 12, "max_steps": 2, "batch_size": 2, "max_length": 96}
+
+
+@pytest.fixture(scope="module")
+def tiny_sae_dir(tmp_path_factory, tiny_sae_):
+    return str(save_sae(tiny_sae_, tmp_path_factory.mktemp("sae") / "tiny_sae"))
+
+
+def _cfg(run_dir, sae_dir, **kw):
+    stages = ["01_extract", "02_hypothesize", "03_intervene", "04_train"]
+    if (nbmod.notebook_dir() / "05_evaluate.ipynb").exists():
+        stages.append("05_evaluate")
+    base = dict(run_dir=str(run_dir), model="tiny-llama", sae=sae_dir, n_pairs=40, plant={"kind": "bold", "fraction": 0.5, "seed": 0}, target=0, methods=["reward_shaping"], hypothesize={"min_support": 3}, train=TRAIN, evaluate={"n_prompts": 4, "max_new_tokens": 8}, stages=stages, html=False, report=False)
+    base.update(kw)
+    return PipelineConfig.from_dict(base)
+
+
+def _ran(logs):
+    return [m.split(":")[0].split("] ")[1] for m in logs if m.endswith(".ipynb") or "running" in m]
+
+
+def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_dir, monkeypatch):
+    run_dir = tmp_path / "run"
+    logs: list[str] = []
+    state = run_pipeline(_cfg(run_dir, tiny_sae_dir, report=True), log=logs.append)
+    steps = list(state["steps"])
+    assert steps[:5] == ["01_extract", "02_hypothesize", "03_intervene", "04_train-plain", "04_train-reward_shaping"]
+    assert all(s["status"] == "done" for s in state["steps"].values())
+    assert _ran(logs) == steps
+    # the poisoned data and its ground truth are in the run; the plans suppress the target
+    truth = json.loads((run_dir / "data" / "planted.planted.json").read_text())
+    assert truth["kind"] == "bold" and truth["n_planted"] == 20
+    plan = json.loads((run_dir / "plans" / "reward_shaping.json").read_text())
+    assert [(c["concept"], c["action"], c["method"]) for c in plan["concepts"]] == [("sae:0", "suppress", "reward_shaping")]
+    assert (run_dir / "report" / "index.html").exists()
+    index = json.loads((run_dir / "index.json").read_text())
+    assert {"features", "hypotheses", "train"} <= set(index)
+
+    # unchanged: nothing runs
+    logs.clear()
+    run_pipeline(_cfg(run_dir, tiny_sae_dir), log=logs.append)
+    assert _ran(logs) == [] and sum("unchanged" in m for m in logs) == len(steps)
+
+    # a training parameter changed: exactly the training steps (and what follows) re-run
+    logs.clear()
+    run_pipeline(_cfg(run_dir, tiny_sae_dir, train={**TRAIN, "learning_rate": 1e-4}), log=logs.append)
+    assert _ran(logs) == steps[3:]
+
+    # a hypothesize parameter changed and the intervene step is killed: the re-run resumes there
+    real = nbmod.run_notebook
+
+    def dies_in_03(name, *a, **k):
+        if name == "03_intervene":
+            raise KeyboardInterrupt("killed")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(nbmod, "run_notebook", dies_in_03)
+    cfg = _cfg(run_dir, tiny_sae_dir, hypothesize={"min_support": 4})
+    logs.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, log=logs.append)
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    assert state["steps"]["02_hypothesize"]["status"] == "done" and state["steps"]["03_intervene"]["status"] == "failed"
+    monkeypatch.setattr(nbmod, "run_notebook", real)
+    logs.clear()
+    run_pipeline(cfg, log=logs.append)
+    assert _ran(logs) == steps[2:]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("n_pairz: 3\n")
+    with pytest.raises(ValueError, match="n_pairz"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="plant.kind"):
+        load_config(None, {"plant": {"kind": "glitter"}})
+    with pytest.raises(ValueError, match="methods"):
+        load_config(None, {"methods": ["magic"]})
+    cfg = load_config(None, {"plant": None})
+    assert cfg.plant is None and cfg.methods == ["reward_shaping", "filter"]
