@@ -110,6 +110,7 @@ def write_data(run: RunDir, cfg: PipelineConfig) -> tuple[str, int | None, dict]
     pairs = list(load_pairs(cfg.data, limit=cfg.n_pairs))
     planted, idx = plant(pairs, cfg.plant["kind"], float(cfg.plant.get("fraction", 0.25)), int(cfg.plant.get("seed", 0)))
     path = write_planted(planted, idx, cfg.plant["kind"], run.path / "data" / "planted.jsonl")
+    path = path.resolve()  # the notebooks run with cwd=notebooks/
     return str(path), None, {"planted_file": str(path), "n_planted": int(len(idx))}
 
 
@@ -135,6 +136,7 @@ def build_plans(run: RunDir, cfg: PipelineConfig) -> dict[str, dict]:
 
     hyp = Hypotheses.from_run(run)
     cid = choose_target(hyp, cfg.target)
+    atomic_write_json(run.path / "plans" / "target.json", describe_target(run, hyp, cid))
     plans = {}
     for method in cfg.methods:
         plan = set_choice(default_plan(hyp), cid, "suppress", method, cfg.strengths.get(method))
@@ -142,6 +144,33 @@ def build_plans(run: RunDir, cfg: PipelineConfig) -> dict[str, dict]:
         plans[method] = plan.to_dict()
         plan.save(run.path / "plans" / f"{method}.json")
     return plans
+
+
+def describe_target(run: RunDir, hyp, cid: int) -> dict:
+    """What the plans act on, and — for a poisoned run — whether it is the planted concept: the
+    target's paired difference on planted pairs vs the rest, and the AUROC with which it picks
+    out the planted pairs (ground truth from ``data/planted.planted.json``, never from the test)."""
+    import numpy as np
+
+    from .extract import FeatureStore
+    from .hypothesize import PairFeatures, concept_activity
+
+    row = hyp.overall().set_index("concept").loc[cid]
+    out = {"concept": int(cid), "rank": int(row["rank"]), "label": str(row.get("label", "")), "n_features": int(row["n_features"]), "cohens_d": float(row["cohens_d"]), "q": float(row["q"])}
+    truth_path = run.path / "data" / "planted.planted.json"
+    if truth_path.exists():
+        from sklearn.metrics import roc_auc_score
+
+        truth = read_json(truth_path)
+        pf = PairFeatures.from_store(FeatureStore.from_run(run))
+        labels = np.full(pf.d_sae, -1)
+        labels[hyp.features["feature"].to_numpy()] = hyp.features["concept"].to_numpy()
+        uc, ur = concept_activity(pf, labels)
+        d = uc[:, cid] - ur[:, cid]
+        planted = np.isin([p["id"] for p in FeatureStore.from_run(run).pairs()], truth["planted_ids"])
+        out.update(planted_kind=truth["kind"], n_planted=int(planted.sum()), mean_diff_planted=float(d[planted].mean()) if planted.any() else None, mean_diff_other=float(d[~planted].mean()) if (~planted).any() else None)
+        out["auroc_planted"] = float(roc_auc_score(planted, d)) if 0 < planted.sum() < len(planted) else None
+    return out
 
 
 # --- the runner --------------------------------------------------------------------------------------

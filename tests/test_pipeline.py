@@ -90,3 +90,11 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, {"methods": ["magic"]})
     cfg = load_config(None, {"plant": None})
     assert cfg.plant is None and cfg.methods == ["reward_shaping", "filter"]
+
+
+def test_shipped_config_is_the_default():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "poisoning.yaml"
+    assert asdict(load_config(path)) == asdict(PipelineConfig())
