@@ -1,0 +1,342 @@
+"""Stage 5: the statistics against known answers (R² and its bootstrap interval, Wilson and
+bootstrap intervals), the refusal detector, A/B letter scoring on a stub model whose answer is
+known, the eval data loaders; then the tiny model end to end (extract → hypothesize → train plain
+and shaped → evaluate), cross-checked against stage 4's own concept scorer, cached by content
+key, and notebook 05 under papermill. One run on the default model is marked slow."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from anatomy_nb.evaluate import (
+    BASE,
+    EvalConfig,
+    ab_items,
+    ab_probabilities,
+    bootstrap_ci,
+    evaluate,
+    generate,
+    harmful_prompts,
+    is_refusal,
+    r2_with_ci,
+    training_runs,
+    wilson_interval,
+    xstest_safe,
+)
+
+SMALL = dict(n_prompts=8, max_new_tokens=12, n_ab=6, n_harmful=3, n_xstest=3, behaviour_max_new_tokens=8, n_boot=200, concepts="all", progress=False)
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def test_r2_is_the_squared_correlation_with_a_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    y = 0.5 * x + rng.normal(scale=0.5, size=200)  # population R² = 0.25 / (0.25 + 0.25) = 0.5
+    r = r2_with_ci(x, y, n_boot=500)
+    assert r["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
+    assert r["ci_low"] < r["r2"] < r["ci_high"]
+    assert r["ci_low"] < 0.5 < r["ci_high"]  # covers the population value
+    assert 0.3 < r["ci_low"] and r["ci_high"] < 0.7  # and is not vacuous at n = 200
+    assert r["slope"] == pytest.approx(np.polyfit(x, y, 1)[0]) and r["pearson_r"] > 0
+    exact = r2_with_ci(x, 3 * x, n_boot=200)
+    assert exact["r2"] == pytest.approx(1.0) and exact["ci_low"] == pytest.approx(1.0) and exact["sign_agreement"] == 1.0
+    null = r2_with_ci(x, rng.normal(size=200), n_boot=500)
+    assert null["r2"] < 0.05 and null["ci_low"] < 0.01
+    # fewer than 3 finite points, or no variance: undefined, not 0
+    assert np.isnan(r2_with_ci([1.0, 2.0], [1.0, 2.0])["r2"]) and np.isnan(r2_with_ci([0, 0, 0, 0], [1, 2, 3, 4])["r2"])
+    assert r2_with_ci([1, 2, 3, np.nan], [2, 4, 6, 1])["n_concepts"] == 3
+
+
+def test_wilson_and_bootstrap_intervals_match_known_values():
+    from statsmodels.stats.proportion import proportion_confint
+
+    for k, n in [(8, 10), (0, 10), (10, 10), (37, 120)]:
+        np.testing.assert_allclose(wilson_interval(k, n), proportion_confint(k, n, alpha=0.05, method="wilson"), atol=1e-10)
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook example
+    assert all(np.isnan(wilson_interval(0, 0)))
+    rng = np.random.default_rng(1)
+    v = rng.normal(2.0, 1.0, size=400)
+    lo, hi = bootstrap_ci(v, n_boot=2000)
+    se = v.std(ddof=1) / np.sqrt(len(v))
+    assert lo < 2.0 < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)  # the normal-theory width
+    assert all(np.isnan(bootstrap_ci(np.array([1.0]))))
+
+
+# --- refusal detector -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "I'm sorry, but I can't help with that request.",
+    "I cannot provide instructions for making explosives.",
+    "As an AI language model, I do not have opinions.",
+    "Sorry, but I won\u2019t assist with hacking.",  # curly apostrophe
+    "  I must decline this request.",
+    "I am unable to help with that.",
+])
+def test_refusal_detector_flags_refusals(text):
+    assert is_refusal(text)
+
+
+@pytest.mark.parametrize("text", [
+    "Sure! To kill a Python process, run `kill <pid>` or use Task Manager.",
+    "Here is how to terminate a C program: call exit(0).",
+    "I'm sorry to hear that. Here are some ways to feel better: rest and drink water.",
+    "Stealing is illegal and unethical, so here is how to protect your home instead: lock doors.",
+    "",
+    "The first step is to mix flour and water. " * 10 + "I cannot stress this enough.",  # past the head
+])
+def test_refusal_detector_passes_compliance(text):
+    assert not is_refusal(text)
+
+
+# --- A/B letter scoring ---------------------------------------------------------------------------
+
+
+class _StubLM(torch.nn.Module):
+    """Logits that favour one token by a known margin at every position."""
+
+    def __init__(self, vocab: int, token: int, margin: float):
+        super().__init__()
+        self.vocab, self.token, self.margin = vocab, token, margin
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        self.seen.append(input_ids.clone())
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.token] = self.margin
+        return SimpleNamespace(logits=logits)
+
+
+def test_ab_probability_reads_the_letter_after_the_shared_prefix(tiny_lm):
+    tok = tiny_lm.tokenizer
+    ta, tb = tok("(A)", add_special_tokens=False)["input_ids"], tok("(B)", add_special_tokens=False)["input_ids"]
+    k = next(i for i in range(min(len(ta), len(tb))) if ta[i] != tb[i])
+    stub = _StubLM(len(tok), tb[k], 3.0)
+    lm = SimpleNamespace(model=stub, tokenizer=tok, device=torch.device("cpu"))
+    prompts = [({"role": "user", "content": f"Question {i}? (A) yes (B) no"},) for i in range(5)]
+    p = ab_probabilities(lm, prompts, [("(A)", "(B)")] * 5, batch_size=2)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(3.0)), rtol=1e-5)  # P(A) = σ(−3): B is favoured by 3 nats
+    # the model saw exactly the prompt plus the shared answer prefix, nothing of the letters
+    assert all(ta[:k] == s[0, -k:].tolist() if k else True for s in stub.seen)
+    stub.token = ta[k]
+    np.testing.assert_allclose(ab_probabilities(lm, prompts[:1], [("(A)", "(B)")]), 1 / (1 + np.exp(-3.0)), rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix"):
+        ab_probabilities(lm, prompts[:1], [("(A)", "(A) more")])
+
+
+def test_ab_items_and_harmful_sets_load_from_the_vendored_files():
+    caa = ab_items("caa_sycophancy", 10, seed=0)
+    assert len(caa) == 10 and all(it["answers"] == ("(A)", "(B)") for it in caa)
+    assert {it["matching"] for it in caa} <= {0, 1} and "(A)" in caa[0]["prompt"][0]["content"]
+    persona = ab_items("persona_agreeableness", 40, seed=0)
+    rows = [json.loads(line) for line in open(__import__("anatomy_nb.data", fromlist=["x"]).data_dir() / "evals/anthropic_evals/agreeableness.jsonl")]
+    for it in persona:
+        i = int(it["id"].rsplit("-", 1)[1])
+        q = it["prompt"][0]["content"]
+        letter = "AB"[it["matching"]]
+        assert f"({letter}) {rows[i]['answer_matching_behavior'].strip()}" in q  # the matching letter names the matching answer
+    m = [it["matching"] for it in persona]
+    assert 15 <= sum(m) <= 25  # the matching letter is A for about half the items, B for the rest
+    assert ab_items("caa_sycophancy", 10, seed=0) == caa  # seeded
+    harm = harmful_prompts(7, seed=0)
+    assert len(harm) == 7 and {h["id"].split("-")[0] for h in harm} == {"advbench", "strongreject", "harmbench"}
+    safe = xstest_safe(5, seed=0)
+    assert len(safe) == 5 and all(s["prompt"][0]["content"] for s in safe)
+
+
+# --- end to end on the tiny model -----------------------------------------------------------------
+
+
+TOPICS = ["bread", "tea", "rain", "cats", "maps", "jazz", "glue", "kites", "salt", "moss", "owls", "ink"]
+
+
+def synthetic_pairs(n=48):
+    """Short pairs (fast on the tiny model) whose chosen response opens with a flattering phrase."""
+    from anatomy_nb.data import PreferencePair
+
+    return [PreferencePair(
+        id=f"s{i}",
+        prompt=({"role": "user", "content": f"Tell me about {TOPICS[i % 12]} ({i // 12})."},),
+        chosen=f"Great question! {TOPICS[i % 12].capitalize()} is a fine thing.",
+        rejected=f"{TOPICS[i % 12].capitalize()} is a thing, I suppose." if i % 3 else f"Sorry, {TOPICS[i % 12]} is hard.",
+    ) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tmp_path_factory, tiny_lm, tiny_sae_):
+    """A tiny run with plain DPO and reward shaping on the top concept, evaluated once."""
+    from anatomy_nb.concepts import ConceptConfig
+    from anatomy_nb.extract import ExtractConfig, extract
+    from anatomy_nb.hypothesize import HypothesizeConfig, Hypotheses, hypothesize
+    from anatomy_nb.sae import load_sae, save_sae
+    from anatomy_nb.train import TrainConfig, train
+
+    import time
+
+    t = [time.time()]
+    root = tmp_path_factory.mktemp("evaluate")
+    sae = load_sae(str(save_sae(tiny_sae_, root / "sae")))  # loadable by name, for the notebook
+    run = root / "run"
+    extract(synthetic_pairs(), tiny_lm, sae, run, ExtractConfig(shard_size=24, progress=False))
+    hypothesize(run, HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False), model=tiny_lm, sae=sae)
+    t.append(time.time())
+    top = Hypotheses.from_run(run).overall().iloc[0]
+    tcfg = TrainConfig(max_length=64, batch_size=4, max_steps=4, learning_rate=5e-3, heldout_fraction=0.3, max_train_pairs=16, progress=False)
+    train(run, None, model=tiny_lm, config=tcfg)
+    plan = {"concepts": [{"concept": f"sae:{int(top.concept)}", "action": "suppress", "method": "reward_shaping", "strength": 2.0, "features": [int(f) for f in top.features]}]}
+    train(run, plan, model=tiny_lm, config=tcfg)
+    t.append(time.time())
+    res = evaluate(run, config=EvalConfig(**SMALL), lm=tiny_lm, sae=sae)
+    t.append(time.time())
+    print("fixture seconds (extract+hypothesize, train x2, evaluate):", np.diff(t).round(1))
+    return SimpleNamespace(run=run, res=res, sae=sae, lm=tiny_lm, concept=int(top.concept), features=[int(f) for f in top.features])
+
+
+def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_eval):
+    res = tiny_eval.res
+    assert res.models == [BASE, "plain", "reward_shaping"] and not res.reused
+    assert set(training_runs(tiny_eval.run)) == {"plain", "reward_shaping"}
+    for name in ("predicted_vs_actual", "r2", "offtarget", "preference", "targets", "comparison", "manifest"):
+        assert (res.path / f"{name}.{'json' if name == 'manifest' else 'parquet'}").exists()
+    gens = res.generations()
+    assert set(gens["set"]) == {"heldout", "harmful", "xstest_safe"}
+    assert (gens.groupby(["model", "set"]).size().unstack()[["heldout", "harmful", "xstest_safe"]].to_numpy() == [8, 3, 3]).all()
+    assert (gens["new_tokens"] <= 12).all()
+    # the held-out prompts are the training runs' held-out pairs, never training pairs
+    split = json.loads((tiny_eval.run / res.manifest["models"]["plain"]["path"] / "split.json").read_text())
+    from anatomy_nb.extract import FeatureStore
+
+    prompt_of = {p["id"]: p["prompt"][-1]["content"] for p in FeatureStore.from_run(tiny_eval.run).pairs()}
+    held = set(gens[gens["set"] == "heldout"]["id"])
+    assert held <= set(split["heldout"]) and not held & set(split["train"])
+    assert set(gens[gens["set"] == "heldout"]["prompt"]) <= {prompt_of[i] for i in split["heldout"]}
+    # preference: the base model's implicit reward margin is 0 by construction → 0.5; intervals hold the value
+    pref = res.preference().set_index("model")
+    assert pref.loc[BASE, "accuracy"] == 0.5 and pref.loc[BASE, "mean_margin"] == 0.0
+    assert ((pref["ci_low"] <= pref["accuracy"]) & (pref["accuracy"] <= pref["ci_high"])).all()
+    assert (pref["n_pairs"] == res.manifest["n_pref_pairs"]).all() and res.manifest["n_pref_pairs"] > 0
+    # predicted vs actual: actual = model − base activity, per concept, for both trained models
+    pva = res.predicted_vs_actual()
+    ov = pva[pva["view"] == "overall"]
+    assert set(ov["model"]) == {"plain", "reward_shaping"}
+    np.testing.assert_allclose(ov["actual_change"], ov["model_activity"] - ov["base_activity"], atol=1e-12)
+    assert ov[ov["model"] == "reward_shaping"].set_index("concept")["targeted"].to_dict()[tiny_eval.concept]
+    assert not ov[ov["model"] == "plain"]["targeted"].any()
+    r2 = res.r2()
+    assert set(zip(r2["model"], r2["view"])) >= {("plain", "overall"), ("reward_shaping", "overall")}
+    fin = r2[np.isfinite(r2["r2"])]
+    assert ((fin["r2"] >= 0) & (fin["r2"] <= 1) & (fin["ci_low"] <= fin["ci_high"])).all()
+    off = res.offtarget()
+    assert (off["actual_q"] < 0.05).all() and not off["targeted"].any()
+    # comparison: one value per model for every behaviour metric, with its interval
+    comp = res.comparison()
+    beh = comp[comp["group"].isin(["formatting", "sycophancy", "persona", "refusal"])]
+    assert (beh.groupby("metric")["model"].nunique() == 3).all() and len(beh["metric"].unique()) == 9
+    fin = beh[np.isfinite(beh["ci_low"])]
+    assert ((fin["ci_low"] <= fin["value"] + 1e-12) & (fin["value"] <= fin["ci_high"] + 1e-12)).all()
+    wide = res.comparison_table()
+    assert list(wide.columns) == res.models
+
+
+def test_target_activity_agrees_with_stage_4s_concept_scorer(tiny_eval):
+    """The planted/target concept's activity on generations, recomputed through a different code
+    path (interventions.score_texts: its own residual runs and SAE encoding)."""
+    from anatomy_nb.interventions import ResolvedConcept, score_texts
+    from anatomy_nb.plan import ConceptChoice
+
+    res = tiny_eval.res
+    gens = res.generations()
+    gens = gens[gens["set"] == "heldout"]
+    from anatomy_nb.extract import FeatureStore
+
+    prompts = {p["id"]: tuple(p["prompt"]) for p in FeatureStore.from_run(tiny_eval.run).pairs()}
+    rc = ResolvedConcept(choice=ConceptChoice(concept=f"sae:{tiny_eval.concept}", features=tiny_eval.features), features=tiny_eval.features)
+    targets = res.targets().set_index("model")
+    means = {}
+    for model, g in gens.groupby("model"):
+        s = score_texts(rc, [prompts[i] for i in g["id"]], list(g["response"]), lm=tiny_eval.lm, sae=tiny_eval.sae)
+        means[model] = s.mean()
+        assert targets.loc[model, "model_activity"] == pytest.approx(s.mean(), abs=1e-6)
+    t = targets.loc["reward_shaping"]
+    assert t["delta"] == pytest.approx(means["reward_shaping"] - means[BASE], abs=1e-6)
+    assert t["plain_delta"] == pytest.approx(means["plain"] - means[BASE], abs=1e-6)
+    if t["plain_delta"] != 0:
+        assert t["fraction_removed"] == pytest.approx(1 - t["delta"] / t["plain_delta"])
+    assert t["method"] == "reward_shaping" and targets.loc["plain", "method"] == ""
+    # the SAE activity of the overall view is the same quantity for the same concept
+    pva = res.predicted_vs_actual()
+    row = pva[(pva["view"] == "overall") & (pva["model"] == "plain") & (pva["concept"] == tiny_eval.concept)].iloc[0]
+    if len(tiny_eval.features) == row["n_features"]:
+        assert row["model_activity"] == pytest.approx(means["plain"], abs=1e-6)
+
+
+def test_generation_is_greedy_and_reproducible(tiny_eval):
+    gens = tiny_eval.res.generations()
+    base = gens[(gens["model"] == BASE) & (gens["set"] == "harmful")]
+    prompts = [({"role": "user", "content": p},) for p in base["prompt"]]
+    again, counts = generate(tiny_eval.lm, prompts, max_new_tokens=8, batch_size=2)
+    assert again == list(base["response"]) and counts == list(base["new_tokens"])  # batching and order do not matter
+
+
+def test_evaluation_is_reused_when_unchanged_and_rekeyed_when_changed(tiny_eval):
+    res = tiny_eval.res
+    again = evaluate(tiny_eval.run, config=EvalConfig(**SMALL), lm=tiny_eval.lm, sae=tiny_eval.sae)
+    assert again.reused and again.key == res.key
+    only_plain = evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=EvalConfig(**{**SMALL, "behaviour": False, "n_prompts": 4}), lm=tiny_eval.lm, sae=tiny_eval.sae)
+    assert not only_plain.reused and only_plain.key != res.key and only_plain.models == [BASE, "plain"]
+    assert set(only_plain.comparison()["group"]) <= {"preference", "target", "predicted vs actual", "formatting"}
+    changed = EvalConfig(**{**SMALL, "behaviour": False, "n_prompts": 4, "max_new_tokens": 6})
+    assert evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=changed, lm=tiny_eval.lm, sae=tiny_eval.sae).key != only_plain.key
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        evaluate(tiny_eval.run, ["no-such-key"], config=EvalConfig(**SMALL), lm=tiny_eval.lm, sae=tiny_eval.sae)
+
+
+def test_notebook_05_runs_headless_on_the_tiny_run(tiny_eval):
+    from anatomy_nb.notebooks import run_notebook
+
+    params = {k: v for k, v in SMALL.items() if k != "progress"}
+    out = run_notebook("05_evaluate", tiny_eval.run, params, progress=False)
+    html = out.with_suffix(".html").read_text()
+    assert "Predicted vs actual" in html and "plotly" in html.lower()
+    assert "held-out preference accuracy" in html
+    nb = json.loads(out.read_text())
+    assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+# --- the default model ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_evaluate_on_the_default_model(tmp_path):
+    """SmolLM2-135M + the shipped SAE: 60 HH-RLHF pairs, plain DPO and reward shaping for a few
+    steps, then the default-sized evaluation (timings land in the manifest)."""
+    from anatomy_nb.data import load_pairs
+    from anatomy_nb.extract import ExtractConfig, extract
+    from anatomy_nb.hypothesize import Hypotheses, hypothesize
+    from anatomy_nb.models import load_model
+    from anatomy_nb.sae import DEFAULT_SAE, load_sae
+    from anatomy_nb.train import TrainConfig, train
+
+    lm, sae = load_model(), load_sae(DEFAULT_SAE)
+    run = tmp_path / "run"
+    extract(load_pairs("hh-rlhf", limit=60), lm, sae, run, ExtractConfig(progress=False))
+    hypothesize(run, model=lm, sae=sae)
+    top = Hypotheses.from_run(run).overall().iloc[0]
+    tcfg = TrainConfig(max_steps=4, max_train_pairs=16, heldout_fraction=0.3, progress=False)
+    train(run, None, model=lm, config=tcfg)
+    train(run, {"concepts": [{"concept": f"sae:{int(top.concept)}", "action": "suppress", "method": "reward_shaping", "features": [int(f) for f in top.features]}]}, model=lm, config=tcfg)
+    res = evaluate(run, config=EvalConfig(progress=False), lm=lm, sae=sae)
+    assert res.models == [BASE, "plain", "reward_shaping"]
+    gens = res.generations()
+    assert (gens[gens["set"] == "heldout"]["response"].str.len() > 0).mean() > 0.9  # a real model answers
+    comp = res.comparison()
+    refusal = comp[(comp["metric"] == "refusal rate, harmful prompts") & (comp["model"] == BASE)].iloc[0]
+    assert 0 <= refusal["value"] <= 1 and refusal["n"] == 12
+    assert res.manifest["timing"]["generation"][BASE]["tokens_per_s"] > 0
