@@ -471,9 +471,12 @@ def train(
 
     _, _, MetricsLog = _trainer_classes()
     lm = prep.lm
+    from accelerate import PartialState
+
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:  # one writer under accelerate launch
+        metrics_path.unlink(missing_ok=True)
     edits = residual_edits(prep.concepts, lm=lm, pairs=prep.train_pairs, n_mean=cfg.mean_ablation_pairs)
     metrics_cb = MetricsLog(metrics_path, enabled=True)
     t0 = time.time()
@@ -564,10 +567,47 @@ def load_trained(path: str | Path | RunDir | TrainResult, *, merge: bool = True,
         return lm
     from peft import PeftModel
 
-    base = load_model(name if name != DEFAULT_MODEL or not manifest["model"]["source"] else DEFAULT_MODEL, device=device)
+    base = load_model(name, device=device)
     if base.fingerprint != manifest["model"]["fingerprint"]:
         raise ValueError(f"{path}: the base model {name} now has fingerprint {base.fingerprint}, trained on {manifest['model']['fingerprint']}")
     model = PeftModel.from_pretrained(base.model, str(path / "adapter"))
     model = model.merge_and_unload() if merge else model
     model.eval()
     return LoadedModel(model=model, tokenizer=base.tokenizer, name=f"{name}+{manifest['key']}", fingerprint=content_hash(base.fingerprint, manifest["key"]), source=str(path))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m anatomy_nb.train`` — the same ``train`` call, for ``accelerate launch -m``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m anatomy_nb.train", description="DPO with an intervention plan (stage 4)")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--plan", default=None, help="plan file, run dir (its plan.json) or JSON string; omit for plain DPO")
+    ap.add_argument("--data", default=None, help="pairs source for load_pairs (default: the run's feature store)")
+    ap.add_argument("--limit", type=int, default=None, help="with --data: read at most this many pairs")
+    ap.add_argument("--force", action="store_true")
+    for f in TrainConfig.__dataclass_fields__.values():
+        if f.name in ("progress", "lora_target"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", "bool | None"):
+            ap.add_argument(flag, type=lambda s: None if s.lower() == "none" else s.lower() in ("1", "true", "yes"), default=f.default)
+        elif f.type in ("int", "int | None"):
+            ap.add_argument(flag, type=lambda s: None if s.lower() == "none" else int(s), default=f.default)
+        elif f.type == "float":
+            ap.add_argument(flag, type=float, default=f.default)
+        else:
+            ap.add_argument(flag, default=f.default)
+    a = vars(ap.parse_args(argv))
+    run_dir, plan, data, limit, force = (a.pop(k) for k in ("run_dir", "plan", "data", "limit", "force"))
+    pairs = None
+    if data:
+        from .data import load_pairs
+
+        pairs = load_pairs(data, limit=limit)
+    res = train(run_dir, plan, pairs=pairs, config=TrainConfig(**a), force=force)
+    print(res)
+
+
+if __name__ == "__main__":
+    main()

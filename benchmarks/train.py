@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> str:
     cfg = TrainConfig(max_train_pairs=a.pairs, heldout_fraction=0.0, batch_size=a.batch_size, max_length=a.max_length, progress=False)
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     runs = {}
     with contextlib.ExitStack() as stack:
         for name, plan in methods(features).items():
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> str:
         f"# model {lm.name}, LoRA r={cfg.lora_r} all-linear, batch {a.batch_size}, max_length {a.max_length}, precomputed reference, "
         f"{a.rounds} rounds; SAE concept = {a.n_features} features of {sae.name if sae else '-'} at layer {sae.layer if sae else '-'}",
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}; setup {setup_s:.0f}s",
-        f"# batch tokens: {int(batch['attention_mask'].sum())}",
+        f"# batch tokens: {int(batch['attention_mask'].sum())}; 1-min load average at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f} "
+        "(above the CPU count, other processes share the cores and the ratios are noise)",
         f"{'method':<22} {'median s/step':>13} {'min':>8} {'max':>8} {'ratio':>7}",
     ]
     for n, ts in times.items():
