@@ -650,7 +650,9 @@ def evaluate(
     timing: dict[str, Any] = {"generation": {}}
     pref_items = [(p.prompt, p.chosen) for p in pref_pairs] + [(p.prompt, p.rejected) for p in pref_pairs]
     for name in names:
+        t0 = time.time()
         model = lm if name == BASE else _load_trained(paths[name])
+        t_load = time.time() - t0
         t0 = time.time()
         gens[name] = {}
         n_tok = 0
@@ -662,11 +664,13 @@ def evaluate(
             for it, t, c in zip(items, texts, counts):
                 gen_rows.append({"model": name, "set": set_name, "id": it["id"], "prompt": it["prompt"][-1]["content"], "response": t, "new_tokens": c})
         gen_s = time.time() - t0
-        timing["generation"][name] = {"seconds": round(gen_s, 2), "new_tokens": n_tok, "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1)}
+        t1 = time.time()
         lp = response_logps(model, pref_items, max_length=cfg.pref_max_length, batch_size=cfg.batch_size) if pref_items else np.zeros(0)
         logps[name] = lp.reshape(2, -1).T if len(lp) else np.zeros((0, 2))
+        t2 = time.time()
         ab[name] = {s: ab_probabilities(model, [it["prompt"] for it in items], [it["answers"] for it in items], max_prompt_tokens=cfg.max_prompt_tokens, batch_size=cfg.batch_size) for s, items in ab_sets.items()}
-        say(f"{name}: {n_tok} new tokens in {gen_s:.0f} s ({n_tok / max(gen_s, 1e-9):.1f} tok/s), all calls {time.time() - t0:.0f} s")
+        timing["generation"][name] = {"seconds": round(gen_s, 2), "new_tokens": n_tok, "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1), "logp_seconds": round(t2 - t1, 2), "ab_seconds": round(time.time() - t2, 2), "load_seconds": round(t_load, 2)}
+        say(f"{name}: {n_tok} new tokens in {gen_s:.0f} s ({n_tok / max(gen_s, 1e-9):.1f} tok/s); log-probs {t2 - t1:.0f} s, A/B {time.time() - t2:.0f} s")
         if model is not lm:
             del model
             gc.collect()

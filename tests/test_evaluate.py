@@ -289,11 +289,12 @@ def test_evaluation_is_reused_when_unchanged_and_rekeyed_when_changed(tiny_eval)
     res = tiny_eval.res
     again = evaluate(tiny_eval.run, config=EvalConfig(**SMALL), lm=tiny_eval.lm, sae=tiny_eval.sae)
     assert again.reused and again.key == res.key
-    only_plain = evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=EvalConfig(**{**SMALL, "behaviour": False, "n_prompts": 4}), lm=tiny_eval.lm, sae=tiny_eval.sae)
+    # a changed parameter (and a different model set) → a new key, computed afresh
+    changed = EvalConfig(**{**SMALL, "behaviour": False, "n_prompts": 2, "max_new_tokens": 4, "max_pref_pairs": 4})
+    only_plain = evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=changed, lm=tiny_eval.lm, sae=tiny_eval.sae)
     assert not only_plain.reused and only_plain.key != res.key and only_plain.models == [BASE, "plain"]
     assert set(only_plain.comparison()["group"]) <= {"preference", "target", "predicted vs actual", "formatting"}
-    changed = EvalConfig(**{**SMALL, "behaviour": False, "n_prompts": 4, "max_new_tokens": 6})
-    assert evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=changed, lm=tiny_eval.lm, sae=tiny_eval.sae).key != only_plain.key
+    assert (res.path / "manifest.json").exists()  # the earlier evaluation is kept
     with pytest.raises(FileNotFoundError, match="not a training run"):
         evaluate(tiny_eval.run, ["no-such-key"], config=EvalConfig(**SMALL), lm=tiny_eval.lm, sae=tiny_eval.sae)
 
