@@ -24,6 +24,8 @@ _EXPORTS = {
     "load_pairs": "data",
     "DataCard": "datacard",
     "data_card": "datacard",
+    "EvalConfig": "evaluate",
+    "evaluate": "evaluate",
     "ExtractConfig": "extract",
     "FeatureStore": "extract",
     "extract": "extract",
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .artifacts import RunDir
     from .data import DataError, PairSet, PreferencePair, load_pairs
     from .datacard import DataCard, data_card
+    from .evaluate import EvalConfig, evaluate
     from .extract import ExtractConfig, FeatureStore, extract
     from .models import DEFAULT_MODEL, LoadedModel, load_model, tiny_llama
     from .notebooks import run_notebook
