@@ -50,7 +50,8 @@ class PipelineConfig:
     strengths: dict = field(default_factory=dict)  # method → strength (default: intervene.DEFAULT_STRENGTH)
     hypothesize: dict = field(default_factory=dict)  # parameters of 02_hypothesize
     train: dict = field(default_factory=dict)  # parameters of 04_train (each run)
-    evaluate: dict = field(default_factory=dict)  # parameters of 05_evaluate
+    # parameters of 05_evaluate; CPU-sized (EvalConfig defaults are larger)
+    evaluate: dict = field(default_factory=lambda: {"n_prompts": 16, "max_new_tokens": 32, "n_ab": 8, "n_harmful": 6, "n_xstest": 6, "max_pref_pairs": 32})
     stages: list[str] = field(default_factory=lambda: ["01_extract", "02_hypothesize", "03_intervene", "04_train", "05_evaluate"])
     html: bool = True
     report: bool = True
