@@ -181,7 +181,7 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _steps(run: RunDir, cfg: PipelineConfig) -> list[tuple[str, str, Callable[[], dict]]]:
+def _steps(run: RunDir, cfg: PipelineConfig, pipeline_state: dict) -> list[tuple[str, str, Callable[[], dict]]]:
     """(step name, notebook, parameters) in order; parameters are computed lazily, just before
     the step, because some depend on what the previous steps wrote."""
     state: dict[str, Any] = {}
@@ -208,8 +208,18 @@ def _steps(run: RunDir, cfg: PipelineConfig) -> list[tuple[str, str, Callable[[]
         for m in cfg.methods:
             steps.append((f"04_train-{m}", "04_train", lambda m=m: {**cfg.train, "plan": plans()[m]}))
     if "05_evaluate" in cfg.stages:
-        steps.append(("05_evaluate", "05_evaluate", lambda: dict(cfg.evaluate)))
+        steps.append(("05_evaluate", "05_evaluate", lambda: {**cfg.evaluate, **_trained_models(pipeline_state, cfg)}))
     return steps
+
+
+def _trained_models(pipeline_state: dict, cfg: PipelineConfig) -> dict:
+    """Evaluate exactly this config's training runs (name → key), not every run left in the
+    directory by earlier configs."""
+    if "04_train" not in cfg.stages:
+        return {}
+    names = ["plain", *cfg.methods]
+    keys = {n: pipeline_state["steps"].get(f"04_train-{n}", {}).get("artifact") for n in names}
+    return {"models": keys} if all(keys.values()) else {}
 
 
 def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -223,7 +233,7 @@ def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], N
     state["config"] = asdict(cfg)
     prev_key = content_hash("pipeline", 1)
     t_all = time.time()
-    for name, notebook, make_params in _steps(run, cfg):
+    for name, notebook, make_params in _steps(run, cfg, state):
         params = make_params()
         key = content_hash(prev_key, notebook, _file_digest(notebooks.notebook_dir() / f"{notebook}.ipynb"), params)
         done = state["steps"].get(name, {})
@@ -244,6 +254,8 @@ def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], N
             log(f"[anatomy-nb] {name}: FAILED after {time.time() - t0:.0f} s; see {out} (re-run to resume from here)")
             raise
         state["steps"][name].update(status="done", seconds=round(time.time() - t0, 1))
+        if notebook == "04_train":  # the training run this step wrote (or reused), for 05
+            state["steps"][name]["artifact"] = run.index()["train"]["key"]
         atomic_write_json(state_path, state)
         log(f"[anatomy-nb] {name}: done in {time.time() - t0:.0f} s")
         prev_key = key

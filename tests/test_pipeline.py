@@ -55,8 +55,15 @@ def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_di
 
     # a training parameter changed: exactly the training steps (and what follows) re-run
     logs.clear()
-    run_pipeline(_cfg(run_dir, tiny_sae_dir, train={**TRAIN, "learning_rate": 1e-4}), log=logs.append)
+    state = run_pipeline(_cfg(run_dir, tiny_sae_dir, train={**TRAIN, "learning_rate": 1e-4}), log=logs.append)
     assert _ran(logs) == steps[3:]
+    if "05_evaluate" in state["steps"]:
+        # evaluation sees this config's two training runs, not the two the first config left behind
+        assert len(list((run_dir / "train").iterdir())) == 4
+        ev = json.loads((run_dir / "index.json").read_text())["evaluate"]
+        manifest = json.loads((run_dir / ev["path"] / "manifest.json").read_text())
+        trained = {n: m["train_key"] for n, m in manifest["models"].items() if n != "base"}
+        assert trained == {n: state["steps"][f"04_train-{n}"]["artifact"] for n in ("plain", "reward_shaping")}
 
     # a hypothesize parameter changed and the intervene step is killed: the re-run resumes there
     real = nbmod.run_notebook
