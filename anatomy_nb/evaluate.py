@@ -20,6 +20,11 @@
 - ``targets.parquet`` — per model × concept that any plan acts on: its activity on base and model
   generations, the change with an interval, plain DPO's change and ``fraction_removed`` =
   1 − Δ_model/Δ_plain with a bootstrap interval;
+- ``poisoning.parquet`` — only for a poisoned run (``data/planted.planted.json``, written by
+  ``anatomy-nb run``): per model, the rate of the planted pattern in the held-out generations
+  (regex, ground truth), the fraction of plain DPO's increase each intervention removed, the
+  held-out preference accuracy on the *unpoisoned* pairs (the on-target preference) and the
+  fraction of plain DPO's gain there (accuracy − 0.5) each intervention kept;
 - ``comparison.parquet`` — one long table (model, group, metric, value, ci_low, ci_high, n,
   interval) of everything above that has one number per model, plus the behaviour evals:
   formatting statistics of the held-out generations, sycophancy (CAA A/B) and a persona trait
@@ -81,7 +86,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
-FORMAT = 1
+FORMAT = 2
 BASE = "base"
 PLAIN = "plain"
 FORMAT_STATS = ("bold", "headers", "list_items", "emoji", "words")
@@ -460,9 +465,54 @@ def _resolve_models(run: RunDir, models: Any) -> dict[str, Path]:
     return out
 
 
+# --- the controlled-poisoning read-out --------------------------------------------------------
+
+
+def planted_truth(run: RunDir) -> dict | None:
+    """The ground truth of a poisoned run (``data/planted.planted.json``, written by the pipeline
+    before stage 1), or None for a run on unpoisoned data."""
+    path = run.path / "data" / "planted.planted.json"
+    return read_json(path) if path.exists() else None
+
+
+def _poisoning(names, truth: dict, gens, logps, pref_pairs, cfg: EvalConfig) -> pd.DataFrame:
+    """Per model: how often the planted pattern appears in its held-out generations (regex, ground
+    truth; no SAE involved), the change vs base, and for each intervention the fraction of plain
+    DPO's increase it removed; and the *on-target* preference — held-out accuracy on the pairs
+    that were not poisoned — with the fraction of plain DPO's gain (accuracy − 0.5) kept."""
+    rx = re.compile(truth["pattern"], re.M)
+    hit = {n: np.asarray([bool(rx.search(t)) for t in gens[n]["heldout"]], dtype=np.float64) for n in names}
+    clean = ~np.isin([p.id for p in pref_pairs], truth["planted_ids"])
+    correct = {}
+    for n in names:
+        lp = logps[n][clean]
+        margin = (lp[:, 0] - logps[BASE][clean][:, 0]) - (lp[:, 1] - logps[BASE][clean][:, 1])
+        correct[n] = np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
+    rows = []
+    for n in names:
+        k, m = float(hit[n].sum()), len(hit[n])
+        lo, hi = wilson_interval(k, m, cfg.ci)
+        d = hit[n] - hit[BASE]
+        acc = float(correct[n].mean()) if len(correct[n]) else float("nan")
+        alo, ahi = wilson_interval(float(correct[n].sum()), len(correct[n]), cfg.ci)
+        row = {"model": n, "kind": truth["kind"], "planted_rate": k / m if m else float("nan"), "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else float("nan"), "fraction_removed": float("nan"), "fraction_removed_ci_low": float("nan"), "fraction_removed_ci_high": float("nan"), "n_prompts": m, "clean_accuracy": acc, "clean_accuracy_ci_low": alo, "clean_accuracy_ci_high": ahi, "fraction_gain_kept": float("nan"), "fraction_gain_kept_ci_low": float("nan"), "fraction_gain_kept_ci_high": float("nan"), "n_clean_pairs": int(clean.sum())}
+        if n not in (BASE, PLAIN) and PLAIN in hit:
+            dp = hit[PLAIN] - hit[BASE]
+            if dp.mean() != 0:
+                row["fraction_removed"] = float(1 - d.mean() / dp.mean())
+                row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = bootstrap_ci(np.stack([d, dp], 1), lambda x: 1 - x[:, 0].mean() / x[:, 1].mean() if x[:, 1].mean() != 0 else np.nan, cfg.n_boot, cfg.ci, cfg.seed)
+            gp = correct[PLAIN] - 0.5
+            if len(gp) and gp.mean() != 0:
+                gm = correct[n] - 0.5
+                row["fraction_gain_kept"] = float(gm.mean() / gp.mean())
+                row["fraction_gain_kept_ci_low"], row["fraction_gain_kept_ci_high"] = bootstrap_ci(np.stack([gm, gp], 1), lambda x: x[:, 0].mean() / x[:, 1].mean() if x[:, 1].mean() != 0 else np.nan, cfg.n_boot, cfg.ci, cfg.seed)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # --- the result ----------------------------------------------------------------------------
 
-TABLES = ("predicted_vs_actual", "r2", "offtarget", "preference", "targets", "comparison")
+TABLES = ("predicted_vs_actual", "r2", "offtarget", "preference", "targets", "poisoning", "comparison")
 
 
 @dataclass
@@ -499,6 +549,11 @@ class EvalResult:
 
     def targets(self) -> pd.DataFrame:
         return self.table("targets")
+
+    def poisoning(self) -> pd.DataFrame | None:
+        """The controlled-poisoning read-out (planted-pattern rate, fraction removed, on-target
+        preference and gain kept); None when the run's data was not poisoned."""
+        return self.table("poisoning") if (self.path / "poisoning.parquet").exists() else None
 
     def comparison(self) -> pd.DataFrame:
         return self.table("comparison")
@@ -616,6 +671,7 @@ def evaluate(
     prompts = _distinct_prompts(heldout, cfg.n_prompts)
     pref_pairs = heldout[: cfg.max_pref_pairs]
     eval_files = {k: _file_digest(_eval_path(k)) for k in EVAL_FILES} if cfg.behaviour else {}
+    truth = planted_truth(run)
     lm = lm or load_model(store.manifest["model"]["name"])
     if lm.fingerprint != store.manifest["model"]["fingerprint"]:
         raise ValueError(f"the base model {lm.name} is not the feature store's model {store.manifest['model']['name']} (fingerprints differ)")
@@ -626,7 +682,7 @@ def evaluate(
     if sae.fingerprint != store.manifest["sae"]["fingerprint"]:
         raise ValueError(f"SAE {sae.name} is not the feature store's SAE {store.manifest['sae']['name']}")
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-    key = content_hash(FORMAT, {n: p.name for n, p in paths.items()}, lm.fingerprint, sae.fingerprint, hyps.manifest["key"], [p.id for p in heldout], [list(map(dict, pr)) for _, pr in prompts], eval_files, params)
+    key = content_hash(FORMAT, {n: p.name for n, p in paths.items()}, lm.fingerprint, sae.fingerprint, hyps.manifest["key"], [p.id for p in heldout], [list(map(dict, pr)) for _, pr in prompts], eval_files, params, truth)
     out = run.artifact_dir(STAGE, key)
     if (out / "manifest.json").exists() and not force and read_json(out / "manifest.json").get("complete"):
         run.record(STAGE, key)
@@ -697,7 +753,10 @@ def evaluate(
     _write_parquet(out / "preference.parquet", pref)
     targets = _targets(names, manifests, fires, gens, cfg)
     _write_parquet(out / "targets.parquet", targets)
-    comp = _comparison(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg)
+    poison = _poisoning(names, truth, gens, logps, pref_pairs, cfg) if truth else None
+    if poison is not None:
+        _write_parquet(out / "poisoning.parquet", poison)
+    comp = _comparison(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg, poison)
     _write_parquet(out / "comparison.parquet", comp)
 
     manifest = {
@@ -845,7 +904,7 @@ def _targets(names, manifests, fires, gens, cfg: EvalConfig) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _comparison(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: EvalConfig) -> pd.DataFrame:
+def _comparison(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: EvalConfig, poison: pd.DataFrame | None = None) -> pd.DataFrame:
     rows = []
 
     def add(model, group, metric, value, lo, hi, n, interval):
@@ -857,6 +916,13 @@ def _comparison(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: EvalConfi
         add(r.model, "target", f"Δ activity {r.concept}", r.delta, r.delta_ci_low, r.delta_ci_high, r.n_prompts, "bootstrap")
         if np.isfinite(r.fraction_removed):
             add(r.model, "target", f"fraction of plain-DPO increase removed {r.concept}", r.fraction_removed, r.fraction_removed_ci_low, r.fraction_removed_ci_high, r.n_prompts, "bootstrap")
+    for r in (poison.itertuples() if poison is not None else ()):
+        add(r.model, "poisoning", f"planted {r.kind} in generations", r.planted_rate, r.planted_rate_ci_low, r.planted_rate_ci_high, r.n_prompts, "wilson")
+        if np.isfinite(r.fraction_removed):
+            add(r.model, "poisoning", "fraction of plain-DPO planted increase removed", r.fraction_removed, r.fraction_removed_ci_low, r.fraction_removed_ci_high, r.n_prompts, "bootstrap")
+        add(r.model, "poisoning", "held-out preference accuracy, unpoisoned pairs", r.clean_accuracy, r.clean_accuracy_ci_low, r.clean_accuracy_ci_high, r.n_clean_pairs, "wilson")
+        if np.isfinite(r.fraction_gain_kept):
+            add(r.model, "poisoning", "fraction of plain-DPO on-target gain kept", r.fraction_gain_kept, r.fraction_gain_kept_ci_low, r.fraction_gain_kept_ci_high, r.n_clean_pairs, "bootstrap")
     for r in r2_rows.itertuples():
         add(r.model, "predicted vs actual", f"R² ({r.view})", r.r2, r.ci_low, r.ci_high, r.n_concepts, "bootstrap (concepts)")
     from .textstats import text_stats

@@ -37,6 +37,32 @@ def _facts(run: RunDir) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["", "value"])
 
 
+def _pipeline_sections(run: RunDir) -> list[str]:
+    """What ``anatomy-nb run`` adds: the audit's target (and, for a poisoned run, whether it is the
+    planted concept), the evaluation's comparison table, and the time each step took."""
+    parts: list[str] = []
+    target_path = run.path / "plans" / "target.json"
+    if target_path.exists():
+        t = read_json(target_path)
+        parts += ["<h2>The audit's target</h2>", html_table(pd.DataFrame([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in t.items()}]), max_chars=200)]
+    if "evaluate" in run.index():
+        from .evaluate import EvalResult
+
+        path = run.latest("evaluate")
+        res = EvalResult(path, read_json(path / "manifest.json"))
+        wide = res.comparison_table().reset_index()
+        order = {"poisoning": 0, "target": 1, "preference": 2}
+        wide = wide.sort_values("group", key=lambda g: g.map(lambda x: order.get(x, 9)), kind="stable")
+        parts += ["<h2>Evaluation: base vs plain DPO vs each intervention</h2>", "<p class='muted'>value [95 % interval]; details in 05_evaluate.</p>", html_table(wide, max_chars=200)]
+    state_path = run.path / "pipeline.json"
+    if state_path.exists():
+        steps = read_json(state_path).get("steps", {})
+        df = pd.DataFrame([{"step": k, "status": v.get("status"), "seconds": v.get("seconds")} for k, v in steps.items()])
+        if not df.empty:
+            parts += ["<h2>Pipeline steps</h2>", html_table(df)]
+    return parts
+
+
 def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, render: bool = True) -> Path:
     """Render ``run_dir/notebooks/*.ipynb`` to HTML and write ``index.html`` beside them.
     Returns the summary page's path (``out`` defaults to ``run_dir/report``)."""
@@ -73,6 +99,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
             top[c] = top[c].map(lambda v: f"{v:.3f}")
         top["q"] = top["q"].map(lambda v: f"{v:.2g}")
         parts += ["<h2>Strongest concepts (overall)</h2>", html_table(top, max_chars=200)]
+    parts += _pipeline_sections(run)
     plan_path = run.path / PLAN_FILE
     if plan_path.exists():
         plan = json.loads(plan_path.read_text(encoding="utf-8"))

@@ -342,3 +342,35 @@ def test_evaluate_on_the_default_model(tmp_path):
     refusal = comp[(comp["metric"] == "refusal rate, harmful prompts") & (comp["model"] == BASE)].iloc[0]
     assert 0 <= refusal["value"] <= 1 and refusal["n"] == 6
     assert res.manifest["timing"]["generation"][BASE]["tokens_per_s"] > 0
+
+
+def test_poisoning_readout_on_known_numbers():
+    """Planted-pattern rates, fraction of plain DPO's increase removed, on-target accuracy on the
+    unpoisoned pairs only and fraction of plain's gain kept — against hand-computed values."""
+    from anatomy_nb.data import PreferencePair
+    from anatomy_nb.evaluate import _poisoning
+
+    truth = {"kind": "bold", "pattern": r"\*\*[^*\n]+\*\*", "planted_ids": ["p0", "p1"]}
+    bold, plain_text = "**Short answer:** yes", "yes"
+    gens = {  # 10 held-out prompts: base 1/10 bold, plain 6/10, shaped 2/10
+        BASE: {"heldout": [bold] + [plain_text] * 9},
+        "plain": {"heldout": [bold] * 6 + [plain_text] * 4},
+        "reward_shaping": {"heldout": [bold] * 2 + [plain_text] * 8},
+    }
+    pairs = [PreferencePair(id=i, prompt=({"role": "user", "content": "q"},), chosen="a", rejected="b") for i in ["p0", "p1", "c0", "c1", "c2", "c3"]]
+    base = np.zeros((6, 2))
+    up, down = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+    # plain gets 3 of the 4 clean pairs right, shaping 2 of 4; both get the planted pairs "right" (ignored)
+    logps = {BASE: base, "plain": base + np.concatenate([up, up, up, up, up, down]), "reward_shaping": base + np.concatenate([up, up, up, up, down, down])}
+    cfg = EvalConfig(n_boot=200)
+    df = _poisoning([BASE, "plain", "reward_shaping"], truth, gens, logps, pairs, cfg).set_index("model")
+    np.testing.assert_allclose(df["planted_rate"], [0.1, 0.6, 0.2])
+    np.testing.assert_allclose(df["planted_delta"], [0.0, 0.5, 0.1])
+    assert df.loc["reward_shaping", "fraction_removed"] == pytest.approx(1 - 0.1 / 0.5)
+    assert np.isnan(df.loc["plain", "fraction_removed"]) and np.isnan(df.loc[BASE, "fraction_removed"])
+    assert (df["n_clean_pairs"] == 4).all()
+    np.testing.assert_allclose(df["clean_accuracy"], [0.5, 0.75, 0.5])  # base: margin 0 → ties count half
+    assert df.loc["reward_shaping", "fraction_gain_kept"] == pytest.approx(0.0 / 0.25)
+    lo, hi = df.loc["reward_shaping", ["fraction_removed_ci_low", "fraction_removed_ci_high"]]
+    assert lo <= 0.8 <= hi
+    assert ((df["planted_rate_ci_low"] <= df["planted_rate"]) & (df["planted_rate"] <= df["planted_rate_ci_high"])).all()

@@ -47,6 +47,14 @@ def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_di
     assert (run_dir / "report" / "index.html").exists()
     index = json.loads((run_dir / "index.json").read_text())
     assert {"features", "hypotheses", "train"} <= set(index)
+    if "05_evaluate" in state["steps"]:  # the poisoning read-out: planted rate per model against the ground truth
+        import pandas as pd
+
+        poison = pd.read_parquet(run_dir / index["evaluate"]["path"] / "poisoning.parquet")
+        assert list(poison["model"]) == ["base", "plain", "reward_shaping"] and (poison["kind"] == "bold").all()
+        page = (run_dir / "report" / "index.html").read_text()
+        assert "The audit&#x27;s target" in page or "The audit's target" in page
+        assert "planted bold in generations" in page and "Pipeline steps" in page
 
     # unchanged: nothing runs
     logs.clear()
