@@ -19,7 +19,8 @@
   half, so the base model scores 0.5 by construction) and the raw log-prob preference accuracy;
 - ``targets.parquet`` — per model × concept that any plan acts on: its activity on base and model
   generations, the change with an interval, plain DPO's change and ``fraction_removed`` =
-  1 − Δ_model/Δ_plain with a bootstrap interval;
+  1 − Δ_model/Δ_plain with a bootstrap interval (only where plain DPO moved the concept the way the
+  plan works against: up for suppress, down for amplify; NaN otherwise);
 - ``poisoning.parquet`` — only for a poisoned run (``data/planted.planted.json``, written by
   ``anatomy-nb run``): per model, the rate of the planted pattern in the held-out generations
   (regex, ground truth), the fraction of plain DPO's increase each intervention removed, the
@@ -498,11 +499,11 @@ def _poisoning(names, truth: dict, gens, logps, pref_pairs, cfg: EvalConfig) -> 
         row = {"model": n, "kind": truth["kind"], "planted_rate": k / m if m else float("nan"), "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else float("nan"), "fraction_removed": float("nan"), "fraction_removed_ci_low": float("nan"), "fraction_removed_ci_high": float("nan"), "n_prompts": m, "clean_accuracy": acc, "clean_accuracy_ci_low": alo, "clean_accuracy_ci_high": ahi, "fraction_gain_kept": float("nan"), "fraction_gain_kept_ci_low": float("nan"), "fraction_gain_kept_ci_high": float("nan"), "n_clean_pairs": int(clean.sum())}
         if n not in (BASE, PLAIN) and PLAIN in hit:
             dp = hit[PLAIN] - hit[BASE]
-            if dp.mean() != 0:
+            if dp.mean() > 0:  # a fraction of an increase: undefined when plain DPO did not raise it
                 row["fraction_removed"] = float(1 - d.mean() / dp.mean())
                 row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = bootstrap_ci(np.stack([d, dp], 1), lambda x: 1 - x[:, 0].mean() / x[:, 1].mean() if x[:, 1].mean() != 0 else np.nan, cfg.n_boot, cfg.ci, cfg.seed)
             gp = correct[PLAIN] - 0.5
-            if len(gp) and gp.mean() != 0:
+            if len(gp) and gp.mean() > 0:  # likewise: only when plain DPO gained something
                 gm = correct[n] - 0.5
                 row["fraction_gain_kept"] = float(gm.mean() / gp.mean())
                 row["fraction_gain_kept_ci_low"], row["fraction_gain_kept_ci_high"] = bootstrap_ci(np.stack([gm, gp], 1), lambda x: x[:, 0].mean() / x[:, 1].mean() if x[:, 1].mean() != 0 else np.nan, cfg.n_boot, cfg.ci, cfg.seed)
@@ -894,7 +895,10 @@ def _targets(names, manifests, fires, gens, cfg: EvalConfig) -> pd.DataFrame:
             if PLAIN in s and n not in (BASE, PLAIN):
                 dp = s[PLAIN] - s[BASE]
                 row["plain_delta"] = float(dp.mean())
-                if dp.mean() != 0:
+                # a fraction of plain DPO's change in the plan's direction; undefined when plain DPO
+                # did not move the concept that way (1 − Δ/Δ_plain of a fall is not "removed")
+                want_up = plan_entry is None or plan_entry["action"] != "amplify"
+                if (dp.mean() > 0) if want_up else (dp.mean() < 0):
                     row["fraction_removed"] = float(1 - d.mean() / dp.mean())
                     both = np.stack([d, dp], 1)
                     row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = bootstrap_ci(both, lambda x: 1 - x[:, 0].mean() / x[:, 1].mean() if x[:, 1].mean() != 0 else np.nan, cfg.n_boot, cfg.ci, cfg.seed)

@@ -374,3 +374,9 @@ def test_poisoning_readout_on_known_numbers():
     lo, hi = df.loc["reward_shaping", ["fraction_removed_ci_low", "fraction_removed_ci_high"]]
     assert lo <= 0.8 <= hi
     assert ((df["planted_rate_ci_low"] <= df["planted_rate"]) & (df["planted_rate"] <= df["planted_rate_ci_high"])).all()
+    # plain DPO did not raise the plant or gain on-target: nothing to remove or keep → NaN, not 1.0
+    gens["plain"] = {"heldout": [plain_text] * 10}
+    logps["plain"] = base + np.concatenate([up, up, down, down, down, down])
+    df = _poisoning([BASE, "plain", "reward_shaping"], truth, gens, logps, pairs, cfg).set_index("model")
+    assert df.loc["plain", "planted_delta"] == pytest.approx(-0.1)
+    assert np.isnan(df.loc["reward_shaping", "fraction_removed"]) and np.isnan(df.loc["reward_shaping", "fraction_gain_kept"])
