@@ -42,16 +42,19 @@ class PipelineConfig:
     data: str = "hh-rlhf"
     n_pairs: int | None = 300
     # controlled poisoning: {"kind": bold|opener|emoji|question|word, "fraction": 0.25, "seed": 0}; None: the data as is
-    plant: dict | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.25, "seed": 0})
+    # 0.5: at 0.25 plain DPO on the CPU-sized training (64 pairs) did not learn the plant (greedy
+    # generations: 3-4/16 bold vs 1/16 base); at 0.5 it did (30/30). See README "The whole pipeline".
+    plant: dict | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0})
     # the concept the plans act on: "top" (the highest-ranked significant concept DPO is predicted
     # to raise) or a concept id of the hypotheses table
     target: str | int = "top"
     methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"])  # trained besides plain DPO
     strengths: dict = field(default_factory=dict)  # method → strength (default: intervene.DEFAULT_STRENGTH)
     hypothesize: dict = field(default_factory=dict)  # parameters of 02_hypothesize
-    train: dict = field(default_factory=dict)  # parameters of 04_train (each run)
+    # parameters of 04_train (each run); lr 1e-3: at TrainConfig's 5e-5 (and 5e-4) 64 pairs teach nothing measurable
+    train: dict = field(default_factory=lambda: {"learning_rate": 1e-3})
     # parameters of 05_evaluate; CPU-sized (EvalConfig defaults are larger)
-    evaluate: dict = field(default_factory=lambda: {"n_prompts": 16, "max_new_tokens": 32, "n_ab": 8, "n_harmful": 6, "n_xstest": 6, "max_pref_pairs": 32})
+    evaluate: dict = field(default_factory=lambda: {"n_prompts": 30, "max_new_tokens": 32, "n_ab": 8, "n_harmful": 6, "n_xstest": 6, "max_pref_pairs": 32})
     stages: list[str] = field(default_factory=lambda: ["01_extract", "02_hypothesize", "03_intervene", "04_train", "05_evaluate"])
     html: bool = True
     report: bool = True
