@@ -184,14 +184,18 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _steps(run: RunDir, cfg: PipelineConfig, pipeline_state: dict) -> list[tuple[str, str, Callable[[], dict]]]:
+def _steps(run: RunDir, cfg: PipelineConfig, pipeline_state: dict, inputs: dict) -> list[tuple[str, str, Callable[[], dict]]]:
     """(step name, notebook, parameters) in order; parameters are computed lazily, just before
-    the step, because some depend on what the previous steps wrote."""
+    the step, because some depend on what the previous steps wrote. ``inputs[name]`` receives what
+    a step reads that its parameters do not show (the data file's content), for its key."""
     state: dict[str, Any] = {}
 
     def data_params() -> dict:
         source, n_pairs, info = write_data(run, cfg)
         state["data"] = info
+        # the poisoned file keeps its path when the plant changes: key its content, not its name
+        path = Path(source)
+        inputs["01_extract"] = _file_digest(path) if path.is_file() else None
         return {"model": cfg.model, "sae": cfg.sae, "data_source": source, "n_pairs": n_pairs}
 
     def plans() -> dict[str, dict]:
@@ -236,9 +240,10 @@ def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], N
     state["config"] = asdict(cfg)
     prev_key = content_hash("pipeline", 1)
     t_all = time.time()
-    for name, notebook, make_params in _steps(run, cfg, state):
+    inputs: dict[str, Any] = {}
+    for name, notebook, make_params in _steps(run, cfg, state, inputs):
         params = make_params()
-        key = content_hash(prev_key, notebook, _file_digest(notebooks.notebook_dir() / f"{notebook}.ipynb"), params)
+        key = content_hash(prev_key, notebook, _file_digest(notebooks.notebook_dir() / f"{notebook}.ipynb"), params, inputs.get(name))
         done = state["steps"].get(name, {})
         out = run.path / "notebooks" / f"{name}.ipynb"
         if done.get("status") == "done" and done.get("key") == key and out.exists():

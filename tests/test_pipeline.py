@@ -113,3 +113,27 @@ def test_shipped_config_is_the_default():
 
     path = Path(__file__).resolve().parent.parent / "configs" / "poisoning.yaml"
     assert asdict(load_config(path)) == asdict(PipelineConfig())
+
+
+def test_a_changed_plant_reruns_extraction_although_the_data_path_is_the_same(tmp_path, monkeypatch):
+    """The poisoned file is rewritten in place (same path, same notebook parameters): the step key
+    must follow its content, or a new plant would be audited with the old feature store."""
+    ran = []
+
+    def fake(name, run_dir, params, *a, output_name=None, **k):
+        ran.append((name, params["data_source"]))
+        out = tmp_path / "run" / "notebooks" / f"{output_name or name}.ipynb"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("{}")
+        return out
+
+    monkeypatch.setattr(nbmod, "run_notebook", fake)
+
+    def cfg(fraction):
+        return PipelineConfig.from_dict(dict(run_dir=str(tmp_path / "run"), n_pairs=40, plant={"kind": "bold", "fraction": fraction, "seed": 0}, stages=["01_extract"], html=False, report=False))
+
+    run_pipeline(cfg(0.25), log=lambda m: None)
+    run_pipeline(cfg(0.25), log=lambda m: None)
+    assert len(ran) == 1
+    run_pipeline(cfg(0.5), log=lambda m: None)
+    assert len(ran) == 2 and ran[0][1] == ran[1][1]
