@@ -529,7 +529,7 @@ class EvalResult:
     @property
     def models(self) -> list[str]:
         """Model names in table order: base first, then plain DPO, then the interventions."""
-        return list(self.manifest["models"])
+        return list(self.manifest.get("model_order") or self.manifest["models"])  # JSON objects are written key-sorted
 
     def table(self, name: str) -> pd.DataFrame:
         if name not in TABLES:
@@ -765,6 +765,7 @@ def evaluate(
         "format": FORMAT,
         "key": key,
         "models": {BASE: {"model": lm.name, "fingerprint": lm.fingerprint}, **{n: {"train_key": p.name, "path": str(p.relative_to(run.path)) if p.is_relative_to(run.path) else str(p), "plan_active": _targeted(manifests[n])} for n, p in paths.items()}},
+        "model_order": names,
         "sae": {"name": sae.name, "fingerprint": sae.fingerprint},
         "hypotheses_key": hyps.manifest["key"],
         "n_heldout_pairs": len(heldout),
@@ -776,7 +777,7 @@ def evaluate(
         "seconds": round(time.time() - t_all, 2),
     }
     atomic_write_json(out / "manifest.json", manifest)
-    run.record(STAGE, key, models=list(manifest["models"]))
+    run.record(STAGE, key, models=names)
     say(f"done in {manifest['seconds']:.0f} s → {out}")
     return EvalResult(out, manifest)
 

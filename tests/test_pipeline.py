@@ -52,6 +52,8 @@ def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_di
 
         poison = pd.read_parquet(run_dir / index["evaluate"]["path"] / "poisoning.parquet")
         assert list(poison["model"]) == ["base", "plain", "reward_shaping"] and (poison["kind"] == "bold").all()
+        ev_manifest = json.loads((run_dir / index["evaluate"]["path"] / "manifest.json").read_text())
+        assert ev_manifest["model_order"] == ["base", "plain", "reward_shaping"]
         page = (run_dir / "report" / "index.html").read_text()
         assert "The audit&#x27;s target" in page or "The audit's target" in page
         assert "planted bold in generations" in page and "Pipeline steps" in page
