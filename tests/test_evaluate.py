@@ -267,8 +267,10 @@ def test_target_activity_agrees_with_stage_4s_concept_scorer(tiny_eval):
     t = targets.loc["reward_shaping"]
     assert t["delta"] == pytest.approx(means["reward_shaping"] - means[BASE], abs=1e-6)
     assert t["plain_delta"] == pytest.approx(means["plain"] - means[BASE], abs=1e-6)
-    if t["plain_delta"] != 0:
+    if t["plain_delta"] > 0:  # a fraction of plain DPO's increase; undefined otherwise
         assert t["fraction_removed"] == pytest.approx(1 - t["delta"] / t["plain_delta"])
+    else:
+        assert np.isnan(t["fraction_removed"])
     assert t["method"] == "reward_shaping" and targets.loc["plain", "method"] == ""
     # the SAE activity of the overall view is the same quantity for the same concept
     pva = res.predicted_vs_actual()
