@@ -169,7 +169,7 @@ def test_split_is_deterministic_and_groups_prompts():
     assert (0 in held_i) == (len(pairs) - 1 in held_i)  # the two pairs sharing a prompt stay together
 
 
-@pytest.mark.slow
+@pytest.mark.e2e  # the real default model, in CI (~65 s idle)
 def test_default_model_trains_with_shaping(tmp_path):
     from anatomy_nb.data import load_pairs
 
