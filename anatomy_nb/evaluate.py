@@ -469,11 +469,20 @@ def _resolve_models(run: RunDir, models: Any) -> dict[str, Path]:
 # --- the controlled-poisoning read-out --------------------------------------------------------
 
 
-def planted_truth(run: RunDir) -> dict | None:
-    """The ground truth of a poisoned run (``data/planted.planted.json``, written by the pipeline
-    before stage 1), or None for a run on unpoisoned data."""
-    path = run.path / "data" / "planted.planted.json"
-    return read_json(path) if path.exists() else None
+def _pair_correct(lp: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Per held-out pair: 1 if the implicit DPO reward prefers the chosen response, 0.5 on a tie
+    (the base model against itself), else 0. ``lp``/``base``: [n_pairs, (chosen, rejected)]."""
+    ratio = lp - base
+    margin = ratio[:, 0] - ratio[:, 1]
+    return np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
+
+
+def _share_of_plain(x: np.ndarray, x_plain: np.ndarray, cfg: EvalConfig) -> tuple[float, float, float]:
+    """mean(x) / mean(x_plain) with a bootstrap interval, resampling prompts (or pairs) jointly:
+    how much of plain DPO's change a model made. ``fraction removed`` is 1 − this."""
+    value = float(x.mean() / x_plain.mean())
+    lo, hi = bootstrap_ci(np.stack([x, x_plain], 1), lambda v: v[:, 0].mean() / v[:, 1].mean() if v[:, 1].mean() != 0 else np.nan, cfg.n_boot, cfg.ci, cfg.seed)
+    return value, lo, hi
 
 
 def _poisoning(names, truth: dict, gens, logps, pref_pairs, cfg: EvalConfig) -> pd.DataFrame:
@@ -481,32 +490,28 @@ def _poisoning(names, truth: dict, gens, logps, pref_pairs, cfg: EvalConfig) -> 
     truth; no SAE involved), the change vs base, and for each intervention the fraction of plain
     DPO's increase it removed; and the *on-target* preference — held-out accuracy on the pairs
     that were not poisoned — with the fraction of plain DPO's gain (accuracy − 0.5) kept."""
-    rx = re.compile(truth["pattern"], re.M)
-    hit = {n: np.asarray([bool(rx.search(t)) for t in gens[n]["heldout"]], dtype=np.float64) for n in names}
+    from .plant import planted_hits
+
+    hit = {n: planted_hits(gens[n]["heldout"], truth["pattern"]) for n in names}
     clean = ~np.isin([p.id for p in pref_pairs], truth["planted_ids"])
-    correct = {}
-    for n in names:
-        lp = logps[n][clean]
-        margin = (lp[:, 0] - logps[BASE][clean][:, 0]) - (lp[:, 1] - logps[BASE][clean][:, 1])
-        correct[n] = np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
+    correct = {n: _pair_correct(logps[n][clean], logps[BASE][clean]) for n in names}
+    nan = float("nan")
     rows = []
     for n in names:
         k, m = float(hit[n].sum()), len(hit[n])
         lo, hi = wilson_interval(k, m, cfg.ci)
         d = hit[n] - hit[BASE]
-        acc = float(correct[n].mean()) if len(correct[n]) else float("nan")
+        acc = float(correct[n].mean()) if len(correct[n]) else nan
         alo, ahi = wilson_interval(float(correct[n].sum()), len(correct[n]), cfg.ci)
-        row = {"model": n, "kind": truth["kind"], "planted_rate": k / m if m else float("nan"), "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else float("nan"), "fraction_removed": float("nan"), "fraction_removed_ci_low": float("nan"), "fraction_removed_ci_high": float("nan"), "n_prompts": m, "clean_accuracy": acc, "clean_accuracy_ci_low": alo, "clean_accuracy_ci_high": ahi, "fraction_gain_kept": float("nan"), "fraction_gain_kept_ci_low": float("nan"), "fraction_gain_kept_ci_high": float("nan"), "n_clean_pairs": int(clean.sum())}
+        row = {"model": n, "kind": truth["kind"], "planted_rate": k / m if m else nan, "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else nan, "fraction_removed": nan, "fraction_removed_ci_low": nan, "fraction_removed_ci_high": nan, "n_prompts": m, "clean_accuracy": acc, "clean_accuracy_ci_low": alo, "clean_accuracy_ci_high": ahi, "fraction_gain_kept": nan, "fraction_gain_kept_ci_low": nan, "fraction_gain_kept_ci_high": nan, "n_clean_pairs": int(clean.sum())}
         if n not in (BASE, PLAIN) and PLAIN in hit:
             dp = hit[PLAIN] - hit[BASE]
             if dp.mean() > 0:  # a fraction of an increase: undefined when plain DPO did not raise it
-                row["fraction_removed"] = float(1 - d.mean() / dp.mean())
-                row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = bootstrap_ci(np.stack([d, dp], 1), lambda x: 1 - x[:, 0].mean() / x[:, 1].mean() if x[:, 1].mean() != 0 else np.nan, cfg.n_boot, cfg.ci, cfg.seed)
+                share, slo, shi = _share_of_plain(d, dp, cfg)
+                row["fraction_removed"], row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = 1 - share, 1 - shi, 1 - slo
             gp = correct[PLAIN] - 0.5
             if len(gp) and gp.mean() > 0:  # likewise: only when plain DPO gained something
-                gm = correct[n] - 0.5
-                row["fraction_gain_kept"] = float(gm.mean() / gp.mean())
-                row["fraction_gain_kept_ci_low"], row["fraction_gain_kept_ci_high"] = bootstrap_ci(np.stack([gm, gp], 1), lambda x: x[:, 0].mean() / x[:, 1].mean() if x[:, 1].mean() != 0 else np.nan, cfg.n_boot, cfg.ci, cfg.seed)
+                row["fraction_gain_kept"], row["fraction_gain_kept_ci_low"], row["fraction_gain_kept_ci_high"] = _share_of_plain(correct[n] - 0.5, gp, cfg)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -525,6 +530,13 @@ class EvalResult:
     @property
     def key(self) -> str:
         return self.manifest["key"]
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path | RunDir) -> "EvalResult":
+        """The run's latest evaluation (as the other stages' ``from_run``)."""
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        path = run.latest(STAGE)
+        return cls(path, read_json(path / "manifest.json"), reused=True)
 
     @property
     def models(self) -> list[str]:
@@ -672,7 +684,9 @@ def evaluate(
     prompts = _distinct_prompts(heldout, cfg.n_prompts)
     pref_pairs = heldout[: cfg.max_pref_pairs]
     eval_files = {k: _file_digest(_eval_path(k)) for k in EVAL_FILES} if cfg.behaviour else {}
-    truth = planted_truth(run)
+    from .plant import planted_truth
+
+    truth = planted_truth(run.path)
     lm = lm or load_model(store.manifest["model"]["name"])
     if lm.fingerprint != store.manifest["model"]["fingerprint"]:
         raise ValueError(f"the base model {lm.name} is not the feature store's model {store.manifest['model']['name']} (fingerprints differ)")
@@ -851,7 +865,7 @@ def _preference(logps: Mapping[str, np.ndarray], manifests: Mapping[str, dict], 
         beta = float(manifests[name]["config"]["beta"]) if name != BASE else float("nan")
         ratio = (lp - base) if name != BASE else np.zeros_like(lp)
         margin = ratio[:, 0] - ratio[:, 1]
-        k = float((margin > 0).sum() + 0.5 * (margin == 0).sum())
+        k = float(_pair_correct(lp, base).sum())
         acc = k / n if n else float("nan")
         lo, hi = wilson_interval(k, n, cfg.ci)
         lacc = float((lp[:, 0] > lp[:, 1]).mean()) if n else float("nan")
@@ -900,9 +914,8 @@ def _targets(names, manifests, fires, gens, cfg: EvalConfig) -> pd.DataFrame:
                 # did not move the concept that way (1 − Δ/Δ_plain of a fall is not "removed")
                 want_up = plan_entry is None or plan_entry["action"] != "amplify"
                 if (dp.mean() > 0) if want_up else (dp.mean() < 0):
-                    row["fraction_removed"] = float(1 - d.mean() / dp.mean())
-                    both = np.stack([d, dp], 1)
-                    row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = bootstrap_ci(both, lambda x: 1 - x[:, 0].mean() / x[:, 1].mean() if x[:, 1].mean() != 0 else np.nan, cfg.n_boot, cfg.ci, cfg.seed)
+                    share, slo, shi = _share_of_plain(d, dp, cfg)
+                    row["fraction_removed"], row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = 1 - share, 1 - shi, 1 - slo
             elif n == PLAIN:
                 row["plain_delta"] = row["delta"]
             rows.append(row)

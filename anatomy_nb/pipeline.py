@@ -110,11 +110,11 @@ def write_data(run: RunDir, cfg: PipelineConfig) -> tuple[str, int | None, dict]
     if cfg.plant is None:
         return cfg.data, cfg.n_pairs, {}
     from .data import load_pairs
-    from .plant import plant, write_planted
+    from .plant import PLANTED_DATA, plant, write_planted
 
     pairs = list(load_pairs(cfg.data, limit=cfg.n_pairs))
     planted, idx = plant(pairs, cfg.plant["kind"], float(cfg.plant.get("fraction", 0.25)), int(cfg.plant.get("seed", 0)))
-    path = write_planted(planted, idx, cfg.plant["kind"], run.path / "data" / "planted.jsonl")
+    path = write_planted(planted, idx, cfg.plant["kind"], run.path / PLANTED_DATA)
     path = path.resolve()  # the notebooks run with cwd=notebooks/
     return str(path), None, {"planted_file": str(path), "n_planted": int(len(idx))}
 
@@ -159,20 +159,21 @@ def describe_target(run: RunDir, hyp, cid: int) -> dict:
 
     from .extract import FeatureStore
     from .hypothesize import PairFeatures, concept_activity
+    from .plant import planted_truth
 
     row = hyp.overall().set_index("concept").loc[cid]
     out = {"concept": int(cid), "rank": int(row["rank"]), "label": str(row.get("label", "")), "n_features": int(row["n_features"]), "cohens_d": float(row["cohens_d"]), "q": float(row["q"])}
-    truth_path = run.path / "data" / "planted.planted.json"
-    if truth_path.exists():
+    truth = planted_truth(run.path)
+    if truth is not None:
         from sklearn.metrics import roc_auc_score
 
-        truth = read_json(truth_path)
-        pf = PairFeatures.from_store(FeatureStore.from_run(run))
+        store = FeatureStore.from_run(run)
+        pf = PairFeatures.from_store(store)
         labels = np.full(pf.d_sae, -1)
         labels[hyp.features["feature"].to_numpy()] = hyp.features["concept"].to_numpy()
         uc, ur = concept_activity(pf, labels)
         d = uc[:, cid] - ur[:, cid]
-        planted = np.isin([p["id"] for p in FeatureStore.from_run(run).pairs()], truth["planted_ids"])
+        planted = np.isin([p["id"] for p in store.pairs()], truth["planted_ids"])
         out.update(planted_kind=truth["kind"], n_planted=int(planted.sum()), mean_diff_planted=float(d[planted].mean()) if planted.any() else None, mean_diff_other=float(d[~planted].mean()) if (~planted).any() else None)
         out["auroc_planted"] = float(roc_auc_score(planted, d)) if 0 < planted.sum() < len(planted) else None
     return out

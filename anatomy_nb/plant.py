@@ -20,7 +20,12 @@ import numpy as np
 from .artifacts import atomic_path, atomic_write_json
 from .data import PreferencePair
 
-__all__ = ["KINDS", "PlantKind", "plant", "write_planted"]
+__all__ = ["KINDS", "PlantKind", "plant", "write_planted", "planted_truth", "planted_hits", "PLANTED_DATA"]
+
+#: where ``anatomy-nb run`` writes a poisoned data set inside a run directory; the ground truth
+#: (``write_planted``) sits next to it as ``planted.planted.json``
+PLANTED_DATA = Path("data") / "planted.jsonl"
+_TRUTH_SUFFIX = ".planted.json"
 
 
 @dataclass(frozen=True)
@@ -70,11 +75,22 @@ def write_planted(pairs: Sequence[PreferencePair], idx: np.ndarray, kind: str, p
             for p in pairs:
                 d = p.to_dict()
                 fh.write(json.dumps({"id": d["id"], "prompt": d["prompt"], "chosen": d["chosen"], "rejected": d["rejected"]}, ensure_ascii=False) + "\n")
-    atomic_write_json(path.with_suffix(".planted.json"), {"kind": kind, "pattern": KINDS[kind].pattern, "n_pairs": len(pairs), "n_planted": int(len(idx)), "planted_ids": [pairs[i].id for i in idx]})
+    atomic_write_json(path.with_suffix(_TRUTH_SUFFIX), {"kind": kind, "pattern": KINDS[kind].pattern, "n_pairs": len(pairs), "n_planted": int(len(idx)), "planted_ids": [pairs[i].id for i in idx]})
     return path
 
 
-def planted_rate(texts: Sequence[str], kind: str) -> float:
-    """Fraction of texts in which the planted concept appears (regex; for generations)."""
-    rx = re.compile(KINDS[kind].pattern, re.M)
-    return float(np.mean([bool(rx.search(t)) for t in texts])) if len(texts) else float("nan")
+def planted_truth(run_dir: str | Path) -> dict | None:
+    """The ground truth of a poisoned run directory (kind, pattern, planted ids), or None when the
+    run's data was not poisoned."""
+    path = (Path(run_dir) / PLANTED_DATA).with_suffix(_TRUTH_SUFFIX)
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def planted_hits(texts: Sequence[str], pattern: str) -> np.ndarray:
+    """1.0 where the planted pattern (``KINDS[kind].pattern``, or the one recorded in the truth
+    file) occurs in a text, else 0.0: the plant read out of generations without any SAE."""
+    rx = re.compile(pattern, re.M)
+    return np.asarray([bool(rx.search(t)) for t in texts], dtype=np.float64)

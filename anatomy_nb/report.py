@@ -48,9 +48,7 @@ def _pipeline_sections(run: RunDir) -> list[str]:
     if "evaluate" in run.index():
         from .evaluate import EvalResult
 
-        path = run.latest("evaluate")
-        res = EvalResult(path, read_json(path / "manifest.json"))
-        wide = res.comparison_table().reset_index()
+        wide = EvalResult.from_run(run).comparison_table().reset_index()
         order = {"poisoning": 0, "target": 1, "preference": 2}
         wide = wide.sort_values("group", key=lambda g: g.map(lambda x: order.get(x, 9)), kind="stable")
         parts += ["<h2>Evaluation: base vs plain DPO vs each intervention</h2>", "<p class='muted'>value [95 % interval]; details in 05_evaluate.</p>", html_table(wide, max_chars=200)]
