@@ -25,7 +25,8 @@
   ``anatomy-nb run``): per model, the rate of the planted pattern in the held-out generations
   (regex, ground truth), the fraction of plain DPO's increase each intervention removed, the
   held-out preference accuracy on the *unpoisoned* pairs (the on-target preference) and the
-  fraction of plain DPO's gain there (accuracy − 0.5) each intervention kept;
+  fraction of plain DPO's gain there (accuracy − 0.5) each intervention kept, and the same for the
+  mean implicit-reward margin on those pairs (continuous, so it needs fewer pairs);
 - ``comparison.parquet`` — one long table (model, group, metric, value, ci_low, ci_high, n,
   interval) of everything above that has one number per model, plus the behaviour evals:
   formatting statistics of the held-out generations, sycophancy (CAA A/B) and a persona trait
@@ -75,7 +76,7 @@ __all__ = [
     "evaluate",
     "training_runs",
     "generate",
-    "response_logps",
+    "pair_logps",
     "ab_probabilities",
     "is_refusal",
     "REFUSAL_PHRASES",
@@ -252,33 +253,40 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[dict]], *, max_new_toke
     return texts, counts
 
 
-def _render(tok, messages: Sequence[dict], response: str, max_length: int) -> tuple[list[int], int]:
-    """(ids, number of prompt tokens): the response is kept whole up to max_length − 16 tokens and
-    the prompt loses its oldest tokens first."""
-    r = render_example(tok, messages, response)
-    resp = r.response_ids[: max(1, max_length - 16)]
-    prompt = r.prompt_ids[-(max_length - len(resp)) :] if max_length > len(resp) else r.prompt_ids[-1:]
-    return prompt + resp, len(prompt)
+def _pair_ids(tok, messages: Sequence[dict], chosen: str, rejected: str, max_length: int) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) token ids: each response is kept whole up to max_length − 16
+    tokens, and the prompt keeps its first token and its most recent ones so that the prompt and
+    the longer response fit ``max_length`` (as stage 1 truncates)."""
+    from .extract import _truncate_prompt
+
+    rc, rr = render_example(tok, messages, chosen), render_example(tok, messages, rejected)
+    resp = [r.response_ids[: max(1, max_length - 16)] for r in (rc, rr)]
+    prompt, _, _ = _truncate_prompt(rc.prompt_ids, rc.prompt_content, max(2, max_length - max(map(len, resp))))
+    return prompt, resp[0], resp[1]
 
 
 @torch.no_grad()
-def response_logps(lm: LoadedModel, items: Sequence[tuple[Sequence[dict], str]], *, max_length: int = 256, batch_size: int = 8) -> np.ndarray:
-    """Summed log-probability of each response given its prompt (chat template applied)."""
+def pair_logps(lm: LoadedModel, pairs: Sequence[tuple[Sequence[dict], str, str]], *, max_length: int = 256) -> np.ndarray:
+    """(n, 2): summed log-probability of the chosen and the rejected response given their prompt
+    (chat template applied). The prompt runs once and its KV cache serves both responses, as in
+    stage 1's extraction: the prompt is most of an HH-RLHF pair's tokens."""
+    from transformers import DynamicCache
+
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    rendered = [_render(tok, m, r, max_length) for m, r in items]
-    out = np.zeros(len(items))
-    order = sorted(range(len(items)), key=lambda i: len(rendered[i][0]))
-    for s in range(0, len(order), batch_size):
-        chunk = order[s : s + batch_size]
-        L = max(len(rendered[i][0]) for i in chunk)
-        ids = torch.tensor([rendered[i][0] + [pad] * (L - len(rendered[i][0])) for i in chunk], device=lm.device)
-        att = torch.tensor([[1] * len(rendered[i][0]) + [0] * (L - len(rendered[i][0])) for i in chunk], device=lm.device)
-        logits = lm.model(input_ids=ids, attention_mask=att).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        for row, i in enumerate(chunk):
-            seq, P = rendered[i]
-            out[i] = float(lp[row, P - 1 : len(seq) - 1].sum())
+    out = np.zeros((len(pairs), 2))
+    for i, (messages, chosen, rejected) in enumerate(pairs):
+        prompt, *resp = _pair_ids(tok, messages, chosen, rejected, max_length)
+        cache = DynamicCache()
+        first = lm.model(input_ids=torch.tensor([prompt], device=lm.device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1:].float()
+        cache.batch_repeat_interleave(2)
+        R = max(map(len, resp))
+        # right padding needs no mask: under causal attention no real token sees a later pad
+        batch = torch.tensor([r + [pad] * (R - len(r)) for r in resp], device=lm.device)
+        logits = lm.model(input_ids=batch, past_key_values=cache, use_cache=True).logits.float()
+        for j, r in enumerate(resp):
+            lg = torch.cat([first, logits[j, : max(len(r) - 1, 0)]])[: len(r)]  # the logits that predict each response token
+            out[i, j] = float(torch.log_softmax(lg, -1).gather(-1, batch[j, : len(r), None]).sum())
     return out
 
 
@@ -488,13 +496,18 @@ def _share_of_plain(x: np.ndarray, x_plain: np.ndarray, cfg: EvalConfig) -> tupl
 def _poisoning(names, truth: dict, gens, logps, pref_pairs, cfg: EvalConfig) -> pd.DataFrame:
     """Per model: how often the planted pattern appears in its held-out generations (regex, ground
     truth; no SAE involved), the change vs base, and for each intervention the fraction of plain
-    DPO's increase it removed; and the *on-target* preference — held-out accuracy on the pairs
-    that were not poisoned — with the fraction of plain DPO's gain (accuracy − 0.5) kept."""
+    DPO's increase it removed; and the *on-target* preference on the held-out pairs that were not
+    poisoned: accuracy, with the fraction of plain DPO's gain (accuracy − 0.5) kept, and the mean
+    implicit-reward margin (log-ratio to the base model, chosen − rejected, in nats), with the
+    fraction of plain DPO's margin kept — a continuous measure that needs far fewer pairs than
+    accuracy to tell a kept gain from a lost one."""
     from .plant import planted_hits
 
     hit = {n: planted_hits(gens[n]["heldout"], truth["pattern"]) for n in names}
     clean = ~np.isin([p.id for p in pref_pairs], truth["planted_ids"])
     correct = {n: _pair_correct(logps[n][clean], logps[BASE][clean]) for n in names}
+    ratio = {n: logps[n][clean] - logps[BASE][clean] for n in names}
+    margin = {n: r[:, 0] - r[:, 1] for n, r in ratio.items()}
     nan = float("nan")
     rows = []
     for n in names:
@@ -503,7 +516,9 @@ def _poisoning(names, truth: dict, gens, logps, pref_pairs, cfg: EvalConfig) -> 
         d = hit[n] - hit[BASE]
         acc = float(correct[n].mean()) if len(correct[n]) else nan
         alo, ahi = wilson_interval(float(correct[n].sum()), len(correct[n]), cfg.ci)
-        row = {"model": n, "kind": truth["kind"], "planted_rate": k / m if m else nan, "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else nan, "fraction_removed": nan, "fraction_removed_ci_low": nan, "fraction_removed_ci_high": nan, "n_prompts": m, "clean_accuracy": acc, "clean_accuracy_ci_low": alo, "clean_accuracy_ci_high": ahi, "fraction_gain_kept": nan, "fraction_gain_kept_ci_low": nan, "fraction_gain_kept_ci_high": nan, "n_clean_pairs": int(clean.sum())}
+        row = {"model": n, "kind": truth["kind"], "planted_rate": k / m if m else nan, "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else nan, "fraction_removed": nan, "fraction_removed_ci_low": nan, "fraction_removed_ci_high": nan, "n_prompts": m, "clean_accuracy": acc, "clean_accuracy_ci_low": alo, "clean_accuracy_ci_high": ahi, "fraction_gain_kept": nan, "fraction_gain_kept_ci_low": nan, "fraction_gain_kept_ci_high": nan, "clean_margin": float(margin[n].mean()) if len(margin[n]) else nan, "clean_margin_ci_low": nan, "clean_margin_ci_high": nan, "fraction_margin_kept": nan, "fraction_margin_kept_ci_low": nan, "fraction_margin_kept_ci_high": nan, "n_clean_pairs": int(clean.sum())}
+        if len(margin[n]) > 1 and n != BASE:
+            row["clean_margin_ci_low"], row["clean_margin_ci_high"] = bootstrap_ci(margin[n], np.mean, cfg.n_boot, cfg.ci, cfg.seed)
         if n not in (BASE, PLAIN) and PLAIN in hit:
             dp = hit[PLAIN] - hit[BASE]
             if dp.mean() > 0:  # a fraction of an increase: undefined when plain DPO did not raise it
@@ -512,6 +527,8 @@ def _poisoning(names, truth: dict, gens, logps, pref_pairs, cfg: EvalConfig) -> 
             gp = correct[PLAIN] - 0.5
             if len(gp) and gp.mean() > 0:  # likewise: only when plain DPO gained something
                 row["fraction_gain_kept"], row["fraction_gain_kept_ci_low"], row["fraction_gain_kept_ci_high"] = _share_of_plain(correct[n] - 0.5, gp, cfg)
+            if len(margin[PLAIN]) and margin[PLAIN].mean() > 0:
+                row["fraction_margin_kept"], row["fraction_margin_kept_ci_low"], row["fraction_margin_kept_ci_high"] = _share_of_plain(margin[n], margin[PLAIN], cfg)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -719,7 +736,6 @@ def evaluate(
     logps: dict[str, np.ndarray] = {}
     ab: dict[str, dict[str, np.ndarray]] = {}
     timing: dict[str, Any] = {"generation": {}}
-    pref_items = [(p.prompt, p.chosen) for p in pref_pairs] + [(p.prompt, p.rejected) for p in pref_pairs]
     for name in names:
         t0 = time.time()
         model = lm if name == BASE else _load_trained(paths[name])
@@ -736,8 +752,7 @@ def evaluate(
                 gen_rows.append({"model": name, "set": set_name, "id": it["id"], "prompt": it["prompt"][-1]["content"], "response": t, "new_tokens": c})
         gen_s = time.time() - t0
         t1 = time.time()
-        lp = response_logps(model, pref_items, max_length=cfg.pref_max_length, batch_size=cfg.batch_size) if pref_items else np.zeros(0)
-        logps[name] = lp.reshape(2, -1).T if len(lp) else np.zeros((0, 2))
+        logps[name] = pair_logps(model, [(p.prompt, p.chosen, p.rejected) for p in pref_pairs], max_length=cfg.pref_max_length)
         t2 = time.time()
         ab[name] = {s: ab_probabilities(model, [it["prompt"] for it in items], [it["answers"] for it in items], max_prompt_tokens=cfg.max_prompt_tokens, batch_size=cfg.batch_size) for s, items in ab_sets.items()}
         timing["generation"][name] = {"seconds": round(gen_s, 2), "new_tokens": n_tok, "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1), "logp_seconds": round(t2 - t1, 2), "ab_seconds": round(time.time() - t2, 2), "load_seconds": round(t_load, 2)}
@@ -941,6 +956,10 @@ def _comparison(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: EvalConfi
         add(r.model, "poisoning", "held-out preference accuracy, unpoisoned pairs", r.clean_accuracy, r.clean_accuracy_ci_low, r.clean_accuracy_ci_high, r.n_clean_pairs, "wilson")
         if np.isfinite(r.fraction_gain_kept):
             add(r.model, "poisoning", "fraction of plain-DPO on-target gain kept", r.fraction_gain_kept, r.fraction_gain_kept_ci_low, r.fraction_gain_kept_ci_high, r.n_clean_pairs, "bootstrap")
+        if r.model != BASE:
+            add(r.model, "poisoning", "implicit-reward margin, unpoisoned pairs (nats)", r.clean_margin, r.clean_margin_ci_low, r.clean_margin_ci_high, r.n_clean_pairs, "bootstrap")
+        if np.isfinite(r.fraction_margin_kept):
+            add(r.model, "poisoning", "fraction of plain-DPO on-target margin kept", r.fraction_margin_kept, r.fraction_margin_kept_ci_low, r.fraction_margin_kept_ci_high, r.n_clean_pairs, "bootstrap")
     for r in r2_rows.itertuples():
         add(r.model, "predicted vs actual", f"R² ({r.view})", r.r2, r.ci_low, r.ci_high, r.n_concepts, "bootstrap (concepts)")
     from .textstats import text_stats

@@ -52,10 +52,12 @@ class PipelineConfig:
     # method → strength (else intervene.DEFAULT_STRENGTH); shaping λ = 4: at λ = 1 it removed 55 % of the plant, at 4 all of it
     strengths: dict = field(default_factory=lambda: {"reward_shaping": 4.0})
     hypothesize: dict = field(default_factory=dict)  # parameters of 02_hypothesize
-    # parameters of 04_train (each run); lr 1e-3: at TrainConfig's 5e-5 (and 5e-4) 64 pairs teach nothing measurable
-    train: dict = field(default_factory=lambda: {"learning_rate": 1e-3})
+    # parameters of 04_train (each run); lr 1e-3: at TrainConfig's 5e-5 (and 5e-4) 64 pairs teach
+    # nothing measurable; 20 % of the prompts held out (60 pairs, about half of them unpoisoned) so
+    # that the on-target preference is measured on more than a handful of clean pairs
+    train: dict = field(default_factory=lambda: {"learning_rate": 1e-3, "heldout_fraction": 0.2})
     # parameters of 05_evaluate; CPU-sized (EvalConfig defaults are larger)
-    evaluate: dict = field(default_factory=lambda: {"n_prompts": 30, "max_new_tokens": 32, "n_ab": 8, "n_harmful": 6, "n_xstest": 6, "max_pref_pairs": 32})
+    evaluate: dict = field(default_factory=lambda: {"n_prompts": 30, "max_new_tokens": 32, "n_ab": 8, "n_harmful": 6, "n_xstest": 6, "max_pref_pairs": 60})
     stages: list[str] = field(default_factory=lambda: ["01_extract", "02_hypothesize", "03_intervene", "04_train", "05_evaluate"])
     html: bool = True
     report: bool = True

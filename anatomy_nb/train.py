@@ -22,9 +22,12 @@ CAFT are forward hooks held for the whole run (reference pass included, with ste
 off there) and removed afterwards. Plain DPO is the empty plan.
 
 The reference log-probs are precomputed once by default (one pass over the data; each step then
-runs the policy only). TRL caches that pass by dataset fingerprint and model weights: our datasets
-are built in memory, so datasets writes the cache under a fresh random name and nothing is reused
-across runs — and the offset columns are part of the fingerprint anyway.
+runs the policy only). TRL caches that pass by dataset fingerprint and model weights, which never
+hits for us: our datasets are built in memory and carry the offset columns, so every run has a new
+fingerprint. ``RefLogpCache`` caches them per response instead — keyed by the prompt's and the
+response's token ids, the model, ``max_length`` and precision — under ``run_dir/cache/ref_logps/``, so plain DPO, reward
+shaping and filtering on the same pairs run the reference pass once between them (about 50 s per
+run on CPU). Runs whose reference pass sees a residual edit (CAFT) do not use it.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from .interventions import (
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .plan import InterventionPlan, load_plan
 
-__all__ = ["TrainConfig", "TrainResult", "Prepared", "prepare", "make_trainer", "train", "load_trained", "split_pairs", "STAGE"]
+__all__ = ["TrainConfig", "TrainResult", "Prepared", "RefLogpCache", "prepare", "make_trainer", "train", "load_trained", "split_pairs", "STAGE"]
 
 log = logging.getLogger(__name__)
 STAGE = "train"
@@ -165,6 +168,53 @@ def _dataset(pairs: Sequence[PreferencePair], offsets: np.ndarray):
     ])
 
 
+class RefLogpCache:
+    """Reference log-probs per (prompt, response), shared by the training runs of one run directory.
+
+    One JSON file per context (model fingerprint, ``max_length``, precision, TRL version): the
+    reference model and how TRL tokenises and truncates are the same for every pair in it, so a
+    response's token ids and its prompt's identify its log-prob — also after a filter swapped
+    chosen and rejected. Written atomically; a file that cannot be read is recomputed."""
+
+    def __init__(self, directory: str | Path, context: Any):
+        self.path = Path(directory) / f"{content_hash(context)}.json"
+
+    @staticmethod
+    def key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> str:
+        return content_hash(list(prompt_ids), list(response_ids))
+
+    def _read(self) -> dict[str, float]:
+        try:
+            data = read_json(self.path)
+        except (FileNotFoundError, ValueError):
+            return {}
+        return data.get("logps", {}) if isinstance(data, dict) else {}
+
+    def get(self, keys: Sequence[str]) -> dict[str, float]:
+        stored = self._read()
+        return {k: float(stored[k]) for k in keys if k in stored}
+
+    def put(self, values: Mapping[str, float]) -> None:
+        stored = self._read()
+        stored.update({k: float(v) for k, v in values.items()})
+        atomic_write_json(self.path, {"logps": stored})
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+
+def ref_cache_for(run: RunDir, lm: LoadedModel, cfg: "TrainConfig", edits: Sequence = ()) -> RefLogpCache | None:
+    """The run directory's cache for this model and config; None when it must not be used: no
+    precomputed reference pass, or a reference pass that sees a residual edit (CAFT)."""
+    if not cfg.precompute_ref or any(e.in_reference for e in edits):
+        return None
+    import trl
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda if cfg.bf16 is None else cfg.bf16
+    return RefLogpCache(run.path / "cache" / "ref_logps", ["ref_logps", 1, lm.fingerprint, cfg.max_length, bool(bf16), cuda, cfg.lora, trl.__version__])
+
+
 # --- the trainer -----------------------------------------------------------------------------
 
 _SHAPING = ("shaping_chosen", "shaping_rejected")
@@ -194,9 +244,35 @@ def _trainer_classes():
         ``hooks.reference()``.
         """
 
-        def __init__(self, *args, hooks: ResidualHooks | None = None, **kwargs):
+        def __init__(self, *args, hooks: ResidualHooks | None = None, ref_cache: "RefLogpCache | None" = None, **kwargs):
             self._hooks = hooks
+            self._ref_cache = ref_cache
+            self.ref_cache_stats = {"reused": 0, "computed": 0}
             super().__init__(*args, **kwargs)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            """TRL's pass, run only on the pairs ``ref_cache`` does not hold yet."""
+            cache = self._ref_cache
+            if cache is None:
+                out = super()._precompute_ref_logps(dataset, name, batch_size)
+                self.ref_cache_stats["computed"] += len(dataset)
+                return out
+            rows = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+            keys = [(RefLogpCache.key(r["prompt_ids"], r["chosen_ids"]), RefLogpCache.key(r["prompt_ids"], r["rejected_ids"])) for r in rows]
+            known = cache.get([k for pair in keys for k in pair])
+            missing = [i for i, (kc, kr) in enumerate(keys) if kc not in known or kr not in known]
+            if missing:
+                sub = super()._precompute_ref_logps(dataset.select(missing), name, batch_size)
+                new = {}
+                for i, c, r in zip(missing, sub["ref_chosen_logps"], sub["ref_rejected_logps"]):
+                    new[keys[i][0]], new[keys[i][1]] = float(c), float(r)
+                if self.accelerator.is_main_process:
+                    cache.put(new)
+                known.update(new)
+            self.ref_cache_stats["reused"] += len(keys) - len(missing)
+            self.ref_cache_stats["computed"] += len(missing)
+            dataset = dataset.add_column("ref_chosen_logps", [known[kc] for kc, _ in keys])
+            return dataset.add_column("ref_rejected_logps", [known[kr] for _, kr in keys])
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -409,9 +485,9 @@ def _dpo_config(DPOConfig, cfg: TrainConfig, output_dir: str | Path, cuda: bool)
     )
 
 
-def make_trainer(prep: Prepared, cfg: TrainConfig, output_dir: str | Path, *, hooks: ResidualHooks | None = None, callbacks: Sequence = ()):
+def make_trainer(prep: Prepared, cfg: TrainConfig, output_dir: str | Path, *, hooks: ResidualHooks | None = None, callbacks: Sequence = (), ref_cache: RefLogpCache | None = None):
     """TRL's DPO trainer (our subclass) for prepared data. Open ``hooks`` before calling: the
-    reference log-probs are precomputed here."""
+    reference log-probs are precomputed here (taking what ``ref_cache`` already holds)."""
     from peft import LoraConfig
     from trl import DPOConfig
 
@@ -438,6 +514,7 @@ def make_trainer(prep: Prepared, cfg: TrainConfig, output_dir: str | Path, *, ho
             peft_config=peft_config,
             callbacks=list(callbacks),
             hooks=hooks,
+            ref_cache=ref_cache,
         )
     if not cfg.progress:  # without a progress bar, transformers prints every log dict instead
         from transformers.trainer_callback import PrinterCallback
@@ -481,7 +558,7 @@ def train(
     metrics_cb = MetricsLog(metrics_path, enabled=True)
     t0 = time.time()
     with _quiet_datasets(not cfg.progress), ResidualHooks(lm.model, edits) as hooks:
-        trainer = make_trainer(prep, cfg, out / "trainer", hooks=hooks if edits else None, callbacks=[metrics_cb])
+        trainer = make_trainer(prep, cfg, out / "trainer", hooks=hooks if edits else None, callbacks=[metrics_cb], ref_cache=ref_cache_for(run, lm, cfg, edits))
         main = trainer.accelerator.is_main_process
         metrics_cb.enabled = main
         t_train = time.time()
@@ -528,6 +605,7 @@ def train(
             "residual_edits": [{"concept": e.concept, "kind": e.kind, "layer": e.layer, "in_reference": e.in_reference} for e in edits],
             "hooks_left_after_training": hooks_left,
             "world_size": trainer.accelerator.num_processes,
+            "ref_logps": trainer.ref_cache_stats,  # pairs whose reference log-probs came from the run's cache / were computed
         }
         atomic_write_json(manifest_path, manifest)
         run.record(STAGE, prep.key, plan=prep.plan.to_dict())

@@ -22,6 +22,7 @@ from anatomy_nb.evaluate import (
     generate,
     harmful_prompts,
     is_refusal,
+    pair_logps,
     r2_with_ci,
     training_runs,
     wilson_interval,
@@ -129,6 +130,29 @@ def test_ab_probability_reads_the_letter_after_the_shared_prefix(tiny_lm):
     np.testing.assert_allclose(ab_probabilities(lm, prompts[:1], [("(A)", "(B)")]), 1 / (1 + np.exp(-3.0)), rtol=1e-5)
     with pytest.raises(ValueError, match="prefix"):
         ab_probabilities(lm, prompts[:1], [("(A)", "(A) more")])
+
+
+def test_pair_logps_with_a_shared_prompt_equal_full_forward_passes(tiny_lm):
+    from anatomy_nb.evaluate import _pair_ids
+
+    long_turns = tuple({"role": r, "content": f"turn {i}: " + "words and more words " * 6} for i, r in zip(range(5), ["user", "assistant"] * 3))
+    pairs = [
+        (({"role": "user", "content": "Tell me about tea."},), "Tea is a drink made from leaves.", "No."),
+        (long_turns, "A longer chosen answer " * 4, "Short."),  # the prompt must lose its oldest turns
+        (({"role": "user", "content": "Hi"},), "x", "Hello there, how can I help you today?"),
+    ]
+    max_length = 64
+    got = pair_logps(tiny_lm, pairs, max_length=max_length)
+    for (messages, c, r), row in zip(pairs, got):
+        prompt, rc, rr = _pair_ids(tiny_lm.tokenizer, messages, c, r, max_length)
+        assert len(prompt) + max(len(rc), len(rr)) <= max_length
+        for resp, value in ((rc, row[0]), (rr, row[1])):
+            ids = torch.tensor([prompt + resp])
+            with torch.no_grad():
+                lp = torch.log_softmax(tiny_lm.model(input_ids=ids).logits[0].float(), -1)
+            expected = sum(float(lp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(resp))
+            assert value == pytest.approx(expected, abs=1e-3, rel=1e-5)
+    assert got[1, 0] < got[1, 1]  # a longer response has a lower summed log-probability
 
 
 def test_ab_items_and_harmful_sets_load_from_the_vendored_files():
@@ -373,6 +397,11 @@ def test_poisoning_readout_on_known_numbers():
     assert (df["n_clean_pairs"] == 4).all()
     np.testing.assert_allclose(df["clean_accuracy"], [0.5, 0.75, 0.5])  # base: margin 0 → ties count half
     assert df.loc["reward_shaping", "fraction_gain_kept"] == pytest.approx(0.0 / 0.25)
+    # the margin (log-ratio to base, chosen − rejected) on clean pairs: plain (1+1+1−1)/4, shaping (1+1−1−1)/4
+    np.testing.assert_allclose(df["clean_margin"], [0.0, 0.5, 0.0])
+    assert df.loc["reward_shaping", "fraction_margin_kept"] == pytest.approx(0.0)
+    assert np.isnan(df.loc["plain", "fraction_margin_kept"]) and np.isnan(df.loc[BASE, "clean_margin_ci_low"])
+    assert df.loc["plain", "clean_margin_ci_low"] <= 0.5 <= df.loc["plain", "clean_margin_ci_high"]
     lo, hi = df.loc["reward_shaping", ["fraction_removed_ci_low", "fraction_removed_ci_high"]]
     assert lo <= 0.8 <= hi
     assert ((df["planted_rate_ci_low"] <= df["planted_rate"]) & (df["planted_rate"] <= df["planted_rate_ci_high"])).all()
@@ -382,3 +411,4 @@ def test_poisoning_readout_on_known_numbers():
     df = _poisoning([BASE, "plain", "reward_shaping"], truth, gens, logps, pairs, cfg).set_index("model")
     assert df.loc["plain", "planted_delta"] == pytest.approx(-0.1)
     assert np.isnan(df.loc["reward_shaping", "fraction_removed"]) and np.isnan(df.loc["reward_shaping", "fraction_gain_kept"])
+    assert np.isnan(df.loc["reward_shaping", "fraction_margin_kept"])

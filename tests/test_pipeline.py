@@ -139,3 +139,34 @@ def test_a_changed_plant_reruns_extraction_although_the_data_path_is_the_same(tm
     assert len(ran) == 1
     run_pipeline(cfg(0.5), log=lambda m: None)
     assert len(ran) == 2 and ran[0][1] == ran[1][1]
+
+
+@pytest.mark.e2e  # the main job itself: ~20 min on two idle cores; CI runs it
+def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
+    """`make run`'s config (configs/poisoning.yaml) on the real model, SAE and HH-RLHF pairs: the
+    audit finds the planted concept, plain DPO learns it, reward shaping removes most of what plain
+    DPO learned, and the report is written. Bounds are the issue's aims or looser, well inside what
+    was measured (README, "The whole pipeline")."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from anatomy_nb.artifacts import RunDir
+    from anatomy_nb.evaluate import EvalResult
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "poisoning.yaml"
+    state = run_pipeline(load_config(config, {"run_dir": str(tmp_path / "run")}), log=print)
+    run = RunDir(tmp_path / "run")
+    assert all(s["status"] == "done" for s in state["steps"].values()) and len(state["steps"]) == 7
+    target = json.loads((run.path / "plans" / "target.json").read_text())
+    assert target["planted_kind"] == "bold" and target["rank"] == 1 and target["auroc_planted"] > 0.95
+    res = EvalResult.from_run(run)
+    assert res.models == ["base", "plain", "reward_shaping", "filter"]
+    poison = res.poisoning().set_index("model")
+    print(pd.DataFrame(poison).T.to_string())
+    assert poison.loc["plain", "planted_delta"] >= 0.5  # plain DPO learned the plant
+    assert poison.loc["reward_shaping", "fraction_removed"] >= 0.8  # the issue's aim
+    assert poison.loc["filter", "fraction_removed"] >= 0.8
+    r2 = res.r2().set_index(["model", "view"])
+    assert r2.loc[("plain", "overall"), "r2"] > 0.5  # the audit predicted what plain DPO changed
+    assert (run.path / "report" / "index.html").exists()

@@ -161,6 +161,36 @@ def test_reference_pass_sees_ablation_but_not_steering(tiny_lm, tmp_path):
     assert [e["in_reference"] for e in res["ablate"].manifest["residual_edits"]] == [True]
 
 
+def test_reference_log_probs_are_computed_once_per_run_directory(tiny_lm, tmp_path):
+    cfg = TrainConfig(**{**FAST, "max_steps": 1})
+    plain = train(tmp_path, None, pairs=PAIRS, model=tiny_lm, config=cfg)
+    n = plain.manifest["n_train_used"]
+    assert plain.manifest["ref_logps"] == {"reused": 0, "computed": n}
+    shaped = train(tmp_path, {"concepts": [SHAPE]}, pairs=PAIRS, model=tiny_lm, config=cfg)
+    assert shaped.manifest["ref_logps"] == {"reused": n, "computed": 0}
+    np.testing.assert_array_equal(np.load(shaped.path / "ref_logps.npy"), np.load(plain.path / "ref_logps.npy"))
+    # the cached values are what a fresh reference pass gives (another run directory)
+    fresh = train(tmp_path / "other", {"concepts": [SHAPE]}, pairs=PAIRS, model=tiny_lm, config=cfg)
+    assert fresh.manifest["ref_logps"] == {"reused": 0, "computed": n}
+    np.testing.assert_allclose(np.load(fresh.path / "ref_logps.npy"), np.load(shaped.path / "ref_logps.npy"), rtol=1e-6)
+    # filtering keeps a subset of the same pairs: all of them come from the cache
+    filt = train(tmp_path, {"concepts": [{**SHAPE, "method": "filter", "filter_mode": "flip", "strength": 1.0}]}, pairs=PAIRS, model=tiny_lm, config=cfg)
+    # a filter that flips pairs swaps chosen and rejected: the same responses, all from the cache
+    assert filt.data_report()["filter"][0]["n_flipped"] > 0
+    assert filt.manifest["ref_logps"] == {"reused": n, "computed": 0}
+    flip_refs = np.load(filt.path / "ref_logps.npy")
+    assert set(flip_refs.ravel().tolist()) <= set(np.load(plain.path / "ref_logps.npy").ravel().tolist())
+    # another max_length is another reference pass; so is a reference that sees an ablation
+    other = train(tmp_path, None, pairs=PAIRS, model=tiny_lm, config=TrainConfig(**{**FAST, "max_steps": 1, "max_length": 64}))
+    assert other.manifest["ref_logps"]["reused"] == 0
+    torch.manual_seed(0)
+    save_file({"directions": torch.randn(2, tiny_lm.d_model)}, str(tmp_path / "d.safetensors"))
+    ablate = {"concept": "direction:d", "action": "suppress", "direction_file": str(tmp_path / "d.safetensors"), "layer": 1, "method": "ablate"}
+    abl = train(tmp_path, {"concepts": [ablate]}, pairs=PAIRS, model=tiny_lm, config=cfg)
+    assert abl.manifest["ref_logps"] == {"reused": 0, "computed": n}
+    assert np.abs(np.load(abl.path / "ref_logps.npy") - np.load(plain.path / "ref_logps.npy")).max() > 1e-3
+
+
 def test_split_is_deterministic_and_groups_prompts():
     pairs = PAIRS + [PreferencePair(id="dup", prompt=PAIRS[0].prompt, chosen="a", rejected="b")]
     a, b = split_pairs(pairs, 0.3, seed=1), split_pairs(pairs, 0.3, seed=1)
