@@ -74,9 +74,12 @@ class Peers:
     dataset diagnosis (reward direction r_f = mean sign of the chosen−rejected contrast, split-half
     stability) on our SAE features; its own lens needs a hub embedder and an LLM for naming."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.status: dict[str, str] = {}
         self.hsae = self.prefscope = None
+        if not enabled:
+            self.status = {"hypothesaes": "not run: --no-peers", "prefscope": "not run: --no-peers"}
+            return
         try:
             import importlib.util
 
@@ -127,6 +130,33 @@ class Peers:
         return first_rank(lift_f[order] >= 0.5)
 
 
+def alternative_rankings(pf: PairFeatures, M, table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Candidate orderings of the overall concepts (concept ids, first = top), all with the
+    significant ones first, measured beside stage 2's own: ``purity`` — among prompt units where
+    the concept's activity differs between the sides, (n₊ − n₋)/(n₊ + n₋), i.e. how one-sided the
+    difference is when there is one; ``sign_z`` — the sign test's (n₊ − n₋)/√(n₊ + n₋), which
+    also rewards how often it differs; ``purity_lc`` — purity, ties and near-ties broken by the
+    length-controlled d (purity rounded to 0.05)."""
+    from anatomy_nb.stats import group_means
+
+    Uc = np.asarray((pf.fires_chosen.astype(np.float64) @ M).todense())
+    Ur = np.asarray((pf.fires_rejected.astype(np.float64) @ M).todense())
+    Du = group_means(Uc - Ur, pf.groups)
+    npos, nneg = (Du > 1e-12).sum(0), (Du < -1e-12).sum(0)
+    n = np.maximum(npos + nneg, 1)
+    ov = table[table["view"] == "overall"].set_index("concept").sort_index()
+    sig = ov["significant"].to_numpy()
+    lcd = ov["length_controlled_cohens_d"].abs().fillna(0).to_numpy()
+    purity = np.abs(npos - nneg) / n
+    sign_z = np.abs(npos - nneg) / np.sqrt(n)
+    ids = ov.index.to_numpy()
+    return {
+        "purity": ids[np.lexsort((-lcd, -purity, ~sig))],
+        "sign_z": ids[np.lexsort((-lcd, -sign_z, ~sig))],
+        "purity_lc": ids[np.lexsort((-lcd, -np.round(purity * 20) / 20, ~sig))],
+    }
+
+
 def first_rank(mask_in_rank_order: np.ndarray) -> int | None:
     hits = np.flatnonzero(mask_in_rank_order)
     return int(hits[0]) + 1 if len(hits) else None
@@ -141,6 +171,7 @@ def main() -> None:
     ap.add_argument("--work-dir", default="work/planted")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each seed draws its own planted subsets")
+    ap.add_argument("--no-peers", action="store_true", help="skip hypothesaes and prefscope (faster)")
     args = ap.parse_args()
     t_start = time.time()
     if args.tiny:
@@ -154,7 +185,7 @@ def main() -> None:
     base_store = extract(pairs, lm, sae, work, ecfg)
     base = PairFeatures.from_store(base_store)
     cfg = HypothesizeConfig(concepts=ConceptConfig())
-    peers = Peers()
+    peers = Peers(enabled=not args.no_peers)
     if peers.hsae is not None:
         from anatomy_nb.topics import embed_prompts
 
@@ -180,6 +211,7 @@ def main() -> None:
             table, feats = score_concepts(pf, labels, cfg)
             ranked = _rank(table[table["view"] == "overall"]).reset_index(drop=True)
             r_concept = first_rank(matches[ranked["concept"].to_numpy()])
+            alt = {name: first_rank(matches[order]) for name, order in alternative_rankings(pf, M, table).items()}
             sig_concept = bool(ranked.loc[r_concept - 1, "significant"]) if r_concept else False
             fr = feats[feats["support"] > 0].sort_values("p")
             r_feat = first_rank(lift_f[fr["feature"].to_numpy()] >= 0.5)
@@ -196,9 +228,10 @@ def main() -> None:
                 r_hsae = peers.hypothesaes_rank(E_c, E_r, idx, seed)
             if peers.prefscope is not None:
                 r_pref = peers.prefscope_rank(pf, lift_f)
-            rows.append({"kind": kind, "seed": seed, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_size": int(ranked.loc[r_concept - 1, "n_features"]) if r_concept else None, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked)})
+            rows.append({"kind": kind, "seed": seed, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_size": int(ranked.loc[r_concept - 1, "n_features"]) if r_concept else None, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked), **{f"alt_{k}": v for k, v in alt.items()}})
             print(rows[-1], flush=True)
     res = pd.DataFrame(rows)
+    res.to_csv(work / "planted-results.csv", index=False)
     # null: shuffled sides on the original data
     any_disc, n_disc, n_tests = 0, [], 0
     for s in range(args.null_shuffles):
@@ -216,14 +249,18 @@ def main() -> None:
     print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, seeds {args.seeds}, concepts {cfg.concepts}")
     print("ranks: 1 = the first hypothesis reported; '-' = no matching hypothesis in the ranking\n")
     show = res.copy()
-    for c in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank"):
+    alt_cols = [c for c in res.columns if c.startswith("alt_")]
+    for c in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank", *alt_cols):
         show[c] = show[c].map(lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else int(v))
     print(show.to_string(index=False))
     hi = res[res["p"] >= 0.05]
     if len(hi):
         per_kind = hi.groupby("kind")["concept_rank"].apply(lambda s: bool((s == 1).all()))
         print(f"\nkinds ranked 1st by concepts at every p >= 5 % and every seed: {int(per_kind.sum())}/{len(per_kind)} ({per_kind.mean():.0%}; aim >= 90 %)")
-        for col in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank"):
+        for col in alt_cols:
+            k_alt = hi.groupby("kind")[col].apply(lambda s: bool((s == 1).all()))
+            print(f"  ... with the alternative ranking {col[4:]!r}: {int(k_alt.sum())}/{len(k_alt)}")
+        for col in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank", *alt_cols):
             by_p = hi.groupby("p")[col].apply(lambda s: f"{int((s == 1).sum())}/{len(s)}")
             print(f"  {col:>17}: rank 1 in " + ", ".join(f"p={p:.0%}: {v}" for p, v in by_p.items()) + " (kind x seed cells)")
     print(f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery {any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at q<0.05 promises P(any) <= 0.05 under the complete null)")

@@ -164,7 +164,8 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
     assert res.models == ["base", "plain", "reward_shaping", "filter"]
     poison = res.poisoning().set_index("model")
     print(pd.DataFrame(poison).T.to_string())
-    assert poison.loc["plain", "planted_delta"] >= 0.5  # plain DPO learned the plant
+    # plain DPO learned the plant: its rate's interval lies above the base model's (measured 0.70 [0.52, 0.83] vs 0.03 [0.01, 0.17])
+    assert poison.loc["plain", "planted_rate_ci_low"] > poison.loc["base", "planted_rate_ci_high"]
     assert poison.loc["reward_shaping", "fraction_removed"] >= 0.8  # the aim
     assert poison.loc["filter", "fraction_removed"] >= 0.8
     r2 = res.r2().set_index(["model", "view"])
