@@ -150,11 +150,34 @@ def alternative_rankings(pf: PairFeatures, M, table: pd.DataFrame) -> dict[str, 
     purity = np.abs(npos - nneg) / n
     sign_z = np.abs(npos - nneg) / np.sqrt(n)
     ids = ov.index.to_numpy()
+    binned = {n_bins: np.abs(binned_length_adjusted(Uc, Ur, pf.ntok, pf.groups, n_bins).cohens_d) for n_bins in (10, 20)}
     return {
+        "binned_lc10": ids[np.lexsort((-binned[10], ~sig))],
+        "binned_lc20": ids[np.lexsort((-binned[20], ~sig))],
         "purity": ids[np.lexsort((-lcd, -purity, ~sig))],
         "sign_z": ids[np.lexsort((-lcd, -sign_z, ~sig))],
         "purity_lc": ids[np.lexsort((-lcd, -np.round(purity * 20) / 20, ~sig))],
     }
+
+
+def binned_length_adjusted(Uc: np.ndarray, Ur: np.ndarray, ntok: np.ndarray, groups: np.ndarray, n_bins: int):
+    """Paired test of the concept activity *after* removing its mean at each response length:
+    responses (both sides pooled) fall into ``n_bins`` quantile bins of log length; each
+    response's activity minus its bin's mean, chosen − rejected, averaged per prompt unit.
+    Nonparametric in length, because "fires anywhere" saturates with length, which the linear
+    Δlog-length control does not capture."""
+    from anatomy_nb.stats import group_means, paired_test
+
+    n = len(Uc)
+    L = np.log(np.maximum(np.concatenate([ntok[:, 0], ntok[:, 1]]), 1))
+    edges = np.quantile(L, np.linspace(0, 1, n_bins + 1)[1:-1])
+    b = np.searchsorted(edges, L, side="right")
+    U = np.vstack([Uc, Ur])
+    sums = np.zeros((n_bins, U.shape[1]))
+    np.add.at(sums, b, U)
+    mean = sums / np.maximum(np.bincount(b, minlength=n_bins), 1)[:, None]
+    R = U - mean[b]
+    return paired_test(group_means(R[:n] - R[n:], groups))
 
 
 def first_rank(mask_in_rank_order: np.ndarray) -> int | None:
