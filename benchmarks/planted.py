@@ -130,6 +130,24 @@ class Peers:
         return first_rank(lift_f[order] >= 0.5)
 
 
+def max_activity_ranking(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, table: pd.DataFrame) -> np.ndarray:
+    """Concepts ranked (significant first, as stage 2 decides it) by |length-controlled d| of a
+    *max-activation* activity: mean over member features of the response's pooled max activation,
+    each feature divided by its typical max (mean over responses where it fires). Binary firing
+    cannot see a second occurrence of something a response already has (a closing question);
+    a stronger peak can."""
+    from anatomy_nb.stats import group_means, length_controlled
+
+    S = sp.diags(1.0 / np.maximum(scale, 1e-6))
+    Ac = np.asarray(((max_c @ S).astype(np.float64) @ M).todense())
+    Ar = np.asarray(((max_r @ S).astype(np.float64) @ M).todense())
+    Du = group_means(Ac - Ar, pf.groups)
+    ld = group_means((np.log(np.maximum(pf.ntok[:, 0], 1)) - np.log(np.maximum(pf.ntok[:, 1], 1)))[:, None], pf.groups)[:, 0]
+    d = np.abs(np.nan_to_num(length_controlled(Du, ld).cohens_d))
+    ov = table[table["view"] == "overall"].set_index("concept").sort_index()
+    return ov.index.to_numpy()[np.lexsort((-d, ~ov["significant"].to_numpy()))]
+
+
 def alternative_rankings(pf: PairFeatures, M, table: pd.DataFrame) -> dict[str, np.ndarray]:
     """Candidate orderings of the overall concepts (concept ids, first = top), all with the
     significant ones first, measured beside stage 2's own: ``purity`` — among prompt units where
@@ -207,6 +225,9 @@ def main() -> None:
     work = Path(args.work_dir)
     base_store = extract(pairs, lm, sae, work, ecfg)
     base = PairFeatures.from_store(base_store)
+    base_max_c, base_max_r = base_store.pooled("max", "chosen").tocsr(), base_store.pooled("max", "rejected").tocsr()
+    both = sp.vstack([base_max_c, base_max_r]).tocsc()
+    max_scale = np.asarray(both.sum(0)).ravel() / np.maximum(np.diff(both.indptr), 1)  # mean max where the feature fires
     cfg = HypothesizeConfig(concepts=ConceptConfig())
     peers = Peers(enabled=not args.no_peers)
     if peers.hsae is not None:
@@ -216,7 +237,9 @@ def main() -> None:
     rows = []
     for kind in args.kinds:
         fn, stat = KINDS[kind].apply, KINDS[kind].text_stat
-        planted = PairFeatures.from_store(extract(planted_pairs(pairs, fn), lm, sae, work, ecfg))
+        planted_store = extract(planted_pairs(pairs, fn), lm, sae, work, ecfg)
+        planted = PairFeatures.from_store(planted_store)
+        planted_max_c = planted_store.pooled("max", "chosen").tocsr()
         lift_f = np.asarray((planted.fires_chosen - base.fires_chosen).mean(0)).ravel()
         E_pl_c = embed_prompts(planted.chosen) if peers.hsae is not None else None
         for seed, p in [(s_, p_) for s_ in args.seeds for p_ in args.fractions]:
@@ -235,6 +258,9 @@ def main() -> None:
             ranked = _rank(table[table["view"] == "overall"]).reset_index(drop=True)
             r_concept = first_rank(matches[ranked["concept"].to_numpy()])
             alt = {name: first_rank(matches[order]) for name, order in alternative_rankings(pf, M, table).items()}
+            sel = sp.diags(np.isin(np.arange(len(pairs)), idx).astype(np.float32))
+            max_c = (sp.diags(1 - sel.diagonal()) @ base_max_c + sel @ planted_max_c).tocsr()
+            alt["max_activity"] = first_rank(matches[max_activity_ranking(max_c, base_max_r, max_scale, pf, M, table)])
             sig_concept = bool(ranked.loc[r_concept - 1, "significant"]) if r_concept else False
             fr = feats[feats["support"] > 0].sort_values("p")
             r_feat = first_rank(lift_f[fr["feature"].to_numpy()] >= 0.5)
