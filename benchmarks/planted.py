@@ -130,22 +130,33 @@ class Peers:
         return first_rank(lift_f[order] >= 0.5)
 
 
-def max_activity_ranking(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, table: pd.DataFrame) -> np.ndarray:
-    """Concepts ranked (significant first, as stage 2 decides it) by |length-controlled d| of a
-    *max-activation* activity: mean over member features of the response's pooled max activation,
-    each feature divided by its typical max (mean over responses where it fires). Binary firing
-    cannot see a second occurrence of something a response already has (a closing question);
-    a stronger peak can."""
-    from anatomy_nb.stats import group_means, length_controlled
+def _max_activity_tests(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M):
+    """Paired tests (raw and length-controlled) of a *max-activation* concept activity: mean over
+    member features of the response's pooled max activation, each feature divided by its typical
+    max (mean over responses where it fires). Binary firing cannot see a second occurrence of
+    something a response already has (a closing question); a stronger peak can."""
+    from anatomy_nb.stats import group_means, length_controlled, paired_test
 
     S = sp.diags(1.0 / np.maximum(scale, 1e-6))
     Ac = np.asarray(((max_c @ S).astype(np.float64) @ M).todense())
     Ar = np.asarray(((max_r @ S).astype(np.float64) @ M).todense())
     Du = group_means(Ac - Ar, pf.groups)
     ld = group_means((np.log(np.maximum(pf.ntok[:, 0], 1)) - np.log(np.maximum(pf.ntok[:, 1], 1)))[:, None], pf.groups)[:, 0]
-    d = np.abs(np.nan_to_num(length_controlled(Du, ld).cohens_d))
+    return paired_test(Du), length_controlled(Du, ld)
+
+
+def max_activity_rankings(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, table: pd.DataFrame, fdr: float = 0.05) -> dict[str, np.ndarray]:
+    """Concepts by |length-controlled d| of the max-activation activity, significant first:
+    ``max_activity`` takes significance from stage 2's binary test (a ranking change only);
+    ``max_tested`` from the max-activation test itself (BH over the concepts; a new family)."""
+    from anatomy_nb.stats import bh_qvalues
+
+    raw, lc = _max_activity_tests(max_c, max_r, scale, pf, M)
+    d = np.abs(np.nan_to_num(lc.cohens_d))
     ov = table[table["view"] == "overall"].set_index("concept").sort_index()
-    return ov.index.to_numpy()[np.lexsort((-d, ~ov["significant"].to_numpy()))]
+    ids = ov.index.to_numpy()
+    sig_max = bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < fdr
+    return {"max_activity": ids[np.lexsort((-d[ids], ~ov["significant"].to_numpy()))], "max_tested": ids[np.lexsort((-d[ids], ~sig_max[ids]))]}
 
 
 def alternative_rankings(pf: PairFeatures, M, table: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -260,7 +271,7 @@ def main() -> None:
             alt = {name: first_rank(matches[order]) for name, order in alternative_rankings(pf, M, table).items()}
             sel = sp.diags(np.isin(np.arange(len(pairs)), idx).astype(np.float32))
             max_c = (sp.diags(1 - sel.diagonal()) @ base_max_c + sel @ planted_max_c).tocsr()
-            alt["max_activity"] = first_rank(matches[max_activity_ranking(max_c, base_max_r, max_scale, pf, M, table)])
+            alt.update({name: first_rank(matches[order]) for name, order in max_activity_rankings(max_c, base_max_r, max_scale, pf, M, table).items()})
             sig_concept = bool(ranked.loc[r_concept - 1, "significant"]) if r_concept else False
             fr = feats[feats["support"] > 0].sort_values("p")
             r_feat = first_rank(lift_f[fr["feature"].to_numpy()] >= 0.5)
@@ -282,7 +293,7 @@ def main() -> None:
     res = pd.DataFrame(rows)
     res.to_csv(work / "planted-results.csv", index=False)
     # null: shuffled sides on the original data
-    any_disc, n_disc, n_tests = 0, [], 0
+    any_disc, n_disc, n_tests, n_disc_max = 0, [], 0, []
     for s in range(args.null_shuffles):
         sw = np.random.default_rng(1000 + s).uniform(size=base.n_pairs) < 0.5
         S, N = sp.diags(sw.astype(np.float32)), sp.diags((~sw).astype(np.float32))
@@ -292,6 +303,11 @@ def main() -> None:
         n_disc.append(int(table["significant"].sum()))
         any_disc += n_disc[-1] > 0
         n_tests = len(table)
+        # the same shuffle for the max-activation test (a separate family: its own BH)
+        from anatomy_nb.stats import bh_qvalues
+
+        raw, _ = _max_activity_tests((N @ base_max_c + S @ base_max_r).tocsr(), (N @ base_max_r + S @ base_max_c).tocsr(), max_scale, pf, membership_matrix(labels))
+        n_disc_max.append(int((bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < cfg.fdr).sum()))
 
     pd.set_option("display.width", 200)
     print("\n=== planted-concept benchmark ===")
@@ -313,6 +329,7 @@ def main() -> None:
             by_p = hi.groupby("p")[col].apply(lambda s: f"{int((s == 1).sum())}/{len(s)}")
             print(f"  {col:>17}: rank 1 in " + ", ".join(f"p={p:.0%}: {v}" for p, v in by_p.items()) + " (kind x seed cells)")
     print(f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery {any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at q<0.05 promises P(any) <= 0.05 under the complete null)")
+    print(f"null for the max-activation test (same shuffles, BH over the overall concepts): runs with any discovery {sum(n > 0 for n in n_disc_max)}/{args.null_shuffles}; discoveries per run {np.mean(n_disc_max) if n_disc_max else 0:.2f}")
     for name, status in peers.status.items():
         print(f"peer {name}: {status}")
     print(f"total {time.time() - t_start:.0f} s")
