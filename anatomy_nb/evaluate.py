@@ -67,7 +67,7 @@ import torch
 
 from .artifacts import RunDir, atomic_path, atomic_write_json, content_hash, read_json
 from .data import PreferencePair, data_dir
-from .models import LoadedModel, load_model, render_example
+from .models import LoadedModel, load_model, render_example, render_prompt
 from .stats import bh_qvalues, paired_test
 
 __all__ = [
@@ -259,9 +259,9 @@ def _pair_ids(tok, messages: Sequence[dict], chosen: str, rejected: str, max_len
     the longer response fit ``max_length`` (as stage 1 truncates)."""
     from .extract import _truncate_prompt
 
-    rc, rr = render_example(tok, messages, chosen), render_example(tok, messages, rejected)
-    resp = [r.response_ids[: max(1, max_length - 16)] for r in (rc, rr)]
-    prompt, _, _ = _truncate_prompt(rc.prompt_ids, rc.prompt_content, max(2, max_length - max(map(len, resp))))
+    prompt_ids, content = render_prompt(tok, messages)
+    resp = [list(tok(r, add_special_tokens=False)["input_ids"])[: max(1, max_length - 16)] for r in (chosen, rejected)]
+    prompt, _, _ = _truncate_prompt(prompt_ids, content, max(2, max_length - max(map(len, resp))))
     return prompt, resp[0], resp[1]
 
 
@@ -477,11 +477,16 @@ def _resolve_models(run: RunDir, models: Any) -> dict[str, Path]:
 # --- the controlled-poisoning read-out --------------------------------------------------------
 
 
-def _pair_correct(lp: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Per held-out pair: 1 if the implicit DPO reward prefers the chosen response, 0.5 on a tie
-    (the base model against itself), else 0. ``lp``/``base``: [n_pairs, (chosen, rejected)]."""
+def _implicit_margin(lp: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Per held-out pair: the implicit DPO reward margin in nats (unscaled by β), the log-ratio to
+    the base model on chosen minus that on rejected. ``lp``/``base``: [n_pairs, (chosen, rejected)]."""
     ratio = lp - base
-    margin = ratio[:, 0] - ratio[:, 1]
+    return ratio[:, 0] - ratio[:, 1]
+
+
+def _pair_correct(margin: np.ndarray) -> np.ndarray:
+    """1 where the implicit reward prefers the chosen response, 0.5 on a tie (the base model
+    against itself), else 0."""
     return np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
 
 
@@ -505,9 +510,8 @@ def _poisoning(names, truth: dict, gens, logps, pref_pairs, cfg: EvalConfig) -> 
 
     hit = {n: planted_hits(gens[n]["heldout"], truth["pattern"]) for n in names}
     clean = ~np.isin([p.id for p in pref_pairs], truth["planted_ids"])
-    correct = {n: _pair_correct(logps[n][clean], logps[BASE][clean]) for n in names}
-    ratio = {n: logps[n][clean] - logps[BASE][clean] for n in names}
-    margin = {n: r[:, 0] - r[:, 1] for n, r in ratio.items()}
+    margin = {n: _implicit_margin(logps[n][clean], logps[BASE][clean]) for n in names}
+    correct = {n: _pair_correct(m) for n, m in margin.items()}
     nan = float("nan")
     rows = []
     for n in names:
@@ -878,9 +882,8 @@ def _preference(logps: Mapping[str, np.ndarray], manifests: Mapping[str, dict], 
     for name, lp in logps.items():
         n = len(lp)
         beta = float(manifests[name]["config"]["beta"]) if name != BASE else float("nan")
-        ratio = (lp - base) if name != BASE else np.zeros_like(lp)
-        margin = ratio[:, 0] - ratio[:, 1]
-        k = float(_pair_correct(lp, base).sum())
+        margin = _implicit_margin(lp, base)  # zero for the base model itself
+        k = float(_pair_correct(margin).sum())
         acc = k / n if n else float("nan")
         lo, hi = wilson_interval(k, n, cfg.ci)
         lacc = float((lp[:, 0] > lp[:, 1]).mean()) if n else float("nan")

@@ -109,6 +109,13 @@ def concept_activity(pf: PairFeatures, labels: np.ndarray) -> tuple[np.ndarray, 
     return (np.asarray((pf.fires_chosen.astype(np.float64) @ M).todense()), np.asarray((pf.fires_rejected.astype(np.float64) @ M).todense()))
 
 
+def log_length_diff(ntok: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Per unit (prompt group, or pair): log token count of chosen minus rejected, the regressor of
+    the length control."""
+    d = np.log(np.maximum(ntok[:, 0], 1)) - np.log(np.maximum(ntok[:, 1], 1))
+    return group_means(d[:, None], groups)[:, 0]
+
+
 def _stat_columns(prefix: str, t) -> dict[str, np.ndarray]:
     return {f"{prefix}mean_diff": t.mean, f"{prefix}cohens_d": t.cohens_d, f"{prefix}t": t.t, f"{prefix}p": t.p}
 
@@ -122,7 +129,7 @@ def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig,
     D = Uc - Ur  # per pair, per concept: signed difference of member-feature firing
     groups = pf.groups if cfg.group_by_prompt else None
     Du = group_means(D, groups)
-    len_diff = group_means((np.log(np.maximum(pf.ntok[:, 0], 1)) - np.log(np.maximum(pf.ntok[:, 1], 1)))[:, None], groups)[:, 0]
+    len_diff = log_length_diff(pf.ntok, groups)
     overall = paired_test(Du)
     lc = length_controlled(Du, len_diff)
     split = split_half_agreement(Du, cfg.n_splits, cfg.seed)

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_path, atomic_write_json
+from .artifacts import atomic_path, atomic_write_json, read_json
 from .data import PreferencePair
 
 __all__ = ["KINDS", "PlantKind", "plant", "write_planted", "planted_truth", "planted_hits", "PLANTED_DATA"]
@@ -83,10 +83,7 @@ def planted_truth(run_dir: str | Path) -> dict | None:
     """The ground truth of a poisoned run directory (kind, pattern, planted ids), or None when the
     run's data was not poisoned."""
     path = (Path(run_dir) / PLANTED_DATA).with_suffix(_TRUTH_SUFFIX)
-    if not path.exists():
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return read_json(path) if path.exists() else None
 
 
 def planted_hits(texts: Sequence[str], pattern: str) -> np.ndarray:

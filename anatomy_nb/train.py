@@ -199,9 +199,6 @@ class RefLogpCache:
         stored.update({k: float(v) for k, v in values.items()})
         atomic_write_json(self.path, {"logps": stored})
 
-    def __len__(self) -> int:
-        return len(self._read())
-
 
 def ref_cache_for(run: RunDir, lm: LoadedModel, cfg: "TrainConfig", edits: Sequence = ()) -> RefLogpCache | None:
     """The run directory's cache for this model and config; None when it must not be used: no
@@ -211,8 +208,12 @@ def ref_cache_for(run: RunDir, lm: LoadedModel, cfg: "TrainConfig", edits: Seque
     import trl
 
     cuda = torch.cuda.is_available()
-    bf16 = cuda if cfg.bf16 is None else cfg.bf16
-    return RefLogpCache(run.path / "cache" / "ref_logps", ["ref_logps", 1, lm.fingerprint, cfg.max_length, bool(bf16), cuda, cfg.lora, trl.__version__])
+    return RefLogpCache(run.path / "cache" / "ref_logps", ["ref_logps", 1, lm.fingerprint, cfg.max_length, _bf16(cfg, cuda), cuda, cfg.lora, trl.__version__])
+
+
+def _bf16(cfg: "TrainConfig", cuda: bool) -> bool:
+    """bf16 unless the config says otherwise: on CUDA only by default."""
+    return bool(cuda if cfg.bf16 is None else cfg.bf16)
 
 
 # --- the trainer -----------------------------------------------------------------------------
@@ -474,7 +475,7 @@ def _dpo_config(DPOConfig, cfg: TrainConfig, output_dir: str | Path, cuda: bool)
         precompute_ref_log_probs=cfg.precompute_ref,
         precompute_ref_batch_size=max(cfg.batch_size, 4),
         gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=cuda if cfg.bf16 is None else cfg.bf16,
+        bf16=_bf16(cfg, cuda),
         use_cpu=not cuda,
         logging_steps=1,
         save_strategy="no",

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from anatomy_nb.concepts import ConceptConfig, cluster_features, membership_matrix  # noqa: E402
 from anatomy_nb.data import PreferencePair, load_pairs  # noqa: E402
 from anatomy_nb.extract import ExtractConfig, extract  # noqa: E402
-from anatomy_nb.hypothesize import HypothesizeConfig, PairFeatures, _rank, linear_baseline, score_concepts, text_stat_baseline  # noqa: E402
+from anatomy_nb.hypothesize import HypothesizeConfig, PairFeatures, _rank, concept_activity, linear_baseline, log_length_diff, score_concepts, text_stat_baseline  # noqa: E402
+from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, paired_test  # noqa: E402
 from anatomy_nb.models import load_model  # noqa: E402
 from anatomy_nb.plant import KINDS  # noqa: E402
 from anatomy_nb.sae import load_sae, tiny_sae  # noqa: E402
@@ -54,11 +55,15 @@ def planted_pairs(pairs, fn):
     return [PreferencePair(id=p.id, prompt=p.prompt, chosen=fn(p.chosen), rejected=p.rejected, metadata=p.metadata) for p in pairs]
 
 
+def mix_rows(base_m: sp.spmatrix, planted_m: sp.spmatrix, sel: np.ndarray) -> sp.csr_matrix:
+    """Rows of ``planted_m`` where ``sel``, of ``base_m`` elsewhere."""
+    return (sp.diags((~sel).astype(np.float32)) @ base_m + sp.diags(sel.astype(np.float32)) @ planted_m).tocsr()
+
+
 def mix(base: PairFeatures, planted: PairFeatures, chosen_idx: np.ndarray) -> PairFeatures:
     sel = np.zeros(base.n_pairs, bool)
     sel[chosen_idx] = True
-    S = sp.diags(sel.astype(np.float32))
-    Fc = (sp.diags((~sel).astype(np.float32)) @ base.fires_chosen + S @ planted.fires_chosen).tocsr()
+    Fc = mix_rows(base.fires_chosen, planted.fires_chosen, sel)
     ntok = base.ntok.copy()
     ntok[sel, 0] = planted.ntok[sel, 0]
     chosen = [planted.chosen[i] if sel[i] else base.chosen[i] for i in range(base.n_pairs)]
@@ -135,22 +140,17 @@ def _max_activity_tests(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.nd
     member features of the response's pooled max activation, each feature divided by its typical
     max (mean over responses where it fires). Binary firing cannot see a second occurrence of
     something a response already has (a closing question); a stronger peak can."""
-    from anatomy_nb.stats import group_means, length_controlled, paired_test
-
     S = sp.diags(1.0 / np.maximum(scale, 1e-6))
     Ac = np.asarray(((max_c @ S).astype(np.float64) @ M).todense())
     Ar = np.asarray(((max_r @ S).astype(np.float64) @ M).todense())
     Du = group_means(Ac - Ar, pf.groups)
-    ld = group_means((np.log(np.maximum(pf.ntok[:, 0], 1)) - np.log(np.maximum(pf.ntok[:, 1], 1)))[:, None], pf.groups)[:, 0]
-    return paired_test(Du), length_controlled(Du, ld)
+    return paired_test(Du), length_controlled(Du, log_length_diff(pf.ntok, pf.groups))
 
 
 def max_activity_rankings(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, table: pd.DataFrame, fdr: float = 0.05) -> dict[str, np.ndarray]:
     """Concepts by |length-controlled d| of the max-activation activity, significant first:
     ``max_activity`` takes significance from stage 2's binary test (a ranking change only);
     ``max_tested`` from the max-activation test itself (BH over the concepts; a new family)."""
-    from anatomy_nb.stats import bh_qvalues
-
     raw, lc = _max_activity_tests(max_c, max_r, scale, pf, M)
     d = np.abs(np.nan_to_num(lc.cohens_d))
     ov = table[table["view"] == "overall"].set_index("concept").sort_index()
@@ -159,17 +159,14 @@ def max_activity_rankings(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.
     return {"max_activity": ids[np.lexsort((-d[ids], ~ov["significant"].to_numpy()))], "max_tested": ids[np.lexsort((-d[ids], ~sig_max[ids]))]}
 
 
-def alternative_rankings(pf: PairFeatures, M, table: pd.DataFrame) -> dict[str, np.ndarray]:
+def alternative_rankings(pf: PairFeatures, labels: np.ndarray, table: pd.DataFrame) -> dict[str, np.ndarray]:
     """Candidate orderings of the overall concepts (concept ids, first = top), all with the
     significant ones first, measured beside stage 2's own: ``purity`` — among prompt units where
     the concept's activity differs between the sides, (n₊ − n₋)/(n₊ + n₋), i.e. how one-sided the
     difference is when there is one; ``sign_z`` — the sign test's (n₊ − n₋)/√(n₊ + n₋), which
     also rewards how often it differs; ``purity_lc`` — purity, ties and near-ties broken by the
     length-controlled d (purity rounded to 0.05)."""
-    from anatomy_nb.stats import group_means
-
-    Uc = np.asarray((pf.fires_chosen.astype(np.float64) @ M).todense())
-    Ur = np.asarray((pf.fires_rejected.astype(np.float64) @ M).todense())
+    Uc, Ur = concept_activity(pf, labels)
     Du = group_means(Uc - Ur, pf.groups)
     npos, nneg = (Du > 1e-12).sum(0), (Du < -1e-12).sum(0)
     n = np.maximum(npos + nneg, 1)
@@ -195,8 +192,6 @@ def binned_length_adjusted(Uc: np.ndarray, Ur: np.ndarray, ntok: np.ndarray, gro
     response's activity minus its bin's mean, chosen − rejected, averaged per prompt unit.
     Nonparametric in length, because "fires anywhere" saturates with length, which the linear
     Δlog-length control does not capture."""
-    from anatomy_nb.stats import group_means, paired_test
-
     n = len(Uc)
     L = np.log(np.maximum(np.concatenate([ntok[:, 0], ntok[:, 1]]), 1))
     edges = np.quantile(L, np.linspace(0, 1, n_bins + 1)[1:-1])
@@ -268,9 +263,8 @@ def main() -> None:
             table, feats = score_concepts(pf, labels, cfg)
             ranked = _rank(table[table["view"] == "overall"]).reset_index(drop=True)
             r_concept = first_rank(matches[ranked["concept"].to_numpy()])
-            alt = {name: first_rank(matches[order]) for name, order in alternative_rankings(pf, M, table).items()}
-            sel = sp.diags(np.isin(np.arange(len(pairs)), idx).astype(np.float32))
-            max_c = (sp.diags(1 - sel.diagonal()) @ base_max_c + sel @ planted_max_c).tocsr()
+            alt = {name: first_rank(matches[order]) for name, order in alternative_rankings(pf, labels, table).items()}
+            max_c = mix_rows(base_max_c, planted_max_c, np.isin(np.arange(len(pairs)), idx))
             alt.update({name: first_rank(matches[order]) for name, order in max_activity_rankings(max_c, base_max_r, max_scale, pf, M, table).items()})
             sig_concept = bool(ranked.loc[r_concept - 1, "significant"]) if r_concept else False
             fr = feats[feats["support"] > 0].sort_values("p")
@@ -304,8 +298,6 @@ def main() -> None:
         any_disc += n_disc[-1] > 0
         n_tests = len(table)
         # the same shuffle for the max-activation test (a separate family: its own BH)
-        from anatomy_nb.stats import bh_qvalues
-
         raw, _ = _max_activity_tests((N @ base_max_c + S @ base_max_r).tocsr(), (N @ base_max_r + S @ base_max_c).tocsr(), max_scale, pf, membership_matrix(labels))
         n_disc_max.append(int((bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < cfg.fdr).sum()))
 
