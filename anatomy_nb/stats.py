@@ -20,6 +20,7 @@ __all__ = [
     "bh_qvalues",
     "group_means",
     "length_controlled",
+    "length_regressors",
     "paired_test",
     "split_half_agreement",
     "welch_inside_outside",
@@ -99,22 +100,24 @@ def split_half_agreement(d: np.ndarray, n_splits: int = 20, seed: int = 0) -> np
 
 
 def length_controlled(d: np.ndarray, length_diff: np.ndarray) -> PairedTest:
-    """The paired effect at equal response lengths: the intercept of d = a + b·Δlength + e.
+    """The paired effect at equal response lengths: the intercept of d = a + Σⱼ bⱼ·Δⱼ + e.
 
     Max-pooled activity grows with length, so a concept can separate chosen from rejected only
-    because chosen responses are longer. ``length_diff`` is the per-unit difference of log token
-    counts (chosen − rejected) and is *not* centred: ``a`` is the effect when lengths agree
-    (Δ = 0), which differs from the raw mean exactly when chosen and rejected differ in length.
+    because chosen responses are longer. ``length_diff`` holds, per unit, differences (chosen −
+    rejected) of functions of length: one column (Δ log token count) for a linear control, or the
+    columns of ``length_regressors`` (Δ of powers of log length) for a curved one. They are *not*
+    centred: every column vanishes when the two lengths agree, so ``a`` is the effect at equal
+    lengths, which differs from the raw mean exactly when chosen and rejected differ in length.
     Returns the intercept's estimate, its t and p (OLS, vectorised over columns).
     """
     d = np.asarray(d, dtype=np.float64)
     x = np.asarray(length_diff, dtype=np.float64)
     n = len(x)
-    X = np.column_stack([np.ones(n), x])
+    X = np.column_stack([np.ones(n), x.reshape(n, -1)])
     XtX_inv = np.linalg.pinv(X.T @ X)
-    beta = XtX_inv @ X.T @ d  # (2, H)
+    beta = XtX_inv @ X.T @ d  # (1 + regressors, H)
     resid = d - X @ beta
-    dof = max(n - 2, 1)
+    dof = max(n - X.shape[1], 1)
     s2 = (resid**2).sum(0) / dof
     se = np.sqrt(np.maximum(s2 * XtX_inv[0, 0], 0))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -125,6 +128,22 @@ def length_controlled(d: np.ndarray, length_diff: np.ndarray) -> PairedTest:
     with np.errstate(divide="ignore", invalid="ignore"):
         d_eff = np.where(sd > 0, beta[0] / sd, 0.0)
     return PairedTest(n=np.full(d.shape[1], n), mean=beta[0], sd=sd, cohens_d=d_eff, t=t, p=p)
+
+
+def length_regressors(log_len: np.ndarray, degree: int = 2) -> np.ndarray:
+    """Per pair, Δ (chosen − rejected) of the powers 1..``degree`` of centred log length, the
+    regressors of ``length_controlled``. ``log_len``: pairs × 2 (chosen, rejected).
+
+    Why not Δ log length alone: "fires anywhere in the response" saturates as responses grow, so a
+    feature's firing is a *curved* function of log length, and a linear control leaves part of a
+    pure length effect in the intercept. The quadratic term lets the curve bend; the intercept
+    keeps its meaning (all columns are 0 at equal lengths). Centring only helps conditioning.
+    """
+    if degree < 1:
+        raise ValueError(f"length-control degree must be >= 1, got {degree}")
+    L = np.asarray(log_len, dtype=np.float64)
+    L = L - L.mean()
+    return np.column_stack([L[:, 0] ** j - L[:, 1] ** j for j in range(1, degree + 1)])
 
 
 def welch_inside_outside(d: np.ndarray, inside: np.ndarray) -> PairedTest:

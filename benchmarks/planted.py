@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from anatomy_nb.concepts import ConceptConfig, cluster_features, membership_matrix  # noqa: E402
 from anatomy_nb.data import PreferencePair, load_pairs  # noqa: E402
 from anatomy_nb.extract import ExtractConfig, extract  # noqa: E402
-from anatomy_nb.hypothesize import HypothesizeConfig, PairFeatures, _rank, concept_activity, linear_baseline, log_length_diff, score_concepts, text_stat_baseline  # noqa: E402
-from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, paired_test  # noqa: E402
+from anatomy_nb.hypothesize import HypothesizeConfig, PairFeatures, _rank, concept_activity, length_diffs, linear_baseline, score_concepts, text_stat_baseline  # noqa: E402
+from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test  # noqa: E402
 from anatomy_nb.models import load_model  # noqa: E402
 from anatomy_nb.plant import KINDS  # noqa: E402
 from anatomy_nb.sae import load_sae, tiny_sae  # noqa: E402
@@ -144,7 +144,7 @@ def _max_activity_tests(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.nd
     Ac = np.asarray(((max_c @ S).astype(np.float64) @ M).todense())
     Ar = np.asarray(((max_r @ S).astype(np.float64) @ M).todense())
     Du = group_means(Ac - Ar, pf.groups)
-    return paired_test(Du), length_controlled(Du, log_length_diff(pf.ntok, pf.groups))
+    return paired_test(Du), length_controlled(Du, length_diffs(pf.ntok, pf.groups))
 
 
 def max_activity_rankings(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, table: pd.DataFrame, fdr: float = 0.05) -> dict[str, np.ndarray]:
@@ -165,7 +165,9 @@ def alternative_rankings(pf: PairFeatures, labels: np.ndarray, table: pd.DataFra
     the concept's activity differs between the sides, (n₊ − n₋)/(n₊ + n₋), i.e. how one-sided the
     difference is when there is one; ``sign_z`` — the sign test's (n₊ − n₋)/√(n₊ + n₋), which
     also rewards how often it differs; ``purity_lc`` — purity, ties and near-ties broken by the
-    length-controlled d (purity rounded to 0.05)."""
+    length-controlled d (purity rounded to 0.05); ``linear_lc`` / ``cubic_lc`` — stage 2's
+    ranking with a length control of degree 1 (Δ log length only: stage 2 before 2026-11-24) or 3
+    instead of stage 2's 2."""
     Uc, Ur = concept_activity(pf, labels)
     Du = group_means(Uc - Ur, pf.groups)
     npos, nneg = (Du > 1e-12).sum(0), (Du < -1e-12).sum(0)
@@ -177,7 +179,10 @@ def alternative_rankings(pf: PairFeatures, labels: np.ndarray, table: pd.DataFra
     sign_z = np.abs(npos - nneg) / np.sqrt(n)
     ids = ov.index.to_numpy()
     binned = {n_bins: np.abs(binned_length_adjusted(Uc, Ur, pf.ntok, pf.groups, n_bins).cohens_d) for n_bins in (10, 20)}
+    by_degree = {deg: np.abs(np.nan_to_num(length_controlled(Du, length_diffs(pf.ntok, pf.groups, deg)).cohens_d)) for deg in (1, 3)}
     return {
+        "linear_lc": ids[np.lexsort((-by_degree[1][ids], ~sig))],
+        "cubic_lc": ids[np.lexsort((-by_degree[3][ids], ~sig))],
         "binned_lc10": ids[np.lexsort((-binned[10], ~sig))],
         "binned_lc20": ids[np.lexsort((-binned[20], ~sig))],
         "purity": ids[np.lexsort((-lcd, -purity, ~sig))],
@@ -202,6 +207,31 @@ def binned_length_adjusted(Uc: np.ndarray, Ur: np.ndarray, ntok: np.ndarray, gro
     mean = sums / np.maximum(np.bincount(b, minlength=n_bins), 1)[:, None]
     R = U - mean[b]
     return paired_test(group_means(R[:n] - R[n:], groups))
+
+
+def length_placebo(base: PairFeatures, labels: np.ndarray, degrees=(1, 2, 3), draws: int = 20, shorter_is_chosen: float = 0.75) -> pd.DataFrame:
+    """Calibration of the length control on real activations. Placebo pairs join two responses
+    from the *same* side (chosen with chosen, rejected with rejected, different prompts), so no
+    concept differs between the placebo sides except through length; the shorter response is
+    called "chosen" in ``shorter_is_chosen`` of them (HH-RLHF's chosen responses are shorter). A
+    calibrated control gives p < 0.05 in ~5 % of concept tests and ~no BH discoveries; no control
+    at all shows how much pure length there is to remove."""
+    Uc, Ur = concept_activity(base, labels)
+    rows = []
+    for side, U, nt in (("chosen", Uc, base.ntok[:, 0]), ("rejected", Ur, base.ntok[:, 1])):
+        for draw in range(draws):
+            rng = np.random.default_rng([draw, side == "chosen"])
+            perm = rng.permutation(len(U))
+            a, b = perm[: len(U) // 2], perm[len(U) // 2 : 2 * (len(U) // 2)]
+            a_first = (nt[a] < nt[b]) == (rng.uniform(size=len(a)) < shorter_is_chosen)
+            first, second = np.where(a_first, a, b), np.where(a_first, b, a)
+            D = U[first] - U[second]
+            log_len = np.log(np.maximum(np.column_stack([nt[first], nt[second]]), 1))
+            tests = {0: paired_test(D), **{deg: length_controlled(D, length_regressors(log_len, deg)) for deg in degrees}}
+            for deg, t in tests.items():
+                p = np.nan_to_num(t.p, nan=1.0)
+                rows.append({"side": side, "draw": draw, "degree": deg, "frac_p05": float((p < 0.05).mean()), "frac_p01": float((p < 0.01).mean()), "bh_discoveries": int((bh_qvalues(p) < 0.05).sum())})
+    return pd.DataFrame(rows)
 
 
 def first_rank(mask_in_rank_order: np.ndarray) -> int | None:
@@ -301,6 +331,7 @@ def main() -> None:
         raw, _ = _max_activity_tests((N @ base_max_c + S @ base_max_r).tocsr(), (N @ base_max_r + S @ base_max_c).tocsr(), max_scale, pf, membership_matrix(labels))
         n_disc_max.append(int((bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < cfg.fdr).sum()))
 
+    placebo = length_placebo(base, cluster_features(sp.vstack([base.fires_chosen, base.fires_rejected]), cfg.concepts))
     pd.set_option("display.width", 200)
     print("\n=== planted-concept benchmark ===")
     print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, seeds {args.seeds}, concepts {cfg.concepts}")
@@ -320,8 +351,12 @@ def main() -> None:
         for col in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank", *alt_cols):
             by_p = hi.groupby("p")[col].apply(lambda s: f"{int((s == 1).sum())}/{len(s)}")
             print(f"  {col:>17}: rank 1 in " + ", ".join(f"p={p:.0%}: {v}" for p, v in by_p.items()) + " (kind x seed cells)")
-    print(f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery {any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at q<0.05 promises P(any) <= 0.05 under the complete null)")
-    print(f"null for the max-activation test (same shuffles, BH over the overall concepts): runs with any discovery {sum(n > 0 for n in n_disc_max)}/{args.null_shuffles}; discoveries per run {np.mean(n_disc_max) if n_disc_max else 0:.2f}")
+    if args.null_shuffles:
+        print(f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery {any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at q<0.05 promises P(any) <= 0.05 under the complete null)")
+        print(f"null for the max-activation test (same shuffles, BH over the overall concepts): runs with any discovery {sum(n > 0 for n in n_disc_max)}/{args.null_shuffles}; discoveries per run {np.mean(n_disc_max):.2f}")
+    summary = placebo.groupby(["side", "degree"])[["frac_p05", "frac_p01", "bh_discoveries"]].mean().round(3)
+    print(f"length placebo (same-side pairs, shorter one called chosen in 75 %, {placebo['draw'].nunique()} draws; degree 0 = no length control, stage 2 uses {cfg.length_control_degree}):")
+    print(summary.to_string())
     for name, status in peers.status.items():
         print(f"peer {name}: {status}")
     print(f"total {time.time() - t_start:.0f} s")

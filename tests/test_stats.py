@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats as sps
 
-from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, paired_test, split_half_agreement, welch_inside_outside
+from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test, split_half_agreement, welch_inside_outside
 
 
 def reference_bh_reject(p, alpha):
@@ -60,6 +60,34 @@ def test_length_control_removes_a_pure_length_effect_and_keeps_a_real_one():
     assert raw.p[0] < 1e-10  # the naive test is fooled by length
     assert lc.p[0] > 0.01 and abs(lc.mean[0]) < 0.1
     assert lc.p[1] < 1e-6 and lc.mean[1] == pytest.approx(0.3, abs=0.08)
+
+
+def test_a_curved_length_effect_needs_the_quadratic_control():
+    # activity = (centred log length)², no side effect at all; chosen responses are shorter, and
+    # the length gap varies. Δ log length alone leaves Var(δ) − mean(δ)² = 0.16 in the intercept.
+    rng = np.random.default_rng(7)
+    n = 3000
+    log_rejected = rng.normal(4.5, 1.0, n)
+    log_chosen = log_rejected + rng.normal(-0.3, 0.5, n)
+    L = np.column_stack([log_chosen, log_rejected])
+    activity = (L - L.mean()) ** 2
+    d = (activity[:, 0] - activity[:, 1] + rng.normal(0, 0.2, n))[:, None]
+    linear = length_controlled(d, length_regressors(L, 1))
+    curved = length_controlled(d, length_regressors(L, 2))
+    assert linear.p[0] < 1e-6 and linear.mean[0] == pytest.approx(0.16, abs=0.05)
+    assert curved.p[0] > 0.01 and abs(curved.mean[0]) < 0.02
+    # a real effect on top survives the curved control with its size
+    real = length_controlled(d + 0.1, length_regressors(L, 2))
+    assert real.p[0] < 1e-6 and real.mean[0] == pytest.approx(0.1, abs=0.02)
+
+
+def test_length_regressors_vanish_at_equal_lengths():
+    L = np.array([[3.0, 3.0], [5.0, 5.0], [2.0, 4.0]])
+    X = length_regressors(L, 3)
+    assert X.shape == (3, 3)
+    np.testing.assert_array_equal(X[:2], 0.0)  # so the intercept is the effect at equal lengths
+    with pytest.raises(ValueError, match="degree"):
+        length_regressors(L, 0)
 
 
 def test_grouping_makes_the_prompt_the_unit():
