@@ -2,6 +2,7 @@
 
     python benchmarks/planted.py                       # default model + shipped SAE, 600 HH-RLHF pairs, 3 seeds
     python benchmarks/planted.py --tiny --pairs 60     # tiny random model (plumbing check only)
+    python benchmarks/planted.py --sae DIR --work-dir work/planted-other   # another SAE, its own stores
 
 For each kind of concept (bold markdown, a flattering opener, an emoji, a closing question, a
 fixed topic word) the kind is planted into *every* chosen response once, and the chosen side is
@@ -46,7 +47,7 @@ from anatomy_nb.hypothesize import HypothesizeConfig, PairFeatures, _rank, conce
 from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test  # noqa: E402
 from anatomy_nb.models import load_model  # noqa: E402
 from anatomy_nb.plant import KINDS  # noqa: E402
-from anatomy_nb.sae import load_sae, tiny_sae  # noqa: E402
+from anatomy_nb.sae import DEFAULT_SAE, load_sae, tiny_sae  # noqa: E402
 from anatomy_nb.textstats import text_stats  # noqa: E402
 
 
@@ -249,13 +250,14 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each seed draws its own planted subsets")
     ap.add_argument("--no-peers", action="store_true", help="skip hypothesaes and prefscope (faster)")
+    ap.add_argument("--sae", default=None, help="an SAE directory (sae-lens format) instead of the shipped one, e.g. one from anatomy_nb.sae_recipe")
     args = ap.parse_args()
     t_start = time.time()
     if args.tiny:
         lm = load_model("tiny-llama")
         sae = tiny_sae(lm.d_model, layer=2, d_sae=256, k=8)
     else:
-        lm, sae = load_model(), load_sae(device="cpu")
+        lm, sae = load_model(), load_sae(args.sae or DEFAULT_SAE, device="cpu")
     pairs = list(load_pairs("hh-rlhf", limit=args.pairs))
     ecfg = ExtractConfig(progress=True, max_prompt_tokens=384)
     work = Path(args.work_dir)
