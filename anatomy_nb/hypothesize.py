@@ -10,7 +10,9 @@ Reads the feature store of stage 1 and writes, under ``run_dir/hypotheses/<key>/
 - ``features.parquet`` — per feature: its concept, support and its own paired test (a separate
   BH family, for drill-downs); ``topics.parquet`` / ``topic_summary.parquet`` — the prompt topics;
 - ``baseline_text_stats.parquet`` and ``baseline_linear.parquet`` — the baselines: plain text
-  statistics tested the same way, and an L1-logistic classifier on per-pair feature differences.
+  statistics tested the same way, and an L1-logistic classifier on per-pair feature differences;
+- ``length_placebo.parquet`` — whether the length control is calibrated on this data (placebo
+  pairs of same-side responses that differ only in length; ``stats.length_placebo``).
 
 Method (DESIGN.md §1 step 2): concepts are clusters of features by *unsigned* co-firing
 (``concepts.py``); the tested quantity is the signed per-pair difference of a concept's activity,
@@ -34,7 +36,7 @@ import scipy.sparse as sp
 from .artifacts import RunDir, atomic_path, atomic_write_json, content_hash, read_json
 from .concepts import ConceptConfig, cluster_features, membership_matrix
 from .extract import FeatureStore
-from .stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test, split_half_agreement, welch_inside_outside
+from .stats import bh_qvalues, group_means, length_controlled, length_placebo, length_regressors, paired_test, split_half_agreement, welch_inside_outside
 from .textstats import TEXT_STATS, text_stats
 from .topics import TopicConfig, cluster_prompts
 
@@ -53,6 +55,8 @@ class HypothesizeConfig:
     # the length control regresses on Δ of log length's powers 1..degree (stats.length_regressors):
     # 2 lets the saturating "fires anywhere" curve bend; 1 is the plain Δ log length
     length_control_degree: int = 2
+    # placebo pairs (stats.length_placebo) that check the length control on this data; 0 = skip
+    length_placebo_draws: int = 20
     fdr: float = 0.05
     n_splits: int = 20  # random half/half splits for the sign check
     min_topic_prompts: int = 10  # smaller topics are not tested
@@ -308,6 +312,8 @@ class Hypotheses:
         self.baseline_text_stats = pd.read_parquet(self.path / "baseline_text_stats.parquet")
         lin = self.path / "baseline_linear.parquet"
         self.baseline_linear = pd.read_parquet(lin) if lin.exists() else None
+        placebo = self.path / "length_placebo.parquet"
+        self.length_placebo = pd.read_parquet(placebo) if placebo.exists() else None
 
     @classmethod
     def from_run(cls, run_dir: str | Path | RunDir) -> "Hypotheses":
@@ -404,6 +410,13 @@ def hypothesize(
     _write_parquet(out / "topics.parquet", pd.DataFrame({"prompt_group": np.arange(len(topics.labels)), "topic": topics.labels, "prompt": [pf.prompts[i] for i in first_pair]}))
     _write_parquet(out / "topic_summary.parquet", topics.summary)
     _write_parquet(out / "baseline_text_stats.parquet", base_text)
+    placebo_info = {"skipped": "length_placebo_draws = 0"}
+    if cfg.length_placebo_draws > 0 and pf.n_pairs >= 8:
+        placebo = length_placebo(*concept_activity(pf, labels), pf.ntok, degrees=(0, cfg.length_control_degree), draws=cfg.length_placebo_draws, seed=cfg.seed)
+        _write_parquet(out / "length_placebo.parquet", placebo)
+        placebo_info = _placebo_summary(placebo, cfg.length_control_degree)
+        if not placebo_info["calibrated"]:
+            log.warning("the length control looks miscalibrated on this data: in placebo pairs that differ only in length, %.0f %% of concept tests have p < 0.05 (expected ~5 %%); length-controlled effects may still carry length", 100 * placebo_info["frac_p05_controlled"])
     overall = table[table["view"] == "overall"]
     manifest = {
         "format": FORMAT,
@@ -420,11 +433,20 @@ def hypothesize(
         "n_significant_overall": int(overall["significant"].sum()),
         "promoted_tokens": promoted_note,
         "linear_baseline": lin_info,
+        "length_placebo": placebo_info,
         "seconds": round(time.time() - t0, 2),
     }
     atomic_write_json(out / "manifest.json", manifest)
     run.record(STAGE, key)
     return Hypotheses(out)
+
+
+def _placebo_summary(placebo: pd.DataFrame, degree: int, tolerance: float = 0.10) -> dict[str, Any]:
+    """The manifest's verdict: calibrated when, on both sides, at most ``tolerance`` (twice the
+    nominal 5 %) of placebo tests reach p < 0.05 under the configured control."""
+    by = placebo.set_index(["side", "degree"])["frac_p05"]
+    controlled = float(by.xs(degree, level="degree").max())
+    return {"degree": degree, "frac_p05_controlled": round(controlled, 4), "frac_p05_uncontrolled": round(float(by.xs(0, level="degree").max()), 4), "calibrated": controlled <= tolerance}
 
 
 def _short_label(peaks: str, stats: str) -> str:

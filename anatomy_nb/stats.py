@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from scipy import stats as sps
 
@@ -20,6 +21,7 @@ __all__ = [
     "bh_qvalues",
     "group_means",
     "length_controlled",
+    "length_placebo",
     "length_regressors",
     "paired_test",
     "split_half_agreement",
@@ -144,6 +146,46 @@ def length_regressors(log_len: np.ndarray, degree: int = 2) -> np.ndarray:
     L = np.asarray(log_len, dtype=np.float64)
     L = L - L.mean()
     return np.column_stack([L[:, 0] ** j - L[:, 1] ** j for j in range(1, degree + 1)])
+
+
+def length_placebo(
+    activity_chosen: np.ndarray,
+    activity_rejected: np.ndarray,
+    ntok: np.ndarray,
+    degrees: tuple[int, ...] = (0, 2),
+    draws: int = 20,
+    shorter_is_chosen: float = 0.75,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Is the length control calibrated on *this* data? A placebo on the real activities.
+
+    Placebo pairs join two responses from the same side (chosen with chosen, rejected with
+    rejected; different pairs), so nothing separates the placebo sides except length; the
+    shorter response is called "chosen" in ``shorter_is_chosen`` of them, like preference data
+    where one side is systematically shorter (a stress: in 600 HH-RLHF pairs chosen is shorter in
+    53 %). Every hypothesis is then tested with each length
+    control in ``degrees`` (0 = none, else ``length_regressors`` of that degree). A calibrated
+    control gives p < 0.05 in ~5 % of tests and ~no BH discoveries; degree 0 shows how much pure
+    length there is to remove. Returns one row per side × degree, means over ``draws``.
+    ``activity_*``: pairs × hypotheses; ``ntok``: pairs × 2 (chosen, rejected) token counts.
+    """
+    rows = []
+    for side, U, nt in (("chosen", np.asarray(activity_chosen, np.float64), ntok[:, 0]), ("rejected", np.asarray(activity_rejected, np.float64), ntok[:, 1])):
+        half = len(U) // 2
+        for draw in range(draws):
+            rng = np.random.default_rng([seed, draw, side == "chosen"])
+            perm = rng.permutation(len(U))
+            a, b = perm[:half], perm[half : 2 * half]
+            a_first = (nt[a] < nt[b]) == (rng.uniform(size=half) < shorter_is_chosen)
+            first, second = np.where(a_first, a, b), np.where(a_first, b, a)
+            d = U[first] - U[second]
+            log_len = np.log(np.maximum(np.column_stack([nt[first], nt[second]]), 1))
+            for deg in degrees:
+                t = paired_test(d) if deg == 0 else length_controlled(d, length_regressors(log_len, deg))
+                p = np.nan_to_num(t.p, nan=1.0)
+                rows.append({"side": side, "degree": deg, "draw": draw, "frac_p05": float((p < 0.05).mean()), "frac_p01": float((p < 0.01).mean()), "bh_discoveries": int((bh_qvalues(p) < 0.05).sum())})
+    out = pd.DataFrame(rows)
+    return out.groupby(["side", "degree"], as_index=False)[["frac_p05", "frac_p01", "bh_discoveries"]].mean()
 
 
 def welch_inside_outside(d: np.ndarray, inside: np.ndarray) -> PairedTest:

@@ -44,7 +44,7 @@ from anatomy_nb.concepts import ConceptConfig, cluster_features, membership_matr
 from anatomy_nb.data import PreferencePair, load_pairs  # noqa: E402
 from anatomy_nb.extract import ExtractConfig, extract  # noqa: E402
 from anatomy_nb.hypothesize import HypothesizeConfig, PairFeatures, _rank, concept_activity, length_diffs, linear_baseline, score_concepts, text_stat_baseline  # noqa: E402
-from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test  # noqa: E402
+from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test  # noqa: E402
 from anatomy_nb.models import load_model  # noqa: E402
 from anatomy_nb.plant import KINDS  # noqa: E402
 from anatomy_nb.sae import DEFAULT_SAE, load_sae, tiny_sae  # noqa: E402
@@ -210,31 +210,6 @@ def binned_length_adjusted(Uc: np.ndarray, Ur: np.ndarray, ntok: np.ndarray, gro
     return paired_test(group_means(R[:n] - R[n:], groups))
 
 
-def length_placebo(base: PairFeatures, labels: np.ndarray, degrees=(1, 2, 3), draws: int = 20, shorter_is_chosen: float = 0.75) -> pd.DataFrame:
-    """Calibration of the length control on real activations. Placebo pairs join two responses
-    from the *same* side (chosen with chosen, rejected with rejected, different prompts), so no
-    concept differs between the placebo sides except through length; the shorter response is
-    called "chosen" in ``shorter_is_chosen`` of them (HH-RLHF's chosen responses are shorter). A
-    calibrated control gives p < 0.05 in ~5 % of concept tests and ~no BH discoveries; no control
-    at all shows how much pure length there is to remove."""
-    Uc, Ur = concept_activity(base, labels)
-    rows = []
-    for side, U, nt in (("chosen", Uc, base.ntok[:, 0]), ("rejected", Ur, base.ntok[:, 1])):
-        for draw in range(draws):
-            rng = np.random.default_rng([draw, side == "chosen"])
-            perm = rng.permutation(len(U))
-            a, b = perm[: len(U) // 2], perm[len(U) // 2 : 2 * (len(U) // 2)]
-            a_first = (nt[a] < nt[b]) == (rng.uniform(size=len(a)) < shorter_is_chosen)
-            first, second = np.where(a_first, a, b), np.where(a_first, b, a)
-            D = U[first] - U[second]
-            log_len = np.log(np.maximum(np.column_stack([nt[first], nt[second]]), 1))
-            tests = {0: paired_test(D), **{deg: length_controlled(D, length_regressors(log_len, deg)) for deg in degrees}}
-            for deg, t in tests.items():
-                p = np.nan_to_num(t.p, nan=1.0)
-                rows.append({"side": side, "draw": draw, "degree": deg, "frac_p05": float((p < 0.05).mean()), "frac_p01": float((p < 0.01).mean()), "bh_discoveries": int((bh_qvalues(p) < 0.05).sum())})
-    return pd.DataFrame(rows)
-
-
 def first_rank(mask_in_rank_order: np.ndarray) -> int | None:
     hits = np.flatnonzero(mask_in_rank_order)
     return int(hits[0]) + 1 if len(hits) else None
@@ -333,7 +308,7 @@ def main() -> None:
         raw, _ = _max_activity_tests((N @ base_max_c + S @ base_max_r).tocsr(), (N @ base_max_r + S @ base_max_c).tocsr(), max_scale, pf, membership_matrix(labels))
         n_disc_max.append(int((bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < cfg.fdr).sum()))
 
-    placebo = length_placebo(base, cluster_features(sp.vstack([base.fires_chosen, base.fires_rejected]), cfg.concepts))
+    placebo = length_placebo(*concept_activity(base, cluster_features(sp.vstack([base.fires_chosen, base.fires_rejected]), cfg.concepts)), base.ntok, degrees=(0, 1, 2, 3))
     pd.set_option("display.width", 200)
     print("\n=== planted-concept benchmark ===")
     print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, seeds {args.seeds}, concepts {cfg.concepts}")
@@ -356,9 +331,8 @@ def main() -> None:
     if args.null_shuffles:
         print(f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery {any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at q<0.05 promises P(any) <= 0.05 under the complete null)")
         print(f"null for the max-activation test (same shuffles, BH over the overall concepts): runs with any discovery {sum(n > 0 for n in n_disc_max)}/{args.null_shuffles}; discoveries per run {np.mean(n_disc_max):.2f}")
-    summary = placebo.groupby(["side", "degree"])[["frac_p05", "frac_p01", "bh_discoveries"]].mean().round(3)
-    print(f"length placebo (same-side pairs, shorter one called chosen in 75 %, {placebo['draw'].nunique()} draws; degree 0 = no length control, stage 2 uses {cfg.length_control_degree}):")
-    print(summary.to_string())
+    print(f"length placebo (stats.length_placebo: same-side pairs, shorter one called chosen in 75 %, 20 draws; degree 0 = no length control, stage 2 uses {cfg.length_control_degree}):")
+    print(placebo.round(3).to_string(index=False))
     for name, status in peers.status.items():
         print(f"peer {name}: {status}")
     print(f"total {time.time() - t_start:.0f} s")

@@ -128,6 +128,12 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
     assert list(t["rank"]) == list(range(1, len(t) + 1))
     assert h.manifest["promoted_tokens"] == "ok" and t["promoted_tokens"].str.len().gt(0).all()
     assert (h.features["concept"] >= -1).all() and len(h.features) == tiny_sae_.d_sae
+    # the length-control placebo: both sides, no control and the configured degree, and a verdict
+    placebo = h.length_placebo
+    assert set(zip(placebo["side"], placebo["degree"])) == {(s, d) for s in ("chosen", "rejected") for d in (0, 2)}
+    assert placebo["frac_p05"].between(0, 1).all()
+    info = h.manifest["length_placebo"]
+    assert info["degree"] == 2 and info["calibrated"] == (info["frac_p05_controlled"] <= 0.10)
     again = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_)
     assert again.path == h.path  # unchanged: reused
     other = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=4)), model=tiny_lm, sae=tiny_sae_)

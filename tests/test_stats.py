@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats as sps
 
-from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test, split_half_agreement, welch_inside_outside
+from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, length_placebo, length_regressors, paired_test, split_half_agreement, welch_inside_outside
 
 
 def reference_bh_reject(p, alpha):
@@ -88,6 +88,23 @@ def test_length_regressors_vanish_at_equal_lengths():
     np.testing.assert_array_equal(X[:2], 0.0)  # so the intercept is the effect at equal lengths
     with pytest.raises(ValueError, match="degree"):
         length_regressors(L, 0)
+
+
+def test_length_placebo_passes_a_smooth_length_effect_and_flags_a_step():
+    # activities that depend on length only; chosen responses are shorter, as in HH-RLHF
+    rng = np.random.default_rng(0)
+    n, n_hyp = 1000, 30
+    ntok = np.exp(np.column_stack([rng.normal(4.2, 0.7, n), rng.normal(4.5, 0.7, n)])).astype(int) + 1
+    rate = rng.uniform(0.002, 0.05, n_hyp)
+    saturating = [rng.binomial(10, 1 - np.exp(-np.outer(ntok[:, side], rate))) / 10 for side in (0, 1)]  # "fires anywhere"
+    r = length_placebo(*saturating, ntok, degrees=(0, 2))
+    assert (r[r["degree"] == 0]["frac_p05"] > 0.9).all()  # uncontrolled: length alone separates
+    assert (r[r["degree"] == 2]["frac_p05"] <= 0.10).all()  # the control removes it
+    # a jump at one length is not a low-degree curve: the placebo shows the control failing
+    threshold = np.quantile(ntok, 0.3)
+    step = [(ntok[:, [side]] > threshold) + rng.normal(0, 0.05, (n, n_hyp)) for side in (0, 1)]
+    r = length_placebo(*step, ntok, degrees=(2,))
+    assert r["frac_p05"].max() > 0.10
 
 
 def test_grouping_makes_the_prompt_the_unit():
