@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,7 +37,7 @@ from .artifacts import RunDir, atomic_path, atomic_write_json, content_hash, rea
 from .concepts import ConceptConfig, cluster_features, membership_matrix
 from .extract import FeatureStore
 from .stats import bh_qvalues, group_means, length_controlled, length_placebo, length_regressors, paired_test, split_half_agreement, welch_inside_outside
-from .textstats import TEXT_STATS, text_stats
+from .textstats import text_stats
 from .topics import TopicConfig, cluster_prompts
 
 __all__ = ["HypothesizeConfig", "Hypotheses", "PairFeatures", "hypothesize", "score_concepts", "STAGE"]

@@ -35,6 +35,7 @@ class RecipeConfig:
     train_tokens: int = 800_000
     held_out_every: int = 25  # 1 prompt in 25 (4 %) is held out
     max_seq_len: int = 384
+    collect_batch_size: int = 1  # documents per forward pass while collecting (raise it on a GPU)
     sweep_tokens: int = 250_000
     sweep_epochs: float = 1.0
     sweep_batch_size: int = 1024
@@ -92,7 +93,7 @@ def run(work_dir: str | Path, out_dir: str | Path | None = None, cfg: RecipeConf
     n_train_avail = sum(len(d.ids) - d.collect_from for d in train_docs)
     log.info("corpus: %d train docs (%d tokens available), %d held-out docs", len(train_docs), n_train_avail, len(held_docs))
     t0 = time.time()
-    acts = collect_activations(lm, train_docs, cfg.sweep_layers, work / "acts", max_tokens=cfg.train_tokens)
+    acts = collect_activations(lm, train_docs, cfg.sweep_layers, work / "acts", max_tokens=cfg.train_tokens, batch_size=cfg.collect_batch_size)
     collect_s = time.time() - t0
 
     sweep: dict[int, dict] = {}

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .artifacts import RunDir, atomic_path, atomic_write_json, content_hash, read_json
+from .artifacts import RunDir, atomic_write_json, content_hash, read_json
 from .intervene import DEFAULT_STRENGTH, ConceptSpace, concept_name, resolve_plan, set_choice
 from .plan import ACTIONS, METHODS, PLAN_FILE, InterventionPlan, PlanError
 from .viz import escape_text, html_table

@@ -31,7 +31,6 @@ def test_extract_with_the_shipped_sae_on_real_pairs(real, tmp_path):
     # the SAE reconstructs these very response tokens about as well as its card says
     captured = {}
     h = decoder_layers(lm.model)[sae.layer].register_forward_hook(lambda mod, i, o: captured.__setitem__("x", o))
-    err = tot = 0.0
     xs = []
     try:
         with torch.no_grad():

@@ -4,8 +4,6 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-import pytest
-
 from anatomy_nb.explain import OpenAICompatibleBackend, TransformersBackend, explain_concept, fidelity, load_prompt
 
 

@@ -64,7 +64,7 @@ def test_planted_concept_is_found_and_ranked_first():
 def test_shuffled_sides_keep_false_discoveries_within_the_fdr(planted):
     """With sides shuffled at random, no concept truly separates them: across repeated data sets,
     BH at q < 0.05 makes any discovery in at most about 5 % of them (the complete null)."""
-    sims, with_discovery, false_fraction = 60, 0, []
+    sims, with_discovery = 60, 0
     for s in range(sims):
         rng = np.random.default_rng(1000 + s)
         pf = synthetic(n=200, d=60, planted=planted, seed=s, swap=rng.uniform(size=200) < 0.5)

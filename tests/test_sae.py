@@ -55,6 +55,21 @@ def test_training_improves_reconstruction_and_evaluate_reports_metrics(tiny_lm, 
     assert m_trained["loss_recovered"] == pytest.approx(lr)
 
 
+def test_batched_collection_equals_one_document_at_a_time(tiny_lm, hh_pairs, tmp_path):
+    """Padding a batch must not change any collected activation, nor their order; max_tokens cuts
+    the same prefix."""
+    from anatomy_nb.sae import collect_activations
+
+    docs = chat_documents(tiny_lm, [(list(p.prompt), r, "hh") for p in hh_pairs[:6] for r in (p.chosen, p.rejected)], max_seq_len=256)
+    assert len({len(d.ids) for d in docs}) > 1  # lengths differ, so batches are padded
+    single = np.asarray(collect_activations(tiny_lm, docs, [1, 2], tmp_path / "one", batch_size=1)[2], dtype=np.float32)
+    batched = collect_activations(tiny_lm, docs, [1, 2], tmp_path / "five", batch_size=5)
+    assert single.shape == batched[2].shape == (sum(len(d.ids) - d.collect_from for d in docs), tiny_lm.d_model)
+    np.testing.assert_allclose(np.asarray(batched[2], dtype=np.float32), single, rtol=2e-3, atol=2e-3)
+    cut = collect_activations(tiny_lm, docs, [2], tmp_path / "cut", max_tokens=101, batch_size=4)[2]
+    np.testing.assert_allclose(np.asarray(cut, dtype=np.float32), single[:101], rtol=2e-3, atol=2e-3)
+
+
 def test_perfect_reconstruction_scores_one(tiny_lm, hh_pairs):
     """An identity 'SAE' must explain all variance and recover all of the loss."""
     from types import SimpleNamespace

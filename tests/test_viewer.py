@@ -12,7 +12,7 @@ import pytest
 from anatomy_nb.intervene import ConceptSpace, badge, default_plan, resolve_plan, set_choice
 from anatomy_nb.plan import PLAN_FILE, PlanError, load_plan
 
-from tinyrun import RAW, XSS, make_run
+from tinyrun import RAW, make_run
 
 WIDGETS = Path(__file__).resolve().parent.parent / "widgets"
 
