@@ -116,7 +116,7 @@ def concept_activity(pf: PairFeatures, labels: np.ndarray) -> tuple[np.ndarray, 
     return (np.asarray((pf.fires_chosen.astype(np.float64) @ M).todense()), np.asarray((pf.fires_rejected.astype(np.float64) @ M).todense()))
 
 
-def length_diffs(ntok: np.ndarray, groups: np.ndarray | None, degree: int = 2) -> np.ndarray:
+def length_diffs(ntok: np.ndarray, groups: np.ndarray | None, degree: int) -> np.ndarray:
     """Per unit (prompt group, or pair), the regressors of the length control: chosen − rejected
     differences of powers of log token count (``stats.length_regressors``)."""
     return group_means(length_regressors(np.log(np.maximum(ntok, 1)), degree), groups)

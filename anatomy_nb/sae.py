@@ -277,10 +277,11 @@ def collect_activations(
     cursor = 0
     try:
         with truncated_to_layer(lm.model, max(layers)) as base, tqdm(total=total, desc="collect activations", unit="tok") as bar:
-            for start in range(0, len(docs), max(1, batch_size)):
+            step = max(1, batch_size)
+            for start in range(0, len(docs), step):
                 if cursor >= total:
                     break
-                batch = docs[start : start + max(1, batch_size)]
+                batch = docs[start : start + step]
                 width = max(len(d.ids) for d in batch)
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)

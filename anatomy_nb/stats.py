@@ -132,7 +132,7 @@ def length_controlled(d: np.ndarray, length_diff: np.ndarray) -> PairedTest:
     return PairedTest(n=np.full(d.shape[1], n), mean=beta[0], sd=sd, cohens_d=d_eff, t=t, p=p)
 
 
-def length_regressors(log_len: np.ndarray, degree: int = 2) -> np.ndarray:
+def length_regressors(log_len: np.ndarray, degree: int) -> np.ndarray:
     """Per pair, Δ (chosen − rejected) of the powers 1..``degree`` of centred log length, the
     regressors of ``length_controlled``. ``log_len``: pairs × 2 (chosen, rejected).
 

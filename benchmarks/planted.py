@@ -136,7 +136,7 @@ class Peers:
         return first_rank(lift_f[order] >= 0.5)
 
 
-def _max_activity_tests(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M):
+def _max_activity_tests(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, degree: int):
     """Paired tests (raw and length-controlled) of a *max-activation* concept activity: mean over
     member features of the response's pooled max activation, each feature divided by its typical
     max (mean over responses where it fires). Binary firing cannot see a second occurrence of
@@ -145,18 +145,18 @@ def _max_activity_tests(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.nd
     Ac = np.asarray(((max_c @ S).astype(np.float64) @ M).todense())
     Ar = np.asarray(((max_r @ S).astype(np.float64) @ M).todense())
     Du = group_means(Ac - Ar, pf.groups)
-    return paired_test(Du), length_controlled(Du, length_diffs(pf.ntok, pf.groups))
+    return paired_test(Du), length_controlled(Du, length_diffs(pf.ntok, pf.groups, degree))
 
 
-def max_activity_rankings(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, table: pd.DataFrame, fdr: float = 0.05) -> dict[str, np.ndarray]:
+def max_activity_rankings(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, table: pd.DataFrame, cfg: HypothesizeConfig) -> dict[str, np.ndarray]:
     """Concepts by |length-controlled d| of the max-activation activity, significant first:
     ``max_activity`` takes significance from stage 2's binary test (a ranking change only);
     ``max_tested`` from the max-activation test itself (BH over the concepts; a new family)."""
-    raw, lc = _max_activity_tests(max_c, max_r, scale, pf, M)
+    raw, lc = _max_activity_tests(max_c, max_r, scale, pf, M, cfg.length_control_degree)
     d = np.abs(np.nan_to_num(lc.cohens_d))
     ov = table[table["view"] == "overall"].set_index("concept").sort_index()
     ids = ov.index.to_numpy()
-    sig_max = bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < fdr
+    sig_max = bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < cfg.fdr
     return {"max_activity": ids[np.lexsort((-d[ids], ~ov["significant"].to_numpy()))], "max_tested": ids[np.lexsort((-d[ids], ~sig_max[ids]))]}
 
 
@@ -196,8 +196,8 @@ def binned_length_adjusted(Uc: np.ndarray, Ur: np.ndarray, ntok: np.ndarray, gro
     """Paired test of the concept activity *after* removing its mean at each response length:
     responses (both sides pooled) fall into ``n_bins`` quantile bins of log length; each
     response's activity minus its bin's mean, chosen − rejected, averaged per prompt unit.
-    Nonparametric in length, because "fires anywhere" saturates with length, which the linear
-    Δlog-length control does not capture."""
+    Nonparametric in length, because "fires anywhere" saturates with length, which a polynomial
+    control in Δlog-length (stage 2's) captures only approximately."""
     n = len(Uc)
     L = np.log(np.maximum(np.concatenate([ntok[:, 0], ntok[:, 1]]), 1))
     edges = np.quantile(L, np.linspace(0, 1, n_bins + 1)[1:-1])
@@ -272,7 +272,7 @@ def main() -> None:
             r_concept = first_rank(matches[ranked["concept"].to_numpy()])
             alt = {name: first_rank(matches[order]) for name, order in alternative_rankings(pf, labels, table).items()}
             max_c = mix_rows(base_max_c, planted_max_c, np.isin(np.arange(len(pairs)), idx))
-            alt.update({name: first_rank(matches[order]) for name, order in max_activity_rankings(max_c, base_max_r, max_scale, pf, M, table).items()})
+            alt.update({name: first_rank(matches[order]) for name, order in max_activity_rankings(max_c, base_max_r, max_scale, pf, M, table, cfg).items()})
             sig_concept = bool(ranked.loc[r_concept - 1, "significant"]) if r_concept else False
             fr = feats[feats["support"] > 0].sort_values("p")
             r_feat = first_rank(lift_f[fr["feature"].to_numpy()] >= 0.5)
@@ -305,7 +305,7 @@ def main() -> None:
         any_disc += n_disc[-1] > 0
         n_tests = len(table)
         # the same shuffle for the max-activation test (a separate family: its own BH)
-        raw, _ = _max_activity_tests((N @ base_max_c + S @ base_max_r).tocsr(), (N @ base_max_r + S @ base_max_c).tocsr(), max_scale, pf, membership_matrix(labels))
+        raw, _ = _max_activity_tests((N @ base_max_c + S @ base_max_r).tocsr(), (N @ base_max_r + S @ base_max_c).tocsr(), max_scale, pf, membership_matrix(labels), cfg.length_control_degree)
         n_disc_max.append(int((bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < cfg.fdr).sum()))
 
     placebo = length_placebo(*concept_activity(base, cluster_features(sp.vstack([base.fires_chosen, base.fires_rejected]), cfg.concepts)), base.ntok, degrees=(0, 1, 2, 3))
