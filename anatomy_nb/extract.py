@@ -3,7 +3,8 @@
 For each pair the prompt is run once, up to the SAE's layer only (early exit), and its KV cache
 is shared by the chosen and the rejected response, which run together as a batch of two. The
 SAE encodes the residual stream at every response token; the store keeps, per response, the
-activations pooled over response tokens only (max, mean and firing count, sparse), per prompt
+activations pooled over response tokens only (max, mean and firing count, sparse) and the sets of
+features firing in its opening and its ending tokens (``ExtractConfig.edge_tokens``), per prompt
 the same pooled over the prompt's message contents (for topic clustering), per feature its
 top-activating contexts and token-level activation histograms, and every response's tokens so
 any context can be shown later.
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 STAGE = "features"
 STORE_FORMAT = 1
 CHOSEN, REJECTED = 0, 1
+EDGES = ("opening", "ending")  # the response's first / last ExtractConfig.edge_tokens tokens
 HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 48)]).astype(np.float32)
 
 
@@ -52,6 +54,9 @@ class ExtractConfig:
     top_contexts: int = 32  # per feature: the responses where it peaks highest
     shared_prefix: bool = True  # False runs prompt+response twice (the naive baseline)
     store_prompts: bool = True
+    # per response, also the features firing in its first / last this many tokens (sets only): an
+    # opener or a sign-off is specific there and diluted in the whole response; 0 = not stored
+    edge_tokens: int = 8
     progress: bool = True
 
     def __post_init__(self):
@@ -59,6 +64,8 @@ class ExtractConfig:
             raise ValueError(f"max_response_tokens must be in 1..65535, got {self.max_response_tokens}")
         if self.max_prompt_tokens < 2:
             raise ValueError(f"max_prompt_tokens must be >= 2, got {self.max_prompt_tokens}")
+        if self.edge_tokens < 0:
+            raise ValueError(f"edge_tokens must be >= 0, got {self.edge_tokens}")
         if self.shard_size < 1 or self.top_contexts < 1:
             raise ValueError("shard_size and top_contexts must be >= 1")
 
@@ -156,6 +163,7 @@ def _compute_shard(enc: _Encoder, pairs: Sequence[PreferencePair], cfg: ExtractC
     tok = enc.lm.tokenizer
     resp = {k: [] for k in ("feat", "max", "mean", "count")}
     resp_nnz, resp_ntok, tokens, cand, cand_val = [], [], [], [], []
+    edge = {e: [] for e in EDGES}
     prm = {k: [] for k in ("feat", "max", "mean", "count")}
     prm_nnz, prm_ntok = [], []
     hist = np.zeros((d_sae, 2, len(HIST_EDGES) - 1), dtype=np.int64)
@@ -173,6 +181,9 @@ def _compute_shard(enc: _Encoder, pairs: Sequence[PreferencePair], cfg: ExtractC
         for side, (ids, x) in enumerate(zip(sides, side_resid)):
             acts = enc.encode(x)
             pooled = _pool(acts)
+            if cfg.edge_tokens:
+                for e, window in zip(EDGES, (acts[: cfg.edge_tokens], acts[-cfg.edge_tokens :])):
+                    edge[e].append(torch.nonzero((window > 0).any(0), as_tuple=True)[0].cpu().numpy())
             for k in resp:
                 resp[k].append(pooled[k])
             resp_nnz.append(len(pooled["feat"]))
@@ -207,6 +218,10 @@ def _compute_shard(enc: _Encoder, pairs: Sequence[PreferencePair], cfg: ExtractC
         "hist": hist,
         "truncated": np.asarray([n_trunc_prompt, n_trunc_resp], dtype=np.int64),
     }
+    for e, sets in edge.items():
+        if cfg.edge_tokens:
+            out[f"resp_{e}_nnz"] = np.asarray([len(f) for f in sets], dtype=np.int64)
+            out[f"resp_{e}_feat"] = np.concatenate(sets).astype(fdt) if sets else np.zeros(0, fdt)
     cand_arr = np.concatenate(cand) if cand else np.zeros((0, 3), np.int64)
     vals = np.concatenate(cand_val).astype(np.float32) if cand else np.zeros(0, np.float32)
     out.update(_top_per_feature(cand_arr, vals, cfg.top_contexts))
@@ -261,6 +276,9 @@ def _merge(shard_dirs: list[Path], out: Path, shard_size: int, cfg: ExtractConfi
     for k in ("resp_feat", "resp_max", "resp_mean", "resp_count", "resp_ntok", "tokens"):
         arrays[k] = cat(k)
     arrays["tok_indptr"] = np.r_[0, np.cumsum(cat("tok_len"))].astype(np.int64)
+    for e in EDGES if cfg.edge_tokens else ():
+        arrays[f"resp_{e}_indptr"] = np.r_[0, np.cumsum(cat(f"resp_{e}_nnz"))].astype(np.int64)
+        arrays[f"resp_{e}_feat"] = cat(f"resp_{e}_feat")
     if cfg.store_prompts:
         arrays["prompt_indptr"] = np.r_[0, np.cumsum(cat("prompt_nnz"))].astype(np.int64)
         for k in ("prompt_feat", "prompt_max", "prompt_mean", "prompt_count", "prompt_ntok"):
@@ -439,12 +457,18 @@ class FeatureStore:
         """Per pair, the index of its distinct prompt: pairs sharing a prompt share a group."""
         return np.asarray(self.array("prompt_group"))
 
+    @property
+    def edges(self) -> list[str]:
+        """The response edges this store has firing sets for (``pooled("fires", prefix="resp_<edge>")``)."""
+        return [e for e in EDGES if (self.path / f"resp_{e}_indptr.npy").exists()]
+
     def pooled(self, stat: str = "max", side: str | None = None, prefix: str = "resp"):
         """A scipy CSR matrix of pooled activations.
 
         ``stat``: ``"max"``, ``"mean"``, ``"count"`` or ``"fires"`` (0/1). ``side``:
         ``"chosen"`` or ``"rejected"`` (n_pairs × d_sae), or None for all response rows.
-        ``prefix="prompt"`` gives the prompt rows instead (n_pairs × d_sae).
+        ``prefix="prompt"`` gives the prompt rows instead (n_pairs × d_sae); ``"resp_opening"`` /
+        ``"resp_ending"`` the features firing in a response's edge tokens (``"fires"`` only).
         """
         import scipy.sparse as sp
 
@@ -497,6 +521,7 @@ class FeatureStore:
         names = ["resp_indptr", "resp_feat", "resp_max", "resp_mean", "resp_count", "resp_ntok"]
         if self.manifest["config"].get("store_prompts", True):
             names += ["prompt_indptr", "prompt_feat", "prompt_max", "prompt_mean", "prompt_count", "prompt_ntok"]
+        names += [f"resp_{e}_{a}" for e in self.edges for a in ("indptr", "feat")]
         if not pooled_only:
             names = [p.stem for p in self.path.glob("*.npy")]
         return sum((self.path / f"{n}.npy").stat().st_size for n in names) / self.n_pairs

@@ -2,8 +2,9 @@
 
 Reads the feature store of stage 1 and writes, under ``run_dir/hypotheses/<key>/``:
 
-- ``hypotheses.parquet`` — one row per concept (``view="overall"``) and per topic × concept
-  (``view="topic"``): member features, label fields, firing rates on chosen and rejected, mean
+- ``hypotheses.parquet`` — one row per concept over the whole response (``view="overall"``), over
+  the responses' first / last few tokens (``view="opening"`` / ``"ending"``, when the store has
+  them) and per topic × concept (``view="topic"``): member features, label fields, firing rates on chosen and rejected, mean
   paired difference, Cohen's d, t/z, p, Benjamini–Hochberg q over *every* row, split-half sign
   agreement, the length-controlled effect, number of units, and the predicted direction and size
   of the change DPO would make;
@@ -35,7 +36,7 @@ import scipy.sparse as sp
 
 from .artifacts import RunDir, atomic_path, atomic_write_json, content_hash, read_json
 from .concepts import ConceptConfig, cluster_features, membership_matrix
-from .extract import FeatureStore
+from .extract import EDGES, FeatureStore
 from .stats import bh_qvalues, group_means, length_controlled, length_placebo, length_regressors, paired_test, split_half_agreement, welch_inside_outside
 from .textstats import text_stats
 from .topics import TopicConfig, cluster_prompts
@@ -57,6 +58,9 @@ class HypothesizeConfig:
     length_control_degree: int = 2
     # placebo pairs (stats.length_placebo) that check the length control on this data; 0 = skip
     length_placebo_draws: int = 20
+    # also test each concept on the responses' opening and ending tokens (views "opening" /
+    # "ending"), when the feature store has them (ExtractConfig.edge_tokens)
+    test_edges: bool = True
     fdr: float = 0.05
     n_splits: int = 20  # random half/half splits for the sign check
     min_topic_prompts: int = 10  # smaller topics are not tested
@@ -81,6 +85,9 @@ class PairFeatures:
     chosen: list[str]
     rejected: list[str]
     prompt_features: sp.csr_matrix | None = None  # n_pairs × d_sae (mean over prompt contents)
+    # per response edge ("opening" / "ending": the first / last ExtractConfig.edge_tokens tokens),
+    # binary firing there as (chosen, rejected); empty for stores written without edges
+    edges: dict[str, tuple[sp.csr_matrix, sp.csr_matrix]] = field(default_factory=dict)
 
     @classmethod
     def from_store(cls, store: FeatureStore) -> "PairFeatures":
@@ -99,6 +106,7 @@ class PairFeatures:
             chosen=[p["chosen"] for p in pairs],
             rejected=[p["rejected"] for p in pairs],
             prompt_features=store.pooled("mean", prefix="prompt").tocsr() if has_prompts else None,
+            edges={edge: (store.pooled("fires", "chosen", prefix=f"resp_{edge}").tocsr(), store.pooled("fires", "rejected", prefix=f"resp_{edge}").tocsr()) for edge in store.edges},
         )
 
     @property
@@ -110,10 +118,12 @@ class PairFeatures:
         return self.fires_chosen.shape[1]
 
 
-def concept_activity(pf: PairFeatures, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair and concept, the fraction of the concept's features firing on chosen / rejected."""
+def concept_activity(pf: PairFeatures, labels: np.ndarray, edge: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair and concept, the fraction of the concept's features firing on chosen / rejected:
+    anywhere in the response, or with ``edge`` only in its opening / ending tokens."""
     M = membership_matrix(labels)
-    return (np.asarray((pf.fires_chosen.astype(np.float64) @ M).todense()), np.asarray((pf.fires_rejected.astype(np.float64) @ M).todense()))
+    Fc, Fr = pf.edges[edge] if edge else (pf.fires_chosen, pf.fires_rejected)
+    return (np.asarray((Fc.astype(np.float64) @ M).todense()), np.asarray((Fr.astype(np.float64) @ M).todense()))
 
 
 def length_diffs(ntok: np.ndarray, groups: np.ndarray | None, degree: int) -> np.ndarray:
@@ -152,6 +162,14 @@ def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig,
     })
     rows = base.assign(view="overall", topic=-1, n_units=overall.n, **_stat_columns("", overall), split_half_agreement=split, **_stat_columns("length_controlled_", lc))
     frames = [rows]
+    if cfg.test_edges:
+        # Where in the response: an opener or a sign-off lives in a few edge tokens, where the
+        # concept's generic features rarely fire otherwise; "anywhere" dilutes it with the rest
+        # of the response (README, benchmark). Same concepts, same family of tests.
+        for edge in pf.edges:
+            Ec, Er = concept_activity(pf, labels, edge)
+            De = group_means(Ec - Er, groups)
+            frames.append(base.assign(view=edge, topic=-1, chosen_rate=(Ec > 0).mean(0), rejected_rate=(Er > 0).mean(0), chosen_activity=Ec.mean(0), rejected_activity=Er.mean(0), n_units=len(De), **_stat_columns("", paired_test(De)), split_half_agreement=split_half_agreement(De, cfg.n_splits, cfg.seed), **_stat_columns("length_controlled_", length_controlled(De, len_diff))))
     if topic_of_group is not None:
         unit_topic = topic_of_group if cfg.group_by_prompt else topic_of_group[pf.groups]
         for k in np.unique(unit_topic):
@@ -325,6 +343,15 @@ class Hypotheses:
 
     def by_topic(self) -> pd.DataFrame:
         return self.table[self.table["view"] == "topic"]
+
+    def by_edge(self) -> pd.DataFrame:
+        """The concepts tested on the responses' opening / ending tokens (views "opening", "ending")."""
+        return self.table[self.table["view"].isin(EDGES)]
+
+    def ranked(self) -> pd.DataFrame:
+        """Every prompt-independent hypothesis in rank order: each concept over the whole response
+        (view "overall") and over its opening / ending tokens."""
+        return self.table[self.table["view"] != "topic"]
 
     def top(self, n: int = 20, view: str | None = "overall") -> pd.DataFrame:
         t = self.table if view is None else self.table[self.table["view"] == view]

@@ -68,7 +68,8 @@ def mix(base: PairFeatures, planted: PairFeatures, chosen_idx: np.ndarray) -> Pa
     ntok = base.ntok.copy()
     ntok[sel, 0] = planted.ntok[sel, 0]
     chosen = [planted.chosen[i] if sel[i] else base.chosen[i] for i in range(base.n_pairs)]
-    return PairFeatures(Fc, base.fires_rejected, ntok, base.groups, base.prompts, chosen, base.rejected, base.prompt_features)
+    edges = {e: (mix_rows(fc, planted.edges[e][0], sel), fr) for e, (fc, fr) in base.edges.items()}
+    return PairFeatures(Fc, base.fires_rejected, ntok, base.groups, base.prompts, chosen, base.rejected, base.prompt_features, edges)
 
 
 class Peers:
@@ -268,9 +269,12 @@ def main() -> None:
             cover_c = (u_pl > 0).mean(0)
             matches = (lift_c >= 0.2) & (cover_c >= 0.5)
             table, feats = score_concepts(pf, labels, cfg)
-            ranked = _rank(table[table["view"] == "overall"]).reset_index(drop=True)
+            # stage 2's hypotheses: every concept over the whole response and, where the store has
+            # them, over the opening / ending tokens (a row matches when its concept does)
+            ranked = _rank(table[table["view"] != "topic"]).reset_index(drop=True)
             r_concept = first_rank(matches[ranked["concept"].to_numpy()])
-            alt = {name: first_rank(matches[order]) for name, order in alternative_rankings(pf, labels, table).items()}
+            alt = {"whole_response": first_rank(matches[_rank(table[table["view"] == "overall"])["concept"].to_numpy()])}
+            alt.update({name: first_rank(matches[order]) for name, order in alternative_rankings(pf, labels, table).items()})
             max_c = mix_rows(base_max_c, planted_max_c, np.isin(np.arange(len(pairs)), idx))
             alt.update({name: first_rank(matches[order]) for name, order in max_activity_rankings(max_c, base_max_r, max_scale, pf, M, table, cfg).items()})
             sig_concept = bool(ranked.loc[r_concept - 1, "significant"]) if r_concept else False
@@ -289,7 +293,7 @@ def main() -> None:
                 r_hsae = peers.hypothesaes_rank(E_c, E_r, idx, seed)
             if peers.prefscope is not None:
                 r_pref = peers.prefscope_rank(pf, lift_f)
-            rows.append({"kind": kind, "seed": seed, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_size": int(ranked.loc[r_concept - 1, "n_features"]) if r_concept else None, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked), **{f"alt_{k}": v for k, v in alt.items()}})
+            rows.append({"kind": kind, "seed": seed, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_view": ranked.loc[r_concept - 1, "view"] if r_concept else None, "concept_size": int(ranked.loc[r_concept - 1, "n_features"]) if r_concept else None, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked), **{f"alt_{k}": v for k, v in alt.items()}})
             print(rows[-1], flush=True)
     res = pd.DataFrame(rows)
     res.to_csv(work / "planted-results.csv", index=False)
@@ -298,7 +302,8 @@ def main() -> None:
     for s in range(args.null_shuffles):
         sw = np.random.default_rng(1000 + s).uniform(size=base.n_pairs) < 0.5
         S, N = sp.diags(sw.astype(np.float32)), sp.diags((~sw).astype(np.float32))
-        pf = PairFeatures((N @ base.fires_chosen + S @ base.fires_rejected).tocsr(), (N @ base.fires_rejected + S @ base.fires_chosen).tocsr(), np.where(sw[:, None], base.ntok[:, ::-1], base.ntok), base.groups, base.prompts, base.chosen, base.rejected)
+        swap = lambda c, r: ((N @ c + S @ r).tocsr(), (N @ r + S @ c).tocsr())
+        pf = PairFeatures(*swap(base.fires_chosen, base.fires_rejected), np.where(sw[:, None], base.ntok[:, ::-1], base.ntok), base.groups, base.prompts, base.chosen, base.rejected, edges={e: swap(*fc_fr) for e, fc_fr in base.edges.items()})
         labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), cfg.concepts)
         table, _ = score_concepts(pf, labels, cfg)
         n_disc.append(int(table["significant"].sum()))

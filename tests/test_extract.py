@@ -45,6 +45,9 @@ def brute_force(lm, sae, pair):
 def test_pooled_stats_match_brute_force(store, tiny_lm, tiny_sae_, hh_pairs):
     mx, mean, count = store.pooled("max").toarray(), store.pooled("mean").toarray(), store.pooled("count").toarray()
     pmax = store.pooled("max", prefix="prompt").toarray()
+    assert store.edges == ["opening", "ending"]
+    opening, ending = store.pooled("fires", prefix="resp_opening").toarray(), store.pooled("fires", prefix="resp_ending").toarray()
+    W = CFG.edge_tokens
     for i, pair in enumerate(hh_pairs[:6]):
         bf = brute_force(tiny_lm, tiny_sae_, pair)
         for side, row in (("chosen", 2 * i), ("rejected", 2 * i + 1)):
@@ -53,6 +56,9 @@ def test_pooled_stats_match_brute_force(store, tiny_lm, tiny_sae_, hh_pairs):
             np.testing.assert_allclose(mx[row], acts.max(0), rtol=2e-3, atol=2e-3)
             np.testing.assert_allclose(mean[row], acts.mean(0), rtol=2e-3, atol=2e-3)
             np.testing.assert_array_equal(count[row], (acts > 0).sum(0))
+            assert acts.shape[0] > 2 * W  # the edges are proper subsets here
+            np.testing.assert_array_equal(opening[row], (acts[:W] > 0).any(0))
+            np.testing.assert_array_equal(ending[row], (acts[-W:] > 0).any(0))
         np.testing.assert_allclose(pmax[i], bf["prompt"].numpy().max(0), rtol=2e-3, atol=2e-3)
     # sides are where they say they are
     np.testing.assert_array_equal(store.pooled("max", "chosen").toarray(), mx[0::2])

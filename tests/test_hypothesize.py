@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 
 from anatomy_nb.concepts import ConceptConfig, cluster_features
-from anatomy_nb.hypothesize import HypothesizeConfig, Hypotheses, PairFeatures, hypothesize, score_concepts
+from anatomy_nb.hypothesize import HypothesizeConfig, Hypotheses, PairFeatures, _rank, hypothesize, score_concepts
 
 
 def synthetic(n=400, d=120, planted=0.3, seed=0, swap=None):
@@ -29,6 +29,20 @@ def synthetic(n=400, d=120, planted=0.3, seed=0, swap=None):
         Fc, Fr = np.where(swap[:, None], Fr, Fc), np.where(swap[:, None], Fc, Fr)
     ntok = rng.integers(20, 200, size=(n, 2))
     return PairFeatures(sp.csr_matrix(Fc.astype(np.float32)), sp.csr_matrix(Fr.astype(np.float32)), ntok, np.arange(n), [""] * n, [""] * n, [""] * n)
+
+
+def with_edges(pf, seed=0, rate=0.2):
+    """The same pairs with opening / ending firing sets: each feature that fires in a response
+    fires in its opening (and, independently, its ending) with probability ``rate``, whatever the
+    side: edge views with no effect of their own."""
+    rng = np.random.default_rng(seed)
+
+    def edge(F):
+        F = F.toarray() > 0
+        return sp.csr_matrix((F & (rng.uniform(size=F.shape) < rate)).astype(np.float32))
+
+    edges = {e: (edge(pf.fires_chosen), edge(pf.fires_rejected)) for e in ("opening", "ending")}
+    return PairFeatures(pf.fires_chosen, pf.fires_rejected, pf.ntok, pf.groups, pf.prompts, pf.chosen, pf.rejected, edges=edges)
 
 
 CFG = HypothesizeConfig(concepts=ConceptConfig(min_support=5, k_neighbors=5, min_phi=0.2))
@@ -60,14 +74,17 @@ def test_planted_concept_is_found_and_ranked_first():
     assert not table.set_index("concept").loc[b, "significant"]
 
 
-@pytest.mark.parametrize("planted", [0.0, 0.25])
-def test_shuffled_sides_keep_false_discoveries_within_the_fdr(planted):
+@pytest.mark.parametrize("planted,edges", [(0.0, False), (0.25, False), (0.25, True)])
+def test_shuffled_sides_keep_false_discoveries_within_the_fdr(planted, edges):
     """With sides shuffled at random, no concept truly separates them: across repeated data sets,
-    BH at q < 0.05 makes any discovery in at most about 5 % of them (the complete null)."""
+    BH at q < 0.05 makes any discovery in at most about 5 % of them (the complete null), also
+    with the opening / ending views in the same family."""
     sims, with_discovery = 60, 0
     for s in range(sims):
         rng = np.random.default_rng(1000 + s)
         pf = synthetic(n=200, d=60, planted=planted, seed=s, swap=rng.uniform(size=200) < 0.5)
+        if edges:
+            pf = with_edges(pf, seed=s)
         labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), CFG.concepts)
         table, _ = score_concepts(pf, labels, CFG)
         with_discovery += bool(table["significant"].any())
@@ -89,6 +106,32 @@ def test_fdr_holds_with_real_and_null_concepts():
         fdps.append((sig & ~truth).sum() / max(sig.sum(), 1))
         powers.append((sig & truth).sum() / truth.sum())
     assert np.mean(fdps) <= 0.05 + 0.02 and np.mean(powers) > 0.8
+
+
+def test_an_ending_only_concept_is_found_by_the_ending_view():
+    """A sign-off: concept B (features 6-11) fires somewhere in 30 % of all responses, and 10 % of
+    chosen responses get it at their end. In the whole response that is a small lift on a common
+    concept; in the ending tokens, where B is otherwise rare, it is the strongest difference."""
+    pf = with_edges(synthetic(n=600, planted=0.0, seed=5), seed=5)
+    rng = np.random.default_rng(5)
+    planted = rng.uniform(size=600) < 0.10
+    Fc, (Oc, Or), (Ec, Er) = pf.fires_chosen.toarray(), pf.edges["opening"], pf.edges["ending"]
+    Ec = Ec.toarray()
+    Fc[planted, 6:12] = Ec[planted, 6:12] = rng.uniform(size=(planted.sum(), 6)) < 0.85
+    pf = PairFeatures(sp.csr_matrix(Fc), pf.fires_rejected, pf.ntok, pf.groups, pf.prompts, pf.chosen, pf.rejected, edges={"opening": (Oc, Or), "ending": (sp.csr_matrix(Ec), Er)})
+    labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), CFG.concepts)
+    (b,) = concept_of(labels, range(6, 12))
+    table, _ = score_concepts(pf, labels, CFG)
+    rows = table[table.concept == b].set_index("view")
+    assert set(table.view) == {"overall", "opening", "ending"}
+    assert rows.loc["ending", "significant"] and rows.loc["ending", "p"] < rows.loc["overall", "p"] / 100
+    assert rows.loc["ending", "chosen_rate"] > rows.loc["ending", "rejected_rate"] + 0.05
+    assert not rows.loc["opening", "significant"]
+    top = _rank(table).iloc[0]
+    assert (top["concept"], top["view"]) == (b, "ending")
+    # the views can be switched off: then only the whole-response rows are tested
+    off, _ = score_concepts(pf, labels, HypothesizeConfig(concepts=CFG.concepts, test_edges=False))
+    assert set(off.view) == {"overall"}
 
 
 def test_deterministic_with_a_seed():
@@ -128,6 +171,11 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
     assert list(t["rank"]) == list(range(1, len(t) + 1))
     assert h.manifest["promoted_tokens"] == "ok" and t["promoted_tokens"].str.len().gt(0).all()
     assert (h.features["concept"] >= -1).all() and len(h.features) == tiny_sae_.d_sae
+    # every concept is also tested on the responses' opening and ending tokens, in the same family
+    n = h.manifest["n_concepts"]
+    assert len(h.by_edge()) == 2 * n and set(h.by_edge()["view"]) == {"opening", "ending"}
+    assert len(h.ranked()) == 3 * n and list(h.ranked()["rank"]) == sorted(h.ranked()["rank"])
+    assert (h.by_edge()["chosen_rate"] <= h.by_edge()["concept"].map(h.overall().set_index("concept")["chosen_rate"]) + 1e-12).all()  # an edge is part of the response
     # the length-control placebo: both sides, no control and the configured degree, and a verdict
     placebo = h.length_placebo
     assert set(zip(placebo["side"], placebo["degree"])) == {(s, d) for s in ("chosen", "rejected") for d in (0, 2)}
