@@ -36,6 +36,7 @@ import scipy.stats as sps
 
 from .artifacts import RunDir
 from .plan import METHODS, PLAN_FILE, ConceptChoice, InterventionPlan, PlanError, load_plan
+from .stats import group_means, length_controlled, length_regressors, paired_test
 
 __all__ = [
     "ConceptSpace",
@@ -158,6 +159,8 @@ class ConceptSpace:
     groups: np.ndarray | None = None  # pairs sharing a prompt form one unit
     hypotheses_key: str | None = None
     layer: int | None = None
+    ntok: np.ndarray | None = None  # n_pairs × 2 response token counts: rescore's length control
+    length_degree: int = 2  # as HypothesizeConfig.length_control_degree
 
     @classmethod
     def from_run(cls, run_dir: str | Path | RunDir, hyp=None, store=None) -> "ConceptSpace":
@@ -169,8 +172,9 @@ class ConceptSpace:
         pf = PairFeatures.from_store(store)
         labels = hyp.features["concept"].to_numpy().astype(np.int64)
         uc, ur = concept_activity(pf, labels)
-        group = hyp.manifest.get("config", {}).get("group_by_prompt", True)
-        return cls(_overall(hyp), uc, ur, pf.groups if group else None, hyp.manifest.get("key"), int(store.manifest.get("layer")) if store.manifest.get("layer") is not None else None)
+        config = hyp.manifest.get("config", {})
+        layer = int(store.manifest["layer"]) if store.manifest.get("layer") is not None else None
+        return cls(_overall(hyp), uc, ur, pf.groups if config.get("group_by_prompt", True) else None, hyp.manifest.get("key"), layer, pf.ntok, int(config.get("length_control_degree", 2)))
 
     @property
     def n_concepts(self) -> int:
@@ -186,12 +190,7 @@ class ConceptSpace:
         if pairs is not None:
             d = d[pairs]
             groups = None if groups is None else groups[pairs]
-        if groups is None or len(d) == 0:
-            return d
-        _, inv = np.unique(groups, return_inverse=True)
-        sums = np.zeros((inv.max() + 1, d.shape[1]))
-        np.add.at(sums, inv, d)
-        return sums / np.bincount(inv)[:, None]
+        return d if groups is None or len(d) == 0 else group_means(d, groups)
 
     def signal(self, keep: np.ndarray | None = None, flip: np.ndarray | None = None) -> np.ndarray:
         """Δ per concept: mean over units of d = u(chosen) − u(rejected), after dropping pairs not
@@ -205,35 +204,36 @@ class ConceptSpace:
 
     def rescore(self, pairs: Iterable[int] | np.ndarray | None = None) -> pd.DataFrame:
         """Paired statistics of every concept inside a subset of pairs (a selected topic or a lasso
-        on the data map): mean difference with its 95 % interval, Cohen's d, p, firing rates and the
+        on the data map), computed as stage 2 does: mean difference with its 95 % interval, Cohen's
+        d, p, the length-controlled d (when the space knows response lengths), firing rates and the
         chosen/rejected/both/neither badge. ``None`` means all pairs."""
         idx = np.arange(self.n_pairs) if pairs is None else np.unique(np.asarray(list(pairs) if not isinstance(pairs, np.ndarray) else pairs, dtype=np.int64))
         u = self._units(self.chosen - self.rejected, idx)
         n = len(u)
-        mean = u.mean(0) if n else np.zeros(self.n_concepts)
-        sd = u.std(0, ddof=1) if n > 1 else np.zeros(self.n_concepts)
-        se = sd / math.sqrt(max(n, 1))
+        t = paired_test(u if n else np.zeros((1, self.n_concepts)))  # no pairs: nothing to test
+        se = t.sd / math.sqrt(max(n, 1))
         tcrit = sps.t.ppf(0.975, max(n - 1, 1))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tstat = np.where(se > 0, mean / se, 0.0)
-            d = np.where(sd > 0, mean / sd, 0.0)
-        p = np.where(se > 0, 2 * sps.t.sf(np.abs(tstat), max(n - 1, 1)), np.where(mean != 0, min(1.0, 2 * 0.5 ** max(n, 1)), 1.0))
+        lo, hi = t.mean - tcrit * se, t.mean + tcrit * se
+        lc_d = np.full(self.n_concepts, np.nan)
+        if self.ntok is not None and n > self.length_degree + 1:
+            regressors = length_regressors(np.log(np.maximum(self.ntok, 1)), self.length_degree)
+            lc_d = length_controlled(u, self._units(regressors, idx)).cohens_d
         cr = (self.chosen[idx] > 0).mean(0) if len(idx) else np.zeros(self.n_concepts)
         rr = (self.rejected[idx] > 0).mean(0) if len(idx) else np.zeros(self.n_concepts)
-        lo, hi = mean - tcrit * se, mean + tcrit * se
         out = pd.DataFrame({
             "concept": self.concepts["concept"].to_numpy(),
             "label": self.concepts["label"].astype(str).to_numpy(),
             "n_units": n,
-            "mean_diff": mean,
-            "ci_low": lo,
-            "ci_high": hi,
-            "cohens_d": d,
-            "p": p,
+            "mean_diff": np.nan_to_num(t.mean),
+            "ci_low": np.nan_to_num(lo),
+            "ci_high": np.nan_to_num(hi),
+            "cohens_d": t.cohens_d,
+            "p": t.p,
+            "length_controlled_cohens_d": lc_d,
             "chosen_rate": cr,
             "rejected_rate": rr,
         })
-        out["badge"] = [badge(a, b, c, r) for a, b, c, r in zip(lo, hi, cr, rr)]
+        out["badge"] = [badge(a, b, c, r) for a, b, c, r in zip(out["ci_low"], out["ci_high"], cr, rr)]
         return out
 
     def correlation(self) -> tuple[np.ndarray, np.ndarray]:

@@ -122,15 +122,17 @@ def write_data(run: RunDir, cfg: PipelineConfig) -> tuple[str, int | None, dict]
 
 
 def choose_target(hyp, target: str | int = "top") -> int:
-    """The concept the plans act on. "top": the highest-ranked significant overall concept whose
-    predicted direction is up (what DPO would learn); an int: that concept."""
+    """The concept the plans act on. "top": the concept of the highest-ranked significant
+    hypothesis (whole response, opening or ending) whose predicted direction is up (what DPO would
+    learn); an int: that concept."""
     ov = hyp.overall()
     if target != "top":
         cid = int(target)
         if cid not in set(ov["concept"].astype(int)):
             raise ValueError(f"target concept {cid} is not in the hypotheses table")
         return cid
-    up = ov[(ov["significant"]) & (ov["predicted_direction"] == "up")]
+    ranked = hyp.ranked()
+    up = ranked[(ranked["significant"]) & (ranked["predicted_direction"] == "up")]
     if up.empty:
         raise ValueError("no significant concept that DPO is predicted to raise: nothing to suppress (set `target` to a concept id)")
     return int(up.sort_values("rank").iloc[0]["concept"])
@@ -163,8 +165,9 @@ def describe_target(run: RunDir, hyp, cid: int) -> dict:
     from .hypothesize import PairFeatures, concept_activity
     from .plant import planted_truth
 
-    row = hyp.overall().set_index("concept").loc[cid]
-    out = {"concept": int(cid), "rank": int(row["rank"]), "label": str(row.get("label", "")), "n_features": int(row["n_features"]), "cohens_d": float(row["cohens_d"]), "q": float(row["q"])}
+    rows = hyp.ranked()
+    row = rows[rows["concept"] == cid].sort_values("rank").iloc[0]  # the concept's first hypothesis
+    out = {"concept": int(cid), "rank": int(row["rank"]), "view": str(row["view"]), "label": str(row.get("label", "")), "n_features": int(row["n_features"]), "cohens_d": float(row["cohens_d"]), "q": float(row["q"])}
     truth = planted_truth(run.path)
     if truth is not None:
         from sklearn.metrics import roc_auc_score

@@ -92,11 +92,11 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         from .hypothesize import Hypotheses
 
         hyp = Hypotheses.from_run(run)
-        top = hyp.overall().head(15)[["rank", "concept", "n_features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "q", "predicted_direction", "label"]].copy()
+        top = hyp.ranked().head(15).assign(where=lambda t: t["view"].replace({"overall": "whole response"}))[["rank", "where", "concept", "n_features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "q", "predicted_direction", "label"]].copy()
         for c in ("chosen_rate", "rejected_rate", "mean_diff", "cohens_d"):
             top[c] = top[c].map(lambda v: f"{v:.3f}")
         top["q"] = top["q"].map(lambda v: f"{v:.2g}")
-        parts += ["<h2>Strongest concepts (overall)</h2>", html_table(top, max_chars=200)]
+        parts += ["<h2>Strongest concepts (whole response, opening, ending)</h2>", html_table(top, max_chars=200)]
     parts += _pipeline_sections(run)
     plan_path = run.path / PLAN_FILE
     if plan_path.exists():

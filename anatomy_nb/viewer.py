@@ -189,10 +189,11 @@ class ViewerData:
                 "chosen_rate": _f(r.chosen_rate), "rejected_rate": _f(r.rejected_rate),
                 "q": _f(o["q"]) if pairs is None else None,
                 "significant": bool(o["significant"]) if pairs is None else bool(r.p < 0.05),
-                "split_half": _f(o["split_half_agreement"]), "length_controlled_d": _f(o["length_controlled_cohens_d"]),
+                "split_half": _f(o["split_half_agreement"]), "length_controlled_d": _f(r.length_controlled_cohens_d),
                 "predicted_direction": str(o["predicted_direction"]) if pairs is None else ("up" if r.ci_low > 0 else "down" if r.ci_high < 0 else "none"),
             })
-        rows.sort(key=lambda r: (not r["significant"], -abs(r["cohens_d"] or 0.0), r["p"] if r["p"] is not None else 1.0))
+        # stage 2's order: significant first, then the effect at equal lengths (hypothesize._rank)
+        rows.sort(key=lambda r: (not r["significant"], -abs(r["length_controlled_d"] if r["length_controlled_d"] is not None else (r["cohens_d"] or 0.0)), r["p"] if r["p"] is not None else 1.0))
         return rows
 
     def topic_list(self) -> list[dict]:

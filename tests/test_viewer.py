@@ -62,6 +62,31 @@ def test_rescore_averages_pairs_that_share_a_prompt_into_one_unit():
     assert r["n_units"].iloc[0] == 2 and r["mean_diff"].iloc[0] == pytest.approx((0.5 + 1.0) / 2)
 
 
+def test_rescore_controls_length_as_stage_2_does():
+    """Concept 0 tracks response length only, concept 1 has a real effect as well: inside a lasso
+    the length-controlled d is ~0 for the first and clear for the second, and on all pairs it is
+    exactly stage 2's (hypothesize.score_concepts)."""
+    from anatomy_nb.hypothesize import length_diffs
+    from anatomy_nb.stats import length_controlled
+
+    rng = np.random.default_rng(1)
+    n = 400
+    ntok = rng.integers(20, 300, size=(n, 2))
+    ntok[:, 0] = ntok[:, 0] * 1.5  # chosen longer, as in much preference data
+    L = np.log(ntok)
+    uc = np.column_stack([0.2 * L[:, 0], 0.2 * L[:, 0] + 0.15]) + rng.normal(0, 0.1, (n, 2))
+    ur = np.column_stack([0.2 * L[:, 1], 0.2 * L[:, 1]]) + rng.normal(0, 0.1, (n, 2))
+    concepts = pd.DataFrame({"concept": [0, 1], "label": ["length", "real"]})
+    space = ConceptSpace(concepts, uc, ur, None, ntok=ntok, length_degree=2)
+    sub = space.rescore(np.arange(0, n, 2))
+    assert sub["cohens_d"].iloc[0] > 0.3 and abs(sub["length_controlled_cohens_d"].iloc[0]) < 0.15
+    assert sub["length_controlled_cohens_d"].iloc[1] > 0.8
+    expect = length_controlled(uc - ur, length_diffs(ntok, None, 2)).cohens_d
+    np.testing.assert_allclose(space.rescore(None)["length_controlled_cohens_d"], expect)
+    # without lengths (a space built by hand) the column is there and empty
+    assert _space(uc, ur).rescore(None)["length_controlled_cohens_d"].isna().all()
+
+
 def test_filter_prediction_is_exact_on_the_data_including_spill_over():
     # concept 1 is a copy of concept 0 on half the pairs: dropping pairs carried by 0 moves 1 too
     uc = np.array([[1, 1], [1, 0], [0, 0], [0, 0]], float)
