@@ -15,7 +15,10 @@ responses by >= 0.2 and it fires on >= 50 % of planted responses; a single featu
 planting raises its firing rate by >= 0.5. Reported per kind and p: the rank of the first
 matching hypothesis (1 = top) and whether it is significant at q < 0.05, for
 
-- anatomy_nb concepts (stage 2's ranking: significant first, then |Cohen's d|);
+- anatomy_nb concepts (stage 2's ranking of its hypotheses: every concept over the whole response
+  and over the responses' opening / ending tokens, significant first, then |length-controlled d|;
+  a row matches when its concept does; ``alt_whole_response`` ranks the whole-response rows only,
+  ``top_hypothesis`` names the view and d of the row ranked first where the plant is not);
 - per-feature paired tests ranked by p (the naive approach);
 - the L1-logistic baseline (features by |coefficient|);
 - text statistics alone (the statistic built to detect that kind, where one exists).
@@ -211,6 +214,26 @@ def binned_length_adjusted(Uc: np.ndarray, Ur: np.ndarray, ntok: np.ndarray, gro
     return paired_test(group_means(R[:n] - R[n:], groups))
 
 
+def significant_hypotheses(pf: PairFeatures, cfg: HypothesizeConfig) -> list[tuple[str, set, float]]:
+    """Stage 2's significant hypotheses on the unplanted pairs: (view, member features, sign of d)."""
+    labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), cfg.concepts)
+    table, _ = score_concepts(pf, labels, cfg)
+    sig = table[(table["view"] != "topic") & table["significant"]]
+    return [(v, set(f), np.sign(d)) for v, f, d in zip(sig["view"], sig["features"], sig["length_controlled_cohens_d"])]
+
+
+def already_there(ranked: pd.DataFrame, labels: np.ndarray, base_sig: list[tuple[str, set, float]], jaccard: float = 0.5) -> np.ndarray:
+    """Per ranked row: is it a hypothesis the unplanted data already has (same view and sign, member
+    features overlapping one of its significant hypotheses with Jaccard >= ``jaccard``)? Ranking
+    those out of the rows above the plant asks whether it is the strongest *new* signal: HH-RLHF's
+    own differences can be stronger than a 5 % plant."""
+    out = np.zeros(len(ranked), bool)
+    for i, (v, c, d) in enumerate(zip(ranked["view"], ranked["concept"], ranked["length_controlled_cohens_d"])):
+        members = set(np.flatnonzero(labels == c).tolist())
+        out[i] = any(v == bv and np.sign(d) == bs and len(members & bf) >= jaccard * len(members | bf) for bv, bf, bs in base_sig)
+    return out
+
+
 def first_rank(mask_in_rank_order: np.ndarray) -> int | None:
     hits = np.flatnonzero(mask_in_rank_order)
     return int(hits[0]) + 1 if len(hits) else None
@@ -248,6 +271,7 @@ def main() -> None:
         from anatomy_nb.topics import embed_prompts
 
         E_base_c, E_r = embed_prompts(base.chosen), embed_prompts(base.rejected)
+    base_sig = significant_hypotheses(base, cfg)
     rows = []
     for kind in args.kinds:
         fn, stat = KINDS[kind].apply, KINDS[kind].text_stat
@@ -273,6 +297,8 @@ def main() -> None:
             # them, over the opening / ending tokens (a row matches when its concept does)
             ranked = _rank(table[table["view"] != "topic"]).reset_index(drop=True)
             r_concept = first_rank(matches[ranked["concept"].to_numpy()])
+            # the same rank, not counting rows above the plant that the unplanted data already has
+            r_new = 1 + int((~already_there(ranked.iloc[: r_concept - 1], labels, base_sig)).sum()) if r_concept else None
             alt = {"whole_response": first_rank(matches[_rank(table[table["view"] == "overall"])["concept"].to_numpy()])}
             alt.update({name: first_rank(matches[order]) for name, order in alternative_rankings(pf, labels, table).items()})
             max_c = mix_rows(base_max_c, planted_max_c, np.isin(np.arange(len(pairs)), idx))
@@ -293,7 +319,7 @@ def main() -> None:
                 r_hsae = peers.hypothesaes_rank(E_c, E_r, idx, seed)
             if peers.prefscope is not None:
                 r_pref = peers.prefscope_rank(pf, lift_f)
-            rows.append({"kind": kind, "seed": seed, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_view": ranked.loc[r_concept - 1, "view"] if r_concept else None, "concept_size": int(ranked.loc[r_concept - 1, "n_features"]) if r_concept else None, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked), **{f"alt_{k}": v for k, v in alt.items()}})
+            rows.append({"kind": kind, "seed": seed, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_view": ranked.loc[r_concept - 1, "view"] if r_concept else None, "new_rank": r_new, "concept_lc_d": round(float(ranked.loc[r_concept - 1, "length_controlled_cohens_d"]), 3) if r_concept else None, "top_hypothesis": "" if r_concept == 1 else f"{ranked.loc[0, 'view']} {ranked.loc[0, 'length_controlled_cohens_d']:+.2f}", "concept_size": int(ranked.loc[r_concept - 1, "n_features"]) if r_concept else None, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked), **{f"alt_{k}": v for k, v in alt.items()}})
             print(rows[-1], flush=True)
     res = pd.DataFrame(rows)
     res.to_csv(work / "planted-results.csv", index=False)
@@ -320,17 +346,19 @@ def main() -> None:
     print("ranks: 1 = the first hypothesis reported; '-' = no matching hypothesis in the ranking\n")
     show = res.copy()
     alt_cols = [c for c in res.columns if c.startswith("alt_")]
-    for c in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank", *alt_cols):
+    for c in ("concept_rank", "new_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank", *alt_cols):
         show[c] = show[c].map(lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else int(v))
     print(show.to_string(index=False))
     hi = res[res["p"] >= 0.05]
     if len(hi):
         per_kind = hi.groupby("kind")["concept_rank"].apply(lambda s: bool((s == 1).all()))
         print(f"\nkinds ranked 1st by concepts at every p >= 5 % and every seed: {int(per_kind.sum())}/{len(per_kind)} ({per_kind.mean():.0%}; aim >= 90 %)")
+        k_new = hi.groupby("kind")["new_rank"].apply(lambda s: bool((s == 1).all()))
+        print(f"  ... not counting hypotheses the unplanted pairs already have (new_rank): {int(k_new.sum())}/{len(k_new)}")
         for col in alt_cols:
             k_alt = hi.groupby("kind")[col].apply(lambda s: bool((s == 1).all()))
             print(f"  ... with the alternative ranking {col[4:]!r}: {int(k_alt.sum())}/{len(k_alt)}")
-        for col in ("concept_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank", *alt_cols):
+        for col in ("concept_rank", "new_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank", *alt_cols):
             by_p = hi.groupby("p")[col].apply(lambda s: f"{int((s == 1).sum())}/{len(s)}")
             print(f"  {col:>17}: rank 1 in " + ", ".join(f"p={p:.0%}: {v}" for p, v in by_p.items()) + " (kind x seed cells)")
     if args.null_shuffles:
