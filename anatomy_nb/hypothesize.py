@@ -13,7 +13,7 @@ Reads the feature store of stage 1 and writes, under ``run_dir/hypotheses/<key>/
 - ``baseline_text_stats.parquet`` and ``baseline_linear.parquet`` — the baselines: plain text
   statistics tested the same way, and an L1-logistic classifier on per-pair feature differences;
 - ``length_placebo.parquet`` — whether the length control is calibrated on this data (placebo
-  pairs of same-side responses that differ only in length; ``stats.length_placebo``).
+  pairs of same-side responses that differ only in length; ``stats.length_placebo``), per view.
 
 Method (DESIGN.md §1 step 2): concepts are clusters of features by *unsigned* co-firing
 (``concepts.py``); the tested quantity is the signed per-pair difference of a concept's activity,
@@ -439,7 +439,8 @@ def hypothesize(
     _write_parquet(out / "baseline_text_stats.parquet", base_text)
     placebo_info = {"skipped": "length_placebo_draws = 0"}
     if cfg.length_placebo_draws > 0 and pf.n_pairs >= 8:
-        placebo = length_placebo(*concept_activity(pf, labels), pf.ntok, degrees=(0, cfg.length_control_degree), draws=cfg.length_placebo_draws, seed=cfg.seed)
+        views = [None, *(pf.edges if cfg.test_edges else ())]
+        placebo = pd.concat([length_placebo(*concept_activity(pf, labels, v), pf.ntok, degrees=(0, cfg.length_control_degree), draws=cfg.length_placebo_draws, seed=cfg.seed).assign(view=v or "overall") for v in views], ignore_index=True)
         _write_parquet(out / "length_placebo.parquet", placebo)
         placebo_info = _placebo_summary(placebo, cfg.length_control_degree)
         if not placebo_info["calibrated"]:
@@ -469,9 +470,10 @@ def hypothesize(
 
 
 def _placebo_summary(placebo: pd.DataFrame, degree: int, tolerance: float = 0.10) -> dict[str, Any]:
-    """The manifest's verdict: calibrated when, on both sides, at most ``tolerance`` (twice the
-    nominal 5 %) of placebo tests reach p < 0.05 under the configured control."""
-    by = placebo.set_index(["side", "degree"])["frac_p05"]
+    """The manifest's verdict: calibrated when, on both sides and in every view, at most
+    ``tolerance`` (twice the nominal 5 %) of placebo tests reach p < 0.05 under the configured
+    control."""
+    by = placebo.groupby(["side", "degree"])["frac_p05"].max()
     controlled = float(by.xs(degree, level="degree").max())
     return {"degree": degree, "frac_p05_controlled": round(controlled, 4), "frac_p05_uncontrolled": round(float(by.xs(0, level="degree").max()), 4), "calibrated": controlled <= tolerance}
 

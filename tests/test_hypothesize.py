@@ -178,10 +178,11 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
     assert (h.by_edge()["chosen_rate"] <= h.by_edge()["concept"].map(h.overall().set_index("concept")["chosen_rate"]) + 1e-12).all()  # an edge is part of the response
     # the length-control placebo: both sides, no control and the configured degree, and a verdict
     placebo = h.length_placebo
-    assert set(zip(placebo["side"], placebo["degree"])) == {(s, d) for s in ("chosen", "rejected") for d in (0, 2)}
+    assert set(zip(placebo["view"], placebo["side"], placebo["degree"])) == {(v, s, d) for v in ("overall", "opening", "ending") for s in ("chosen", "rejected") for d in (0, 2)}
     assert placebo["frac_p05"].between(0, 1).all()
     info = h.manifest["length_placebo"]
     assert info["degree"] == 2 and info["calibrated"] == (info["frac_p05_controlled"] <= 0.10)
+    assert info["frac_p05_controlled"] == placebo[placebo["degree"] == 2]["frac_p05"].max()  # the worst view and side
     again = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_)
     assert again.path == h.path  # unchanged: reused
     other = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=4)), model=tiny_lm, sae=tiny_sae_)
