@@ -4,9 +4,9 @@ Reads the feature store of stage 1 and writes, under ``run_dir/hypotheses/<key>/
 
 - ``hypotheses.parquet`` — one row per concept over the whole response (``view="overall"``), over
   the responses' first / last few tokens (``view="opening"`` / ``"ending"``, when the store has
-  them) and per topic × concept (``view="topic"``): member features, label fields, firing rates on chosen and rejected, mean
-  paired difference, Cohen's d, t/z, p, Benjamini–Hochberg q over *every* row, split-half sign
-  agreement, the length-controlled effect, number of units, and the predicted direction and size
+  them) and per topic × concept (``view="topic"``): member features, label fields, firing rates
+  on chosen and rejected, mean paired difference, Cohen's d, t/z, p, Benjamini–Hochberg q over
+  *every* row, split-half sign agreement, the length-controlled effect, number of units, and the predicted direction and size
   of the change DPO would make;
 - ``features.parquet`` — per feature: its concept, support and its own paired test (a separate
   BH family, for drill-downs); ``topics.parquet`` / ``topic_summary.parquet`` — the prompt topics;
@@ -169,7 +169,9 @@ def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig,
         for edge in pf.edges:
             Ec, Er = concept_activity(pf, labels, edge)
             De = group_means(Ec - Er, groups)
-            frames.append(base.assign(view=edge, topic=-1, chosen_rate=(Ec > 0).mean(0), rejected_rate=(Er > 0).mean(0), chosen_activity=Ec.mean(0), rejected_activity=Er.mean(0), n_units=len(De), **_stat_columns("", paired_test(De)), split_half_agreement=split_half_agreement(De, cfg.n_splits, cfg.seed), **_stat_columns("length_controlled_", length_controlled(De, len_diff))))
+            rates = dict(chosen_rate=(Ec > 0).mean(0), rejected_rate=(Er > 0).mean(0), chosen_activity=Ec.mean(0), rejected_activity=Er.mean(0))
+            stats = {**_stat_columns("", paired_test(De)), **_stat_columns("length_controlled_", length_controlled(De, len_diff))}
+            frames.append(base.assign(view=edge, topic=-1, n_units=len(De), split_half_agreement=split_half_agreement(De, cfg.n_splits, cfg.seed), **rates, **stats))
     if topic_of_group is not None:
         unit_topic = topic_of_group if cfg.group_by_prompt else topic_of_group[pf.groups]
         for k in np.unique(unit_topic):
