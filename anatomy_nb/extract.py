@@ -218,8 +218,8 @@ def _compute_shard(enc: _Encoder, pairs: Sequence[PreferencePair], cfg: ExtractC
         "hist": hist,
         "truncated": np.asarray([n_trunc_prompt, n_trunc_resp], dtype=np.int64),
     }
-    for e, sets in edge.items():
-        if cfg.edge_tokens:
+    if cfg.edge_tokens:
+        for e, sets in edge.items():
             out[f"resp_{e}_nnz"] = np.asarray([len(f) for f in sets], dtype=np.int64)
             out[f"resp_{e}_feat"] = np.concatenate(sets).astype(fdt) if sets else np.zeros(0, fdt)
     cand_arr = np.concatenate(cand) if cand else np.zeros((0, 3), np.int64)
@@ -276,9 +276,10 @@ def _merge(shard_dirs: list[Path], out: Path, shard_size: int, cfg: ExtractConfi
     for k in ("resp_feat", "resp_max", "resp_mean", "resp_count", "resp_ntok", "tokens"):
         arrays[k] = cat(k)
     arrays["tok_indptr"] = np.r_[0, np.cumsum(cat("tok_len"))].astype(np.int64)
-    for e in EDGES if cfg.edge_tokens else ():
-        arrays[f"resp_{e}_indptr"] = np.r_[0, np.cumsum(cat(f"resp_{e}_nnz"))].astype(np.int64)
-        arrays[f"resp_{e}_feat"] = cat(f"resp_{e}_feat")
+    if cfg.edge_tokens:
+        for e in EDGES:
+            arrays[f"resp_{e}_indptr"] = np.r_[0, np.cumsum(cat(f"resp_{e}_nnz"))].astype(np.int64)
+            arrays[f"resp_{e}_feat"] = cat(f"resp_{e}_feat")
     if cfg.store_prompts:
         arrays["prompt_indptr"] = np.r_[0, np.cumsum(cat("prompt_nnz"))].astype(np.int64)
         for k in ("prompt_feat", "prompt_max", "prompt_mean", "prompt_count", "prompt_ntok"):

@@ -352,8 +352,9 @@ class Hypotheses:
 
     def ranked(self) -> pd.DataFrame:
         """Every prompt-independent hypothesis in rank order: each concept over the whole response
-        (view "overall") and over its opening / ending tokens."""
-        return self.table[self.table["view"] != "topic"]
+        (view "overall") and over its opening / ending tokens; ``where`` names the view for people."""
+        t = self.table[self.table["view"] != "topic"]
+        return t.assign(where=t["view"].replace({"overall": "whole response"}))
 
     def top(self, n: int = 20, view: str | None = "overall") -> pd.DataFrame:
         t = self.table if view is None else self.table[self.table["view"] == view]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -176,6 +177,11 @@ class ConceptSpace:
         layer = int(store.manifest["layer"]) if store.manifest.get("layer") is not None else None
         return cls(_overall(hyp), uc, ur, pf.groups if config.get("group_by_prompt", True) else None, hyp.manifest.get("key"), layer, pf.ntok, int(config.get("length_control_degree", 2)))
 
+    @cached_property
+    def _length_regressors(self) -> np.ndarray | None:
+        """Per pair, stage 2's length-control regressors (they depend only on ``ntok``)."""
+        return None if self.ntok is None else length_regressors(np.log(np.maximum(self.ntok, 1)), self.length_degree)
+
     @property
     def n_concepts(self) -> int:
         return self.chosen.shape[1]
@@ -215,9 +221,8 @@ class ConceptSpace:
         tcrit = sps.t.ppf(0.975, max(n - 1, 1))
         lo, hi = t.mean - tcrit * se, t.mean + tcrit * se
         lc_d = np.full(self.n_concepts, np.nan)
-        if self.ntok is not None and n > self.length_degree + 1:
-            regressors = length_regressors(np.log(np.maximum(self.ntok, 1)), self.length_degree)
-            lc_d = length_controlled(u, self._units(regressors, idx)).cohens_d
+        if self._length_regressors is not None and n > self.length_degree + 1:
+            lc_d = length_controlled(u, self._units(self._length_regressors, idx)).cohens_d
         cr = (self.chosen[idx] > 0).mean(0) if len(idx) else np.zeros(self.n_concepts)
         rr = (self.rejected[idx] > 0).mean(0) if len(idx) else np.zeros(self.n_concepts)
         out = pd.DataFrame({

@@ -166,7 +166,7 @@ def describe_target(run: RunDir, hyp, cid: int) -> dict:
     from .plant import planted_truth
 
     rows = hyp.ranked()
-    row = rows[rows["concept"] == cid].sort_values("rank").iloc[0]  # the concept's first hypothesis
+    row = rows[rows["concept"] == cid].iloc[0]  # the concept's first hypothesis (ranked() is in rank order)
     out = {"concept": int(cid), "rank": int(row["rank"]), "view": str(row["view"]), "label": str(row.get("label", "")), "n_features": int(row["n_features"]), "cohens_d": float(row["cohens_d"]), "q": float(row["q"])}
     truth = planted_truth(run.path)
     if truth is not None:

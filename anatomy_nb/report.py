@@ -92,7 +92,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         from .hypothesize import Hypotheses
 
         hyp = Hypotheses.from_run(run)
-        top = hyp.ranked().head(15).assign(where=lambda t: t["view"].replace({"overall": "whole response"}))[["rank", "where", "concept", "n_features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "q", "predicted_direction", "label"]].copy()
+        top = hyp.ranked().head(15)[["rank", "where", "concept", "n_features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "q", "predicted_direction", "label"]].copy()
         for c in ("chosen_rate", "rejected_rate", "mean_diff", "cohens_d"):
             top[c] = top[c].map(lambda v: f"{v:.3f}")
         top["q"] = top["q"].map(lambda v: f"{v:.2g}")
