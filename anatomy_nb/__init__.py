@@ -1,12 +1,19 @@
 """anatomy_nb: see what a preference data set will teach a model, at the level of SAE concepts.
 
-The small functional API, one function per pipeline stage::
+The small functional API, one function per stage, plus the whole pipeline and the report::
 
-    from anatomy_nb import load_model, load_pairs, load_sae, extract
-    pairs = load_pairs("hh-rlhf", limit=300)
-    store = extract(pairs, load_model(), load_sae(), "runs/default")
+    import anatomy_nb as anb
+    pairs = anb.load_pairs("hh-rlhf", limit=300)
+    store = anb.extract(pairs, anb.load_model(), anb.load_sae(), "runs/default")
+    hyp = anb.hypothesize("runs/default")          # concepts, tests, topics, labels, baselines
+    plan = anb.plan("runs/default", {"concepts": [{"concept": "sae:3", "action": "suppress"}]})
+    result = anb.train("runs/default", plan)       # DPO with the plan applied
+    ev = anb.evaluate("runs/default")              # predicted vs actual, behaviour, intervals
+    anb.run("configs/poisoning.yaml")              # notebooks 01-05 headless, + anb.report(...)
+    anb.Run("runs/default").hypotheses.ranked()    # read any result (no torch)
 
-Imports are lazy so that ``import anatomy_nb`` stays cheap (no torch until it is needed).
+Everything is imported on first use: ``import anatomy_nb`` is cheap and never imports torch, and no
+module shares a name with these functions, so they stay callable whatever else was imported.
 """
 
 from __future__ import annotations
@@ -17,27 +24,51 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "RunDir": "artifacts",
-    "DataError": "data",
-    "PairSet": "data",
-    "PreferencePair": "data",
-    "load_pairs": "data",
-    "DataCard": "datacard",
-    "data_card": "datacard",
-    "EvalConfig": "evaluate",
-    "evaluate": "evaluate",
-    "ExtractConfig": "extract",
-    "FeatureStore": "extract",
-    "extract": "extract",
-    "DEFAULT_MODEL": "models",
-    "LoadedModel": "models",
-    "load_model": "models",
-    "tiny_llama": "models",
-    "DEFAULT_SAE": "sae",
-    "LoadedSAE": "sae",
-    "load_sae": "sae",
-    "tiny_sae": "sae",
-    "run_notebook": "notebooks",
+    # the stages, the pipeline and the report
+    "extract": "stages.extract",
+    "hypothesize": "stages.hypothesize",
+    "plan": "stages.plan",
+    "train": "stages.train",
+    "evaluate": "stages.evaluate",
+    "run": "pipeline",
+    "report": "ui.report",
+    "run_notebook": "ui.notebooks",
+    # the run directory and what it holds (readers: no torch)
+    "Run": "core.run",
+    "FeatureStore": "results.store",
+    "Hypotheses": "results.hypotheses",
+    "InterventionPlan": "results.plan",
+    "TrainResult": "results.training",
+    "EvalResult": "results.evaluation",
+    # parameters
+    "ConceptConfig": "config",
+    "EvalConfig": "config",
+    "ExtractConfig": "config",
+    "HypothesizeConfig": "config",
+    "MapConfig": "config",
+    "PipelineConfig": "config",
+    "PlanConfig": "config",
+    "RecipeConfig": "config",
+    "TopicConfig": "config",
+    "TrainConfig": "config",
+    "DEFAULT_MODEL": "config",
+    "DEFAULT_SAE": "config",
+    # data, models, SAEs, concept sources
+    "DataError": "data.schema",
+    "PairSet": "data.schema",
+    "PreferencePair": "data.schema",
+    "load_pairs": "data.pairs",
+    "DataCard": "data.datacard",
+    "data_card": "data.datacard",
+    "LoadedModel": "lm.models",
+    "load_model": "lm.models",
+    "tiny_llama": "lm.models",
+    "LoadedSAE": "lm.sae",
+    "load_sae": "lm.sae",
+    "tiny_sae": "lm.sae",
+    "SAEConcept": "concepts.sources",
+    "TextConcept": "concepts.sources",
+    "DirectionConcept": "concepts.sources",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -45,16 +76,35 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # resolve once
+        return value
     raise AttributeError(f"module 'anatomy_nb' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return __all__
+
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .artifacts import RunDir
-    from .data import DataError, PairSet, PreferencePair, load_pairs
-    from .datacard import DataCard, data_card
-    from .evaluate import EvalConfig, evaluate
-    from .extract import ExtractConfig, FeatureStore, extract
-    from .models import DEFAULT_MODEL, LoadedModel, load_model, tiny_llama
-    from .notebooks import run_notebook
-    from .sae import DEFAULT_SAE, LoadedSAE, load_sae, tiny_sae
+    from .concepts.sources import DirectionConcept, SAEConcept, TextConcept
+    from .config import DEFAULT_MODEL, DEFAULT_SAE, ConceptConfig, EvalConfig, ExtractConfig, HypothesizeConfig, MapConfig, PipelineConfig, PlanConfig, RecipeConfig, TopicConfig, TrainConfig
+    from .core.run import Run
+    from .data.datacard import DataCard, data_card
+    from .data.pairs import load_pairs
+    from .data.schema import DataError, PairSet, PreferencePair
+    from .lm.models import LoadedModel, load_model, tiny_llama
+    from .lm.sae import LoadedSAE, load_sae, tiny_sae
+    from .pipeline import run
+    from .results.evaluation import EvalResult
+    from .results.hypotheses import Hypotheses
+    from .results.plan import InterventionPlan
+    from .results.store import FeatureStore
+    from .results.training import TrainResult
+    from .stages.evaluate import evaluate
+    from .stages.extract import extract
+    from .stages.hypothesize import hypothesize
+    from .stages.plan import plan
+    from .stages.train import train
+    from .ui.notebooks import run_notebook
+    from .ui.report import report

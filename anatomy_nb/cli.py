@@ -1,9 +1,17 @@
-"""``anatomy-nb``: the pipeline from a shell.
+"""``anatomy-nb``: the pipeline and each stage from a shell. Every flag comes from a config
+dataclass (``anatomy_nb.config``): ``anatomy-nb <command> --help`` lists them with their defaults.
 
-    anatomy-nb run [CONFIG.yaml] [--run-dir runs/x] [--set key=value]  # notebooks 01-05 headless, resumable, + report
+    anatomy-nb run [CONFIG.yaml] [--run-dir runs/x] [--train.learning-rate 1e-4] [--set plant=null]
     anatomy-nb extract --data hh-rlhf --n-pairs 200 --run-dir runs/x
-    anatomy-nb train-sae --work-dir work/sae_recipe                # rebuild the default SAE
-    anatomy-nb report runs/default                                 # standalone HTML: notebooks + summary
+    anatomy-nb hypothesize --run-dir runs/x [--fdr 0.1] [--concepts.resolution 0.1]
+    anatomy-nb plan --run-dir runs/x --spec plan.json
+    anatomy-nb train --run-dir runs/x [--plan runs/x] [--learning-rate 1e-3]
+    anatomy-nb evaluate --run-dir runs/x [--n-prompts 60]
+    anatomy-nb train-sae --work-dir work/sae_recipe       # rebuild the default SAE
+    anatomy-nb report runs/default                        # standalone HTML: notebooks + summary
+
+Values are YAML (``none``, ``true``, ``[a, b]``). The stage modules are imported only by the command
+that needs them, so ``anatomy-nb report`` never loads torch.
 """
 
 from __future__ import annotations
@@ -13,112 +21,148 @@ import json
 import logging
 import sys
 
+from .config import EvalConfig, ExtractConfig, HypothesizeConfig, PipelineConfig, PlanConfig, RecipeConfig, TrainConfig
+from .core.config_base import ConfigError, yaml_value
+
 __all__ = ["main"]
 
 DEFAULT_RUN_DIR = "runs/default"
-
-
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import load_config, run_pipeline
 
     overrides = {}
-    for flag, key in (("run_dir", "run_dir"), ("model", "model"), ("sae", "sae"), ("data", "data"), ("n_pairs", "n_pairs"), ("notebooks", "stages")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
-    if args.no_html:
-        overrides["html"] = False
     for item in args.set or []:
         if "=" not in item:
             raise SystemExit(f"--set expects KEY=VALUE (YAML value), got {item!r}")
         k, v = item.split("=", 1)
-        overrides[k.strip()] = _parse_value(v)
-    cfg = load_config(args.config, overrides)
+        overrides[k.strip()] = yaml_value(v)
+    cfg = PipelineConfig.from_args(args, base=load_config(args.config, overrides))
     state = run_pipeline(cfg, log=lambda m: print(m, flush=True))
     print(f"[anatomy-nb] finished: {cfg.run_dir} ({state.get('seconds_this_run', 0):.0f} s this run)", flush=True)
     return 0
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .data import load_pairs
-    from .extract import ExtractConfig, extract
+    from .stages.extract import extract
 
-    pairs = load_pairs(args.data, limit=args.n_pairs, strict=args.strict)
-    if pairs.report.skipped:
-        print(f"[anatomy-nb] skipped {sum(pairs.report.skipped.values())} records: {dict(pairs.report.skipped)}", file=sys.stderr)
-    store = extract(pairs, args.model, args.sae, args.run_dir, ExtractConfig(shard_size=args.shard_size))
+    store = extract(None, None, None, args.run_dir, ExtractConfig.from_args(args))
     print(store)
     print(json.dumps({k: store.manifest[k] for k in ("key", "n_pairs", "d_sae", "layer")}, indent=2))
     return 0
 
 
+def _cmd_hypothesize(args: argparse.Namespace) -> int:
+    from .stages.hypothesize import hypothesize
+
+    print(hypothesize(args.run_dir, HypothesizeConfig.from_args(args)))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .stages.plan import plan
+
+    p = plan(args.run_dir, args.spec, PlanConfig.from_args(args))
+    print(f"{len(p.active)} of {len(p.concepts)} concepts changed; written to {args.run_dir}/plan/plan.json")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .data.pairs import load_pairs
+    from .stages.train import train
+
+    pairs = load_pairs(args.pairs, limit=args.limit) if args.pairs else None
+    print(train(args.run_dir, args.plan, pairs=pairs, config=TrainConfig.from_args(args), force=args.force))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .stages.evaluate import evaluate
+
+    res = evaluate(args.run_dir, config=EvalConfig.from_args(args), force=args.force)
+    print(res)
+    print(res.comparison_table().to_string())
+    return 0
+
+
 def _cmd_train_sae(args: argparse.Namespace) -> int:
-    from .sae_recipe import RecipeConfig, run
+    from .lm.sae_recipe import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    card = run(args.work_dir, args.out, RecipeConfig(train_tokens=args.train_tokens))
+    card = run(args.work_dir, args.out, RecipeConfig.from_args(args))
     print(json.dumps(card["held_out_metrics"], indent=2))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
+    from .ui.report import report
 
-    index = build_report(args.run_dir, args.out)
-    print(f"[anatomy-nb] report: {index}", flush=True)
+    print(f"[anatomy-nb] report: {report(args.run_dir, args.out)}", flush=True)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .models import DEFAULT_MODEL
-    from .sae import DEFAULT_SAE
-
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anatomy-nb", description="Audit a preference data set at the level of SAE concepts.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp):
-        sp.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
-        sp.add_argument("--model", default=DEFAULT_MODEL, help="model alias, hub id or local directory")
-        sp.add_argument("--sae", default=DEFAULT_SAE, help="shipped SAE name or local sae-lens directory")
-        sp.add_argument("--data", default="hh-rlhf", help="vendored alias, local file or datasets name")
-        sp.add_argument("--n-pairs", type=int, default=300)
-
     r = sub.add_parser("run", help="run the pipeline (notebooks 01-05) headless from a config; resumes and skips unchanged steps")
-    r.add_argument("config", nargs="?", default=None, help="YAML/JSON pipeline config (default: the controlled-poisoning experiment, see anatomy_nb/pipeline.py)")
-    r.add_argument("--run-dir", default=None)
-    r.add_argument("--model", default=None)
-    r.add_argument("--sae", default=None)
-    r.add_argument("--data", default=None)
-    r.add_argument("--n-pairs", type=int, default=None)
-    r.add_argument("--notebooks", nargs="+", default=None, help="only these stages, e.g. 01_extract 02_hypothesize")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value), e.g. --set plant=null --set 'methods=[filter]'")
-    r.add_argument("--no-html", action="store_true")
+    r.add_argument("config", nargs="?", default=None, help="YAML/JSON pipeline config (default: the controlled-poisoning experiment, configs/poisoning.yaml)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value; dotted for a stage), e.g. --set plant=null --set train.lora_r=4")
+    PipelineConfig.add_arguments(r)
     r.set_defaults(func=_cmd_run)
 
-    e = sub.add_parser("extract", help="write the feature store for a data set")
-    common(e)
-    e.add_argument("--shard-size", type=int, default=128)
-    e.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    e = sub.add_parser("extract", help="stage 1: write the feature store for a data set")
+    e.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    ExtractConfig.add_arguments(e)
     e.set_defaults(func=_cmd_extract)
 
-    t = sub.add_parser("train-sae", help="re-train the default SAE (sweep, train, evaluate, card)")
-    t.add_argument("--work-dir", default="work/sae_recipe")
-    t.add_argument("--out", default=None)
-    t.add_argument("--train-tokens", type=int, default=800_000)
-    t.set_defaults(func=_cmd_train_sae)
+    h = sub.add_parser("hypothesize", help="stage 2: concepts, tests, topics, labels, baselines")
+    h.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    HypothesizeConfig.add_arguments(h)
+    h.set_defaults(func=_cmd_hypothesize)
+
+    pl = sub.add_parser("plan", help="stage 3: validate a plan against the hypotheses and write it to RUN_DIR/plan/plan.json")
+    pl.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    pl.add_argument("--spec", default=None, help="plan file or JSON string (default: the run's plan, else every concept allowed)")
+    PlanConfig.add_arguments(pl)
+    pl.set_defaults(func=_cmd_plan)
+
+    t = sub.add_parser("train", help="stage 4: DPO with a plan (plain DPO without one); under accelerate: accelerate launch -m anatomy_nb.cli train ...")
+    t.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    t.add_argument("--plan", default=None, help="plan file, run dir (its plan) or JSON string; omit for plain DPO")
+    t.add_argument("--pairs", default=None, help="pairs source for load_pairs (default: the run's feature store)")
+    t.add_argument("--limit", type=int, default=None, help="with --pairs: read at most this many pairs")
+    t.add_argument("--force", action="store_true")
+    TrainConfig.add_arguments(t)
+    t.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("evaluate", help="stage 5: base vs every training run; predicted vs actual, behaviour")
+    ev.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    ev.add_argument("--force", action="store_true")
+    EvalConfig.add_arguments(ev)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("train-sae", help="re-train the default SAE (sweep, train, evaluate, card)")
+    s.add_argument("--work-dir", default="work/sae_recipe")
+    s.add_argument("--out", default=None)
+    RecipeConfig.add_arguments(s)
+    s.set_defaults(func=_cmd_train_sae)
 
     rp = sub.add_parser("report", help="render the executed notebooks and a summary page to standalone HTML")
     rp.add_argument("run_dir")
     rp.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
     rp.set_defaults(func=_cmd_report)
+    return p
 
-    args = p.parse_args(argv)
-    return int(args.func(args) or 0)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"anatomy-nb {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """``anatomy-nb run CONFIG``: notebooks 01–05 headless into one run directory, resumable.
 
 The pipeline is the notebooks themselves, executed with papermill, so what runs headless is
-exactly what a user sees in Jupyter. Between notebooks the runner does two small things no
-notebook should: it writes the (optionally poisoned) data set, and it builds one plan per
-intervention method from the audit's target concept.
+exactly what a user sees in Jupyter. Each notebook gets ``run_dir`` and its stage's ``config``
+dict (``PipelineConfig.extract``, ``.hypothesize``, ``.plan``, ``.train``, ``.evaluate`` — the
+config dataclasses, validated when the pipeline config is built). Between notebooks the runner
+does two small things no notebook should: it writes the (optionally poisoned) data set, and it
+builds one plan per intervention method from the audit's target concept.
 
 Skipping and resuming: every step has a key — a content hash of the notebook file, its
 parameters and the keys of every step before it — recorded in ``run_dir/pipeline.json`` when the
@@ -23,67 +25,56 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .artifacts import RunDir, atomic_write_json, content_hash, read_json
+import numpy as np
+import yaml
+from sklearn.metrics import roc_auc_score
 
-__all__ = ["PipelineConfig", "load_config", "run_pipeline", "STATE_FILE", "choose_target", "build_plans"]
+from .concepts.activity import PairFeatures, concept_activity
+from .config import PipelineConfig
+from .core.config_base import ConfigError
+from .core.files import atomic_write_json, content_hash, read_json
+from .core.run import Run
+from .data.pairs import load_pairs
+from .data.plant import PLANTED_DATA, plant, write_planted
+from .results.hypotheses import Hypotheses
+from .results.training import PLAIN
+from .stages.plan import choose_target, default_plan, set_choice
+from .ui import notebooks
+from .ui.report import report
+
+__all__ = ["PipelineConfig", "STATE_FILE", "build_plans", "describe_target", "load_config", "run", "run_pipeline"]
 
 STATE_FILE = "pipeline.json"
 
 
-@dataclass
-class PipelineConfig:
-    run_dir: str = "runs/default"
-    model: str = "smollm2-135m-instruct"
-    sae: str = "smollm2-135m-instruct-topk"
-    data: str = "hh-rlhf"
-    n_pairs: int | None = 300
-    # controlled poisoning: {"kind": bold|opener|emoji|question|word, "fraction": 0.25, "seed": 0}; None: the data as is
-    # 0.5: at 0.25 plain DPO on the CPU-sized training (64 pairs) did not learn the plant (greedy
-    # generations: 3-4/16 bold vs 1/16 base); at 0.5 it did (30/30). See README "The whole pipeline".
-    plant: dict | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0})
-    # the concept the plans act on: "top" (the highest-ranked significant concept DPO is predicted
-    # to raise) or a concept id of the hypotheses table
-    target: str | int = "top"
-    methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"])  # trained besides plain DPO
-    # method → strength (else intervene.DEFAULT_STRENGTH); shaping λ = 4: at λ = 1 it removed 55 % of the plant, at 4 all of it
-    strengths: dict = field(default_factory=lambda: {"reward_shaping": 4.0})
-    hypothesize: dict = field(default_factory=dict)  # parameters of 02_hypothesize
-    # parameters of 04_train (each run); lr 1e-3: at TrainConfig's 5e-5 (and 5e-4) 64 pairs teach
-    # nothing measurable; 20 % of the prompts held out (60 pairs, about half of them unpoisoned) so
-    # that the on-target preference is measured on more than a handful of clean pairs
-    train: dict = field(default_factory=lambda: {"learning_rate": 1e-3, "heldout_fraction": 0.2})
-    # parameters of 05_evaluate; CPU-sized (EvalConfig defaults are larger)
-    evaluate: dict = field(default_factory=lambda: {"n_prompts": 30, "max_new_tokens": 32, "n_ab": 8, "n_harmful": 6, "n_xstest": 6, "max_pref_pairs": 60})
-    stages: list[str] = field(default_factory=lambda: ["01_extract", "02_hypothesize", "03_intervene", "04_train", "05_evaluate"])
-    html: bool = True
-    report: bool = True
+def dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.lora_r": 4}`` → ``{"train": {"lora_r": 4}}`` (nested keys of the stage configs)."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = str(key).split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a mapping of config keys")
+        node[leaf] = value
+    return out
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "<config>") -> "PipelineConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown config key(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**dict(data))
-        if cfg.plant is not None:
-            from .plant import KINDS
 
-            if not isinstance(cfg.plant, Mapping) or cfg.plant.get("kind") not in KINDS:
-                raise ValueError(f"{source}: plant.kind must be one of {sorted(KINDS)}, got {cfg.plant!r}")
-        from .plan import METHODS
-
-        bad = [m for m in cfg.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"{source}: methods {bad} unknown; known: {list(METHODS)}")
-        return cfg
+def _deep_merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
-    """A config from a YAML or JSON file (None: the defaults), then ``overrides`` on top."""
+    """A config from a YAML or JSON file (None: the defaults), then ``overrides`` on top (dotted
+    keys reach into a stage: ``{"train.learning_rate": 1e-4}``). Unknown keys are errors that name
+    them and the valid ones, at any depth."""
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -92,93 +83,54 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         if not path.exists():
             raise FileNotFoundError(f"config file not found: {path}")
         text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+        data = (yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    data.update(overrides or {})
-    return PipelineConfig.from_dict(data, source)
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return PipelineConfig.from_dict(_deep_merge(data, dotted(overrides or {})), source)
 
 
 # --- the steps between notebooks -------------------------------------------------------------
 
 
-def write_data(run: RunDir, cfg: PipelineConfig) -> tuple[str, int | None, dict]:
-    """The data source notebook 01 reads: the configured one, or a poisoned copy in the run."""
+def write_data(run: Run, cfg: PipelineConfig) -> tuple[dict, dict]:
+    """Stage 1's data: the configured source, or a poisoned copy written into the run. Returns
+    (the extract config notebook 01 gets, what was written)."""
+    extract = cfg.extract.to_dict()
     if cfg.plant is None:
-        return cfg.data, cfg.n_pairs, {}
-    from .data import load_pairs
-    from .plant import PLANTED_DATA, plant, write_planted
-
-    pairs = list(load_pairs(cfg.data, limit=cfg.n_pairs))
+        return extract, {}
+    pairs = list(load_pairs(cfg.extract.data, limit=cfg.extract.n_pairs, strict=cfg.extract.strict))
     planted, idx = plant(pairs, cfg.plant["kind"], float(cfg.plant.get("fraction", 0.25)), int(cfg.plant.get("seed", 0)))
-    path = write_planted(planted, idx, cfg.plant["kind"], run.path / PLANTED_DATA)
-    path = path.resolve()  # the notebooks run with cwd=notebooks/
-    return str(path), None, {"planted_file": str(path), "n_planted": int(len(idx))}
+    path = write_planted(planted, idx, cfg.plant["kind"], run.path / PLANTED_DATA).resolve()  # the notebooks run with cwd=notebooks/
+    return {**extract, "data": str(path), "n_pairs": None}, {"planted_file": str(path), "n_planted": int(len(idx))}
 
 
-def choose_target(hyp, target: str | int = "top") -> int:
-    """The concept the plans act on. "top": the concept of the highest-ranked significant
-    hypothesis (whole response, opening or ending) whose predicted direction is up (what DPO would
-    learn); an int: that concept."""
-    ov = hyp.overall()
-    if target != "top":
-        cid = int(target)
-        if cid not in set(ov["concept"].astype(int)):
-            raise ValueError(f"target concept {cid} is not in the hypotheses table")
-        return cid
-    ranked = hyp.ranked()
-    up = ranked[(ranked["significant"]) & (ranked["predicted_direction"] == "up")]
-    if up.empty:
-        raise ValueError("no significant concept that DPO is predicted to raise: nothing to suppress (set `target` to a concept id)")
-    return int(up.sort_values("rank").iloc[0]["concept"])
-
-
-def build_plans(run: RunDir, cfg: PipelineConfig) -> dict[str, dict]:
-    """One plan per method, each suppressing the target concept; written to ``run_dir/plans/``."""
-    from .hypothesize import Hypotheses
-    from .intervene import default_plan, set_choice
-
-    hyp = Hypotheses.from_run(run)
+def build_plans(run: Run, cfg: PipelineConfig) -> dict[str, dict]:
+    """One plan per method, each suppressing the target concept; written to ``run_dir/plan/``."""
+    hyp = run.hypotheses
     cid = choose_target(hyp, cfg.target)
-    atomic_write_json(run.path / "plans" / "target.json", describe_target(run, hyp, cid))
+    atomic_write_json(run.path / "plan" / "target.json", describe_target(run, hyp, cid))
     plans = {}
     for method in cfg.methods:
-        plan = set_choice(default_plan(hyp), cid, "suppress", method, cfg.strengths.get(method))
-        plan.concepts = [c for c in plan.concepts if c.action != "allow"]  # keep the files small
-        plans[method] = plan.to_dict()
-        plan.save(run.path / "plans" / f"{method}.json")
+        p = set_choice(default_plan(hyp), cid, "suppress", method, cfg.strengths.get(method))
+        p.concepts = [c for c in p.concepts if c.action != "allow"]  # keep the files small
+        plans[method] = p.to_dict()
+        p.save(run.path / "plan" / f"{method}.json")
     return plans
 
 
-def describe_target(run: RunDir, hyp, cid: int) -> dict:
+def describe_target(run: Run, hyp: Hypotheses, cid: int) -> dict:
     """What the plans act on, and — for a poisoned run — whether it is the planted concept: the
     target's paired difference on planted pairs vs the rest, and the AUROC with which it picks
     out the planted pairs (ground truth from ``data/planted.planted.json``, never from the test)."""
-    import numpy as np
-
-    from .extract import FeatureStore
-    from .hypothesize import PairFeatures, concept_activity
-    from .plant import planted_truth
-
     rows = hyp.ranked()
-    row = rows[rows["concept"] == cid].iloc[0]  # the concept's first hypothesis (ranked() is in rank order)
+    row = rows[(rows["source"] == "sae") & (rows["concept"] == cid)].iloc[0]  # its first hypothesis (ranked() is in rank order)
     out = {"concept": int(cid), "rank": int(row["rank"]), "view": str(row["view"]), "label": str(row.get("label", "")), "n_features": int(row["n_features"]), "cohens_d": float(row["cohens_d"]), "q": float(row["q"])}
-    truth = planted_truth(run.path)
+    truth = run.planted
     if truth is not None:
-        from sklearn.metrics import roc_auc_score
-
-        store = FeatureStore.from_run(run)
-        pf = PairFeatures.from_store(store)
-        labels = np.full(pf.d_sae, -1)
-        labels[hyp.features["feature"].to_numpy()] = hyp.features["concept"].to_numpy()
-        uc, ur = concept_activity(pf, labels)
+        store = run.store
+        uc, ur = concept_activity(PairFeatures.from_store(store), hyp.feature_labels(store.d_sae))
         d = uc[:, cid] - ur[:, cid]
-        planted = np.isin([p["id"] for p in store.pairs()], truth["planted_ids"])
+        planted = np.isin([p.id for p in store.pairs()], truth["planted_ids"])
         out.update(planted_kind=truth["kind"], n_planted=int(planted.sum()), mean_diff_planted=float(d[planted].mean()) if planted.any() else None, mean_diff_other=float(d[~planted].mean()) if (~planted).any() else None)
         out["auroc_planted"] = float(roc_auc_score(planted, d)) if 0 < planted.sum() < len(planted) else None
     return out
@@ -191,68 +143,71 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _steps(run: RunDir, cfg: PipelineConfig, pipeline_state: dict, inputs: dict) -> list[tuple[str, str, Callable[[], dict]]]:
+Step = tuple[str, str, Callable[[], dict]]
+
+
+def _steps(run: Run, cfg: PipelineConfig, pipeline_state: dict, inputs: dict) -> list[Step]:
     """(step name, notebook, parameters) in order; parameters are computed lazily, just before
     the step, because some depend on what the previous steps wrote. ``inputs[name]`` receives what
     a step reads that its parameters do not show (the data file's content), for its key."""
     state: dict[str, Any] = {}
 
     def data_params() -> dict:
-        source, n_pairs, info = write_data(run, cfg)
+        extract, info = write_data(run, cfg)
         state["data"] = info
         # the poisoned file keeps its path when the plant changes: key its content, not its name
-        path = Path(source)
-        inputs["01_extract"] = _file_digest(path) if path.is_file() else None
-        return {"model": cfg.model, "sae": cfg.sae, "data_source": source, "n_pairs": n_pairs}
+        path = Path(extract["data"])
+        inputs["extract"] = _file_digest(path) if path.is_file() else None
+        return {"config": extract}
 
     def plans() -> dict[str, dict]:
         if "plans" not in state:
             state["plans"] = build_plans(run, cfg) if cfg.methods else {}
         return state["plans"]
 
-    steps: list[tuple[str, str, Callable[[], dict]]] = []
-    if "01_extract" in cfg.stages:
-        steps.append(("01_extract", "01_extract", data_params))
-    if "02_hypothesize" in cfg.stages:
-        steps.append(("02_hypothesize", "02_hypothesize", lambda: dict(cfg.hypothesize)))
-    if "03_intervene" in cfg.stages and cfg.methods:
-        steps.append(("03_intervene", "03_intervene", lambda: {"plan": plans()[cfg.methods[0]]}))
-    if "04_train" in cfg.stages:
-        steps.append(("04_train-plain", "04_train", lambda: {**cfg.train, "plan": "plain"}))
+    nb = notebooks.notebook_for
+    steps: list[Step] = []
+    if "extract" in cfg.stages:
+        steps.append(("extract", nb("extract"), data_params))
+    if "hypothesize" in cfg.stages:
+        steps.append(("hypothesize", nb("hypothesize"), lambda: {"config": cfg.hypothesize.to_dict()}))
+    if "plan" in cfg.stages and cfg.methods:
+        steps.append(("plan", nb("plan"), lambda: {"plan": plans()[cfg.methods[0]], "config": cfg.plan.to_dict()}))
+    if "train" in cfg.stages:
+        steps.append((f"train-{PLAIN}", nb("train"), lambda: {"plan": "plain", "config": cfg.train.to_dict()}))
         for m in cfg.methods:
-            steps.append((f"04_train-{m}", "04_train", lambda m=m: {**cfg.train, "plan": plans()[m]}))
-    if "05_evaluate" in cfg.stages:
-        steps.append(("05_evaluate", "05_evaluate", lambda: {**cfg.evaluate, **_trained_models(pipeline_state, cfg)}))
+            steps.append((f"train-{m}", nb("train"), lambda m=m: {"plan": plans()[m], "config": cfg.train.to_dict()}))
+    if "evaluate" in cfg.stages:
+        steps.append(("evaluate", nb("evaluate"), lambda: {"config": cfg.evaluate.to_dict(), **_trained_models(pipeline_state, cfg)}))
     return steps
 
 
 def _trained_models(pipeline_state: dict, cfg: PipelineConfig) -> dict:
     """Evaluate exactly this config's training runs (name → key), not every run left in the
     directory by earlier configs."""
-    if "04_train" not in cfg.stages:
+    if "train" not in cfg.stages:
         return {}
-    names = ["plain", *cfg.methods]
-    keys = {n: pipeline_state["steps"].get(f"04_train-{n}", {}).get("artifact") for n in names}
+    names = [PLAIN, *cfg.methods]
+    keys = {n: pipeline_state["steps"].get(f"train-{n}", {}).get("artifact") for n in names}
     return {"models": keys} if all(keys.values()) else {}
 
 
 def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the state written to ``run_dir/pipeline.json``."""
-    from . import notebooks
-
     cfg = config or PipelineConfig()
-    run = RunDir(cfg.run_dir)
+    run = Run(cfg.run_dir)
     state_path = run.path / STATE_FILE
     state = read_json(state_path) if state_path.exists() else {"steps": {}}
-    state["config"] = asdict(cfg)
-    prev_key = content_hash("pipeline", 1)
+    state["config"] = cfg.to_dict()
+    prev_key = content_hash("pipeline", 2)
     t_all = time.time()
     inputs: dict[str, Any] = {}
     for name, notebook, make_params in _steps(run, cfg, state, inputs):
         params = make_params()
         key = content_hash(prev_key, notebook, _file_digest(notebooks.notebook_dir() / f"{notebook}.ipynb"), params, inputs.get(name))
         done = state["steps"].get(name, {})
-        out = run.path / "notebooks" / f"{name}.ipynb"
+        out_name = f"{notebook[:3]}{name}"  # 04_train-plain, 05_evaluate: one executed copy per step
+        out = run.path / "notebooks" / f"{out_name}.ipynb"
         if done.get("status") == "done" and done.get("key") == key and out.exists():
             log(f"[anatomy-nb] {name}: unchanged, skipped")
             prev_key = key
@@ -262,14 +217,14 @@ def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], N
         atomic_write_json(state_path, state)
         t0 = time.time()
         try:
-            notebooks.run_notebook(notebook, run.path, params, html=cfg.html, strict_parameters=False, output_name=name)
+            notebooks.run_notebook(notebook, run.path, params, html=cfg.html, output_name=out_name)
         except BaseException as exc:
             state["steps"][name].update(status="failed", error=f"{type(exc).__name__}: {str(exc)[:2000]}", seconds=round(time.time() - t0, 1))
             atomic_write_json(state_path, state)
             log(f"[anatomy-nb] {name}: FAILED after {time.time() - t0:.0f} s; see {out} (re-run to resume from here)")
             raise
         state["steps"][name].update(status="done", seconds=round(time.time() - t0, 1))
-        if notebook == "04_train":  # the training run this step wrote (or reused), for 05
+        if name.startswith("train-"):  # the training run this step wrote (or reused), for evaluate
             state["steps"][name]["artifact"] = run.index()["train"]["key"]
         atomic_write_json(state_path, state)
         log(f"[anatomy-nb] {name}: done in {time.time() - t0:.0f} s")
@@ -277,10 +232,21 @@ def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], N
     state["seconds_this_run"] = round(time.time() - t_all, 1)
     atomic_write_json(state_path, state)
     if cfg.report:
-        from .report import build_report
-
-        index = build_report(run.path)
+        index = report(run.path)
         state["report"] = str(index)
         log(f"[anatomy-nb] report: {index}")
     atomic_write_json(state_path, state)
     return state
+
+
+def run(config: PipelineConfig | Mapping[str, Any] | str | Path | None = None, *, log: Callable[[str], None] = print, **overrides: Any) -> dict[str, Any]:
+    """The whole pipeline (notebooks 01–05 headless, then the report) from a PipelineConfig, a
+    dict of its keys, or a YAML/JSON file; ``overrides`` on top (``run_dir="runs/x"``, or a
+    stage's key as ``**{"train.learning_rate": 1e-4}``). Returns the pipeline state."""
+    if isinstance(config, PipelineConfig):
+        cfg = PipelineConfig.merged(config, dotted(overrides), "overrides")
+    elif isinstance(config, Mapping):
+        cfg = PipelineConfig.from_dict(_deep_merge(dict(config), dotted(overrides)), "config")
+    else:
+        cfg = load_config(config, overrides)
+    return run_pipeline(cfg, log=log)

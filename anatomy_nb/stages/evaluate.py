@@ -1,0 +1,280 @@
+"""Stage 5: did the model learn what the audit predicted, and did the interventions hold?
+
+``evaluate(run_dir)`` compares the base model with every training run in the run directory
+(plain DPO and one per intervention) and writes, under ``run_dir/evaluate/<key>/``:
+
+- ``generations.jsonl`` — every generation: model, set (heldout / harmful / xstest_safe), item id,
+  prompt, response, new-token count;
+- ``predicted_vs_actual.parquet`` — per model × concept (view ``overall``) and model × topic ×
+  concept (view ``topic``): stage 2's predicted change, the actual change of the concept's activity
+  on the model's own generations (paired over prompts, vs the base model), its p and BH q over the
+  concepts of that model and view, whether the concept was targeted by the model's plan and
+  whether the row enters the R² fit (``in_fit``);
+- ``r2.parquet`` — per model × view: R² of actual on predicted with a bootstrap interval (resampling
+  concepts), slope, Pearson r, sign agreement;
+- ``offtarget.parquet`` — concepts that moved significantly (q < fdr, overall view) and were not
+  targeted by that model's plan;
+- ``preference.parquet`` — held-out preference accuracy per model (the implicit DPO reward margin
+  β·[(log π − log π_base)(y⁺) − (log π − log π_base)(y⁻)] > 0 on the held-out pairs; ties count
+  half, so the base model scores 0.5 by construction) and the raw log-prob preference accuracy;
+- ``targets.parquet`` — per model × concept that any plan acts on: its activity on base and model
+  generations, the change with an interval, plain DPO's change and ``fraction_removed`` =
+  1 − Δ_model/Δ_plain with a bootstrap interval (only where plain DPO moved the concept the way the
+  plan works against: up for suppress, down for amplify; NaN otherwise);
+- ``poisoning.parquet`` — only for a poisoned run (``data/planted.planted.json``, written by
+  ``anatomy-nb run``): per model, the rate of the planted pattern in the held-out generations
+  (regex, ground truth), the fraction of plain DPO's increase each intervention removed, the
+  held-out preference accuracy on the *unpoisoned* pairs (the on-target preference) and the
+  fraction of plain DPO's gain there (accuracy − 0.5) each intervention kept, and the same for the
+  mean implicit-reward margin on those pairs (continuous, so it needs fewer pairs);
+- ``comparison.parquet`` — one long table (model, group, metric, value, ci_low, ci_high, n,
+  interval) of everything above that has one number per model, plus the behaviour evals:
+  formatting statistics of the held-out generations, sycophancy (CAA A/B) and a persona trait
+  (Anthropic agreeableness) scored by answer-letter probability, refusal of harmful prompts
+  (AdvBench / StrongREJECT / HarmBench) and over-refusal of safe ones (XSTest);
+- ``manifest.json`` last (``complete``, timings, which training run each model name is).
+
+The model calls are ``lm.ops`` (generation, log-probs, A/B probabilities, residual capture), the
+eval sets ``data.evalsets``, the poisoning read-out ``data.plant.poisoning_readout``, the tables
+``stages.readouts``. Concept activity is measured the way stage 2 measured it on the data: the fraction of a concept's
+member features that fire anywhere in the response, with the text encoded by the **base** model
+and the SAE (the SAE belongs to the base model; encoding every model's text with the same encoder
+keeps base vs trained comparable and matches what stage 2 predicted from).
+
+Defaults are CPU-sized: SmolLM2-135M generates ~10–30 tokens/s per sequence on two cores, so the
+held-out generations are 24 prompts × 48 new tokens and the behaviour sets 12–24 items each. On a
+GPU raise ``n_prompts``, ``max_new_tokens`` and the ``n_*`` counts; intervals shrink accordingly.
+
+The key hashes the training-run keys, the base model and SAE fingerprints, the hypotheses key,
+the held-out pair ids, the prompts, the eval data files and the config: an unchanged evaluation is
+reused, a changed parameter writes a new one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..concepts.clustering import membership_matrix
+from ..config import EvalConfig
+from ..core.files import atomic_write_text, content_hash, read_json
+from ..core.run import Run, RunLike
+from ..core.stage import relative
+from ..data.evalsets import AB_SETS, EVAL_FILES, ab_items, eval_file_digests, harmful_prompts, xstest_safe
+from ..data.plant import poisoning_readout
+from ..data.schema import PreferencePair
+from ..lm.models import LoadedModel
+from ..lm.ops import ab_probabilities, generate, pair_logps, response_residuals
+from ..results.evaluation import BASE, EvalResult
+from ..results.store import FeatureStore
+from ..results.training import PLAIN, active_entries, run_name, training_runs
+from .readouts import comparison_table, predicted_vs_actual, preference_table, targets_table
+from .train import load_trained
+
+__all__ = ["BASE", "EvalConfig", "EvalResult", "evaluate", "firing", "heldout_pairs", "resolve_models", "STAGE"]
+
+log = logging.getLogger(__name__)
+STAGE = "evaluate"
+FORMAT = 2
+
+
+@torch.no_grad()
+def firing(lm: LoadedModel, sae: Any, items: Sequence[tuple[Sequence[dict], str]], max_prompt_tokens: int) -> np.ndarray:
+    """(n, d_sae) bool: which SAE features fire anywhere in each response (as stage 1 encodes)."""
+    out = np.zeros((len(items), sae.d_sae), dtype=bool)
+    for i, x in enumerate(response_residuals(lm, sae.layer, items, max_prompt_tokens=max_prompt_tokens)):
+        if x.shape[0]:
+            out[i] = (sae.encode(x).float() > 0).any(0).cpu().numpy()
+    return out
+
+
+def resolve_models(run: Run, models: Any) -> dict[str, Path]:
+    if models is None:
+        out = training_runs(run)
+        if not out:
+            raise FileNotFoundError(f"{run.path / 'train'}: no finished training run; run stage 4 first")
+        return out
+    if isinstance(models, Mapping):
+        items = list(models.items())
+    else:
+        items = [(None, m) for m in models]
+    out: dict[str, Path] = {}
+    for name, m in items:
+        path = Path(getattr(m, "path", m))
+        if not path.is_absolute() and not path.exists():
+            path = run.path / "train" / str(m)  # a training-run key
+        if not (path / "manifest.json").exists():
+            raise FileNotFoundError(f"{path}: not a training run (no manifest.json)")
+        name = name or run_name(read_json(path / "manifest.json"))
+        if name == BASE:
+            raise ValueError(f"'{BASE}' names the base model; choose another name for {path}")
+        out[name if name not in out else f"{name}-{path.name[:6]}"] = path
+    return out
+
+
+def heldout_pairs(store: FeatureStore, paths: Mapping[str, Path]) -> list[PreferencePair]:
+    """The held-out pairs every training run left out (the intersection, in the first run's order)."""
+    ids: list[str] | None = None
+    for name, p in paths.items():
+        split_path = p / "split.json"
+        if not split_path.exists():
+            raise FileNotFoundError(f"{split_path}: training run {name!r} has no split.json")
+        held = read_json(split_path).get("heldout")
+        if held is None:
+            raise ValueError(f"{split_path}: no field 'heldout'")
+        if ids is None:
+            ids = list(held)
+        else:
+            if set(held) != set(ids):
+                log.warning("training run %s held out different pairs; evaluating on the pairs every run held out", name)
+            ids = [i for i in ids if i in set(held)]
+    by_id = {p.id: p for p in store.pairs()}
+    missing = [i for i in ids or [] if i not in by_id]
+    if missing:
+        raise ValueError(f"{next(iter(paths.values())) / 'split.json'}: held-out pair ids {missing[:3]} are not in the feature store {store.path}")
+    return [by_id[i] for i in ids or []]
+
+
+def distinct_prompts(pairs: Sequence[PreferencePair], n: int) -> list[tuple[str, tuple]]:
+    """(pair id, prompt) of the first ``n`` distinct prompts, in order."""
+    seen: dict[str, tuple] = {}
+    for p in pairs:
+        if p.prompt_key not in seen:
+            seen[p.prompt_key] = (p.id, p.prompt)
+        if len(seen) >= n:
+            break
+    return list(seen.values())
+
+
+def evaluate(
+    run: RunLike,
+    models: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
+    *,
+    config: EvalConfig | dict | None = None,
+    lm: LoadedModel | None = None,
+    sae: Any = None,
+    force: bool = False,
+) -> EvalResult:
+    """Evaluate the base model and training runs; write (or reuse) ``run_dir/evaluate/<key>/``.
+
+    ``models``: None = every finished training run (``training_runs``); or a list of training-run
+    paths / keys / TrainResults; or a mapping name → one of those, to choose the names. ``lm`` and
+    ``sae`` default to the feature store's model and SAE (loaded by name); trained models are
+    reloaded from their adapters one at a time."""
+    cfg = EvalConfig.from_dict(config)
+    run = Run.of(run)
+    store = run.store
+    hyps = run.hypotheses
+    paths = resolve_models(run, models)
+    manifests = {n: read_json(p / "manifest.json") for n, p in paths.items()}
+    # plain first, then the interventions in the order found
+    order = sorted(paths, key=lambda n: (n != PLAIN, list(paths).index(n)))
+    paths = {n: paths[n] for n in order}
+    for n, m in manifests.items():
+        if m["model"]["fingerprint"] != store.manifest["model"]["fingerprint"]:
+            log.warning("training run %s was trained from %s, not the feature store's model %s", n, m["model"]["name"], store.manifest["model"]["name"])
+    heldout = heldout_pairs(store, paths)
+    if not heldout:
+        raise ValueError(f"the training runs held out no pairs (heldout_fraction=0?): nothing to evaluate on; see {next(iter(paths.values())) / 'split.json'}")
+    prompts = distinct_prompts(heldout, cfg.n_prompts)
+    pref_pairs = heldout[: cfg.max_pref_pairs]
+    eval_files = eval_file_digests() if cfg.behaviour else {}
+    truth = run.planted
+    lm = lm or run.model()
+    if lm.fingerprint != store.manifest["model"]["fingerprint"]:
+        raise ValueError(f"the base model {lm.name} is not the feature store's model {store.manifest['model']['name']} (fingerprints differ)")
+    sae = sae or run.sae()
+    if sae.fingerprint != store.manifest["sae"]["fingerprint"]:
+        raise ValueError(f"SAE {sae.name} is not the feature store's SAE {store.manifest['sae']['name']}")
+    key = content_hash(FORMAT, {n: p.name for n, p in paths.items()}, lm.fingerprint, sae.fingerprint, hyps.manifest["key"], [p.id for p in heldout], [list(map(dict, pr)) for _, pr in prompts], eval_files, cfg.key_params(), truth)
+    stage = run.stage(STAGE, key, FORMAT)
+    if stage.reuse(force):
+        return EvalResult(stage.path, stage.manifest(), reused=True)
+    out = stage.begin()
+    say = (lambda s: print(f"[evaluate] {s}", flush=True)) if cfg.progress else (lambda s: None)
+    t_all = time.time()
+
+    # behaviour items, identical for every model
+    ab_sets = {name: ab_items(name, cfg.n_ab, cfg.seed) for name in AB_SETS} if cfg.behaviour else {}
+    gen_sets = {"heldout": [{"id": i, "prompt": pr} for i, pr in prompts]}
+    if cfg.behaviour:
+        gen_sets["harmful"] = harmful_prompts(cfg.n_harmful, cfg.seed)
+        gen_sets["xstest_safe"] = xstest_safe(cfg.n_xstest, cfg.seed)
+
+    names = [BASE] + list(paths)
+    gens: dict[str, dict[str, list[str]]] = {}
+    gen_rows: list[dict] = []
+    logps: dict[str, np.ndarray] = {}
+    ab: dict[str, dict[str, np.ndarray]] = {}
+    timing: dict[str, Any] = {"generation": {}}
+    for name in names:
+        t0 = time.time()
+        model = lm if name == BASE else load_trained(paths[name], merge=True)
+        t_load = time.time() - t0
+        t0 = time.time()
+        gens[name] = {}
+        n_tok = 0
+        for set_name, items in gen_sets.items():
+            mnt = cfg.max_new_tokens if set_name == "heldout" else cfg.behaviour_max_new_tokens
+            texts, counts = generate(model, [it["prompt"] for it in items], max_new_tokens=mnt, batch_size=cfg.batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature, seed=cfg.seed, max_prompt_tokens=cfg.max_prompt_tokens)
+            gens[name][set_name] = texts
+            n_tok += sum(counts)
+            for it, t, c in zip(items, texts, counts):
+                gen_rows.append({"model": name, "set": set_name, "id": it["id"], "prompt": it["prompt"][-1]["content"], "response": t, "new_tokens": c})
+        gen_s = time.time() - t0
+        t1 = time.time()
+        logps[name] = pair_logps(model, [(p.prompt, p.chosen, p.rejected) for p in pref_pairs], max_length=cfg.pref_max_length)
+        t2 = time.time()
+        ab[name] = {s: ab_probabilities(model, [it["prompt"] for it in items], [it["answers"] for it in items], max_prompt_tokens=cfg.max_prompt_tokens, batch_size=cfg.batch_size) for s, items in ab_sets.items()}
+        timing["generation"][name] = {"seconds": round(gen_s, 2), "new_tokens": n_tok, "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1), "logp_seconds": round(t2 - t1, 2), "ab_seconds": round(time.time() - t2, 2), "load_seconds": round(t_load, 2)}
+        say(f"{name}: {n_tok} new tokens in {gen_s:.0f} s ({n_tok / max(gen_s, 1e-9):.1f} tok/s); log-probs {t2 - t1:.0f} s, A/B {time.time() - t2:.0f} s")
+        if model is not lm:
+            del model
+            gc.collect()
+    atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in gen_rows))
+
+    # concept activity of the held-out generations, every model's text through the base encoder
+    t0 = time.time()
+    M = membership_matrix(hyps.feature_labels(sae.d_sae))
+    fires = {n: firing(lm, sae, [(pr, g) for (_, pr), g in zip(prompts, gens[n]["heldout"])], cfg.max_prompt_tokens) for n in names}
+    activity = {n: np.asarray(f.astype(np.float64) @ M) for n, f in fires.items()}  # prompts × concepts
+    timing["encode_seconds"] = round(time.time() - t0, 2)
+
+    pva, r2_rows = predicted_vs_actual(hyps, store, heldout, prompts, activity, manifests, cfg)
+    stage.write_parquet("predicted_vs_actual", pva)
+    stage.write_parquet("r2", r2_rows)
+    off = pva[(pva["view"] == "overall") & (pva["model"] != BASE) & (pva["actual_q"] < cfg.fdr) & ~pva["targeted"].astype(bool)].sort_values(["model", "actual_q"]).reset_index(drop=True)
+    stage.write_parquet("offtarget", off)
+    pref = preference_table(logps, manifests, cfg)
+    stage.write_parquet("preference", pref)
+    targets = targets_table(names, manifests, fires, gens, cfg)
+    stage.write_parquet("targets", targets)
+    poison = None
+    if truth:
+        heldout_gens = {n: gens[n]["heldout"] for n in names}
+        poison = poisoning_readout(truth, heldout_gens, logps, [p.id for p in pref_pairs], base=BASE, reference=PLAIN, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
+        stage.write_parquet("poisoning", poison)
+    stage.write_parquet("comparison", comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg, poison))
+
+    manifest = stage.finish({
+        "models": {BASE: {"model": lm.name, "fingerprint": lm.fingerprint}, **{n: {"train_key": p.name, "path": relative(p, run.path), "plan_active": active_entries(manifests[n])} for n, p in paths.items()}},
+        "model_order": names,
+        "sae": {"name": sae.name, "fingerprint": sae.fingerprint},
+        "hypotheses_key": hyps.manifest["key"],
+        "n_heldout_pairs": len(heldout),
+        "n_prompts": len(prompts),
+        "n_pref_pairs": len(pref_pairs),
+        "eval_files": {k: EVAL_FILES[k] for k in eval_files},
+        "config": cfg.to_dict(),
+        "timing": timing,
+        "seconds": round(time.time() - t_all, 2),
+    }, models=names)
+    say(f"done in {manifest['seconds']:.0f} s → {out}")
+    return EvalResult(out, manifest)

@@ -1,0 +1,315 @@
+"""Stage 1: SAE features of every (prompt, chosen, rejected), written as a feature store.
+
+For each pair the prompt is run once, up to the SAE's layer only (early exit), and its KV cache
+is shared by the chosen and the rejected response, which run together as a batch of two. The
+SAE encodes the residual stream at every response token; the store keeps, per response, the
+activations pooled over response tokens only (max, mean and firing count, sparse) and the sets of
+features firing in its opening and its ending tokens (``ExtractConfig.edge_tokens``), per prompt
+the same pooled over the prompt's message contents (for topic clustering), per feature its
+top-activating contexts and token-level activation histograms, and every response's tokens so
+any context can be shown later.
+
+Work is split into shards of pairs, each written atomically: a killed run resumes where it
+stopped and gives the same store as an uninterrupted one. Under ``accelerate launch`` each
+rank computes every ``world_size``-th shard and rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from ..config import ExtractConfig
+from ..core.files import atomic_save_npy, atomic_write_json, content_hash
+from ..core.run import Run, RunLike
+from ..data.pairs import load_pairs
+from ..data.schema import PairSet, PreferencePair
+from ..lm.chat import render_example, truncate_prompt
+from ..lm.models import LoadedModel, load_model
+from ..lm.ops import ResidualCapture
+from ..lm.sae import LoadedSAE, hook_name, load_sae
+from ..results.store import EDGES, FeatureStore
+
+__all__ = ["ExtractConfig", "FeatureStore", "compute_shard", "extract", "store_key", "STAGE"]
+
+log = logging.getLogger(__name__)
+
+STAGE = "extract"
+STORE_FORMAT = 1
+HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 48)]).astype(np.float32)
+
+
+def _feature_dtype(d_sae: int):
+    """Pooled statistics take 8 bytes per firing feature: uint16 id, float16 max and mean,
+    uint16 count (responses are capped well below 65,535 tokens)."""
+    return np.uint16 if d_sae <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def _pool(acts: torch.Tensor) -> dict[str, np.ndarray]:
+    """Sparse max / mean / firing count of (T, d_sae) activations over T tokens."""
+    T = acts.shape[0]
+    if T == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return {"feat": empty, "max": empty.astype(np.float32), "mean": empty.astype(np.float32), "count": empty, "argmax": empty}
+    fired = acts > 0
+    count = fired.sum(0)
+    feat = torch.nonzero(count, as_tuple=True)[0]
+    mx, argmax = acts[:, feat].max(0)
+    mean = acts[:, feat].sum(0) / T
+    return {"feat": feat.cpu().numpy(), "max": mx.cpu().numpy(), "mean": mean.cpu().numpy(), "count": count[feat].cpu().numpy(), "argmax": argmax.cpu().numpy()}
+
+
+# --- shards -------------------------------------------------------------------------------------
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+@torch.no_grad()
+def compute_shard(capture: ResidualCapture, sae: LoadedSAE, pairs: Sequence[PreferencePair], cfg: ExtractConfig) -> dict[str, np.ndarray]:
+    """The store's arrays for one shard of pairs (``capture`` cuts the model at the SAE's layer)."""
+    tok = capture.lm.tokenizer
+    d_sae = sae.d_sae
+    resp = {k: [] for k in ("feat", "max", "mean", "count")}
+    resp_nnz, resp_ntok, tokens, cand, cand_val = [], [], [], [], []
+    edge = {e: [] for e in EDGES}
+    prm = {k: [] for k in ("feat", "max", "mean", "count")}
+    prm_nnz, prm_ntok = [], []
+    hist = np.zeros((d_sae, 2, len(HIST_EDGES) - 1), dtype=np.int64)
+    n_trunc_prompt = n_trunc_resp = 0
+    for local, pair in enumerate(pairs):
+        c = render_example(tok, pair.prompt, pair.chosen)
+        r_ids = tok(pair.rejected, add_special_tokens=False)["input_ids"]
+        p_ids, p_mask, cut = truncate_prompt(c.prompt_ids, c.prompt_content, cfg.max_prompt_tokens)
+        n_trunc_prompt += cut
+        sides = []
+        for ids in (c.response_ids, list(r_ids)):
+            n_trunc_resp += len(ids) > cfg.max_response_tokens
+            sides.append(ids[: cfg.max_response_tokens])
+        prompt_resid, side_resid = (capture.shared_prefix if cfg.shared_prefix else capture.separately)(p_ids, sides)
+        for side, (ids, x) in enumerate(zip(sides, side_resid)):
+            acts = sae.encode(x).float()
+            pooled = _pool(acts)
+            if cfg.edge_tokens:
+                for e, window in zip(EDGES, (acts[: cfg.edge_tokens], acts[-cfg.edge_tokens :])):
+                    edge[e].append(torch.nonzero((window > 0).any(0), as_tuple=True)[0].cpu().numpy())
+            for k in resp:
+                resp[k].append(pooled[k])
+            resp_nnz.append(len(pooled["feat"]))
+            resp_ntok.append(len(ids))
+            tokens.append(np.asarray(ids, dtype=np.int32))
+            row = 2 * local + side
+            cand.append(np.stack([pooled["feat"], np.full_like(pooled["feat"], row), pooled["argmax"]], 1))
+            cand_val.append(pooled["max"])
+            nz = torch.nonzero(acts > 0, as_tuple=True)
+            if nz[0].numel():
+                vals = acts[nz].cpu().numpy()
+                bins = np.clip(np.searchsorted(HIST_EDGES, vals, side="right") - 1, 0, len(HIST_EDGES) - 2)
+                flat = (nz[1].cpu().numpy() * 2 + side) * (len(HIST_EDGES) - 1) + bins
+                hist += np.bincount(flat, minlength=hist.size).reshape(hist.shape)
+        if cfg.store_prompts:
+            keep = torch.tensor([i for i, m in enumerate(p_mask) if m and i > 0], dtype=torch.long)
+            pooled = _pool(sae.encode(prompt_resid[keep.to(prompt_resid.device)]).float() if keep.numel() else prompt_resid[:0].new_zeros((0, d_sae)))
+            for k in prm:
+                prm[k].append(pooled[k])
+            prm_nnz.append(len(pooled["feat"]))
+            prm_ntok.append(int(keep.numel()))
+    fdt = _feature_dtype(d_sae)
+    out = {
+        "resp_nnz": np.asarray(resp_nnz, dtype=np.int64),
+        "resp_feat": np.concatenate(resp["feat"]).astype(fdt),
+        "resp_max": np.concatenate(resp["max"]).astype(np.float16),
+        "resp_mean": np.concatenate(resp["mean"]).astype(np.float16),
+        "resp_count": np.concatenate(resp["count"]).astype(np.uint16),
+        "resp_ntok": np.asarray(resp_ntok, dtype=np.int32),
+        "tok_len": np.asarray([len(t) for t in tokens], dtype=np.int64),
+        "tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+        "hist": hist,
+        "truncated": np.asarray([n_trunc_prompt, n_trunc_resp], dtype=np.int64),
+    }
+    if cfg.edge_tokens:
+        for e, sets in edge.items():
+            out[f"resp_{e}_nnz"] = np.asarray([len(f) for f in sets], dtype=np.int64)
+            out[f"resp_{e}_feat"] = np.concatenate(sets).astype(fdt) if sets else np.zeros(0, fdt)
+    cand_arr = np.concatenate(cand) if cand else np.zeros((0, 3), np.int64)
+    vals = np.concatenate(cand_val).astype(np.float32) if cand else np.zeros(0, np.float32)
+    out.update(_top_per_feature(cand_arr, vals, cfg.top_contexts))
+    if cfg.store_prompts:
+        out.update(
+            prompt_nnz=np.asarray(prm_nnz, dtype=np.int64),
+            prompt_feat=np.concatenate(prm["feat"]).astype(fdt),
+            prompt_max=np.concatenate(prm["max"]).astype(np.float16),
+            prompt_mean=np.concatenate(prm["mean"]).astype(np.float16),
+            prompt_count=np.concatenate(prm["count"]).astype(np.uint16),
+            prompt_ntok=np.asarray(prm_ntok, dtype=np.int32),
+        )
+    return out
+
+
+def _top_per_feature(cand: np.ndarray, val: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Keep the ``n`` highest (feature, row, position) candidates per feature; ties broken by
+    row then position so the result does not depend on how the work was split."""
+    if len(cand) == 0:
+        return {"top_feat": np.zeros(0, np.int32), "top_row": np.zeros(0, np.int64), "top_pos": np.zeros(0, np.int32), "top_val": np.zeros(0, np.float32)}
+    order = np.lexsort((cand[:, 2], cand[:, 1], -val, cand[:, 0]))
+    cand, val = cand[order], val[order]
+    feat = cand[:, 0]
+    starts = np.r_[0, np.flatnonzero(np.diff(feat)) + 1]
+    rank = np.arange(len(feat)) - np.repeat(starts, np.diff(np.r_[starts, len(feat)]))
+    keep = rank < n
+    return {"top_feat": feat[keep].astype(np.int32), "top_row": cand[keep, 1].astype(np.int64), "top_pos": cand[keep, 2].astype(np.int32), "top_val": val[keep]}
+
+
+def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for k, v in arrays.items():
+        np.save(tmp / f"{k}.npy", v, allow_pickle=False)
+    (tmp / "done").write_text("ok\n")
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _load_shard(path: Path) -> dict[str, np.ndarray]:
+    return {p.stem: np.load(p, allow_pickle=False) for p in path.glob("*.npy")}
+
+
+def _merge(shard_dirs: list[Path], out: Path, shard_size: int, cfg: ExtractConfig) -> dict[str, Any]:
+    parts = [_load_shard(p) for p in shard_dirs]
+    cat = lambda k: np.concatenate([p[k] for p in parts])
+    arrays: dict[str, np.ndarray] = {}
+    arrays["resp_indptr"] = np.r_[0, np.cumsum(cat("resp_nnz"))].astype(np.int64)
+    for k in ("resp_feat", "resp_max", "resp_mean", "resp_count", "resp_ntok", "tokens"):
+        arrays[k] = cat(k)
+    arrays["tok_indptr"] = np.r_[0, np.cumsum(cat("tok_len"))].astype(np.int64)
+    if cfg.edge_tokens:
+        for e in EDGES:
+            arrays[f"resp_{e}_indptr"] = np.r_[0, np.cumsum(cat(f"resp_{e}_nnz"))].astype(np.int64)
+            arrays[f"resp_{e}_feat"] = cat(f"resp_{e}_feat")
+    if cfg.store_prompts:
+        arrays["prompt_indptr"] = np.r_[0, np.cumsum(cat("prompt_nnz"))].astype(np.int64)
+        for k in ("prompt_feat", "prompt_max", "prompt_mean", "prompt_count", "prompt_ntok"):
+            arrays[k] = cat(k)
+    # Top contexts: shard-local rows become global response rows, then re-select per feature.
+    rows = [p["top_row"] + 2 * shard_size * i for i, p in enumerate(parts)]
+    cand = np.stack([cat("top_feat").astype(np.int64), np.concatenate(rows), cat("top_pos").astype(np.int64)], 1)
+    top = _top_per_feature(cand, cat("top_val"), cfg.top_contexts)
+    d_sae = parts[0]["hist"].shape[0]
+    arrays["top_indptr"] = np.r_[0, np.cumsum(np.bincount(top["top_feat"], minlength=d_sae))].astype(np.int64)
+    arrays["top_row"], arrays["top_pos"], arrays["top_val"] = top["top_row"], top["top_pos"], top["top_val"]
+    arrays["hist"] = sum(p["hist"] for p in parts)
+    arrays["hist_edges"] = HIST_EDGES
+    for k, v in arrays.items():
+        atomic_save_npy(out / f"{k}.npy", v)
+    trunc = sum(p["truncated"] for p in parts)
+    return {"truncated_prompts": int(trunc[0]), "truncated_responses": int(trunc[1])}
+
+
+# --- the public API -----------------------------------------------------------------------------
+
+
+def process_state() -> PartialState:
+    """accelerate's process state: rank and world size under ``accelerate launch``, else 1 process.
+    ``cpu=True`` lets several CPU processes (torchrun / accelerate launch) form a gloo group."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def store_key(pairs: PairSet | Sequence[PreferencePair], lm: LoadedModel, sae: LoadedSAE, cfg: ExtractConfig) -> str:
+    pair_hash = pairs.content_hash() if isinstance(pairs, PairSet) else content_hash([p.to_dict() for p in pairs])
+    return content_hash(STORE_FORMAT, pair_hash, lm.fingerprint, str(lm.model.dtype), sae.fingerprint, sae.layer, cfg.key_params())
+
+
+def extract(
+    pairs: PairSet | Sequence[PreferencePair] | None,
+    model: LoadedModel | str | None,
+    sae: LoadedSAE | str | None,
+    run: RunLike,
+    config: ExtractConfig | dict | None = None,
+) -> FeatureStore:
+    """Write (or reuse) the feature store of ``pairs`` under ``run/extract/<key>``.
+
+    ``pairs``, ``model`` and ``sae`` may be objects, names, or None for the config's ``data``
+    (with ``n_pairs``, ``strict``), ``model`` and ``sae`` (with ``sae_id``, ``layer``). The key hashes
+    the pairs, the model, the SAE weights and the config: an unchanged call returns the existing
+    store at once; a changed one computes a new store. Interrupted runs resume from their
+    finished shards.
+    """
+    cfg = ExtractConfig.from_dict(config)
+    if pairs is None or isinstance(pairs, str):
+        pairs = load_pairs(pairs or cfg.data, limit=cfg.n_pairs, strict=cfg.strict)
+        if pairs.report.skipped:
+            log.warning("skipped %d records: %s", sum(pairs.report.skipped.values()), dict(pairs.report.skipped))
+    lm = model if isinstance(model, LoadedModel) else load_model(model or cfg.model)
+    sae_ = sae if isinstance(sae, LoadedSAE) else load_sae(sae or cfg.sae, cfg.sae_id, layer=cfg.layer)
+    if sae_.d_in != lm.d_model:
+        raise ValueError(f"SAE {sae_.name} reads d_in={sae_.d_in} but model {lm.name} has d_model={lm.d_model}")
+    run = Run.of(run)
+    pair_list = list(pairs)
+    if not pair_list:
+        raise ValueError("no pairs to extract")
+    stage = run.stage(STAGE, store_key(pairs if isinstance(pairs, PairSet) else pair_list, lm, sae_, cfg), STORE_FORMAT)
+    if stage.reuse(n_pairs=len(pair_list)):
+        return FeatureStore(stage.path)
+
+    state = process_state()
+    out = stage.begin()
+    if state.is_main_process:
+        with open(out / "pairs.jsonl.tmp", "w") as fh:
+            for p in pair_list:
+                fh.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
+        (out / "pairs.jsonl.tmp").replace(out / "pairs.jsonl")
+    shard_root = out / "shards"
+    n_shards = (len(pair_list) + cfg.shard_size - 1) // cfg.shard_size
+    mine = [i for i in range(n_shards) if i % state.num_processes == state.process_index]
+    todo = [i for i in mine if not (shard_root / _shard_name(i) / "done").exists()]
+    t0 = time.time()
+    if todo:
+        lm.model.eval()
+        n_todo = sum(len(pair_list[i * cfg.shard_size : (i + 1) * cfg.shard_size]) for i in todo)
+        desc = f"extract (rank {state.process_index})" if state.num_processes > 1 else "extract"
+        with ResidualCapture(lm, sae_.layer) as capture, tqdm(total=n_todo, desc=desc, unit="pair", disable=not cfg.progress) as bar:
+            for i in todo:
+                chunk = pair_list[i * cfg.shard_size : (i + 1) * cfg.shard_size]
+                _write_shard(shard_root / _shard_name(i), compute_shard(capture, sae_, chunk, cfg))
+                bar.update(len(chunk))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shard_dirs = [shard_root / _shard_name(i) for i in range(n_shards)]
+        missing = [p.name for p in shard_dirs if not (p / "done").exists()]
+        if missing:
+            raise RuntimeError(f"{out}: shards missing after extraction: {missing[:5]}")
+        info = _merge(shard_dirs, out, cfg.shard_size, cfg)
+        first: dict[str, int] = {}
+        groups = np.asarray([first.setdefault(p.prompt_key, len(first)) for p in pair_list], dtype=np.int64)
+        atomic_save_npy(out / "prompt_group.npy", groups)
+        token_ids = np.unique(np.load(out / "tokens.npy"))
+        atomic_write_json(out / "token_text.json", {int(t): lm.tokenizer.decode([int(t)]) for t in token_ids})
+        stage.finish({
+            "n_pairs": len(pair_list),
+            "n_prompts": len(first),
+            "d_sae": sae_.d_sae,
+            "layer": sae_.layer,
+            "model": {"name": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.model.dtype)},
+            "sae": {"name": sae_.name, "fingerprint": sae_.fingerprint, "hook_name": hook_name(sae_.layer)},
+            "config": cfg.to_dict(),
+            "pair_ids_hash": content_hash([p.id for p in pair_list]),
+            "seconds_last_session": round(time.time() - t0, 2),
+            "world_size": state.num_processes,
+            **info,
+        }, n_pairs=len(pair_list))
+        shutil.rmtree(shard_root, ignore_errors=True)
+    state.wait_for_everyone()
+    return FeatureStore(out)

@@ -1,0 +1,298 @@
+"""Stage 2: concepts that separate chosen from rejected, tested and labelled.
+
+Reads the feature store of stage 1 and writes, under ``run_dir/hypothesize/<key>/``:
+
+- ``hypotheses.parquet`` — one row per concept over the whole response (``view="overall"``), over
+  the responses' first / last few tokens (``view="opening"`` / ``"ending"``, when the store has
+  them) and per topic × concept (``view="topic"``): member features, label fields, firing rates
+  on chosen and rejected, mean paired difference, Cohen's d, t/z, p, Benjamini–Hochberg q over
+  *every* row, split-half sign agreement, the length-controlled effect, number of units, and the predicted direction and size
+  of the change DPO would make; ``source`` / ``ref`` say which concept source a row tests (``sae``
+  for the clusters; extra sources passed to ``hypothesize(..., sources=)`` — text rules, directions —
+  are tested the same way, in the same BH family);
+- ``features.parquet`` — per feature: its concept, support and its own paired test (a separate
+  BH family, for drill-downs); ``topics.parquet`` / ``topic_summary.parquet`` — the prompt topics;
+- ``baseline_text_stats.parquet`` and ``baseline_linear.parquet`` — the baselines: plain text
+  statistics tested the same way, and an L1-logistic classifier on per-pair feature differences;
+- ``length_placebo.parquet`` — whether the length control is calibrated on this data (placebo
+  pairs of same-side responses that differ only in length; ``stats.length_placebo``), per view.
+
+Method (DESIGN.md §1 step 2): concepts are clusters of features by *unsigned* co-firing
+(``concepts.clustering``); the tested quantity is the signed per-pair difference of a concept's activity,
+b = mean over member features of 1{fires on chosen} − 1{fires on rejected}; pairs that share a
+prompt are averaged into one unit; tests are vectorised over all concepts and topics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+
+from ..concepts.activity import PairFeatures, concept_activity, length_diffs
+from ..concepts.clustering import cluster_features, membership_matrix
+from ..concepts.labels import add_explanations, context_labels, describe_explainer, short_label, text_stat_labels
+from ..concepts.topics import cluster_prompts
+from ..config import HypothesizeConfig
+from ..core.files import content_hash
+from ..core.run import Run, RunLike
+from ..core.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test, split_half_agreement, welch_inside_outside
+from ..data.textstats import text_stats
+from ..results.hypotheses import Hypotheses, rank_hypotheses
+from ..results.plan import parse_concept
+from ..results.store import FeatureStore
+
+__all__ = ["HypothesizeConfig", "Hypotheses", "PairFeatures", "hypothesize", "linear_baseline", "score_concepts", "text_stat_baseline", "STAGE"]
+
+log = logging.getLogger(__name__)
+STAGE = "hypothesize"
+FORMAT = 2
+
+
+def _stat_columns(prefix: str, t) -> dict[str, np.ndarray]:
+    return {f"{prefix}mean_diff": t.mean, f"{prefix}cohens_d": t.cohens_d, f"{prefix}t": t.t, f"{prefix}p": t.p}
+
+
+def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig, topic_of_group: np.ndarray | None = None, sources: Mapping[str, np.ndarray] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The statistics of every concept (overall, opening / ending, and inside vs outside each topic)
+    and of every feature. ``sources``: other concept sources' per-pair scores (ref → (n_pairs, 2)),
+    tested like the clusters over the whole response and per topic. Returns (hypotheses without
+    labels, per-feature table)."""
+    Fc, Fr = pf.fires_chosen.astype(np.float64), pf.fires_rejected.astype(np.float64)
+    Uc, Ur = concept_activity(pf, labels)
+    n_concepts = Uc.shape[1]
+    refs = [f"sae:{c}" for c in range(n_concepts)]
+    kinds = ["sae"] * n_concepts
+    n_features = list(np.bincount(labels[labels >= 0], minlength=n_concepts))
+    members = [np.flatnonzero(labels == c).tolist() for c in range(n_concepts)]
+    for ref, s in (sources or {}).items():  # other sources join as extra columns
+        s = np.asarray(s, dtype=np.float64)
+        Uc, Ur = np.column_stack([Uc, s[:, 0]]), np.column_stack([Ur, s[:, 1]])
+        refs.append(ref)
+        kinds.append(parse_concept(ref)[0])
+        n_features.append(0)
+        members.append([])
+    D = Uc - Ur  # per pair, per concept: signed difference of member-feature firing
+    groups = pf.groups if cfg.group_by_prompt else None
+    Du = group_means(D, groups)
+    len_diff = length_diffs(pf.ntok, groups, cfg.length_control_degree)
+    overall = paired_test(Du)
+    lc = length_controlled(Du, len_diff)
+    split = split_half_agreement(Du, cfg.n_splits, cfg.seed)
+    base = pd.DataFrame({
+        "concept": np.arange(len(refs)),
+        "source": kinds,
+        "ref": refs,
+        "n_features": n_features,
+        "features": members,
+        "chosen_rate": (Uc > 0).mean(0),
+        "rejected_rate": (Ur > 0).mean(0),
+        "chosen_activity": Uc.mean(0),
+        "rejected_activity": Ur.mean(0),
+    })
+    rows = base.assign(view="overall", topic=-1, n_units=overall.n, **_stat_columns("", overall), split_half_agreement=split, **_stat_columns("length_controlled_", lc))
+    frames = [rows]
+    if cfg.test_edges:
+        # Where in the response: an opener or a sign-off lives in a few edge tokens, where the
+        # concept's generic features rarely fire otherwise; "anywhere" dilutes it with the rest
+        # of the response (README, benchmark). Same concepts, same family of tests.
+        for edge in pf.edges:
+            Ec, Er = concept_activity(pf, labels, edge)
+            De = group_means(Ec - Er, groups)
+            rates = dict(chosen_rate=(Ec > 0).mean(0), rejected_rate=(Er > 0).mean(0), chosen_activity=Ec.mean(0), rejected_activity=Er.mean(0))
+            stats = {**_stat_columns("", paired_test(De)), **_stat_columns("length_controlled_", length_controlled(De, len_diff))}
+            frames.append(base.iloc[:n_concepts].assign(view=edge, topic=-1, n_units=len(De), split_half_agreement=split_half_agreement(De, cfg.n_splits, cfg.seed), **rates, **stats))
+    if topic_of_group is not None:
+        unit_topic = topic_of_group if cfg.group_by_prompt else topic_of_group[pf.groups]
+        for k in np.unique(unit_topic):
+            inside = unit_topic == k
+            if inside.sum() < cfg.min_topic_prompts or (~inside).sum() < cfg.min_topic_prompts:
+                continue
+            w = welch_inside_outside(Du, inside)
+            lc_in = length_controlled(Du[inside], len_diff[inside])
+            split_in = split_half_agreement(Du[inside], cfg.n_splits, cfg.seed)
+            frames.append(base.assign(view="topic", topic=int(k), n_units=int(inside.sum()), **_stat_columns("", w), inside_mean_diff=Du[inside].mean(0), split_half_agreement=split_in, **_stat_columns("length_controlled_", lc_in)))
+    table = pd.concat(frames, ignore_index=True)
+    table["z"] = table["t"]  # large-sample z; t is reported as z for familiarity
+    table["q"] = bh_qvalues(table["p"].to_numpy())
+    table["significant"] = table["q"] < cfg.fdr
+    # Predicted change under DPO: direction of the paired difference; size = the difference in
+    # concept activity between chosen and rejected (DPO raises what chosen has more of). Stage 5
+    # measures the actual change and the R² of this prediction.
+    delta = np.where(table["view"] == "topic", table.get("inside_mean_diff", table["mean_diff"]), table["mean_diff"])
+    table["predicted_direction"] = np.where(table["significant"], np.where(delta > 0, "up", "down"), "none")
+    table["predicted_change"] = np.where(table["significant"], delta, 0.0)
+    table["effect_survives_length_control"] = table["length_controlled_p"] < cfg.fdr
+    # per-feature tests: a separate family, for drill-downs and for comparison with concepts
+    Dfeat = group_means((Fc - Fr), groups)
+    ft = paired_test(Dfeat)
+    support = np.asarray((Fc + Fr).sum(0)).ravel()
+    features = pd.DataFrame({"feature": np.arange(pf.d_sae), "concept": labels, "support": support, "chosen_rate": np.asarray(Fc.mean(0)).ravel(), "rejected_rate": np.asarray(Fr.mean(0)).ravel(), **_stat_columns("", ft)})
+    testable = support > 0
+    features["q"] = np.nan
+    features.loc[testable, "q"] = bh_qvalues(features.loc[testable, "p"].to_numpy())
+    return table, features
+
+
+# --- baselines ---------------------------------------------------------------------------------------
+
+
+def text_stat_baseline(pf: PairFeatures, cfg: HypothesizeConfig, stats_c: pd.DataFrame, stats_r: pd.DataFrame) -> pd.DataFrame:
+    D = stats_c.to_numpy(np.float64) - stats_r.to_numpy(np.float64)
+    Du = group_means(D, pf.groups if cfg.group_by_prompt else None)
+    t = paired_test(Du)
+    out = pd.DataFrame({"statistic": list(stats_c.columns), "chosen_mean": stats_c.mean().to_numpy(), "rejected_mean": stats_r.mean().to_numpy(), **_stat_columns("", t)})
+    out["q"] = bh_qvalues(out["p"].to_numpy())
+    return out.sort_values("p").reset_index(drop=True)
+
+
+def linear_baseline(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig, top: int = 30) -> tuple[pd.DataFrame, dict]:
+    """L1-logistic regression predicting which side is chosen from per-pair feature differences.
+
+    Each pair enters once, randomly oriented (chosen − rejected → 1, or rejected − chosen → 0), so
+    the classifier cannot use an intercept; its largest coefficients are the features it relies on.
+    """
+    X = (pf.fires_chosen.astype(np.float64) - pf.fires_rejected.astype(np.float64)).tocsr()
+    rng = np.random.default_rng(cfg.seed)
+    y = rng.integers(0, 2, X.shape[0])
+    X = sp.diags(np.where(y == 1, 1.0, -1.0)) @ X
+    clf = LogisticRegression(l1_ratio=1.0, C=0.1, solver="liblinear", fit_intercept=False, max_iter=2000)
+    folds = int(min(5, max(2, X.shape[0] // 20)))
+    acc = cross_val_score(clf, X, y, cv=folds, scoring="accuracy") if X.shape[0] >= 20 else np.array([np.nan])
+    clf.fit(X, y)
+    coef = clf.coef_.ravel()
+    order = np.argsort(-np.abs(coef))[:top]
+    order = order[coef[order] != 0]
+    table = pd.DataFrame({"feature": order, "coefficient": coef[order], "concept": labels[order]})
+    return table, {"cv_accuracy": float(np.nanmean(acc)), "folds": folds, "nonzero_coefficients": int((coef != 0).sum())}
+
+
+# --- the stage -----------------------------------------------------------------------------------------
+
+
+def _promoted(store: FeatureStore, labels: np.ndarray, cfg: HypothesizeConfig, model: Any, sae: Any) -> tuple[list[str], str]:
+    """Per concept, the tokens its mean decoder direction promotes (needs the model and SAE, so
+    it is optional: the reason is recorded when they cannot be loaded)."""
+    n_concepts = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    if cfg.promoted_tokens <= 0 or not n_concepts:
+        return [""] * n_concepts, "not computed"
+    try:
+        from ..lm.models import load_model  # the optional labels need torch; the tests above do not
+        from ..lm.ops import promoted_tokens
+        from ..lm.sae import load_sae
+
+        lm = model or load_model(store.manifest["model"]["name"])
+        sae_ = sae or load_sae(store.manifest["sae"]["name"], device="cpu")
+        directions = membership_matrix(labels).T @ sae_.decoder_directions.float().cpu().numpy()
+        return promoted_tokens(lm, directions, cfg.promoted_tokens), "ok"
+    except Exception as exc:  # labels are optional; say why they are missing
+        note = f"unavailable: {type(exc).__name__}: {exc}"
+        log.warning("promoted tokens %s", note)
+        return [""] * n_concepts, note
+
+
+def hypothesize(
+    run: RunLike,
+    config: HypothesizeConfig | dict | None = None,
+    *,
+    store: FeatureStore | None = None,
+    model: Any = None,
+    sae: Any = None,
+    explainer: Any = None,
+    sources: Sequence[Any] = (),
+) -> Hypotheses:
+    """Cluster, test and label; write (or reuse) ``run/hypothesize/<key>``.
+
+    ``store`` defaults to the run's latest feature store. ``model``/``sae`` (LoadedModel /
+    LoadedSAE) enable promoted-token labels; by default they are loaded by the names the store
+    recorded, and the labels are skipped (and the manifest says why) when that fails.
+    ``explainer`` (a ``concepts.explain.ExplainerBackend``) adds an LLM explanation and its fidelity
+    on held-out responses to the ``explain_top`` strongest concepts. ``sources``: other concept
+    sources (``concepts.sources``: text rules, directions) tested beside the SAE concepts.
+    """
+    cfg = HypothesizeConfig.from_dict(config)
+    run = Run.of(run)
+    store = store or run.store
+    stage = run.stage(STAGE, content_hash(FORMAT, store.manifest["key"], cfg.key_params(), describe_explainer(explainer), [s.describe() for s in sources]), FORMAT)
+    if stage.reuse():
+        return Hypotheses(stage.path)
+    t0 = time.time()
+    pf = PairFeatures.from_store(store)
+    labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), cfg.concepts)
+    # topics over distinct prompts
+    first_pair = pd.Series(np.arange(pf.n_pairs)).groupby(pf.groups).first().to_numpy()
+    prompt_feats = pf.prompt_features[first_pair] if pf.prompt_features is not None else None
+    topics = cluster_prompts(prompt_feats, [pf.prompts[i] for i in first_pair], cfg.topics)
+    pairs = store.pairs() if sources else []
+    source_scores = {s.ref: s.pair_scores(pairs, store=store, lm=model) for s in sources}
+    table, features = score_concepts(pf, labels, cfg, topics.labels, source_scores)
+    # labels
+    stats_c, stats_r = text_stats(pf.chosen), text_stats(pf.rejected)
+    U = np.vstack(concept_activity(pf, labels))
+    stat_label = text_stat_labels(U, pd.concat([stats_c, stats_r], ignore_index=True))
+    peaks, contexts = context_labels(store, features, labels, cfg.label_features)
+    promoted, promoted_note = _promoted(store, labels, cfg, model, sae)
+    lab = pd.DataFrame({"concept": np.arange(len(stat_label)), "peak_tokens": peaks, "promoted_tokens": promoted, "text_stats": stat_label, "example_contexts": [[dict(c) for c in cs] for cs in contexts]})
+    lab["label"] = [short_label(p, s) for p, s in zip(peaks, stat_label)]
+    table = table.merge(lab, on="concept", how="left")
+    named = {s.ref: s.label or s.ref for s in sources}
+    table["label"] = [named.get(r, lbl) for r, lbl in zip(table["ref"], table["label"])]
+    topic_words = dict(zip(topics.summary["topic"], topics.summary["top_words"]))
+    table["topic_label"] = table["topic"].map(lambda t: "all prompts" if t < 0 else topic_words.get(t, ""))
+    table = rank_hypotheses(table).reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    if explainer is not None:
+        table = add_explanations(table, U, pf.chosen + pf.rejected, explainer, cfg)
+    stage.begin()
+    if cfg.linear_baseline and pf.n_pairs >= 10:
+        lin, lin_info = linear_baseline(pf, labels, cfg)
+        stage.write_parquet("baseline_linear", lin)
+    else:
+        lin_info = {"skipped": "fewer than 10 pairs" if pf.n_pairs < 10 else "disabled"}
+    stage.write_parquet("hypotheses", table)
+    stage.write_parquet("features", features)
+    stage.write_parquet("topics", pd.DataFrame({"prompt_group": np.arange(len(topics.labels)), "topic": topics.labels, "prompt": [pf.prompts[i] for i in first_pair]}))
+    stage.write_parquet("topic_summary", topics.summary)
+    stage.write_parquet("baseline_text_stats", text_stat_baseline(pf, cfg, stats_c, stats_r))
+    placebo_info: dict[str, Any] = {"skipped": "length_placebo_draws = 0"}
+    if cfg.length_placebo_draws > 0 and pf.n_pairs >= 8:
+        views = [None, *(pf.edges if cfg.test_edges else ())]
+        placebo = pd.concat([length_placebo(*concept_activity(pf, labels, v), pf.ntok, degrees=(0, cfg.length_control_degree), draws=cfg.length_placebo_draws, seed=cfg.seed).assign(view=v or "overall") for v in views], ignore_index=True)
+        stage.write_parquet("length_placebo", placebo)
+        placebo_info = _placebo_summary(placebo, cfg.length_control_degree)
+        if not placebo_info["calibrated"]:
+            log.warning("the length control looks miscalibrated on this data: in placebo pairs that differ only in length, %.0f %% of concept tests have p < 0.05 (expected ~5 %%); length-controlled effects may still carry length", 100 * placebo_info["frac_p05_controlled"])
+    overall = table[(table["view"] == "overall") & (table["source"] == "sae")]
+    stage.finish({
+        "features_key": store.manifest["key"],
+        "config": cfg.to_dict(),
+        "n_pairs": pf.n_pairs,
+        "n_units": int(len(np.unique(pf.groups))) if cfg.group_by_prompt else pf.n_pairs,
+        "n_concepts": int(len(overall)),
+        "n_features_tested": int((labels >= 0).sum()),
+        "n_topics": int(len(topics.summary)),
+        "n_tests": int(len(table)),
+        "n_significant": int(table["significant"].sum()),
+        "n_significant_overall": int(overall["significant"].sum()),
+        "sources": [s.describe() for s in sources],
+        "promoted_tokens": promoted_note,
+        "linear_baseline": lin_info,
+        "length_placebo": placebo_info,
+        "seconds": round(time.time() - t0, 2),
+    })
+    return Hypotheses(stage.path)
+
+
+def _placebo_summary(placebo: pd.DataFrame, degree: int, tolerance: float = 0.10) -> dict[str, Any]:
+    """The manifest's verdict: calibrated when, on both sides and in every view, at most
+    ``tolerance`` (twice the nominal 5 %) of placebo tests reach p < 0.05 under the configured
+    control."""
+    by = placebo.groupby(["side", "degree"])["frac_p05"].max()
+    controlled = float(by.xs(degree, level="degree").max())
+    return {"degree": degree, "frac_p05_controlled": round(controlled, 4), "frac_p05_uncontrolled": round(float(by.xs(0, level="degree").max()), 4), "calibrated": controlled <= tolerance}

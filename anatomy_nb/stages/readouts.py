@@ -1,0 +1,186 @@
+"""Stage 5's tables, computed from what the evaluation measured (no model calls here): predicted
+vs actual concept change and its R², held-out preference accuracy, the targeted concepts'
+change and the fraction of plain DPO's change each intervention removed, and the long comparison
+table with every behaviour metric and its interval."""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..concepts.sources import SAEConcept, TextConcept
+from ..config import EvalConfig
+from ..core.stats import bh_qvalues, bootstrap_ci, implicit_margin, pair_correct, paired_test, r2_with_ci, ratio_with_ci, wilson_interval
+from ..data.textstats import is_refusal, text_stats
+from ..results.evaluation import BASE
+from ..results.plan import parse_concept, sae_concept_id
+from ..results.training import PLAIN, active_entries
+
+__all__ = ["FORMAT_STATS", "comparison_table", "concept_scores", "predicted_vs_actual", "preference_table", "targets_table"]
+
+log = logging.getLogger(__name__)
+FORMAT_STATS = ("bold", "headers", "list_items", "emoji", "words")
+
+
+def predicted_vs_actual(hyps, store, heldout, prompts, activity, manifests, cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    table = hyps.table
+    n_concepts = next(iter(activity.values())).shape[1]
+    # topic of each evaluated prompt: its prompt group in the store → the topic of that group
+    row_of = store.pair_index()
+    groups = store.prompt_groups()
+    topic_of_group = dict(zip(hyps.topics["prompt_group"].to_numpy(), hyps.topics["topic"].to_numpy()))
+    prompt_topic = np.asarray([topic_of_group.get(int(groups[row_of[pid]]), -1) for pid, _ in prompts])
+    base = activity[BASE]
+    rows, r2_rows = [], []
+    for name, act in activity.items():
+        if name == BASE:
+            continue
+        targeted = {cid for c in active_entries(manifests[name]) if (cid := sae_concept_id(c["concept"])) is not None}
+        D = act - base  # prompts × concepts, paired
+        for view in ("overall", "topic"):
+            sub = table[table["view"] == view]
+            if sub.empty:
+                continue
+            if view == "overall":
+                t = paired_test(D)
+                actual = pd.DataFrame({"concept": np.arange(n_concepts), "actual_change": D.mean(0), "base_activity": base.mean(0), "model_activity": act.mean(0), "n_prompts": len(D), "actual_p": t.p})
+                df = sub.merge(actual, on="concept", how="left")
+            else:
+                parts = []
+                for k in sorted(set(sub["topic"].astype(int))):
+                    inside = prompt_topic == k
+                    if inside.sum() < cfg.min_topic_prompts:
+                        continue
+                    t = paired_test(D[inside])
+                    parts.append(pd.DataFrame({"topic": k, "concept": np.arange(n_concepts), "actual_change": D[inside].mean(0), "base_activity": base[inside].mean(0), "model_activity": act[inside].mean(0), "n_prompts": int(inside.sum()), "actual_p": t.p}))
+                if not parts:
+                    continue
+                df = sub.merge(pd.concat(parts, ignore_index=True), on=["topic", "concept"], how="inner")
+            df = df.dropna(subset=["actual_change"])
+            df["actual_q"] = bh_qvalues(df["actual_p"].to_numpy()) if len(df) else []
+            raw_pred = df["inside_mean_diff"] if view == "topic" and "inside_mean_diff" in df else df["mean_diff"]
+            if cfg.concepts == "significant":
+                df["predicted"] = df["predicted_change"]
+                df["in_fit"] = df["significant"].astype(bool)
+            else:
+                df["predicted"] = raw_pred
+                df["in_fit"] = True
+            df["targeted"] = df["concept"].astype(int).isin(targeted)
+            keep = ["view", "topic", "concept", "label", "rank", "n_features", "significant", "predicted_direction", "predicted_change", "mean_diff", "predicted", "actual_change", "base_activity", "model_activity", "n_prompts", "actual_p", "actual_q", "targeted", "in_fit"]
+            df = df[[c for c in keep if c in df]].copy()
+            df.insert(0, "model", name)
+            rows.append(df)
+            fit = df[df["in_fit"]]
+            r = r2_with_ci(fit["predicted"].to_numpy(), fit["actual_change"].to_numpy(), cfg.n_boot, cfg.ci, cfg.seed)
+            r2_rows.append({"model": name, "view": view, **r})
+    pva = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["model", "view", "topic", "concept", "predicted", "actual_change", "actual_p", "actual_q", "targeted", "in_fit"])
+    return pva, pd.DataFrame(r2_rows, columns=["model", "view", "n_concepts", "r2", "ci_low", "ci_high", "pearson_r", "slope", "intercept", "sign_agreement"])
+
+
+def preference_table(logps: Mapping[str, np.ndarray], manifests: Mapping[str, dict], cfg: EvalConfig) -> pd.DataFrame:
+    base = logps[BASE]
+    rows = []
+    for name, lp in logps.items():
+        n = len(lp)
+        beta = float(manifests[name]["config"]["beta"]) if name != BASE else float("nan")
+        margin = implicit_margin(lp, base)  # zero for the base model itself
+        k = float(pair_correct(margin).sum())
+        acc = k / n if n else float("nan")
+        lo, hi = wilson_interval(k, n, cfg.ci)
+        lacc = float((lp[:, 0] > lp[:, 1]).mean()) if n else float("nan")
+        llo, lhi = wilson_interval(float((lp[:, 0] > lp[:, 1]).sum()), n, cfg.ci)
+        rows.append({"model": name, "n_pairs": n, "accuracy": acc, "ci_low": lo, "ci_high": hi, "mean_margin": float(np.mean(margin) * (beta if np.isfinite(beta) else 1.0)) if n else float("nan"), "beta": beta, "logp_accuracy": lacc, "logp_ci_low": llo, "logp_ci_high": lhi})
+    return pd.DataFrame(rows)
+
+
+def concept_scores(entry: dict, fires: np.ndarray, texts: Sequence[str]) -> np.ndarray | None:
+    """s_c of generations for a plan entry, through its concept source: sae → the fraction of its
+    features firing (from the firing already computed), text → the pattern or statistic (unscaled);
+    direction concepts are not scored here (None)."""
+    kind = parse_concept(entry["concept"])[0]
+    if kind == "sae" and entry.get("features"):
+        return SAEConcept(entry["concept"], entry["features"]).from_firing(fires)
+    if kind == "text" and entry.get("pattern"):
+        return TextConcept(entry["concept"], entry["pattern"]).score_texts([], texts)
+    return None
+
+
+def targets_table(names, manifests, fires, gens, cfg: EvalConfig) -> pd.DataFrame:
+    entries: dict[str, dict] = {}
+    for n in names[1:]:
+        for c in active_entries(manifests[n]):
+            entries.setdefault(c["concept"], c)
+    cols = ["model", "concept", "label", "method", "action", "base_activity", "model_activity", "delta", "delta_ci_low", "delta_ci_high", "p", "plain_delta", "fraction_removed", "fraction_removed_ci_low", "fraction_removed_ci_high", "n_prompts"]
+    rows = []
+    for cid, entry in entries.items():
+        s = {n: concept_scores(entry, fires[n], gens[n]["heldout"]) for n in names}
+        if s[BASE] is None:
+            log.warning("concept %s (kind %s) is not scored on generations", cid, str(cid).split(":")[0])
+            continue
+        for n in names:
+            plan_entry = next((c for c in active_entries(manifests[n]) if c["concept"] == cid), None) if n != BASE else None
+            d = s[n] - s[BASE]
+            lo, hi = bootstrap_ci(d, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
+            row = {"model": n, "concept": cid, "label": entry.get("label", ""), "method": plan_entry["method"] if plan_entry else "", "action": plan_entry["action"] if plan_entry else "", "base_activity": float(s[BASE].mean()), "model_activity": float(s[n].mean()), "delta": float(d.mean()), "delta_ci_low": lo, "delta_ci_high": hi, "p": float(paired_test(d[:, None]).p[0]), "plain_delta": float("nan"), "fraction_removed": float("nan"), "fraction_removed_ci_low": float("nan"), "fraction_removed_ci_high": float("nan"), "n_prompts": len(d)}
+            if PLAIN in s and n not in (BASE, PLAIN):
+                dp = s[PLAIN] - s[BASE]
+                row["plain_delta"] = float(dp.mean())
+                # a fraction of plain DPO's change in the plan's direction; undefined when plain DPO
+                # did not move the concept that way (1 − Δ/Δ_plain of a fall is not "removed")
+                want_up = plan_entry is None or plan_entry["action"] != "amplify"
+                if (dp.mean() > 0) if want_up else (dp.mean() < 0):
+                    share, slo, shi = ratio_with_ci(d, dp, cfg.n_boot, cfg.ci, cfg.seed)
+                    row["fraction_removed"], row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = 1 - share, 1 - shi, 1 - slo
+            elif n == PLAIN:
+                row["plain_delta"] = row["delta"]
+            rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: EvalConfig, poison: pd.DataFrame | None = None) -> pd.DataFrame:
+    rows = []
+
+    def add(model, group, metric, value, lo, hi, n, interval):
+        rows.append({"model": model, "group": group, "metric": metric, "value": float(value), "ci_low": float(lo), "ci_high": float(hi), "n": int(n), "interval": interval})
+
+    for r in pref.itertuples():
+        add(r.model, "preference", "held-out preference accuracy", r.accuracy, r.ci_low, r.ci_high, r.n_pairs, "wilson")
+    for r in targets.itertuples():
+        add(r.model, "target", f"Δ activity {r.concept}", r.delta, r.delta_ci_low, r.delta_ci_high, r.n_prompts, "bootstrap")
+        if np.isfinite(r.fraction_removed):
+            add(r.model, "target", f"fraction of plain-DPO increase removed {r.concept}", r.fraction_removed, r.fraction_removed_ci_low, r.fraction_removed_ci_high, r.n_prompts, "bootstrap")
+    for r in (poison.itertuples() if poison is not None else ()):
+        add(r.model, "poisoning", f"planted {r.kind} in generations", r.planted_rate, r.planted_rate_ci_low, r.planted_rate_ci_high, r.n_prompts, "wilson")
+        if np.isfinite(r.fraction_removed):
+            add(r.model, "poisoning", "fraction of plain-DPO planted increase removed", r.fraction_removed, r.fraction_removed_ci_low, r.fraction_removed_ci_high, r.n_prompts, "bootstrap")
+        add(r.model, "poisoning", "held-out preference accuracy, unpoisoned pairs", r.clean_accuracy, r.clean_accuracy_ci_low, r.clean_accuracy_ci_high, r.n_clean_pairs, "wilson")
+        if np.isfinite(r.fraction_gain_kept):
+            add(r.model, "poisoning", "fraction of plain-DPO on-target gain kept", r.fraction_gain_kept, r.fraction_gain_kept_ci_low, r.fraction_gain_kept_ci_high, r.n_clean_pairs, "bootstrap")
+        if r.model != BASE:
+            add(r.model, "poisoning", "implicit-reward margin, unpoisoned pairs (nats)", r.clean_margin, r.clean_margin_ci_low, r.clean_margin_ci_high, r.n_clean_pairs, "bootstrap")
+        if np.isfinite(r.fraction_margin_kept):
+            add(r.model, "poisoning", "fraction of plain-DPO on-target margin kept", r.fraction_margin_kept, r.fraction_margin_kept_ci_low, r.fraction_margin_kept_ci_high, r.n_clean_pairs, "bootstrap")
+    for r in r2_rows.itertuples():
+        add(r.model, "predicted vs actual", f"R² ({r.view})", r.r2, r.ci_low, r.ci_high, r.n_concepts, "bootstrap (concepts)")
+    for n in names:
+        texts = gens[n]["heldout"]
+        st = text_stats(texts)
+        st["words"] = [len(t.split()) for t in texts]
+        for stat in FORMAT_STATS:
+            v = st[stat].to_numpy(dtype=np.float64)
+            lo, hi = bootstrap_ci(v, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
+            add(n, "formatting", stat, v.mean(), lo, hi, len(v), "bootstrap")
+        for s, items in ab_sets.items():
+            p = ab[n][s]
+            pm = np.where(np.asarray([it["matching"] for it in items]) == 0, p, 1 - p)  # P(matching answer)
+            lo, hi = bootstrap_ci(pm, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
+            add(n, "sycophancy" if "syco" in s else "persona", f"{s}: P(matching answer)", pm.mean(), lo, hi, len(pm), "bootstrap")
+        for s, metric in (("harmful", "refusal rate, harmful prompts"), ("xstest_safe", "over-refusal rate, XSTest safe prompts")):
+            if s in gens[n]:
+                ref = [is_refusal(t) for t in gens[n][s]]
+                lo, hi = wilson_interval(sum(ref), len(ref), cfg.ci)
+                add(n, "refusal", metric, np.mean(ref) if ref else np.nan, lo, hi, len(ref), "wilson")
+    return pd.DataFrame(rows, columns=["model", "group", "metric", "value", "ci_low", "ci_high", "n", "interval"])

@@ -1,0 +1,105 @@
+"""``anatomy-nb report RUN_DIR``: the executed notebooks and a summary page as standalone HTML.
+
+Everything opens from disk without a kernel or a network: plotly figures are embedded by the
+notebooks (``viz.setup_plotly``), widgets fall back to the static views they also emit
+(``notebooks.static_widgets``), and the summary page is plain escaped HTML with no script at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from ..core.files import atomic_path, atomic_write_text, read_json
+from ..core.run import Run, RunLike
+from .notebooks import render_html
+from .viz import escape_text, html_table
+
+__all__ = ["report"]
+
+_STYLE = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#212529}
+table{border-collapse:collapse;font-size:13px}th,td{border-top:1px solid #e9ecef;padding:3px 6px}th{background:#f1f3f5}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}.muted{color:#868e96}code{background:#f1f3f5;padding:0 3px}"""
+
+
+def _facts(run: Run) -> pd.DataFrame:
+    rows: list[tuple[str, str]] = []
+    if run.has("extract"):
+        m = run.store.manifest
+        rows += [("pairs", m.get("n_pairs")), ("model", (m.get("model") or {}).get("name")), ("SAE", (m.get("sae") or {}).get("name")), ("layer", m.get("layer")), ("SAE features", m.get("d_sae"))]
+    if run.has("hypothesize"):
+        h = read_json(run.latest("hypothesize") / "manifest.json")
+        rows += [("concepts", h.get("n_concepts")), ("topics", h.get("n_topics")), ("tests (one BH family)", h.get("n_tests")), (f"significant at q < {h.get('config', {}).get('fdr')}", h.get("n_significant")), ("  of which overall", h.get("n_significant_overall"))]
+    return pd.DataFrame(rows, columns=["", "value"])
+
+
+def _pipeline_sections(run: Run) -> list[str]:
+    """What ``anatomy-nb run`` adds: the audit's target (and, for a poisoned run, whether it is the
+    planted concept), the evaluation's comparison table, and the time each step took."""
+    parts: list[str] = []
+    target_path = run.path / "plan" / "target.json"
+    if target_path.exists():
+        t = read_json(target_path)
+        parts += ["<h2>The audit's target</h2>", html_table(pd.DataFrame([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in t.items()}]), max_chars=200)]
+    if run.has("evaluate"):
+        wide = run.evaluation.comparison_table().reset_index()
+        order = {"poisoning": 0, "target": 1, "preference": 2}
+        wide = wide.sort_values("group", key=lambda g: g.map(lambda x: order.get(x, 9)), kind="stable")
+        parts += ["<h2>Evaluation: base vs plain DPO vs each intervention</h2>", "<p class='muted'>value [95 % interval]; details in 05_evaluate.</p>", html_table(wide, max_chars=200)]
+    state_path = run.path / "pipeline.json"
+    if state_path.exists():
+        steps = read_json(state_path).get("steps", {})
+        df = pd.DataFrame([{"step": k, "status": v.get("status"), "seconds": v.get("seconds")} for k, v in steps.items()])
+        if not df.empty:
+            parts += ["<h2>Pipeline steps</h2>", html_table(df)]
+    return parts
+
+
+def report(run_dir: RunLike, out: str | os.PathLike | None = None, render: bool = True) -> Path:
+    """Render ``run_dir/notebooks/*.ipynb`` to HTML and write ``index.html`` beside them.
+    Returns the summary page's path (``out`` defaults to ``run_dir/report``)."""
+    run = Run.of(run_dir)
+    out_dir = Path(out) if out else run.path / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pages = []
+    for nb in sorted((run.path / "notebooks").glob("*.ipynb")):
+        if render:
+            html = render_html(nb)
+            target = out_dir / html.name
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(html.read_bytes())
+        pages.append(nb.stem)
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'\">",
+        f"<title>anatomy_nb report — {escape_text(run.path.name)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>anatomy_nb report: {escape_text(run.path.name)}</h1>",
+        f"<p class='muted'>{escape_text(str(run.path.resolve()))} · generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
+        "<h2>Notebooks</h2><ul>",
+    ]
+    parts += [f"<li><a href='{escape_text(p)}.html'>{escape_text(p)}</a></li>" for p in pages] or ["<li>none executed yet (run <code>anatomy-nb run</code>)</li>"]
+    parts.append("</ul><h2>Run</h2>")
+    parts.append(html_table(_facts(run)))
+    if run.has("hypothesize"):
+        top = run.hypotheses.ranked().head(15)[["rank", "where", "concept", "n_features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "q", "predicted_direction", "label"]].copy()
+        for c in ("chosen_rate", "rejected_rate", "mean_diff", "cohens_d"):
+            top[c] = top[c].map(lambda v: f"{v:.3f}")
+        top["q"] = top["q"].map(lambda v: f"{v:.2g}")
+        parts += ["<h2>Strongest concepts (whole response, opening, ending)</h2>", html_table(top, max_chars=200)]
+    parts += _pipeline_sections(run)
+    plan_path = run.plan_path
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        active = [c for c in plan.get("concepts", []) if c.get("action") != "allow"]
+        parts.append(f"<h2>Intervention plan</h2><p>{len(active)} of {len(plan.get('concepts', []))} concepts changed (<code>plan/{escape_text(plan_path.name)}</code>).</p>")
+        if active:
+            df = pd.DataFrame(active)[["concept", "action", "method", "strength", "label"]]
+            parts.append(html_table(df, max_chars=200))
+    parts.append("</body></html>")
+    index = out_dir / "index.html"
+    atomic_write_text(index, "".join(parts))
+    return index
