@@ -109,7 +109,7 @@ def _wait(cond, timeout=30.0, what="condition"):
 
 
 def test_notebook_03_in_voila_drilldown_toggles_and_xss(served, page):
-    from anatomy_nb.viewer import MapConfig, ViewerData
+    from anatomy_nb.ui.viewer import MapConfig, ViewerData
 
     url, run = served
     data = ViewerData(run, maps=MapConfig(method="svd"))

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from anatomy_nb.data import DataError, load_pairs
+from anatomy_nb.data.pairs import DataError, load_pairs
 
 HH = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: Fine, thanks.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: Go away."}
 

@@ -18,8 +18,10 @@ def real():
 
 
 def test_extract_with_the_shipped_sae_on_real_pairs(real, tmp_path):
-    from anatomy_nb.extract import ExtractConfig, extract
-    from anatomy_nb.models import decoder_layers, render_example
+    from anatomy_nb.config import ExtractConfig
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.lm.chat import render_example
+    from anatomy_nb.lm.ops import decoder_layers
 
     lm, sae, pairs = real
     store = extract(pairs, lm, sae, tmp_path, ExtractConfig(shard_size=4, progress=False))
@@ -49,13 +51,13 @@ def test_extract_with_the_shipped_sae_on_real_pairs(real, tmp_path):
 
 
 def test_notebook_01_on_the_default_model(tmp_path):
-    from anatomy_nb.notebooks import run_notebook
+    from anatomy_nb.ui.notebooks import run_notebook
 
-    out = run_notebook("01_extract", tmp_path, {"n_pairs": 16, "shard_size": 8}, progress=False)
+    out = run_notebook("01_extract", tmp_path, {"config": {"n_pairs": 16, "shard_size": 8}}, progress=False)
     import nbformat
 
     nb = nbformat.read(out, as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     index = json.loads((tmp_path / "index.json").read_text())
-    assert index["features"]["n_pairs"] == 16
+    assert index["extract"]["n_pairs"] == 16
     assert out.with_suffix(".html").stat().st_size > 100_000  # plotly.js and figures embedded

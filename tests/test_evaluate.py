@@ -11,22 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from anatomy_nb.evaluate import (
-    BASE,
-    EvalConfig,
-    ab_items,
-    ab_probabilities,
-    bootstrap_ci,
-    evaluate,
-    generate,
-    harmful_prompts,
-    is_refusal,
-    pair_logps,
-    r2_with_ci,
-    training_runs,
-    wilson_interval,
-    xstest_safe,
-)
+from anatomy_nb.config import EvalConfig
+from anatomy_nb.core.paths import data_dir
+from anatomy_nb.core.stats import bootstrap_ci, r2_with_ci, wilson_interval
+from anatomy_nb.data.evalsets import ab_items, harmful_prompts, xstest_safe
+from anatomy_nb.data.textstats import is_refusal
+from anatomy_nb.lm.ops import ab_probabilities, generate, pair_logps
+from anatomy_nb.results.evaluation import BASE
+from anatomy_nb.results.training import training_runs
+from anatomy_nb.stages.evaluate import evaluate
 
 SMALL = dict(n_prompts=8, max_new_tokens=12, n_ab=6, n_harmful=3, n_xstest=3, behaviour_max_new_tokens=8, n_boot=200, concepts="all", progress=False)
 
@@ -132,7 +125,7 @@ def test_ab_probability_reads_the_letter_after_the_shared_prefix(tiny_lm):
 
 
 def test_pair_logps_with_a_shared_prompt_equal_full_forward_passes(tiny_lm):
-    from anatomy_nb.evaluate import _pair_ids
+    from anatomy_nb.lm.ops import pair_token_ids as _pair_ids
 
     long_turns = tuple({"role": r, "content": f"turn {i}: " + "words and more words " * 6} for i, r in zip(range(5), ["user", "assistant"] * 3))
     pairs = [
@@ -159,7 +152,7 @@ def test_ab_items_and_harmful_sets_load_from_the_vendored_files():
     assert len(caa) == 10 and all(it["answers"] == ("(A)", "(B)") for it in caa)
     assert {it["matching"] for it in caa} <= {0, 1} and "(A)" in caa[0]["prompt"][0]["content"]
     persona = ab_items("persona_agreeableness", 40, seed=0)
-    rows = [json.loads(line) for line in open(__import__("anatomy_nb.data", fromlist=["x"]).data_dir() / "evals/anthropic_evals/agreeableness.jsonl")]
+    rows = [json.loads(line) for line in open(data_dir() / "evals/anthropic_evals/agreeableness.jsonl")]
     for it in persona:
         i = int(it["id"].rsplit("-", 1)[1])
         q = it["prompt"][0]["content"]
@@ -182,7 +175,7 @@ TOPICS = ["bread", "tea", "rain", "cats", "maps", "jazz", "glue", "kites", "salt
 
 def synthetic_pairs(n=48):
     """Short pairs (fast on the tiny model) whose chosen response opens with a flattering phrase."""
-    from anatomy_nb.data import PreferencePair
+    from anatomy_nb.data.schema import PreferencePair
 
     return [PreferencePair(
         id=f"s{i}",
@@ -195,11 +188,15 @@ def synthetic_pairs(n=48):
 @pytest.fixture(scope="module")
 def tiny_eval(tmp_path_factory, tiny_lm, tiny_sae_):
     """A tiny run with plain DPO and reward shaping on the top concept, evaluated once."""
-    from anatomy_nb.concepts import ConceptConfig
-    from anatomy_nb.extract import ExtractConfig, extract
-    from anatomy_nb.hypothesize import HypothesizeConfig, Hypotheses, hypothesize
-    from anatomy_nb.sae import load_sae, save_sae
-    from anatomy_nb.train import TrainConfig, train
+    from anatomy_nb.config import ConceptConfig
+    from anatomy_nb.config import ExtractConfig
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.config import HypothesizeConfig
+    from anatomy_nb.results.hypotheses import Hypotheses
+    from anatomy_nb.stages.hypothesize import hypothesize
+    from anatomy_nb.lm.sae import load_sae, save_sae
+    from anatomy_nb.config import TrainConfig
+    from anatomy_nb.stages.train import train
 
     import time
 
@@ -234,9 +231,9 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
     assert (gens["new_tokens"] <= 12).all()
     # the held-out prompts are the training runs' held-out pairs, never training pairs
     split = json.loads((tiny_eval.run / res.manifest["models"]["plain"]["path"] / "split.json").read_text())
-    from anatomy_nb.extract import FeatureStore
+    from anatomy_nb.results.store import FeatureStore
 
-    prompt_of = {p["id"]: p["prompt"][-1]["content"] for p in FeatureStore.from_run(tiny_eval.run).pairs()}
+    prompt_of = {p.id: p.prompt[-1]["content"] for p in FeatureStore.from_run(tiny_eval.run).pairs()}
     held = set(gens[gens["set"] == "heldout"]["id"])
     assert held <= set(split["heldout"]) and not held & set(split["train"])
     assert set(gens[gens["set"] == "heldout"]["prompt"]) <= {prompt_of[i] for i in split["heldout"]}
@@ -271,20 +268,19 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
 def test_target_activity_agrees_with_stage_4s_concept_scorer(tiny_eval):
     """The planted/target concept's activity on generations, recomputed through a different code
     path (interventions.score_texts: its own residual runs and SAE encoding)."""
-    from anatomy_nb.interventions import ResolvedConcept, score_texts
-    from anatomy_nb.plan import ConceptChoice
+    from anatomy_nb.concepts.sources import SAEConcept
 
     res = tiny_eval.res
     gens = res.generations()
     gens = gens[gens["set"] == "heldout"]
-    from anatomy_nb.extract import FeatureStore
+    from anatomy_nb.results.store import FeatureStore
 
-    prompts = {p["id"]: tuple(p["prompt"]) for p in FeatureStore.from_run(tiny_eval.run).pairs()}
-    rc = ResolvedConcept(choice=ConceptChoice(concept=f"sae:{tiny_eval.concept}", features=tiny_eval.features), features=tiny_eval.features)
+    prompts = {p.id: p.prompt for p in FeatureStore.from_run(tiny_eval.run).pairs()}
+    source = SAEConcept(f"sae:{tiny_eval.concept}", tiny_eval.features, sae=tiny_eval.sae)
     targets = res.targets().set_index("model")
     means = {}
     for model, g in gens.groupby("model"):
-        s = score_texts(rc, [prompts[i] for i in g["id"]], list(g["response"]), lm=tiny_eval.lm, sae=tiny_eval.sae)
+        s = source.score_texts([prompts[i] for i in g["id"]], list(g["response"]), lm=tiny_eval.lm)
         means[model] = s.mean()
         assert targets.loc[model, "model_activity"] == pytest.approx(s.mean(), abs=1e-6)
     t = targets.loc["reward_shaping"]
@@ -325,10 +321,10 @@ def test_evaluation_is_reused_when_unchanged_and_rekeyed_when_changed(tiny_eval)
 
 
 def test_notebook_05_runs_headless_on_the_tiny_run(tiny_eval):
-    from anatomy_nb.notebooks import run_notebook
+    from anatomy_nb.ui.notebooks import run_notebook
 
-    params = {k: v for k, v in SMALL.items() if k != "progress"}
-    out = run_notebook("05_evaluate", tiny_eval.run, params, progress=False)
+    config = {k: v for k, v in SMALL.items() if k != "progress"}
+    out = run_notebook("05_evaluate", tiny_eval.run, {"config": config}, progress=False)
     html = out.with_suffix(".html").read_text()
     assert "Predicted vs actual" in html and "plotly" in html.lower()
     assert "held-out preference accuracy" in html
@@ -344,12 +340,15 @@ def test_evaluate_on_the_default_model(tmp_path):
     """SmolLM2-135M + the shipped SAE: 60 HH-RLHF pairs, plain DPO and reward shaping for a few
     steps, then a reduced evaluation (8 prompts; the defaults took >20 min on the contended
     2-core machine; timings land in the manifest)."""
-    from anatomy_nb.data import load_pairs
-    from anatomy_nb.extract import ExtractConfig, extract
-    from anatomy_nb.hypothesize import Hypotheses, hypothesize
-    from anatomy_nb.models import load_model
-    from anatomy_nb.sae import DEFAULT_SAE, load_sae
-    from anatomy_nb.train import TrainConfig, train
+    from anatomy_nb.data.pairs import load_pairs
+    from anatomy_nb.config import ExtractConfig
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.results.hypotheses import Hypotheses
+    from anatomy_nb.stages.hypothesize import hypothesize
+    from anatomy_nb.lm.models import load_model
+    from anatomy_nb.lm.sae import DEFAULT_SAE, load_sae
+    from anatomy_nb.config import TrainConfig
+    from anatomy_nb.stages.train import train
 
     lm, sae = load_model(), load_sae(DEFAULT_SAE)
     run = tmp_path / "run"
@@ -372,8 +371,8 @@ def test_evaluate_on_the_default_model(tmp_path):
 def test_poisoning_readout_on_known_numbers():
     """Planted-pattern rates, fraction of plain DPO's increase removed, on-target accuracy on the
     unpoisoned pairs only and fraction of plain's gain kept — against hand-computed values."""
-    from anatomy_nb.data import PreferencePair
-    from anatomy_nb.evaluate import _poisoning
+    from anatomy_nb.data.schema import PreferencePair
+    from anatomy_nb.data.plant import poisoning_readout
 
     truth = {"kind": "bold", "pattern": r"\*\*[^*\n]+\*\*", "planted_ids": ["p0", "p1"]}
     bold, plain_text = "**Short answer:** yes", "yes"
@@ -388,7 +387,7 @@ def test_poisoning_readout_on_known_numbers():
     # plain gets 3 of the 4 clean pairs right, shaping 2 of 4; both get the planted pairs "right" (ignored)
     logps = {BASE: base, "plain": base + np.concatenate([up, up, up, up, up, down]), "reward_shaping": base + np.concatenate([up, up, up, up, down, down])}
     cfg = EvalConfig(n_boot=200)
-    df = _poisoning([BASE, "plain", "reward_shaping"], truth, gens, logps, pairs, cfg).set_index("model")
+    df = poisoning_readout(truth, {n: g["heldout"] for n, g in gens.items()}, logps, [p.id for p in pairs], n_boot=cfg.n_boot).set_index("model")
     np.testing.assert_allclose(df["planted_rate"], [0.1, 0.6, 0.2])
     np.testing.assert_allclose(df["planted_delta"], [0.0, 0.5, 0.1])
     assert df.loc["reward_shaping", "fraction_removed"] == pytest.approx(1 - 0.1 / 0.5)
@@ -407,7 +406,7 @@ def test_poisoning_readout_on_known_numbers():
     # plain DPO did not raise the plant or gain on-target: nothing to remove or keep → NaN, not 1.0
     gens["plain"] = {"heldout": [plain_text] * 10}
     logps["plain"] = base + np.concatenate([up, up, down, down, down, down])
-    df = _poisoning([BASE, "plain", "reward_shaping"], truth, gens, logps, pairs, cfg).set_index("model")
+    df = poisoning_readout(truth, {n: g["heldout"] for n, g in gens.items()}, logps, [p.id for p in pairs], n_boot=cfg.n_boot).set_index("model")
     assert df.loc["plain", "planted_delta"] == pytest.approx(-0.1)
     assert np.isnan(df.loc["reward_shaping", "fraction_removed"]) and np.isnan(df.loc["reward_shaping", "fraction_gain_kept"])
     assert np.isnan(df.loc["reward_shaping", "fraction_margin_kept"])

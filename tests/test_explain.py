@@ -4,7 +4,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from anatomy_nb.explain import OpenAICompatibleBackend, TransformersBackend, explain_concept, fidelity, load_prompt
+from anatomy_nb.concepts.explain import OpenAICompatibleBackend, TransformersBackend, explain_concept, fidelity, load_prompt
 
 
 class KeywordJudge:
@@ -80,9 +80,11 @@ def test_transformers_backend_generates_deterministically(tiny_lm):
 
 
 def test_hypothesize_adds_explanations_with_fidelity(tiny_lm, tiny_sae_, hh_pairs, tmp_path):
-    from anatomy_nb.concepts import ConceptConfig
-    from anatomy_nb.extract import ExtractConfig, extract
-    from anatomy_nb.hypothesize import HypothesizeConfig, hypothesize
+    from anatomy_nb.config import ConceptConfig
+    from anatomy_nb.config import ExtractConfig
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.config import HypothesizeConfig
+    from anatomy_nb.stages.hypothesize import hypothesize
 
     extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, ExtractConfig(shard_size=10, progress=False))
     cfg = HypothesizeConfig(concepts=ConceptConfig(min_support=3), explain_top=2, fidelity_texts=10)

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import anatomy_nb.extract as ex
-from anatomy_nb.extract import ExtractConfig, FeatureStore, extract
-from anatomy_nb.models import decoder_layers, render_example
+import anatomy_nb.stages.extract as ex
+from anatomy_nb.config import ExtractConfig
+from anatomy_nb.results.store import FeatureStore
+from anatomy_nb.stages.extract import extract
+from anatomy_nb.lm.chat import render_example
+from anatomy_nb.lm.ops import decoder_layers
 
 CFG = ExtractConfig(shard_size=6, top_contexts=5, progress=False)
 
@@ -89,24 +92,24 @@ def test_top_contexts_and_histograms_match_pooled(store):
 
 
 def test_unchanged_call_reuses_store(store, tiny_lm, tiny_sae_, hh_pairs, monkeypatch):
-    monkeypatch.setattr(ex, "_compute_shard", lambda *a, **k: pytest.fail("recomputed an unchanged store"))
+    monkeypatch.setattr(ex, "compute_shard", lambda *a, **k: pytest.fail("recomputed an unchanged store"))
     again = extract(hh_pairs, tiny_lm, tiny_sae_, store.path.parent.parent, CFG)
     assert again.path == store.path
 
 
 def test_changed_inputs_change_key(store, tiny_lm, tiny_sae_, hh_pairs):
-    from anatomy_nb.sae import tiny_sae
+    from anatomy_nb.lm.sae import tiny_sae
 
     key = ex.store_key(hh_pairs, tiny_lm, tiny_sae_, CFG)
     assert key == store.manifest["key"]
-    assert ex.store_key(hh_pairs, tiny_lm, tiny_sae_, ExtractConfig(**{**CFG.__dict__, "max_response_tokens": 64})) != key
+    assert ex.store_key(hh_pairs, tiny_lm, tiny_sae_, ExtractConfig.from_dict({**CFG.to_dict(), "max_response_tokens": 64})) != key
     assert ex.store_key(hh_pairs[:5], tiny_lm, tiny_sae_, CFG) != key
     assert ex.store_key(hh_pairs, tiny_lm, tiny_sae(tiny_lm.d_model, layer=2, d_sae=96, k=6, seed=1), CFG) != key
-    assert ex.store_key(hh_pairs, tiny_lm, tiny_sae_, ExtractConfig(**{**CFG.__dict__, "progress": True})) == key
+    assert ex.store_key(hh_pairs, tiny_lm, tiny_sae_, ExtractConfig.from_dict({**CFG.to_dict(), "progress": True})) == key
 
 
 def test_killed_run_resumes_to_identical_store(store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch):
-    real = ex._compute_shard
+    real = ex.compute_shard
     calls = {"n": 0}
 
     def dies_on_third(*a, **k):
@@ -115,10 +118,10 @@ def test_killed_run_resumes_to_identical_store(store, tiny_lm, tiny_sae_, hh_pai
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(ex, "_compute_shard", dies_on_third)
+    monkeypatch.setattr(ex, "compute_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
-    out = tmp_path / "features" / store.manifest["key"]
+    out = tmp_path / "extract" / store.manifest["key"]
     assert not (out / "manifest.json").exists()
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000", "shard-00001"]
     with pytest.raises(FileNotFoundError):
@@ -126,7 +129,7 @@ def test_killed_run_resumes_to_identical_store(store, tiny_lm, tiny_sae_, hh_pai
     # the rerun computes only the missing shards
     calls["n"] = -100
     seen = []
-    monkeypatch.setattr(ex, "_compute_shard", lambda enc, chunk, *a: seen.append(chunk[0].id) or real(enc, chunk, *a))
+    monkeypatch.setattr(ex, "compute_shard", lambda capture, sae, chunk, *a: seen.append(chunk[0].id) or real(capture, sae, chunk, *a))
     resumed = extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
     assert seen == [hh_pairs[12].id, hh_pairs[18].id]
     a, b = arrays(resumed), arrays(store)
@@ -140,10 +143,10 @@ def test_two_ranks_write_their_shards_and_rank0_merges(store, tiny_lm, tiny_sae_
         return lambda: SimpleNamespace(process_index=i, num_processes=2, is_main_process=i == 0, wait_for_everyone=lambda: None)
 
     seen = {0: [], 1: []}
-    real = ex._compute_shard
+    real = ex.compute_shard
     for rank in (1, 0):  # rank 1 finishes first; rank 0 then computes its own shards and merges
-        monkeypatch.setattr(ex, "_distributed", as_rank(rank))
-        monkeypatch.setattr(ex, "_compute_shard", lambda enc, chunk, *a, r=rank: seen[r].append(chunk[0].id) or real(enc, chunk, *a))
+        monkeypatch.setattr(ex, "process_state", as_rank(rank))
+        monkeypatch.setattr(ex, "compute_shard", lambda capture, sae, chunk, *a, r=rank: seen[r].append(chunk[0].id) or real(capture, sae, chunk, *a))
         if rank == 1:
             with pytest.raises(FileNotFoundError):  # rank 1 alone has no finished store to return
                 extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
@@ -166,9 +169,9 @@ def test_store_layout_and_run_index(store):
     m = store.manifest
     assert m["complete"] and m["n_pairs"] == 20 and m["d_sae"] == 96 and m["layer"] == 2
     index = json.loads((store.path.parent.parent / "index.json").read_text())
-    assert index["features"]["key"] == m["key"]
+    assert index["extract"]["key"] == m["key"]
     assert FeatureStore.from_run(store.path.parent.parent).path == store.path
-    assert len(store.pairs()) == 20 and store.pairs()[0]["id"] == "test-0"
+    assert len(store.pairs()) == 20 and store.pairs()[0].id == "test-0"
     assert store.pooled("max", "chosen").shape == (20, 96)
     assert not (store.path / "shards").exists()
     assert store.bytes_per_pair() > 0
@@ -184,7 +187,7 @@ def test_long_inputs_are_truncated_and_counted(tiny_lm, tiny_sae_, hh_pairs, tmp
 
 
 def test_model_sae_mismatch_is_a_clear_error(tiny_lm, hh_pairs, tmp_path):
-    from anatomy_nb.sae import tiny_sae
+    from anatomy_nb.lm.sae import tiny_sae
 
     with pytest.raises(ValueError, match="d_in=32 but model tiny-llama has d_model=64"):
         extract(hh_pairs, tiny_lm, tiny_sae(32, layer=1), tmp_path, CFG)
@@ -198,7 +201,7 @@ def test_torchrun_two_processes_match_one(tiny_lm, tiny_sae_, tmp_path):
     import subprocess
     import sys
 
-    from anatomy_nb.sae import save_sae
+    from anatomy_nb.lm.sae import save_sae
 
     sae_dir = save_sae(tiny_sae_, tmp_path / "sae")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

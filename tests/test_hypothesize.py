@@ -5,8 +5,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from anatomy_nb.concepts import ConceptConfig, cluster_features
-from anatomy_nb.hypothesize import HypothesizeConfig, Hypotheses, PairFeatures, _rank, hypothesize, score_concepts
+from anatomy_nb.concepts.clustering import ConceptConfig, cluster_features
+from anatomy_nb.concepts.activity import PairFeatures
+from anatomy_nb.config import HypothesizeConfig
+from anatomy_nb.results.hypotheses import Hypotheses, rank_hypotheses
+from anatomy_nb.stages.hypothesize import hypothesize, score_concepts
 
 
 def synthetic(n=400, d=120, planted=0.3, seed=0, swap=None):
@@ -100,7 +103,7 @@ def test_fdr_holds_with_real_and_null_concepts():
         truth = np.zeros(C, bool)
         truth[:20] = True
         d = rng.normal(0, 1, (n, C)) + truth * 0.4
-        from anatomy_nb.stats import bh_qvalues, paired_test
+        from anatomy_nb.core.stats import bh_qvalues, paired_test
 
         sig = bh_qvalues(paired_test(d).p) < 0.05
         fdps.append((sig & ~truth).sum() / max(sig.sum(), 1))
@@ -127,7 +130,7 @@ def test_an_ending_only_concept_is_found_by_the_ending_view():
     assert rows.loc["ending", "significant"] and rows.loc["ending", "p"] < rows.loc["overall", "p"] / 100
     assert rows.loc["ending", "chosen_rate"] > rows.loc["ending", "rejected_rate"] + 0.05
     assert not rows.loc["opening", "significant"]
-    top = _rank(table).iloc[0]
+    top = rank_hypotheses(table).iloc[0]
     assert (top["concept"], top["view"]) == (b, "ending")
     # the views can be switched off: then only the whole-response rows are tested
     off, _ = score_concepts(pf, labels, HypothesizeConfig(concepts=CFG.concepts, test_edges=False))
@@ -160,7 +163,8 @@ def test_topic_only_signal_is_found_by_the_prompt_conditioned_view():
 
 
 def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_, hh_pairs, tmp_path):
-    from anatomy_nb.extract import ExtractConfig, extract
+    from anatomy_nb.config import ExtractConfig
+    from anatomy_nb.stages.extract import extract
 
     store = extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, ExtractConfig(shard_size=10, progress=False))
     h = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_)
@@ -191,7 +195,7 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
 
 
 def test_offline_sentence_embeddings_for_topics():
-    from anatomy_nb.topics import TopicConfig, cluster_prompts, embed_prompts
+    from anatomy_nb.concepts.topics import TopicConfig, cluster_prompts, embed_prompts
 
     E = embed_prompts(["How do I bake bread?", "Bread baking tips please", "How can I hurt someone?"])
     assert E.shape == (3, 384)

@@ -6,23 +6,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from anatomy_nb.data import PreferencePair
-from anatomy_nb.extract import ExtractConfig, extract
-from anatomy_nb.interventions import (
-    ResidualEdit,
-    ResidualHooks,
-    filter_pairs,
-    inoculate,
-    orthonormal,
-    pair_scores,
-    rank_instructions,
-    residual_edits,
-    resolve_plan,
-    score_texts,
-    shaping_offsets,
-)
-from anatomy_nb.models import decoder_layers, render_example
-from anatomy_nb.plan import InterventionPlan, PlanError
+from anatomy_nb.data.schema import PreferencePair
+from anatomy_nb.config import ExtractConfig
+from anatomy_nb.stages.extract import extract
+from anatomy_nb.concepts.sources import orthonormal
+from anatomy_nb.lm.chat import render_example
+from anatomy_nb.lm.ops import ResidualEdit, ResidualHooks, decoder_layers, response_residuals
+from anatomy_nb.stages.interventions import filter_pairs, inoculate, planned_concepts, rank_instructions, residual_edits, shaping_offsets
+from anatomy_nb.results.plan import InterventionPlan, PlanError
 
 
 def P(i, chosen, rejected, user="Say something."):
@@ -42,7 +33,11 @@ def plan(*entries):
 
 
 def resolved(*entries, **kw):
-    return resolve_plan(plan(*entries), **kw)
+    return planned_concepts(plan(*entries), **kw)
+
+
+def pair_scores(c, pairs, **kw):
+    return c.source.pair_scores(pairs, **kw)
 
 
 APOLOGY = {"concept": "text:apology", "action": "suppress", "method": "filter", "pattern": "apology", "strength": 1.0}
@@ -55,8 +50,8 @@ def test_text_scores_regex_and_statistic():
     np.testing.assert_array_equal(pair_scores(c, PAIRS), [[1, 0], [0, 1], [1, 1], [0, 0]])
     (c,) = resolved({**APOLOGY, "pattern": "exclamations"})  # a count: min-max scaled, scale recorded
     s = pair_scores(c, PAIRS)
-    assert c.scale == (0.0, 1.0) and s[2, 0] == 1.0 and s.sum() == 1.0
-    assert score_texts(c, [()], ["Wow!!!"])[0] == 1.0  # clipped to the training scale
+    assert c.source.scale == (0.0, 1.0) and s[2, 0] == 1.0 and s.sum() == 1.0
+    assert c.source.score_texts([()], ["Wow!!!"])[0] == 1.0  # clipped to the training scale
 
 
 def test_shaping_offsets_on_known_numbers():
@@ -120,12 +115,13 @@ def test_sae_scores_from_the_store_equal_a_recompute(store, tiny_lm, tiny_sae_, 
     np.testing.assert_allclose(from_store, np.stack([fc[:, feats].mean(1), fr[:, feats].mean(1)], 1))
     assert 0 < from_store.mean() < 1
     # pairs the store does not hold are computed with the model + SAE: same numbers on the same text
-    recomputed = pair_scores(c, hh_pairs[:8], lm=tiny_lm, sae=tiny_sae_)
+    recomputed = pair_scores(c, hh_pairs[:8], lm=tiny_lm)
     np.testing.assert_allclose(recomputed, from_store, atol=1e-9)
     # the sae directions are the orthonormalised decoder rows of the member features
     dec = tiny_sae_.decoder_directions[feats].float()
-    assert torch.allclose(c.directions @ c.directions.T, torch.eye(len(feats)), atol=1e-5)
-    assert torch.allclose(dec @ c.directions.T @ c.directions, dec, atol=1e-4)  # same span
+    Q = c.source.directions()
+    assert torch.allclose(Q @ Q.T, torch.eye(len(feats)), atol=1e-5)
+    assert torch.allclose(dec @ Q.T @ Q, dec, atol=1e-4)  # same span
     assert c.layer == tiny_sae_.layer
 
 
@@ -155,7 +151,7 @@ def test_steering_adds_exactly_alpha_v_and_leaves_no_hook(tiny_lm, tmp_path):
         steered = _layer_out(tiny_lm, 1, ids)
         with hooks.reference():  # the DPO reference pass does not see steering
             ref = _layer_out(tiny_lm, 1, ids)
-    v = c.steering_vector
+    v = c.source.steering_vector()
     assert abs(float(v.norm()) - 1) < 1e-6
     torch.testing.assert_close(steered - base, (3.0 * v).expand_as(base), atol=1e-5, rtol=0)
     torch.testing.assert_close(ref, base)
@@ -173,7 +169,7 @@ def test_ablation_removes_exactly_the_projection_and_hooks_go_on_error(tiny_lm, 
     save_file({"directions": raw}, str(tmp_path / "d.safetensors"))
     entry = {"concept": "direction:d", "action": "suppress", "method": "ablate", "direction_file": str(tmp_path / "d.safetensors"), "layer": 2}
     (c,) = resolved(entry)
-    Q = c.directions
+    Q = c.source.directions()
     assert Q.shape == (2, tiny_lm.d_model) and torch.allclose(Q @ Q.T, torch.eye(2), atol=1e-5)
     assert torch.allclose(orthonormal(raw), Q)
     ids = torch.tensor([[3, 7, 11, 13, 40, 41]])
@@ -206,9 +202,7 @@ def test_mean_ablation_estimates_the_mean_residual(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match="mean ablation needs the model"):
         residual_edits([c])
     (edit,) = residual_edits([c], lm=tiny_lm, pairs=PAIRS[:2])
-    from anatomy_nb.interventions import _residual_runs
-
-    acts = torch.cat(list(_residual_runs(tiny_lm, 0, [(p.prompt, r) for p in PAIRS[:2] for r in (p.chosen, p.rejected)])))
+    acts = torch.cat(list(response_residuals(tiny_lm, 0, [(p.prompt, r) for p in PAIRS[:2] for r in (p.chosen, p.rejected)])))
     torch.testing.assert_close(edit.mean, acts.mean(0), atol=1e-5, rtol=0)
 
 
@@ -227,7 +221,7 @@ def test_direction_scores_are_projections(tiny_lm, tmp_path):
     raw = np.array(raw)
     lo, hi = raw.min(), raw.max()
     np.testing.assert_allclose(s, ((raw - lo) / (hi - lo)).reshape(2, -1).T, atol=1e-6)
-    assert c.scale == pytest.approx((lo, hi))
+    assert c.source.scale == pytest.approx((lo, hi))
 
 
 def test_resolution_errors_name_the_field(tiny_lm, tmp_path):
@@ -248,7 +242,7 @@ def test_resolution_errors_name_the_field(tiny_lm, tmp_path):
 def test_rank_instructions_generates_with_each_candidate(tiny_lm):
     (c,) = resolved({"concept": "text:q", "action": "suppress", "method": "inoculate", "pattern": r"\w", "instruction": "x"})
     prompts = [p.prompt for p in PAIRS[:2]]
-    table = rank_instructions(c, ["Be brief.", "Use many words."], prompts, tiny_lm, max_new_tokens=4)
+    table = rank_instructions(c.source, ["Be brief.", "Use many words."], prompts, tiny_lm, max_new_tokens=4)
     assert set(table["instruction"]) == {"Be brief.", "Use many words."}
     assert (np.diff(table["lift"]) <= 0).all()  # best first
     assert table["score_without"].nunique() == 1 and table["score_with"].between(0, 1).all()

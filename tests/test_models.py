@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from anatomy_nb.models import CHATML_TEMPLATE, decoder_layers, render_example, render_prompt, tiny_llama, truncated_to_layer
+from anatomy_nb.lm.chat import CHATML_TEMPLATE, render_example, render_prompt
+from anatomy_nb.lm.models import tiny_llama
+from anatomy_nb.lm.ops import decoder_layers, truncated_to_layer
 
 MSGS = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour and water."}, {"role": "user", "content": "Then what?"}]
 
@@ -53,7 +55,7 @@ def test_truncated_to_layer_stops_early_and_restores(tiny_lm):
 
 @pytest.mark.e2e
 def test_default_model_loads_from_the_shipped_gguf_via_cache():
-    from anatomy_nb.models import DEFAULT_MODEL, load_model
+    from anatomy_nb.lm.models import DEFAULT_MODEL, load_model
 
     lm = load_model(DEFAULT_MODEL)
     assert lm.n_layers == 30 and lm.d_model == 576 and lm.model.dtype == torch.float32

@@ -1,14 +1,15 @@
-"""``anatomy-nb run CONFIG``: notebooks 01–04 (05 once it exists) through papermill on the tiny
-model, with a poisoned data set; unchanged steps are skipped, a changed parameter re-runs exactly
-the steps downstream of it, and a failed step is resumed."""
+"""``anatomy-nb run CONFIG``: notebooks 01–05 through papermill on the tiny model, with a poisoned
+data set; unchanged steps are skipped, a changed parameter re-runs exactly the steps downstream of
+it, a failed step is resumed, and an unknown key anywhere is an error that names it."""
 
 import json
 
 import pytest
 
-from anatomy_nb import notebooks as nbmod
-from anatomy_nb.pipeline import STATE_FILE, PipelineConfig, load_config, run_pipeline
-from anatomy_nb.sae import save_sae
+from anatomy_nb.ui import notebooks as nbmod
+from anatomy_nb.config import PipelineConfig
+from anatomy_nb.pipeline import STATE_FILE, load_config, run_pipeline
+from anatomy_nb.lm.sae import save_sae
 
 TRAIN = {"max_train_pairs": 12, "max_steps": 2, "batch_size": 2, "max_length": 96}
 
@@ -19,10 +20,7 @@ def tiny_sae_dir(tmp_path_factory, tiny_sae_):
 
 
 def _cfg(run_dir, sae_dir, **kw):
-    stages = ["01_extract", "02_hypothesize", "03_intervene", "04_train"]
-    if (nbmod.notebook_dir() / "05_evaluate.ipynb").exists():
-        stages.append("05_evaluate")
-    base = dict(run_dir=str(run_dir), model="tiny-llama", sae=sae_dir, n_pairs=40, plant={"kind": "bold", "fraction": 0.5, "seed": 0}, target=0, methods=["reward_shaping"], hypothesize={"min_support": 3}, train=TRAIN, evaluate={"n_prompts": 4, "max_new_tokens": 8}, stages=stages, html=False, report=False)
+    base = dict(run_dir=str(run_dir), extract={"model": "tiny-llama", "sae": sae_dir, "n_pairs": 40}, plant={"kind": "bold", "fraction": 0.5, "seed": 0}, target=0, methods=["reward_shaping"], hypothesize={"concepts": {"min_support": 3}}, train=TRAIN, evaluate={"n_prompts": 4, "max_new_tokens": 8}, html=False, report=False)
     base.update(kw)
     return PipelineConfig.from_dict(base)
 
@@ -36,18 +34,18 @@ def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_di
     logs: list[str] = []
     state = run_pipeline(_cfg(run_dir, tiny_sae_dir, report=True), log=logs.append)
     steps = list(state["steps"])
-    assert steps[:5] == ["01_extract", "02_hypothesize", "03_intervene", "04_train-plain", "04_train-reward_shaping"]
+    assert steps == ["extract", "hypothesize", "plan", "train-plain", "train-reward_shaping", "evaluate"]
     assert all(s["status"] == "done" for s in state["steps"].values())
     assert _ran(logs) == steps
     # the poisoned data and its ground truth are in the run; the plans suppress the target
     truth = json.loads((run_dir / "data" / "planted.planted.json").read_text())
     assert truth["kind"] == "bold" and truth["n_planted"] == 20
-    plan = json.loads((run_dir / "plans" / "reward_shaping.json").read_text())
+    plan = json.loads((run_dir / "plan" / "reward_shaping.json").read_text())
     assert [(c["concept"], c["action"], c["method"]) for c in plan["concepts"]] == [("sae:0", "suppress", "reward_shaping")]
     assert (run_dir / "report" / "index.html").exists()
     index = json.loads((run_dir / "index.json").read_text())
-    assert {"features", "hypotheses", "train"} <= set(index)
-    if "05_evaluate" in state["steps"]:  # the poisoning read-out: planted rate per model against the ground truth
+    assert {"extract", "hypothesize", "train", "evaluate"} <= set(index)
+    if "evaluate" in state["steps"]:  # the poisoning read-out: planted rate per model against the ground truth
         import pandas as pd
 
         poison = pd.read_parquet(run_dir / index["evaluate"]["path"] / "poisoning.parquet")
@@ -67,29 +65,29 @@ def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_di
     logs.clear()
     state = run_pipeline(_cfg(run_dir, tiny_sae_dir, train={**TRAIN, "learning_rate": 1e-4}), log=logs.append)
     assert _ran(logs) == steps[3:]
-    if "05_evaluate" in state["steps"]:
+    if "evaluate" in state["steps"]:
         # evaluation sees this config's two training runs, not the two the first config left behind
         assert len(list((run_dir / "train").iterdir())) == 4
         ev = json.loads((run_dir / "index.json").read_text())["evaluate"]
         manifest = json.loads((run_dir / ev["path"] / "manifest.json").read_text())
         trained = {n: m["train_key"] for n, m in manifest["models"].items() if n != "base"}
-        assert trained == {n: state["steps"][f"04_train-{n}"]["artifact"] for n in ("plain", "reward_shaping")}
+        assert trained == {n: state["steps"][f"train-{n}"]["artifact"] for n in ("plain", "reward_shaping")}
 
-    # a hypothesize parameter changed and the intervene step is killed: the re-run resumes there
+    # a hypothesize parameter changed and the plan step is killed: the re-run resumes there
     real = nbmod.run_notebook
 
     def dies_in_03(name, *a, **k):
-        if name == "03_intervene":
+        if name == "03_plan":
             raise KeyboardInterrupt("killed")
         return real(name, *a, **k)
 
     monkeypatch.setattr(nbmod, "run_notebook", dies_in_03)
-    cfg = _cfg(run_dir, tiny_sae_dir, hypothesize={"min_support": 4})
+    cfg = _cfg(run_dir, tiny_sae_dir, hypothesize={"concepts": {"min_support": 4}})
     logs.clear()
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, log=logs.append)
     state = json.loads((run_dir / STATE_FILE).read_text())
-    assert state["steps"]["02_hypothesize"]["status"] == "done" and state["steps"]["03_intervene"]["status"] == "failed"
+    assert state["steps"]["hypothesize"]["status"] == "done" and state["steps"]["plan"]["status"] == "failed"
     monkeypatch.setattr(nbmod, "run_notebook", real)
     logs.clear()
     run_pipeline(cfg, log=logs.append)
@@ -101,6 +99,19 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text("n_pairz: 3\n")
     with pytest.raises(ValueError, match="n_pairz"):
         load_config(bad)
+    # a stage's key the stage's config does not have (here TrainConfig has lora_r, not lora_rank):
+    # named with the valid keys, through the file, the overrides and the CLI
+    bad.write_text("train: {lora_rank: 4}\n")
+    with pytest.raises(ValueError, match=r"lora_rank.*valid keys: .*lora_r"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="lora_rank"):
+        load_config(None, {"train.lora_rank": 4})
+    with pytest.raises(ValueError, match=r"hypothesize\.concepts.*min_suport"):
+        load_config(None, {"hypothesize": {"concepts": {"min_suport": 3}}})
+    with pytest.raises(ValueError, match="learning_rate.*expects float"):
+        load_config(None, {"train.learning_rate": "fast"})
+    assert load_config(None, {"train.lora_r": 4}).train.lora_r == 4
+    assert load_config(None, {"train.lora_r": 4}).train.learning_rate == 1e-3  # the other pipeline defaults stay
     with pytest.raises(ValueError, match="plant.kind"):
         load_config(None, {"plant": {"kind": "glitter"}})
     with pytest.raises(ValueError, match="methods"):
@@ -123,7 +134,7 @@ def test_a_changed_plant_reruns_extraction_although_the_data_path_is_the_same(tm
     ran = []
 
     def fake(name, run_dir, params, *a, output_name=None, **k):
-        ran.append((name, params["data_source"]))
+        ran.append((name, params["config"]["data"]))
         out = tmp_path / "run" / "notebooks" / f"{output_name or name}.ipynb"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("{}")
@@ -132,7 +143,7 @@ def test_a_changed_plant_reruns_extraction_although_the_data_path_is_the_same(tm
     monkeypatch.setattr(nbmod, "run_notebook", fake)
 
     def cfg(fraction):
-        return PipelineConfig.from_dict(dict(run_dir=str(tmp_path / "run"), n_pairs=40, plant={"kind": "bold", "fraction": fraction, "seed": 0}, stages=["01_extract"], html=False, report=False))
+        return PipelineConfig.from_dict(dict(run_dir=str(tmp_path / "run"), extract={"n_pairs": 40}, plant={"kind": "bold", "fraction": fraction, "seed": 0}, stages=["extract"], html=False, report=False))
 
     run_pipeline(cfg(0.25), log=lambda m: None)
     run_pipeline(cfg(0.25), log=lambda m: None)
@@ -151,16 +162,15 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
 
     import pandas as pd
 
-    from anatomy_nb.artifacts import RunDir
-    from anatomy_nb.evaluate import EvalResult
+    from anatomy_nb.core.run import Run
 
     config = Path(__file__).resolve().parent.parent / "configs" / "poisoning.yaml"
     state = run_pipeline(load_config(config, {"run_dir": str(tmp_path / "run")}), log=print)
-    run = RunDir(tmp_path / "run")
+    run = Run(tmp_path / "run")
     assert all(s["status"] == "done" for s in state["steps"].values()) and len(state["steps"]) == 7
-    target = json.loads((run.path / "plans" / "target.json").read_text())
+    target = json.loads((run.path / "plan" / "target.json").read_text())
     assert target["planted_kind"] == "bold" and target["rank"] == 1 and target["auroc_planted"] > 0.95
-    res = EvalResult.from_run(run)
+    res = run.evaluation
     assert res.models == ["base", "plain", "reward_shaping", "filter"]
     poison = res.poisoning().set_index("model")
     print(pd.DataFrame(poison).T.to_string())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from anatomy_nb.plan import InterventionPlan, PlanError, load_plan
+from anatomy_nb.results.plan import InterventionPlan, PlanError, load_plan
 
 
 def _plan(**entry):

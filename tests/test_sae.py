@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from anatomy_nb.sae import DEFAULT_SAE, SAETrainingConfig, SHIPPED_DIR, chat_documents, evaluate_sae, load_sae, save_sae, tiny_sae, train_sae
+from anatomy_nb.config import DEFAULT_SAE, SAETrainingConfig
+from anatomy_nb.lm.sae import SHIPPED_DIR, load_sae, save_sae, tiny_sae
+from anatomy_nb.lm.sae_training import chat_documents, evaluate_sae, train_sae
 
 
 def test_save_and_load_round_trip_exactly(tmp_path, tiny_sae_):
@@ -33,7 +35,7 @@ def test_load_errors_are_clear(tmp_path, tiny_sae_):
 
 def test_training_improves_reconstruction_and_evaluate_reports_metrics(tiny_lm, hh_pairs):
     """Train a small TopK SAE with sae-lens on the tiny model's activations; metrics are sane."""
-    from anatomy_nb.sae import collect_activations
+    from anatomy_nb.lm.sae_training import collect_activations
 
     corpus = [(list(p.prompt), r, "hh") for p in hh_pairs for r in (p.chosen, p.rejected)]
     docs = chat_documents(tiny_lm, corpus, max_seq_len=512)
@@ -58,7 +60,7 @@ def test_training_improves_reconstruction_and_evaluate_reports_metrics(tiny_lm, 
 def test_batched_collection_equals_one_document_at_a_time(tiny_lm, hh_pairs, tmp_path):
     """Padding a batch must not change any collected activation, nor their order; max_tokens cuts
     the same prefix."""
-    from anatomy_nb.sae import collect_activations
+    from anatomy_nb.lm.sae_training import collect_activations
 
     docs = chat_documents(tiny_lm, [(list(p.prompt), r, "hh") for p in hh_pairs[:6] for r in (p.chosen, p.rejected)], max_seq_len=256)
     assert len({len(d.ids) for d in docs}) > 1  # lengths differ, so batches are padded
@@ -74,7 +76,7 @@ def test_perfect_reconstruction_scores_one(tiny_lm, hh_pairs):
     """An identity 'SAE' must explain all variance and recover all of the loss."""
     from types import SimpleNamespace
 
-    from anatomy_nb.sae import LoadedSAE
+    from anatomy_nb.lm.sae import LoadedSAE
 
     ident = torch.nn.Identity()
     fake = SimpleNamespace(encode=ident, decode=ident, W_enc=torch.zeros(1), cfg=SimpleNamespace(d_sae=tiny_lm.d_model, d_in=tiny_lm.d_model))
@@ -127,8 +129,8 @@ def test_pretrained_release_goes_to_sae_lens(monkeypatch, tiny_sae_):
 @pytest.mark.slow
 def test_shipped_sae_card_matches_a_fresh_measurement():
     """Re-measure the held-out quality the card reports (same split, fewer tokens)."""
-    from anatomy_nb.models import load_model
-    from anatomy_nb.sae_recipe import RecipeConfig, split_corpus
+    from anatomy_nb.lm.models import load_model
+    from anatomy_nb.lm.sae_recipe import RecipeConfig, split_corpus
 
     lm = load_model()
     sae = load_sae(DEFAULT_SAE, device="cpu")

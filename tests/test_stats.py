@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats as sps
 
-from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, length_placebo, length_regressors, paired_test, split_half_agreement, welch_inside_outside
+from anatomy_nb.core.stats import bh_qvalues, group_means, length_controlled, length_placebo, length_regressors, paired_test, split_half_agreement, welch_inside_outside
 
 
 def reference_bh_reject(p, alpha):

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from anatomy_nb.data import PreferencePair
-from anatomy_nb.train import TrainConfig, load_trained, make_trainer, prepare, split_pairs, train
+from anatomy_nb.data.schema import PreferencePair
+from anatomy_nb.config import TrainConfig
+from anatomy_nb.stages.dpo import make_trainer
+from anatomy_nb.stages.train import load_trained, prepare, split_pairs, train
 
 TOPICS = ["bread", "tea", "rain", "cats", "maps", "jazz", "glue", "kites", "salt", "moss", "owls", "ink"]
 
@@ -201,7 +203,7 @@ def test_split_is_deterministic_and_groups_prompts():
 
 @pytest.mark.e2e  # the real default model, in CI (~65 s idle)
 def test_default_model_trains_with_shaping(tmp_path):
-    from anatomy_nb.data import load_pairs
+    from anatomy_nb.data.pairs import load_pairs
 
     pairs = load_pairs("hh-rlhf", limit=40)
     cfg = TrainConfig(max_train_pairs=8, max_length=256, batch_size=2, progress=False)  # 4 steps: ~25 s idle, minutes when contended
@@ -219,13 +221,14 @@ def test_default_model_trains_with_shaping(tmp_path):
 def test_04_train_notebook_runs_headless(tmp_path, tiny_lm, tiny_sae_):
     import nbformat
 
-    from anatomy_nb.extract import ExtractConfig, extract
-    from anatomy_nb.notebooks import run_notebook
+    from anatomy_nb.config import ExtractConfig
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.ui.notebooks import run_notebook
 
     run = tmp_path / "run"
     extract(PAIRS, tiny_lm, tiny_sae_, run, ExtractConfig(shard_size=24, progress=False))
     plan = {"concepts": [SHAPE, {"concept": "text:sorry", "action": "amplify", "method": "filter", "pattern": "(?i)sorry", "strength": 1.0}]}
-    out = run_notebook("04_train", run, {"plan": plan, "max_length": 96, "batch_size": 4, "learning_rate": 2e-3, "heldout_fraction": 0.25, "compare_plain": True}, progress=False)
+    out = run_notebook("04_train", run, {"plan": plan, "config": {"max_length": 96, "batch_size": 4, "learning_rate": 2e-3, "heldout_fraction": 0.25}, "compare_plain": True}, progress=False)
     nb = nbformat.read(out, as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     index = json.loads((run / "index.json").read_text())

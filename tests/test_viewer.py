@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anatomy_nb.intervene import ConceptSpace, badge, default_plan, resolve_plan, set_choice
-from anatomy_nb.plan import PLAN_FILE, PlanError, load_plan
+from anatomy_nb.core.run import Run
+from anatomy_nb.results.plan import PlanError, load_plan
+from anatomy_nb.stages.plan import default_plan, plan as make_plan, set_choice
+from anatomy_nb.stages.prediction import ConceptSpace, badge
 
 from tinyrun import RAW, make_run
 
@@ -66,8 +68,8 @@ def test_rescore_controls_length_as_stage_2_does():
     """Concept 0 tracks response length only, concept 1 has a real effect as well: inside a lasso
     the length-controlled d is ~0 for the first and clear for the second, and on all pairs it is
     exactly stage 2's (hypothesize.score_concepts)."""
-    from anatomy_nb.hypothesize import length_diffs
-    from anatomy_nb.stats import length_controlled
+    from anatomy_nb.concepts.activity import length_diffs
+    from anatomy_nb.core.stats import length_controlled
 
     rng = np.random.default_rng(1)
     n = 400
@@ -135,7 +137,7 @@ def test_reward_shaping_explains_a_concept_away_and_drags_correlated_ones_by_the
 
 
 def _plan(n):
-    from anatomy_nb.plan import ConceptChoice, InterventionPlan
+    from anatomy_nb.results.plan import ConceptChoice, InterventionPlan
 
     return InterventionPlan(concepts=[ConceptChoice(concept=f"sae:{c}", features=[c]) for c in range(n)])
 
@@ -157,7 +159,7 @@ def test_set_choice_validates_and_names_the_entry():
 
 
 def test_default_plan_lists_every_concept_as_allow_with_its_features(run):
-    from anatomy_nb.hypothesize import Hypotheses
+    from anatomy_nb.results.hypotheses import Hypotheses
 
     hyp = Hypotheses.from_run(run)
     plan = default_plan(hyp, layer=2)
@@ -172,11 +174,11 @@ def test_default_plan_lists_every_concept_as_allow_with_its_features(run):
 
 
 def test_toggles_write_the_plan_file_on_each_valid_change_and_refuse_invalid_ones(run):
-    from anatomy_nb.viewer import ConceptToggles
+    from anatomy_nb.ui.viewer import ConceptToggles
 
-    (run / PLAN_FILE).unlink(missing_ok=True)
+    path = Run(run).plan_path
+    path.unlink(missing_ok=True)
     t = ConceptToggles(run)
-    path = run / PLAN_FILE
     first = json.loads(path.read_text())
     assert all(c["action"] == "allow" for c in first["concepts"]) and "plan written" in t.status
     target = t.rows[0]["concept"]
@@ -205,13 +207,14 @@ def test_toggles_write_the_plan_file_on_each_valid_change_and_refuse_invalid_one
     assert len(saved) == len(t2.rows)
 
 
-def test_resolve_plan_rejects_unknown_concepts(run):
+def test_plan_rejects_unknown_concepts(run):
     with pytest.raises(PlanError, match="not in the hypotheses table"):
-        resolve_plan(run, {"concepts": [{"concept": "sae:9999", "action": "suppress", "method": "filter", "strength": 0.5}]})
+        make_plan(run, {"concepts": [{"concept": "sae:9999", "action": "suppress", "method": "filter", "strength": 0.5}]}, write=False)
 
 
 def test_viewer_state_selection_rescoring_and_drilldown(run):
-    from anatomy_nb.viewer import AuditViewer, MapConfig, ViewerData
+    from anatomy_nb.config import MapConfig
+    from anatomy_nb.ui.viewer import AuditViewer, ViewerData
 
     data = ViewerData(run, maps=MapConfig(method="svd"))
     v = AuditViewer(run, data=data)
@@ -241,13 +244,14 @@ def test_viewer_state_selection_rescoring_and_drilldown(run):
 
 
 def test_maps_with_umap_are_cached_in_the_run_dir(run):
-    from anatomy_nb.viewer import MapConfig, compute_maps
+    from anatomy_nb.config import MapConfig
+    from anatomy_nb.ui.viewer_data import compute_maps
 
     m = compute_maps(run, cfg=MapConfig(method="umap", n_neighbors=5))
     assert m["data"]["method"] == "umap" and m["features"]["method"] == "umap"
     xy = np.array([m["data"]["x"], m["data"]["y"]])
     assert xy.std(1).min() > 0.05  # a real layout, not collapsed
-    assert (run / "maps" / m["key"] / "maps.json").exists()
+    assert (run / "cache" / "maps" / m["key"] / "maps.json").exists()
     assert compute_maps(run, cfg=MapConfig(method="umap", n_neighbors=5)) == m  # reused
 
 
@@ -264,8 +268,10 @@ def test_front_end_never_parses_data_as_html():
 
 
 def test_every_static_view_escapes_the_xss_pairs(run):
-    from anatomy_nb.report import build_report
-    from anatomy_nb.viewer import AuditViewer, ConceptToggles, MapConfig, ViewerData, static_drilldown_html
+    from anatomy_nb.ui.report import report as build_report
+    from anatomy_nb.config import MapConfig
+    from anatomy_nb.ui.viewer import AuditViewer, ConceptToggles, ViewerData
+    from anatomy_nb.ui.viewer_data import static_drilldown_html
 
     data = ViewerData(run, maps=MapConfig(method="svd"))
     v = AuditViewer(run, data=data)
@@ -288,22 +294,22 @@ def test_every_static_view_escapes_the_xss_pairs(run):
 def test_notebook_03_runs_headless_with_a_plan_parameter_and_reports(run):
     import nbformat
 
-    from anatomy_nb.notebooks import run_notebook
-    from anatomy_nb.report import build_report
-    from anatomy_nb.hypothesize import Hypotheses
+    from anatomy_nb.ui.notebooks import run_notebook
+    from anatomy_nb.ui.report import report as build_report
+    from anatomy_nb.results.hypotheses import Hypotheses
 
     cid = int(Hypotheses.from_run(run).overall().iloc[0]["concept"])
     plan = {"concepts": [{"concept": f"sae:{cid}", "action": "suppress", "method": "filter", "strength": 0.05}]}
-    out = run_notebook("03_intervene", run, {"plan": plan, "map_method": "svd"}, progress=False)
+    out = run_notebook("03_plan", run, {"plan": plan, "config": {"maps": {"method": "svd"}}}, progress=False)
     nb = nbformat.read(out, as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    saved = {c["concept"]: c for c in json.loads((run / PLAN_FILE).read_text())["concepts"]}
+    saved = {c["concept"]: c for c in json.loads(Run(run).plan_path.read_text())["concepts"]}
     assert saved[f"sae:{cid}"]["method"] == "filter" and saved[f"sae:{cid}"]["strength"] == 0.05
     index = build_report(run)
-    html = (index.parent / "03_intervene.html").read_text()
+    html = (index.parent / "03_plan.html").read_text()
     assert "application/vnd.jupyter.widget-view+json" not in html  # static views instead of blank widgets
     assert not re.search(r"<script[^>]*src=[\"']https?://", html)  # nothing fetched from a network
     assert "Intervention plan" in html and "plotly" in html.lower()
     for raw in RAW:
         assert raw not in html
-    assert "03_intervene.html" in index.read_text()
+    assert "03_plan.html" in index.read_text()

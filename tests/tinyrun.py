@@ -19,10 +19,12 @@ RAW = ["<script>window.__pwned", "<img src=x onerror", "<b>raw</b>"]  # must nev
 
 
 def make_run(root: Path, lm, sae, n_hh: int = 24) -> Path:
-    from anatomy_nb.concepts import ConceptConfig
-    from anatomy_nb.data import load_pairs
-    from anatomy_nb.extract import ExtractConfig, extract
-    from anatomy_nb.hypothesize import HypothesizeConfig, hypothesize
+    from anatomy_nb.config import ConceptConfig
+    from anatomy_nb.data.pairs import load_pairs
+    from anatomy_nb.config import ExtractConfig
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.config import HypothesizeConfig
+    from anatomy_nb.stages.hypothesize import hypothesize
 
     root.mkdir(parents=True, exist_ok=True)
     hh = load_pairs("hh-rlhf", limit=n_hh)
