@@ -23,4 +23,4 @@ benchmark: setup
 	$(PY) benchmarks/planted.py
 
 sae: setup
-	$(PY) -m anatomy_nb.sae_recipe --work-dir work/sae_recipe
+	$(PY) -m anatomy_nb.cli train-sae --work-dir work/sae_recipe

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .core.config_base import NOT_KEYED, Config, ConfigError
+from .data.plant import KINDS
+from .results.plan import METHODS
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -301,9 +303,6 @@ class PipelineConfig(Config):
     report: bool = field(default=True, metadata=_help("write the shareable report (run_dir/report/index.html)"))
 
     def __post_init__(self):
-        from .data.plant import KINDS
-        from .results.plan import METHODS
-
         if self.plant is not None and (not isinstance(self.plant, Mapping) or self.plant.get("kind") not in KINDS):
             raise ValueError(f"plant.kind must be one of {sorted(KINDS)}, got {self.plant!r}")
         bad = [m for m in self.methods if m not in METHODS]

@@ -25,10 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from anatomy_nb.data import load_pairs  # noqa: E402
-from anatomy_nb.extract import ExtractConfig, _compute_shard, _Encoder, _truncate_prompt, extract  # noqa: E402
-from anatomy_nb.models import load_model, render_example  # noqa: E402
-from anatomy_nb.sae import load_sae, tiny_sae  # noqa: E402
+from anatomy_nb.config import ExtractConfig  # noqa: E402
+from anatomy_nb.data.pairs import load_pairs  # noqa: E402
+from anatomy_nb.lm.chat import render_example, truncate_prompt  # noqa: E402
+from anatomy_nb.lm.models import load_model  # noqa: E402
+from anatomy_nb.lm.ops import ResidualCapture  # noqa: E402
+from anatomy_nb.lm.sae import load_sae, tiny_sae  # noqa: E402
+from anatomy_nb.results.store import FeatureStore  # noqa: E402
+from anatomy_nb.stages.extract import compute_shard, extract  # noqa: E402
 
 
 def n_tokens(lm, pairs, cfg: ExtractConfig) -> int:
@@ -45,12 +49,12 @@ def bare_forward(lm, sae, pairs, cfg: ExtractConfig) -> None:
     """Extraction's own shared-prefix forward to the SAE layer (same truncation), with no SAE,
     pooling, contexts or histograms."""
     tok = lm.tokenizer
-    with _Encoder(lm, sae) as enc:
+    with ResidualCapture(lm, sae.layer) as capture:
         for p in pairs:
             r = render_example(tok, p.prompt, p.chosen)
             rej = tok(p.rejected, add_special_tokens=False)["input_ids"]
-            prompt, _, _ = _truncate_prompt(r.prompt_ids, r.prompt_content, cfg.max_prompt_tokens)
-            enc.pair(prompt, r.response_ids[: cfg.max_response_tokens], list(rej)[: cfg.max_response_tokens], shared_prefix=True)
+            prompt, _, _ = truncate_prompt(r.prompt_ids, r.prompt_content, cfg.max_prompt_tokens)
+            capture.shared_prefix(prompt, [r.response_ids[: cfg.max_response_tokens], list(rej)[: cfg.max_response_tokens]])
 
 
 def timed(fn) -> float:
@@ -81,18 +85,16 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"bare": [], "extract": [], "naive": [], "store": []}
     bare_forward(lm, sae, pairs[:4], cfg)  # warm-up
-    with _Encoder(lm, sae) as enc:
-        _compute_shard(enc, pairs[:4], cfg, sae.d_sae)
+    with ResidualCapture(lm, sae.layer) as capture:
+        compute_shard(capture, sae, pairs[:4], cfg)
     for rep in range(args.repeats):
         times["bare"].append(timed(lambda: bare_forward(lm, sae, pairs, cfg)))
-        with _Encoder(lm, sae) as enc:
-            times["extract"].append(timed(lambda: _compute_shard(enc, pairs, cfg, sae.d_sae)))
-            times["naive"].append(timed(lambda: _compute_shard(enc, pairs, naive_cfg, sae.d_sae)))
+        with ResidualCapture(lm, sae.layer) as capture:
+            times["extract"].append(timed(lambda: compute_shard(capture, sae, pairs, cfg)))
+            times["naive"].append(timed(lambda: compute_shard(capture, sae, pairs, naive_cfg)))
         with tempfile.TemporaryDirectory() as d:
             times["store"].append(timed(lambda: extract(pairs, lm, sae, d, ExtractConfig(progress=False, shard_size=16))))
             if rep == 0:
-                from anatomy_nb.extract import FeatureStore
-
                 st = FeatureStore.from_run(d)
                 pooled_bpp, all_bpp = st.bytes_per_pair(), st.bytes_per_pair(pooled_only=False)
                 nnz = (st.array("resp_indptr")[-1]) / (2 * st.n_pairs)

@@ -43,15 +43,20 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from anatomy_nb.concepts import ConceptConfig, cluster_features, membership_matrix  # noqa: E402
-from anatomy_nb.data import PreferencePair, load_pairs  # noqa: E402
-from anatomy_nb.extract import ExtractConfig, extract  # noqa: E402
-from anatomy_nb.hypothesize import HypothesizeConfig, PairFeatures, _rank, concept_activity, length_diffs, linear_baseline, score_concepts, text_stat_baseline  # noqa: E402
-from anatomy_nb.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test  # noqa: E402
-from anatomy_nb.models import load_model  # noqa: E402
-from anatomy_nb.plant import KINDS  # noqa: E402
-from anatomy_nb.sae import DEFAULT_SAE, load_sae, tiny_sae  # noqa: E402
-from anatomy_nb.textstats import text_stats  # noqa: E402
+from anatomy_nb.concepts.activity import PairFeatures, concept_activity, length_diffs  # noqa: E402
+from anatomy_nb.concepts.clustering import cluster_features, membership_matrix  # noqa: E402
+from anatomy_nb.concepts.topics import embed_prompts  # noqa: E402
+from anatomy_nb.config import DEFAULT_SAE, ConceptConfig, ExtractConfig, HypothesizeConfig  # noqa: E402
+from anatomy_nb.core.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test  # noqa: E402
+from anatomy_nb.data.pairs import load_pairs  # noqa: E402
+from anatomy_nb.data.plant import KINDS  # noqa: E402
+from anatomy_nb.data.schema import PreferencePair  # noqa: E402
+from anatomy_nb.data.textstats import text_stats  # noqa: E402
+from anatomy_nb.lm.models import load_model  # noqa: E402
+from anatomy_nb.lm.sae import load_sae, tiny_sae  # noqa: E402
+from anatomy_nb.results.hypotheses import rank_hypotheses  # noqa: E402
+from anatomy_nb.stages.extract import extract  # noqa: E402
+from anatomy_nb.stages.hypothesize import linear_baseline, score_concepts, text_stat_baseline  # noqa: E402
 
 
 
@@ -102,8 +107,6 @@ class Peers:
                 sp_ = importlib.util.spec_from_file_location(f"hypothesaes_{name}", root / f"{name}.py")
                 mods[name] = importlib.util.module_from_spec(sp_)
                 sp_.loader.exec_module(mods[name])
-            from anatomy_nb.topics import embed_prompts
-
             embed_prompts(["probe"])
             self.hsae = mods
             self.status["hypothesaes"] = "ran: SAE (M=64, K=4) on all-MiniLM-L6-v2 response embeddings + separation-score neuron selection; LLM interpretation skipped (needs an API)"
@@ -249,7 +252,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each seed draws its own planted subsets")
     ap.add_argument("--no-peers", action="store_true", help="skip hypothesaes and prefscope (faster)")
-    ap.add_argument("--sae", default=None, help="an SAE directory (sae-lens format) instead of the shipped one, e.g. one from anatomy_nb.sae_recipe")
+    ap.add_argument("--sae", default=None, help="an SAE directory (sae-lens format) instead of the shipped one, e.g. one from anatomy_nb.lm.sae_recipe")
     args = ap.parse_args()
     t_start = time.time()
     if args.tiny:
@@ -268,8 +271,6 @@ def main() -> None:
     cfg = HypothesizeConfig(concepts=ConceptConfig())
     peers = Peers(enabled=not args.no_peers)
     if peers.hsae is not None:
-        from anatomy_nb.topics import embed_prompts
-
         E_base_c, E_r = embed_prompts(base.chosen), embed_prompts(base.rejected)
     base_sig = significant_hypotheses(base, cfg)
     rows = []
@@ -295,11 +296,11 @@ def main() -> None:
             table, feats = score_concepts(pf, labels, cfg)
             # stage 2's hypotheses: every concept over the whole response and, where the store has
             # them, over the opening / ending tokens (a row matches when its concept does)
-            ranked = _rank(table[table["view"] != "topic"]).reset_index(drop=True)
+            ranked = rank_hypotheses(table[table["view"] != "topic"]).reset_index(drop=True)
             r_concept = first_rank(matches[ranked["concept"].to_numpy()])
             # the same rank, not counting rows above the plant that the unplanted data already has
             r_new = 1 + int((~already_there(ranked.iloc[: r_concept - 1], labels, base_sig)).sum()) if r_concept else None
-            alt = {"whole_response": first_rank(matches[_rank(table[table["view"] == "overall"])["concept"].to_numpy()])}
+            alt = {"whole_response": first_rank(matches[rank_hypotheses(table[table["view"] == "overall"])["concept"].to_numpy()])}
             alt.update({name: first_rank(matches[order]) for name, order in alternative_rankings(pf, labels, table).items()})
             max_c = mix_rows(base_max_c, planted_max_c, np.isin(np.arange(len(pairs)), idx))
             alt.update({name: first_rank(matches[order]) for name, order in max_activity_rankings(max_c, base_max_r, max_scale, pf, M, table, cfg).items()})

@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from anatomy_nb.models import load_model  # noqa: E402
-from anatomy_nb.sae import chat_documents, collect_activations  # noqa: E402
-from anatomy_nb.sae_recipe import RecipeConfig, split_corpus  # noqa: E402
+from anatomy_nb.config import RecipeConfig  # noqa: E402
+from anatomy_nb.lm.models import load_model  # noqa: E402
+from anatomy_nb.lm.sae_recipe import split_corpus  # noqa: E402
+from anatomy_nb.lm.sae_training import chat_documents, collect_activations  # noqa: E402
 
 
 def main() -> None:

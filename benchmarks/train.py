@@ -27,11 +27,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
-from anatomy_nb.data import load_pairs
-from anatomy_nb.interventions import ResidualHooks, residual_edits
-from anatomy_nb.models import load_model
-from anatomy_nb.sae import load_sae
-from anatomy_nb.train import TrainConfig, make_trainer, prepare
+from anatomy_nb.config import TrainConfig
+from anatomy_nb.data.pairs import load_pairs
+from anatomy_nb.lm.models import load_model
+from anatomy_nb.lm.ops import ResidualHooks
+from anatomy_nb.lm.sae import load_sae, tiny_sae
+from anatomy_nb.stages.dpo import make_trainer
+from anatomy_nb.stages.interventions import residual_edits
+from anatomy_nb.stages.train import prepare
 
 SHAPE = {"concept": "text:refusal", "action": "suppress", "method": "reward_shaping", "pattern": "refusal_phrase", "strength": 1.0}
 
@@ -64,8 +67,6 @@ def main(argv: list[str] | None = None) -> str:
     torch.manual_seed(0)
     lm = load_model(a.model)
     if a.model == "tiny-llama":  # a smoke run of this script
-        from anatomy_nb.sae import tiny_sae
-
         sae = tiny_sae(lm.d_model, layer=2, d_sae=96, k=6)
     else:
         sae = load_sae(a.sae)

@@ -37,9 +37,9 @@ def served(tmp_path_factory, tiny_lm, tiny_sae_):
 
     root = tmp_path_factory.mktemp("browser")
     run = make_run(root, tiny_lm, tiny_sae_)
-    nb = root / "serve" / "03_intervene.ipynb"
+    nb = root / "serve" / "03_plan.ipynb"
     nb.parent.mkdir()
-    pm.execute_notebook(str(REPO / "notebooks" / "03_intervene.ipynb"), str(nb), parameters={"run_dir": str(run), "map_method": "svd"}, prepare_only=True, progress_bar=False)
+    pm.execute_notebook(str(REPO / "notebooks" / "03_plan.ipynb"), str(nb), parameters={"run_dir": str(run), "config": {"maps": {"method": "svd"}}}, prepare_only=True, progress_bar=False)
     port = _free_port()
     log = open(root / "voila.log", "w")
     env = {**os.environ, "ANATOMY_NB_WIDGETS": str(REPO / "widgets")}
@@ -96,7 +96,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def _plan(run: Path) -> dict:
-    return {c["concept"]: c for c in json.loads((run / "plan.json").read_text())["concepts"]}
+    return {c["concept"]: c for c in json.loads((run / "plan" / "plan.json").read_text())["concepts"]}
 
 
 def _wait(cond, timeout=30.0, what="condition"):
@@ -109,7 +109,8 @@ def _wait(cond, timeout=30.0, what="condition"):
 
 
 def test_notebook_03_in_voila_drilldown_toggles_and_xss(served, page):
-    from anatomy_nb.ui.viewer import MapConfig, ViewerData
+    from anatomy_nb.config import MapConfig
+    from anatomy_nb.ui.viewer import ViewerData
 
     url, run = served
     data = ViewerData(run, maps=MapConfig(method="svd"))

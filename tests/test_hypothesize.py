@@ -204,3 +204,36 @@ def test_offline_sentence_embeddings_for_topics():
     texts = ["bake bread", "bread recipe", "sourdough bread", "kill a person", "hurt someone", "harm people"]
     t = cluster_prompts(None, texts, TopicConfig(n_topics=2, source="embeddings"))
     assert len(set(t.labels[:3])) == 1 and len(set(t.labels[3:])) == 1 and t.labels[0] != t.labels[3]
+
+
+def test_other_concept_sources_are_tested_in_the_same_family(tiny_lm, tiny_sae_, tmp_path):
+    """Stage 2 tests any concept source beside the SAE concepts: a text rule that every chosen
+    response carries is found (sign test), one that no response carries is not; both rows are in the
+    one BH family and rank like the rest; the SAE concepts are tested exactly as without them."""
+    from conftest import synthetic_pairs
+
+    from anatomy_nb.concepts.sources import TextConcept
+    from anatomy_nb.config import ExtractConfig
+    from anatomy_nb.core.stats import bh_qvalues
+    from anatomy_nb.stages.extract import extract
+
+    extract(synthetic_pairs(), tiny_lm, tiny_sae_, tmp_path, ExtractConfig(shard_size=24, progress=False))
+    cfg = HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False, length_placebo_draws=0)
+    plain = hypothesize(tmp_path, cfg)
+    sources = [TextConcept("text:flattery", r"(?i)^great question", label="flattering opener"), TextConcept("text:pineapple", "pineapple")]
+    h = hypothesize(tmp_path, cfg, sources=sources)
+    assert h.path != plain.path and h.manifest["sources"][0]["pattern"] == r"(?i)^great question"
+    t = h.table
+    assert set(t[t["source"] == "text"]["view"]) == {"overall", "topic"}  # whole response and per topic (no token edges)
+    rows = t[(t["source"] == "text") & (t["view"] == "overall")].set_index("ref")
+    assert set(rows.index) == {"text:flattery", "text:pineapple"}
+    flat = rows.loc["text:flattery"]
+    assert flat["significant"] and flat["chosen_rate"] == 1.0 and flat["rejected_rate"] == 0.0 and flat["label"] == "flattering opener"
+    assert not rows.loc["text:pineapple", "significant"] and rows.loc["text:pineapple", "p"] == 1.0
+    np.testing.assert_allclose(t["q"].to_numpy(), bh_qvalues(t["p"].to_numpy()))  # one family
+    assert list(t["rank"]) == list(range(1, len(t) + 1))
+    # the SAE concepts' statistics do not change (only their q, through the larger family)
+    sae_rows = t[t["source"] == "sae"].set_index(["view", "topic", "concept"]).sort_index()
+    before = plain.table.set_index(["view", "topic", "concept"]).sort_index()
+    np.testing.assert_allclose(sae_rows["p"], before["p"])
+    assert h.manifest["n_concepts"] == plain.manifest["n_concepts"]

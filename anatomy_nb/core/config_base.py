@@ -22,6 +22,8 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+import yaml
+
 __all__ = ["Config", "ConfigError", "NOT_KEYED", "yaml_value"]
 
 C = TypeVar("C", bound="Config")
@@ -36,9 +38,7 @@ class ConfigError(ValueError):
 
 def yaml_value(text: str) -> Any:
     """A command-line value read as YAML: ``none`` → None, ``3`` → 3, ``[a, b]`` → a list."""
-    import yaml
-
-    return yaml.safe_load(text)
+    return None if text.strip() in ("none", "None") else yaml.safe_load(text)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+import pyarrow.parquet as pq
+
 from .schema import ROLES, DataError, LoadReport
 
 __all__ = ["FORMATS", "NORMALISERS", "apply_field_map", "check_text", "detect_format", "iter_file_records", "open_text"]
@@ -40,8 +42,6 @@ def iter_file_records(path: Path, report: LoadReport, strict: bool) -> Iterator[
     """Yield (record locator, record dict) from a local file."""
     suffix = _base_suffix(path).lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         for i, rec in enumerate(pq.read_table(path).to_pylist()):
             yield i, rec
         return

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ..config import DEFAULT_MODEL
 from ..core.files import atomic_replace_dir, content_hash
@@ -131,8 +133,6 @@ def convert_default_model(force: bool = False) -> Path:
     target = cache_dir() / "models" / f"smollm2-135m-instruct-{digest}"
     if target.exists() and not force:
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("converting %s to safetensors (once; ~20 s)", gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -164,8 +164,6 @@ def load_model(
     ``name_or_path``: ``"smollm2-135m-instruct"`` (the offline default), ``"tiny-llama"`` (a
     random test model built in code), a Hugging Face hub id, or a local directory.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device, dtype = _default_device_dtype(device, dtype)
     if name_or_path == TINY_MODEL:
         loaded = tiny_llama()
@@ -202,9 +200,6 @@ _TINY_CORPUS = (
 
 def _tiny_tokenizer():
     """A byte-level BPE tokenizer trained in code, with ChatML specials and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -229,8 +224,6 @@ def _tiny_tokenizer():
 
 def tiny_llama(seed: int = 0, n_layers: int = 4, d_model: int = 64) -> LoadedModel:
     """A small randomly initialised Llama and tokenizer, built in code, for fast tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = _tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),

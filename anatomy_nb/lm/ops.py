@@ -9,12 +9,15 @@ them registers its own hooks or writes its own generation loop.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from .chat import prompt_ids, render_example, render_prompt, truncate_prompt
 from .models import LoadedModel
@@ -66,6 +69,17 @@ def truncated_to_layer(model, layer: int) -> Iterator[Any]:
         setattr(base, attr, layers)
 
 
+@lru_cache(maxsize=None)
+def _cache_argument(forward_of: type) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x warns on the old name)."""
+    return "cache" if "cache" in inspect.signature(forward_of.forward).parameters else "past_key_values"
+
+
+def with_cache(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword that passes a KV cache to ``module``'s forward, whichever name it takes."""
+    return {_cache_argument(type(module)): cache}
+
+
 class ResidualCapture:
     """Run a model only up to the deepest of ``layers`` (early exit) and keep the residual stream
     after each of them. A context manager: the hooks and the cut are undone on exit, also on error.
@@ -112,7 +126,7 @@ class ResidualCapture:
     def __call__(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
         device = self.lm.device
         kwargs = {"attention_mask": attention_mask.to(device)} if attention_mask is not None else {}
-        self.base(input_ids=input_ids.to(device), past_key_values=cache, use_cache=cache is not None, **kwargs)
+        self.base(input_ids=input_ids.to(device), use_cache=cache is not None, **with_cache(self.base, cache), **kwargs)
         return self.at[self.layers[0]]
 
     @torch.no_grad()
@@ -120,8 +134,6 @@ class ResidualCapture:
         """Residual (float) at the prompt's positions and at each response's positions. The prompt
         runs once; its KV cache serves every response, and the responses run as one batch
         (right padding needs no mask: causal attention never lets a real token see a later pad)."""
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         prompt_resid = self(torch.tensor([prompt]), cache=cache)[0].float()
         cache.batch_repeat_interleave(len(responses))
@@ -291,20 +303,18 @@ def pair_logps(lm: LoadedModel, pairs: Sequence[tuple[Sequence[dict], str, str]]
     """(n, 2): summed log-probability of the chosen and the rejected response given their prompt
     (chat template applied). The prompt runs once and its KV cache serves both responses, as in
     stage 1's extraction: the prompt is most of an HH-RLHF pair's tokens."""
-    from transformers import DynamicCache
-
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = np.zeros((len(pairs), 2))
     for i, (messages, chosen, rejected) in enumerate(pairs):
         prompt, *resp = pair_token_ids(tok, messages, chosen, rejected, max_length)
         cache = DynamicCache()
-        first = lm.model(input_ids=torch.tensor([prompt], device=lm.device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1:].float()
+        first = lm.model(input_ids=torch.tensor([prompt], device=lm.device), use_cache=True, logits_to_keep=1, **with_cache(lm.model, cache)).logits[0, -1:].float()
         cache.batch_repeat_interleave(2)
         R = max(map(len, resp))
         # right padding needs no mask: under causal attention no real token sees a later pad
         batch = torch.tensor([r + [pad] * (R - len(r)) for r in resp], device=lm.device)
-        logits = lm.model(input_ids=batch, past_key_values=cache, use_cache=True).logits.float()
+        logits = lm.model(input_ids=batch, use_cache=True, **with_cache(lm.model, cache)).logits.float()
         for j, r in enumerate(resp):
             lg = torch.cat([first, logits[j, : max(len(r) - 1, 0)]])[: len(r)]  # the logits that predict each response token
             out[i, j] = float(torch.log_softmax(lg, -1).gather(-1, batch[j, : len(r), None]).sum())

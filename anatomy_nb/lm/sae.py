@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import SAE, TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.saes.sae import SAEMetadata
 
 from ..config import DEFAULT_SAE
 from ..core.files import atomic_replace_dir, atomic_write_json, content_hash
@@ -106,8 +108,6 @@ def load_sae(
 
     ``layer`` overrides the layer read from the SAE's ``hook_name`` metadata.
     """
-    from sae_lens import SAE
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = Path(name_or_path)
     shipped = SHIPPED_DIR / str(name_or_path)
@@ -146,9 +146,6 @@ def shipped_saes() -> list[str]:
 
 
 def make_topk_sae(d_in: int, d_sae: int, k: int, layer: int, model_name: str, seed: int, training: bool = True):
-    from sae_lens import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
     meta = SAEMetadata(hook_name=hook_name(layer), model_name=model_name, prepend_bos=False)
     torch.manual_seed(seed)
     if training:

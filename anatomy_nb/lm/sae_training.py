@@ -10,6 +10,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from sae_lens import TopKSAE
+from sae_lens.config import SAETrainerConfig
+from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
 from ..config import SAETrainingConfig
@@ -123,10 +126,6 @@ def _batches(acts: np.ndarray, batch_size: int, seed: int, mean: np.ndarray | No
 
 def train_sae(acts: np.ndarray, cfg: SAETrainingConfig, model_name: str = "") -> LoadedSAE:
     """Train a TopK SAE with sae-lens on a (n_tokens, d_model) activation array."""
-    from sae_lens import TopKSAE
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
     d_in = acts.shape[1]
     training_sae = make_topk_sae(d_in, d_in * cfg.expansion, cfg.k, cfg.layer, model_name, cfg.seed, training=True)
     training_sae.cfg.aux_loss_coefficient = cfg.aux_loss_coefficient

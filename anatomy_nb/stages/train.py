@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from peft import PeftModel
 
 from ..config import DEFAULT_MODEL, TrainConfig

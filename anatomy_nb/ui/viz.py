@@ -13,14 +13,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
 
 __all__ = ["escape_text", "html_table", "setup_plotly", "token_html"]
 
 
 def setup_plotly() -> None:
     """Embed plotly.js in the notebook output (once) so exported HTML works offline."""
-    import plotly.io as pio
-
     pio.renderers.default = "notebook"
 
 
@@ -61,9 +62,6 @@ def token_html(tokens: Iterable[str], values: Sequence[float] | None = None, pea
 
 def length_figure(lengths: pd.DataFrame):
     """Token lengths of chosen vs rejected responses (overlaid histograms + scatter)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(rows=1, cols=2, subplot_titles=("response length (tokens)", "chosen vs rejected length per pair"))
     for side, color in (("chosen", "#2b8a3e"), ("rejected", "#c92a2a")):
         fig.add_trace(go.Histogram(x=lengths[side], name=side, opacity=0.6, marker_color=color, nbinsx=50), row=1, col=1)
@@ -79,8 +77,6 @@ def length_figure(lengths: pd.DataFrame):
 
 def density_figure(fire_rate_all: np.ndarray):
     """How often each feature fires across responses (log scale): dead and dense features."""
-    import plotly.graph_objects as go
-
     live = fire_rate_all[fire_rate_all > 0]
     fig = go.Figure(go.Histogram(x=np.log10(live), nbinsx=60, marker_color="#1971c2"))
     dead = int((fire_rate_all == 0).sum())
@@ -96,8 +92,6 @@ def density_figure(fire_rate_all: np.ndarray):
 
 def firing_rate_figure(rate_chosen: np.ndarray, rate_rejected: np.ndarray, labels: Sequence[str] | None = None):
     """Per-feature firing rate on chosen vs rejected responses (descriptive; stage 2 tests it)."""
-    import plotly.graph_objects as go
-
     diff = rate_chosen - rate_rejected
     text = labels if labels is not None else [f"feature {i}" for i in range(len(diff))]
     fig = go.Figure(
