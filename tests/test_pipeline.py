@@ -181,3 +181,13 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
     r2 = res.r2().set_index(["model", "view"])
     assert r2.loc[("plain", "overall"), "r2"] > 0.5  # the audit predicted what plain DPO changed
     assert (run.path / "report" / "index.html").exists()
+    # the same experiment as the reference run (same seeds): every value of the comparison table lies
+    # inside the reference run's interval for it (bitwise equality is not required across machines)
+    reference = pd.read_csv(Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "default-pipeline-comparison-2026-11-29.csv")
+    now = res.comparison().set_index(["model", "metric"])["value"]
+    moved = []
+    for r in reference.dropna(subset=["ci_low", "ci_high"]).itertuples():
+        v = now.get((r.model, r.metric))
+        if v is None or not (r.ci_low - 1e-9 <= v <= r.ci_high + 1e-9):
+            moved.append(f"{r.model} / {r.metric}: {v} outside the reference [{r.ci_low:.3f}, {r.ci_high:.3f}] (reference value {r.value:.3f})")
+    assert not moved, moved

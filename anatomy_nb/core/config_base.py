@@ -146,6 +146,26 @@ class Config:
             out[f.name] = v.key_params() if isinstance(v, Config) else v
         return out
 
+    @classmethod
+    def reference_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
+        """(key, type, default, meaning) of every field, nested ones as ``parent.key``: the config
+        reference in the docs is generated from this, so it cannot drift from the code."""
+        defaults = cls()
+        hints = cls.field_types()
+        rows = []
+        for f in dataclasses.fields(cls):
+            value = getattr(defaults, f.name)
+            if isinstance(value, Config):
+                rows += type(value).reference_rows(f"{prefix}{f.name}.")
+                continue
+            tp = hints[f.name]
+            shown = getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", "")
+            note = f.metadata.get("help", "")
+            if f.metadata.get("key", True) is False:
+                note = (note + " " if note else "") + "(not part of the artifact key)"
+            rows.append((f"{prefix}{f.name}", str(shown), repr(value), note))
+        return rows
+
     # --- the command line ------------------------------------------------------------------------
 
     @classmethod

@@ -13,6 +13,7 @@ computed from. ``Stage`` owns the four steps that every stage used to spell out 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from .files import atomic_save_npy, atomic_write_json, atomic_write_parquet, rea
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
-__all__ = ["MANIFEST", "Stage"]
+__all__ = ["MANIFEST", "Artifact", "Stage", "relative"]
 
 MANIFEST = "manifest.json"
 
@@ -86,6 +87,25 @@ class Stage:
         atomic_write_json(self.manifest_path, full)
         self.run.record(self.name, self.key, **record)
         return full
+
+
+@dataclass
+class Artifact:
+    """A finished stage artifact as a reader sees it: its folder and manifest (read from the folder
+    when not given), and whether the call that returned it reused it rather than computing it."""
+
+    path: Path
+    manifest: dict | None = None
+    reused: bool = False
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        if self.manifest is None:
+            self.manifest = read_json(self.path / MANIFEST)
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
 
 
 def relative(path: str | os.PathLike, root: str | os.PathLike) -> str:

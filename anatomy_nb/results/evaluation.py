@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..core.files import read_json
 from ..core.run import Run, RunLike
-from ..core.stage import MANIFEST
+from ..core.stage import Artifact
 
 __all__ = ["BASE", "TABLES", "EvalResult"]
 
@@ -22,21 +20,8 @@ TABLES = ("predicted_vs_actual", "r2", "offtarget", "preference", "targets", "po
 
 
 @dataclass
-class EvalResult:
+class EvalResult(Artifact):
     """A finished evaluation."""
-
-    path: Path
-    manifest: dict | None = None
-    reused: bool = False
-
-    def __post_init__(self):
-        self.path = Path(self.path)
-        if self.manifest is None:
-            self.manifest = read_json(self.path / MANIFEST)
-
-    @property
-    def key(self) -> str:
-        return self.manifest["key"]
 
     @classmethod
     def from_run(cls, run: RunLike) -> "EvalResult":

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..core.run import Run, RunLike
-from ..core.stage import MANIFEST
+from ..core.stage import MANIFEST, Artifact
 
 __all__ = ["PLAIN", "TrainResult", "active_entries", "run_name", "training_runs"]
 
@@ -21,22 +21,10 @@ PLAIN = "plain"  # the name of the training run whose plan changes nothing (plai
 
 
 @dataclass
-class TrainResult:
+class TrainResult(Artifact):
     """A finished training run: its manifest, per-step metrics, split and data report."""
 
-    path: Path
-    manifest: dict | None = None
-    reused: bool = False
     model: Any = None  # the trained model in memory (this session only; None when read from disk)
-
-    def __post_init__(self):
-        self.path = Path(self.path)
-        if self.manifest is None:
-            self.manifest = read_json(self.path / MANIFEST)
-
-    @property
-    def key(self) -> str:
-        return self.manifest["key"]
 
     @property
     def name(self) -> str:

@@ -45,7 +45,7 @@ from ..core.run import Run, RunLike
 from ..core.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test, split_half_agreement, welch_inside_outside
 from ..data.textstats import text_stats
 from ..results.hypotheses import Hypotheses, rank_hypotheses
-from ..results.plan import parse_concept
+from ..results.plan import concept_ref, parse_concept
 from ..results.store import FeatureStore
 
 __all__ = ["HypothesizeConfig", "Hypotheses", "PairFeatures", "hypothesize", "linear_baseline", "score_concepts", "text_stat_baseline", "STAGE"]
@@ -67,7 +67,7 @@ def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig,
     Fc, Fr = pf.fires_chosen.astype(np.float64), pf.fires_rejected.astype(np.float64)
     Uc, Ur = concept_activity(pf, labels)
     n_concepts = Uc.shape[1]
-    refs = [f"sae:{c}" for c in range(n_concepts)]
+    refs = [concept_ref(c) for c in range(n_concepts)]
     kinds = ["sae"] * n_concepts
     n_features = list(np.bincount(labels[labels >= 0], minlength=n_concepts))
     members = [np.flatnonzero(labels == c).tolist() for c in range(n_concepts)]

@@ -118,7 +118,7 @@ def targets_table(names, manifests, fires, gens, cfg: EvalConfig) -> pd.DataFram
     for cid, entry in entries.items():
         s = {n: concept_scores(entry, fires[n], gens[n]["heldout"]) for n in names}
         if s[BASE] is None:
-            log.warning("concept %s (kind %s) is not scored on generations", cid, str(cid).split(":")[0])
+            log.warning("concept %s (kind %s) is not scored on generations", cid, parse_concept(cid)[0])
             continue
         for n in names:
             plan_entry = next((c for c in active_entries(manifests[n]) if c["concept"] == cid), None) if n != BASE else None
