@@ -13,7 +13,7 @@ A plan is a list of concept entries::
      "concepts": [
         {"concept": "sae:12",              # "sae:<concept id>" | "text:<name>" | "direction:<name>"
          "action": "suppress",             # allow | suppress | amplify
-         "method": "reward_shaping",       # reward_shaping | filter | inoculate | steer | ablate
+         "method": "reward_shaping",       # reward_shaping (the default) | filter | inoculate | steer | ablate
          "strength": 1.0,
          "features": [3, 17, 40],          # sae: member features (filled from the hypotheses table)
          "pattern": null,                  # text: a regex or a text-statistic name
@@ -207,6 +207,8 @@ def _validate(c: ConceptChoice, i: int, source: str | None, known: set[int] | No
         raise err("direction_file", "a direction concept needs a .safetensors file with its directions")
     if c.action == "allow":
         return
+    if c.method is None:  # suppress / amplify without a method: reward shaping, the paper's most reliable
+        c.method = "reward_shaping"
     if c.method not in METHODS:
         raise err("method", f"{c.method!r} is not one of {', '.join(METHODS)}")
     if c.method in _NEEDS_DIRECTION and c.kind == "text":
