@@ -110,10 +110,10 @@ class ExtractConfig(Config):
     layer: int | None = field(default=None, metadata=_help("only for SAEs whose files do not say which layer they read", key=False))
     max_prompt_tokens: int = field(default=1024, metadata=_help("longer prompts keep their first token and their last tokens"))
     max_response_tokens: int = field(default=512, metadata=_help("at most 65,535 (counts are stored as uint16)"))
-    shard_size: int = 128
+    shard_size: int = field(default=128, metadata=_help("pairs per shard: the unit of resuming and of work split between ranks"))
     top_contexts: int = field(default=32, metadata=_help("per feature: the responses where it peaks highest"))
     shared_prefix: bool = field(default=True, metadata=_help("False runs prompt+response twice (the naive baseline)"))
-    store_prompts: bool = True
+    store_prompts: bool = field(default=True, metadata=_help("also pool each prompt's message contents (topics use them)"))
     # an opener or a sign-off is specific to the first / last tokens and diluted in the whole response
     edge_tokens: int = field(default=8, metadata=_help("per response, also the features firing in its first / last this many tokens; 0 = not stored"))
     progress: bool = field(default=True, metadata=NOT_KEYED)
@@ -137,7 +137,7 @@ class ConceptConfig(Config):
     """How features are clustered into concepts (``anatomy_nb.concepts.clustering``)."""
 
     min_support: int = field(default=5, metadata=_help("a feature must fire on at least this many responses to be tested"))
-    k_neighbors: int = 10
+    k_neighbors: int = field(default=10, metadata=_help("neighbours per feature in the co-firing graph"))
     min_phi: float = field(default=0.05, metadata=_help("kNN edges below this correlation are dropped"))
     resolution: float = field(default=0.05, metadata=_help("CPM density threshold: higher gives more, smaller, tighter concepts"))
     quality: str = field(default="cpm", metadata=_help("'cpm' (constant Potts; graph-size free) or 'rb' (modularity-style)"))
@@ -150,7 +150,7 @@ class TopicConfig(Config):
 
     n_topics: int | None = field(default=None, metadata=_help("None: about one topic per 60 distinct prompts, between 2 and 12"))
     source: str = field(default="sae", metadata=_help("'sae' (prompt SAE features) or 'embeddings' (offline all-MiniLM-L6-v2)"))
-    svd_dims: int = 50
+    svd_dims: int = field(default=50, metadata=_help("TruncatedSVD dimensions before KMeans"))
     seed: int = 0
 
 
@@ -165,12 +165,12 @@ class HypothesizeConfig(Config):
     length_control_degree: int = field(default=2, metadata=_help("the length control regresses on Δ of log length's powers 1..degree"))
     length_placebo_draws: int = field(default=20, metadata=_help("placebo pairs that check the length control on this data; 0 = skip"))
     test_edges: bool = field(default=True, metadata=_help("also test each concept on the responses' opening and ending tokens"))
-    fdr: float = 0.05
+    fdr: float = field(default=0.05, metadata=_help("Benjamini–Hochberg level over every test"))
     n_splits: int = field(default=20, metadata=_help("random half/half splits for the sign check"))
     min_topic_prompts: int = field(default=10, metadata=_help("smaller topics are not tested"))
     label_features: int = field(default=3, metadata=_help("member features whose contexts label a concept"))
-    promoted_tokens: int = 8
-    linear_baseline: bool = True
+    promoted_tokens: int = field(default=8, metadata=_help("tokens each concept's decoder direction promotes, shown as a label (0: none; needs the model)"))
+    linear_baseline: bool = field(default=True, metadata=_help("fit the L1-logistic baseline on per-pair feature differences"))
     explain_top: int = field(default=10, metadata=_help("with an explainer: how many top concepts get an LLM explanation"))
     fidelity_texts: int = field(default=40, metadata=_help("held-out responses (half firing, half not) to score each explanation"))
     seed: int = 0
@@ -211,8 +211,8 @@ class TrainConfig(Config):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target: str | list[str] = "all-linear"
-    beta: float = 0.1
+    lora_target: str | list[str] = field(default="all-linear", metadata=_help("peft target_modules"))
+    beta: float = field(default=0.1, metadata=_help("DPO β"))
     learning_rate: float = 5e-5
     epochs: float = 1.0
     max_steps: int = field(default=-1, metadata=_help("> 0 overrides epochs"))
@@ -222,7 +222,7 @@ class TrainConfig(Config):
     max_train_pairs: int | None = field(default=64, metadata=_help("CPU-sized; None trains on every training pair"))
     heldout_fraction: float = field(default=0.1, metadata=_help("prompts held out for stage 5 (whole prompts)"))
     warmup_ratio: float = 0.0
-    precompute_ref: bool = True
+    precompute_ref: bool = field(default=True, metadata=_help("compute the reference log-probs once before training (shared by the run directory's training runs)"))
     gradient_checkpointing: bool = False
     bf16: bool | None = field(default=None, metadata=_help("None: on CUDA only"))
     mean_ablation_pairs: int = field(default=32, metadata=_help("pairs whose mean residual mean-ablation uses"))
@@ -248,18 +248,18 @@ class EvalConfig(Config):
     n_prompts: int = field(default=24, metadata=_help("distinct held-out prompts to generate from"))
     max_new_tokens: int = 48
     max_prompt_tokens: int = field(default=384, metadata=_help("longer prompts keep their last tokens"))
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=_help("prompts per generation batch"))
     do_sample: bool = field(default=False, metadata=_help("greedy by default; True samples with temperature and seed"))
     temperature: float = 1.0
     seed: int = 0
     concepts: str = field(default="significant", metadata=_help("which stage-2 rows the R² is fitted on: 'significant' | 'all'"))
     min_topic_prompts: int = field(default=3, metadata=_help("topic rows need this many evaluated prompts in the topic"))
     fdr: float = field(default=0.05, metadata=_help("off-target: BH q over concepts below this"))
-    n_boot: int = 1000
-    ci: float = 0.95
+    n_boot: int = field(default=1000, metadata=_help("bootstrap resamples per interval"))
+    ci: float = field(default=0.95, metadata=_help("interval coverage"))
     max_pref_pairs: int = field(default=64, metadata=_help("held-out pairs scored for preference accuracy"))
     pref_max_length: int = field(default=256, metadata=_help("tokens of prompt + response when scoring log-probs"))
-    behaviour: bool = True
+    behaviour: bool = field(default=True, metadata=_help("run the behaviour sets (sycophancy, persona, refusal, over-refusal)"))
     n_ab: int = field(default=24, metadata=_help("items per A/B set (CAA sycophancy, Anthropic persona)"))
     n_harmful: int = field(default=12, metadata=_help("harmful prompts (AdvBench / StrongREJECT / HarmBench, sampled evenly)"))
     n_xstest: int = field(default=12, metadata=_help("XSTest safe prompts (over-refusal)"))
@@ -311,3 +311,18 @@ class PipelineConfig(Config):
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages {unknown} unknown; known: {list(STAGES)}")
+
+
+def reference_markdown() -> str:
+    """Every config's keys as markdown tables (type, default, meaning): ``docs/reference.md``'s
+    "Config keys" section is this text (a test keeps the two equal)."""
+    out = []
+    for cls, where in ((ExtractConfig, "stage 1 · `extract` · notebook 01 · `anatomy-nb extract`"), (HypothesizeConfig, "stage 2 · `hypothesize` · notebook 02 · `anatomy-nb hypothesize`"), (PlanConfig, "stage 3 · `plan` · notebook 03 · `anatomy-nb plan`"), (TrainConfig, "stage 4 · `train` · notebook 04 · `anatomy-nb train`"), (EvalConfig, "stage 5 · `evaluate` · notebook 05 · `anatomy-nb evaluate`"), (PipelineConfig, "the whole pipeline · `run` · `anatomy-nb run` (each stage's block takes that stage's keys)"), (RecipeConfig, "the default SAE · notebook 00 · `anatomy-nb train-sae`")):
+        summary = " ".join(line.strip() for line in (cls.__doc__ or "").split("\n\n")[0].splitlines())
+        out += [f"### `{cls.__name__}` — {where}", "", summary, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, tp, default, note in cls.reference_rows():
+            if cls is PipelineConfig and "." in key:
+                continue  # the stage blocks are the stage configs above
+            out.append(f"| `{key}` | {tp.replace(' | ', ' or ')} | `{default}` | {note} |")
+        out.append("")
+    return "\n".join(out)

@@ -147,16 +147,16 @@ class Config:
         return out
 
     @classmethod
-    def reference_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    def reference_rows(cls, prefix: str = "", defaults: "Config | None" = None) -> list[tuple[str, str, str, str]]:
         """(key, type, default, meaning) of every field, nested ones as ``parent.key``: the config
         reference in the docs is generated from this, so it cannot drift from the code."""
-        defaults = cls()
+        defaults = defaults if defaults is not None else cls()
         hints = cls.field_types()
         rows = []
         for f in dataclasses.fields(cls):
             value = getattr(defaults, f.name)
             if isinstance(value, Config):
-                rows += type(value).reference_rows(f"{prefix}{f.name}.")
+                rows += type(value).reference_rows(f"{prefix}{f.name}.", value)
                 continue
             tp = hints[f.name]
             shown = getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", "")
@@ -169,17 +169,17 @@ class Config:
     # --- the command line ------------------------------------------------------------------------
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "", skip: tuple[str, ...] = (), defaults: "Config | None" = None) -> None:
         """One flag per field: ``--learning-rate 1e-3``; nested configs as ``--concepts.min-support 3``.
         Values are YAML (``none``, ``true``, ``[a, b]``); the dataclass default applies when absent."""
-        defaults = cls()
+        defaults = defaults if defaults is not None else cls()
         for f in dataclasses.fields(cls):
             if f.name in skip:
                 continue
             default = getattr(defaults, f.name)
             dest = f"{prefix}{f.name}"
             if isinstance(default, Config):
-                type(default).add_arguments(parser, prefix=f"{dest}.")
+                type(default).add_arguments(parser, prefix=f"{dest}.", defaults=default)
                 continue
             help_text = f.metadata.get("help", "")
             parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=yaml_value, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"{help_text} (default: {default!r})".strip())

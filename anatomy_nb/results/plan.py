@@ -234,7 +234,8 @@ def _validate(c: ConceptChoice, i: int, source: str | None, known: set[int] | No
 
 
 def load_plan(plan: "InterventionPlan | Mapping[str, Any] | str | Path | None", *, known_concepts: Iterable[int] | None = None) -> InterventionPlan:
-    """A plan from an object, a dict (a papermill parameter), a JSON string, or a file/run dir."""
+    """A plan from an object, a dict (a papermill parameter), a JSON string, a file, or a run
+    directory (its ``plan/plan.json``)."""
     if plan is None:
         return InterventionPlan()
     if isinstance(plan, InterventionPlan):
@@ -245,8 +246,8 @@ def load_plan(plan: "InterventionPlan | Mapping[str, Any] | str | Path | None", 
     if isinstance(plan, str) and text.lstrip().startswith("{"):
         return InterventionPlan.from_dict(json.loads(text), source="<plan string>", known_concepts=known_concepts)
     path = Path(plan)
-    if path.is_dir():
-        path = path / PLAN_FILE
+    if path.is_dir():  # a plan folder, or a run directory (its plan/plan.json)
+        path = path / PLAN_FILE if (path / PLAN_FILE).exists() else path / "plan" / PLAN_FILE
     if not path.exists():
         raise FileNotFoundError(f"plan file not found: {path}")
     try:
