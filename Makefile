@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/default
 
-.PHONY: setup run test test-all benchmark sae
+.PHONY: setup run test test-all lab benchmark sae
 setup:
 	bash scripts/setup.sh
 
@@ -13,6 +13,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lab: setup
+	$(VENV)/bin/jupyter lab anatomy_nb/notebooks
 
 test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -83,3 +83,17 @@ def tiny_eval(tmp_path_factory, tiny_lm, tiny_sae_):
     t.append(time.time())
     print("fixture seconds (extract+hypothesize, train x2, evaluate):", np.diff(t).round(1))
     return SimpleNamespace(run=run, res=res, sae=sae, lm=tiny_lm, concept=int(top.concept), features=[int(f) for f in top.features])
+
+
+NOISE = ("Warning", "warnings.warn", "it/s]", "s/it]", "Loading weights", "%|")
+
+
+def assert_clean_outputs(nb) -> None:
+    """A rendered notebook shows results, not library chatter: no error, no warning, no progress bar
+    in any cell's output (headless runs keep progress on the terminal; ui.notebooks.HEADLESS_ENV)."""
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            assert out.get("output_type") != "error", (i, out.get("ename"), out.get("evalue"))
+            text = out.get("text", "") if out.get("output_type") == "stream" else "".join(out.get("data", {}).get("text/plain", ""))
+            noisy = [n for n in NOISE if n in text]
+            assert not noisy, f"cell {i}: {noisy} in {text[:300]!r}"

@@ -1,7 +1,8 @@
-"""Stage 3 in a real browser: notebook 03 served by voila on loopback over a tiny run directory,
-driven with headless Chromium (Debian's /usr/bin/chromium; never a downloaded browser).
+"""Stage 3 in a real browser: notebook 03 over a tiny run directory, served on loopback by voila and
+opened inside JupyterLab itself (run all cells), driven with headless Chromium (Debian's
+/usr/bin/chromium; never a downloaded browser).
 
-Click a concept → its drilldown shows; toggle → plan.json changes; the XSS pairs render as text
+Click a concept → its drilldown shows; toggle → plan/plan.json changes; the XSS pairs render as text
 and nothing runs; the canvas map draws and lassos 50,000 points. On failure a screenshot goes to
 test-artifacts/browser/ (gitignored)."""
 
@@ -32,7 +33,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_lm, tiny_sae_):
+def notebook_03(tmp_path_factory, tiny_lm, tiny_sae_):
+    """A tiny run directory and notebook 03 with its parameters filled in, in a folder to serve."""
     import papermill as pm
 
     root = tmp_path_factory.mktemp("browser")
@@ -40,28 +42,54 @@ def served(tmp_path_factory, tiny_lm, tiny_sae_):
     nb = root / "serve" / "03_plan.ipynb"
     nb.parent.mkdir()
     pm.execute_notebook(str(REPO / "notebooks" / "03_plan.ipynb"), str(nb), parameters={"run_dir": str(run), "config": {"maps": {"method": "svd"}}}, prepare_only=True, progress_bar=False)
-    port = _free_port()
-    log = open(root / "voila.log", "w")
-    env = {**os.environ, "ANATOMY_NB_WIDGETS": str(REPO / "widgets")}
-    proc = subprocess.Popen([sys.executable, "-m", "voila", nb.name, "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1", "--show_tracebacks=True"], cwd=nb.parent, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 90
+    return root, nb, run
+
+
+def _serve(args: list[str], cwd: Path, log_path: Path, port: int, env: dict | None = None):
+    """Start a server on loopback and wait until it listens; returns the process."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(args, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    deadline = time.time() + 120
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()  # voila is listening
-            break
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return proc
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                pytest.fail(f"voila did not start: {(root / 'voila.log').read_text()[-2000:]}")
+                pytest.fail(f"{args[2]} did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.5)
-    yield url, run
+
+
+def _stop(proc) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+
+
+@pytest.fixture(scope="module")
+def served(notebook_03):
+    root, nb, run = notebook_03
+    port = _free_port()
+    proc = _serve([sys.executable, "-m", "voila", nb.name, "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1", "--show_tracebacks=True"], nb.parent, root / "voila.log", port)
+    yield f"http://127.0.0.1:{port}/", run
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def lab(notebook_03):
+    """JupyterLab on loopback, no token, nothing fetched from a network, its own config folders."""
+    root, nb, run = notebook_03
+    port = _free_port()
+    home = root / "jupyter-home"
+    env = {"JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"), "JUPYTER_RUNTIME_DIR": str(home / "runtime")}
+    args = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password=",
+            "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={nb.parent}", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    proc = _serve(args, nb.parent, root / "jupyterlab.log", port, env)
+    yield f"http://127.0.0.1:{port}/lab/tree/{nb.name}", run
+    _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +136,21 @@ def _wait(cond, timeout=30.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_notebook_03_in_voila_drilldown_toggles_and_xss(served, page):
+def _concept_with_an_xss_example(run):
     from anatomy_nb.config import MapConfig
     from anatomy_nb.ui.viewer import ViewerData
 
-    url, run = served
     data = ViewerData(run, maps=MapConfig(method="svd"))
     xss_ids = {x["id"] for x in XSS}
     # a concept whose example pairs include an XSS pair: its drilldown must show that text inert
     concept = next((int(c) for c in data.space.concepts["concept"] if any(e["id"] in xss_ids for e in data.drilldown(int(c))["examples"])), None)
     assert concept is not None, "no concept's examples include an XSS pair; the fixture must plant them"
+    return data, concept
 
-    page.goto(url, timeout=120_000)
-    page.wait_for_selector(".anb-signals tbody tr", timeout=120_000)
+
+def _drive_the_viewer_and_toggles(page, run, data, concept):
+    """What a user does on notebook 03's widgets, and what must (not) happen."""
+    page.wait_for_selector(".anb-signals tbody tr", timeout=180_000)
     page.wait_for_selector(".anb-toggle-table tbody tr", timeout=60_000)
     assert page.eval_on_selector(".anb-scatter", "e => Number(e.dataset.points)") == data.space.n_pairs
 
@@ -155,6 +185,27 @@ def test_notebook_03_in_voila_drilldown_toggles_and_xss(served, page):
     page.wait_for_function("document.querySelector('.anb-error').textContent.includes('strength')", timeout=30_000)
     assert _plan(run)[name]["strength"] == 0.5
     assert page.evaluate("window.__pwned") is None and page.dialogs == []
+
+
+def test_notebook_03_in_voila_drilldown_toggles_and_xss(served, page):
+    url, run = served
+    data, concept = _concept_with_an_xss_example(run)
+    page.goto(url, timeout=120_000)
+    _drive_the_viewer_and_toggles(page, run, data, concept)
+
+
+def test_notebook_03_inside_jupyterlab(lab, page):
+    """The product is "explore in JupyterLab": the notebook opened in JupyterLab, Run All Cells, then
+    the same clicks as under voila (the plan file is reset first: both tests write it)."""
+    url, run = lab
+    (run / "plan" / "plan.json").unlink(missing_ok=True)
+    data, concept = _concept_with_an_xss_example(run)
+    page.goto(url, timeout=120_000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=180_000)
+    page.wait_for_function("!document.querySelector('.jp-Dialog')", timeout=60_000)  # no kernel-choice dialog
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    _drive_the_viewer_and_toggles(page, run, data, concept)
 
 
 def test_canvas_map_draws_and_lassos_50k_points(page):

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_clean_outputs
+
 pytestmark = pytest.mark.e2e
 
 
@@ -57,6 +59,8 @@ def test_notebook_01_on_the_default_model(tmp_path):
     import nbformat
 
     nb = nbformat.read(out, as_version=4)
+
+    assert_clean_outputs(nb)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["extract"]["n_pairs"] == 16

@@ -21,7 +21,7 @@ from anatomy_nb.results.evaluation import BASE
 from anatomy_nb.results.training import training_runs
 from anatomy_nb.stages.evaluate import evaluate
 
-from conftest import SMALL
+from conftest import SMALL, assert_clean_outputs
 
 
 # --- statistics ---------------------------------------------------------------------------------
@@ -279,8 +279,9 @@ def test_notebook_05_runs_headless_on_the_tiny_run(tiny_eval):
     html = out.with_suffix(".html").read_text()
     assert "Predicted vs actual" in html and "plotly" in html.lower()
     assert "held-out preference accuracy" in html
-    nb = json.loads(out.read_text())
-    assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    import nbformat
+
+    assert_clean_outputs(nbformat.read(out, as_version=4))
 
 
 # --- the default model ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import nbformat
 import pytest
 
+from conftest import assert_clean_outputs
 from anatomy_nb.ui.notebooks import notebook_dir, run_notebook
 from anatomy_nb.lm.sae import save_sae
 
@@ -29,6 +30,7 @@ def test_01_extract_runs_headless_and_escapes_dataset_text(tmp_path, tiny_lm, ti
     run_dir = tmp_path / "run"
     out = run_notebook("01_extract", run_dir, {"config": {"model": "tiny-llama", "sae": str(sae_dir), "data": str(data), "n_pairs": None, "shard_size": 4}}, progress=False)
     nb = nbformat.read(out, as_version=4)
+    assert_clean_outputs(nb)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert (run_dir / "index.json").exists() and json.loads((run_dir / "index.json").read_text())["extract"]["n_pairs"] == 8
@@ -60,6 +62,7 @@ def test_02_hypothesize_runs_headless_after_01(tmp_path, tiny_lm, tiny_sae_, hh_
     extract(hh_pairs, tiny_lm, load_sae(str(sae_dir)), tmp_path / "run", ExtractConfig(shard_size=10, progress=False))
     out = run_notebook("02_hypothesize", tmp_path / "run", {"config": {"concepts": {"min_support": 3}}}, progress=False)
     nb = nbformat.read(out, as_version=4)
+    assert_clean_outputs(nb)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert json.loads((tmp_path / "run" / "index.json").read_text())["hypothesize"]["key"]
     assert out.with_suffix(".html").exists()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from conftest import assert_clean_outputs
 from anatomy_nb.data.schema import PreferencePair
 from anatomy_nb.config import TrainConfig
 from anatomy_nb.stages.dpo import make_trainer
@@ -230,6 +231,7 @@ def test_04_train_notebook_runs_headless(tmp_path, tiny_lm, tiny_sae_):
     plan = {"concepts": [SHAPE, {"concept": "text:sorry", "action": "amplify", "method": "filter", "pattern": "(?i)sorry", "strength": 1.0}]}
     out = run_notebook("04_train", run, {"plan": plan, "config": {"max_length": 96, "batch_size": 4, "learning_rate": 2e-3, "heldout_fraction": 0.25}, "compare_plain": True}, progress=False)
     nb = nbformat.read(out, as_version=4)
+    assert_clean_outputs(nb)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     index = json.loads((run / "index.json").read_text())
     assert "train" in index

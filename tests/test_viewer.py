@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import assert_clean_outputs
 from anatomy_nb.core.run import Run
 from anatomy_nb.results.plan import PlanError, load_plan
 from anatomy_nb.stages.plan import default_plan, plan as make_plan, set_choice
@@ -302,6 +303,7 @@ def test_notebook_03_runs_headless_with_a_plan_parameter_and_reports(run):
     plan = {"concepts": [{"concept": f"sae:{cid}", "action": "suppress", "method": "filter", "strength": 0.05}]}
     out = run_notebook("03_plan", run, {"plan": plan, "config": {"maps": {"method": "svd"}}}, progress=False)
     nb = nbformat.read(out, as_version=4)
+    assert_clean_outputs(nb)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     saved = {c["concept"]: c for c in json.loads(Run(run).plan_path.read_text())["concepts"]}
     assert saved[f"sae:{cid}"]["method"] == "filter" and saved[f"sae:{cid}"]["strength"] == 0.05

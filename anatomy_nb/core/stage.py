@@ -13,6 +13,7 @@ computed from. ``Stage`` owns the four steps that every stage used to spell out 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from .files import atomic_save_npy, atomic_write_json, atomic_write_parquet, rea
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
-__all__ = ["MANIFEST", "Artifact", "Stage", "relative"]
+__all__ = ["MANIFEST", "Artifact", "Stage", "relative", "terminal"]
 
 MANIFEST = "manifest.json"
 
@@ -112,3 +113,9 @@ def relative(path: str | os.PathLike, root: str | os.PathLike) -> str:
     """``path`` relative to ``root`` when it lies inside it, else as given (for manifests)."""
     p, r = Path(path), Path(root)
     return str(p.relative_to(r)) if p.is_relative_to(r) else str(p)
+
+
+def terminal(message: str) -> None:
+    """A progress line for the person running a stage: to the process's own stderr, so that in a
+    notebook (papermill or JupyterLab) it reaches the terminal and stays out of the shared output."""
+    print(message, file=sys.__stderr__ or sys.stderr, flush=True)

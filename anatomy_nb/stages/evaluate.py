@@ -66,7 +66,7 @@ from ..concepts.clustering import membership_matrix
 from ..config import EvalConfig
 from ..core.files import atomic_write_text, content_hash, read_json
 from ..core.run import Run, RunLike
-from ..core.stage import relative
+from ..core.stage import relative, terminal
 from ..data.evalsets import AB_SETS, EVAL_FILES, ab_items, eval_file_digests, harmful_prompts, xstest_safe
 from ..data.plant import poisoning_readout
 from ..data.schema import PreferencePair
@@ -198,7 +198,7 @@ def evaluate(
     if stage.reuse(force):
         return EvalResult(stage.path, stage.manifest(), reused=True)
     out = stage.begin()
-    say = (lambda s: print(f"[evaluate] {s}", flush=True)) if cfg.progress else (lambda s: None)
+    say = (lambda s: terminal(f"[evaluate] {s}")) if cfg.progress else (lambda s: None)
     t_all = time.time()
 
     # behaviour items, identical for every model

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import nbformat
 import papermill as pm
@@ -20,11 +21,30 @@ from ..config import STAGES, EvalConfig, ExtractConfig, HypothesizeConfig, PlanC
 from ..core.files import atomic_write_text
 from ..core.paths import notebook_dir
 
-__all__ = ["NOTEBOOKS", "NOTEBOOK_CONFIGS", "notebook_dir", "notebook_for", "render_html", "run_notebook", "static_widgets"]
+__all__ = ["HEADLESS_ENV", "NOTEBOOKS", "NOTEBOOK_CONFIGS", "notebook_dir", "notebook_for", "render_html", "run_notebook", "static_widgets"]
 
 NOTEBOOKS = ["00_train_sae", *(f"{i:02d}_{stage}" for i, stage in enumerate(STAGES, start=1))]
 #: the config dataclass each notebook's ``config`` parameter is checked against
 NOTEBOOK_CONFIGS = dict(zip(NOTEBOOKS, (RecipeConfig, ExtractConfig, HypothesizeConfig, PlanConfig, TrainConfig, EvalConfig)))
+
+
+#: the environment of a headless notebook's kernel: no progress bars (tqdm, transformers, datasets)
+#: and no library warnings in the rendered output
+HEADLESS_ENV = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def notebook_for(stage: str) -> str:
@@ -55,8 +75,12 @@ def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, An
     if "config" in params and name in NOTEBOOK_CONFIGS:  # fail here, before a kernel starts
         NOTEBOOK_CONFIGS[name].from_dict(params["config"], source=f"{src.name} parameter 'config'")
     out = out_dir / f"{output_name or name}.ipynb"
-    # papermill writes the output as it goes: a failed run leaves a notebook showing where.
-    pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(src.parent), kernel_name="python3", progress_bar=progress, execution_timeout=timeout, language="python")
+    # papermill writes the output as it goes: a failed run leaves a notebook showing where. The
+    # kernel inherits a quiet environment: progress bars and library warnings stay out of the
+    # notebook that is shared (papermill's own progress stays on the terminal).
+    with _environment(HEADLESS_ENV):
+        bar = {"unit": "cell", "desc": f"Executing {name}", "disable": not progress}  # explicit: TQDM_DISABLE is for the kernel
+        pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(src.parent), kernel_name="python3", progress_bar=bar, execution_timeout=timeout, language="python")
     if html:
         render_html(out)
     return out

@@ -9,6 +9,8 @@ and open without a kernel or a network.
 from __future__ import annotations
 
 import html
+import os
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -17,12 +19,18 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-__all__ = ["escape_text", "html_table", "setup_plotly", "token_html"]
+__all__ = ["escape_text", "html_table", "setup_notebook", "token_html"]
 
 
-def setup_plotly() -> None:
-    """Embed plotly.js in the notebook output (once) so exported HTML works offline."""
+def setup_notebook() -> None:
+    """What a stage notebook's first cell calls: plotly.js embedded in the output (once) so exported
+    HTML works offline, and the libraries' deprecation chatter kept out of the rendered notebook
+    (it says nothing about the data; the terminal still shows errors)."""
     pio.renderers.default = "notebook"
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*(TypedStorage|is_gradient_checkpointing|past_key_values).*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
 
 
 def escape_text(text: object, max_chars: int | None = None) -> str:
