@@ -3,6 +3,7 @@ reuses the dependencies already installed (no second torch), and run the tiny-mo
 every notebook, from the wheel's own copy — in a directory that is not the repository."""
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -40,12 +41,13 @@ def test_the_installed_wheel_runs_the_pipeline_outside_the_checkout(wheel, tmp_p
     from anatomy_nb.lm.sae import save_sae
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True, text=True).stdout.strip())
     # reuse the installed dependencies (a path, not a site dir: the checkout's editable install is not loaded)
     (site / "_reuse_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--prefix", str(venv), str(wheel)], check=True, capture_output=True, timeout=300)
+    # the new environment's own pip (pip --prefix from this one would uninstall this one's copy)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True, timeout=300)
 
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -56,12 +58,14 @@ def test_the_installed_wheel_runs_the_pipeline_outside_the_checkout(wheel, tmp_p
         "run_dir": str(work / "run"), "extract": {"model": "tiny-llama", "sae": str(sae_dir), "n_pairs": 24, "shard_size": 12},
         "plant": {"kind": "bold", "fraction": 0.5, "seed": 0}, "target": 0, "methods": ["reward_shaping"],
         "hypothesize": {"concepts": {"min_support": 3}, "promoted_tokens": 0, "length_placebo_draws": 2},
-        "train": {"max_train_pairs": 8, "max_steps": 1, "batch_size": 2, "max_length": 64},
+        "train": {"max_train_pairs": 8, "max_steps": 1, "batch_size": 2, "max_length": 256},
         "evaluate": {"n_prompts": 2, "max_new_tokens": 4, "n_ab": 2, "n_harmful": 1, "n_xstest": 1, "n_boot": 50, "max_pref_pairs": 4},
         "html": False,
     }
     (work / "config.json").write_text(json.dumps(config))
-    out = subprocess.run([str(python), "-m", "anatomy_nb.cli", "run", "config.json"], cwd=work, capture_output=True, text=True, timeout=900)
+    # the reused dependencies' data files (nbconvert's templates) sit under the first environment's prefix
+    env = {**os.environ, "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")}
+    out = subprocess.run([str(python), "-m", "anatomy_nb.cli", "run", "config.json"], cwd=work, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     state = json.loads((work / "run" / "pipeline.json").read_text())
     assert [s["status"] for s in state["steps"].values()] == ["done"] * 6

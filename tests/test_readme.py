@@ -53,14 +53,14 @@ def test_every_command_in_the_readme_is_accepted_with_a_valid_config(monkeypatch
     assert {"run", "extract", "hypothesize", "train", "report"} <= seen
 
 
-def test_the_python_example_runs_on_the_tiny_model(tmp_path, monkeypatch, tiny_sae_):
+def test_the_python_example_runs_on_the_tiny_model(tmp_path, monkeypatch, tiny_lm):
     """Run as written, with the default model and SAE swapped for the tiny ones built in code (the
     SAE saved to disk, so the later stages reload it by the name the store records)."""
     import anatomy_nb as anb
-    from anatomy_nb.lm.sae import load_sae, save_sae
+    from anatomy_nb.lm.sae import load_sae, save_sae, tiny_sae
 
     (code,) = blocks("python")
-    sae_dir = save_sae(tiny_sae_, tmp_path / "tiny_sae")
+    sae_dir = save_sae(tiny_sae(tiny_lm.d_model, layer=2, d_sae=256, k=8), tmp_path / "tiny_sae")  # the example reads feature 123
     monkeypatch.setattr(anb, "load_model", lambda *a, **k: anb.tiny_llama())
     monkeypatch.setattr(anb, "load_sae", lambda *a, **k: load_sae(str(sae_dir)))
     monkeypatch.chdir(tmp_path)

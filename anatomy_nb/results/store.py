@@ -105,6 +105,10 @@ class FeatureStore:
             return m
         return m[{"chosen": CHOSEN, "rejected": REJECTED}[side] :: 2]
 
+    def _check_feature(self, feature: int) -> None:
+        if not 0 <= int(feature) < self.d_sae:
+            raise IndexError(f"feature {feature} is out of range: this store's SAE has {self.d_sae} features ({self.path})")
+
     def response_tokens(self, row: int) -> np.ndarray:
         ptr = self.array("tok_indptr")
         return np.asarray(self.array("tokens")[ptr[row] : ptr[row + 1]])
@@ -116,6 +120,7 @@ class FeatureStore:
 
     def top_contexts(self, feature: int, n: int = 10, window: int = 12) -> list[dict]:
         """The responses where ``feature`` peaks highest, each with a token window around the peak."""
+        self._check_feature(feature)
         ptr = self.array("top_indptr")
         lo, hi = int(ptr[feature]), int(min(ptr[feature + 1], ptr[feature] + n))
         text = self.token_text()
@@ -136,6 +141,7 @@ class FeatureStore:
 
     def histogram(self, feature: int) -> dict[str, np.ndarray]:
         """Token-level activation histogram (non-zero activations) of one feature, per side."""
+        self._check_feature(feature)
         h = np.asarray(self.array("hist")[feature])
         return {"edges": np.asarray(self.array("hist_edges")), "chosen": h[CHOSEN], "rejected": h[REJECTED]}
 

@@ -195,6 +195,8 @@ def train(
     t0 = time.time()
     with quiet_datasets(not cfg.progress), ResidualHooks(lm.model, edits) as hooks:
         trainer = make_trainer(prep, cfg, out / "trainer", hooks=hooks if edits else None, callbacks=[metrics_cb], ref_cache=ref_cache_for(run, lm, cfg, edits))
+        if len(trainer.train_dataset) < cfg.batch_size:  # TRL drops the pairs whose prompt alone fills max_length
+            raise ValueError(f"{len(trainer.train_dataset)} of {len(prep.train_pairs)} training pairs fit max_length={cfg.max_length} tokens (TRL drops the pairs whose prompt fills it); raise TrainConfig.max_length")
         main = trainer.accelerator.is_main_process
         metrics_cb.enabled = main
         t_train = time.time()

@@ -1,9 +1,11 @@
 // ConceptToggles: allow / suppress / amplify, method and strength per concept; the predicted
-// change and spill-over next to each; Python validates and writes run_dir/plan.json on each change.
+// change and spill-over next to each; Python validates and writes run_dir/plan/plan.json on each change.
 // (widgets/common.js is prepended.)
 
 function render({ model, el: root }) {
   root.classList.add("anb-root", "anb-toggles");
+  // typing in our inputs (Enter, digits, arrows) must reach them, not JupyterLab's notebook shortcuts
+  root.dataset.lmSuppressShortcuts = "true";
   const status = el("div", "anb-status");
   const error = el("div", "anb-error");
   const filter = el("input", "anb-filter");
@@ -85,7 +87,12 @@ function render({ model, el: root }) {
       const st = el("td");
       const inp = el("input", "anb-strength"); inp.type = "number"; inp.step = "0.1"; inp.min = "0";
       inp.value = String(ch.strength ?? 1); inp.disabled = ch.action === "allow";
-      inp.addEventListener("change", () => update(r.concept, { strength: Number(inp.value) }));
+      // commit on change and on Enter: inside JupyterLab the field can be refocused after typing,
+      // and then Enter alone fires no change event
+      let sent = inp.value;
+      const commit = () => { if (inp.value !== sent) { sent = inp.value; update(r.concept, { strength: Number(inp.value) }); } };
+      inp.addEventListener("change", commit);
+      inp.addEventListener("keydown", (e) => { if (e.key === "Enter") commit(); });
       st.appendChild(inp); tr.appendChild(st);
       const p = prev.get(r.concept) || {};
       tr.append(el("td", "anb-after", signed(p.after)), el("td", null, signed(p.direct)), el("td", null, signed(p.spillover)), el("td", "anb-basis", p.basis || ""), el("td", "anb-col-label", r.label));

@@ -3,6 +3,8 @@
 
 function render({ model, el: root }) {
   root.classList.add("anb-root", "anb-viewer");
+  // typing in our inputs (Enter, digits, arrows) must reach them, not JupyterLab's notebook shortcuts
+  root.dataset.lmSuppressShortcuts = "true";
   const height = model.get("height") || 360;
 
   // --- layout ---------------------------------------------------------------------------------
