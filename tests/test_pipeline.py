@@ -5,6 +5,7 @@ it, a failed step is resumed, and an unknown key anywhere is an error that names
 import json
 
 import pytest
+from conftest import assert_clean_outputs
 
 from anatomy_nb.ui import notebooks as nbmod
 from anatomy_nb.config import PipelineConfig
@@ -43,6 +44,11 @@ def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_di
     plan = json.loads((run_dir / "plan" / "reward_shaping.json").read_text())
     assert [(c["concept"], c["action"], c["method"]) for c in plan["concepts"]] == [("sae:0", "suppress", "reward_shaping")]
     assert (run_dir / "report" / "index.html").exists()
+    # what is shared shows results only: no warning, progress bar or error in any executed notebook
+    import nbformat
+
+    for executed in sorted((run_dir / "notebooks").glob("*.ipynb")):
+        assert_clean_outputs(nbformat.read(executed, as_version=4))
     index = json.loads((run_dir / "index.json").read_text())
     assert {"extract", "hypothesize", "train", "evaluate"} <= set(index)
     if "evaluate" in state["steps"]:  # the poisoning read-out: planted rate per model against the ground truth

@@ -25,7 +25,7 @@ from .files import atomic_save_npy, atomic_write_json, atomic_write_parquet, rea
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
-__all__ = ["MANIFEST", "Artifact", "Stage", "relative", "terminal"]
+__all__ = ["MANIFEST", "Artifact", "Stage", "relative", "show_progress", "terminal"]
 
 MANIFEST = "manifest.json"
 
@@ -119,3 +119,9 @@ def terminal(message: str) -> None:
     """A progress line for the person running a stage: to the process's own stderr, so that in a
     notebook (papermill or JupyterLab) it reaches the terminal and stays out of the shared output."""
     print(message, file=sys.__stderr__ or sys.stderr, flush=True)
+
+
+def show_progress(wanted: bool) -> bool:
+    """Whether to draw a progress bar: when asked for, except in a headless notebook kernel, whose
+    environment says TQDM_DISABLE (``ui.notebooks.HEADLESS_ENV``; the terminal shows papermill's)."""
+    return bool(wanted) and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true")

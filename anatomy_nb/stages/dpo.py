@@ -37,6 +37,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from ..config import TrainConfig
 from ..core.files import atomic_write_json, content_hash, read_json
 from ..core.run import Run
+from ..core.stage import show_progress
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ResidualHooks
@@ -234,7 +235,7 @@ def dpo_config(cfg: TrainConfig, output_dir: str | Path, cuda: bool) -> DPOConfi
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        disable_tqdm=not cfg.progress,
+        disable_tqdm=not show_progress(cfg.progress),
         seed=cfg.seed,
         dataloader_num_workers=0,
     )
@@ -267,7 +268,7 @@ def make_trainer(prep: "Prepared", cfg: TrainConfig, output_dir: str | Path, *, 
             hooks=hooks,
             ref_cache=ref_cache,
         )
-    if not cfg.progress:  # without a progress bar, transformers prints every log dict instead
+    if not show_progress(cfg.progress):  # without a progress bar, transformers prints every log dict instead
         trainer.remove_callback(PrinterCallback)
     return trainer
 

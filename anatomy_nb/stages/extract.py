@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..config import ExtractConfig
 from ..core.files import atomic_save_npy, atomic_write_json, content_hash
 from ..core.run import Run, RunLike
+from ..core.stage import show_progress
 from ..data.pairs import load_pairs
 from ..data.schema import PairSet, PreferencePair
 from ..lm.chat import render_example, truncate_prompt
@@ -280,7 +281,7 @@ def extract(
         lm.model.eval()
         n_todo = sum(len(pair_list[i * cfg.shard_size : (i + 1) * cfg.shard_size]) for i in todo)
         desc = f"extract (rank {state.process_index})" if state.num_processes > 1 else "extract"
-        with ResidualCapture(lm, sae_.layer) as capture, tqdm(total=n_todo, desc=desc, unit="pair", disable=not cfg.progress) as bar:
+        with ResidualCapture(lm, sae_.layer) as capture, tqdm(total=n_todo, desc=desc, unit="pair", disable=not show_progress(cfg.progress)) as bar:
             for i in todo:
                 chunk = pair_list[i * cfg.shard_size : (i + 1) * cfg.shard_size]
                 _write_shard(shard_root / _shard_name(i), compute_shard(capture, sae_, chunk, cfg))

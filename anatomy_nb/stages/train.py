@@ -39,6 +39,7 @@ from peft import PeftModel
 from ..config import DEFAULT_MODEL, TrainConfig
 from ..core.files import atomic_replace_dir, content_hash, read_json
 from ..core.run import Run, RunLike
+from ..core.stage import show_progress
 from ..data.schema import PairSet, PreferencePair
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualHooks
@@ -193,7 +194,7 @@ def train(
     edits = residual_edits(prep.concepts, lm=lm, pairs=prep.train_pairs, n_mean=cfg.mean_ablation_pairs)
     metrics_cb = MetricsLog(metrics_path, enabled=True)
     t0 = time.time()
-    with quiet_datasets(not cfg.progress), ResidualHooks(lm.model, edits) as hooks:
+    with quiet_datasets(not show_progress(cfg.progress)), ResidualHooks(lm.model, edits) as hooks:
         trainer = make_trainer(prep, cfg, out / "trainer", hooks=hooks if edits else None, callbacks=[metrics_cb], ref_cache=ref_cache_for(run, lm, cfg, edits))
         if len(trainer.train_dataset) < cfg.batch_size:  # TRL drops the pairs whose prompt alone fills max_length
             raise ValueError(f"{len(trainer.train_dataset)} of {len(prep.train_pairs)} training pairs fit max_length={cfg.max_length} tokens (TRL drops the pairs whose prompt fills it); raise TrainConfig.max_length")
