@@ -147,3 +147,20 @@ def test_configs_reject_unknown_and_mistyped_keys_with_the_valid_ones():
     # the key of a stage's artifact leaves out what does not change its result
     assert "progress" not in TrainConfig().key_params() and "data" not in PipelineConfig().extract.key_params()
     assert inspect.isclass(PipelineConfig)
+
+
+def test_the_run_loads_only_the_weights_its_store_was_built_with(tmp_path, tiny_lm, tiny_sae_, hh_pairs):
+    import json
+
+    import anatomy_nb as anb
+    from anatomy_nb.lm.sae import save_sae
+
+    sae = anb.load_sae(str(save_sae(tiny_sae_, tmp_path / "sae")))
+    store = anb.extract(hh_pairs[:4], tiny_lm, sae, tmp_path / "run", {"progress": False})
+    run = anb.Run(tmp_path / "run")
+    assert run.model().fingerprint == tiny_lm.fingerprint and run.sae().fingerprint == sae.fingerprint
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["sae"]["fingerprint"] = "0" * 16  # as if the SAE files had changed since
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="sae .* is not the one the store was built with"):
+        run.sae()

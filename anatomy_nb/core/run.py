@@ -146,21 +146,20 @@ class Run:
         """The store's model, checked against the fingerprint the store recorded."""
         from ..lm.models import load_model
 
-        recorded = self.store.manifest["model"]
-        lm = load_model(recorded["name"], **kwargs)
-        if lm.fingerprint != recorded["fingerprint"]:
-            raise ValueError(f"{self.path}: model {recorded['name']} now has fingerprint {lm.fingerprint}, the store was built with {recorded['fingerprint']}")
-        return lm
+        return self._recorded("model", load_model, **kwargs)
 
     def sae(self, **kwargs: Any):
         """The store's SAE, checked against the fingerprint the store recorded."""
         from ..lm.sae import load_sae
 
-        recorded = self.store.manifest["sae"]
-        sae = load_sae(recorded["name"], **kwargs)
-        if sae.fingerprint != recorded["fingerprint"]:
-            raise ValueError(f"{self.path}: SAE {recorded['name']} is not the one the store was built with (fingerprints differ)")
-        return sae
+        return self._recorded("sae", load_sae, **kwargs)
+
+    def _recorded(self, what: str, load, **kwargs: Any):
+        recorded = self.store.manifest[what]
+        loaded = load(recorded["name"], **kwargs)
+        if loaded.fingerprint != recorded["fingerprint"]:
+            raise ValueError(f"{self.path}: {what} {recorded['name']} is not the one the store was built with (fingerprint {loaded.fingerprint}, recorded {recorded['fingerprint']})")
+        return loaded
 
 
 RunLike = Run | str | os.PathLike
