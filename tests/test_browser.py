@@ -196,9 +196,29 @@ def test_notebook_03_inside_jupyterlab(lab, page):
     page.goto(url, timeout=120_000)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=180_000)
     page.wait_for_function("!document.querySelector('.jp-Dialog')", timeout=60_000)  # no kernel-choice dialog
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-    _drive_the_viewer_and_toggles(page, run, data, concept)
+    try:
+        _run_all_cells_in_lab(page)
+        _drive_the_viewer_and_toggles(page, run, data, concept)
+    except Exception as err:  # say what the notebook showed and what the server logged, not only "timeout"
+        outputs = page.evaluate("[...document.querySelectorAll('.jp-OutputArea-output')].map(e => e.innerText).join('\\n---\\n')")
+        log = (run.parent / "jupyterlab.log").read_text(errors="replace")[-3000:]
+        raise AssertionError(f"{err}\n\nnotebook outputs:\n{outputs[-4000:]}\n\njupyterlab.log:\n{log}") from err
+
+
+def _run_all_cells_in_lab(page, attempts: int = 3) -> None:
+    """Run All Cells once the kernel is idle, and check that execution really started: on a loaded
+    machine a menu click made while the kernel is still starting can be lost, so it is retried."""
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=180_000)
+    started = "[...document.querySelectorAll('.jp-Notebook .jp-InputPrompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))"
+    for _ in range(attempts):
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        try:
+            page.wait_for_function(started, timeout=60_000)
+            return
+        except Exception:
+            page.keyboard.press("Escape")  # close a menu left open, then try again
+    raise AssertionError(f"Run All Cells did not start the notebook after {attempts} tries")
 
 
 def test_canvas_map_draws_and_lassos_50k_points(page):
