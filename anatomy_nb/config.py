@@ -141,6 +141,9 @@ class ConceptConfig(Config):
     min_phi: float = field(default=0.05, metadata=_help("kNN edges below this correlation are dropped"))
     resolution: float = field(default=0.05, metadata=_help("CPM density threshold: higher gives more, smaller, tighter concepts"))
     quality: str = field(default="cpm", metadata=_help("'cpm' (constant Potts; graph-size free) or 'rb' (modularity-style)"))
+    neighbors: str = field(default="auto", metadata=_help("'exact' (time ∝ responses × features²), 'sketch' (random projection proposes, exact phi re-scores; linear) or 'auto'"))
+    sketch_dims: int = field(default=256, metadata=_help("sketch: random projection dimensions (estimate noise ≈ 1/√dims)"))
+    sketch_candidates: int = field(default=128, metadata=_help("sketch: candidates per feature re-scored exactly"))
     seed: int = 0
 
 
@@ -164,6 +167,7 @@ class HypothesizeConfig(Config):
     # 2 lets the saturating "fires anywhere" curve bend; 1 is the plain Δ log length
     length_control_degree: int = field(default=2, metadata=_help("the length control regresses on Δ of log length's powers 1..degree"))
     length_placebo_draws: int = field(default=20, metadata=_help("placebo pairs that check the length control on this data; 0 = skip"))
+    length_placebo_concepts: int = field(default=1000, metadata=_help("the placebo tests at most this many concepts, drawn at random"))
     test_edges: bool = field(default=True, metadata=_help("also test each concept on the responses' opening and ending tokens"))
     fdr: float = field(default=0.05, metadata=_help("Benjamini–Hochberg level over every test"))
     n_splits: int = field(default=20, metadata=_help("random half/half splits for the sign check"))

@@ -60,12 +60,16 @@ class PairFeatures:
         return self.fires_chosen.shape[1]
 
 
-def concept_activity(pf: PairFeatures, labels: np.ndarray, edge: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def concept_activity(pf: PairFeatures, labels: np.ndarray, edge: str | None = None, dense: bool = True) -> tuple[np.ndarray, np.ndarray] | tuple[sp.csc_matrix, sp.csc_matrix]:
     """Per pair and concept, the fraction of the concept's features firing on chosen / rejected:
-    anywhere in the response, or with ``edge`` only in its opening / ending tokens."""
+    anywhere in the response, or with ``edge`` only in its opening / ending tokens. ``dense=False``
+    returns sparse (CSC) matrices: at 100k pairs × 20k concepts a dense pair is 32 GB."""
     M = membership_matrix(labels)
     Fc, Fr = pf.edges[edge] if edge else (pf.fires_chosen, pf.fires_rejected)
-    return (np.asarray((Fc.astype(np.float64) @ M).todense()), np.asarray((Fr.astype(np.float64) @ M).todense()))
+    Uc, Ur = Fc.astype(np.float64) @ M, Fr.astype(np.float64) @ M
+    if not dense:
+        return sp.csc_matrix(Uc), sp.csc_matrix(Ur)
+    return np.asarray(Uc.todense()), np.asarray(Ur.todense())
 
 
 def length_diffs(ntok: np.ndarray, groups: np.ndarray | None, degree: int) -> np.ndarray:

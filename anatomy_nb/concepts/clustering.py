@@ -6,7 +6,7 @@ tests afterwards; clustering on it would make those tests circular (features wou
 because they separate the sides, then "found" to separate them).
 
 Method: the phi correlation of binary firing across responses; a k-nearest-neighbour graph on
-it (positive correlations only); Leiden communities (leidenalg, seeded) under the constant Potts
+it (positive correlations only; ``concepts.cofiring``, exact or sketched, linear memory); Leiden communities (leidenalg, seeded) under the constant Potts
 model (CPM): a community must be denser than ``resolution`` in mean edge weight, which does not
 depend on how many features there are, so the same default gives tight concepts for a 96-feature
 test SAE and for the 4,608-feature default one. Features that fire on too few responses to test
@@ -26,23 +26,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..config import ConceptConfig
+from .cofiring import cofiring_neighbors
 
-__all__ = ["ConceptConfig", "cluster_features", "membership_matrix", "phi_correlation"]
-
-
-def phi_correlation(fires: sp.spmatrix, features: np.ndarray) -> np.ndarray:
-    """Pearson correlation of binary firing (phi) between the given feature columns."""
-    F = sp.csc_matrix(fires)[:, features].astype(np.float64)
-    n = F.shape[0]
-    co = (F.T @ F).toarray()
-    p = np.asarray(F.sum(0)).ravel()
-    cov = co - np.outer(p, p) / n
-    var = p * (n - p) / n
-    denom = np.sqrt(np.outer(var, var))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        phi = np.where(denom > 0, cov / denom, 0.0)
-    np.fill_diagonal(phi, 0.0)
-    return phi
+__all__ = ["ConceptConfig", "cluster_features", "membership_matrix"]
 
 
 def cluster_features(fires: sp.spmatrix, cfg: ConceptConfig | None = None) -> np.ndarray:
@@ -52,7 +38,7 @@ def cluster_features(fires: sp.spmatrix, cfg: ConceptConfig | None = None) -> np
     sides of every pair stacked). Labels are numbered by concept size, largest first.
     """
     cfg = cfg or ConceptConfig()
-    fires = sp.csr_matrix(fires)
+    fires = sp.csc_matrix(fires)
     support = np.asarray((fires > 0).sum(0)).ravel()
     testable = np.flatnonzero(support >= cfg.min_support)
     labels = np.full(fires.shape[1], -1, dtype=np.int64)
@@ -61,15 +47,7 @@ def cluster_features(fires: sp.spmatrix, cfg: ConceptConfig | None = None) -> np
     if len(testable) == 1:
         labels[testable] = 0
         return labels
-    phi = phi_correlation(fires > 0, testable)
-    k = min(cfg.k_neighbors, len(testable) - 1)
-    nbrs = np.argpartition(-phi, kth=k - 1, axis=1)[:, :k]
-    rows = np.repeat(np.arange(len(testable)), k)
-    cols = nbrs.ravel()
-    w = phi[rows, cols]
-    keep = w >= cfg.min_phi
-    A = sp.coo_matrix((w[keep], (rows[keep], cols[keep])), shape=(len(testable),) * 2).tocsr()
-    A = A.maximum(A.T).tocoo()  # symmetric kNN graph
+    A = cofiring_neighbors(fires[:, testable], cfg.k_neighbors, cfg.min_phi, cfg.neighbors, cfg.sketch_dims, cfg.sketch_candidates, cfg.seed).tocoo()
     upper = A.row < A.col
     g = ig.Graph(n=len(testable), edges=list(zip(A.row[upper].tolist(), A.col[upper].tolist())), directed=False)
     g.es["weight"] = A.data[upper].tolist()
@@ -77,9 +55,14 @@ def cluster_features(fires: sp.spmatrix, cfg: ConceptConfig | None = None) -> np
     part = leidenalg.find_partition(g, partition_type, weights="weight", resolution_parameter=cfg.resolution, seed=cfg.seed)
     raw = np.asarray(part.membership)
     # renumber by size (largest first), ties by smallest member feature: stable across runs
-    order = sorted(set(raw.tolist()), key=lambda c: (-(raw == c).sum(), testable[raw == c].min()))
-    remap = {c: i for i, c in enumerate(order)}
-    labels[testable] = [remap[c] for c in raw]
+    sizes = np.bincount(raw)
+    smallest = np.full(len(sizes), np.iinfo(np.int64).max)
+    np.minimum.at(smallest, raw, testable)
+    order = np.lexsort((smallest, -sizes))
+    order = order[sizes[order] > 0]
+    remap = np.empty(len(sizes), dtype=np.int64)
+    remap[order] = np.arange(len(order))
+    labels[testable] = remap[raw]
     return labels
 
 

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from ..config import HypothesizeConfig
 from ..results.store import FeatureStore
@@ -17,13 +18,23 @@ from .explain import ExplainerBackend, explain_concept, fidelity
 __all__ = ["add_explanations", "context_labels", "describe_explainer", "short_label", "text_stat_labels"]
 
 
-def text_stat_labels(U: np.ndarray, stats_df: pd.DataFrame) -> list[str]:
+def text_stat_labels(U: np.ndarray | sp.spmatrix, stats_df: pd.DataFrame) -> list[str]:
     """Per concept, the text statistics its activity correlates with most (Pearson over responses).
-    ``U``: responses × concepts activity; ``stats_df``: the same responses' text statistics."""
+    ``U``: responses × concepts activity (dense or sparse: only column sums and one sparse
+    product are taken); ``stats_df``: the same responses' text statistics."""
     S = stats_df.to_numpy(dtype=np.float64)
-    Zu = (U - U.mean(0)) / np.where(U.std(0) > 0, U.std(0), 1)
-    Zs = (S - S.mean(0)) / np.where(S.std(0) > 0, S.std(0), 1)
-    R = Zu.T @ Zs / len(U)
+    n = S.shape[0]
+    mean_u = np.asarray(U.sum(0)).ravel() / n
+    if sp.issparse(U):
+        sq_u = np.asarray(U.multiply(U).sum(0)).ravel() / n
+        var_u = np.maximum(sq_u - mean_u**2, 0.0)
+        sd_u = np.sqrt(np.where(var_u <= 1e-12 * sq_u, 0.0, var_u))
+    else:
+        sd_u = U.std(0)
+    mean_s, sd_s = S.mean(0), S.std(0)
+    cross = np.asarray(U.T @ S) / n  # E[u s]
+    R = (cross - np.outer(mean_u, mean_s)) / np.outer(np.where(sd_u > 0, sd_u, 1), np.where(sd_s > 0, sd_s, 1))
+    R[sd_u == 0] = 0.0
     names = list(stats_df.columns)
     out = []
     for c in range(R.shape[0]):
@@ -38,10 +49,12 @@ def context_labels(store: FeatureStore | None, features: pd.DataFrame, labels: n
     if store is None:
         return [""] * n_concepts, [[] for _ in range(n_concepts)]
     support = features["support"].to_numpy()
+    feats = np.flatnonzero(labels >= 0)
+    feats = feats[np.lexsort((-support[feats], labels[feats]))]  # by concept, most frequent first
+    starts = np.searchsorted(labels[feats], np.arange(n_concepts + 1))
     peaks, contexts = [], []
     for c in range(n_concepts):
-        members = np.flatnonzero(labels == c)
-        top = members[np.argsort(-support[members])[:n_features]]
+        top = feats[starts[c] : starts[c + 1]][:n_features]
         tokens: Counter = Counter()
         ctx = []
         for f in top:
@@ -84,8 +97,10 @@ def add_explanations(table: pd.DataFrame, U: np.ndarray, texts: Sequence[str], e
     table = table.copy()
     table["llm_explanation"], table["llm_fidelity_auroc"], table["llm_fidelity_accuracy"] = "", np.nan, np.nan
     top = table[table["view"] == "overall"].head(cfg.explain_top)
+    U = sp.csc_matrix(U) if sp.issparse(U) else U
     for idx, row in top.iterrows():
-        fired = U[:, int(row["concept"])] > 0
+        column = U[:, int(row["concept"])]
+        fired = np.asarray(column.todense() if sp.issparse(column) else column).ravel() > 0
         on, off = rng.permutation(np.flatnonzero(fired)), rng.permutation(np.flatnonzero(~fired))
         half = cfg.fidelity_texts // 2
         shown_off = off[:3]

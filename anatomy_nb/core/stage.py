@@ -12,9 +12,12 @@ computed from. ``Stage`` owns the four steps that every stage used to spell out 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +28,7 @@ from .files import atomic_save_npy, atomic_write_json, atomic_write_parquet, rea
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
-__all__ = ["MANIFEST", "Artifact", "Stage", "relative", "show_progress", "terminal"]
+__all__ = ["MANIFEST", "Artifact", "Stage", "StepTimer", "relative", "show_progress", "terminal"]
 
 MANIFEST = "manifest.json"
 
@@ -125,3 +128,22 @@ def show_progress(wanted: bool) -> bool:
     """Whether to draw a progress bar: when asked for, except in a headless notebook kernel, whose
     environment says TQDM_DISABLE (``ui.notebooks.HEADLESS_ENV``; the terminal shows papermill's)."""
     return bool(wanted) and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true")
+
+
+@dataclass
+class StepTimer:
+    """Wall-clock seconds per named step of a stage, kept in its manifest: where the time goes at
+    a user's scale, without a profiler (``benchmarks/scale.py`` reads them)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("anatomy_nb"))
+
+    @contextmanager
+    def step(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - start
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + took, 3)
+            self.log.info("%s: %.1f s", name, took)

@@ -11,7 +11,7 @@ loop runs over hypotheses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,27 +27,38 @@ __all__ = [
     "r2_with_ci",
     "ratio_with_ci",
     "wilson_interval",
+    "group_matrix",
     "group_means",
     "length_controlled",
     "length_placebo",
     "length_regressors",
     "paired_test",
+    "paired_test_sparse",
     "split_half_agreement",
+    "welch_each_group",
     "welch_inside_outside",
 ]
 
 
-def group_means(x: np.ndarray | sp.spmatrix, groups: np.ndarray | None) -> np.ndarray:
-    """Average the rows of ``x`` that share a group (prompt): one row per group, in group order."""
-    if groups is None:
-        return np.asarray(x.todense() if sp.issparse(x) else x, dtype=np.float64)
+def group_matrix(groups: np.ndarray) -> sp.csr_matrix:
+    """(groups × rows) matrix whose product with a (rows × k) matrix averages the rows of each
+    group (prompt), in sorted group order."""
     groups = np.asarray(groups)
     uniq, inv = np.unique(groups, return_inverse=True)
     n = len(groups)
     G = sp.csr_matrix((np.ones(n), (inv, np.arange(n))), shape=(len(uniq), n))
-    counts = np.asarray(G.sum(1)).ravel()
-    G = sp.diags(1.0 / counts) @ G
-    out = G @ x
+    return sp.diags(1.0 / np.asarray(G.sum(1)).ravel()) @ G
+
+
+def group_means(x: np.ndarray | sp.spmatrix, groups: np.ndarray | None, dense: bool = True) -> np.ndarray | sp.csr_matrix:
+    """Average the rows of ``x`` that share a group (prompt): one row per group, in group order.
+    ``dense=False`` keeps a sparse ``x`` sparse."""
+    if groups is None:
+        out = x
+    else:
+        out = group_matrix(groups) @ x
+    if not dense and sp.issparse(out):
+        return sp.csr_matrix(out, dtype=np.float64)
     return np.asarray(out.todense() if sp.issparse(out) else out, dtype=np.float64)
 
 
@@ -71,8 +82,23 @@ def paired_test(d: np.ndarray) -> PairedTest:
     """
     d = np.asarray(d, dtype=np.float64)
     n = d.shape[0]
-    mean = d.mean(0)
-    sd = d.std(0, ddof=1) if n > 1 else np.zeros(d.shape[1])
+    return _paired_from_moments(n, d.mean(0), d.std(0, ddof=1) if n > 1 else np.zeros(d.shape[1]))
+
+
+def paired_test_sparse(d: sp.spmatrix) -> PairedTest:
+    """``paired_test`` of a sparse (units × hypotheses) matrix from its column sums and sums of
+    squares: per-feature tests over 100k+ features without a dense copy. Variances below
+    ``1e-12`` of the mean square are taken as 0 (one-pass rounding, not data)."""
+    d = sp.csc_matrix(d, dtype=np.float64)
+    n = d.shape[0]
+    mean = np.asarray(d.sum(0)).ravel() / n
+    sq = np.asarray(d.multiply(d).sum(0)).ravel() / n
+    var = np.maximum(sq - mean**2, 0.0) * n / max(n - 1, 1)
+    var[var <= 1e-12 * sq] = 0.0
+    return _paired_from_moments(n, mean, np.sqrt(var) if n > 1 else np.zeros(d.shape[1]))
+
+
+def _paired_from_moments(n: int, mean: np.ndarray, sd: np.ndarray) -> PairedTest:
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(sd > 0, mean / (sd / np.sqrt(n)), 0.0)
         cohens = np.where(sd > 0, mean / sd, 0.0)
@@ -81,7 +107,7 @@ def paired_test(d: np.ndarray) -> PairedTest:
     if constant.any():
         p = np.where(constant, min(1.0, 2 * 0.5**n), p)
     p = np.where((sd == 0) & (mean == 0), 1.0, p)
-    return PairedTest(n=np.full(d.shape[1], n), mean=mean, sd=sd, cohens_d=cohens, t=t, p=p)
+    return PairedTest(n=np.full(len(mean), n), mean=mean, sd=sd, cohens_d=cohens, t=t, p=p)
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
@@ -94,19 +120,26 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
 
 def split_half_agreement(d: np.ndarray, n_splits: int = 20, seed: int = 0) -> np.ndarray:
     """Fraction of random half/half splits of the units in which both halves' means have the sign
-    of the full-sample mean. Near 1: the effect is carried by many units; near 0.5 or below: by few."""
+    of the full-sample mean. Near 1: the effect is carried by many units; near 0.5 or below: by few.
+    (All splits at once: two products of a splits × units indicator matrix with ``d``; means within
+    ``1e-12`` of zero have no sign.)"""
     d = np.asarray(d, dtype=np.float64)
     n = d.shape[0]
     if n < 4:
         return np.full(d.shape[1], np.nan)
     rng = np.random.default_rng(seed)
-    sign = np.sign(d.mean(0))
-    agree = np.zeros(d.shape[1])
-    for _ in range(n_splits):  # a loop over splits, not hypotheses
-        perm = rng.permutation(n)
-        a, b = perm[: n // 2], perm[n // 2 :]
-        agree += (np.sign(d[a].mean(0)) == sign) & (np.sign(d[b].mean(0)) == sign) & (sign != 0)
-    return agree / n_splits
+    half = n // 2
+    A = np.zeros((n_splits, n))
+    for s in range(n_splits):  # a loop over splits, not hypotheses
+        A[s, rng.permutation(n)[:half]] = 1.0
+    sign = _sign(d.mean(0))
+    mean_a, mean_b = (A @ d) / half, ((1.0 - A) @ d) / (n - half)
+    agree = (_sign(mean_a) == sign) & (_sign(mean_b) == sign) & (sign != 0)
+    return agree.sum(0) / n_splits
+
+
+def _sign(x: np.ndarray, tol: float = 1e-12) -> np.ndarray:
+    return np.where(np.abs(x) <= tol, 0.0, np.sign(x))
 
 
 def length_controlled(d: np.ndarray, length_diff: np.ndarray) -> PairedTest:
@@ -207,10 +240,42 @@ def welch_inside_outside(d: np.ndarray, inside: np.ndarray) -> PairedTest:
     a, b = d[inside], d[~inside]
     na, nb = len(a), len(b)
     if na < 2 or nb < 2:
-        nan = np.full(d.shape[1], np.nan)
-        return PairedTest(n=np.full(d.shape[1], na), mean=nan, sd=nan, cohens_d=nan, t=nan, p=np.ones(d.shape[1]))
-    ma, mb = a.mean(0), b.mean(0)
-    va, vb = a.var(0, ddof=1), b.var(0, ddof=1)
+        return _welch_from_moments(na, None, None, nb, None, None, d.shape[1])
+    return _welch_from_moments(na, a.mean(0), a.var(0, ddof=1), nb, b.mean(0), b.var(0, ddof=1))
+
+
+def welch_each_group(d: np.ndarray, unit_group: np.ndarray, groups: Sequence[int]) -> dict[int, tuple[PairedTest, np.ndarray]]:
+    """``welch_inside_outside`` for every group in ``groups`` (inside = units whose
+    ``unit_group`` equals it) from one product of a group indicator matrix with ``d`` and ``d²``;
+    with each group's inside mean. Variances within ``1e-12`` of the mean square are taken as 0."""
+    d = np.asarray(d, dtype=np.float64)
+    unit_group = np.asarray(unit_group)
+    groups = list(groups)
+    T = np.stack([unit_group == g for g in groups]).astype(np.float64) if groups else np.zeros((0, len(d)))
+    n_in = T.sum(1)
+    n = len(d)
+    s1, s2 = T @ d, T @ (d * d)
+    t1, t2 = d.sum(0), (d * d).sum(0)
+
+    def moments(cnt, a1, a2):
+        mean = a1 / max(cnt, 1)
+        var = np.maximum(a2 - cnt * mean**2, 0.0) / max(cnt - 1, 1)
+        return mean, np.where(var <= 1e-12 * a2 / max(cnt, 1), 0.0, var)
+
+    out = {}
+    for i, g in enumerate(groups):
+        na, nb = int(n_in[i]), n - int(n_in[i])
+        ma, va = moments(na, s1[i], s2[i])
+        mb, vb = moments(nb, t1 - s1[i], t2 - s2[i])
+        test = _welch_from_moments(na, ma, va, nb, mb, vb) if na >= 2 and nb >= 2 else _welch_from_moments(na, None, None, nb, None, None, d.shape[1])
+        out[g] = (test, ma)
+    return out
+
+
+def _welch_from_moments(na, ma, va, nb, mb, vb, width: int = 0) -> PairedTest:
+    if ma is None:
+        nan = np.full(width, np.nan)
+        return PairedTest(n=np.full(width, na), mean=nan, sd=nan, cohens_d=nan, t=nan, p=np.ones(width))
     se = np.sqrt(va / na + vb / nb)
     delta = ma - mb
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -220,7 +285,7 @@ def welch_inside_outside(d: np.ndarray, inside: np.ndarray) -> PairedTest:
         cohens = np.where(pooled_sd > 0, delta / pooled_sd, 0.0)
     p = 2 * sps.t.sf(np.abs(t), df=np.maximum(dof, 1))
     p = np.where(se > 0, p, 1.0)
-    return PairedTest(n=np.full(d.shape[1], na), mean=delta, sd=np.sqrt(va), cohens_d=cohens, t=t, p=p)
+    return PairedTest(n=np.full(len(delta), na), mean=delta, sd=np.sqrt(va), cohens_d=cohens, t=t, p=p)
 
 
 # --- intervals ---------------------------------------------------------------------------------

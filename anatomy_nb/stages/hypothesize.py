@@ -26,7 +26,6 @@ prompt are averaged into one unit; tests are vectorised over all concepts and to
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -42,7 +41,8 @@ from ..concepts.topics import cluster_prompts
 from ..config import HypothesizeConfig
 from ..core.files import content_hash
 from ..core.run import Run, RunLike
-from ..core.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test, split_half_agreement, welch_inside_outside
+from ..core.stage import StepTimer
+from ..core.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test, paired_test_sparse, split_half_agreement, welch_each_group
 from ..data.textstats import text_stats
 from ..results.hypotheses import Hypotheses, rank_hypotheses
 from ..results.plan import concept_ref, parse_concept
@@ -59,66 +59,83 @@ def _stat_columns(prefix: str, t) -> dict[str, np.ndarray]:
     return {f"{prefix}mean_diff": t.mean, f"{prefix}cohens_d": t.cohens_d, f"{prefix}t": t.t, f"{prefix}p": t.p}
 
 
-def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig, topic_of_group: np.ndarray | None = None, sources: Mapping[str, np.ndarray] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _view_stats(Du: np.ndarray, len_diff: np.ndarray, cfg: HypothesizeConfig) -> dict[str, np.ndarray]:
+    """The tests of one view on a block of concept columns (units × concepts differences)."""
+    t = paired_test(Du)
+    return {"n_units": t.n, **_stat_columns("", t), "split_half_agreement": split_half_agreement(Du, cfg.n_splits, cfg.seed), **_stat_columns("length_controlled_", length_controlled(Du, len_diff))}
+
+
+def _rates(Uc: np.ndarray, Ur: np.ndarray) -> dict[str, np.ndarray]:
+    return {"chosen_rate": (Uc > 0).mean(0), "rejected_rate": (Ur > 0).mean(0), "chosen_activity": Uc.mean(0), "rejected_activity": Ur.mean(0)}
+
+
+def concept_members(labels: np.ndarray) -> list[list[int]]:
+    """Member features of each concept, in feature order (one sort, not one scan per concept)."""
+    n_concepts = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    feats = np.flatnonzero(labels >= 0)
+    feats = feats[np.argsort(labels[feats], kind="stable")]
+    return [f.tolist() for f in np.split(feats, np.cumsum(np.bincount(labels[labels >= 0], minlength=n_concepts))[:-1])] if n_concepts else []
+
+
+def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig, topic_of_group: np.ndarray | None = None, sources: Mapping[str, np.ndarray] | None = None, block_bytes: int = 1 << 28) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The statistics of every concept (overall, opening / ending, and inside vs outside each topic)
     and of every feature. ``sources``: other concept sources' per-pair scores (ref → (n_pairs, 2)),
     tested like the clusters over the whole response and per topic. Returns (hypotheses without
-    labels, per-feature table)."""
-    Fc, Fr = pf.fires_chosen.astype(np.float64), pf.fires_rejected.astype(np.float64)
-    Uc, Ur = concept_activity(pf, labels)
-    n_concepts = Uc.shape[1]
-    refs = [concept_ref(c) for c in range(n_concepts)]
-    kinds = ["sae"] * n_concepts
-    n_features = list(np.bincount(labels[labels >= 0], minlength=n_concepts))
-    members = [np.flatnonzero(labels == c).tolist() for c in range(n_concepts)]
-    for ref, s in (sources or {}).items():  # other sources join as extra columns
-        s = np.asarray(s, dtype=np.float64)
-        Uc, Ur = np.column_stack([Uc, s[:, 0]]), np.column_stack([Ur, s[:, 1]])
-        refs.append(ref)
-        kinds.append(parse_concept(ref)[0])
-        n_features.append(0)
-        members.append([])
-    D = Uc - Ur  # per pair, per concept: signed difference of member-feature firing
+    labels, per-feature table).
+
+    Concept activity stays sparse; the tests run on blocks of concept columns of about
+    ``block_bytes`` each, so memory does not grow with the number of concepts (every statistic is
+    per column, so blocks give the same numbers as one pass).
+    """
+    members = concept_members(labels)
+    n_concepts = len(members)
+    Uc_all, Ur_all = concept_activity(pf, labels, dense=False)
+    refs, kinds = [concept_ref(c) for c in range(n_concepts)], ["sae"] * n_concepts
+    if sources:  # other sources join as extra columns
+        scores = [np.asarray(v, dtype=np.float64) for v in sources.values()]
+        Uc_all = sp.hstack([Uc_all, sp.csc_matrix(np.column_stack([v[:, 0] for v in scores]))], format="csc")
+        Ur_all = sp.hstack([Ur_all, sp.csc_matrix(np.column_stack([v[:, 1] for v in scores]))], format="csc")
+        for ref in sources:
+            refs.append(ref)
+            kinds.append(parse_concept(ref)[0])
+            members.append([])
+    edge_activity = {edge: concept_activity(pf, labels, edge, dense=False) for edge in pf.edges} if cfg.test_edges else {}
     groups = pf.groups if cfg.group_by_prompt else None
-    Du = group_means(D, groups)
     len_diff = length_diffs(pf.ntok, groups, cfg.length_control_degree)
-    overall = paired_test(Du)
-    lc = length_controlled(Du, len_diff)
-    split = split_half_agreement(Du, cfg.n_splits, cfg.seed)
-    base = pd.DataFrame({
-        "concept": np.arange(len(refs)),
-        "source": kinds,
-        "ref": refs,
-        "n_features": n_features,
-        "features": members,
-        "chosen_rate": (Uc > 0).mean(0),
-        "rejected_rate": (Ur > 0).mean(0),
-        "chosen_activity": Uc.mean(0),
-        "rejected_activity": Ur.mean(0),
-    })
-    rows = base.assign(view="overall", topic=-1, n_units=overall.n, **_stat_columns("", overall), split_half_agreement=split, **_stat_columns("length_controlled_", lc))
-    frames = [rows]
-    if cfg.test_edges:
-        # Where in the response: an opener or a sign-off lives in a few edge tokens, where the
-        # concept's generic features rarely fire otherwise; "anywhere" dilutes it with the rest
-        # of the response (README, benchmark). Same concepts, same family of tests.
-        for edge in pf.edges:
-            Ec, Er = concept_activity(pf, labels, edge)
-            De = group_means(Ec - Er, groups)
-            rates = dict(chosen_rate=(Ec > 0).mean(0), rejected_rate=(Er > 0).mean(0), chosen_activity=Ec.mean(0), rejected_activity=Er.mean(0))
-            stats = {**_stat_columns("", paired_test(De)), **_stat_columns("length_controlled_", length_controlled(De, len_diff))}
-            frames.append(base.iloc[:n_concepts].assign(view=edge, topic=-1, n_units=len(De), split_half_agreement=split_half_agreement(De, cfg.n_splits, cfg.seed), **rates, **stats))
+    n_units = len(len_diff)
+    topics: list[int] = []
     if topic_of_group is not None:
         unit_topic = topic_of_group if cfg.group_by_prompt else topic_of_group[pf.groups]
-        for k in np.unique(unit_topic):
-            inside = unit_topic == k
-            if inside.sum() < cfg.min_topic_prompts or (~inside).sum() < cfg.min_topic_prompts:
-                continue
-            w = welch_inside_outside(Du, inside)
-            lc_in = length_controlled(Du[inside], len_diff[inside])
-            split_in = split_half_agreement(Du[inside], cfg.n_splits, cfg.seed)
-            frames.append(base.assign(view="topic", topic=int(k), n_units=int(inside.sum()), **_stat_columns("", w), inside_mean_diff=Du[inside].mean(0), split_half_agreement=split_in, **_stat_columns("length_controlled_", lc_in)))
+        topics = [int(k) for k in np.unique(unit_topic) if cfg.min_topic_prompts <= (unit_topic == k).sum() <= n_units - cfg.min_topic_prompts]
+    width = max(1, block_bytes // (8 * max(pf.n_pairs, 1)))  # dense pairs × concepts blocks
+    parts: dict[Any, list[dict[str, np.ndarray]]] = {}
+    for lo in range(0, len(refs), width):
+        hi = min(len(refs), lo + width)
+        Uc, Ur = Uc_all[:, lo:hi].toarray(), Ur_all[:, lo:hi].toarray()
+        Du = group_means(Uc - Ur, groups)
+        parts.setdefault("overall", []).append({**_rates(Uc, Ur), **_view_stats(Du, len_diff, cfg)})
+        # Where in the response: an opener or a sign-off lives in a few edge tokens, where the
+        # concept's generic features rarely fire otherwise; "anywhere" dilutes it with the rest
+        # of the response (docs/explanation.md, benchmark). Same concepts, same family of tests.
+        for edge, (Ec_all, Er_all) in edge_activity.items():
+            if lo < n_concepts:
+                Ec, Er = Ec_all[:, lo : min(hi, n_concepts)].toarray(), Er_all[:, lo : min(hi, n_concepts)].toarray()
+                parts.setdefault(edge, []).append({**_rates(Ec, Er), **_view_stats(group_means(Ec - Er, groups), len_diff, cfg)})
+        if topics:
+            for k, (w, inside_mean) in welch_each_group(Du, unit_topic, topics).items():
+                inside = unit_topic == k
+                lc_in = length_controlled(Du[inside], len_diff[inside])
+                split_in = split_half_agreement(Du[inside], cfg.n_splits, cfg.seed)
+                parts.setdefault(("topic", k), []).append({"n_units": np.full(hi - lo, int(inside.sum())), **_stat_columns("", w), "inside_mean_diff": inside_mean, "split_half_agreement": split_in, **_stat_columns("length_controlled_", lc_in)})
+    joined = {key: {col: np.concatenate([b[col] for b in blocks]) for col in blocks[0]} for key, blocks in parts.items()}
+    overall = joined.get("overall", {})
+    base = pd.DataFrame({"concept": np.arange(len(refs)), "source": kinds, "ref": refs, "n_features": [len(m) for m in members], "features": members})
+    rates = {c: overall.get(c, np.zeros(0)) for c in ("chosen_rate", "rejected_rate", "chosen_activity", "rejected_activity")}
+    frames = [base.assign(**rates, view="overall", topic=-1, **{c: v for c, v in overall.items() if c not in rates})]
+    frames += [base.iloc[:n_concepts].assign(view=edge, topic=-1, **joined[edge]) for edge in edge_activity if edge in joined]
+    frames += [base.assign(**rates, view="topic", topic=k, **joined[("topic", k)]) for k in topics if ("topic", k) in joined]
     table = pd.concat(frames, ignore_index=True)
+    table["n_units"] = table["n_units"].astype(np.int64)
     table["z"] = table["t"]  # large-sample z; t is reported as z for familiarity
     table["q"] = bh_qvalues(table["p"].to_numpy())
     table["significant"] = table["q"] < cfg.fdr
@@ -129,15 +146,20 @@ def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig,
     table["predicted_direction"] = np.where(table["significant"], np.where(delta > 0, "up", "down"), "none")
     table["predicted_change"] = np.where(table["significant"], delta, 0.0)
     table["effect_survives_length_control"] = table["length_controlled_p"] < cfg.fdr
-    # per-feature tests: a separate family, for drill-downs and for comparison with concepts
-    Dfeat = group_means((Fc - Fr), groups)
-    ft = paired_test(Dfeat)
-    support = np.asarray((Fc + Fr).sum(0)).ravel()
-    features = pd.DataFrame({"feature": np.arange(pf.d_sae), "concept": labels, "support": support, "chosen_rate": np.asarray(Fc.mean(0)).ravel(), "rejected_rate": np.asarray(Fr.mean(0)).ravel(), **_stat_columns("", ft)})
-    testable = support > 0
+    return table, feature_tests(pf, labels, groups)
+
+
+def feature_tests(pf: PairFeatures, labels: np.ndarray, groups: np.ndarray | None) -> pd.DataFrame:
+    """Per feature: its concept, support, firing rates and own paired test (a separate BH family,
+    for drill-downs and for comparison with concepts), from sparse column sums."""
+    Fc, Fr = pf.fires_chosen, pf.fires_rejected
+    ft = paired_test_sparse(group_means(Fc.astype(np.float32) - Fr.astype(np.float32), groups, dense=False))
+    chosen, rejected = np.asarray(Fc.sum(0), dtype=np.float64).ravel(), np.asarray(Fr.sum(0), dtype=np.float64).ravel()
+    features = pd.DataFrame({"feature": np.arange(pf.d_sae), "concept": labels, "support": chosen + rejected, "chosen_rate": chosen / pf.n_pairs, "rejected_rate": rejected / pf.n_pairs, **_stat_columns("", ft)})
+    testable = features["support"].to_numpy() > 0
     features["q"] = np.nan
     features.loc[testable, "q"] = bh_qvalues(features.loc[testable, "p"].to_numpy())
-    return table, features
+    return features
 
 
 # --- baselines ---------------------------------------------------------------------------------------
@@ -222,50 +244,57 @@ def hypothesize(
     stage = run.stage(STAGE, content_hash(FORMAT, store.manifest["key"], cfg.key_params(), describe_explainer(explainer), [s.describe() for s in sources]), FORMAT)
     if stage.reuse():
         return Hypotheses(stage.path)
-    t0 = time.time()
-    pf = PairFeatures.from_store(store)
-    labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), cfg.concepts)
-    # topics over distinct prompts
-    first_pair = pd.Series(np.arange(pf.n_pairs)).groupby(pf.groups).first().to_numpy()
-    prompt_feats = pf.prompt_features[first_pair] if pf.prompt_features is not None else None
-    topics = cluster_prompts(prompt_feats, [pf.prompts[i] for i in first_pair], cfg.topics)
-    pairs = store.pairs() if sources else []
-    source_scores = {s.ref: s.pair_scores(pairs, store=store, lm=model) for s in sources}
-    table, features = score_concepts(pf, labels, cfg, topics.labels, source_scores)
-    # labels
-    stats_c, stats_r = text_stats(pf.chosen), text_stats(pf.rejected)
-    U = np.vstack(concept_activity(pf, labels))
-    stat_label = text_stat_labels(U, pd.concat([stats_c, stats_r], ignore_index=True))
-    peaks, contexts = context_labels(store, features, labels, cfg.label_features)
-    promoted, promoted_note = _promoted(store, labels, cfg, model, sae)
-    lab = pd.DataFrame({"concept": np.arange(len(stat_label)), "peak_tokens": peaks, "promoted_tokens": promoted, "text_stats": stat_label, "example_contexts": [[dict(c) for c in cs] for cs in contexts]})
-    lab["label"] = [short_label(p, s) for p, s in zip(peaks, stat_label)]
-    table = table.merge(lab, on="concept", how="left")
-    named = {s.ref: s.label or s.ref for s in sources}
-    table["label"] = [named.get(r, lbl) for r, lbl in zip(table["ref"], table["label"])]
-    topic_words = dict(zip(topics.summary["topic"], topics.summary["top_words"]))
-    table["topic_label"] = table["topic"].map(lambda t: "all prompts" if t < 0 else topic_words.get(t, ""))
-    table = rank_hypotheses(table).reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    timer = StepTimer(log=log)
+    with timer.step("read store"):
+        pf = PairFeatures.from_store(store)
+    with timer.step("cluster features"):
+        labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), cfg.concepts)
+    with timer.step("prompt topics"):  # over distinct prompts
+        first_pair = pd.Series(np.arange(pf.n_pairs)).groupby(pf.groups).first().to_numpy()
+        prompt_feats = pf.prompt_features[first_pair] if pf.prompt_features is not None else None
+        topics = cluster_prompts(prompt_feats, [pf.prompts[i] for i in first_pair], cfg.topics)
+    with timer.step("other concept sources"):
+        pairs = store.pairs() if sources else []
+        source_scores = {s.ref: s.pair_scores(pairs, store=store, lm=model) for s in sources}
+    with timer.step("tests"):
+        table, features = score_concepts(pf, labels, cfg, topics.labels, source_scores)
+    with timer.step("text statistics"):
+        stats_c, stats_r = text_stats(pf.chosen), text_stats(pf.rejected)
+    with timer.step("labels"):
+        U = sp.vstack(concept_activity(pf, labels, dense=False), format="csc")  # responses × concepts
+        stat_label = text_stat_labels(U, pd.concat([stats_c, stats_r], ignore_index=True))
+        peaks, contexts = context_labels(store, features, labels, cfg.label_features)
+        promoted, promoted_note = _promoted(store, labels, cfg, model, sae)
+        lab = pd.DataFrame({"concept": np.arange(len(stat_label)), "peak_tokens": peaks, "promoted_tokens": promoted, "text_stats": stat_label, "example_contexts": [[dict(c) for c in cs] for cs in contexts]})
+        lab["label"] = [short_label(p, s) for p, s in zip(peaks, stat_label)]
+        table = table.merge(lab, on="concept", how="left")
+        named = {s.ref: s.label or s.ref for s in sources}
+        table["label"] = [named.get(r, lbl) for r, lbl in zip(table["ref"], table["label"])]
+        topic_words = dict(zip(topics.summary["topic"], topics.summary["top_words"]))
+        table["topic_label"] = table["topic"].map(lambda t: "all prompts" if t < 0 else topic_words.get(t, ""))
+        table = rank_hypotheses(table).reset_index(drop=True)
+        table.insert(0, "rank", np.arange(1, len(table) + 1))
     if explainer is not None:
-        table = add_explanations(table, U, pf.chosen + pf.rejected, explainer, cfg)
+        with timer.step("LLM explanations"):
+            table = add_explanations(table, U, pf.chosen + pf.rejected, explainer, cfg)
     stage.begin()
-    if cfg.linear_baseline and pf.n_pairs >= 10:
-        lin, lin_info = linear_baseline(pf, labels, cfg)
-        stage.write_parquet("baseline_linear", lin)
-    else:
-        lin_info = {"skipped": "fewer than 10 pairs" if pf.n_pairs < 10 else "disabled"}
-    stage.write_parquet("hypotheses", table)
-    stage.write_parquet("features", features)
-    stage.write_parquet("topics", pd.DataFrame({"prompt_group": np.arange(len(topics.labels)), "topic": topics.labels, "prompt": [pf.prompts[i] for i in first_pair]}))
-    stage.write_parquet("topic_summary", topics.summary)
-    stage.write_parquet("baseline_text_stats", text_stat_baseline(pf, cfg, stats_c, stats_r))
+    with timer.step("linear baseline"):
+        if cfg.linear_baseline and pf.n_pairs >= 10:
+            lin, lin_info = linear_baseline(pf, labels, cfg)
+            stage.write_parquet("baseline_linear", lin)
+        else:
+            lin_info = {"skipped": "fewer than 10 pairs" if pf.n_pairs < 10 else "disabled"}
+    with timer.step("write tables"):
+        stage.write_parquet("hypotheses", table)
+        stage.write_parquet("features", features)
+        stage.write_parquet("topics", pd.DataFrame({"prompt_group": np.arange(len(topics.labels)), "topic": topics.labels, "prompt": [pf.prompts[i] for i in first_pair]}))
+        stage.write_parquet("topic_summary", topics.summary)
+        stage.write_parquet("baseline_text_stats", text_stat_baseline(pf, cfg, stats_c, stats_r))
     placebo_info: dict[str, Any] = {"skipped": "length_placebo_draws = 0"}
     if cfg.length_placebo_draws > 0 and pf.n_pairs >= 8:
-        views = [None, *(pf.edges if cfg.test_edges else ())]
-        placebo = pd.concat([length_placebo(*concept_activity(pf, labels, v), pf.ntok, degrees=(0, cfg.length_control_degree), draws=cfg.length_placebo_draws, seed=cfg.seed).assign(view=v or "overall") for v in views], ignore_index=True)
-        stage.write_parquet("length_placebo", placebo)
-        placebo_info = _placebo_summary(placebo, cfg.length_control_degree)
+        with timer.step("length placebo"):
+            placebo, placebo_info = _length_placebo(pf, labels, cfg)
+            stage.write_parquet("length_placebo", placebo)
         if not placebo_info["calibrated"]:
             log.warning("the length control looks miscalibrated on this data: in placebo pairs that differ only in length, %.0f %% of concept tests have p < 0.05 (expected ~5 %%); length-controlled effects may still carry length", 100 * placebo_info["frac_p05_controlled"])
     overall = table[(table["view"] == "overall") & (table["source"] == "sae")]
@@ -284,9 +313,27 @@ def hypothesize(
         "promoted_tokens": promoted_note,
         "linear_baseline": lin_info,
         "length_placebo": placebo_info,
-        "seconds": round(time.time() - t0, 2),
+        "seconds": round(sum(timer.seconds.values()), 2),
+        "step_seconds": timer.seconds,
     })
     return Hypotheses(stage.path)
+
+
+def _length_placebo(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The length placebo per view, on at most ``length_placebo_concepts`` concepts drawn at
+    random: the check estimates a fraction of tests, which a sample estimates as well, and its
+    cost grows with concepts × draws."""
+    n_concepts = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    cols = np.arange(n_concepts)
+    if n_concepts > cfg.length_placebo_concepts:
+        cols = np.sort(np.random.default_rng(cfg.seed).choice(n_concepts, cfg.length_placebo_concepts, replace=False))
+    frames = []
+    for view in [None, *(pf.edges if cfg.test_edges else ())]:
+        Uc, Ur = concept_activity(pf, labels, view, dense=False)
+        result = length_placebo(Uc[:, cols].toarray(), Ur[:, cols].toarray(), pf.ntok, degrees=(0, cfg.length_control_degree), draws=cfg.length_placebo_draws, seed=cfg.seed)
+        frames.append(result.assign(view=view or "overall"))
+    placebo = pd.concat(frames, ignore_index=True)
+    return placebo, {**_placebo_summary(placebo, cfg.length_control_degree), "concepts": int(len(cols))}
 
 
 def _placebo_summary(placebo: pd.DataFrame, degree: int, tolerance: float = 0.10) -> dict[str, Any]:
