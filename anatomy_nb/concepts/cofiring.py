@@ -26,12 +26,12 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["EXACT_BUDGET", "cofiring_neighbors", "phi_correlation", "phi_from_counts"]
+__all__ = ["BLOCK_BYTES", "EXACT_BUDGET", "cofiring_neighbors", "phi_correlation", "phi_from_counts"]
 
 log = logging.getLogger(__name__)
 
 EXACT_BUDGET = 2e12  # responses × features²: ~1 min of BLAS on two cores
-_BLOCK_BYTES = 1 << 29  # working memory per block of rows (512 MiB)
+BLOCK_BYTES = 1 << 29  # working memory per block of rows (512 MiB)
 
 
 def phi_from_counts(co: np.ndarray, p_rows: np.ndarray, p_cols: np.ndarray, n: int) -> np.ndarray:
@@ -53,8 +53,8 @@ def phi_correlation(fires: sp.spmatrix, features: np.ndarray) -> np.ndarray:
     return phi
 
 
-def _row_blocks(n_rows: int, n_cols: int, itemsize: int = 8):
-    step = max(1, _BLOCK_BYTES // max(1, n_cols * itemsize))
+def _row_blocks(n_rows: int, n_cols: int, block_bytes: int, itemsize: int = 8):
+    step = max(1, block_bytes // max(1, n_cols * itemsize))
     for start in range(0, n_rows, step):
         yield np.arange(start, min(n_rows, start + step))
 
@@ -65,12 +65,12 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
 
 
-def _exact(F: sp.csr_matrix, p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _exact(F: sp.csr_matrix, p: np.ndarray, k: int, block_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, m = F.shape
-    chunk = max(1, _BLOCK_BYTES // (4 * m))  # responses densified at a time
+    chunk = max(1, block_bytes // (4 * m))  # responses densified at a time
     dense = F.toarray().astype(np.float32) if n <= chunk else None
     rows, cols, weights = [], [], []
-    for block in _row_blocks(m, m):
+    for block in _row_blocks(m, m, block_bytes):
         co = np.zeros((len(block), m), dtype=np.float64)
         for start in range(0, n, chunk):
             Fd = dense if dense is not None else F[start : start + chunk].toarray().astype(np.float32)
@@ -116,7 +116,7 @@ def _cofire_counts(F: sp.csc_matrix, rows: np.ndarray, cols: np.ndarray) -> np.n
     return out
 
 
-def _sketch(F: sp.csr_matrix, p: np.ndarray, k: int, dims: int, candidates: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sketch(F: sp.csr_matrix, p: np.ndarray, k: int, dims: int, candidates: int, seed: int, block_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, m = F.shape
     rng = np.random.default_rng(seed)
     R = rng.standard_normal((n, dims), dtype=np.float32)
@@ -127,7 +127,7 @@ def _sketch(F: sp.csr_matrix, p: np.ndarray, k: int, dims: int, candidates: int,
     del S, R
     n_cand = min(candidates, m - 1)
     cand_rows, cand_cols = [], []
-    for block in _row_blocks(m, m, itemsize=4):
+    for block in _row_blocks(m, m, block_bytes, itemsize=4):
         sims = Z[block] @ Z.T
         sims[np.arange(len(block)), block] = -np.inf
         nb = _top_k(sims, n_cand)
@@ -148,10 +148,11 @@ def _sketch(F: sp.csr_matrix, p: np.ndarray, k: int, dims: int, candidates: int,
     return rows[keep], cols[keep], phi[keep]
 
 
-def cofiring_neighbors(fires: sp.spmatrix, k: int, min_phi: float, method: str = "auto", dims: int = 256, candidates: int = 128, seed: int = 0) -> sp.csr_matrix:
+def cofiring_neighbors(fires: sp.spmatrix, k: int, min_phi: float, method: str = "auto", dims: int = 256, candidates: int = 128, seed: int = 0, block_bytes: int = BLOCK_BYTES) -> sp.csr_matrix:
     """The symmetric k-nearest-neighbour graph of the columns of ``fires`` (responses × features,
     non-zero = fires) by phi correlation: each feature's ``k`` highest-phi partners, edges below
-    ``min_phi`` dropped, an edge kept when either end chose it (weight = phi)."""
+    ``min_phi`` dropped, an edge kept when either end chose it (weight = phi). ``block_bytes``
+    bounds the working memory of one block of rows (results do not depend on it)."""
     F = sp.csr_matrix(fires, dtype=np.float32)
     F.data[:] = 1.0
     F.eliminate_zeros()
@@ -163,9 +164,9 @@ def cofiring_neighbors(fires: sp.spmatrix, k: int, min_phi: float, method: str =
         method = "exact" if n * float(m) ** 2 <= EXACT_BUDGET else "sketch"
     p = np.asarray(F.sum(0), dtype=np.float64).ravel()
     if method == "exact":
-        rows, cols, w = _exact(F, p, k)
+        rows, cols, w = _exact(F, p, k, block_bytes)
     elif method == "sketch":
-        rows, cols, w = _sketch(F, p, k, dims, max(candidates, k), seed)
+        rows, cols, w = _sketch(F, p, k, dims, max(candidates, k), seed, block_bytes)
     else:
         raise ValueError(f"unknown neighbour method {method!r}: use 'auto', 'exact' or 'sketch'")
     log.info("co-firing neighbours: %s over %d responses × %d features", method, n, m)
