@@ -175,6 +175,7 @@ class HypothesizeConfig(Config):
     label_features: int = field(default=3, metadata=_help("member features whose contexts label a concept"))
     promoted_tokens: int = field(default=8, metadata=_help("tokens each concept's decoder direction promotes, shown as a label (0: none; needs the model)"))
     linear_baseline: bool = field(default=True, metadata=_help("fit the L1-logistic baseline on per-pair feature differences"))
+    linear_baseline_pairs: int = field(default=20_000, metadata=_help("the baseline fits on at most this many pairs, drawn at random (liblinear's time grows with pairs × firing features)"))
     explain_top: int = field(default=10, metadata=_help("with an explainer: how many top concepts get an LLM explanation"))
     fidelity_texts: int = field(default=40, metadata=_help("held-out responses (half firing, half not) to score each explanation"))
     seed: int = 0

@@ -20,7 +20,7 @@ from anatomy_nb.config import ExtractConfig
 from anatomy_nb.core.files import atomic_save_npy, atomic_write_json, content_hash
 from anatomy_nb.core.run import Run
 from anatomy_nb.results.store import FeatureStore
-from anatomy_nb.stages.extract import HIST_EDGES, STAGE, STORE_FORMAT, _feature_dtype
+from anatomy_nb.stages.extract import HIST_EDGES, STAGE, STORE_FORMAT, feature_dtype
 
 GROUP = 8  # features per co-firing group
 KEEP = 0.7  # a member fires when its group is active with this probability
@@ -78,7 +78,7 @@ def write_synthetic_store(run_dir: str | Path, n_pairs: int, d_sae: int, per_res
     out = stage.begin()
     rng = np.random.default_rng(seed)
     n_groups = d_sae // GROUP
-    fdt = _feature_dtype(d_sae)
+    fdt = feature_dtype(d_sae)
     n_resp = 2 * n_pairs
     ntok = np.clip(rng.lognormal(np.log(180), 0.6, n_resp), 8, 1024).astype(np.int32)
     ntok[0::2] = np.clip(ntok[0::2] * 1.1, 8, 1024)  # chosen a little longer, as in most data sets

@@ -122,3 +122,14 @@ def test_concept_blocks_give_the_same_table_as_one_pass():
     assert int(labels.max()) + 1 > 3 and set(one["view"]) == {"overall", "opening", "ending", "topic"}
     pd.testing.assert_frame_equal(blocked, one)
     pd.testing.assert_frame_equal(features_blocked, features)
+
+
+def test_the_linear_baseline_fits_on_a_sample_above_its_cap():
+    from anatomy_nb.stages.hypothesize import linear_baseline
+
+    pf = synthetic(n=200, d=60, seed=4)
+    labels = np.zeros(pf.d_sae, dtype=np.int64)
+    _, capped = linear_baseline(pf, labels, HypothesizeConfig(linear_baseline_pairs=80))
+    _, full = linear_baseline(pf, labels, HypothesizeConfig())
+    assert capped["pairs"] == 80 and full["pairs"] == 200
+    assert full["cv_accuracy"] > 0.6  # the planted block separates the sides

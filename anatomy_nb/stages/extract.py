@@ -49,7 +49,7 @@ STORE_FORMAT = 1
 HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 48)]).astype(np.float32)
 
 
-def _feature_dtype(d_sae: int):
+def feature_dtype(d_sae: int):
     """Pooled statistics take 8 bytes per firing feature: uint16 id, float16 max and mean,
     uint16 count (responses are capped well below 65,535 tokens)."""
     return np.uint16 if d_sae <= np.iinfo(np.uint16).max + 1 else np.int32
@@ -125,7 +125,7 @@ def compute_shard(capture: ResidualCapture, sae: LoadedSAE, pairs: Sequence[Pref
                 prm[k].append(pooled[k])
             prm_nnz.append(len(pooled["feat"]))
             prm_ntok.append(int(keep.numel()))
-    fdt = _feature_dtype(d_sae)
+    fdt = feature_dtype(d_sae)
     out = {
         "resp_nnz": np.asarray(resp_nnz, dtype=np.int64),
         "resp_feat": np.concatenate(resp["feat"]).astype(fdt),

@@ -179,9 +179,13 @@ def linear_baseline(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig
 
     Each pair enters once, randomly oriented (chosen − rejected → 1, or rejected − chosen → 0), so
     the classifier cannot use an intercept; its largest coefficients are the features it relies on.
+    Above ``cfg.linear_baseline_pairs`` pairs it fits on a random sample of that many.
     """
-    X = (pf.fires_chosen.astype(np.float64) - pf.fires_rejected.astype(np.float64)).tocsr()
     rng = np.random.default_rng(cfg.seed)
+    rows = np.arange(pf.n_pairs)
+    if pf.n_pairs > cfg.linear_baseline_pairs:
+        rows = np.sort(rng.choice(pf.n_pairs, cfg.linear_baseline_pairs, replace=False))
+    X = (pf.fires_chosen[rows].astype(np.float64) - pf.fires_rejected[rows].astype(np.float64)).tocsr()
     y = rng.integers(0, 2, X.shape[0])
     X = sp.diags(np.where(y == 1, 1.0, -1.0)) @ X
     clf = LogisticRegression(l1_ratio=1.0, C=0.1, solver="liblinear", fit_intercept=False, max_iter=2000)
@@ -192,7 +196,7 @@ def linear_baseline(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig
     order = np.argsort(-np.abs(coef))[:top]
     order = order[coef[order] != 0]
     table = pd.DataFrame({"feature": order, "coefficient": coef[order], "concept": labels[order]})
-    return table, {"cv_accuracy": float(np.nanmean(acc)), "folds": folds, "nonzero_coefficients": int((coef != 0).sum())}
+    return table, {"cv_accuracy": float(np.nanmean(acc)), "folds": folds, "nonzero_coefficients": int((coef != 0).sum()), "pairs": int(len(rows))}
 
 
 # --- the stage -----------------------------------------------------------------------------------------
