@@ -186,7 +186,7 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
     assert placebo["frac_p05"].between(0, 1).all()
     info = h.manifest["length_placebo"]
     assert info["degree"] == 2 and info["calibrated"] == (info["frac_p05_controlled"] <= 0.10)
-    assert info["frac_p05_controlled"] == placebo[placebo["degree"] == 2]["frac_p05"].max()  # the worst view and side
+    assert info["frac_p05_controlled"] == pytest.approx(placebo[placebo["degree"] == 2]["frac_p05"].max(), abs=1e-4)  # the worst view and side (rounded)
     again = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_)
     assert again.path == h.path  # unchanged: reused
     other = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=4)), model=tiny_lm, sae=tiny_sae_)
