@@ -138,6 +138,32 @@ def test_killed_run_resumes_to_identical_store(store, tiny_lm, tiny_sae_, hh_pai
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_a_full_disk_names_the_shard_keeps_what_was_written_and_resumes(store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch):
+    """ENOSPC while writing the third shard: the error names that shard and the space left, the two
+    finished shards stay, no half-written shard is left to be trusted, and the rerun completes."""
+    import errno
+
+    real_save = np.save
+    calls = {"n": 0}
+
+    def full_on_third_shard(path, *a, **k):
+        if "shard-00002" in str(path):
+            calls["n"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(path, *a, **k)
+
+    monkeypatch.setattr(ex.np, "save", full_on_third_shard)
+    with pytest.raises(OSError, match=r"shard-00002: the disk is full \(\d+ MiB free in .*nothing written before was changed"):
+        extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
+    out = tmp_path / "extract" / store.manifest["key"]
+    assert calls["n"] == 1 and sorted(p.name for p in (out / "shards").iterdir() if not p.name.startswith(".")) == ["shard-00000", "shard-00001"]
+    monkeypatch.setattr(ex.np, "save", real_save)
+    resumed = extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
+    a, b = arrays(resumed), arrays(store)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_two_ranks_write_their_shards_and_rank0_merges(store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch):
     def as_rank(i):
         return lambda: SimpleNamespace(process_index=i, num_processes=2, is_main_process=i == 0, wait_for_everyone=lambda: None)

@@ -8,6 +8,7 @@ killed process leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "atomic_write_text",
     "content_hash",
     "jsonable",
+    "naming_full_disk",
     "read_json",
 ]
 
@@ -75,11 +77,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shared report must be readable like any file
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with naming_full_disk(path):
+            yield tmp_path
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def naming_full_disk(path: Path) -> Iterator[None]:
+    """A full disk (or quota) names the file being written and how much space is left: at 100k
+    pairs a store is gigabytes, and "[Errno 28]" alone does not say where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(exc.errno, f"{path}: the disk is full ({free / 2**20:.0f} MiB free in {path.parent}); nothing written before was changed — free space and run again (finished shards and stages are reused)") from exc
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -116,7 +132,8 @@ def atomic_replace_dir(write: Callable[[Path], None], dest: str | os.PathLike) -
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        write(tmp)
+        with naming_full_disk(dest):
+            write(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

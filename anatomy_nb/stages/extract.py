@@ -29,7 +29,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ..config import ExtractConfig
-from ..core.files import atomic_save_npy, atomic_write_json, content_hash
+from ..core.files import atomic_save_npy, atomic_write_json, content_hash, naming_full_disk
 from ..core.run import Run, RunLike
 from ..core.stage import show_progress
 from ..data.pairs import load_pairs
@@ -176,9 +176,10 @@ def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for k, v in arrays.items():
-        np.save(tmp / f"{k}.npy", v, allow_pickle=False)
-    (tmp / "done").write_text("ok\n")
+    with naming_full_disk(path):
+        for k, v in arrays.items():
+            np.save(tmp / f"{k}.npy", v, allow_pickle=False)
+        (tmp / "done").write_text("ok\n")
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
