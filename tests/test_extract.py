@@ -217,6 +217,8 @@ def test_model_sae_mismatch_is_a_clear_error(tiny_lm, hh_pairs, tmp_path):
 
     with pytest.raises(ValueError, match="d_in=32 but model tiny-llama has d_model=64"):
         extract(hh_pairs, tiny_lm, tiny_sae(32, layer=1), tmp_path, CFG)
+    with pytest.raises(ValueError, match=r"reads the output of block 7 \(hook 'blocks.7.hook_resid_post'\) but model tiny-llama has blocks 0..3"):
+        extract(hh_pairs, tiny_lm, tiny_sae(64, layer=7), tmp_path, CFG)
 
 
 def test_torchrun_two_processes_match_one(tiny_lm, tiny_sae_, tmp_path):

@@ -258,6 +258,8 @@ def extract(
     sae_ = sae if isinstance(sae, LoadedSAE) else load_sae(sae or cfg.sae, cfg.sae_id, layer=cfg.layer)
     if sae_.d_in != lm.d_model:
         raise ValueError(f"SAE {sae_.name} reads d_in={sae_.d_in} but model {lm.name} has d_model={lm.d_model}")
+    if not 0 <= sae_.layer < lm.n_layers:
+        raise ValueError(f"SAE {sae_.name} reads the output of block {sae_.layer} (hook {getattr(getattr(sae_.sae.cfg, 'metadata', None), 'hook_name', None)!r}) but model {lm.name} has blocks 0..{lm.n_layers - 1}")
     run = Run.of(run)
     pair_list = list(pairs)
     if not pair_list:
