@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..config import ConceptConfig
-from .cofiring import cofiring_neighbors
+from .cofiring import binary_columns, cofiring_neighbors
 
 __all__ = ["ConceptConfig", "cluster_features", "membership_matrix"]
 
@@ -38,8 +38,8 @@ def cluster_features(fires: sp.spmatrix, cfg: ConceptConfig | None = None) -> np
     sides of every pair stacked). Labels are numbered by concept size, largest first.
     """
     cfg = cfg or ConceptConfig()
-    fires = sp.csc_matrix(fires)
-    support = np.asarray((fires > 0).sum(0)).ravel()
+    fires = binary_columns(fires)
+    support = np.diff(fires.indptr)
     testable = np.flatnonzero(support >= cfg.min_support)
     labels = np.full(fires.shape[1], -1, dtype=np.int64)
     if len(testable) == 0:

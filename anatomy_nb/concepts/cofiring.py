@@ -26,12 +26,22 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["BLOCK_BYTES", "EXACT_BUDGET", "cofiring_neighbors", "phi_correlation", "phi_from_counts"]
+__all__ = ["BLOCK_BYTES", "EXACT_BUDGET", "binary_columns", "cofiring_neighbors", "phi_correlation", "phi_from_counts"]
 
 log = logging.getLogger(__name__)
 
 EXACT_BUDGET = 2e12  # responses × features²: ~1 min of BLAS on two cores
 BLOCK_BYTES = 1 << 29  # working memory per block of rows (512 MiB)
+
+
+def binary_columns(fires: sp.spmatrix) -> sp.csc_matrix:
+    """``fires`` as a CSC matrix of ones where it is non-zero, sharing its index arrays (at 100k
+    pairs × 1,500 firing features per response every copy of them is gigabytes)."""
+    X = sp.csc_matrix(fires)
+    if not (X.data != 0).all():
+        X = X.copy()
+        X.eliminate_zeros()
+    return sp.csc_matrix((np.ones(X.nnz, dtype=np.float32), X.indices, X.indptr), shape=X.shape)
 
 
 def phi_from_counts(co: np.ndarray, p_rows: np.ndarray, p_cols: np.ndarray, n: int) -> np.ndarray:
@@ -129,11 +139,11 @@ def _cofire_counts(F: sp.csc_matrix, rows: np.ndarray, cols: np.ndarray) -> np.n
     return out
 
 
-def _sketch(F: sp.csr_matrix, p: np.ndarray, k: int, dims: int, candidates: int, seed: int, block_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sketch(F: sp.csc_matrix, p: np.ndarray, k: int, dims: int, candidates: int, seed: int, block_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, m = F.shape
     rng = np.random.default_rng(seed)
     R = rng.standard_normal((n, dims), dtype=np.float32)
-    S = np.asarray(F.T.tocsr() @ R, dtype=np.float64)  # m × dims: Σ over each feature's responses
+    S = np.asarray(F.T @ R, dtype=np.float64)  # m × dims: Σ over each feature's responses (F.T of a CSC is a CSR, no copy)
     S -= np.outer(p / n, R.sum(0, dtype=np.float64))  # centre the firing vectors
     norms = np.linalg.norm(S, axis=1, keepdims=True)
     Z = (S / np.where(norms > 0, norms, 1.0)).astype(np.float32)
@@ -147,7 +157,7 @@ def _sketch(F: sp.csr_matrix, p: np.ndarray, k: int, dims: int, candidates: int,
         cand_rows.append(np.repeat(block, nb.shape[1]))
         cand_cols.append(nb.ravel())
     rows, cols = np.concatenate(cand_rows), np.concatenate(cand_cols)
-    co = _cofire_counts(F.tocsc(), rows, cols).astype(np.float64)
+    co = _cofire_counts(F, rows, cols).astype(np.float64)
     cov = co - p[rows] * p[cols] / n
     denom = np.sqrt(p[rows] * (n - p[rows]) / n * p[cols] * (n - p[cols]) / n)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -166,18 +176,16 @@ def cofiring_neighbors(fires: sp.spmatrix, k: int, min_phi: float, method: str =
     non-zero = fires) by phi correlation: each feature's ``k`` highest-phi partners, edges below
     ``min_phi`` dropped, an edge kept when either end chose it (weight = phi). ``block_bytes``
     bounds the working memory of one block of rows (results do not depend on it)."""
-    F = sp.csr_matrix(fires, dtype=np.float32)
-    F.data[:] = 1.0
-    F.eliminate_zeros()
+    F = binary_columns(fires)
     n, m = F.shape
     if m < 2:
         return sp.csr_matrix((m, m))
     k = min(k, m - 1)
     if method == "auto":
         method = "exact" if n * float(m) ** 2 <= EXACT_BUDGET else "sketch"
-    p = np.asarray(F.sum(0), dtype=np.float64).ravel()
+    p = np.diff(F.indptr).astype(np.float64)
     if method == "exact":
-        rows, cols, w = _exact(F, p, k, block_bytes)
+        rows, cols, w = _exact(F.tocsr(), p, k, block_bytes)
     elif method == "sketch":
         rows, cols, w = _sketch(F, p, k, dims, max(candidates, k), seed, block_bytes)
     else:
