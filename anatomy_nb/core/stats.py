@@ -89,13 +89,14 @@ def paired_test_sparse(d: sp.spmatrix) -> PairedTest:
     """``paired_test`` of a sparse (units × hypotheses) matrix from its column sums and sums of
     squares: per-feature tests over 100k+ features without a dense copy. Variances below
     ``1e-12`` of the mean square are taken as 0 (one-pass rounding, not data)."""
-    d = sp.csc_matrix(d, dtype=np.float64)
-    n = d.shape[0]
-    mean = np.asarray(d.sum(0)).ravel() / n
-    sq = np.asarray(d.multiply(d).sum(0)).ravel() / n
+    d = sp.csr_matrix(d)
+    n, width = d.shape
+    values = d.data.astype(np.float64)
+    mean = np.bincount(d.indices, weights=values, minlength=width) / n  # column sums without a copy of d
+    sq = np.bincount(d.indices, weights=values * values, minlength=width) / n
     var = np.maximum(sq - mean**2, 0.0) * n / max(n - 1, 1)
     var[var <= 1e-12 * sq] = 0.0
-    return _paired_from_moments(n, mean, np.sqrt(var) if n > 1 else np.zeros(d.shape[1]))
+    return _paired_from_moments(n, mean, np.sqrt(var) if n > 1 else np.zeros(width))
 
 
 def _paired_from_moments(n: int, mean: np.ndarray, sd: np.ndarray) -> PairedTest:

@@ -153,7 +153,7 @@ def feature_tests(pf: PairFeatures, labels: np.ndarray, groups: np.ndarray | Non
     """Per feature: its concept, support, firing rates and own paired test (a separate BH family,
     for drill-downs and for comparison with concepts), from sparse column sums."""
     Fc, Fr = pf.fires_chosen, pf.fires_rejected
-    ft = paired_test_sparse(group_means(Fc.astype(np.float32) - Fr.astype(np.float32), groups, dense=False))
+    ft = paired_test_sparse(group_means(Fc.astype(np.float32, copy=False) - Fr.astype(np.float32, copy=False), groups, dense=False))
     chosen, rejected = np.asarray(Fc.sum(0), dtype=np.float64).ravel(), np.asarray(Fr.sum(0), dtype=np.float64).ravel()
     features = pd.DataFrame({"feature": np.arange(pf.d_sae), "concept": labels, "support": chosen + rejected, "chosen_rate": chosen / pf.n_pairs, "rejected_rate": rejected / pf.n_pairs, **_stat_columns("", ft)})
     testable = features["support"].to_numpy() > 0
