@@ -36,17 +36,24 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
+def make_store(size: str, cache: Path) -> dict:
+    """In this process: write (or reuse) the synthetic store of ``size``."""
+    from synthetic_store import write_synthetic_store
+
+    n_pairs, d_sae, per_response = (int(v) for v in size.split("x"))
+    t0 = time.perf_counter()
+    write_synthetic_store(cache / size, n_pairs, d_sae, per_response)
+    return {"store_seconds": round(time.perf_counter() - t0, 1), "peak_rss_store_gb": round(_peak_rss_gb(), 2)}
+
+
 def run_one(size: str, cache: Path) -> dict:
-    """In this process: write (or reuse) the store, then time stage 2 on it."""
+    """In this process (the store already written, so the peak is stage 2's alone): time stage 2."""
     from anatomy_nb import hypothesize
     from synthetic_store import write_synthetic_store
 
     n_pairs, d_sae, per_response = (int(v) for v in size.split("x"))
     run_dir = cache / size
-    t0 = time.perf_counter()
-    store = write_synthetic_store(run_dir, n_pairs, d_sae, per_response)
-    store_s = time.perf_counter() - t0
-    rss_store = _peak_rss_gb()
+    store = write_synthetic_store(run_dir, n_pairs, d_sae, per_response)  # reused
     fires = store.array("resp_indptr")
     measured = (fires[-1] - fires[0]) / (len(fires) - 1)
     planted = set(store.manifest["synthetic"]["planted_groups"])
@@ -58,8 +65,7 @@ def run_one(size: str, cache: Path) -> dict:
     found = {int(f) // 8 for feats in overall["features"] for f in feats} & planted
     return {
         "size": size, "n_pairs": n_pairs, "d_sae": d_sae, "features_per_response": round(float(measured), 1),
-        "store_seconds": round(store_s, 1), "stage2_seconds": round(seconds, 1), "step_seconds": manifest["step_seconds"],
-        "peak_rss_gb": round(_peak_rss_gb(), 2), "peak_rss_store_gb": round(rss_store, 2),
+        "stage2_seconds": round(seconds, 1), "step_seconds": manifest["step_seconds"], "peak_rss_gb": round(_peak_rss_gb(), 2),
         "n_concepts": manifest["n_concepts"], "n_tests": manifest["n_tests"], "n_significant_overall": manifest["n_significant_overall"],
         "planted_groups_found": f"{len(found)}/{len(planted)}",
     }
@@ -139,22 +145,27 @@ def main() -> None:
     ap.add_argument("--no-loop", action="store_true")
     ap.add_argument("--loop-only", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child mode: one size, JSON on the last line
+    ap.add_argument("--store-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per size")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.one:
-        print(json.dumps(run_one(args.one, args.cache)))
+        print(json.dumps(make_store(args.one, args.cache) if args.store_only else run_one(args.one, args.cache)))
         return
     rows, out = [], []
     if not args.loop_only:
         for size in args.sizes:
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-            proc = subprocess.run([sys.executable, __file__, "--one", size, "--cache", str(args.cache)], capture_output=True, text=True, timeout=args.timeout, env=env)
+            row = {}
+            for mode in (["--store-only"], []):  # the store in its own process: stage 2's peak RSS is its own
+                proc = subprocess.run([sys.executable, __file__, "--one", size, "--cache", str(args.cache), *mode], capture_output=True, text=True, timeout=args.timeout, env=env)
+                if proc.returncode != 0:
+                    break
+                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
             if proc.returncode != 0:
                 print(f"{size}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
                 out.append(f"{size}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), flush=True)
         if rows:
@@ -166,7 +177,8 @@ def main() -> None:
     print(text)
     stamp = datetime.date.today().isoformat()
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"scale-{stamp}.txt").write_text(f"# benchmarks/scale.py {' '.join(sys.argv[1:])} ({os.cpu_count()} CPUs)\n\n{text}\n")
+    name = f"scale-{stamp}.txt" if sorted(args.sizes) == sorted(SIZES) and not args.no_loop and not args.loop_only else f"scale-{stamp}-partial.txt"
+    (HERE / "results" / name).write_text(f"# benchmarks/scale.py {' '.join(sys.argv[1:])} ({os.cpu_count()} CPUs)\n\n{text}\n")
 
 
 if __name__ == "__main__":
