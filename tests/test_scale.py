@@ -133,3 +133,31 @@ def test_the_linear_baseline_fits_on_a_sample_above_its_cap():
     _, full = linear_baseline(pf, labels, HypothesizeConfig())
     assert capped["pairs"] == 80 and full["pairs"] == 200
     assert full["cv_accuracy"] > 0.6  # the planted block separates the sides
+
+
+def test_no_testable_feature_gives_an_empty_table_with_every_column():
+    """A data set too small for any concept (every feature below min_support) still writes a
+    table a reader can open, with the same columns as a full one."""
+    pf = with_edges(synthetic(n=60, d=20, seed=5))
+    cfg = HypothesizeConfig()
+    full, _ = score_concepts(pf, np.zeros(pf.d_sae, dtype=np.int64), cfg, np.arange(pf.n_pairs) % 2)
+    empty, features = score_concepts(pf, np.full(pf.d_sae, -1), cfg, np.arange(pf.n_pairs) % 2)
+    assert len(empty) == 0 and set(full.columns) == set(empty.columns)
+    assert len(features) == pf.d_sae and (features["concept"] == -1).all()
+
+
+def test_the_stage_runs_on_a_store_with_no_concepts(tmp_path):
+    """The whole stage, not only the tests: labels, baselines and the placebo (skipped, and the
+    manifest says why, rather than a nan "miscalibrated" warning)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from synthetic_store import write_synthetic_store
+
+    from anatomy_nb import hypothesize
+
+    write_synthetic_store(tmp_path, 200, 512, 60)
+    h = hypothesize(tmp_path, {"promoted_tokens": 0, "concepts": {"min_support": 10**6}})
+    assert len(h.table) == 0 and h.manifest["n_concepts"] == 0
+    assert h.manifest["length_placebo"] == {"skipped": "no concepts"}

@@ -109,7 +109,7 @@ def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig,
         topics = [int(k) for k in np.unique(unit_topic) if cfg.min_topic_prompts <= (unit_topic == k).sum() <= n_units - cfg.min_topic_prompts]
     width = max(1, block_bytes // (8 * max(pf.n_pairs, 1)))  # dense pairs × concepts blocks
     parts: dict[Any, list[dict[str, np.ndarray]]] = {}
-    for lo in range(0, len(refs), width):
+    for lo in range(0, max(len(refs), 1), width):  # once even with no concepts: the table keeps its columns
         hi = min(len(refs), lo + width)
         Uc, Ur = Uc_all[:, lo:hi].toarray(), Ur_all[:, lo:hi].toarray()
         Du = group_means(Uc - Ur, groups)
@@ -294,8 +294,8 @@ def hypothesize(
         stage.write_parquet("topics", pd.DataFrame({"prompt_group": np.arange(len(topics.labels)), "topic": topics.labels, "prompt": [pf.prompts[i] for i in first_pair]}))
         stage.write_parquet("topic_summary", topics.summary)
         stage.write_parquet("baseline_text_stats", text_stat_baseline(pf, cfg, stats_c, stats_r))
-    placebo_info: dict[str, Any] = {"skipped": "length_placebo_draws = 0"}
-    if cfg.length_placebo_draws > 0 and pf.n_pairs >= 8:
+    placebo_info: dict[str, Any] = {"skipped": "length_placebo_draws = 0" if cfg.length_placebo_draws <= 0 else "no concepts" if not (labels >= 0).any() else "fewer than 8 pairs"}
+    if cfg.length_placebo_draws > 0 and pf.n_pairs >= 8 and (labels >= 0).any():
         with timer.step("length placebo"):
             placebo, placebo_info = _length_placebo(pf, labels, cfg)
             stage.write_parquet("length_placebo", placebo)
