@@ -6,6 +6,8 @@ SAE's metadata names (``hook_resid_post`` of block L, or ``hook_resid_pre`` = th
 with the SAE's run-time input normalisation (layer norm, constant-norm rescale) and decoder-bias handling — computed here independently, from
 the model's ``output_hidden_states`` on the whole transcript."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -73,12 +75,13 @@ def reference_max(lm, sae_path, layer_input: int, pairs, side: str) -> np.ndarra
     ``layer_input`` (hidden_states[i] is the input of block i) of the full transcript."""
     sae = SAE.load_from_disk(str(sae_path), device="cpu", dtype="float32")
     sae.eval()
+    model = copy.deepcopy(lm.model)  # output_hidden_states leaves transformers' recording hooks on the model it ran
     out = np.zeros((len(pairs), D_SAE), dtype=np.float32)
     for i, p in enumerate(pairs):
         r = render_example(lm.tokenizer, p.prompt, p.chosen if side == "chosen" else p.rejected)
         ids = torch.tensor([r.prompt_ids + r.response_ids])
         with torch.no_grad():
-            hidden = lm.model(ids, output_hidden_states=True).hidden_states[layer_input][0]
+            hidden = model(ids, output_hidden_states=True).hidden_states[layer_input][0]
             acts = sae.encode(hidden[len(r.prompt_ids) :].float())
         out[i] = acts.max(0).values.clamp(min=0).numpy()
     return out

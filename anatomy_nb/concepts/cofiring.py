@@ -71,21 +71,10 @@ def _row_blocks(n_rows: int, n_cols: int, block_bytes: int, itemsize: int = 8):
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Column indices of each row's ``k`` largest scores (unordered; ties as ``argpartition``
-    leaves them)."""
+    leaves them, which is what the dense path always did: the concepts stay the ones the
+    reference runs were measured with)."""
     k = min(k, scores.shape[1])
     return np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
-
-
-def _top_k_first(scores: np.ndarray, k: int) -> np.ndarray:
-    """Each row's ``k`` largest scores, ties at the k-th value going to the lowest column index:
-    with binary firing many phi values are equal, and the graph must not depend on how a
-    partition algorithm happens to order them (rows × k, column order)."""
-    k = min(k, scores.shape[1])
-    kth = -np.partition(-scores, kth=k - 1, axis=1)[:, k - 1 : k]
-    above = scores > kth
-    tied = scores == kth
-    take = above | (tied & (np.cumsum(tied, axis=1) <= k - above.sum(1, keepdims=True)))
-    return np.nonzero(take)[1].reshape(len(scores), k)
 
 
 def _exact(F: sp.csr_matrix, p: np.ndarray, k: int, block_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,8 +90,8 @@ def _exact(F: sp.csr_matrix, p: np.ndarray, k: int, block_bytes: int) -> tuple[n
             if dense is not None:
                 break
         phi = phi_from_counts(co, p[block], p, n)
-        phi[np.arange(len(block)), block] = -np.inf  # never its own neighbour
-        nbrs = _top_k_first(phi, k)
+        phi[np.arange(len(block)), block] = 0.0  # its own phi (1) is not a neighbour; 0 is dropped by min_phi
+        nbrs = _top_k(phi, k)
         rows.append(np.repeat(block, nbrs.shape[1]))
         cols.append(nbrs.ravel())
         weights.append(np.take_along_axis(phi, nbrs, axis=1).ravel())
@@ -162,7 +151,7 @@ def _sketch(F: sp.csc_matrix, p: np.ndarray, k: int, dims: int, candidates: int,
     denom = np.sqrt(p[rows] * (n - p[rows]) / n * p[cols] * (n - p[cols]) / n)
     with np.errstate(divide="ignore", invalid="ignore"):
         phi = np.where(denom > 0, cov / denom, 0.0)
-    # keep each row's k best exact values (ties: lowest feature id, as in the exact path)
+    # keep each row's k best exact values (ties: lowest feature id)
     order = np.lexsort((cols, -phi, rows))
     rows, cols, phi = rows[order], cols[order], phi[order]
     first = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]
