@@ -44,11 +44,12 @@ def binary_columns(fires: sp.spmatrix) -> sp.csc_matrix:
     return sp.csc_matrix((np.ones(X.nnz, dtype=np.float32), X.indices, X.indptr), shape=X.shape)
 
 
-def phi_from_counts(co: np.ndarray, p_rows: np.ndarray, p_cols: np.ndarray, n: int) -> np.ndarray:
-    """Phi of binary firing from co-firing counts ``co`` (rows × cols) and each feature's firing
-    count, over ``n`` responses; 0 where a feature never or always fires."""
-    cov = co - np.outer(p_rows, p_cols) / n
-    denom = np.sqrt(np.outer(p_rows * (n - p_rows) / n, p_cols * (n - p_cols) / n))
+def phi_from_counts(co: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, n: int) -> np.ndarray:
+    """Phi of binary firing from co-firing counts ``co`` and the two features' firing counts
+    ``p_a``, ``p_b`` (broadcast against ``co``: column and row vectors for a matrix, equal-length
+    vectors for pairs), over ``n`` responses; 0 where a feature never or always fires."""
+    cov = co - p_a * p_b / n
+    denom = np.sqrt(p_a * (n - p_a) / n * (p_b * (n - p_b) / n))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(denom > 0, cov / denom, 0.0)
 
@@ -58,7 +59,7 @@ def phi_correlation(fires: sp.spmatrix, features: np.ndarray) -> np.ndarray:
     kept as the reference the scalable paths are tested against."""
     F = sp.csc_matrix(fires)[:, features].astype(np.float64)
     p = np.asarray(F.sum(0)).ravel()
-    phi = phi_from_counts((F.T @ F).toarray(), p, p, F.shape[0])
+    phi = phi_from_counts((F.T @ F).toarray(), p[:, None], p[None, :], F.shape[0])
     np.fill_diagonal(phi, 0.0)
     return phi
 
@@ -89,7 +90,7 @@ def _exact(F: sp.csr_matrix, p: np.ndarray, k: int, block_bytes: int) -> tuple[n
             co += (Fd[:, block].T @ Fd).astype(np.float64)  # counts: exact in float32 below 2**24
             if dense is not None:
                 break
-        phi = phi_from_counts(co, p[block], p, n)
+        phi = phi_from_counts(co, p[block][:, None], p[None, :], n)
         phi[np.arange(len(block)), block] = 0.0  # its own phi (1) is not a neighbour; 0 is dropped by min_phi
         nbrs = _top_k(phi, k)
         rows.append(np.repeat(block, nbrs.shape[1]))
@@ -147,10 +148,7 @@ def _sketch(F: sp.csc_matrix, p: np.ndarray, k: int, dims: int, candidates: int,
         cand_cols.append(nb.ravel())
     rows, cols = np.concatenate(cand_rows), np.concatenate(cand_cols)
     co = _cofire_counts(F, rows, cols).astype(np.float64)
-    cov = co - p[rows] * p[cols] / n
-    denom = np.sqrt(p[rows] * (n - p[rows]) / n * p[cols] * (n - p[cols]) / n)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        phi = np.where(denom > 0, cov / denom, 0.0)
+    phi = phi_from_counts(co, p[rows], p[cols], n)
     # keep each row's k best exact values (ties: lowest feature id)
     order = np.lexsort((cols, -phi, rows))
     rows, cols, phi = rows[order], cols[order], phi[order]
