@@ -78,18 +78,18 @@ def loop_ratio(cache: Path, repeats: int = 3) -> dict:
     import scipy.sparse as sp
     import scipy.stats as sps
 
-    from anatomy_nb.concepts.activity import PairFeatures, concept_activity
+    from anatomy_nb.concepts.activity import PairFeatures, concept_activity, feature_difference_sums
     from anatomy_nb.concepts.clustering import cluster_features
     from anatomy_nb.config import HypothesizeConfig
-    from anatomy_nb.core.stats import group_means, paired_test_sparse, welch_each_group
+    from anatomy_nb.core.stats import group_means, paired_test_from_sums, welch_each_group
     from synthetic_store import write_synthetic_store
 
     store = write_synthetic_store(cache / SIZES[0], *(int(v) for v in SIZES[0].split("x")))
     pf = PairFeatures.from_store(store)
     groups = pf.groups
 
-    def vectorised_features():
-        return paired_test_sparse(group_means(pf.fires_chosen.astype(np.float32) - pf.fires_rejected.astype(np.float32), groups, dense=False))
+    def vectorised_features():  # what stage 2 runs (hypothesize.feature_tests)
+        return paired_test_from_sums(*feature_difference_sums(pf, groups))
 
     def loop_features():
         D = group_means(pf.fires_chosen.astype(np.float32) - pf.fires_rejected.astype(np.float32), groups, dense=False).tocsc()

@@ -161,3 +161,21 @@ def test_the_stage_runs_on_a_store_with_no_concepts(tmp_path):
     h = hypothesize(tmp_path, {"promoted_tokens": 0, "concepts": {"min_support": 10**6}})
     assert len(h.table) == 0 and h.manifest["n_concepts"] == 0
     assert h.manifest["length_placebo"] == {"skipped": "no concepts"}
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_feature_difference_sums_equal_the_sparse_prompt_means(grouped):
+    """The one-pass kernel behind the per-feature tests equals averaging chosen − rejected per
+    prompt with the sparse product, then testing: same p-values, with prompts shared by 1–4 pairs."""
+    from anatomy_nb.concepts.activity import PairFeatures, feature_difference_sums
+    from anatomy_nb.core.stats import group_means, paired_test_from_sums
+
+    pf = synthetic(n=300, d=80, seed=6)
+    groups = np.sort(np.random.default_rng(0).integers(0, 120, pf.n_pairs)) if grouped else None
+    pf = PairFeatures(pf.fires_chosen, pf.fires_rejected, pf.ntok, groups if grouped else np.arange(pf.n_pairs), pf.prompts, pf.chosen, pf.rejected)
+    n, s1, s2 = feature_difference_sums(pf, groups)
+    ref = paired_test_sparse(group_means(pf.fires_chosen - pf.fires_rejected, groups, dense=False))
+    got = paired_test_from_sums(n, s1, s2)
+    assert n == (len(np.unique(groups)) if grouped else pf.n_pairs)
+    for field in ("mean", "sd", "t", "p"):
+        np.testing.assert_allclose(getattr(got, field), getattr(ref, field), rtol=1e-9, atol=1e-12, err_msg=field)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -16,7 +17,7 @@ from ..core.stats import group_means, length_regressors
 from ..results.store import FeatureStore
 from .clustering import membership_matrix
 
-__all__ = ["PairFeatures", "concept_activity", "length_diffs"]
+__all__ = ["PairFeatures", "concept_activity", "feature_difference_sums", "length_diffs"]
 
 
 @dataclass
@@ -76,3 +77,59 @@ def length_diffs(ntok: np.ndarray, groups: np.ndarray | None, degree: int) -> np
     """Per unit (prompt group, or pair), the regressors of the length control: chosen − rejected
     differences of powers of log token count (``stats.length_regressors``)."""
     return group_means(length_regressors(np.log(np.maximum(ntok, 1)), degree), groups)
+
+
+@numba.njit(parallel=True, cache=False)
+def _difference_sums_kernel(c_indptr, c_indices, r_indptr, r_indices, order, starts, width):  # pragma: no cover - compiled
+    n_units = len(starts) - 1
+    n_threads = numba.get_num_threads()
+    s1 = np.zeros((n_threads, width))
+    s2 = np.zeros((n_threads, width))
+    per = (n_units + n_threads - 1) // n_threads
+    for t in numba.prange(n_threads):
+        acc = np.zeros(width)
+        seen = np.zeros(width, dtype=np.bool_)
+        touched = np.empty(width, dtype=np.int64)
+        for u in range(t * per, min(n_units, (t + 1) * per)):
+            weight = 1.0 / (starts[u + 1] - starts[u])
+            n_touched = 0
+            for x in range(starts[u], starts[u + 1]):
+                i = order[x]
+                for a in range(c_indptr[i], c_indptr[i + 1]):
+                    f = c_indices[a]
+                    if not seen[f]:
+                        seen[f] = True
+                        touched[n_touched] = f
+                        n_touched += 1
+                    acc[f] += weight
+                for a in range(r_indptr[i], r_indptr[i + 1]):
+                    f = r_indices[a]
+                    if not seen[f]:
+                        seen[f] = True
+                        touched[n_touched] = f
+                        n_touched += 1
+                    acc[f] -= weight
+            for j in range(n_touched):
+                f = touched[j]
+                s1[t, f] += acc[f]
+                s2[t, f] += acc[f] * acc[f]
+                acc[f] = 0.0
+                seen[f] = False
+    return s1.sum(0), s2.sum(0)
+
+
+def feature_difference_sums(pf: PairFeatures, groups: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray]:
+    """Per feature, the sum and the sum of squares over units (prompts; pairs when ``groups`` is
+    None) of the unit's mean chosen − rejected firing: what the per-feature paired tests need, in
+    one pass over the firing sets (no sparse difference or prompt-averaging product, which cost
+    ~10× more at 10k pairs). Returns (number of units, sums, sums of squares)."""
+    n = pf.n_pairs
+    unit = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    order = np.argsort(unit, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(unit[order])) + 1, n].astype(np.int64)
+    C, R = sp.csr_matrix(pf.fires_chosen), sp.csr_matrix(pf.fires_rejected)
+    for side, M in (("chosen", C), ("rejected", R)):
+        if M.nnz and not (M.data == 1).all():
+            raise ValueError(f"feature_difference_sums needs binary firing; fires_{side} has values other than 1")
+    s1, s2 = _difference_sums_kernel(C.indptr, C.indices, R.indptr, R.indices, order.astype(np.int64), starts, pf.d_sae)
+    return len(starts) - 1, s1, s2

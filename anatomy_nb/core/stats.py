@@ -33,6 +33,7 @@ __all__ = [
     "length_placebo",
     "length_regressors",
     "paired_test",
+    "paired_test_from_sums",
     "paired_test_sparse",
     "split_half_agreement",
     "welch_each_group",
@@ -92,11 +93,18 @@ def paired_test_sparse(d: sp.spmatrix) -> PairedTest:
     d = sp.csr_matrix(d)
     n, width = d.shape
     values = d.data.astype(np.float64)
-    mean = np.bincount(d.indices, weights=values, minlength=width) / n  # column sums without a copy of d
-    sq = np.bincount(d.indices, weights=values * values, minlength=width) / n
+    sums = np.bincount(d.indices, weights=values, minlength=width)  # column sums without a copy of d
+    return paired_test_from_sums(n, sums, np.bincount(d.indices, weights=values * values, minlength=width))
+
+
+def paired_test_from_sums(n: int, sums: np.ndarray, sums_of_squares: np.ndarray) -> PairedTest:
+    """``paired_test`` from each column's sum and sum of squares over ``n`` units (what a sparse
+    or streamed computation gives). Variances below ``1e-12`` of the mean square are taken as 0
+    (one-pass rounding, not data)."""
+    mean, sq = np.asarray(sums, dtype=np.float64) / n, np.asarray(sums_of_squares, dtype=np.float64) / n
     var = np.maximum(sq - mean**2, 0.0) * n / max(n - 1, 1)
     var[var <= 1e-12 * sq] = 0.0
-    return _paired_from_moments(n, mean, np.sqrt(var) if n > 1 else np.zeros(width))
+    return _paired_from_moments(n, mean, np.sqrt(var) if n > 1 else np.zeros(len(mean)))
 
 
 def _paired_from_moments(n: int, mean: np.ndarray, sd: np.ndarray) -> PairedTest:

@@ -34,7 +34,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from ..concepts.activity import PairFeatures, concept_activity, length_diffs
+from ..concepts.activity import PairFeatures, concept_activity, feature_difference_sums, length_diffs
 from ..concepts.clustering import cluster_features, membership_matrix
 from ..concepts.labels import add_explanations, context_labels, describe_explainer, short_label, text_stat_labels
 from ..concepts.topics import cluster_prompts
@@ -42,7 +42,7 @@ from ..config import HypothesizeConfig
 from ..core.files import content_hash
 from ..core.run import Run, RunLike
 from ..core.stage import StepTimer
-from ..core.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test, paired_test_sparse, split_half_agreement, welch_each_group
+from ..core.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test, paired_test_from_sums, split_half_agreement, welch_each_group
 from ..data.textstats import text_stats
 from ..results.hypotheses import Hypotheses, rank_hypotheses
 from ..results.plan import concept_ref, parse_concept
@@ -153,7 +153,7 @@ def feature_tests(pf: PairFeatures, labels: np.ndarray, groups: np.ndarray | Non
     """Per feature: its concept, support, firing rates and own paired test (a separate BH family,
     for drill-downs and for comparison with concepts), from sparse column sums."""
     Fc, Fr = pf.fires_chosen, pf.fires_rejected
-    ft = paired_test_sparse(group_means(Fc.astype(np.float32, copy=False) - Fr.astype(np.float32, copy=False), groups, dense=False))
+    ft = paired_test_from_sums(*feature_difference_sums(pf, groups))
     chosen, rejected = np.asarray(Fc.sum(0), dtype=np.float64).ravel(), np.asarray(Fr.sum(0), dtype=np.float64).ravel()
     features = pd.DataFrame({"feature": np.arange(pf.d_sae), "concept": labels, "support": chosen + rejected, "chosen_rate": chosen / pf.n_pairs, "rejected_rate": rejected / pf.n_pairs, **_stat_columns("", ft)})
     testable = features["support"].to_numpy() > 0
