@@ -112,6 +112,8 @@ class ExtractConfig(Config):
     max_response_tokens: int = field(default=512, metadata=_help("at most 65,535 (counts are stored as uint16)"))
     shard_size: int = field(default=128, metadata=_help("pairs per shard: the unit of resuming and of work split between ranks"))
     top_contexts: int = field(default=32, metadata=_help("per feature: the responses where it peaks highest"))
+    batch_size: int | None = field(default=None, metadata=_help("pairs per forward, length-sorted and padded; None: 1 on CPU, from free memory on a GPU", key=False))
+    batch_tokens: int = field(default=8192, metadata=_help("at most this many padded tokens per forward (a GPU with batch_size=None sizes it from free memory)", key=False))
     shared_prefix: bool = field(default=True, metadata=_help("False runs prompt+response twice (the naive baseline)"))
     store_prompts: bool = field(default=True, metadata=_help("also pool each prompt's message contents (topics use them)"))
     # an opener or a sign-off is specific to the first / last tokens and diluted in the whole response
@@ -125,6 +127,8 @@ class ExtractConfig(Config):
             raise ValueError(f"max_prompt_tokens must be >= 2, got {self.max_prompt_tokens}")
         if self.edge_tokens < 0:
             raise ValueError(f"edge_tokens must be >= 0, got {self.edge_tokens}")
+        if (self.batch_size is not None and self.batch_size < 1) or self.batch_tokens < 1:
+            raise ValueError(f"batch_size must be None or >= 1 and batch_tokens >= 1, got {self.batch_size}, {self.batch_tokens}")
         if self.shard_size < 1 or self.top_contexts < 1:
             raise ValueError("shard_size and top_contexts must be >= 1")
 

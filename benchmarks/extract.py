@@ -8,6 +8,8 @@ Prints:
 - extraction (the same forward + SAE encode + pooling + contexts + histograms), tokens/s, and the
   ratio extraction / bare forward (aim >= 0.9);
 - extraction with the shared prompt run once vs naively twice: time ratio;
+- batched extraction (4 and 16 pairs per forward, length-sorted and padded) against one pair per
+  forward: throughput ratio (on a GPU, ``batch_size=None`` sizes batches from free memory);
 - the whole ``extract()`` call (sharding, files, merge) against the in-memory extraction;
 - bytes stored per pair: pooled statistics only, and everything (tokens, contexts, histograms).
 """
@@ -83,7 +85,8 @@ def main() -> None:
     print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, {tokens} tokens (prompt once + both responses)")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats} (interleaved), medians reported\n")
 
-    times: dict[str, list[float]] = {"bare": [], "extract": [], "naive": [], "store": []}
+    batch_sizes = (4, 16)
+    times: dict[str, list[float]] = {"bare": [], "extract": [], "naive": [], "store": [], **{f"batch{b}": [] for b in batch_sizes}}
     bare_forward(lm, sae, pairs[:4], cfg)  # warm-up
     with ResidualCapture(lm, sae.layer) as capture:
         compute_shard(capture, sae, pairs[:4], cfg)
@@ -92,6 +95,8 @@ def main() -> None:
         with ResidualCapture(lm, sae.layer) as capture:
             times["extract"].append(timed(lambda: compute_shard(capture, sae, pairs, cfg)))
             times["naive"].append(timed(lambda: compute_shard(capture, sae, pairs, naive_cfg)))
+            for b in batch_sizes:
+                times[f"batch{b}"].append(timed(lambda: compute_shard(capture, sae, pairs, cfg, (b, cfg.batch_tokens))))
         with tempfile.TemporaryDirectory() as d:
             times["store"].append(timed(lambda: extract(pairs, lm, sae, d, ExtractConfig(progress=False, shard_size=16))))
             if rep == 0:
@@ -103,6 +108,7 @@ def main() -> None:
         ("bare early-exit forward", med["bare"], tokens / med["bare"]),
         ("extraction (in memory)", med["extract"], tokens / med["extract"]),
         ("extraction, naive (prompt run twice)", med["naive"], tokens / med["naive"]),
+        *[(f"extraction, {b} pairs per forward", med[f"batch{b}"], tokens / med[f"batch{b}"]) for b in batch_sizes],
         ("extract() with shards, files, merge", med["store"], tokens / med["store"]),
     ]
     print(f"{'':40s} {'seconds':>9s} {'tokens/s':>10s}")
@@ -111,6 +117,8 @@ def main() -> None:
     print()
     print(f"extraction / bare forward throughput ratio : {med['bare'] / med['extract']:.3f}   (aim >= 0.9)")
     print(f"shared-prefix / naive extraction time ratio: {med['extract'] / med['naive']:.3f}   (lower is better)")
+    for b in batch_sizes:
+        print(f"batched ({b:2d} pairs) / one-pair throughput  : {med['extract'] / med[f'batch{b}']:.3f}")
     print(f"extract() / in-memory extraction time ratio: {med['store'] / med['extract']:.3f}")
     print(f"bytes per pair, pooled statistics          : {pooled_bpp:.0f}   (aim <= 2048)")
     print(f"bytes per pair, everything stored          : {all_bpp:.0f}")

@@ -123,25 +123,53 @@ class ResidualCapture:
         return hook
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
         device = self.lm.device
         kwargs = {"attention_mask": attention_mask.to(device)} if attention_mask is not None else {}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids.to(device)
         self.base(input_ids=input_ids.to(device), use_cache=cache is not None, **with_cache(self.base, cache), **kwargs)
         return self.at[self.layers[0]]
 
     @torch.no_grad()
     def shared_prefix(self, prompt: list[int], responses: Sequence[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Residual (float) at the prompt's positions and at each response's positions. The prompt
-        runs once; its KV cache serves every response, and the responses run as one batch
-        (right padding needs no mask: causal attention never lets a real token see a later pad)."""
-        cache = DynamicCache()
-        prompt_resid = self(torch.tensor([prompt]), cache=cache)[0].float()
-        cache.batch_repeat_interleave(len(responses))
-        width = max(len(r) for r in responses)
+        runs once; its KV cache serves every response, and the responses run as one batch."""
+        return self.shared_prefix_batch([prompt], [responses])[0]
+
+    @torch.no_grad()
+    def shared_prefix_batch(self, prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """``shared_prefix`` for several prompts at once (each with the same number of responses),
+        in two forwards, so a GPU is kept busy.
+
+        Prompts are right-padded; their KV cache is repeated once per response; the responses are
+        right-padded after the padded prompts, with an attention mask that hides every prompt's
+        pads and position ids that continue each prompt's own length, so each row computes what
+        ``prompt + response`` alone would (causal attention never lets a real token see a later pad).
+        """
+        n = len(responses[0])
+        if any(len(r) != n for r in responses) or len(prompts) != len(responses):
+            raise ValueError("shared_prefix_batch needs one list of responses per prompt, all of the same length")
         pad = self.lm.tokenizer.pad_token_id or 0
-        batch = torch.tensor([list(r) + [pad] * (width - len(r)) for r in responses])
-        x = self(batch, cache=cache).float()
-        return prompt_resid, [x[j, : len(r)] for j, r in enumerate(responses)]
+        lengths = torch.tensor([len(p) for p in prompts])
+        P = int(lengths.max())
+        prompt_mask = torch.arange(P)[None, :] < lengths[:, None]
+        ids = torch.tensor([list(p) + [pad] * (P - len(p)) for p in prompts])
+        cache = DynamicCache()
+        prompt_resid = self(ids, attention_mask=prompt_mask.long(), cache=cache).float()
+        flat = [list(r) for rs in responses for r in rs]
+        R = max(len(r) for r in flat)
+        if R == 0:
+            empty = prompt_resid.new_zeros((0, prompt_resid.shape[-1]))
+            return [(prompt_resid[i, : len(p)], [empty] * n) for i, p in enumerate(prompts)]
+        cache.batch_repeat_interleave(n)
+        resp_len = torch.tensor([len(r) for r in flat])
+        resp_mask = torch.arange(R)[None, :] < resp_len[:, None]
+        batch = torch.tensor([r + [pad] * (R - len(r)) for r in flat])
+        mask = torch.cat([prompt_mask.repeat_interleave(n, 0), resp_mask], 1).long()
+        positions = lengths.repeat_interleave(n)[:, None] + torch.arange(R)[None, :]
+        x = self(batch, attention_mask=mask, position_ids=positions, cache=cache).float()
+        return [(prompt_resid[i, : len(p)], [x[i * n + j, : len(flat[i * n + j])] for j in range(n)]) for i, p in enumerate(prompts)]
 
     @torch.no_grad()
     def separately(self, prompt: list[int], responses: Sequence[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -1,7 +1,9 @@
 """Stage 1: SAE features of every (prompt, chosen, rejected), written as a feature store.
 
 For each pair the prompt is run once, up to the SAE's layer only (early exit), and its KV cache
-is shared by the chosen and the rejected response, which run together as a batch of two. The
+is shared by the chosen and the rejected response. Several pairs run per forward when
+``ExtractConfig.batch_size`` allows (length-sorted, padded, masked; on a GPU sized from free
+memory), with results equal to one pair at a time. The
 SAE encodes the residual stream at every response token; the store keeps, per response, the
 activations pooled over response tokens only (max, mean and firing count, sparse) and the sets of
 features firing in its opening and its ending tokens (``ExtractConfig.edge_tokens``), per prompt
@@ -20,6 +22,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "extract"
 STORE_FORMAT = 1
+CPU_BATCH_PAIRS = 1  # benchmarks/extract.py: batching gains little on two CPU cores
 HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 48)]).astype(np.float32)
 
 
@@ -76,83 +80,151 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
+@dataclass
+class _Tokenized:
+    """One pair cut to the config's limits: the prompt (with its content mask) and both responses."""
+
+    prompt: list[int]
+    prompt_mask: list[bool]
+    sides: list[list[int]]
+    cut_prompt: bool
+    cut_responses: int
+
+    @property
+    def padded_tokens(self) -> int:
+        return len(self.prompt) + 2 * max(len(s) for s in self.sides)
+
+
+def _tokenize(tok, pair: PreferencePair, cfg: ExtractConfig) -> _Tokenized:
+    c = render_example(tok, pair.prompt, pair.chosen)
+    r_ids = list(tok(pair.rejected, add_special_tokens=False)["input_ids"])
+    p_ids, p_mask, cut = truncate_prompt(c.prompt_ids, c.prompt_content, cfg.max_prompt_tokens)
+    sides = [ids[: cfg.max_response_tokens] for ids in (c.response_ids, r_ids)]
+    return _Tokenized(p_ids, p_mask, sides, cut, sum(len(ids) > cfg.max_response_tokens for ids in (c.response_ids, r_ids)))
+
+
+def length_batches(sizes: Sequence[int], max_pairs: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar size (sorted, so padding is small), each at most
+    ``max_pairs`` long and, padded to its longest member, at most ``max_tokens`` (a single item
+    larger than that is a batch of its own)."""
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        b = batches[-1] if batches else None
+        if b is not None and len(b) < max_pairs and (len(b) + 1) * sizes[i] <= max_tokens:
+            b.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def batch_limits(cfg: ExtractConfig, lm: LoadedModel, sae: LoadedSAE) -> tuple[int, int]:
+    """(pairs, padded tokens) per forward. On a GPU with ``batch_size=None`` both come from free
+    memory: each token costs about 12 bytes per SAE feature (pre-activations, activations, masks
+    in fp32) plus the model's activations; 40 % of the free memory is used."""
+    if cfg.batch_size is not None:
+        return cfg.batch_size, cfg.batch_tokens
+    if lm.device.type != "cuda":
+        return CPU_BATCH_PAIRS, cfg.batch_tokens
+    free, _ = torch.cuda.mem_get_info(lm.device)
+    return gpu_batch_limits(free, sae.d_sae, lm.d_model, int(getattr(lm.model.config, "intermediate_size", 4 * lm.d_model)))
+
+
+def gpu_batch_limits(free_bytes: int, d_sae: int, d_model: int, d_ff: int) -> tuple[int, int]:
+    per_token = 12 * d_sae + 4 * (3 * d_ff + 8 * d_model)
+    tokens = max(512, int(0.4 * free_bytes / per_token))
+    return 256, tokens
+
+
 @torch.no_grad()
-def compute_shard(capture: ResidualCapture, sae: LoadedSAE, pairs: Sequence[PreferencePair], cfg: ExtractConfig) -> dict[str, np.ndarray]:
-    """The store's arrays for one shard of pairs (``capture`` cuts the model at the SAE's layer)."""
+def compute_shard(capture: ResidualCapture, sae: LoadedSAE, pairs: Sequence[PreferencePair], cfg: ExtractConfig, limits: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """The store's arrays for one shard of pairs (``capture`` cuts the model at the SAE's layer).
+
+    Pairs run in length-sorted batches of ``limits`` = (pairs, padded tokens) per forward (default
+    ``(cfg.batch_size or 1, cfg.batch_tokens)``); the SAE encodes a whole batch's tokens at once;
+    the results are written in the pairs' order, so the batching never changes the layout."""
     tok = capture.lm.tokenizer
     d_sae = sae.d_sae
-    resp = {k: [] for k in ("feat", "max", "mean", "count")}
-    resp_nnz, resp_ntok, tokens, cand, cand_val = [], [], [], [], []
-    edge = {e: [] for e in EDGES}
-    prm = {k: [] for k in ("feat", "max", "mean", "count")}
-    prm_nnz, prm_ntok = [], []
+    max_pairs, max_tokens = limits or (cfg.batch_size or 1, cfg.batch_tokens)
+    items = [_tokenize(tok, pair, cfg) for pair in pairs]
+    per_pair: list[dict[str, Any]] = [{} for _ in items]
     hist = np.zeros((d_sae, 2, len(HIST_EDGES) - 1), dtype=np.int64)
-    n_trunc_prompt = n_trunc_resp = 0
-    for local, pair in enumerate(pairs):
-        c = render_example(tok, pair.prompt, pair.chosen)
-        r_ids = tok(pair.rejected, add_special_tokens=False)["input_ids"]
-        p_ids, p_mask, cut = truncate_prompt(c.prompt_ids, c.prompt_content, cfg.max_prompt_tokens)
-        n_trunc_prompt += cut
-        sides = []
-        for ids in (c.response_ids, list(r_ids)):
-            n_trunc_resp += len(ids) > cfg.max_response_tokens
-            sides.append(ids[: cfg.max_response_tokens])
-        prompt_resid, side_resid = (capture.shared_prefix if cfg.shared_prefix else capture.separately)(p_ids, sides)
-        for side, (ids, x) in enumerate(zip(sides, side_resid)):
-            acts = sae.encode(x).float()
-            pooled = _pool(acts)
-            if cfg.edge_tokens:
-                for e, window in zip(EDGES, (acts[: cfg.edge_tokens], acts[-cfg.edge_tokens :])):
-                    edge[e].append(torch.nonzero((window > 0).any(0), as_tuple=True)[0].cpu().numpy())
-            for k in resp:
-                resp[k].append(pooled[k])
-            resp_nnz.append(len(pooled["feat"]))
-            resp_ntok.append(len(ids))
-            tokens.append(np.asarray(ids, dtype=np.int32))
-            row = 2 * local + side
-            cand.append(np.stack([pooled["feat"], np.full_like(pooled["feat"], row), pooled["argmax"]], 1))
-            cand_val.append(pooled["max"])
-            nz = torch.nonzero(acts > 0, as_tuple=True)
-            if nz[0].numel():
-                vals = acts[nz].cpu().numpy()
-                bins = np.clip(np.searchsorted(HIST_EDGES, vals, side="right") - 1, 0, len(HIST_EDGES) - 2)
-                flat = (nz[1].cpu().numpy() * 2 + side) * (len(HIST_EDGES) - 1) + bins
-                hist += np.bincount(flat, minlength=hist.size).reshape(hist.shape)
+    for batch in length_batches([it.padded_tokens for it in items], max_pairs if cfg.shared_prefix else 1, max_tokens):
+        if cfg.shared_prefix:
+            resid = capture.shared_prefix_batch([items[i].prompt for i in batch], [items[i].sides for i in batch])
+        else:
+            resid = [capture.separately(items[i].prompt, items[i].sides) for i in batch]
+        side_x = [x for _, xs in resid for x in xs]
+        acts_all = _encode(sae, torch.cat(side_x))
+        split = np.cumsum([0] + [len(x) for x in side_x])
+        for b, local in enumerate(batch):
+            per_pair[local]["sides"] = [_response_record(acts_all[split[2 * b + side] : split[2 * b + side + 1]], 2 * local + side, side, cfg, hist) for side in (0, 1)]
         if cfg.store_prompts:
-            keep = torch.tensor([i for i, m in enumerate(p_mask) if m and i > 0], dtype=torch.long)
-            pooled = _pool(sae.encode(prompt_resid[keep.to(prompt_resid.device)]).float() if keep.numel() else prompt_resid[:0].new_zeros((0, d_sae)))
-            for k in prm:
-                prm[k].append(pooled[k])
-            prm_nnz.append(len(pooled["feat"]))
-            prm_ntok.append(int(keep.numel()))
+            keeps = [[j for j, m in enumerate(items[local].prompt_mask) if m and j > 0] for local in batch]
+            kept = [resid[b][0][torch.tensor(k, dtype=torch.long, device=resid[b][0].device)] for b, k in enumerate(keeps)]
+            acts_p = _encode(sae, torch.cat(kept))
+            psplit = np.cumsum([0] + [len(k) for k in keeps])
+            for b, local in enumerate(batch):
+                per_pair[local]["prompt"] = _pool(acts_p[psplit[b] : psplit[b + 1]])
+    return _shard_arrays(items, per_pair, hist, d_sae, cfg)
+
+
+def _encode(sae: LoadedSAE, x: torch.Tensor) -> torch.Tensor:
+    return sae.encode(x).float() if len(x) else x.new_zeros((0, sae.d_sae))
+
+
+def _response_record(acts: torch.Tensor, row: int, side: int, cfg: ExtractConfig, hist: np.ndarray) -> dict[str, Any]:
+    """One response's pooled statistics, edge sets and top-context candidates; adds its token
+    activations to the per-feature histograms ``hist``."""
+    pooled = _pool(acts)
+    rec: dict[str, Any] = {"pooled": pooled, "ntok": acts.shape[0]}
+    if cfg.edge_tokens:
+        rec["edges"] = [torch.nonzero((w > 0).any(0), as_tuple=True)[0].cpu().numpy() for w in (acts[: cfg.edge_tokens], acts[-cfg.edge_tokens :])]
+    rec["cand"] = np.stack([pooled["feat"], np.full_like(pooled["feat"], row), pooled["argmax"]], 1)
+    nz = torch.nonzero(acts > 0, as_tuple=True)
+    if nz[0].numel():
+        vals = acts[nz].cpu().numpy()
+        bins = np.clip(np.searchsorted(HIST_EDGES, vals, side="right") - 1, 0, len(HIST_EDGES) - 2)
+        flat = (nz[1].cpu().numpy() * 2 + side) * (len(HIST_EDGES) - 1) + bins
+        hist += np.bincount(flat, minlength=hist.size).reshape(hist.shape)
+    return rec
+
+
+def _shard_arrays(items: list[_Tokenized], per_pair: list[dict[str, Any]], hist: np.ndarray, d_sae: int, cfg: ExtractConfig) -> dict[str, np.ndarray]:
+    """Concatenate the per-pair records, in pair order, into the shard's arrays."""
     fdt = feature_dtype(d_sae)
+    recs = [r for p in per_pair for r in p["sides"]]
+    pooled = lambda k, rs: np.concatenate([r[k] for r in rs]) if rs else np.zeros(0)
+    resp = [r["pooled"] for r in recs]
+    tokens = [np.asarray(s, dtype=np.int32) for it in items for s in it.sides]
     out = {
-        "resp_nnz": np.asarray(resp_nnz, dtype=np.int64),
-        "resp_feat": np.concatenate(resp["feat"]).astype(fdt),
-        "resp_max": np.concatenate(resp["max"]).astype(np.float16),
-        "resp_mean": np.concatenate(resp["mean"]).astype(np.float16),
-        "resp_count": np.concatenate(resp["count"]).astype(np.uint16),
-        "resp_ntok": np.asarray(resp_ntok, dtype=np.int32),
+        "resp_nnz": np.asarray([len(r["feat"]) for r in resp], dtype=np.int64),
+        "resp_feat": pooled("feat", resp).astype(fdt),
+        "resp_max": pooled("max", resp).astype(np.float16),
+        "resp_mean": pooled("mean", resp).astype(np.float16),
+        "resp_count": pooled("count", resp).astype(np.uint16),
+        "resp_ntok": np.asarray([r["ntok"] for r in recs], dtype=np.int32),
         "tok_len": np.asarray([len(t) for t in tokens], dtype=np.int64),
         "tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
         "hist": hist,
-        "truncated": np.asarray([n_trunc_prompt, n_trunc_resp], dtype=np.int64),
+        "truncated": np.asarray([sum(it.cut_prompt for it in items), sum(it.cut_responses for it in items)], dtype=np.int64),
     }
     if cfg.edge_tokens:
-        for e, sets in edge.items():
+        for j, e in enumerate(EDGES):
+            sets = [r["edges"][j] for r in recs]
             out[f"resp_{e}_nnz"] = np.asarray([len(f) for f in sets], dtype=np.int64)
             out[f"resp_{e}_feat"] = np.concatenate(sets).astype(fdt) if sets else np.zeros(0, fdt)
-    cand_arr = np.concatenate(cand) if cand else np.zeros((0, 3), np.int64)
-    vals = np.concatenate(cand_val).astype(np.float32) if cand else np.zeros(0, np.float32)
-    out.update(_top_per_feature(cand_arr, vals, cfg.top_contexts))
+    cand = np.concatenate([r["cand"] for r in recs]) if recs else np.zeros((0, 3), np.int64)
+    out.update(_top_per_feature(cand, pooled("max", resp).astype(np.float32), cfg.top_contexts))
     if cfg.store_prompts:
+        prm = [p["prompt"] for p in per_pair]
         out.update(
-            prompt_nnz=np.asarray(prm_nnz, dtype=np.int64),
-            prompt_feat=np.concatenate(prm["feat"]).astype(fdt),
-            prompt_max=np.concatenate(prm["max"]).astype(np.float16),
-            prompt_mean=np.concatenate(prm["mean"]).astype(np.float16),
-            prompt_count=np.concatenate(prm["count"]).astype(np.uint16),
-            prompt_ntok=np.asarray(prm_ntok, dtype=np.int32),
+            prompt_nnz=np.asarray([len(p["feat"]) for p in prm], dtype=np.int64),
+            prompt_feat=pooled("feat", prm).astype(fdt),
+            prompt_max=pooled("max", prm).astype(np.float16),
+            prompt_mean=pooled("mean", prm).astype(np.float16),
+            prompt_count=pooled("count", prm).astype(np.uint16),
+            prompt_ntok=np.asarray([int(sum(m and j > 0 for j, m in enumerate(it.prompt_mask))) for it in items], dtype=np.int32),
         )
     return out
 
@@ -282,12 +354,13 @@ def extract(
     t0 = time.time()
     if todo:
         lm.model.eval()
+        limits = batch_limits(cfg, lm, sae_)
         n_todo = sum(len(pair_list[i * cfg.shard_size : (i + 1) * cfg.shard_size]) for i in todo)
         desc = f"extract (rank {state.process_index})" if state.num_processes > 1 else "extract"
         with ResidualCapture(lm, sae_.layer) as capture, tqdm(total=n_todo, desc=desc, unit="pair", disable=not show_progress(cfg.progress)) as bar:
             for i in todo:
                 chunk = pair_list[i * cfg.shard_size : (i + 1) * cfg.shard_size]
-                _write_shard(shard_root / _shard_name(i), compute_shard(capture, sae_, chunk, cfg))
+                _write_shard(shard_root / _shard_name(i), compute_shard(capture, sae_, chunk, cfg, limits))
                 bar.update(len(chunk))
     state.wait_for_everyone()
     if state.is_main_process:
