@@ -170,9 +170,10 @@ class FeatureStore:
             counts[a:b] = np.bitwise_count(np.asarray(bits[a:b])).sum(1)
         indptr = np.r_[0, np.cumsum(counts)].astype(np.int64)
         indices = np.empty(int(indptr[-1]), dtype=np.int32)
+        ids = np.arange(d, dtype=np.int32)
         for a, b in _row_blocks(len(bits), d):
-            flat = np.flatnonzero(np.unpackbits(np.asarray(bits[a:b]), axis=1, count=d, bitorder="little"))
-            indices[indptr[a] : indptr[b]] = flat % d
+            fired = np.unpackbits(np.asarray(bits[a:b]), axis=1, count=d, bitorder="little").view(bool)
+            indices[indptr[a] : indptr[b]] = np.broadcast_to(ids, fired.shape)[fired]  # row-major: ids ascending per row
         return indptr, indices
 
     def _missing(self, prefix: str, stat: str) -> Exception:
