@@ -8,8 +8,8 @@ ending tokens (``ExtractConfig.edge_tokens``), per prompt the features firing on
 contents with their mean activation (for topic clustering), per feature its top-activating
 contexts and token-level activation histograms, and every response's tokens so any context can be
 shown later. The per-feature max / mean / firing count of every response (and the prompt's max /
-count) are kept only with ``ExtractConfig.pooled_values``: no stage reads them, and they are 8 bytes
-per firing feature. A firing set is stored as feature ids or, when denser than 1 in 16 features,
+count) are kept only with ``ExtractConfig.pooled_values``: no stage reads them, and they take 6
+bytes per firing feature of a response (4 of a prompt). A firing set is stored as feature ids or, when denser than 1 in 16 features,
 as a bitset (``write_firing_sets``).
 
 Work is split into shards of pairs, each written atomically: a killed run resumes where it
@@ -53,8 +53,9 @@ HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 48)]).astype(np.floa
 
 
 def feature_dtype(d_sae: int):
-    """Pooled statistics take 8 bytes per firing feature: uint16 id, float16 max and mean,
-    uint16 count (responses are capped well below 65,535 tokens)."""
+    """Feature ids are uint16 up to 65,536 features (2 bytes per firing feature), else int32. The
+    values kept with ``pooled_values`` are float16 max and mean and uint16 count (responses are
+    capped below 65,536 tokens)."""
     return np.uint16 if d_sae <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
