@@ -118,6 +118,7 @@ class ExtractConfig(Config):
     store_prompts: bool = field(default=True, metadata=_help("also pool each prompt's message contents (topics use them)"))
     # an opener or a sign-off is specific to the first / last tokens and diluted in the whole response
     edge_tokens: int = field(default=8, metadata=_help("per response, also the features firing in its first / last this many tokens; 0 = not stored"))
+    pooled_values: bool = field(default=False, metadata=_help("also store per firing feature the max / mean / firing count over each response's tokens (6 bytes) and the prompt's max / count (4 bytes): ~12.5 KB more per pair on the default SAE; no stage reads them"))
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):

@@ -261,7 +261,7 @@ def main() -> None:
     else:
         lm, sae = load_model(), load_sae(args.sae or DEFAULT_SAE, device="cpu")
     pairs = list(load_pairs("hh-rlhf", limit=args.pairs))
-    ecfg = ExtractConfig(progress=True, max_prompt_tokens=384)
+    ecfg = ExtractConfig(progress=True, max_prompt_tokens=384, pooled_values=True)  # reads pooled("max")
     work = Path(args.work_dir)
     base_store = extract(pairs, lm, sae, work, ecfg)
     base = PairFeatures.from_store(base_store)

@@ -54,8 +54,7 @@ def run_one(size: str, cache: Path) -> dict:
     n_pairs, d_sae, per_response = (int(v) for v in size.split("x"))
     run_dir = cache / size
     store = write_synthetic_store(run_dir, n_pairs, d_sae, per_response)  # reused
-    fires = store.array("resp_indptr")
-    measured = (fires[-1] - fires[0]) / (len(fires) - 1)
+    measured = store.n_firing("resp").mean()
     planted = set(store.manifest["synthetic"]["planted_groups"])
     t0 = time.perf_counter()
     hyp = hypothesize(run_dir, {"promoted_tokens": 0})

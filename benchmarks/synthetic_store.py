@@ -4,8 +4,10 @@ No model runs: responses fire *groups* of co-firing features (a stand-in for con
 popularity follows a power law, and the mean number of distinct features per response is pinned
 to a real SAE's (the default SAE: ~670; a wide public SAE: ~1,500). Chosen and rejected share
 most of their pair's groups; a few planted groups favour chosen. Prompts fire topic-specific
-groups, so prompt topics exist. The store is written in the layout ``stages.extract`` writes, so
-stage 2 runs on it unchanged.
+groups, so prompt topics exist. The store is written in the layout ``stages.extract`` writes
+(firing sets through its ``write_firing_sets``: bitsets where dense), so stage 2 runs on it
+unchanged; the values no stage reads (responses' max / mean / count, prompts' max / count) only
+with ``pooled_values=True``, as ``ExtractConfig.pooled_values``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from anatomy_nb.config import ExtractConfig
 from anatomy_nb.core.files import atomic_save_npy, atomic_write_json, content_hash
 from anatomy_nb.core.run import Run
 from anatomy_nb.results.store import FeatureStore
-from anatomy_nb.stages.extract import HIST_EDGES, STAGE, STORE_FORMAT, feature_dtype
+from anatomy_nb.stages.extract import HIST_EDGES, STAGE, STORE_FORMAT, write_firing_sets
 
 GROUP = 8  # features per co-firing group
 KEEP = 0.7  # a member fires when its group is active with this probability
@@ -67,10 +69,10 @@ def _pilot_mean(pi: np.ndarray, rng: np.random.Generator, scale: np.ndarray) -> 
     return len(distinct) * GROUP * KEEP / (2 * n)
 
 
-def write_synthetic_store(run_dir: str | Path, n_pairs: int, d_sae: int, per_response: float, seed: int = 0, n_topics: int = 12, n_planted: int = 20) -> FeatureStore:
+def write_synthetic_store(run_dir: str | Path, n_pairs: int, d_sae: int, per_response: float, seed: int = 0, n_topics: int = 12, n_planted: int = 20, pooled_values: bool = False) -> FeatureStore:
     """Write (or reuse) a synthetic store under ``run_dir/extract/<key>`` and return it."""
     run = Run(run_dir)
-    key = content_hash("synthetic", 3, n_pairs, d_sae, per_response, seed, n_topics, n_planted)
+    key = content_hash("synthetic", 3, STORE_FORMAT, n_pairs, d_sae, per_response, seed, n_topics, n_planted, pooled_values)
     stage = run.stage(STAGE, key, STORE_FORMAT)
     if stage.reuse():
         return FeatureStore(stage.path)
@@ -78,7 +80,6 @@ def write_synthetic_store(run_dir: str | Path, n_pairs: int, d_sae: int, per_res
     out = stage.begin()
     rng = np.random.default_rng(seed)
     n_groups = d_sae // GROUP
-    fdt = feature_dtype(d_sae)
     n_resp = 2 * n_pairs
     ntok = np.clip(rng.lognormal(np.log(180), 0.6, n_resp), 8, 1024).astype(np.int32)
     ntok[0::2] = np.clip(ntok[0::2] * 1.1, 8, 1024)  # chosen a little longer, as in most data sets
@@ -95,17 +96,16 @@ def write_synthetic_store(run_dir: str | Path, n_pairs: int, d_sae: int, per_res
     groups = np.concatenate([pg, pg, sg, np.repeat(planted, extra_rows.shape[1])])
     key_rg = np.unique(rows * n_groups + groups)
     indptr, feats = _expand(rng, key_rg // n_groups, key_rg % n_groups, n_resp)
-    atomic_save_npy(out / "resp_indptr.npy", indptr)
-    atomic_save_npy(out / "resp_feat.npy", feats.astype(fdt))
+    layouts = {"resp": write_firing_sets(out, "resp", indptr, feats, d_sae)}
     for stat, dtype in (("max", np.float16), ("mean", np.float16), ("count", np.uint16)):
         vals = rng.gamma(2.0, 1.0, len(feats)) if stat != "count" else rng.integers(1, 20, len(feats))
-        atomic_save_npy(out / f"resp_{stat}.npy", vals.astype(dtype))
+        if pooled_values:  # drawn either way: the rest of the store does not depend on pooled_values
+            atomic_save_npy(out / f"resp_{stat}.npy", vals.astype(dtype))
     atomic_save_npy(out / "resp_ntok.npy", ntok)
     row_of = np.repeat(np.arange(n_resp), np.diff(indptr))
     for edge in ("opening", "ending"):
         keep = rng.random(len(feats)) < EDGE
-        atomic_save_npy(out / f"resp_{edge}_indptr.npy", np.r_[0, np.cumsum(np.bincount(row_of[keep], minlength=n_resp))].astype(np.int64))
-        atomic_save_npy(out / f"resp_{edge}_feat.npy", feats[keep].astype(fdt))
+        layouts[f"resp_{edge}"] = write_firing_sets(out, f"resp_{edge}", np.r_[0, np.cumsum(np.bincount(row_of[keep], minlength=n_resp))], feats[keep], d_sae)
     # top contexts from a sample of firing entries, ordered by feature
     sample = np.sort(rng.choice(len(feats), size=min(len(feats), 20_000_000), replace=False))
     order = np.argsort(feats[sample], kind="stable")
@@ -141,12 +141,12 @@ def write_synthetic_store(run_dir: str | Path, n_pairs: int, d_sae: int, per_res
     per_pair = np.diff(p_indptr)[prompt_group]
     pair_indptr = np.r_[0, np.cumsum(per_pair)].astype(np.int64)
     idx = np.repeat(p_indptr[prompt_group], per_pair) + (np.arange(per_pair.sum()) - np.repeat(pair_indptr[:-1], per_pair))
-    atomic_save_npy(out / "prompt_indptr.npy", pair_indptr)
-    atomic_save_npy(out / "prompt_feat.npy", p_feats[idx].astype(fdt))
+    layouts["prompt"] = write_firing_sets(out, "prompt", pair_indptr, p_feats[idx], d_sae)
     pvals = rng.gamma(2.0, 1.0, len(idx))
-    atomic_save_npy(out / "prompt_max.npy", pvals.astype(np.float16))
     atomic_save_npy(out / "prompt_mean.npy", (pvals / 3).astype(np.float16))
-    atomic_save_npy(out / "prompt_count.npy", np.ones(len(idx), np.uint16))
+    if pooled_values:
+        atomic_save_npy(out / "prompt_max.npy", pvals.astype(np.float16))
+        atomic_save_npy(out / "prompt_count.npy", np.ones(len(idx), np.uint16))
     atomic_save_npy(out / "prompt_ntok.npy", rng.integers(10, 200, n_pairs).astype(np.int32))
     atomic_save_npy(out / "prompt_group.npy", prompt_group.astype(np.int64))
     words = WORDS[rng.integers(0, vocab, int(ntok.sum()))]
@@ -163,11 +163,12 @@ def write_synthetic_store(run_dir: str | Path, n_pairs: int, d_sae: int, per_res
         "layer": 0,
         "model": {"name": "synthetic", "fingerprint": "synthetic", "dtype": "none"},
         "sae": {"name": f"synthetic-{d_sae}", "fingerprint": key, "hook_name": "none"},
-        "config": ExtractConfig().to_dict(),
+        "config": ExtractConfig(pooled_values=pooled_values).to_dict(),
         "synthetic": {"per_response": per_response, "seed": seed, "planted_groups": planted.tolist(), "group_size": GROUP},
         "seconds_last_session": round(time.time() - t0, 2),
         "world_size": 1,
         "truncated_prompts": 0,
         "truncated_responses": 0,
+        "firing_sets": layouts,
     }, n_pairs=n_pairs)
     return FeatureStore(out)

@@ -60,7 +60,8 @@ from anatomy_nb.ui.viewer_data import ViewerData
 
 run = anb.Run({str(tiny_eval.run)!r})
 store = run.store
-assert store.pooled("max", "chosen").shape[0] == store.n_pairs and store.pairs()[0].prompt_text
+assert store.pooled("fires", "chosen").shape[0] == store.n_pairs and store.pairs()[0].prompt_text
+assert store.pooled("mean", prefix="prompt").shape == (store.n_pairs, store.d_sae) and store.bytes_per_pair() > 0
 store.top_contexts(0), store.histogram(0), store.token_counts(), store.prompt_groups()
 hyp = run.hypotheses
 assert len(hyp.ranked()) and len(hyp.features) == store.d_sae and hyp.feature_labels().shape == (store.d_sae,)

@@ -1,25 +1,33 @@
 """The feature store against brute force, and its durability (keys, resume, ranks, determinism)."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import anatomy_nb.stages.extract as ex
 from anatomy_nb.config import ExtractConfig
-from anatomy_nb.results.store import FeatureStore
+from anatomy_nb.results.store import STATS, FeatureStore
 from anatomy_nb.stages.extract import extract
 from anatomy_nb.lm.chat import render_example
 from anatomy_nb.lm.ops import decoder_layers
 
-CFG = ExtractConfig(shard_size=6, top_contexts=5, progress=False)
+CFG = ExtractConfig(shard_size=6, top_contexts=5, pooled_values=True, progress=False)  # checks max / mean / count
+LEAN = ExtractConfig.from_dict({**CFG.to_dict(), "pooled_values": False})  # the default
 
 
 @pytest.fixture(scope="module")
 def store(tiny_lm, tiny_sae_, hh_pairs, tmp_path_factory):
     return extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path_factory.mktemp("run"), CFG)
+
+
+@pytest.fixture(scope="module")
+def lean(tiny_lm, tiny_sae_, hh_pairs, tmp_path_factory):
+    return extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path_factory.mktemp("lean"), LEAN)
 
 
 def arrays(store):
@@ -199,10 +207,107 @@ def test_store_layout_and_run_index(store):
     assert FeatureStore.from_run(store.path.parent.parent).path == store.path
     assert len(store.pairs()) == 20 and store.pairs()[0].id == "test-0"
     assert store.pooled("max", "chosen").shape == (20, 96)
+    assert m["firing_sets"] == dict.fromkeys(["prompt", "resp", "resp_ending", "resp_opening"], "bits")  # the tiny SAE fires densely
     assert not (store.path / "shards").exists()
     assert store.bytes_per_pair() > 0
     # groups: every pair gets the index of its distinct prompt
     assert len(store.prompt_groups()) == 20
+
+
+def test_a_lean_store_reads_as_the_full_one_for_every_stage(store, lean, tiny_lm, tiny_sae_):
+    """Without pooled_values the store drops only the values no stage reads: the firing sets, the
+    prompts' means and the edges are the same, and so is stage 2's output."""
+    from anatomy_nb.stages.hypothesize import hypothesize
+
+    assert lean.path.name != store.path.name and lean.manifest["config"]["pooled_values"] is False
+    for name in ("resp_max", "resp_mean", "resp_count", "prompt_max", "prompt_count"):
+        assert (store.path / f"{name}.npy").exists() and not (lean.path / f"{name}.npy").exists(), name
+    assert lean.has_prompts and lean.edges == store.edges == ["opening", "ending"]
+    for stat, side, prefix in [("fires", None, "resp"), ("fires", "chosen", "resp"), ("fires", "rejected", "resp"), ("mean", None, "prompt"), ("fires", None, "prompt"),
+                               ("fires", "chosen", "resp_opening"), ("fires", "rejected", "resp_opening"), ("fires", None, "resp_ending")]:
+        a, b = store.pooled(stat, side, prefix=prefix), lean.pooled(stat, side, prefix=prefix)
+        np.testing.assert_array_equal(a.indptr, b.indptr)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.data, b.data)
+    for k in ("tokens", "top_row", "top_val", "hist", "resp_ntok", "prompt_ntok"):
+        np.testing.assert_array_equal(store.array(k), lean.array(k), err_msg=k)
+    assert lean.bytes_per_pair() < store.bytes_per_pair()
+    cfg = {"promoted_tokens": 0, "concepts": {"min_support": 3}}
+    full_h, lean_h = hypothesize(store.path.parent.parent, cfg), hypothesize(lean.path.parent.parent, cfg)
+    assert len(full_h.table)
+    pd.testing.assert_frame_equal(full_h.table, lean_h.table)
+    pd.testing.assert_frame_equal(full_h.features, lean_h.features)
+
+
+def test_a_lean_store_names_the_statistic_it_lacks_and_the_setting(lean):
+    for stat, prefix in (("max", "resp"), ("count", "resp"), ("mean", "resp"), ("max", "prompt")):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(lean.path))}: this store has no {prefix}_{stat} .*ExtractConfig.pooled_values=True"):
+            lean.pooled(stat, "chosen", prefix=prefix)
+    with pytest.raises(ValueError, match="firing sets only"):
+        lean.pooled("max", prefix="resp_opening")
+    with pytest.raises(ValueError, match="stat must be one of"):
+        lean.pooled("maximum")
+
+
+@pytest.mark.parametrize("layout", ["bits", "ids"])
+def test_both_firing_set_layouts_give_the_same_store(store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch, layout):
+    """Forced to one layout for every family, the store decodes to the same CSR and the same values
+    (the tiny SAE is dense enough that "auto" picks bits; real SAEs' edges pick ids)."""
+    monkeypatch.setattr(ex, "FIRING_LAYOUT", layout)
+    forced = extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
+    families = ["resp", "prompt", "resp_opening", "resp_ending"]
+    assert forced.manifest["firing_sets"] == dict.fromkeys(families, layout)
+    other = {"bits": ("indptr", "feat"), "ids": ("bits",)}[layout]
+    assert all(forced.firing_layout(f) == layout and not any((forced.path / f"{f}_{a}.npy").exists() for a in other) for f in families)
+    for f in families:
+        for rows in (None, slice(0, None, 2), slice(1, None, 2), slice(3, 9), 5, -1):
+            for a, b in zip(store.firing_sets(f, rows), forced.firing_sets(f, rows)):
+                np.testing.assert_array_equal(a, b, err_msg=f"{f} {rows}")
+    for stat in STATS:
+        for side in (None, "chosen", "rejected"):
+            for prefix in ("resp", "prompt"):
+                assert (store.pooled(stat, side, prefix=prefix) != forced.pooled(stat, side, prefix=prefix)).nnz == 0, (stat, side, prefix)
+    assert forced.n_firing("resp").tolist() == np.diff(store.firing_sets("resp")[0]).tolist()
+
+
+def _csr(rng, n_rows, d, mean):
+    sets = [np.sort(rng.choice(d, size=min(d, rng.poisson(mean)), replace=False)) for _ in range(n_rows)]
+    sets[1] = sets[1][:0]  # an empty row
+    return np.r_[0, np.cumsum([len(s) for s in sets])], np.concatenate(sets).astype(np.int64)
+
+
+@pytest.mark.parametrize("mean,expected", [(13.0, "bits"), (8.0, "ids")])
+def test_the_writer_picks_bits_above_one_in_sixteen_features_and_the_reader_decodes_both(tmp_path, monkeypatch, mean, expected):
+    """d_sae = 163 (not a multiple of 8): a bitset row is 21 bytes, against 2 bytes per uint16 id,
+    so bits pay off above ~10.5 firing features per row. Decoding matches the CSR written, both
+    ways, in blocks of rows smaller than the store (forced here)."""
+    import anatomy_nb.results.store as st
+    from anatomy_nb.core.files import atomic_write_json
+
+    d, n = 163, 40
+    indptr, feat = _csr(np.random.default_rng(0), n, d, mean)
+    assert ex.firing_layout(n, indptr[-1], d) == ("bits" if indptr[-1] / n > 10.5 else "ids") == expected
+    for layout in ("bits", "ids"):
+        out = tmp_path / layout
+        out.mkdir()
+        assert ex.write_firing_sets(out, "resp", indptr, feat, d, layout=layout) == layout
+        atomic_write_json(out / "manifest.json", {"complete": True, "n_pairs": n // 2, "d_sae": d})
+        fs = FeatureStore(out)
+        for block_bytes, block_rows in ((1 << 26, 8192), (3 * d, 3)):  # one block; a few rows per block
+            monkeypatch.setattr(st, "_BLOCK_BYTES", block_bytes)
+            monkeypatch.setattr(st, "_ROWS", block_rows)
+            fs._cache.clear()
+            got_ptr, got_ids = fs.firing_sets("resp")
+            np.testing.assert_array_equal(got_ptr, indptr)
+            np.testing.assert_array_equal(got_ids, feat)
+            ptr, ids = fs.firing_sets("resp", slice(1, None, 2))
+            np.testing.assert_array_equal(ptr, np.r_[0, np.cumsum(np.diff(indptr)[1::2])])
+            np.testing.assert_array_equal(ids, np.concatenate([feat[indptr[i] : indptr[i + 1]] for i in range(1, n, 2)]))
+            np.testing.assert_array_equal(fs.firing_sets("resp", 7)[1], feat[indptr[7] : indptr[8]])
+            np.testing.assert_array_equal(fs.n_firing("resp"), np.diff(indptr))
+        assert fs.pooled("fires", "rejected").shape == (n // 2, d)
+    with pytest.raises(ValueError, match="not ascending"):
+        ex.write_firing_sets(tmp_path / "bits", "resp", np.array([0, 2]), np.array([5, 3]), d, layout="bits")
 
 
 def test_long_inputs_are_truncated_and_counted(tiny_lm, tiny_sae_, hh_pairs, tmp_path):

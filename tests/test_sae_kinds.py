@@ -99,7 +99,7 @@ def test_extraction_equals_sae_lens_encode_at_the_named_hook(kind, hook, layer_i
     loaded = load_sae(str(path), device="cpu")
     assert loaded.layer == layer_input - 1
     pairs = hh_pairs[:4]
-    store = extract(pairs, tiny_lm, loaded, tmp_path / "run", {"max_prompt_tokens": 4096, "max_response_tokens": 4096})
+    store = extract(pairs, tiny_lm, loaded, tmp_path / "run", {"max_prompt_tokens": 4096, "max_response_tokens": 4096, "pooled_values": True})
     for side in ("chosen", "rejected"):
         expected = reference_max(tiny_lm, path, layer_input, pairs, side)
         got = store.pooled("max", side).toarray()

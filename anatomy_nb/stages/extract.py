@@ -4,12 +4,15 @@ For each pair the prompt is run once, up to the SAE's layer only (early exit), a
 is shared by the chosen and the rejected response. Several pairs run per forward when
 ``ExtractConfig.batch_size`` allows (length-sorted, padded, masked; on a GPU sized from free
 memory), with results equal to one pair at a time. The
-SAE encodes the residual stream at every response token; the store keeps, per response, the
-activations pooled over response tokens only (max, mean and firing count, sparse) and the sets of
-features firing in its opening and its ending tokens (``ExtractConfig.edge_tokens``), per prompt
-the same pooled over the prompt's message contents (for topic clustering), per feature its
-top-activating contexts and token-level activation histograms, and every response's tokens so
-any context can be shown later.
+SAE encodes the residual stream at every response token; the store keeps, per response, the set
+of features firing on its tokens (response tokens only) and the sets firing in its opening and its
+ending tokens (``ExtractConfig.edge_tokens``), per prompt the features firing on its message
+contents with their mean activation (for topic clustering), per feature its top-activating
+contexts and token-level activation histograms, and every response's tokens so any context can be
+shown later. The per-feature max / mean / firing count of every response (and the prompt's max /
+count) are kept only with ``ExtractConfig.pooled_values``: no stage reads them, and they take 6
+bytes per firing feature of a response (4 of a prompt). A firing set is stored as feature ids or, when denser than 1 in 16 features,
+as a bitset (``write_firing_sets``).
 
 Work is split into shards of pairs, each written atomically: a killed run resumes where it
 stopped and gives the same store as an uninterrupted one. Under ``accelerate launch`` each
@@ -43,19 +46,20 @@ from ..lm.ops import ResidualCapture
 from ..lm.sae import LoadedSAE, hook_name, load_sae
 from ..results.store import EDGES, FeatureStore
 
-__all__ = ["ExtractConfig", "FeatureStore", "compute_shard", "extract", "store_key", "STAGE"]
+__all__ = ["ExtractConfig", "FeatureStore", "compute_shard", "extract", "store_key", "write_firing_sets", "STAGE"]
 
 log = logging.getLogger(__name__)
 
 STAGE = "extract"
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: firing sets as bitsets when dense; pooled values only with pooled_values
 CPU_BATCH_PAIRS = 1  # benchmarks/extract.py: batching gains little on two CPU cores
 HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 48)]).astype(np.float32)
 
 
 def feature_dtype(d_sae: int):
-    """Pooled statistics take 8 bytes per firing feature: uint16 id, float16 max and mean,
-    uint16 count (responses are capped well below 65,535 tokens)."""
+    """Feature ids are uint16 up to 65,536 features (2 bytes per firing feature), else int32. The
+    values kept with ``pooled_values`` are float16 max and mean and uint16 count (responses are
+    capped below 65,536 tokens)."""
     return np.uint16 if d_sae <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
@@ -71,6 +75,62 @@ def _pool(acts: torch.Tensor) -> dict[str, np.ndarray]:
     mx, argmax = acts[:, feat].max(0)
     mean = acts[:, feat].sum(0) / T
     return {"feat": feat.cpu().numpy(), "max": mx.cpu().numpy(), "mean": mean.cpu().numpy(), "count": count[feat].cpu().numpy(), "argmax": argmax.cpu().numpy()}
+
+
+# --- firing sets -------------------------------------------------------------------------------
+
+#: "auto": per store and array family, whichever of a bitset and feature ids is smaller; "bits" or
+#: "ids" force one (tests)
+FIRING_LAYOUT = "auto"
+_BLOCK_BYTES = 1 << 26  # unpacked (rows × d_sae) booleans converted at a time
+
+
+def firing_layout(n_rows: int, nnz: int, d_sae: int) -> str:
+    """"bits" when a row's bitset (ceil(d_sae / 8) bytes) is smaller than its mean number of
+    feature ids (uint16 below 65,537 features: more than d_sae / 16 firing per row), else "ids"."""
+    if FIRING_LAYOUT != "auto":
+        return FIRING_LAYOUT
+    if n_rows == 0:
+        return "ids"
+    return "bits" if nnz / n_rows * np.dtype(feature_dtype(d_sae)).itemsize > (d_sae + 7) // 8 else "ids"
+
+
+def write_firing_sets(out_dir: str | Path, prefix: str, indptr: np.ndarray, feat: np.ndarray, d_sae: int, layout: str | None = None) -> str:
+    """Write the CSR firing sets ``indptr``/``feat`` (feature ids ascending within a row) as
+    ``{prefix}_bits.npy`` ((n_rows, ceil(d_sae / 8)) uint8, ``np.packbits(..., bitorder="little")``)
+    or ``{prefix}_indptr.npy`` + ``{prefix}_feat.npy``; ``layout`` None: ``firing_layout``.
+    Value arrays stay in this order (row-major, ids ascending), which both layouts keep. Returns
+    the layout written; files of the other layout are removed."""
+    out_dir = Path(out_dir)
+    indptr = np.asarray(indptr, dtype=np.int64)
+    n_rows = len(indptr) - 1
+    if indptr[0] != 0 or indptr[-1] != len(feat):
+        raise ValueError(f"{prefix}: indptr covers {indptr[-1] - indptr[0]} entries from {indptr[0]}, feat has {len(feat)}")
+    layout = firing_layout(n_rows, len(feat), d_sae) if layout in (None, "auto") else layout
+    if layout == "ids":
+        atomic_save_npy(out_dir / f"{prefix}_indptr.npy", indptr)
+        atomic_save_npy(out_dir / f"{prefix}_feat.npy", np.asarray(feat).astype(feature_dtype(d_sae), copy=False))
+        stale = [f"{prefix}_bits.npy"]
+    elif layout == "bits":
+        bits = np.empty((n_rows, (d_sae + 7) // 8), dtype=np.uint8)
+        block = max(1, min(8192, _BLOCK_BYTES // d_sae))
+        for a in range(0, n_rows, block):
+            b = min(a + block, n_rows)
+            ids = np.asarray(feat[indptr[a] : indptr[b]], dtype=np.int64)
+            rows = np.repeat(np.arange(b - a), np.diff(indptr[a : b + 1]))
+            # a bitset sorts and deduplicates: values stored in feat's order would no longer line up
+            if len(ids) and (ids.min() < 0 or ids.max() >= d_sae or (np.diff(rows * d_sae + ids) <= 0).any()):
+                raise ValueError(f"{prefix}: rows {a}..{b - 1} hold feature ids out of 0..{d_sae - 1}, repeated or not ascending")
+            dense = np.zeros((b - a, d_sae), dtype=bool)
+            dense[rows, ids] = True
+            bits[a:b] = np.packbits(dense, axis=1, bitorder="little")
+        atomic_save_npy(out_dir / f"{prefix}_bits.npy", bits)
+        stale = [f"{prefix}_indptr.npy", f"{prefix}_feat.npy"]
+    else:
+        raise ValueError(f"layout must be 'bits' or 'ids', got {layout!r}")
+    for name in stale:
+        (out_dir / name).unlink(missing_ok=True)
+    return layout
 
 
 # --- shards -------------------------------------------------------------------------------------
@@ -262,26 +322,33 @@ def _load_shard(path: Path) -> dict[str, np.ndarray]:
 
 
 def _merge(shard_dirs: list[Path], out: Path, shard_size: int, cfg: ExtractConfig) -> dict[str, Any]:
+    """Shards → the store. The shards hold every statistic; without ``cfg.pooled_values`` the
+    responses' max / mean / count and the prompts' max / count are dropped here (the prompts'
+    mean stays: topics read it)."""
     parts = [_load_shard(p) for p in shard_dirs]
     cat = lambda k: np.concatenate([p[k] for p in parts])
+    d_sae = parts[0]["hist"].shape[0]
     arrays: dict[str, np.ndarray] = {}
-    arrays["resp_indptr"] = np.r_[0, np.cumsum(cat("resp_nnz"))].astype(np.int64)
-    for k in ("resp_feat", "resp_max", "resp_mean", "resp_count", "resp_ntok", "tokens"):
+    layouts: dict[str, str] = {}
+
+    def firing_sets(prefix: str) -> None:
+        layouts[prefix] = write_firing_sets(out, prefix, np.r_[0, np.cumsum(cat(f"{prefix}_nnz"))], cat(f"{prefix}_feat"), d_sae)
+
+    firing_sets("resp")
+    for k in (*(["resp_max", "resp_mean", "resp_count"] if cfg.pooled_values else []), "resp_ntok", "tokens"):
         arrays[k] = cat(k)
     arrays["tok_indptr"] = np.r_[0, np.cumsum(cat("tok_len"))].astype(np.int64)
     if cfg.edge_tokens:
         for e in EDGES:
-            arrays[f"resp_{e}_indptr"] = np.r_[0, np.cumsum(cat(f"resp_{e}_nnz"))].astype(np.int64)
-            arrays[f"resp_{e}_feat"] = cat(f"resp_{e}_feat")
+            firing_sets(f"resp_{e}")
     if cfg.store_prompts:
-        arrays["prompt_indptr"] = np.r_[0, np.cumsum(cat("prompt_nnz"))].astype(np.int64)
-        for k in ("prompt_feat", "prompt_max", "prompt_mean", "prompt_count", "prompt_ntok"):
+        firing_sets("prompt")
+        for k in ("prompt_mean", *(["prompt_max", "prompt_count"] if cfg.pooled_values else []), "prompt_ntok"):
             arrays[k] = cat(k)
     # Top contexts: shard-local rows become global response rows, then re-select per feature.
     rows = [p["top_row"] + 2 * shard_size * i for i, p in enumerate(parts)]
     cand = np.stack([cat("top_feat").astype(np.int64), np.concatenate(rows), cat("top_pos").astype(np.int64)], 1)
     top = _top_per_feature(cand, cat("top_val"), cfg.top_contexts)
-    d_sae = parts[0]["hist"].shape[0]
     arrays["top_indptr"] = np.r_[0, np.cumsum(np.bincount(top["top_feat"], minlength=d_sae))].astype(np.int64)
     arrays["top_row"], arrays["top_pos"], arrays["top_val"] = top["top_row"], top["top_pos"], top["top_val"]
     arrays["hist"] = sum(p["hist"] for p in parts)
@@ -289,7 +356,7 @@ def _merge(shard_dirs: list[Path], out: Path, shard_size: int, cfg: ExtractConfi
     for k, v in arrays.items():
         atomic_save_npy(out / f"{k}.npy", v)
     trunc = sum(p["truncated"] for p in parts)
-    return {"truncated_prompts": int(trunc[0]), "truncated_responses": int(trunc[1])}
+    return {"truncated_prompts": int(trunc[0]), "truncated_responses": int(trunc[1]), "firing_sets": layouts}
 
 
 # --- the public API -----------------------------------------------------------------------------
