@@ -222,16 +222,17 @@ def _tiny_tokenizer():
     return fast
 
 
-def tiny_llama(seed: int = 0, n_layers: int = 4, d_model: int = 64) -> LoadedModel:
-    """A small randomly initialised Llama and tokenizer, built in code, for fast tests."""
+def tiny_llama(seed: int = 0, n_layers: int = 4, d_model: int = 64, *, d_ff: int | None = None, n_heads: int = 4, n_kv_heads: int = 2, vocab_size: int | None = None) -> LoadedModel:
+    """A randomly initialised Llama and tokenizer, built in code: small for fast tests, or of a real
+    model's shape (``benchmarks/gpu_check.py``) where no weights can be downloaded."""
     tokenizer = _tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
         hidden_size=d_model,
-        intermediate_size=2 * d_model,
+        intermediate_size=d_ff or 2 * d_model,
         num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -243,7 +244,8 @@ def tiny_llama(seed: int = 0, n_layers: int = 4, d_model: int = 64) -> LoadedMod
     model = LlamaForCausalLM(config)
     torch.random.set_rng_state(generator_state)
     model.eval()
-    fingerprint = content_hash(TINY_MODEL, seed, n_layers, d_model)
+    shape = (d_ff, n_heads, n_kv_heads, vocab_size)
+    fingerprint = content_hash(TINY_MODEL, seed, n_layers, d_model, *([shape] if shape != (None, 4, 2, None) else []))
     return LoadedModel(model=model, tokenizer=tokenizer, name=TINY_MODEL, fingerprint=fingerprint, source="code")
 
 
