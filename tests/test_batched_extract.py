@@ -64,3 +64,24 @@ def test_gpu_batch_limits_grow_with_free_memory_and_shrink_with_width():
     assert small < large and wide < large
     # the SAE activations of a batch fit in the 40 % of free memory it was sized for
     assert wide * 131072 * 4 * 3 <= 0.4 * (80 << 30)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU check runs end to end on CPU (tiny shapes), so it has not rotted when a GPU is lent."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu-check.json"
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu_check.py"), "--dry-run", "--pairs", "8", "--out", str(out)], check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and len(report["runs"]) == 2
+    for run in report["runs"]:
+        assert [e["batch"] for e in run["extract"]] == ["1", "8", "32", "auto"]
+        assert all(e["tokens_per_s"] > 0 for e in run["extract"])
+        assert run["concepts"] > 0
+    assert report["runs"][0]["dpo_seconds_per_step"] > 0
