@@ -178,6 +178,7 @@ class HypothesizeConfig(Config):
     n_splits: int = field(default=20, metadata=_help("random half/half splits for the sign check"))
     min_topic_prompts: int = field(default=10, metadata=_help("smaller topics are not tested"))
     label_features: int = field(default=3, metadata=_help("member features whose contexts label a concept"))
+    name_phrases: int = field(default=3, metadata=_help("distinctive phrases around each concept's peaks, shown first in its label (0: none)"))
     promoted_tokens: int = field(default=8, metadata=_help("tokens each concept's decoder direction promotes, shown as a label (0: none; needs the model)"))
     linear_baseline: bool = field(default=True, metadata=_help("fit the L1-logistic baseline on per-pair feature differences"))
     linear_baseline_pairs: int = field(default=20_000, metadata=_help("the baseline fits on at most this many pairs, drawn at random (liblinear's time grows with pairs × firing features)"))

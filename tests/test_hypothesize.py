@@ -170,8 +170,10 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
     h = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_)
     assert isinstance(h, Hypotheses) and h.manifest["features_key"] == store.manifest["key"]
     t = h.table
-    for col in ["features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "z", "p", "q", "split_half_agreement", "length_controlled_mean_diff", "n_units", "predicted_direction", "predicted_change", "label", "promoted_tokens", "text_stats"]:
+    for col in ["features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "z", "p", "q", "split_half_agreement", "length_controlled_mean_diff", "n_units", "predicted_direction", "predicted_change", "name", "label", "promoted_tokens", "text_stats"]:
         assert col in t.columns, col
+    named = t[t["name"].str.len() > 0]
+    assert all(lbl.startswith(n) for n, lbl in zip(named["name"], named["label"]))  # the name comes first
     assert list(t["rank"]) == list(range(1, len(t) + 1))
     assert h.manifest["promoted_tokens"] == "ok" and t["promoted_tokens"].str.len().gt(0).all()
     assert (h.features["concept"] >= -1).all() and len(h.features) == tiny_sae_.d_sae

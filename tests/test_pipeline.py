@@ -176,6 +176,9 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
     assert all(s["status"] == "done" for s in state["steps"].values()) and len(state["steps"]) == 7
     target = json.loads((run.path / "plan" / "target.json").read_text())
     assert target["planted_kind"] == "bold" and target["rank"] == 1 and target["auroc_planted"] > 0.95
+    top = run.hypotheses.ranked().query("view == 'overall'").iloc[0]
+    print("the planted concept's name:", top["name"], "| label:", top["label"])
+    assert "**short answer:**" in top["name"] and top["label"].startswith(top["name"])  # the plant, read back in words
     res = run.evaluation
     assert res.models == ["base", "plain", "reward_shaping", "filter"]
     poison = res.poisoning().set_index("model")

@@ -67,8 +67,10 @@ def context_labels(store: FeatureStore | None, features: pd.DataFrame, labels: n
     return peaks, contexts
 
 
-def short_label(peaks: str, stats: str) -> str:
-    parts = []
+def short_label(peaks: str, stats: str, name: str = "") -> str:
+    """The concept's label: its distinctive phrases first (``concepts.phrases``), then the tokens
+    it peaks on and the text statistics it tracks."""
+    parts = [name] if name else []
     if peaks:
         parts.append(f"peaks on {peaks}")
     if stats:

@@ -37,6 +37,7 @@ from sklearn.model_selection import cross_val_score
 from ..concepts.activity import PairFeatures, concept_activity, feature_difference_sums, length_diffs
 from ..concepts.clustering import cluster_features, membership_matrix
 from ..concepts.labels import add_explanations, context_labels, describe_explainer, short_label, text_stat_labels
+from ..concepts.phrases import PhraseConfig, concept_phrases
 from ..concepts.topics import cluster_prompts
 from ..config import HypothesizeConfig
 from ..core.files import content_hash
@@ -202,12 +203,14 @@ def linear_baseline(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig
 # --- the stage -----------------------------------------------------------------------------------------
 
 
-def _promoted(store: FeatureStore, labels: np.ndarray, cfg: HypothesizeConfig, model: Any, sae: Any) -> tuple[list[str], str]:
+def _promoted(store: FeatureStore, labels: np.ndarray, cfg: HypothesizeConfig, model: Any, sae: Any) -> tuple[list[str], str, Any]:
     """Per concept, the tokens its mean decoder direction promotes (needs the model and SAE, so
-    it is optional: the reason is recorded when they cannot be loaded)."""
+    it is optional: the reason is recorded when they cannot be loaded). Also returns the model
+    when it was loaded (its tokenizer decodes the phrase names), else ``model``."""
     n_concepts = int(labels.max()) + 1 if (labels >= 0).any() else 0
     if cfg.promoted_tokens <= 0 or not n_concepts:
-        return [""] * n_concepts, "not computed"
+        return [""] * n_concepts, "not computed", model
+    lm = model
     try:
         from ..lm.models import load_model  # the optional labels need torch; the tests above do not
         from ..lm.ops import promoted_tokens
@@ -216,11 +219,11 @@ def _promoted(store: FeatureStore, labels: np.ndarray, cfg: HypothesizeConfig, m
         lm = model or load_model(store.manifest["model"]["name"])
         sae_ = sae or load_sae(store.manifest["sae"]["name"], device="cpu")
         directions = membership_matrix(labels).T @ sae_.decoder_directions.float().cpu().numpy()
-        return promoted_tokens(lm, directions, cfg.promoted_tokens), "ok"
+        return promoted_tokens(lm, directions, cfg.promoted_tokens), "ok", lm
     except Exception as exc:  # labels are optional; say why they are missing
         note = f"unavailable: {type(exc).__name__}: {exc}"
         log.warning("promoted tokens %s", note)
-        return [""] * n_concepts, note
+        return [""] * n_concepts, note, lm
 
 
 def hypothesize(
@@ -268,9 +271,11 @@ def hypothesize(
         U = sp.vstack(concept_activity(pf, labels, dense=False), format="csc")  # responses × concepts
         stat_label = text_stat_labels(U, pd.concat([stats_c, stats_r], ignore_index=True))
         peaks, contexts = context_labels(store, features, labels, cfg.label_features)
-        promoted, promoted_note = _promoted(store, labels, cfg, model, sae)
-        lab = pd.DataFrame({"concept": np.arange(len(stat_label)), "peak_tokens": peaks, "promoted_tokens": promoted, "text_stats": stat_label, "example_contexts": [[dict(c) for c in cs] for cs in contexts]})
-        lab["label"] = [short_label(p, s) for p, s in zip(peaks, stat_label)]
+        promoted, promoted_note, lm = _promoted(store, labels, cfg, model, sae)
+        tokenizer = getattr(lm, "tokenizer", None)
+        phrases = concept_phrases(store, concept_members(labels), features["support"].to_numpy(), PhraseConfig(n_phrases=cfg.name_phrases), tokenizer.decode if tokenizer is not None else None, cfg.seed) if cfg.name_phrases > 0 else [[] for _ in peaks]
+        lab = pd.DataFrame({"concept": np.arange(len(stat_label)), "name": [" · ".join(f"“{p}”" for p in ps) for ps in phrases], "peak_tokens": peaks, "promoted_tokens": promoted, "text_stats": stat_label, "example_contexts": [[dict(c) for c in cs] for cs in contexts]})
+        lab["label"] = [short_label(p, s, n) for p, s, n in zip(peaks, stat_label, lab["name"])]
         table = table.merge(lab, on="concept", how="left")
         named = {s.ref: s.label or s.ref for s in sources}
         table["label"] = [named.get(r, lbl) for r, lbl in zip(table["ref"], table["label"])]
