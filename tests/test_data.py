@@ -166,3 +166,20 @@ def test_datasets_load_dataset_names_go_through_the_same_normaliser(tmp_path):
     assert ps.report.source == "json[train]"
     with pytest.raises(DataError, match="datasets.load_dataset failed"):
         load_pairs("no-such-org/no-such-dataset-anatomy-nb")
+
+
+def test_corrupt_parquet_short_or_long_csv_rows_and_boolean_ids_are_named(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet.*not a readable Parquet file"):
+        load_pairs(tmp_path / "bad.parquet")
+    (tmp_path / "long.csv").write_text("prompt,chosen,rejected\nq,a,b\nq2,a,b,extra\n")
+    with pytest.raises(DataError, match=r"long\.csv.*row 3.*1 more field\(s\) than the header"):
+        load_pairs(tmp_path / "long.csv")
+    lenient = load_pairs(tmp_path / "long.csv", strict=False)
+    assert len(lenient) == 1 and lenient.report.skipped == {"bad_row": 1}
+    (tmp_path / "short.csv").write_text("prompt,chosen,rejected\nq,a\n")
+    with pytest.raises(DataError, match=r"row 2.*fewer fields than the header \(no 'rejected'\)"):
+        load_pairs(tmp_path / "short.csv")
+    path = write_jsonl(tmp_path / "bool.jsonl", [{"id": True, "prompt": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"field 'id': expected a string or integer id, got bool"):
+        load_pairs(path)

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .schema import ROLES, DataError, LoadReport
@@ -42,7 +43,11 @@ def iter_file_records(path: Path, report: LoadReport, strict: bool) -> Iterator[
     """Yield (record locator, record dict) from a local file."""
     suffix = _base_suffix(path).lower()
     if suffix == ".parquet":
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:  # ArrowInvalid for a corrupt file, OSError for an unreadable one
+            raise DataError(f"not a readable Parquet file ({type(exc).__name__}: {exc})", file=str(path), reason="bad_file") from exc
+        for i, rec in enumerate(table.to_pylist()):
             yield i, rec
         return
     text = open_text(path)
@@ -72,8 +77,19 @@ def iter_file_records(path: Path, report: LoadReport, strict: bool) -> Iterator[
             raise DataError("expected a JSON list of records", file=str(path), reason="bad_file")
         yield from enumerate(data)
     elif suffix == ".csv":
-        for i, rec in enumerate(csv.DictReader(io.StringIO(text))):
-            yield f"row {i + 2}", rec
+        reader = csv.DictReader(io.StringIO(text))
+        for rec in reader:
+            where = f"row {reader.line_num}"
+            extra, short = rec.pop(None, None), [k for k, v in rec.items() if v is None]
+            if extra is not None or short:
+                problem = f"{len(extra)} more field(s) than the header" if extra is not None else f"fewer fields than the header (no {', '.join(map(repr, short))})"
+                err = DataError(f"has {problem}; a comma inside a value needs quotes", file=str(path), record=where, reason="bad_row")
+                if strict:
+                    raise err
+                report.n_records += 1
+                report.skip(err)
+                continue
+            yield where, rec
     else:
         raise DataError(f"unsupported file type '{suffix or path.name}' (use .json, .jsonl, .csv or .parquet, optionally .gz)", file=str(path), reason="bad_file")
 

@@ -87,7 +87,7 @@ def load_pairs(
             seen_formats[fmt] += 1
             normalised = NORMALISERS[fmt](rec)
             base_id = rec.get(id_field) if isinstance(rec, Mapping) else None
-            if base_id is not None and not isinstance(base_id, (str, int)):
+            if base_id is not None and (isinstance(base_id, bool) or not isinstance(base_id, (str, int))):
                 raise DataError(f"expected a string or integer id, got {type(base_id).__name__}", field=id_field, reason="wrong_type")
             for j, (prompt, chosen, rejected, meta) in enumerate(normalised):
                 if not isinstance(chosen, str):
