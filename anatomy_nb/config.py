@@ -163,6 +163,27 @@ class TopicConfig(Config):
 
 
 @dataclass
+class ExplainConfig(Config):
+    """LLM explanations of the strongest concepts, scored for fidelity (``concepts.explain``)."""
+
+    backend: str = field(default="none", metadata=_help("'none', 'openai' (any OpenAI-compatible chat endpoint: vLLM, llama.cpp server, Ollama, a hosted API) or 'transformers' (a local model)"))
+    model: str = field(default="", metadata=_help("the endpoint's model name, or for 'transformers' a model alias, hub id or directory"))
+    base_url: str = field(default="http://localhost:8000/v1", metadata=_help("'openai': the endpoint, up to /v1", key=False))
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata=_help("'openai': the environment variable holding the key (never stored)", key=False))
+    max_workers: int = field(default=8, metadata=_help("'openai': requests in flight at once", key=False))
+    cache: bool = field(default=True, metadata=_help("keep every answer under <run>/cache/llm: a re-run asks only what is new", key=False))
+    timeout: float = field(default=120.0, metadata=_help("'openai': seconds per request", key=False))
+
+    def __post_init__(self):
+        if self.backend not in ("none", "openai", "transformers"):
+            raise ValueError(f"explain.backend must be 'none', 'openai' or 'transformers', got {self.backend!r}")
+        if self.backend != "none" and not self.model:
+            raise ValueError(f"explain.backend={self.backend!r} needs explain.model (the endpoint's model name or a local model)")
+        if self.max_workers < 1:
+            raise ValueError(f"explain.max_workers must be >= 1, got {self.max_workers}")
+
+
+@dataclass
 class HypothesizeConfig(Config):
     """Stage 2: concepts, their paired tests, topics, labels and baselines."""
 
@@ -182,6 +203,7 @@ class HypothesizeConfig(Config):
     promoted_tokens: int = field(default=8, metadata=_help("tokens each concept's decoder direction promotes, shown as a label (0: none; needs the model)"))
     linear_baseline: bool = field(default=True, metadata=_help("fit the L1-logistic baseline on per-pair feature differences"))
     linear_baseline_pairs: int = field(default=20_000, metadata=_help("the baseline fits on at most this many pairs, drawn at random (liblinear's time grows with pairs × firing features)"))
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     explain_top: int = field(default=10, metadata=_help("with an explainer: how many top concepts get an LLM explanation"))
     fidelity_texts: int = field(default=40, metadata=_help("held-out responses (half firing, half not) to score each explanation"))
     seed: int = 0

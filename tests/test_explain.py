@@ -94,3 +94,94 @@ def test_hypothesize_adds_explanations_with_fidelity(tiny_lm, tiny_sae_, hh_pair
     assert top["llm_fidelity_accuracy"].between(0, 1).all()
     plain = hypothesize(tmp_path, cfg, model=tiny_lm, sae=tiny_sae_)
     assert plain.path != h.path  # the explainer is part of the key
+
+
+class ChatServer:
+    """A small server that speaks the OpenAI chat-completions protocol on loopback (real HTTP, one
+    thread per request), answering as ``KeywordJudge`` with a usage block; it records every request
+    and the most requests it had in flight at once."""
+
+    def __init__(self, delay: float = 0.02):
+        from http.server import ThreadingHTTPServer
+
+        self.requests, self.in_flight, self.max_in_flight = [], 0, 0
+        lock, judge, outer = threading.Lock(), KeywordJudge(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                import time
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    outer.requests.append(body)
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                time.sleep(delay)
+                prompt = body["messages"][0]["content"]
+                answer = judge.complete(prompt, body["max_tokens"])
+                out = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}], "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(answer.split())}}).encode()
+                with lock:
+                    outer.in_flight -= 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_endpoint_named_in_the_config_explains_in_batches_and_caches(tiny_lm, tiny_sae_, hh_pairs, tmp_path):
+    from anatomy_nb.config import ConceptConfig, ExtractConfig, HypothesizeConfig
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.stages.hypothesize import hypothesize
+
+    server = ChatServer()
+    try:
+        extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, ExtractConfig(shard_size=10, progress=False))
+        explain = {"backend": "openai", "model": "keyword-judge", "base_url": server.url, "max_workers": 4}
+        cfg = {"concepts": {"min_support": 3}, "explain_top": 3, "fidelity_texts": 10, "explain": explain}
+        h = hypothesize(tmp_path, cfg, model=tiny_lm, sae=tiny_sae_)
+        top = h.overall().head(3)
+        assert top["llm_explanation"].str.startswith("the word").all() and top["llm_fidelity_accuracy"].between(0, 1).all()
+        llm = h.manifest["llm"]
+        asked = [r["messages"][0]["content"] for r in server.requests]
+        assert llm["calls"] == len(asked) == len(set(asked)) > 3 and llm["cached"] == 0  # each question once
+        assert llm["prompt_tokens"] > 0 and llm["completion_tokens"] > 0 and llm["seconds"] > 0
+        assert server.max_in_flight >= 2  # batched: several requests in flight
+        assert {r["model"] for r in server.requests} == {"keyword-judge"}
+        # another FDR is another artifact, but every question was asked before: all from the cache
+        again = hypothesize(tmp_path, {**cfg, "fdr": 0.1}, model=tiny_lm, sae=tiny_sae_)
+        assert again.path != h.path and len(server.requests) == len(asked)
+        assert again.manifest["llm"]["cached"] >= len(asked) and again.manifest["llm"]["calls"] == 0
+        assert list(again.overall().head(3)["llm_explanation"]) == list(top["llm_explanation"])
+    finally:
+        server.close()
+
+
+def test_explain_config_names_what_is_missing():
+    import pytest
+
+    from anatomy_nb.config import ConfigError, HypothesizeConfig
+
+    with pytest.raises((ValueError, ConfigError), match="needs explain.model"):
+        HypothesizeConfig.from_dict({"explain": {"backend": "openai"}})
+    with pytest.raises((ValueError, ConfigError), match="'none', 'openai' or 'transformers'"):
+        HypothesizeConfig.from_dict({"explain": {"backend": "gpt"}})
+
+
+def test_an_endpoint_that_does_not_answer_is_named():
+    import pytest
+
+    backend = OpenAICompatibleBackend("http://127.0.0.1:9/v1", "m", timeout=2)
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:9/v1 \(model 'm'\) did not answer"):
+        backend.complete("hi")

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from ..config import HypothesizeConfig
 from ..results.store import FeatureStore
-from .explain import ExplainerBackend, explain_concept, fidelity
+from .explain import ExplainerBackend, complete_all, explanation_prompt, fidelity_prompts, fidelity_scores, parse_explanation
 
 __all__ = ["add_explanations", "context_labels", "describe_explainer", "short_label", "text_stat_labels"]
 
@@ -94,20 +94,25 @@ def add_explanations(table: pd.DataFrame, U: np.ndarray, texts: Sequence[str], e
     activity of the responses ``texts``).
 
     The explanation sees the concept's top contexts and a few non-firing responses; fidelity is
-    scored on other responses, half where the concept fires and half where it does not."""
+    scored on other responses, half where the concept fires and half where it does not. All the
+    explanations go out as one batch, then all the fidelity questions as another."""
     rng = np.random.default_rng(cfg.seed)
     table = table.copy()
     table["llm_explanation"], table["llm_fidelity_auroc"], table["llm_fidelity_accuracy"] = "", np.nan, np.nan
     top = table[table["view"] == "overall"].head(cfg.explain_top)
     U = sp.csc_matrix(U) if sp.issparse(U) else U
+    plans = []
     for idx, row in top.iterrows():
         column = U[:, int(row["concept"])]
         fired = np.asarray(column.todense() if sp.issparse(column) else column).ravel() > 0
         on, off = rng.permutation(np.flatnonzero(fired)), rng.permutation(np.flatnonzero(~fired))
         half = cfg.fidelity_texts // 2
-        shown_off = off[:3]
         held = np.concatenate([on[:half], off[3 : 3 + half]])
-        expl = explain_concept(explainer, list(row["example_contexts"])[:6], [texts[i] for i in shown_off])
-        score = fidelity(explainer, expl, [texts[i] for i in held], fired[held])
+        plans.append((idx, explanation_prompt(list(row["example_contexts"])[:6], [texts[i] for i in off[:3]]), held, fired[held]))
+    explanations = [parse_explanation(a) for a in complete_all(explainer, [p for _, p, _, _ in plans], 32)]
+    questions = [fidelity_prompts(e, [texts[i] for i in held]) for e, (_, _, held, _) in zip(explanations, plans)]
+    answers = iter(complete_all(explainer, [q for qs in questions for q in qs], 3))
+    for (idx, _, _, truth), expl, qs in zip(plans, explanations, questions):
+        score = fidelity_scores(expl, [next(answers) for _ in qs], truth)
         table.loc[idx, ["llm_explanation", "llm_fidelity_auroc", "llm_fidelity_accuracy"]] = [expl, score["auroc"], score["accuracy"]]
     return table

@@ -36,6 +36,7 @@ from sklearn.model_selection import cross_val_score
 
 from ..concepts.activity import PairFeatures, concept_activity, feature_difference_sums, length_diffs
 from ..concepts.clustering import cluster_features, membership_matrix
+from ..concepts.explain import Usage, make_explainer, usage_of
 from ..concepts.labels import add_explanations, context_labels, describe_explainer, short_label, text_stat_labels
 from ..concepts.phrases import PhraseConfig, concept_phrases
 from ..concepts.topics import cluster_prompts
@@ -283,9 +284,14 @@ def hypothesize(
         table["topic_label"] = table["topic"].map(lambda t: "all prompts" if t < 0 else topic_words.get(t, ""))
         table = rank_hypotheses(table).reset_index(drop=True)
         table.insert(0, "rank", np.arange(1, len(table) + 1))
+    if explainer is None and cfg.explain.backend != "none":
+        explainer = make_explainer(cfg.explain, run.path / "cache" / "llm", lm=model)
+    llm_usage: dict[str, Any] = {"skipped": "no explainer (HypothesizeConfig.explain.backend)"}
     if explainer is not None:
         with timer.step("LLM explanations"):
             table = add_explanations(table, U, pf.chosen + pf.rejected, explainer, cfg)
+        llm_usage = usage_of(explainer, timer.seconds["LLM explanations"])
+        log.info("LLM explanations of %d concepts: %s", min(cfg.explain_top, len(table)), Usage(**llm_usage).summary())
     stage.begin()
     with timer.step("linear baseline"):
         if cfg.linear_baseline and pf.n_pairs >= 10:
@@ -320,6 +326,7 @@ def hypothesize(
         "n_significant_overall": int(overall["significant"].sum()),
         "sources": [s.describe() for s in sources],
         "promoted_tokens": promoted_note,
+        "llm": llm_usage,
         "linear_baseline": lin_info,
         "length_placebo": placebo_info,
         "seconds": round(sum(timer.seconds.values()), 2),
