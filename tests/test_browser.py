@@ -160,6 +160,16 @@ def _drive_the_viewer_and_toggles(page, run, data, concept):
     assert page.evaluate("document.querySelectorAll('.anb-root img, .anb-root script, .anb-root a, .anb-root iframe').length") == 0
     assert page.evaluate("[...document.querySelectorAll('.anb-root b')].every(b => b.textContent === 'Scope: ')")  # only our own markup
 
+    # z and the split-half check on every row; stage 2's other views (opening here) one select away
+    header = page.inner_text(".anb-signals thead")
+    assert "z" in header.split() and "split-half" in header
+    assert page.inner_text(f".anb-signals tbody tr[data-concept='{concept}'] .anb-col-split_half")[0] in "✓✗–"
+    page.select_option("select.anb-view-select", "opening")
+    page.wait_for_selector(".anb-view-opening tbody tr", timeout=30_000)
+    assert page.inner_text(".anb-view-opening tbody tr .anb-col-where") == "opening"
+    page.select_option("select.anb-view-select", "overall")
+    page.wait_for_selector(".anb-view-overall tbody tr", timeout=30_000)
+
     # toggle → plan.json changes (suppress with the default method, then switch the method)
     name = f"sae:{concept}"
     assert _plan(run)[name]["action"] == "allow"

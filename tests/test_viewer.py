@@ -223,6 +223,16 @@ def test_viewer_state_selection_rescoring_and_drilldown(run):
     assert len(v.data_map["x"]) == n_pairs and len(v.feature_map["x"]) == len(v.feature_map["concept"]) > 0
     assert all(0 <= x <= 1 for x in v.data_map["x"] + v.feature_map["y"])
     assert v.scope == "all pairs" and {r["concept"] for r in v.concepts} == set(data.space.concepts["concept"])
+    # the fields practitioners compare: z and the split-half check on every row; the other views ranked
+    overall = data.hyp.overall().set_index("concept")
+    for r in v.concepts:
+        assert r["z"] == pytest.approx(overall.loc[r["concept"], "z"], rel=1e-6, abs=1e-9) or r["z"] is None
+        assert r["split_mark"] == ("✓" if overall.loc[r["concept"], "split_half_agreement"] >= 0.9 else "✗")
+    assert set(v.view_rows) == {"topic", "opening", "ending"}
+    assert len(v.view_rows["opening"]) == len(data.hyp.by_edge().query("view == 'opening'"))
+    topic_rows = v.view_rows["topic"]
+    assert len(topic_rows) == min(300, len(data.hyp.by_topic())) and all(r["where"].startswith("topic ") for r in topic_rows)
+    assert [r["significant"] for r in topic_rows] == sorted((r["significant"] for r in topic_rows), reverse=True)  # significant first
     c = v.concepts[0]["concept"]
     v.selected_concept = c
     dd = v.drilldown

@@ -13,7 +13,17 @@ from ..core.files import read_json
 from ..core.run import Run, RunLike
 from .store import EDGES
 
-__all__ = ["Hypotheses", "rank_hypotheses"]
+__all__ = ["SPLIT_HALF_OK", "Hypotheses", "rank_hypotheses", "split_half_mark"]
+
+#: a signal "replicates" when its sign agreed in at least this share of the random half/half splits
+SPLIT_HALF_OK = 0.9
+
+
+def split_half_mark(agreement: float | None) -> str:
+    """✓ / ✗ for a split-half sign agreement (– when it could not be computed)."""
+    if agreement is None or not np.isfinite(agreement):
+        return "–"
+    return "✓" if agreement >= SPLIT_HALF_OK else "✗"
 
 
 def rank_hypotheses(table: pd.DataFrame) -> pd.DataFrame:
@@ -79,6 +89,12 @@ class Hypotheses:
         (view "overall") and over its opening / ending tokens; ``where`` names the view for people."""
         t = self.table[self.table["view"] != "topic"]
         return t.assign(where=t["view"].replace({"overall": "whole response"}))
+
+    def ranked_by_topic(self) -> pd.DataFrame:
+        """The topic × concept signals in rank order (significant first, then the effect at equal
+        lengths), each named by its topic: signals that live inside one kind of prompt."""
+        t = self.by_topic()
+        return rank_hypotheses(t).assign(where=lambda d: "topic " + d["topic"].astype(str) + ": " + d.get("topic_label", pd.Series("", index=d.index)).astype(str))
 
     def top(self, n: int = 20, view: str | None = "overall") -> pd.DataFrame:
         t = self.table if view is None else self.table[self.table["view"] == view]

@@ -145,6 +145,7 @@ class ConceptSpace:
             "ci_low": np.nan_to_num(lo),
             "ci_high": np.nan_to_num(hi),
             "cohens_d": t.cohens_d,
+            "z": np.where(se > 0, t.mean / np.where(se > 0, se, 1.0), np.nan),
             "p": t.p,
             "length_controlled_cohens_d": lc_d,
             "chosen_rate": cr,

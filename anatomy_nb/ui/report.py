@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..core.files import atomic_path, atomic_write_text, read_json
 from ..core.run import Run, RunLike
+from ..results.hypotheses import split_half_mark
 from .notebooks import render_html
 from .viz import escape_text, html_table
 
@@ -59,6 +60,17 @@ def _pipeline_sections(run: Run) -> list[str]:
     return parts
 
 
+def _signal_table(t: pd.DataFrame) -> pd.DataFrame:
+    """Ranked rows as people read them: where, effect, z, q, split-half ✓/✗, the label."""
+    out = t[["where", "concept", "n_features", "chosen_rate", "rejected_rate", "mean_diff", "z", "cohens_d", "q", "split_half_agreement", "predicted_direction", "label"]].copy()
+    for c in ("chosen_rate", "rejected_rate", "mean_diff", "cohens_d"):
+        out[c] = out[c].map(lambda v: f"{v:.3f}")
+    out["z"] = out["z"].map(lambda v: f"{v:.1f}")
+    out["q"] = out["q"].map(lambda v: f"{v:.2g}")
+    out["split_half_agreement"] = out["split_half_agreement"].map(lambda v: f"{split_half_mark(v)} {v:.2f}")
+    return out.rename(columns={"split_half_agreement": "split-half"})
+
+
 def report(run_dir: RunLike, out: str | os.PathLike | None = None, render: bool = True) -> Path:
     """Render ``run_dir/notebooks/*.ipynb`` to HTML and write ``index.html`` beside them.
     Returns the summary page's path (``out`` defaults to ``run_dir/report``)."""
@@ -85,11 +97,9 @@ def report(run_dir: RunLike, out: str | os.PathLike | None = None, render: bool 
     parts.append("</ul><h2>Run</h2>")
     parts.append(html_table(_facts(run)))
     if run.has("hypothesize"):
-        top = run.hypotheses.ranked().head(15)[["rank", "where", "concept", "n_features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "q", "predicted_direction", "label"]].copy()
-        for c in ("chosen_rate", "rejected_rate", "mean_diff", "cohens_d"):
-            top[c] = top[c].map(lambda v: f"{v:.3f}")
-        top["q"] = top["q"].map(lambda v: f"{v:.2g}")
-        parts += ["<h2>Strongest concepts (whole response, opening, ending)</h2>", html_table(top, max_chars=200)]
+        hyp = run.hypotheses
+        parts += ["<h2>Strongest concepts (whole response, opening, ending)</h2>", html_table(_signal_table(hyp.ranked().head(15)), max_chars=200)]
+        parts += ["<h2>Strongest topic × concept signals (inside one kind of prompt)</h2>", html_table(_signal_table(hyp.ranked_by_topic().head(10)), max_chars=200)]
     parts += _pipeline_sections(run)
     plan_path = run.plan_path
     if plan_path.exists():

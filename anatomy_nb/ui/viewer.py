@@ -67,6 +67,7 @@ class AuditViewer(anywidget.AnyWidget):
 
     _esm, _css = _front_end("viewer")
     concepts = traitlets.List([]).tag(sync=True)
+    view_rows = traitlets.Dict({}).tag(sync=True)  # stage 2's topic × concept, opening and ending rows, ranked
     topics = traitlets.List([]).tag(sync=True)
     data_map = traitlets.Dict({}).tag(sync=True)
     feature_map = traitlets.Dict({}).tag(sync=True)
@@ -87,6 +88,7 @@ class AuditViewer(anywidget.AnyWidget):
         m = data.maps
         super().__init__(
             concepts=data.concept_rows(),
+            view_rows=data.view_rows(),
             topics=data.topic_list(),
             data_map={**m["data"], "text": [p[:160] for p in data.prompts]},
             feature_map=m["features"],

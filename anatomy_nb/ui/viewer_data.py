@@ -15,7 +15,7 @@ from sklearn.decomposition import TruncatedSVD
 from ..config import MapConfig
 from ..core.files import atomic_write_json, content_hash, read_json
 from ..core.run import Run, RunLike
-from ..results.hypotheses import Hypotheses, rank_hypotheses
+from ..results.hypotheses import Hypotheses, rank_hypotheses, split_half_mark
 from ..results.store import FeatureStore
 from ..stages.prediction import ConceptSpace
 from .viz import escape_text, html_table
@@ -136,7 +136,9 @@ class ViewerData:
                 "chosen_rate": json_float(r.chosen_rate), "rejected_rate": json_float(r.rejected_rate),
                 "q": json_float(o["q"]) if pairs is None else None,
                 "significant": bool(o["significant"]) if pairs is None else bool(r.p < 0.05),
-                "split_half": json_float(o["split_half_agreement"]), "length_controlled_d": json_float(r.length_controlled_cohens_d),
+                "z": json_float(r.z),
+                "split_half": json_float(o["split_half_agreement"]), "split_mark": split_half_mark(json_float(o["split_half_agreement"])),
+                "length_controlled_d": json_float(r.length_controlled_cohens_d),
                 "predicted_direction": str(o["predicted_direction"]) if pairs is None else ("up" if r.ci_low > 0 else "down" if r.ci_high < 0 else "none"),
             })
         # stage 2's order: significant first, then the effect at equal lengths
@@ -147,6 +149,23 @@ class ViewerData:
             "p": [np.nan if r["p"] is None else r["p"] for r in rows],
         })).index
         return [rows[i] for i in order]
+
+    def view_rows(self, n: int = 300) -> dict[str, list[dict]]:
+        """Stage 2's other views, ranked and not re-scored: the topic × concept signals and each
+        concept on the responses' opening and ending tokens (``n`` strongest of each)."""
+        views = {"topic": self.hyp.ranked_by_topic()}
+        ranked = self.hyp.ranked()
+        views.update({e: ranked[ranked["view"] == e] for e in ("opening", "ending")})
+        out = {}
+        for name, t in views.items():
+            out[name] = [{
+                "concept": int(r.concept), "where": str(r.where), "topic": int(getattr(r, "topic", -1)), "label": str(r.label),
+                "mean_diff": json_float(r.mean_diff), "ci_low": json_float(getattr(r, "ci_low", None)), "ci_high": json_float(getattr(r, "ci_high", None)),
+                "z": json_float(getattr(r, "z", None)), "q": json_float(r.q), "significant": bool(r.significant),
+                "split_half": json_float(r.split_half_agreement), "split_mark": split_half_mark(json_float(r.split_half_agreement)),
+                "chosen_rate": json_float(r.chosen_rate), "rejected_rate": json_float(r.rejected_rate),
+            } for r in t.head(n).itertuples()]
+        return out
 
     def topic_list(self) -> list[dict]:
         s = self.hyp.topic_summary
@@ -251,5 +270,7 @@ def static_signals_html(rows: list[dict], n: int = 20) -> str:
         return "<p>no concepts</p>"
     for c in ("mean_diff", "ci_low", "ci_high", "cohens_d"):
         df[c] = df[c].map(lambda v: _fmt(v))
+    df["z"] = df["z"].map(lambda v: _fmt(v, ".1f"))
     df["p"] = df["p"].map(lambda v: _fmt(v, ".2g"))
-    return html_table(df[["concept", "badge", "mean_diff", "ci_low", "ci_high", "cohens_d", "p", "n_features", "label"]], max_chars=160)
+    df["split-half"] = [f"{m} {_fmt(v, '.2f')}" for m, v in zip(df["split_mark"], df["split_half"])]
+    return html_table(df[["concept", "badge", "mean_diff", "ci_low", "ci_high", "z", "cohens_d", "p", "split-half", "n_features", "label"]], max_chars=160)

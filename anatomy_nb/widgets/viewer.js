@@ -88,21 +88,42 @@ function render({ model, el: root }) {
   resetBtn.addEventListener("click", () => { model.set("selected_topic", -1); model.set("selected_pairs", []); model.save_changes(); });
   colorSel.addEventListener("change", drawData);
 
-  // --- ranked signals table ----------------------------------------------------------------------
-  let sortKey = null, sortDir = -1;
-  const columns = [
-    ["concept", "concept", (r) => r.concept],
-    ["badge", "fires on", (r) => r.badge],
-    ["mean_diff", "Δ (95 % CI)", (r) => `${signed(r.mean_diff)} [${fmt(r.ci_low)}, ${fmt(r.ci_high)}]`],
-    ["cohens_d", "d", (r) => fmt(r.cohens_d, 2)],
-    ["p", "p", (r) => fmtp(r.p)],
-    ["n_features", "features", (r) => r.n_features],
-    ["label", "label", (r) => r.label],
-  ];
+  // --- ranked signals table (overall re-scored on the scope; topic × concept, opening, ending as ranked by stage 2)
+  let sortKey = null, sortDir = -1, tableView = "overall";
+  const split = (r) => `${r.split_mark} ${fmt(r.split_half, 2)}`;
+  const ci = (r) => r.ci_low === null || r.ci_low === undefined ? signed(r.mean_diff) : `${signed(r.mean_diff)} [${fmt(r.ci_low)}, ${fmt(r.ci_high)}]`;
+  const columnsFor = {
+    overall: [
+      ["concept", "concept", (r) => r.concept],
+      ["badge", "fires on", (r) => r.badge],
+      ["mean_diff", "Δ (95 % CI)", ci],
+      ["z", "z", (r) => fmt(r.z, 1)],
+      ["cohens_d", "d", (r) => fmt(r.cohens_d, 2)],
+      ["p", "p", (r) => fmtp(r.p)],
+      ["split_half", "split-half", split],
+      ["n_features", "features", (r) => r.n_features],
+      ["label", "label", (r) => r.label],
+    ],
+    other: [
+      ["where", "where", (r) => r.where],
+      ["concept", "concept", (r) => r.concept],
+      ["mean_diff", "Δ", ci],
+      ["z", "z", (r) => fmt(r.z, 1)],
+      ["q", "q", (r) => fmtp(r.q)],
+      ["split_half", "split-half", split],
+      ["label", "label", (r) => r.label],
+    ],
+  };
+  const viewSel = el("select", "anb-view-select");
+  for (const [v, t] of [["overall", "whole response (re-scored on the scope)"], ["topic", "topic × concept"], ["opening", "opening tokens"], ["ending", "ending tokens"]]) {
+    const o = el("option", null, t); o.value = v; viewSel.appendChild(o);
+  }
+  viewSel.addEventListener("change", () => { tableView = viewSel.value; sortKey = null; drawTable(); });
   function drawTable() {
-    let rows = model.get("concepts").slice();
+    const columns = columnsFor[tableView === "overall" ? "overall" : "other"];
+    let rows = (tableView === "overall" ? model.get("concepts") : (model.get("view_rows")[tableView] || [])).slice();
     if (sortKey) rows.sort((a, b) => { const x = a[sortKey], y = b[sortKey]; return (x > y ? 1 : x < y ? -1 : 0) * sortDir; });
-    const t = el("table", "anb-table anb-signals");
+    const t = el("table", `anb-table anb-signals anb-view-${tableView}`);
     const head = el("tr");
     for (const [k, name] of columns) {
       const th = el("th", sortKey === k ? "anb-sorted" : null, name + (sortKey === k ? (sortDir > 0 ? " ▲" : " ▼") : ""));
@@ -119,13 +140,20 @@ function render({ model, el: root }) {
       for (const [k, , f] of columns) {
         const td = el("td", `anb-col-${k}`);
         if (k === "badge") td.appendChild(badgeEl(r.badge)); else td.textContent = String(f(r));
+        if (k === "split_half") td.title = "sign agreement over random half/half splits of the prompts (✓ ≥ 0.9)";
         tr.appendChild(td);
       }
-      tr.addEventListener("click", () => select(r.concept));
+      tr.addEventListener("click", () => {
+        if (tableView === "topic" && r.topic >= 0) { model.set("selected_topic", r.topic); model.save_changes(); }
+        select(r.concept);
+      });
       body.appendChild(tr);
     }
     t.appendChild(body);
-    tableBox.replaceChildren(el("div", "anb-caption", `Ranked signals — ${model.get("scope")} (click a row to drill down; click a header to sort)`), t);
+    const caption = tableView === "overall"
+      ? `Ranked signals — ${model.get("scope")} (click a row to drill down; click a header to sort)`
+      : `Ranked signals — ${viewSel.selectedOptions[0].textContent}, as stage 2 ranked them on all pairs (click a row to drill down${tableView === "topic" ? " inside its topic" : ""})`;
+    tableBox.replaceChildren(el("div", "anb-caption", caption), viewSel, t);
   }
 
   // --- drilldown -------------------------------------------------------------------------------------
