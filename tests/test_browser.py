@@ -152,6 +152,7 @@ def _drive_the_viewer_and_toggles(page, run, data, concept):
     page.wait_for_function(f"document.querySelector('.anb-drill-title') && document.querySelector('.anb-drill-title').textContent.startsWith('concept {concept} ')", timeout=30_000)
     drill = page.inner_text(".anb-drill")
     assert "top-activating contexts" in drill and "split-half" in drill and "at equal length" in drill
+    assert page.evaluate("document.querySelectorAll('.anb-drill .anb-tok[title^=\"activation \"]').length") > 0  # every token's strength
 
     # the XSS pairs are shown as text, and none of them ran
     assert "<script>window.__pwned=1</script>" in drill

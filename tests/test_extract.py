@@ -347,3 +347,22 @@ def test_torchrun_two_processes_match_one(tiny_lm, tiny_sae_, tmp_path):
     assert two.path.name == one.path.name
     for k, v in arrays(one).items():
         assert v.tobytes() == np.load(two.path / f"{k}.npy").tobytes(), k
+
+
+def test_top_contexts_carry_every_tokens_activation(store, tiny_lm, tiny_sae_, hh_pairs):
+    """The drilldown shades each token of a top context by strength: the stored window is the
+    feature's activation on each token around the peak, as a full forward gives it."""
+    checked = 0
+    for feature in range(tiny_sae_.d_sae):
+        for hit in store.top_contexts(feature, n=2, window=12):
+            if hit["pair"] >= 6:
+                continue
+            acts = brute_force(tiny_lm, tiny_sae_, hh_pairs[hit["pair"]])[hit["side"]][:, feature].numpy()
+            a = hit["position"] - hit["peak"]
+            want = acts[a : a + len(hit["tokens"])]
+            np.testing.assert_allclose(hit["activations"], want, rtol=2e-3, atol=2e-3)
+            assert hit["activations"][hit["peak"]] == pytest.approx(hit["value"], rel=2e-3, abs=2e-3)
+            checked += 1
+        if checked >= 20:
+            break
+    assert checked >= 20

@@ -238,6 +238,8 @@ def test_viewer_state_selection_rescoring_and_drilldown(run):
     dd = v.drilldown
     assert dd["concept"] == c and dd["contexts"] and sum(dd["histogram"]["chosen"]) == n_pairs
     assert {"split_half", "length_control", "promoted_tokens", "examples"} <= set(dd)
+    for ctx in dd["contexts"]:  # every token of a top context carries the feature's activation on it
+        assert len(ctx["activations"]) == len(ctx["tokens"]) and ctx["activations"][ctx["peak"]] == pytest.approx(ctx["value"], rel=1e-2)
     assert len(v.pair_effect) == n_pairs
     # a lasso selection re-scores every concept inside it
     sel = list(range(0, n_pairs, 3))

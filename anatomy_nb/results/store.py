@@ -227,24 +227,31 @@ class FeatureStore:
         return self._cache["_token_text"]
 
     def top_contexts(self, feature: int, n: int = 10, window: int = 12) -> list[dict]:
-        """The responses where ``feature`` peaks highest, each with a token window around the peak."""
+        """The responses where ``feature`` peaks highest, each with a token window around the peak
+        and, in stores that kept them, the feature's activation on each token of the window."""
         self._check_feature(feature)
         ptr = self.array("top_indptr")
         lo, hi = int(ptr[feature]), int(min(ptr[feature + 1], ptr[feature] + n))
         text = self.token_text()
+        windows = self.array("top_window") if (self.path / "top_window.npy").exists() else None
+        half = (windows.shape[1] - 1) // 2 if windows is not None else 0
         out = []
         for j in range(lo, hi):
             row, pos, val = int(self.array("top_row")[j]), int(self.array("top_pos")[j]), float(self.array("top_val")[j])
             toks = self.response_tokens(row)
             a, b = max(0, pos - window), min(len(toks), pos + window + 1)
-            out.append({
+            hit = {
                 "pair": row // 2,
                 "side": "chosen" if row % 2 == CHOSEN else "rejected",
                 "position": pos,
                 "value": val,
                 "tokens": [text.get(int(t), "") for t in toks[a:b]],
                 "peak": pos - a,
-            })
+            }
+            if windows is not None:  # the feature's activation on each shown token (None beyond what was kept)
+                w = np.asarray(windows[j], dtype=np.float32)
+                hit["activations"] = [float(w[t - pos + half]) if abs(t - pos) <= half else None for t in range(a, b)]
+            out.append(hit)
         return out
 
     def histogram(self, feature: int) -> dict[str, np.ndarray]:

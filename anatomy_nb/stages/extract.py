@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "extract"
 STORE_FORMAT = 2  # 2: firing sets as bitsets when dense; pooled values only with pooled_values
+CONTEXT_WINDOW = 12  # tokens either side of a top context's peak whose activations are kept
 CPU_BATCH_PAIRS = 1  # benchmarks/extract.py: batching gains little on two CPU cores
 HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 48)]).astype(np.float32)
 
@@ -241,6 +242,7 @@ def _response_record(acts: torch.Tensor, row: int, side: int, cfg: ExtractConfig
     if cfg.edge_tokens:
         rec["edges"] = [torch.nonzero((w > 0).any(0), as_tuple=True)[0].cpu().numpy() for w in (acts[: cfg.edge_tokens], acts[-cfg.edge_tokens :])]
     rec["cand"] = np.stack([pooled["feat"], np.full_like(pooled["feat"], row), pooled["argmax"]], 1)
+    rec["window"] = _peak_windows(acts, pooled["feat"], pooled["argmax"])
     nz = torch.nonzero(acts > 0, as_tuple=True)
     if nz[0].numel():
         vals = acts[nz].cpu().numpy()
@@ -248,6 +250,20 @@ def _response_record(acts: torch.Tensor, row: int, side: int, cfg: ExtractConfig
         flat = (nz[1].cpu().numpy() * 2 + side) * (len(HIST_EDGES) - 1) + bins
         hist += np.bincount(flat, minlength=hist.size).reshape(hist.shape)
     return rec
+
+
+def _peak_windows(acts: torch.Tensor, feat: np.ndarray, argmax: np.ndarray) -> np.ndarray:
+    """(firing features, 2·CONTEXT_WINDOW+1) float16: each feature's activation on every token
+    around its peak in this response (0 beyond the response), so a drilldown can shade each token
+    of a top context by strength, not only mark the peak."""
+    width = 2 * CONTEXT_WINDOW + 1
+    if len(feat) == 0:
+        return np.zeros((0, width), np.float16)
+    T = acts.shape[0]
+    pos = torch.as_tensor(argmax, device=acts.device)[:, None] + torch.arange(-CONTEXT_WINDOW, CONTEXT_WINDOW + 1, device=acts.device)[None, :]
+    inside = (pos >= 0) & (pos < T)
+    vals = acts[pos.clamp(0, T - 1), torch.as_tensor(feat, device=acts.device)[:, None]] * inside
+    return vals.cpu().numpy().astype(np.float16)
 
 
 def _shard_arrays(items: list[_Tokenized], per_pair: list[dict[str, Any]], hist: np.ndarray, d_sae: int, cfg: ExtractConfig) -> dict[str, np.ndarray]:
@@ -275,7 +291,8 @@ def _shard_arrays(items: list[_Tokenized], per_pair: list[dict[str, Any]], hist:
             out[f"resp_{e}_nnz"] = np.asarray([len(f) for f in sets], dtype=np.int64)
             out[f"resp_{e}_feat"] = np.concatenate(sets).astype(fdt) if sets else np.zeros(0, fdt)
     cand = np.concatenate([r["cand"] for r in recs]) if recs else np.zeros((0, 3), np.int64)
-    out.update(_top_per_feature(cand, pooled("max", resp).astype(np.float32), cfg.top_contexts))
+    windows = np.concatenate([r["window"] for r in recs]) if recs else np.zeros((0, 2 * CONTEXT_WINDOW + 1), np.float16)
+    out.update(_top_per_feature(cand, pooled("max", resp).astype(np.float32), cfg.top_contexts, windows))
     if cfg.store_prompts:
         prm = [p["prompt"] for p in per_pair]
         out.update(
@@ -289,18 +306,19 @@ def _shard_arrays(items: list[_Tokenized], per_pair: list[dict[str, Any]], hist:
     return out
 
 
-def _top_per_feature(cand: np.ndarray, val: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    """Keep the ``n`` highest (feature, row, position) candidates per feature; ties broken by
-    row then position so the result does not depend on how the work was split."""
+def _top_per_feature(cand: np.ndarray, val: np.ndarray, n: int, window: np.ndarray) -> dict[str, np.ndarray]:
+    """Keep the ``n`` highest (feature, row, position) candidates per feature, with their
+    activation windows; ties broken by row then position so the result does not depend on how
+    the work was split."""
     if len(cand) == 0:
-        return {"top_feat": np.zeros(0, np.int32), "top_row": np.zeros(0, np.int64), "top_pos": np.zeros(0, np.int32), "top_val": np.zeros(0, np.float32)}
+        return {"top_feat": np.zeros(0, np.int32), "top_row": np.zeros(0, np.int64), "top_pos": np.zeros(0, np.int32), "top_val": np.zeros(0, np.float32), "top_window": np.zeros((0, window.shape[1]), np.float16)}
     order = np.lexsort((cand[:, 2], cand[:, 1], -val, cand[:, 0]))
-    cand, val = cand[order], val[order]
+    cand, val, window = cand[order], val[order], window[order]
     feat = cand[:, 0]
     starts = np.r_[0, np.flatnonzero(np.diff(feat)) + 1]
     rank = np.arange(len(feat)) - np.repeat(starts, np.diff(np.r_[starts, len(feat)]))
     keep = rank < n
-    return {"top_feat": feat[keep].astype(np.int32), "top_row": cand[keep, 1].astype(np.int64), "top_pos": cand[keep, 2].astype(np.int32), "top_val": val[keep]}
+    return {"top_feat": feat[keep].astype(np.int32), "top_row": cand[keep, 1].astype(np.int64), "top_pos": cand[keep, 2].astype(np.int32), "top_val": val[keep], "top_window": window[keep]}
 
 
 def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -348,9 +366,9 @@ def _merge(shard_dirs: list[Path], out: Path, shard_size: int, cfg: ExtractConfi
     # Top contexts: shard-local rows become global response rows, then re-select per feature.
     rows = [p["top_row"] + 2 * shard_size * i for i, p in enumerate(parts)]
     cand = np.stack([cat("top_feat").astype(np.int64), np.concatenate(rows), cat("top_pos").astype(np.int64)], 1)
-    top = _top_per_feature(cand, cat("top_val"), cfg.top_contexts)
+    top = _top_per_feature(cand, cat("top_val"), cfg.top_contexts, cat("top_window"))
     arrays["top_indptr"] = np.r_[0, np.cumsum(np.bincount(top["top_feat"], minlength=d_sae))].astype(np.int64)
-    arrays["top_row"], arrays["top_pos"], arrays["top_val"] = top["top_row"], top["top_pos"], top["top_val"]
+    arrays["top_row"], arrays["top_pos"], arrays["top_val"], arrays["top_window"] = top["top_row"], top["top_pos"], top["top_val"], top["top_window"]
     arrays["hist"] = sum(p["hist"] for p in parts)
     arrays["hist_edges"] = HIST_EDGES
     for k, v in arrays.items():

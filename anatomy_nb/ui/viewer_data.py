@@ -199,7 +199,7 @@ class ViewerData:
         contexts = []
         for f in top_feats:
             for hit in self.store.top_contexts(f, n=max(1, n_contexts // max(1, len(top_feats))), window=10):
-                contexts.append({"feature": f, "pair": int(hit["pair"]), "side": hit["side"], "value": json_float(hit["value"]), "tokens": [str(t) for t in hit["tokens"]], "peak": int(hit["peak"])})
+                contexts.append({"feature": f, "pair": int(hit["pair"]), "side": hit["side"], "value": json_float(hit["value"]), "tokens": [str(t) for t in hit["tokens"]], "peak": int(hit["peak"]), "activations": [json_float(a) for a in hit.get("activations", [])]})
         edges = np.linspace(0, 1, 21)
         uc, ur = self.space.chosen[:, j], self.space.rejected[:, j]
         hist = {"edges": edges.round(3).tolist(), "chosen": np.histogram(uc, edges)[0].tolist(), "rejected": np.histogram(ur, edges)[0].tolist()}
@@ -244,6 +244,16 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _shaded(token: str, peak: bool, activations: list, i: int, peak_value: float | None) -> str:
+    """A token, escaped, shaded by the feature's activation on it relative to the peak's."""
+    if peak:
+        return f"<mark>{escape_text(token)}</mark>"
+    a = activations[i] if i < len(activations) else None
+    if not a or not peak_value:
+        return escape_text(token)
+    return f"<span style='background:rgba(255,200,0,{min(1.0, a / peak_value):.2f})'>{escape_text(token)}</span>"
+
+
 def static_drilldown_html(dd: dict) -> str:
     """A drilldown as escaped HTML (what the widget shows, minus the interaction)."""
     o = dd["overall"]
@@ -254,7 +264,7 @@ def static_drilldown_html(dd: dict) -> str:
         f"<p>promoted tokens: <code>{escape_text(dd['promoted_tokens'])}</code> · text statistics: {escape_text(dd['text_stats'])}</p><ul>",
     ]
     for c in dd["contexts"][:6]:
-        toks = "".join(f"<mark>{escape_text(t)}</mark>" if i == c["peak"] else escape_text(t) for i, t in enumerate(c["tokens"]))
+        toks = "".join(_shaded(t, i == c["peak"], c.get("activations") or [], i, c["value"]) for i, t in enumerate(c["tokens"]))
         parts.append(f"<li>feature {c['feature']}, pair {c['pair']} ({escape_text(c['side'])}): {toks}</li>")
     parts.append("</ul>")
     if dd["examples"]:

@@ -197,12 +197,19 @@ function render({ model, el: root }) {
     const hb = el("div", "anb-hist-box");
     hb.append(el("div", "anb-caption", "activity: chosen (blue) vs rejected (red)"), histogram(d.histogram));
     drill.appendChild(hb);
-    drill.appendChild(el("div", "anb-caption", "top-activating contexts (peak token marked)"));
+    drill.appendChild(el("div", "anb-caption", "top-activating contexts (peak token outlined; every token shaded by the feature's activation on it)"));
     const ctxs = el("div", "anb-contexts");
     for (const c of d.contexts) {
       const line = el("div", "anb-context");
       line.appendChild(el("span", "anb-ctx-meta", `f${c.feature} · pair ${c.pair} · ${c.side} · ${fmt(c.value, 2)}  `));
-      c.tokens.forEach((t, i) => line.appendChild(el("span", i === c.peak ? "anb-tok anb-peak" : "anb-tok", t)));
+      const acts = c.activations || [];
+      c.tokens.forEach((t, i) => {
+        const span = el("span", i === c.peak ? "anb-tok anb-peak" : "anb-tok", t);
+        const a = acts[i];
+        if (i !== c.peak && a && c.value) { span.style.background = `rgba(255, 200, 0, ${Math.min(1, a / c.value).toFixed(2)})`; span.classList.add("anb-active"); }
+        if (a !== null && a !== undefined) span.title = `activation ${fmt(a, 2)}`;
+        line.appendChild(span);
+      });
       ctxs.appendChild(line);
     }
     drill.appendChild(ctxs);
