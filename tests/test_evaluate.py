@@ -214,6 +214,10 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
     assert ((fin["ci_low"] <= fin["value"] + 1e-12) & (fin["value"] <= fin["ci_high"] + 1e-12)).all()
     wide = res.comparison_table()
     assert list(wide.columns) == res.models
+    from anatomy_nb.results.evaluation import NO_SIGNAL, no_signal_rows
+
+    silent = comp[no_signal_rows(comp)].groupby(["group", "metric"]).ngroups
+    assert int((wide == NO_SIGNAL).all(axis=1).sum()) == silent  # the rows with no signal say so in every cell
 
 
 def test_target_activity_agrees_with_stage_4s_concept_scorer(tiny_eval):
@@ -362,3 +366,22 @@ def test_poisoning_readout_on_known_numbers():
     assert df.loc["plain", "planted_delta"] == pytest.approx(-0.1)
     assert np.isnan(df.loc["reward_shaping", "fraction_removed"]) and np.isnan(df.loc["reward_shaping", "fraction_gain_kept"])
     assert np.isnan(df.loc["reward_shaping", "fraction_margin_kept"])
+
+
+def test_a_rate_every_model_has_at_the_floor_is_marked_no_signal():
+    """Refusal 0 for base and trained models carries no information at this scale; a rate that
+    moves, one at 0 for base only, and a non-rate at 0 keep their numbers."""
+    import pandas as pd
+
+    from anatomy_nb.results.evaluation import NO_SIGNAL, no_signal_rows
+
+    rows = []
+    for m in ("base", "plain", "reward_shaping"):
+        rows.append({"model": m, "group": "refusal", "metric": "refusal rate, harmful prompts", "value": 0.0, "ci_low": 0.0, "ci_high": 0.39, "n": 6, "interval": "wilson"})
+        rows.append({"model": m, "group": "poisoning", "metric": "planted bold", "value": {"base": 0.0, "plain": 0.7, "reward_shaping": 0.0}[m], "ci_low": {"base": 0.0, "plain": 0.52, "reward_shaping": 0.0}[m], "ci_high": {"base": 0.11, "plain": 0.83, "reward_shaping": 0.11}[m], "n": 30, "interval": "wilson"})
+        rows.append({"model": m, "group": "formatting", "metric": "emoji", "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 30, "interval": "bootstrap"})
+    comp = pd.DataFrame(rows)
+    flags = no_signal_rows(comp)
+    assert flags[comp["metric"] == "refusal rate, harmful prompts"].all()
+    assert not flags[comp["metric"] != "refusal rate, harmful prompts"].any()
+    assert NO_SIGNAL == "no signal at this scale"

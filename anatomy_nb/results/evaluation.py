@@ -12,7 +12,29 @@ import pandas as pd
 from ..core.run import Run, RunLike
 from ..core.stage import Artifact
 
-__all__ = ["BASE", "TABLES", "EvalResult"]
+__all__ = ["BASE", "NO_SIGNAL", "TABLES", "EvalResult", "no_signal_rows"]
+
+NO_SIGNAL = "no signal at this scale"
+
+
+def no_signal_rows(comparison: pd.DataFrame) -> pd.Series:
+    """Per comparison row, True where its metric carries no information at this scale: a rate
+    (Wilson interval) at which the base model and every trained model sit at the same floor (0)
+    or ceiling (1), their intervals overlapping the base's — e.g. refusal 0 for every model of a
+    135M run. Such a row says nothing about the training; printing its zeros as a result would."""
+    out = pd.Series(False, index=comparison.index)
+    for _, g in comparison.groupby(["group", "metric"], sort=False):
+        v = g["value"].to_numpy(dtype=float)
+        if len(g) < 2 or not (g["interval"] == "wilson").all() or not np.isfinite(v).all():
+            continue
+        base = g[g["model"] == BASE]
+        if base.empty:
+            continue
+        lo, hi = float(base["ci_low"].iloc[0]), float(base["ci_high"].iloc[0])
+        at_bound = bool((v == 0).all() or (v == 1).all())
+        overlap = bool(((g["ci_low"] <= hi) & (g["ci_high"] >= lo)).all())
+        out[g.index] = at_bound and overlap
+    return out
 
 BASE = "base"  # the untrained model's name in every table
 
@@ -67,7 +89,7 @@ class EvalResult(Artifact):
 
     def comparison_table(self, digits: int = 3) -> pd.DataFrame:
         """The comparison as one wide table: a row per metric, a column per model, "value [low,
-        high]" cells."""
+        high]" cells; a row with no signal at this scale says so in every cell (``no_signal_rows``)."""
         df = self.comparison()
 
         def cell(r) -> str:
@@ -79,6 +101,7 @@ class EvalResult(Artifact):
             return s
 
         df = df.assign(cell=df.apply(cell, axis=1))
+        df.loc[no_signal_rows(df), "cell"] = NO_SIGNAL
         wide = df.pivot_table(index=["group", "metric"], columns="model", values="cell", aggfunc="first", sort=False)
         return wide[[m for m in self.models if m in wide.columns]].fillna("")
 
