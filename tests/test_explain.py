@@ -2,7 +2,7 @@
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from anatomy_nb.concepts.explain import OpenAICompatibleBackend, TransformersBackend, explain_concept, fidelity, load_prompt
 
@@ -21,6 +21,64 @@ class KeywordJudge:
         return "yes" if word.lower() in text.lower() else "no"
 
 
+class ChatServer:
+    """A small server that speaks the OpenAI chat-completions protocol on loopback (real HTTP, one
+    thread per request), answering as ``KeywordJudge`` with a usage block; it records every request
+    and the most requests it had in flight at once."""
+
+    def __init__(self, delay: float = 0.02, answer=None):
+        from http.server import ThreadingHTTPServer
+
+        self.requests, self.in_flight, self.max_in_flight = [], 0, 0
+        lock, outer = threading.Lock(), self
+        answer = answer or KeywordJudge().complete
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                import time
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    outer.requests.append({**body, "path": self.path, "auth": self.headers.get("Authorization")})
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                time.sleep(delay)
+                prompt = body["messages"][0]["content"]
+                text = answer(prompt, body["max_tokens"])
+                out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}], "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}}).encode()
+                with lock:
+                    outer.in_flight -= 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_openai_compatible_backend_speaks_the_chat_api(monkeypatch):
+    server = ChatServer(answer=lambda prompt, max_tokens: " yes \n")
+    try:
+        monkeypatch.setenv("ANATOMY_NB_TEST_KEY", "k123")
+        backend = OpenAICompatibleBackend(server.url, "some-model", api_key_env="ANATOMY_NB_TEST_KEY", timeout=10)
+        assert backend.complete("hello", max_new_tokens=3) == "yes"
+    finally:
+        server.close()
+    (seen,) = server.requests
+    assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer k123"
+    assert seen["messages"] == [{"role": "user", "content": "hello"}] and seen["temperature"] == 0 and seen["max_tokens"] == 3
+
+
 def test_templates_are_files_with_placeholders():
     assert "{examples}" in load_prompt("explain_concept")
     assert "{explanation}" in load_prompt("score_fidelity") and "{text}" in load_prompt("score_fidelity")
@@ -37,40 +95,6 @@ def test_a_faithful_explanation_scores_high_and_a_wrong_one_does_not():
     bad = fidelity(judge, "the word banana", texts, fired)
     assert good["auroc"] == 1.0 and good["accuracy"] == 1.0
     assert bad["auroc"] == 0.5 and bad["said_yes"] == 0.0
-
-
-def test_openai_compatible_backend_speaks_the_chat_api():
-    seen = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen["path"] = self.path
-            seen["auth"] = self.headers.get("Authorization")
-            seen["body"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            out = json.dumps({"choices": [{"message": {"content": " yes \n"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *a):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.handle_request, daemon=True)
-    thread.start()
-    try:
-        import os
-
-        os.environ["ANATOMY_NB_TEST_KEY"] = "k123"
-        backend = OpenAICompatibleBackend(f"http://127.0.0.1:{server.server_port}/v1", "some-model", api_key_env="ANATOMY_NB_TEST_KEY", timeout=10)
-        assert backend.complete("hello", max_new_tokens=3) == "yes"
-    finally:
-        thread.join(5)
-        server.server_close()
-    assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer k123"
-    assert seen["body"]["messages"] == [{"role": "user", "content": "hello"}] and seen["body"]["temperature"] == 0
 
 
 def test_transformers_backend_generates_deterministically(tiny_lm):
@@ -94,50 +118,6 @@ def test_hypothesize_adds_explanations_with_fidelity(tiny_lm, tiny_sae_, hh_pair
     assert top["llm_fidelity_accuracy"].between(0, 1).all()
     plain = hypothesize(tmp_path, cfg, model=tiny_lm, sae=tiny_sae_)
     assert plain.path != h.path  # the explainer is part of the key
-
-
-class ChatServer:
-    """A small server that speaks the OpenAI chat-completions protocol on loopback (real HTTP, one
-    thread per request), answering as ``KeywordJudge`` with a usage block; it records every request
-    and the most requests it had in flight at once."""
-
-    def __init__(self, delay: float = 0.02):
-        from http.server import ThreadingHTTPServer
-
-        self.requests, self.in_flight, self.max_in_flight = [], 0, 0
-        lock, judge, outer = threading.Lock(), KeywordJudge(), self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                import time
-
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    outer.requests.append(body)
-                    outer.in_flight += 1
-                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
-                time.sleep(delay)
-                prompt = body["messages"][0]["content"]
-                answer = judge.complete(prompt, body["max_tokens"])
-                out = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}], "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(answer.split())}}).encode()
-                with lock:
-                    outer.in_flight -= 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_an_endpoint_named_in_the_config_explains_in_batches_and_caches(tiny_lm, tiny_sae_, hh_pairs, tmp_path):
