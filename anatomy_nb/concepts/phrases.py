@@ -54,7 +54,7 @@ class PhraseConfig:
     min_windows: int = 3  # an n-gram must occur in at least this many windows
     min_z: float = 3.0
     n_phrases: int = 3
-    background_texts: int = 20_000  # responses sampled for the background counts
+    background_texts: int = 5_000  # responses sampled for the background counts (~500k words)
 
 
 class WordBackground:
