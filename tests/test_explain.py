@@ -121,7 +121,7 @@ def test_hypothesize_adds_explanations_with_fidelity(tiny_lm, tiny_sae_, hh_pair
 
 
 def test_an_endpoint_named_in_the_config_explains_in_batches_and_caches(tiny_lm, tiny_sae_, hh_pairs, tmp_path):
-    from anatomy_nb.config import ConceptConfig, ExtractConfig, HypothesizeConfig
+    from anatomy_nb.config import ExtractConfig
     from anatomy_nb.stages.extract import extract
     from anatomy_nb.stages.hypothesize import hypothesize
 
