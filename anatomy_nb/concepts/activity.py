@@ -79,6 +79,19 @@ def length_diffs(ntok: np.ndarray, groups: np.ndarray | None, degree: int) -> np
     return group_means(length_regressors(np.log(np.maximum(ntok, 1)), degree), groups)
 
 
+@numba.njit(cache=False)
+def _add_row(indptr, indices, i, weight, acc, seen, touched, n_touched):  # pragma: no cover - compiled
+    """acc[f] += weight for the features of row i, remembering which entries were touched."""
+    for a in range(indptr[i], indptr[i + 1]):
+        f = indices[a]
+        if not seen[f]:
+            seen[f] = True
+            touched[n_touched] = f
+            n_touched += 1
+        acc[f] += weight
+    return n_touched
+
+
 @numba.njit(parallel=True, cache=False)
 def _difference_sums_kernel(c_indptr, c_indices, r_indptr, r_indices, order, starts, width):  # pragma: no cover - compiled
     n_units = len(starts) - 1
@@ -95,20 +108,8 @@ def _difference_sums_kernel(c_indptr, c_indices, r_indptr, r_indices, order, sta
             n_touched = 0
             for x in range(starts[u], starts[u + 1]):
                 i = order[x]
-                for a in range(c_indptr[i], c_indptr[i + 1]):
-                    f = c_indices[a]
-                    if not seen[f]:
-                        seen[f] = True
-                        touched[n_touched] = f
-                        n_touched += 1
-                    acc[f] += weight
-                for a in range(r_indptr[i], r_indptr[i + 1]):
-                    f = r_indices[a]
-                    if not seen[f]:
-                        seen[f] = True
-                        touched[n_touched] = f
-                        n_touched += 1
-                    acc[f] -= weight
+                n_touched = _add_row(c_indptr, c_indices, i, weight, acc, seen, touched, n_touched)
+                n_touched = _add_row(r_indptr, r_indices, i, -weight, acc, seen, touched, n_touched)
             for j in range(n_touched):
                 f = touched[j]
                 s1[t, f] += acc[f]
