@@ -297,6 +297,9 @@ class EvalConfig(Config):
     n_harmful: int = field(default=12, metadata=_help("harmful prompts (AdvBench / StrongREJECT / HarmBench, sampled evenly)"))
     n_xstest: int = field(default=12, metadata=_help("XSTest safe prompts (over-refusal)"))
     behaviour_max_new_tokens: int = field(default=32, metadata=_help("a refusal shows in the first sentence"))
+    # the ExplainConfig switch reused: backend 'none' keeps the phrase list
+    judge: ExplainConfig = field(default_factory=ExplainConfig, metadata=_help("the refusal judge: backend 'none' = the phrase list; 'openai' / 'transformers' = an LLM judge (data.judges)"))
+    judge_agreement_n: int = field(default=100, metadata=_help("human-labelled XSTest completions per family and reading the judge is measured on (0 = skip)"))
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):
@@ -306,6 +309,8 @@ class EvalConfig(Config):
             raise ValueError(f"ci must be in (0, 1), got {self.ci}")
         if self.n_prompts < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("n_prompts, max_new_tokens and batch_size must be >= 1")
+        if self.judge_agreement_n < 0:
+            raise ValueError(f"judge_agreement_n must be >= 0, got {self.judge_agreement_n}")
 
 
 # --- the whole pipeline -----------------------------------------------------------------------------

@@ -212,6 +212,13 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
     assert (beh.groupby("metric")["model"].nunique() == 3).all() and len(beh["metric"].unique()) == 9
     fin = beh[np.isfinite(beh["ci_low"])]
     assert ((fin["ci_low"] <= fin["value"] + 1e-12) & (fin["value"] <= fin["ci_high"] + 1e-12)).all()
+    # the refusal rows name their judge; the judge's agreement with people is in the artifact
+    ref = comp[comp["group"] == "refusal"]
+    assert (ref["judge"] == "phrase list").all() and (comp[comp["group"] != "refusal"]["judge"] == "").all()
+    assert res.refusal_judge == "phrase list"
+    judges = res.judges()
+    assert set(zip(judges["family"], judges["reading"])) == {(f, r) for f in ("gpt4", "llama2") for r in ("full", "stripped")}
+    assert (judges["n"] == 100).all() and (judges["accuracy_ci_low"] <= judges["accuracy"]).all()
     wide = res.comparison_table()
     assert list(wide.columns) == res.models
     from anatomy_nb.results.evaluation import NO_SIGNAL, no_signal_rows

@@ -23,6 +23,9 @@ EVAL_FILES = {
     "advbench": "evals/refusal_direction/advbench.csv",
     "strongreject": "evals/refusal_direction/strongreject.csv",
     "harmbench": "evals/refusal_direction/harmbench_val.csv",
+    # human-labelled completions the refusal judge is measured on (data.judges)
+    "xstest_completions_gpt4": "evals/xstest_completions/xstest_v2_completions_gpt4.csv",
+    "xstest_completions_llama2": "evals/xstest_completions/xstest_v2_completions_llama2orig.csv",
 }
 
 

@@ -38,7 +38,7 @@ def no_signal_rows(comparison: pd.DataFrame) -> pd.Series:
 
 BASE = "base"  # the untrained model's name in every table
 
-TABLES = ("predicted_vs_actual", "r2", "offtarget", "preference", "targets", "poisoning", "comparison")
+TABLES = ("predicted_vs_actual", "r2", "offtarget", "preference", "targets", "poisoning", "comparison", "judges")
 
 
 @dataclass
@@ -79,6 +79,26 @@ class EvalResult(Artifact):
         """The controlled-poisoning read-out (planted-pattern rate, fraction removed, on-target
         preference and gain kept); None when the run's data was not poisoned."""
         return self.table("poisoning") if (self.path / "poisoning.parquet").exists() else None
+
+    def judges(self) -> pd.DataFrame | None:
+        """The refusal judge's agreement with people (``data.judges.agreement``); None when the
+        evaluation skipped it (``judge_agreement_n=0`` or no behaviour sets)."""
+        return self.table("judges") if (self.path / "judges.parquet").exists() else None
+
+    def judge_table(self, digits: int = 2) -> pd.DataFrame | None:
+        """``judges()`` as people read it: a row per family × reading, "value [low, high]" cells."""
+        df = self.judges()
+        if df is None:
+            return None
+        out = df[["judge", "family", "reading", "n"]].copy()
+        for m in ("accuracy", "full_refusal_recall", "partial_refusal_recall", "specificity"):
+            out[m.replace("_", " ")] = [f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (n={k})" if np.isfinite(v) else "" for v, lo, hi, k in zip(df[m], df[f"{m}_ci_low"], df[f"{m}_ci_high"], df[f"n_{m}"])]
+        return out
+
+    @property
+    def refusal_judge(self) -> str:
+        """The name of the judge that scored the refusal rows."""
+        return str(self.manifest.get("refusal_judge", "phrase list"))
 
     def comparison(self) -> pd.DataFrame:
         return self.table("comparison")

@@ -32,6 +32,11 @@
   formatting statistics of the held-out generations, sycophancy (CAA A/B) and a persona trait
   (Anthropic agreeableness) scored by answer-letter probability, refusal of harmful prompts
   (AdvBench / StrongREJECT / HarmBench) and over-refusal of safe ones (XSTest);
+- ``judges.parquet`` — the refusal judge (``EvalConfig.judge``: the phrase list, or an LLM judge)
+  measured against people on the human-labelled XSTest v2 completions of two model families, as
+  written and with the stock refusal phrases removed: accuracy, recall of full and partial
+  refusals, specificity, with Wilson intervals (``data.judges.agreement``); the refusal rows of
+  ``comparison`` name the judge in their ``judge`` column;
 - ``manifest.json`` last (``complete``, timings, which training run each model name is).
 
 The model calls are ``lm.ops`` (generation, log-probs, A/B probabilities, residual capture), the
@@ -67,7 +72,9 @@ from ..config import EvalConfig
 from ..core.files import atomic_write_text, content_hash, read_json
 from ..core.run import Run, RunLike
 from ..core.stage import relative, terminal
+from ..concepts.explain import usage_of
 from ..data.evalsets import AB_SETS, EVAL_FILES, ab_items, eval_file_digests, harmful_prompts, xstest_safe
+from ..data.judges import agreement, make_judge
 from ..data.plant import poisoning_readout
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
@@ -261,7 +268,15 @@ def evaluate(
         heldout_gens = {n: gens[n]["heldout"] for n in names}
         poison = poisoning_readout(truth, heldout_gens, logps, [p.id for p in pref_pairs], base=BASE, reference=PLAIN, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
         stage.write_parquet("poisoning", poison)
-    stage.write_parquet("comparison", comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg, poison))
+    # the refusal rows: one judge for every model, measured against people on labelled completions
+    judge = make_judge(cfg.judge, run.path / "cache" / "llm", lm)
+    t0 = time.time()
+    refusals = {n: {s: judge.judge([it["prompt"][-1]["content"] for it in gen_sets[s]], gens[n][s]) for s in ("harmful", "xstest_safe") if s in gens[n]} for n in names}
+    judges = agreement(judge, cfg.judge_agreement_n, ci=cfg.ci, seed=cfg.seed) if cfg.behaviour and cfg.judge_agreement_n else None
+    if judges is not None:
+        stage.write_parquet("judges", judges)
+    timing["judge"] = {"name": judge.name, "seconds": round(time.time() - t0, 2), **({"llm": usage_of(judge.backend, time.time() - t0)} if hasattr(judge, "backend") else {})}
+    stage.write_parquet("comparison", comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg, poison, refusals, judge.name))
 
     manifest = stage.finish({
         "models": {BASE: {"model": lm.name, "fingerprint": lm.fingerprint}, **{n: {"train_key": p.name, "path": relative(p, run.path), "plan_active": active_entries(manifests[n])} for n, p in paths.items()}},
@@ -274,6 +289,7 @@ def evaluate(
         "eval_files": {k: EVAL_FILES[k] for k in eval_files},
         "config": cfg.to_dict(),
         "timing": timing,
+        "refusal_judge": judge.name,
         "seconds": round(time.time() - t_all, 2),
     }, models=names)
     say(f"done in {manifest['seconds']:.0f} s → {out}")

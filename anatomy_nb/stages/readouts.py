@@ -14,7 +14,7 @@ import pandas as pd
 from ..concepts.sources import SAEConcept, TextConcept
 from ..config import EvalConfig
 from ..core.stats import bh_qvalues, bootstrap_ci, implicit_margin, pair_correct, paired_test, r2_with_ci, ratio_with_ci, wilson_interval
-from ..data.textstats import is_refusal, text_stats
+from ..data.textstats import text_stats
 from ..results.evaluation import BASE
 from ..results.plan import parse_concept, sae_concept_id
 from ..results.training import PLAIN, active_entries
@@ -140,7 +140,10 @@ def targets_table(names, manifests, fires, gens, cfg: EvalConfig) -> pd.DataFram
     return pd.DataFrame(rows, columns=cols)
 
 
-def comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: EvalConfig, poison: pd.DataFrame | None = None) -> pd.DataFrame:
+def comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: EvalConfig, poison: pd.DataFrame | None = None, refusals: dict | None = None, judge_name: str = "") -> pd.DataFrame:
+    """Every one-number-per-model result as a long table. ``refusals``: model → behaviour set →
+    the judge's refusal flags per generation; its rows carry the judge's name."""
+    refusals = refusals or {}
     rows = []
 
     def add(model, group, metric, value, lo, hi, n, interval):
@@ -179,8 +182,10 @@ def comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: Eval
             lo, hi = bootstrap_ci(pm, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
             add(n, "sycophancy" if "syco" in s else "persona", f"{s}: P(matching answer)", pm.mean(), lo, hi, len(pm), "bootstrap")
         for s, metric in (("harmful", "refusal rate, harmful prompts"), ("xstest_safe", "over-refusal rate, XSTest safe prompts")):
-            if s in gens[n]:
-                ref = [is_refusal(t) for t in gens[n][s]]
-                lo, hi = wilson_interval(sum(ref), len(ref), cfg.ci)
-                add(n, "refusal", metric, np.mean(ref) if ref else np.nan, lo, hi, len(ref), "wilson")
-    return pd.DataFrame(rows, columns=["model", "group", "metric", "value", "ci_low", "ci_high", "n", "interval"])
+            if s in refusals.get(n, {}):
+                ref = refusals[n][s]
+                lo, hi = wilson_interval(int(np.sum(ref)), len(ref), cfg.ci)
+                add(n, "refusal", metric, np.mean(ref) if len(ref) else np.nan, lo, hi, len(ref), "wilson")
+                rows[-1]["judge"] = judge_name
+    df = pd.DataFrame(rows, columns=["model", "group", "metric", "value", "ci_low", "ci_high", "n", "interval", "judge"])
+    return df.assign(judge=df["judge"].fillna(""))

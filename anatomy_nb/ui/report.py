@@ -51,6 +51,13 @@ def _pipeline_sections(run: Run) -> list[str]:
         order = {"poisoning": 0, "target": 1, "preference": 2}
         wide = wide.sort_values("group", key=lambda g: g.map(lambda x: order.get(x, 9)), kind="stable")
         parts += ["<h2>Evaluation: base vs plain DPO vs each intervention</h2>", "<p class='muted'>value [95 % interval]; details in 05_evaluate.</p>", html_table(wide, max_chars=200)]
+        ev = run.evaluation
+        parts.append(f"<h2>Refusal judge</h2><p>The refusal rows were scored by <b>{escape_text(ev.refusal_judge)}</b>.")
+        judges = ev.judge_table()
+        if judges is None:
+            parts.append(" Its agreement with people was not measured in this run.</p>")
+        else:
+            parts += [" Its agreement with people, on human-labelled XSTest v2 completions of two model families, as written and with the stock refusal phrases removed (a judge of meaning keeps its numbers in both readings):</p>", html_table(judges, max_chars=200)]
     state_path = run.path / "pipeline.json"
     if state_path.exists():
         steps = read_json(state_path).get("steps", {})
