@@ -61,6 +61,7 @@ def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_di
         page = (run_dir / "report" / "index.html").read_text()
         assert "The audit&#x27;s target" in page or "The audit's target" in page
         assert "planted bold in generations" in page and "Pipeline steps" in page
+        assert "scored by <b>phrase list</b>" in page and "full refusal recall" in page  # which judge, and its agreement
 
     # unchanged: nothing runs
     logs.clear()

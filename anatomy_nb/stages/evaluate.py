@@ -4,7 +4,7 @@
 (plain DPO and one per intervention) and writes, under ``run_dir/evaluate/<key>/``:
 
 - ``generations.jsonl`` — every generation: model, set (heldout / harmful / xstest_safe), item id,
-  prompt, response, new-token count;
+  prompt, response, new-token count, and for the behaviour sets the refusal judge's verdict;
 - ``predicted_vs_actual.parquet`` — per model × concept (view ``overall``) and model × topic ×
   concept (view ``topic``): stage 2's predicted change, the actual change of the concept's activity
   on the model's own generations (paired over prompts, vs the base model), its p and BH q over the
@@ -245,7 +245,6 @@ def evaluate(
         if model is not lm:
             del model
             gc.collect()
-    atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in gen_rows))
 
     # concept activity of the held-out generations, every model's text through the base encoder
     t0 = time.time()
@@ -277,6 +276,10 @@ def evaluate(
         stage.write_parquet("judges", judges)
     timing["judge"] = {"name": judge.name, "seconds": round(time.time() - t0, 2), **({"llm": usage_of(judge.backend, time.time() - t0)} if hasattr(judge, "backend") else {})}
     stage.write_parquet("comparison", comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg, poison, refusals, judge.name))
+    flags = {(n, s, it["id"]): bool(f) for n in names for s, fl in refusals[n].items() for it, f in zip(gen_sets[s], fl)}
+    for r in gen_rows:
+        r["refusal"] = flags.get((r["model"], r["set"], r["id"]))
+    atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in gen_rows))
 
     manifest = stage.finish({
         "models": {BASE: {"model": lm.name, "fingerprint": lm.fingerprint}, **{n: {"train_key": p.name, "path": relative(p, run.path), "plan_active": active_entries(manifests[n])} for n, p in paths.items()}},
