@@ -206,20 +206,31 @@ class ResidualEdit:
     """One edit of the residual stream after block ``layer``.
 
     steer: h + vector. ablate: h − fraction·((h − mean)·Qᵀ)·Q (zero ablation: mean = 0), i.e. the
-    component in span(Q) is replaced by the mean's (scaled by ``fraction``)."""
+    component in span(Q) is replaced by the mean's (scaled by ``fraction``). interchange (DAS): at
+    one position per sequence, the component in span(Q) is replaced by a source run's,
+    h + ((source − h)·Qᵀ)·Q; ``basis`` may carry gradients (the subspace being learned)."""
 
     layer: int
-    kind: str  # "steer" | "ablate"
+    kind: str  # "steer" | "ablate" | "interchange"
     concept: str = ""
     vector: torch.Tensor | None = None  # steer: α·v (d_model)
     basis: torch.Tensor | None = None  # ablate: (k, d_model) orthonormal rows
     mean: torch.Tensor | None = None  # ablate="mean": the mean residual (d_model)
     fraction: float = 1.0
     in_reference: bool = False  # does the DPO reference pass see it? (stages.interventions docstring)
+    source: torch.Tensor | None = None  # interchange: the source residuals (batch, d_model)
+    positions: torch.Tensor | None = None  # interchange: the position edited in each sequence (batch,)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "steer":
             return h + self.vector.to(device=h.device, dtype=h.dtype)
+        if self.kind == "interchange":
+            Q = self.basis.to(device=h.device, dtype=h.dtype)
+            rows = torch.arange(h.shape[0], device=h.device)
+            at = h[rows, self.positions]
+            h = h.clone()
+            h[rows, self.positions] = at + ((self.source.to(h) - at) @ Q.T) @ Q
+            return h
         Q = self.basis.to(device=h.device, dtype=h.dtype)
         centred = h if self.mean is None else h - self.mean.to(device=h.device, dtype=h.dtype)
         return h - self.fraction * (centred @ Q.T) @ Q

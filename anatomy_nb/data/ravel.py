@@ -1,0 +1,110 @@
+"""RAVEL (Huang, Wu, Potts, Geva, Geiger 2024): entities with several attributes each, prompt
+templates per attribute, and entity / template splits — the counterfactual data on which a concept
+subspace (DAS, HyperDAS, or a set of SAE features) is measured.
+
+Read from the vendored ``data/ravel/data.tgz`` (explanare/ravel, MIT) without unpacking it.
+``counterfactual_pairs`` builds RAVEL's interchange examples: a *base* prompt asks attribute ``q``
+of entity ``e_b``; a *source* prompt mentions entity ``e_s``; an intervention on the target
+attribute ``a`` at the entity's last token should make the base answer ``e_s``'s value when
+``q == a`` (**Cause**) and keep ``e_b``'s value when ``q != a`` (**Isolate**).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ..core.paths import data_dir
+
+__all__ = ["ENTITY_TYPES", "RavelData", "counterfactual_pairs", "load_ravel"]
+
+ENTITY_TYPES = ("city", "nobel_prize_winner", "occupation", "physical_object", "verb")
+
+
+@dataclass(frozen=True)
+class RavelData:
+    """One entity type: ``entities[name][attribute] = value``, ``templates[attribute]`` (each with
+    one ``%s`` for the entity), and the upstream ``entity_split`` / ``template_split`` (train / val /
+    test)."""
+
+    entity_type: str
+    entities: dict[str, dict[str, str]]
+    templates: dict[str, list[str]]
+    entity_split: dict[str, str]
+    template_split: dict[str, str]
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.templates)
+
+    def entities_in(self, split: str) -> list[str]:
+        return sorted(e for e, s in self.entity_split.items() if s == split and e in self.entities)
+
+    def templates_in(self, attribute: str, split: str) -> list[str]:
+        return [t for t in self.templates[attribute] if self.template_split.get(t) == split]
+
+
+@lru_cache(maxsize=8)
+def load_ravel(entity_type: str = "city") -> RavelData:
+    """Load one RAVEL entity type from the vendored archive."""
+    if entity_type not in ENTITY_TYPES:
+        raise ValueError(f"unknown RAVEL entity type {entity_type!r}; types: {ENTITY_TYPES}")
+    path = data_dir() / "ravel" / "data.tgz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the vendored RAVEL archive is missing (see data/DATA.md)")
+    with tarfile.open(path, "r:gz") as tar:
+        def read(name: str) -> dict:
+            member = f"data/{name}"
+            try:
+                return json.load(tar.extractfile(member))  # type: ignore[arg-type]
+            except KeyError:
+                raise FileNotFoundError(f"{path}: no member {member}") from None
+
+        entities = read(f"ravel_{entity_type}_entity_attributes.json")
+        templates = read(f"ravel_{entity_type}_attribute_to_prompts.json")
+        for attr, ts in templates.items():
+            bad = [t for t in ts if t.count("%s") != 1]
+            if bad:
+                raise ValueError(f"{path}: ravel_{entity_type}_attribute_to_prompts.json, attribute {attr!r}: template {bad[0]!r} needs exactly one %s")
+        return RavelData(entity_type, entities, templates, read(f"ravel_{entity_type}_entity_to_split.json"), read(f"ravel_{entity_type}_prompt_to_split.json"))
+
+
+def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], entities: list[str], n: int, seed: int = 0, templates_split: str | None = None) -> list[dict]:
+    """``n`` interchange examples for the target ``attribute``: base entity and template (asking one of
+    ``queried``), source entity and template (asking any attribute), and the expected answer —
+    the source's value where the base asks ``attribute`` (kind ``cause``), the base's own value
+    otherwise (kind ``isolate``). Half of the examples are of each kind when ``queried`` holds
+    another attribute. Pairs whose two entities share the value would test nothing and are
+    skipped."""
+    unknown = [a for a in [attribute, *queried] if a not in data.templates]
+    if unknown:
+        raise ValueError(f"RAVEL {data.entity_type}: unknown attribute(s) {unknown}; attributes: {data.attributes}")
+    rng = np.random.default_rng(seed)
+    ents = [e for e in entities if all(data.entities[e].get(a) for a in queried)]
+    if len(ents) < 2:
+        raise ValueError(f"RAVEL {data.entity_type}: fewer than two entities have values for {queried}")
+    others = [q for q in queried if q != attribute]
+
+    def templates(a: str) -> list[str]:
+        return data.templates_in(a, templates_split) if templates_split else data.templates[a]
+
+    out: list[dict] = []
+    for _ in range(50 * n):
+        if len(out) >= n:
+            break
+        kind = "cause" if not others or len(out) % 2 == 0 else "isolate"
+        q = attribute if kind == "cause" else others[rng.integers(len(others))]
+        base, source = (ents[i] for i in rng.choice(len(ents), 2, replace=False))
+        if data.entities[base][attribute] == data.entities[source][attribute]:
+            continue
+        b_t, s_attr = templates(q), list(data.templates)[rng.integers(len(data.templates))]
+        s_t = templates(s_attr)
+        if not b_t or not s_t:
+            continue
+        expected = data.entities[source][attribute] if kind == "cause" else data.entities[base][q]
+        out.append({"kind": kind, "attribute": attribute, "queried": q, "base_entity": base, "base_template": b_t[rng.integers(len(b_t))], "source_entity": source, "source_template": s_t[rng.integers(len(s_t))], "expected": expected, "base_answer": data.entities[base][q]})
+    return out

@@ -1,0 +1,126 @@
+"""DAS on the tiny model: the interchange edit's algebra, training that learns, the RAVEL loader,
+bad input, and a learned subspace used as a concept by CAFT."""
+
+import numpy as np
+import pytest
+import torch
+
+from anatomy_nb.data.ravel import counterfactual_pairs, load_ravel
+from anatomy_nb.lm.das import Example, answer_token, entity_prompt, interchange_predictions, next_token_predictions, save_subspace, train_das
+from anatomy_nb.lm.models import tiny_llama
+from anatomy_nb.lm.ops import ResidualEdit
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_llama(seed=0)
+
+
+def test_interchange_replaces_exactly_the_subspace_component_at_the_position():
+    torch.manual_seed(0)
+    h, source = torch.randn(3, 5, 16), torch.randn(3, 16)
+    Q = torch.linalg.qr(torch.randn(16, 4))[0].T  # (4, 16) orthonormal rows
+    pos = torch.tensor([0, 2, 4])
+    out = ResidualEdit(layer=0, kind="interchange", basis=Q, source=source, positions=pos).apply(h)
+    rows = torch.arange(3)
+    torch.testing.assert_close(out[rows, pos] @ Q.T, source @ Q.T)  # the subspace holds the source's
+    P = torch.eye(16) - Q.T @ Q
+    torch.testing.assert_close(out[rows, pos] @ P, h[rows, pos] @ P)  # the rest stays the base's
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[rows, pos] = False
+    torch.testing.assert_close(out[keep], h[keep])  # other positions untouched
+    full = ResidualEdit(layer=0, kind="interchange", basis=torch.eye(16), source=source, positions=pos).apply(h)
+    torch.testing.assert_close(full[rows, pos], source)
+    Qg = Q.clone().requires_grad_(True)
+    ResidualEdit(layer=0, kind="interchange", basis=Qg, source=source, positions=pos).apply(h).sum().backward()
+    assert Qg.grad is not None and Qg.grad.abs().sum() > 0
+
+
+def _examples(lm, n, seed, planted=None, layer=1):
+    """Random base and source prompts, intervened at their last token; the answer is the model's
+    own prediction after an interchange on the ``planted`` subspace (the known answer DAS must
+    recover), or the token 0 when none is planted."""
+    rng = np.random.default_rng(seed)
+    vocab = lm.model.config.vocab_size
+    out = [Example(rng.integers(5, vocab, 6).tolist(), 5, rng.integers(5, vocab, 6).tolist(), 5, 0) for _ in range(n)]
+    if planted is not None:
+        for e, a in zip(out, interchange_predictions(lm, layer, planted, out)):
+            e.answer = int(a)
+    return out
+
+
+@pytest.fixture(scope="module")
+def peaked_lm():
+    """The tiny model with its final norm scaled: a random model's next-token distribution is near
+    uniform, so nothing at one position changes its answer; scaled, its answers follow the residual."""
+    lm = tiny_llama(seed=0)
+    with torch.no_grad():
+        lm.model.model.norm.weight.mul_(30)
+    return lm
+
+
+def test_das_recovers_a_planted_subspace(peaked_lm):
+    lm = peaked_lm
+    torch.manual_seed(5)
+    planted = torch.linalg.qr(torch.randn(lm.d_model, 8))[0].T  # (8, 64): random overlap 8/64
+    train = _examples(lm, 512, seed=1, planted=planted)
+    sub = train_das(lm, 1, 8, train, epochs=4, lr=1e-2, batch_size=16, seed=0)
+    overlap = float((sub.directions @ planted.T).pow(2).sum() / 8)  # mean cos² of the principal angles
+    assert overlap > 0.3, overlap  # chance: 8/64 = 0.125 (measured 0.40–0.81 across runs)
+    first, last = np.mean([c["loss"] for c in sub.curve[:8]]), np.mean([c["loss"] for c in sub.curve[-8:]])
+    assert last < 0.6 * first
+    torch.testing.assert_close(sub.directions @ sub.directions.T, torch.eye(8), atol=1e-4, rtol=0)
+    assert all(p.requires_grad for p in lm.model.parameters())  # the model is unfrozen again
+
+
+def test_a_learned_subspace_is_a_concept_that_caft_ablates_exactly(lm, tmp_path):
+    from anatomy_nb.results.plan import InterventionPlan
+    from anatomy_nb.stages.interventions import planned_concepts, residual_edits
+
+    sub = train_das(lm, 1, 3, _examples(lm, 16, seed=3, planted=torch.eye(lm.d_model)[:3]), epochs=1, batch_size=8)
+    path = save_subspace(sub, tmp_path / "concepts" / "entity", attribute="token identity")
+    plan = InterventionPlan.from_dict({"concepts": [{"concept": "direction:entity", "action": "suppress", "method": "ablate", "direction_file": str(path), "layer": 1}]})
+    (edit,) = residual_edits(planned_concepts(plan, d_model=lm.d_model))
+    h = torch.randn(2, 7, lm.d_model)
+    out = edit.apply(h)
+    Q = sub.directions
+    torch.testing.assert_close(out @ Q.T, torch.zeros(2, 7, 3), atol=1e-5, rtol=0)  # the subspace is gone
+    P = torch.eye(lm.d_model) - Q.T @ Q
+    torch.testing.assert_close(out @ P, h @ P, atol=1e-5, rtol=0)  # nothing else moved
+    assert (tmp_path / "concepts" / "entity.json").exists()
+
+
+def test_bad_input_is_named(lm):
+    tok = lm.tokenizer
+    with pytest.raises(ValueError, match="hidden size"):
+        train_das(lm, 0, lm.d_model + 1, _examples(lm, 2, seed=0))
+    with pytest.raises(ValueError, match="out of range"):
+        train_das(lm, 99, 2, _examples(lm, 2, seed=0))
+    with pytest.raises(ValueError, match="exactly one"):
+        entity_prompt(tok, "no slot here", "Paris")
+    ids, pos = entity_prompt(tok, "She lives in %s, so her country is", "Paris")
+    assert pos < len(ids)
+
+
+def test_ravel_loader_and_counterfactual_pairs():
+    city = load_ravel("city")
+    assert {"Country", "Continent", "Language"} <= set(city.attributes) and len(city.entities) == 3552
+    ents = city.entities_in("train")
+    pairs = counterfactual_pairs(city, "Country", ["Country", "Continent"], ents, 40, seed=0)
+    assert len(pairs) == 40 and {p["kind"] for p in pairs} == {"cause", "isolate"}
+    for p in pairs:
+        b, s = city.entities[p["base_entity"]], city.entities[p["source_entity"]]
+        assert p["expected"] == (s["Country"] if p["kind"] == "cause" else b[p["queried"]])
+        assert b["Country"] != s["Country"]
+    with pytest.raises(ValueError, match="unknown attribute"):
+        counterfactual_pairs(city, "Colour", ["Colour"], ents, 2)
+    with pytest.raises(ValueError, match="entity type"):
+        load_ravel("planet")
+
+
+def test_answer_token_is_the_values_first_token(lm):
+    tok = lm.tokenizer
+    t = answer_token(tok, "Paris is in", "France")
+    assert " France".startswith(tok.decode([t]))
+    t = answer_token(tok, '{"city": "Paris", "country": "', "France")
+    assert "France".startswith(tok.decode([t]))
