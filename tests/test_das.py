@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anatomy_nb.data.ravel import counterfactual_pairs, load_ravel
-from anatomy_nb.lm.das import Example, answer_token, entity_prompt, interchange_predictions, next_token_predictions, save_subspace, train_das
+from anatomy_nb.lm.das import Example, answer_token, entity_prompt, interchange_predictions, save_subspace, train_das
 from anatomy_nb.lm.models import tiny_llama
 from anatomy_nb.lm.ops import ResidualEdit
 
