@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,12 @@ from anatomy_nb.lm.ops import ResidualCapture
 from anatomy_nb.lm.sae import DEFAULT_SAE, load_sae
 
 
-def known_examples(lm, data, attributes, entities):
-    """(entity, template) → True where the model's greedy next token is the value's first token."""
+def known_examples(lm, data, attributes, entities, templates):
+    """The (attribute, template, entity, ids, position, answer) the model gets right: its greedy next
+    token is the value's first token. Also returns how many were asked."""
     rows, prompts = [], []
     for a in attributes:
-        for t in data.templates[a]:
+        for t in templates[a]:
             for e in entities:
                 v = data.entities[e].get(a)
                 if not v:
@@ -108,7 +110,8 @@ def sae_subspace(lm, sae, data, attribute, known, dim):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attributes", default="Country,Continent,Language")
-    ap.add_argument("--entities", type=int, default=200, help="entities per split")
+    ap.add_argument("--entities", type=int, default=150, help="entities per split")
+    ap.add_argument("--templates", type=int, default=8, help="templates per attribute (drawn at random)")
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--n-train", type=int, default=512)
     ap.add_argument("--n-test", type=int, default=200)
@@ -124,22 +127,24 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ents = {s: sorted(rng.choice(data.entities_in(s), args.entities, replace=False).tolist()) for s in ("train", "test")}
     result = {"model": lm.name, "sae": sae.name, "layer": sae.layer, "dim": args.dim, "entities_per_split": args.entities, "attributes": {}}
+    templates = {a: sorted(rng.choice(data.templates[a], min(args.templates, len(data.templates[a])), replace=False).tolist()) for a in attrs}
     known, n_all = {}, {}
     for s in ("train", "test"):
-        known[s], n_all[s] = known_examples(lm, data, attrs, ents[s])
+        known[s], n_all[s] = known_examples(lm, data, attrs, ents[s], templates)
     for a in attrs:
         k = sum(x[0] == a for x in known["train"])
-        n = sum(1 for t in data.templates[a] for e in ents["train"] if data.entities[e].get(a))
-        result["attributes"][a] = {"model_accuracy": round(k / max(n, 1), 3), "known_train_examples": k}
+        n = sum(1 for t in templates[a] for e in ents["train"] if data.entities[e].get(a))
+        result["attributes"][a] = {"model_accuracy": round(k / max(n, 1), 3), "known_train_examples": k, "templates": templates[a]}
     print("model accuracy:", {a: v["model_accuracy"] for a, v in result["attributes"].items()}, f"({time.time() - t0:.0f} s)", flush=True)
     kept = [a for a in attrs if result["attributes"][a]["model_accuracy"] >= args.min_accuracy]
     if len(kept) < 2:
         raise SystemExit(f"fewer than two attributes the model knows at ≥ {args.min_accuracy}: {result['attributes']}")
     known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
+    asked = replace(data, templates={a: templates[a] for a in kept})  # pairs use the templates asked
     for a in kept:
         ta = time.time()
-        train = to_examples(lm, counterfactual_pairs(data, a, kept, [e for e in ents["train"]], 4 * args.n_train, seed=1), known_set["train"])[: args.n_train]
-        test = to_examples(lm, counterfactual_pairs(data, a, kept, [e for e in ents["test"]], 4 * args.n_test, seed=2), known_set["test"])[: args.n_test]
+        train = to_examples(lm, counterfactual_pairs(asked, a, kept, ents["train"], 10 * args.n_train, seed=1), known_set["train"])[: args.n_train]
+        test = to_examples(lm, counterfactual_pairs(asked, a, kept, ents["test"], 10 * args.n_test, seed=2), known_set["test"])[: args.n_test]
         sub = train_das(lm, sae.layer, args.dim, train, epochs=args.epochs, lr=5e-3, batch_size=16)
         das = scores(interchange_predictions(lm, sae.layer, sub.directions, test), test)
         basis, feats = sae_subspace(lm, sae, data, a, known["train"], args.dim)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anatomy_nb.data.ravel import counterfactual_pairs, load_ravel
-from anatomy_nb.lm.das import Example, answer_token, entity_prompt, interchange_predictions, save_subspace, train_das
+from anatomy_nb.lm.das import Example, answer_token, entity_prompt, interchange_predictions, load_subspace, save_subspace, train_das
 from anatomy_nb.lm.models import tiny_llama
 from anatomy_nb.lm.ops import ResidualEdit
 
@@ -124,3 +124,25 @@ def test_answer_token_is_the_values_first_token(lm):
     assert " France".startswith(tok.decode([t]))
     t = answer_token(tok, '{"city": "Paris", "country": "', "France")
     assert "France".startswith(tok.decode([t]))
+
+
+def test_stage_2_scores_a_learned_subspace_on_preference_pairs(tiny_lm, tiny_sae_, tmp_path):
+    """A DAS subspace, saved and loaded back as a concept, is tested by stage 2 beside the SAE
+    concepts (projection activity, paired test, one BH family)."""
+    from conftest import synthetic_pairs
+
+    from anatomy_nb.config import ConceptConfig, ExtractConfig, HypothesizeConfig
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.stages.hypothesize import hypothesize
+
+    sub = train_das(tiny_lm, 2, 2, _examples(tiny_lm, 16, seed=4, planted=torch.eye(tiny_lm.d_model)[:2], layer=2), epochs=1, batch_size=8)
+    concept = load_subspace(save_subspace(sub, tmp_path / "concepts" / "toy", attribute="toy"))
+    assert concept.layer == 2 and concept.ref == "direction:toy" and "DAS toy" in concept.label
+    run = tmp_path / "run"
+    extract(synthetic_pairs(), tiny_lm, tiny_sae_, run, ExtractConfig(shard_size=24, progress=False))
+    cfg = HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False, length_placebo_draws=0)
+    t = hypothesize(run, cfg, model=tiny_lm, sources=[concept]).table
+    row = t[(t["ref"] == "direction:toy") & (t["view"] == "overall")]
+    assert len(row) == 1 and np.isfinite(row["p"].iloc[0]) and 0 <= row["chosen_rate"].iloc[0] <= 1
+    with pytest.raises(FileNotFoundError, match="metadata"):
+        load_subspace(tmp_path / "concepts" / "missing")

@@ -30,7 +30,7 @@ from ..core.files import atomic_path, atomic_write_text
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
-__all__ = ["Example", "Subspace", "answer_token", "entity_prompt", "interchange_predictions", "next_token_predictions", "save_subspace", "train_das"]
+__all__ = ["Example", "Subspace", "answer_token", "entity_prompt", "interchange_predictions", "load_subspace", "next_token_predictions", "save_subspace", "train_das"]
 
 
 def entity_prompt(tokenizer: Any, template: str, entity: str) -> tuple[list[int], int]:
@@ -198,3 +198,18 @@ def save_subspace(subspace: Subspace, path: str | Path, **provenance: Any) -> Pa
         save_file({"directions": subspace.directions.contiguous()}, str(tmp))
     atomic_write_text(path.with_suffix(".json"), json.dumps({"layer": subspace.layer, "dim": subspace.dim, "provenance": {**subspace.provenance, **provenance}, "curve": subspace.curve}, indent=1, sort_keys=True))
     return weights
+
+
+def load_subspace(path: str | Path, ref: str | None = None) -> Any:
+    """A saved subspace as a ``DirectionConcept`` (layer and label from its JSON), ready for stage 2's
+    ``sources=`` or a plan's ``direction_file``."""
+    from ..concepts.sources import DirectionConcept
+
+    path = Path(path).with_suffix("")
+    meta_path = path.with_suffix(".json")
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: no subspace metadata (layer, provenance) beside {path.with_suffix('.safetensors')}")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    prov = meta.get("provenance", {})
+    label = f"{prov.get('method', 'subspace')} {prov.get('attribute', path.name)} (dim {meta.get('dim')})"
+    return DirectionConcept.from_file(ref or f"direction:{path.name}", path.with_suffix(".safetensors"), int(meta["layer"]), label=label)
