@@ -98,13 +98,15 @@ def sae_subspace(lm, sae, data, attribute, known, dim):
             acts.append(sae.encode(h[None].to(lm.device)).float()[0].cpu().numpy())
             values.append(data.entities[e][attribute])
     A, values = np.array(acts), np.array(values)
-    common = [v for v, n in zip(*np.unique(values, return_counts=True)) if n >= 3]
+    common = [v for v, n in zip(*np.unique(values, return_counts=True)) if n >= 2]
     groups = [A[values == v] for v in common]
+    if len(groups) < 2:
+        return None, []  # too few known entities share a value to rank features
     live = A.std(0) > 0
     F = np.zeros(A.shape[1])
     F[live] = np.nan_to_num(f_oneway(*[g[:, live] for g in groups]).statistic)
     top = np.argsort(-F)[:dim]
-    return orthonormal(sae.decoder_directions()[torch.as_tensor(top)].float()), top.tolist()
+    return orthonormal(sae.decoder_directions[torch.as_tensor(top)].float()), top.tolist()
 
 
 def main() -> None:
@@ -116,7 +118,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=512)
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--min-accuracy", type=float, default=0.2)
+    ap.add_argument("--min-accuracy", type=float, default=0.1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -148,7 +150,7 @@ def main() -> None:
         sub = train_das(lm, sae.layer, args.dim, train, epochs=args.epochs, lr=5e-3, batch_size=16)
         das = scores(interchange_predictions(lm, sae.layer, sub.directions, test), test)
         basis, feats = sae_subspace(lm, sae, data, a, known["train"], args.dim)
-        sae_scores = scores(interchange_predictions(lm, sae.layer, basis, test), test)
+        sae_scores = scores(interchange_predictions(lm, sae.layer, basis, test), test) if basis is not None else {}
         none = scores(interchange_predictions(lm, sae.layer, torch.zeros(1, lm.d_model), test), test)
         result["attributes"][a].update({"n_train": len(train), "n_test": len(test), "das": das, "sae_features": {**sae_scores, "features": feats}, "no_intervention": none, "das_curve_last": sub.curve[-1], "seconds": round(time.time() - ta, 1)})
         print(a, {"das": das, "sae": sae_scores, "none": none}, f"{time.time() - ta:.0f} s", flush=True)
