@@ -30,8 +30,7 @@ import numpy as np
 import pandas as pd
 
 from anatomy_nb.config import ExplainConfig
-from anatomy_nb.core.stats import wilson_interval
-from anatomy_nb.data.judges import FAMILIES, agreement, labelled_completions, make_judge, strip_stock_phrases
+from anatomy_nb.data.judges import FAMILIES, PhraseJudge, agreement, agreement_scores, format_agreement, labelled_completions, make_judge, strip_stock_phrases
 
 N_TOKENS = 64
 
@@ -54,17 +53,8 @@ def family(name: str, reading: str) -> pd.DataFrame:
     return caa_family(reading) if name == "caa" else labelled_completions(name, reading)
 
 
-def scores_table(judge: str, fam: str, reading: str, pred: np.ndarray, labels: pd.Series) -> dict:
-    truth = (labels != "compliance").to_numpy()
-    row = {"judge": judge, "family": fam, "reading": reading, "n": len(labels)}
-    for m, mask in (("accuracy", np.ones(len(labels), bool)), ("full refusal recall", (labels == "full refusal").to_numpy()), ("partial refusal recall", (labels == "partial refusal").to_numpy()), ("specificity", ~truth)):
-        if mask.any():
-            k = int((pred == truth)[mask].sum())
-            lo, hi = wilson_interval(k, int(mask.sum()))
-            row[m] = f"{k / mask.sum():.2f} [{lo:.2f}, {hi:.2f}]"
-        else:
-            row[m] = ""
-    return row
+def scores_row(judge: str, fam: str, reading: str, pred: np.ndarray, labels: pd.Series) -> dict:
+    return {"judge": judge, "family": fam, "reading": reading, "n": len(labels), **agreement_scores(pred, labels)}
 
 
 def residual_features(lm, df: pd.DataFrame, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +71,8 @@ def residual_features(lm, df: pd.DataFrame, layer: int) -> tuple[np.ndarray, np.
 
 
 def direction_judge(lm, layer: int, fams: list[str]) -> list[dict]:
-    feats = {(f, r): (family(f, r), *residual_features(lm, family(f, r), layer)) for f in fams for r in ("full", "stripped")}
+    frames = {(f, r): family(f, r) for f in fams for r in ("full", "stripped")}
+    feats = {key: (df, *residual_features(lm, df, layer)) for key, df in frames.items()}
     rows = []
     for fit in ("gpt4", "llama2"):
         df, means, _ = feats[(fit, "full")]
@@ -99,7 +90,7 @@ def direction_judge(lm, layer: int, fams: list[str]) -> list[dict]:
             for (f, r), (dft, mt, tt) in feats.items():
                 if f == fit:
                     continue
-                rows.append(scores_table(f"residual direction, layer {layer}, {pool} (fit: {fit})", f, r, score(mt, tt) > threshold, dft["label"]))
+                rows.append(scores_row(f"residual direction, layer {layer}, {pool} (fit: {fit})", f, r, score(mt, tt) > threshold, dft["label"]))
     return rows
 
 
@@ -115,12 +106,10 @@ def main() -> None:
     fams = list(FAMILIES) + ["caa"]
     t0 = time.time()
     rows = []
-    from anatomy_nb.data.judges import PhraseJudge
-
     for f in fams:
         for r in ("full", "stripped"):
             df = family(f, r)
-            rows.append(scores_table("phrase list", f, r, PhraseJudge().judge(df["prompt"], df["completion"]), df["label"]))
+            rows.append(scores_row("phrase list", f, r, PhraseJudge().judge(df["prompt"], df["completion"]), df["label"]))
     timing = {"phrase list": round(time.time() - t0, 1)}
     if not args.skip_direction:
         import torch
@@ -135,12 +124,10 @@ def main() -> None:
         t0 = time.time()
         cfg = ExplainConfig(backend="openai" if args.base_url else "transformers", model=args.model, **({"base_url": args.base_url} if args.base_url else {}))
         judge = make_judge(cfg, Path(".cache/judge-benchmark"))
-        a = agreement(judge, args.llm_n)
-        for x in a.itertuples():
-            rows.append({"judge": x.judge, "family": x.family, "reading": x.reading, "n": x.n, **{m.replace("_", " "): f"{getattr(x, m):.2f} [{getattr(x, m + '_ci_low'):.2f}, {getattr(x, m + '_ci_high'):.2f}]" for m in ("accuracy", "full_refusal_recall", "partial_refusal_recall", "specificity") if np.isfinite(getattr(x, m))}})
+        rows += agreement(judge, args.llm_n).to_dict("records")
         timing["llm judge"] = round(time.time() - t0, 1)
         timing["llm judge unparsed answers"] = judge.unparsed
-    table = pd.DataFrame(rows).fillna("")
+    table = format_agreement(pd.DataFrame(rows))
     text = table.to_string(index=False) + f"\n\nseconds: {json.dumps(timing)}\n"
     print(text)
     if args.out:

@@ -16,7 +16,7 @@ Two judges ship:
   ``agreement`` before trusting its rows.
 
 A judge that reads the default model's own residual stream was measured and not shipped: it
-finds the stock phrases and nothing else (``docs/judges.md``).
+transfers in one direction only (``docs/explanation.md``, stage 5).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ __all__ = [
     "RefusalJudge",
     "STOCK_PHRASES",
     "agreement",
+    "agreement_scores",
+    "format_agreement",
     "labelled_completions",
     "make_judge",
     "strip_stock_phrases",
@@ -143,17 +145,35 @@ def agreement(judge: RefusalJudge, n: int | None = None, *, families: Sequence[s
         for reading in readings:
             df = labelled_completions(family, reading, n, seed)
             pred = judge.judge(list(df["prompt"]), list(df["completion"]))
-            row: dict[str, Any] = {"judge": judge.name, "family": family, "reading": reading, "n": len(df)}
-            parts = {
-                "accuracy": np.ones(len(df), bool),
-                "full_refusal_recall": (df["label"] == "full refusal").to_numpy(),
-                "partial_refusal_recall": (df["label"] == "partial refusal").to_numpy(),
-                "specificity": (df["label"] == "compliance").to_numpy(),
-            }
-            truth = (df["label"] != "compliance").to_numpy()
-            for name, mask in parts.items():
-                hits = (pred == truth)[mask]
-                lo, hi = wilson_interval(int(hits.sum()), int(mask.sum()), ci)
-                row.update({name: float(hits.mean()) if mask.any() else float("nan"), f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"n_{name}": int(mask.sum())})
-            rows.append(row)
+            rows.append({"judge": judge.name, "family": family, "reading": reading, "n": len(df), **agreement_scores(pred, df["label"], ci)})
     return pd.DataFrame(rows)
+
+
+METRICS = ("accuracy", "full_refusal_recall", "partial_refusal_recall", "specificity")
+
+
+def agreement_scores(pred: np.ndarray, labels: pd.Series, ci: float = 0.95) -> dict[str, float]:
+    """Refusal verdicts against labels (compliance / full refusal / partial refusal): each of
+    ``METRICS`` with its Wilson interval and count (NaN where no label of that kind is present)."""
+    labels = pd.Series(labels).reset_index(drop=True)
+    truth = (labels != "compliance").to_numpy()
+    masks = {
+        "accuracy": np.ones(len(labels), bool),
+        "full_refusal_recall": (labels == "full refusal").to_numpy(),
+        "partial_refusal_recall": (labels == "partial refusal").to_numpy(),
+        "specificity": ~truth,
+    }
+    out: dict[str, float] = {}
+    for name, mask in masks.items():
+        hits = (np.asarray(pred) == truth)[mask]
+        lo, hi = wilson_interval(int(hits.sum()), int(mask.sum()), ci)
+        out.update({name: float(hits.mean()) if mask.any() else float("nan"), f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"n_{name}": int(mask.sum())})
+    return out
+
+
+def format_agreement(df: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
+    """Agreement rows as people read them: "value [low, high] (n=k)" cells."""
+    out = df[["judge", "family", "reading", "n"]].copy()
+    for m in METRICS:
+        out[m.replace("_", " ")] = [f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (n={k})" if np.isfinite(v) else "" for v, lo, hi, k in zip(df[m], df[f"{m}_ci_low"], df[f"{m}_ci_high"], df[f"n_{m}"])]
+    return out

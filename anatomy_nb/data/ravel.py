@@ -44,9 +44,6 @@ class RavelData:
     def entities_in(self, split: str) -> list[str]:
         return sorted(e for e, s in self.entity_split.items() if s == split and e in self.entities)
 
-    def templates_in(self, attribute: str, split: str) -> list[str]:
-        return [t for t in self.templates[attribute] if self.template_split.get(t) == split]
-
 
 @lru_cache(maxsize=8)
 def load_ravel(entity_type: str = "city") -> RavelData:
@@ -73,7 +70,7 @@ def load_ravel(entity_type: str = "city") -> RavelData:
         return RavelData(entity_type, entities, templates, read(f"ravel_{entity_type}_entity_to_split.json"), read(f"ravel_{entity_type}_prompt_to_split.json"))
 
 
-def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], entities: list[str], n: int, seed: int = 0, templates_split: str | None = None) -> list[dict]:
+def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], entities: list[str], n: int, seed: int = 0) -> list[dict]:
     """``n`` interchange examples for the target ``attribute``: base entity and template (asking one of
     ``queried``), source entity and template (asking any attribute), and the expected answer —
     the source's value where the base asks ``attribute`` (kind ``cause``), the base's own value
@@ -88,9 +85,7 @@ def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], en
     if len(ents) < 2:
         raise ValueError(f"RAVEL {data.entity_type}: fewer than two entities have values for {queried}")
     others = [q for q in queried if q != attribute]
-
-    def templates(a: str) -> list[str]:
-        return data.templates_in(a, templates_split) if templates_split else data.templates[a]
+    attributes = data.attributes
 
     out: list[dict] = []
     for _ in range(50 * n):
@@ -101,8 +96,7 @@ def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], en
         base, source = (ents[i] for i in rng.choice(len(ents), 2, replace=False))
         if data.entities[base][attribute] == data.entities[source][attribute]:
             continue
-        b_t, s_attr = templates(q), list(data.templates)[rng.integers(len(data.templates))]
-        s_t = templates(s_attr)
+        b_t, s_t = data.templates[q], data.templates[attributes[rng.integers(len(attributes))]]
         if not b_t or not s_t:
             continue
         expected = data.entities[source][attribute] if kind == "cause" else data.entities[base][q]

@@ -108,8 +108,10 @@ def _source_residuals(lm: LoadedModel, layer: int, batch: Sequence[Example]) -> 
     return h[torch.arange(len(batch)), torch.tensor([e.source_position for e in batch])].float()
 
 
-def _interchanged_logits(lm: LoadedModel, layer: int, basis: torch.Tensor, batch: Sequence[Example]) -> torch.Tensor:
-    source = _source_residuals(lm, layer, batch)
+def _interchanged_logits(lm: LoadedModel, layer: int, basis: torch.Tensor, batch: Sequence[Example], source: torch.Tensor | None = None) -> torch.Tensor:
+    """The base runs' last-position logits with the interchange on ``basis``; ``source``: the batch's
+    source residuals when already computed (the model is frozen, so they never change)."""
+    source = _source_residuals(lm, layer, batch) if source is None else source
     ids, mask = _padded([e.base_ids for e in batch], _pad_id(lm))
     edit = ResidualEdit(layer=layer, kind="interchange", basis=basis, source=source.to(lm.device), positions=torch.tensor([e.base_position for e in batch], device=lm.device))
     with ResidualHooks(lm.model, [edit]):
@@ -167,12 +169,15 @@ def train_das(lm: LoadedModel, layer: int, dim: int, train: Sequence[Example], *
     t0, step = time.time(), 0
     was_training = lm.model.training
     lm.model.eval()
+    # the sources' residuals once: every epoch would otherwise re-run the same frozen forward passes
+    sources = torch.cat([_source_residuals(lm, layer, train[i : i + batch_size]) for i in range(0, len(train), batch_size)])
     with _frozen(lm.model):
         for epoch in range(epochs):
             order = rng.permutation(len(train))
             for i in range(0, len(order), batch_size):
-                batch = [train[j] for j in order[i : i + batch_size]]
-                logits = _interchanged_logits(lm, layer, rotation.weight, batch)
+                idx = order[i : i + batch_size]
+                batch = [train[j] for j in idx]
+                logits = _interchanged_logits(lm, layer, rotation.weight, batch, sources[torch.as_tensor(idx)])
                 target = torch.tensor([e.answer for e in batch], device=lm.device)
                 loss = torch.nn.functional.cross_entropy(logits, target)
                 opt.zero_grad()

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..core.run import Run, RunLike
 from ..core.stage import Artifact
+from ..data.judges import format_agreement
 
 __all__ = ["BASE", "NO_SIGNAL", "TABLES", "EvalResult", "no_signal_rows"]
 
@@ -88,12 +89,7 @@ class EvalResult(Artifact):
     def judge_table(self, digits: int = 2) -> pd.DataFrame | None:
         """``judges()`` as people read it: a row per family × reading, "value [low, high]" cells."""
         df = self.judges()
-        if df is None:
-            return None
-        out = df[["judge", "family", "reading", "n"]].copy()
-        for m in ("accuracy", "full_refusal_recall", "partial_refusal_recall", "specificity"):
-            out[m.replace("_", " ")] = [f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (n={k})" if np.isfinite(v) else "" for v, lo, hi, k in zip(df[m], df[f"{m}_ci_low"], df[f"{m}_ci_high"], df[f"n_{m}"])]
-        return out
+        return None if df is None else format_agreement(df, digits)
 
     @property
     def refusal_judge(self) -> str:

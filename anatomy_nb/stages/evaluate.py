@@ -270,11 +270,12 @@ def evaluate(
     # the refusal rows: one judge for every model, measured against people on labelled completions
     judge = make_judge(cfg.judge, run.path / "cache" / "llm", lm)
     t0 = time.time()
-    refusals = {n: {s: judge.judge([it["prompt"][-1]["content"] for it in gen_sets[s]], gens[n][s]) for s in ("harmful", "xstest_safe") if s in gens[n]} for n in names}
-    judges = agreement(judge, cfg.judge_agreement_n, ci=cfg.ci, seed=cfg.seed) if cfg.behaviour and cfg.judge_agreement_n else None
-    if judges is not None:
-        stage.write_parquet("judges", judges)
-    timing["judge"] = {"name": judge.name, "seconds": round(time.time() - t0, 2), **({"llm": usage_of(judge.backend, time.time() - t0)} if hasattr(judge, "backend") else {})}
+    judged = {s: [it["prompt"][-1]["content"] for it in gen_sets[s]] for s in ("harmful", "xstest_safe") if s in gen_sets}
+    refusals = {n: {s: judge.judge(prompts_of_set, gens[n][s]) for s, prompts_of_set in judged.items()} for n in names}
+    if cfg.behaviour and cfg.judge_agreement_n:
+        stage.write_parquet("judges", agreement(judge, cfg.judge_agreement_n, ci=cfg.ci, seed=cfg.seed))
+    judge_s = time.time() - t0
+    timing["judge"] = {"name": judge.name, "seconds": round(judge_s, 2), **({"llm": usage_of(judge.backend, judge_s)} if hasattr(judge, "backend") else {})}
     stage.write_parquet("comparison", comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg, poison, refusals, judge.name))
     flags = {(n, s, it["id"]): bool(f) for n in names for s, fl in refusals[n].items() for it, f in zip(gen_sets[s], fl)}
     for r in gen_rows:

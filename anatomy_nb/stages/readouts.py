@@ -146,8 +146,8 @@ def comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: Eval
     refusals = refusals or {}
     rows = []
 
-    def add(model, group, metric, value, lo, hi, n, interval):
-        rows.append({"model": model, "group": group, "metric": metric, "value": float(value), "ci_low": float(lo), "ci_high": float(hi), "n": int(n), "interval": interval})
+    def add(model, group, metric, value, lo, hi, n, interval, judge=""):
+        rows.append({"model": model, "group": group, "metric": metric, "value": float(value), "ci_low": float(lo), "ci_high": float(hi), "n": int(n), "interval": interval, "judge": judge})
 
     for r in pref.itertuples():
         add(r.model, "preference", "held-out preference accuracy", r.accuracy, r.ci_low, r.ci_high, r.n_pairs, "wilson")
@@ -185,7 +185,5 @@ def comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: Eval
             if s in refusals.get(n, {}):
                 ref = refusals[n][s]
                 lo, hi = wilson_interval(int(np.sum(ref)), len(ref), cfg.ci)
-                add(n, "refusal", metric, np.mean(ref) if len(ref) else np.nan, lo, hi, len(ref), "wilson")
-                rows[-1]["judge"] = judge_name
-    df = pd.DataFrame(rows, columns=["model", "group", "metric", "value", "ci_low", "ci_high", "n", "interval", "judge"])
-    return df.assign(judge=df["judge"].fillna(""))
+                add(n, "refusal", metric, np.mean(ref) if len(ref) else np.nan, lo, hi, len(ref), "wilson", judge_name)
+    return pd.DataFrame(rows, columns=["model", "group", "metric", "value", "ci_low", "ci_high", "n", "interval", "judge"])

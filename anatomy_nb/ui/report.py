@@ -47,11 +47,11 @@ def _pipeline_sections(run: Run) -> list[str]:
         t = read_json(target_path)
         parts += ["<h2>The audit's target</h2>", html_table(pd.DataFrame([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in t.items()}]), max_chars=200)]
     if run.has("evaluate"):
-        wide = run.evaluation.comparison_table().reset_index()
+        ev = run.evaluation
+        wide = ev.comparison_table().reset_index()
         order = {"poisoning": 0, "target": 1, "preference": 2}
         wide = wide.sort_values("group", key=lambda g: g.map(lambda x: order.get(x, 9)), kind="stable")
         parts += ["<h2>Evaluation: base vs plain DPO vs each intervention</h2>", "<p class='muted'>value [95 % interval]; details in 05_evaluate.</p>", html_table(wide, max_chars=200)]
-        ev = run.evaluation
         parts.append(f"<h2>Refusal judge</h2><p>The refusal rows were scored by <b>{escape_text(ev.refusal_judge)}</b>.")
         judges = ev.judge_table()
         if judges is None:
