@@ -4,12 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/default
 
-.PHONY: setup run test test-all lab benchmark sae
+.PHONY: setup run compare test test-all lab benchmark sae
 setup:
 	bash scripts/setup.sh
 
 run: setup
 	$(VENV)/bin/anatomy-nb run --run-dir $(RUN_DIR)
+
+# the paper's comparison: five interventions against plain DPO on two planted concepts (docs/explanation.md)
+compare: setup
+	$(VENV)/bin/anatomy-nb run configs/compare.yaml
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .core.config_base import NOT_KEYED, Config, ConfigError
-from .data.plant import KINDS
-from .results.plan import METHODS
+from .data.plant import KINDS, ROLES
+from .results.plan import METHOD_VARIANTS, METHODS
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -322,13 +322,14 @@ class PipelineConfig(Config):
     controlled-poisoning experiment (``configs/poisoning.yaml`` spells it out)."""
 
     run_dir: str = "runs/default"
-    # {"kind": bold|opener|emoji|question|word, "fraction": 0.5, "seed": 0}; None: the data as is.
+    # {"kind": bold|opener|emoji|question|word, "fraction": 0.5, "seed": 0}, or a list of them (the
+    # first to suppress, the others to keep: configs/compare.yaml); None: the data as is.
     # 0.5: at 0.25 plain DPO on the CPU-sized training (64 pairs) did not learn the plant
-    plant: dict | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0}, metadata=_help("a concept planted into a fraction of chosen responses; None: the data as is"))
-    target: str | int = field(default="top", metadata=_help("the concept the plans act on: 'top' (the highest-ranked significant concept DPO would raise) or a concept id"))
-    methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"], metadata=_help("interventions trained besides plain DPO"))
+    plant: dict | list | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0}, metadata=_help("a concept planted into a fraction of chosen responses, or a list of them (each may say role: suppress | keep); None: the data as is"))
+    target: str | int = field(default="top", metadata=_help("the concept the plans act on: 'top' (the highest-ranked significant concept DPO would raise), 'name:<text>' (the highest-ranked such concept whose name contains the text, as a person picks one by reading names) or a concept id"))
+    methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"], metadata=_help(f"interventions trained besides plain DPO: methods or variants ({', '.join(METHOD_VARIANTS)})"))
     # shaping λ = 4: at λ = 1 it removed 55 % of the plant, at 4 all of it
-    strengths: dict = field(default_factory=lambda: {"reward_shaping": 4.0}, metadata=_help("method → strength (else the method's default strength)"))
+    strengths: dict = field(default_factory=lambda: {"reward_shaping": 4.0}, metadata=_help("method (or variant) → strength (else the method's default strength)"))
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     hypothesize: HypothesizeConfig = field(default_factory=HypothesizeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -340,12 +341,27 @@ class PipelineConfig(Config):
     html: bool = field(default=True, metadata=_help("render each executed notebook to HTML"))
     report: bool = field(default=True, metadata=_help("write the shareable report (run_dir/report/index.html)"))
 
+    @property
+    def plants(self) -> list[dict]:
+        """``plant`` as a list (empty: the data as is)."""
+        if self.plant is None:
+            return []
+        return [dict(p) if isinstance(p, Mapping) else p for p in (self.plant if isinstance(self.plant, list) else [self.plant])]
+
     def __post_init__(self):
-        if self.plant is not None and (not isinstance(self.plant, Mapping) or self.plant.get("kind") not in KINDS):
-            raise ValueError(f"plant.kind must be one of {sorted(KINDS)}, got {self.plant!r}")
-        bad = [m for m in self.methods if m not in METHODS]
+        for i, spec in enumerate(self.plants):
+            if not isinstance(spec, Mapping) or spec.get("kind") not in KINDS:
+                raise ValueError(f"plant {i}: kind must be one of {sorted(KINDS)}, got {spec!r}")
+            bad_keys = sorted(set(spec) - {"kind", "fraction", "seed", "role"})
+            if bad_keys:
+                raise ValueError(f"plant {i}: unknown keys {bad_keys}; valid: kind, fraction, seed, role")
+            if spec.get("role") not in (None, *ROLES):
+                raise ValueError(f"plant {i}: role must be one of {list(ROLES)}, got {spec.get('role')!r}")
+        bad = [m for m in self.methods if m not in METHODS and m not in METHOD_VARIANTS]
         if bad:
-            raise ValueError(f"methods {bad} unknown; known: {list(METHODS)}")
+            raise ValueError(f"methods {bad} unknown; known: {list(METHODS) + list(METHOD_VARIANTS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods {self.methods} name one twice (each is one training run)")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages {unknown} unknown; known: {list(STAGES)}")

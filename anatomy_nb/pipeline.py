@@ -38,8 +38,9 @@ from .core.config_base import ConfigError
 from .core.files import atomic_write_json, content_hash, read_json
 from .core.run import Run
 from .data.pairs import load_pairs
-from .data.plant import PLANTED_DATA, plant, write_planted
+from .data.plant import PLANTED_DATA, plant_all, truth_plants, write_planted
 from .results.hypotheses import Hypotheses
+from .results.plan import method_variant
 from .results.training import PLAIN
 from .stages.plan import choose_target, default_plan, set_choice
 from .ui import notebooks
@@ -96,25 +97,50 @@ def write_data(run: Run, cfg: PipelineConfig) -> tuple[dict, dict]:
     """Stage 1's data: the configured source, or a poisoned copy written into the run. Returns
     (the extract config notebook 01 gets, what was written)."""
     extract = cfg.extract.to_dict()
-    if cfg.plant is None:
+    if not cfg.plants:
         return extract, {}
     pairs = list(load_pairs(cfg.extract.data, limit=cfg.extract.n_pairs, strict=cfg.extract.strict))
-    planted, idx = plant(pairs, cfg.plant["kind"], float(cfg.plant.get("fraction", 0.25)), int(cfg.plant.get("seed", 0)))
-    path = write_planted(planted, idx, cfg.plant["kind"], run.path / PLANTED_DATA).resolve()  # the notebooks run with cwd=notebooks/
-    return {**extract, "data": str(path), "n_pairs": None}, {"planted_file": str(path), "n_planted": int(len(idx))}
+    planted, plants = plant_all(pairs, cfg.plants)
+    path = write_planted(planted, plants, run.path / PLANTED_DATA).resolve()  # the notebooks run with cwd=notebooks/
+    return {**extract, "data": str(path), "n_pairs": None}, {"planted_file": str(path), "n_planted": {p["kind"]: int(len(p["idx"])) for p in plants}}
 
 
-def build_plans(run: Run, cfg: PipelineConfig) -> dict[str, dict]:
-    """One plan per method, each suppressing the target concept; written to ``run_dir/plan/``."""
+INOCULATION_FILE = "inoculation.json"
+
+
+def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print) -> str:
+    """The best-ranked of the instructions written from the target's name and contexts
+    (``stages.interventions.rank_inoculations``), ranked once per hypotheses and concept and
+    kept in ``plan/inoculation.json``."""
+    from .stages.interventions import rank_inoculations
+    from .stages.plan import inoculation_candidates
+
+    path = run.path / "plan" / INOCULATION_FILE
+    key = content_hash("inoculation", 1, run.hypotheses.manifest.get("key"), cid, inoculation_candidates(run.hypotheses, cid))
+    if path.exists() and read_json(path).get("key") == key:
+        return read_json(path)["ranking"][0]["instruction"]
+    log(f"[anatomy-nb] plan: ranking inoculation instructions for concept {cid} on the base model")
+    ranking = rank_inoculations(run, cid, run.model(), run.sae())
+    atomic_write_json(path, {"key": key, "concept": cid, "ranking": ranking.to_dict(orient="records")})
+    return str(ranking.iloc[0]["instruction"])
+
+
+def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """One plan per method (or method variant), each suppressing the target concept; written to
+    ``run_dir/plan/``. An inoculation gets the best-ranked instruction written from the target's
+    name and contexts."""
     hyp = run.hypotheses
     cid = choose_target(hyp, cfg.target)
     atomic_write_json(run.path / "plan" / "target.json", describe_target(run, hyp, cid))
     plans = {}
-    for method in cfg.methods:
-        p = set_choice(default_plan(hyp), cid, "suppress", method, cfg.strengths.get(method))
+    for name in cfg.methods:
+        method, fields = method_variant(name)
+        if method == "inoculate":
+            fields = {**fields, "instruction": best_inoculation(run, cid, log)}
+        p = set_choice(default_plan(hyp), cid, "suppress", method, cfg.strengths.get(name, cfg.strengths.get(method)), **fields)
         p.concepts = [c for c in p.concepts if c.action != "allow"]  # keep the files small
-        plans[method] = p.to_dict()
-        p.save(run.path / "plan" / f"{method}.json")
+        plans[name] = p.to_dict()
+        p.save(run.path / "plan" / f"{name}.json")
     return plans
 
 
@@ -133,6 +159,12 @@ def describe_target(run: Run, hyp: Hypotheses, cid: int) -> dict:
         planted = np.isin([p.id for p in store.pairs()], truth["planted_ids"])
         out.update(planted_kind=truth["kind"], n_planted=int(planted.sum()), mean_diff_planted=float(d[planted].mean()) if planted.any() else None, mean_diff_other=float(d[~planted].mean()) if (~planted).any() else None)
         out["auroc_planted"] = float(roc_auc_score(planted, d)) if 0 < planted.sum() < len(planted) else None
+        plants = truth_plants(truth)
+        if len(plants) > 1:  # which plant the target picks out: the one to suppress, not the one to keep
+            ids = [p.id for p in store.pairs()]
+            for pl in plants:
+                hit = np.isin(ids, pl["planted_ids"])
+                out[f"auroc_{pl['kind']}_{pl['role']}"] = float(roc_auc_score(hit, d)) if 0 < hit.sum() < len(hit) else None
     return out
 
 
@@ -146,7 +178,7 @@ def _file_digest(path: Path) -> str:
 Step = tuple[str, str, Callable[[], dict]]
 
 
-def _steps(run: Run, cfg: PipelineConfig, pipeline_state: dict, inputs: dict) -> list[Step]:
+def _steps(run: Run, cfg: PipelineConfig, pipeline_state: dict, inputs: dict, log: Callable[[str], None] = print) -> list[Step]:
     """(step name, notebook, parameters) in order; parameters are computed lazily, just before
     the step, because some depend on what the previous steps wrote. ``inputs[name]`` receives what
     a step reads that its parameters do not show (the data file's content), for its key."""
@@ -162,7 +194,7 @@ def _steps(run: Run, cfg: PipelineConfig, pipeline_state: dict, inputs: dict) ->
 
     def plans() -> dict[str, dict]:
         if "plans" not in state:
-            state["plans"] = build_plans(run, cfg) if cfg.methods else {}
+            state["plans"] = build_plans(run, cfg, log) if cfg.methods else {}
         return state["plans"]
 
     nb = notebooks.notebook_for
@@ -202,7 +234,7 @@ def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], N
     prev_key = content_hash("pipeline", 2)
     t_all = time.time()
     inputs: dict[str, Any] = {}
-    for name, notebook, make_params in _steps(run, cfg, state, inputs):
+    for name, notebook, make_params in _steps(run, cfg, state, inputs, log):
         params = make_params()
         key = content_hash(prev_key, notebook, _file_digest(notebooks.notebook_dir() / f"{notebook}.ipynb"), params, inputs.get(name))
         done = state["steps"].get(name, {})

@@ -23,7 +23,7 @@ from ..core.files import atomic_path, atomic_write_json, read_json
 from ..core.stats import bootstrap_ci, implicit_margin, pair_correct, ratio_with_ci, wilson_interval
 from .schema import PreferencePair
 
-__all__ = ["KINDS", "PlantKind", "plant", "write_planted", "planted_truth", "planted_hits", "poisoning_readout", "PLANTED_DATA"]
+__all__ = ["KINDS", "ROLES", "PlantKind", "plant", "plant_all", "truth_plants", "write_planted", "planted_truth", "planted_hits", "poisoning_readout", "PLANTED_DATA"]
 
 #: where ``anatomy-nb run`` writes a poisoned data set inside a run directory; the ground truth
 #: (``write_planted``) sits next to it as ``planted.planted.json``
@@ -68,18 +68,48 @@ def plant(pairs: Sequence[PreferencePair], kind: str, fraction: float, seed: int
     return out, idx
 
 
-def write_planted(pairs: Sequence[PreferencePair], idx: np.ndarray, kind: str, path: str | Path) -> Path:
+ROLES = ("suppress", "keep")
+
+
+def plant_all(pairs: Sequence[PreferencePair], specs: Sequence[Mapping]) -> tuple[list[PreferencePair], list[dict]]:
+    """Several plants into the same pairs, in order (each ``{"kind", "fraction", "seed",
+    "role"}``; the first is the concept to suppress, the others to keep unless ``role`` says
+    otherwise). Each plant draws its own pairs from its own seed, so two plants overlap by chance
+    only. Returns (pairs, one ``{"kind", "role", "idx"}`` per plant) for :func:`write_planted`."""
+    out, plants = list(pairs), []
+    for i, spec in enumerate(specs):
+        role = spec.get("role") or ("suppress" if i == 0 else "keep")
+        if role not in ROLES:
+            raise ValueError(f"plant {i}: role must be one of {ROLES}, got {role!r}")
+        out, idx = plant(out, spec["kind"], float(spec.get("fraction", 0.25)), int(spec.get("seed", i)))
+        plants.append({"kind": spec["kind"], "role": role, "idx": idx})
+    return out, plants
+
+
+def write_planted(pairs: Sequence[PreferencePair], plants: Sequence[Mapping] | np.ndarray, path: str | Path, kind: str | None = None) -> Path:
     """Write planted pairs as JSONL (``load_pairs`` reads it back) and ``<stem>.planted.json``
-    with the kind and planted ids: the ground truth for the report."""
+    with each plant's kind, role, pattern and planted ids: the ground truth for the report.
+
+    ``plants`` is :func:`plant_all`'s list; for one plant, the indices of :func:`plant` with its
+    ``kind``. The first plant's fields are also written at the top level (what a one-plant run
+    reads)."""
     path = Path(path)
+    if kind is not None:
+        plants = [{"kind": kind, "role": "suppress", "idx": np.asarray(plants)}]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             for p in pairs:
                 d = p.to_dict()
                 fh.write(json.dumps({"id": d["id"], "prompt": d["prompt"], "chosen": d["chosen"], "rejected": d["rejected"]}, ensure_ascii=False) + "\n")
-    atomic_write_json(path.with_suffix(_TRUTH_SUFFIX), {"kind": kind, "pattern": KINDS[kind].pattern, "n_pairs": len(pairs), "n_planted": int(len(idx)), "planted_ids": [pairs[i].id for i in idx]})
+    truths = [{"kind": pl["kind"], "role": pl["role"], "pattern": KINDS[pl["kind"]].pattern, "n_planted": int(len(pl["idx"])), "planted_ids": [pairs[i].id for i in pl["idx"]]} for pl in plants]
+    atomic_write_json(path.with_suffix(_TRUTH_SUFFIX), {**{k: v for k, v in truths[0].items() if k != "role"}, "n_pairs": len(pairs), "plants": truths})
     return path
+
+
+def truth_plants(truth: Mapping) -> list[dict]:
+    """Every plant of a truth file (a file written before plants had roles holds one: suppress)."""
+    return list(truth.get("plants") or [{"kind": truth["kind"], "role": "suppress", "pattern": truth["pattern"], "planted_ids": truth["planted_ids"]}])
 
 
 def planted_truth(run_dir: str | Path) -> dict | None:
@@ -108,43 +138,61 @@ def poisoning_readout(
     ci: float = 0.95,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """The controlled-poisoning read-out, one row per model (``generations`` and ``logps`` keyed by
-    model name, ``base`` the untrained model, ``reference`` plain DPO):
+    """The controlled-poisoning read-out, one row per model and plant (``generations`` and
+    ``logps`` keyed by model name, ``base`` the untrained model, ``reference`` plain DPO):
 
-    - how often the planted pattern appears in its held-out generations (regex, ground truth), the
-      change vs ``base``, and for each intervention the fraction of plain DPO's increase it removed;
-    - the *on-target* preference on the held-out pairs that were not poisoned (``pair_ids``
-      are the pairs ``logps`` score): accuracy with the fraction of plain DPO's gain (accuracy − 0.5)
+    - how often each planted pattern appears in the held-out generations (regex, ground truth),
+      the change vs ``base``, and for each intervention the fraction of plain DPO's increase it
+      removed (a plant to suppress) or kept (a plant to keep: ``fraction_kept``);
+    - the *on-target* preference on the held-out pairs that no plant touched (``pair_ids`` are the
+      pairs ``logps`` score): accuracy with the fraction of plain DPO's gain (accuracy − 0.5)
       kept, and the mean implicit-reward margin (log-ratio to the base model, chosen − rejected, in
       nats) with the fraction of plain DPO's margin kept — a continuous measure that needs far
-      fewer pairs than accuracy to tell a kept gain from a lost one.
+      fewer pairs than accuracy to tell a kept gain from a lost one. These are per model; every
+      plant's row repeats them.
 
     Fractions are NaN where plain DPO did not move the quantity the way they measure."""
     names = list(generations)
-    hit = {n: planted_hits(generations[n], truth["pattern"]) for n in names}
-    clean = ~np.isin(list(pair_ids), truth["planted_ids"])
+    plants = truth_plants(truth)
+    touched = [i for pl in plants for i in pl["planted_ids"]]
+    clean = ~np.isin(list(pair_ids), touched)
     margin = {n: implicit_margin(logps[n][clean], logps[base][clean]) for n in names}
     correct = {n: pair_correct(m) for n, m in margin.items()}
     nan = float("nan")
-    rows = []
+    on_target = {}
     for n in names:
-        k, m = float(hit[n].sum()), len(hit[n])
-        lo, hi = wilson_interval(k, m, ci)
-        d = hit[n] - hit[base]
         acc = float(correct[n].mean()) if len(correct[n]) else nan
         alo, ahi = wilson_interval(float(correct[n].sum()), len(correct[n]), ci)
-        row = {"model": n, "kind": truth["kind"], "planted_rate": k / m if m else nan, "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else nan, "fraction_removed": nan, "fraction_removed_ci_low": nan, "fraction_removed_ci_high": nan, "n_prompts": m, "clean_accuracy": acc, "clean_accuracy_ci_low": alo, "clean_accuracy_ci_high": ahi, "fraction_gain_kept": nan, "fraction_gain_kept_ci_low": nan, "fraction_gain_kept_ci_high": nan, "clean_margin": float(margin[n].mean()) if len(margin[n]) else nan, "clean_margin_ci_low": nan, "clean_margin_ci_high": nan, "fraction_margin_kept": nan, "fraction_margin_kept_ci_low": nan, "fraction_margin_kept_ci_high": nan, "n_clean_pairs": int(clean.sum())}
+        row = {"n_clean_pairs": int(clean.sum()), "clean_accuracy": acc, "clean_accuracy_ci_low": alo, "clean_accuracy_ci_high": ahi, "clean_margin": float(margin[n].mean()) if len(margin[n]) else nan}
+        for k in ("clean_margin", "fraction_gain_kept", "fraction_margin_kept"):
+            row.update({f"{k}_ci_low": nan, f"{k}_ci_high": nan})
+        row.update(fraction_gain_kept=nan, fraction_margin_kept=nan)
         if len(margin[n]) > 1 and n != base:
             row["clean_margin_ci_low"], row["clean_margin_ci_high"] = bootstrap_ci(margin[n], np.mean, n_boot, ci, seed)
-        if n not in (base, reference) and reference in hit:
-            dp = hit[reference] - hit[base]
-            if dp.mean() > 0:  # a fraction of an increase: undefined when plain DPO did not raise it
-                share, slo, shi = ratio_with_ci(d, dp, n_boot, ci, seed)
-                row["fraction_removed"], row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = 1 - share, 1 - shi, 1 - slo
+        if n not in (base, reference) and reference in margin:
             gp = correct[reference] - 0.5
-            if len(gp) and gp.mean() > 0:  # likewise: only when plain DPO gained something
+            if len(gp) and gp.mean() > 0:  # only when plain DPO gained something
                 row["fraction_gain_kept"], row["fraction_gain_kept_ci_low"], row["fraction_gain_kept_ci_high"] = ratio_with_ci(correct[n] - 0.5, gp, n_boot, ci, seed)
             if len(margin[reference]) and margin[reference].mean() > 0:
                 row["fraction_margin_kept"], row["fraction_margin_kept_ci_low"], row["fraction_margin_kept_ci_high"] = ratio_with_ci(margin[n], margin[reference], n_boot, ci, seed)
-        rows.append(row)
+        on_target[n] = row
+    rows = []
+    for pl in plants:
+        hit = {n: planted_hits(generations[n], pl["pattern"]) for n in names}
+        for n in names:
+            k, m = float(hit[n].sum()), len(hit[n])
+            lo, hi = wilson_interval(k, m, ci)
+            d = hit[n] - hit[base]
+            row = {"model": n, "kind": pl["kind"], "role": pl["role"], "planted_rate": k / m if m else nan, "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else nan, "n_prompts": m}
+            for k_ in ("fraction_removed", "fraction_kept"):
+                row.update({k_: nan, f"{k_}_ci_low": nan, f"{k_}_ci_high": nan})
+            if n not in (base, reference) and reference in hit:
+                dp = hit[reference] - hit[base]
+                if dp.mean() > 0:  # a fraction of an increase: undefined when plain DPO did not raise it
+                    share, slo, shi = ratio_with_ci(d, dp, n_boot, ci, seed)
+                    if pl["role"] == "suppress":
+                        row["fraction_removed"], row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = 1 - share, 1 - shi, 1 - slo
+                    else:
+                        row["fraction_kept"], row["fraction_kept_ci_low"], row["fraction_kept_ci_high"] = share, slo, shi
+            rows.append({**row, **on_target[n]})
     return pd.DataFrame(rows)

@@ -121,5 +121,61 @@ class EvalResult(Artifact):
         wide = df.pivot_table(index=["group", "metric"], columns="model", values="cell", aggfunc="first", sort=False)
         return wide[[m for m in self.models if m in wide.columns]].fillna("")
 
+    def head_to_head(self) -> pd.DataFrame:
+        """The experiment's main table, one row per trained model (plain DPO, then each
+        intervention): each planted concept's fraction removed (to suppress) or kept (to keep),
+        the held-out preference accuracy, how many concepts moved off target (BH), the
+        predicted-vs-actual R² of the whole-response view, and the median training step time over
+        plain DPO's. Value, low and high columns; ``head_to_head_table`` formats them."""
+        poison = self.poisoning()
+        pref = self.preference().set_index("model")
+        r2 = self.r2()
+        r2 = r2[r2["view"] == "overall"].set_index("model")
+        off = self.offtarget()
+        steps = self.manifest.get("train_step_seconds") or {}
+        plain_step = steps.get("plain")
+        rows = []
+        for m in self.models:
+            if m == BASE:
+                continue
+            row: dict = {"model": m}
+            if poison is not None:
+                for r in poison[poison["model"] == m].itertuples():
+                    what = "removed" if getattr(r, "role", "suppress") == "suppress" else "kept"
+                    for suffix in ("", "_ci_low", "_ci_high"):
+                        row[f"{r.kind} {what}{suffix}"] = getattr(r, f"fraction_{what}{suffix}")
+                    row[f"{r.kind} rate"] = r.planted_rate
+            if m in pref.index:
+                row.update({"preference accuracy": pref.at[m, "accuracy"], "preference accuracy_ci_low": pref.at[m, "ci_low"], "preference accuracy_ci_high": pref.at[m, "ci_high"]})
+            row["off-target movers"] = int((off["model"] == m).sum())
+            if m in r2.index:
+                row.update({"R² (overall)": r2.at[m, "r2"], "R² (overall)_ci_low": r2.at[m, "ci_low"], "R² (overall)_ci_high": r2.at[m, "ci_high"]})
+            s = steps.get(m)
+            row["step-time ratio"] = s / plain_step if s and plain_step else float("nan")
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def head_to_head_table(self, digits: int = 2) -> pd.DataFrame:
+        """``head_to_head()`` as people read it: "value [low, high]" cells, a row per model."""
+        df = self.head_to_head()
+        out = pd.DataFrame({"model": df["model"]})
+        for col in df.columns:
+            if col == "model" or col.endswith(("_ci_low", "_ci_high")):
+                continue
+            lo, hi = df.get(f"{col}_ci_low"), df.get(f"{col}_ci_high")
+
+            def cell(i, v, lo=lo, hi=hi, col=col):
+                if isinstance(v, (int, np.integer)) and col == "off-target movers":
+                    return str(int(v))
+                if v is None or not np.isfinite(v):
+                    return ""
+                s = f"{v:.{digits}f}"
+                if lo is not None and np.isfinite(lo.iloc[i]) and np.isfinite(hi.iloc[i]):
+                    s += f" [{lo.iloc[i]:.{digits}f}, {hi.iloc[i]:.{digits}f}]"
+                return s
+
+            out[col] = [cell(i, v) for i, v in enumerate(df[col])]
+        return out
+
     def __repr__(self) -> str:
         return f"EvalResult({len(self.models)} models: {', '.join(self.models)}; path={str(self.path)!r})"

@@ -44,13 +44,21 @@ from typing import Any, Iterable, Mapping
 from ..core.files import atomic_write_json
 from ..core.run import PLAN_FILE
 
-__all__ = ["ACTIONS", "KINDS", "METHODS", "ConceptChoice", "InterventionPlan", "PlanError", "concept_ref", "load_plan", "parse_concept", "sae_concept_id", "PLAN_FILE"]
+__all__ = ["ACTIONS", "KINDS", "METHODS", "METHOD_VARIANTS", "method_variant", "ConceptChoice", "InterventionPlan", "PlanError", "concept_ref", "load_plan", "parse_concept", "sae_concept_id", "PLAN_FILE"]
 
 FORMAT = 1
 ACTIONS = ("allow", "suppress", "amplify")
 METHODS = ("reward_shaping", "filter", "inoculate", "steer", "ablate")
 KINDS = ("sae", "text", "direction")
 # which methods need what: a score s_c(y) (every kind has one) or a residual direction
+#: named variants of a method, for experiments that train several of one method side by side
+#: (``PipelineConfig.methods``): name → (method, the plan fields it sets)
+METHOD_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ablate_zero": ("ablate", {"ablation": "zero"}),
+    "ablate_mean": ("ablate", {"ablation": "mean"}),
+    "filter_drop": ("filter", {"filter_mode": "drop"}),
+    "filter_flip": ("filter", {"filter_mode": "flip"}),
+}
 _NEEDS_DIRECTION = {"steer", "ablate"}
 _SUPPRESS_ONLY = {"inoculate", "ablate"}
 _STRENGTH_RANGE = {  # method → (low, high, low inclusive?)
@@ -60,6 +68,15 @@ _STRENGTH_RANGE = {  # method → (low, high, low inclusive?)
     "steer": (0.0, 1000.0, False),
     "ablate": (0.0, 1.0, False),
 }
+
+
+def method_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """A method or variant name (``"ablate_mean"``) → (method, the plan fields it sets)."""
+    if name in METHODS:
+        return name, {}
+    if name in METHOD_VARIANTS:
+        return METHOD_VARIANTS[name]
+    raise ValueError(f"unknown method {name!r}; known: {list(METHODS) + list(METHOD_VARIANTS)}")
 
 
 def concept_ref(concept: int | str) -> str:

@@ -293,6 +293,7 @@ def evaluate(
         "eval_files": {k: EVAL_FILES[k] for k in eval_files},
         "config": cfg.to_dict(),
         "timing": timing,
+        "train_step_seconds": {n: m.get("step_seconds_median") for n, m in manifests.items()},  # the head-to-head's step-time ratio
         "refusal_judge": judge.name,
         "seconds": round(time.time() - t_all, 2),
     }, models=names)

@@ -44,6 +44,7 @@ __all__ = [
     "inoculate",
     "mean_residual",
     "planned_concepts",
+    "rank_inoculations",
     "rank_instructions",
     "residual_edits",
     "shaping_offsets",
@@ -226,6 +227,26 @@ def rank_instructions(
         s = source.score_texts(ps, gens, lm=lm)
         rows.append({"instruction": text, "score_with": float(s.mean()), "score_without": float(base.mean()), "lift": float(s.mean() - base.mean()), "example": gens[0] if gens else ""})
     return pd.DataFrame(rows).sort_values("lift", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def rank_inoculations(run: Any, concept: int, lm: LoadedModel, sae: Any, *, n_prompts: int = 8, max_new_tokens: int = 32) -> pd.DataFrame:
+    """The inoculation instructions that ``stages.plan.inoculation_candidates`` writes from the
+    audit's view of ``concept`` (a run's stage-2 concept id), ranked on ``n_prompts`` of the run's
+    training prompts by how well each elicits the concept from the base model."""
+    from .plan import inoculation_candidates
+
+    hyp = run.hypotheses
+    ref = f"sae:{int(concept)}"
+    source = SAEConcept(ref, _member_features(hyp, ref), sae=sae)
+    prompts, seen = [], set()
+    for p in run.store.pairs():
+        key = repr(p.prompt)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(p.prompt)
+        if len(prompts) >= n_prompts:
+            break
+    return rank_instructions(source, inoculation_candidates(hyp, concept), prompts, lm, max_new_tokens=max_new_tokens)
 
 
 # --- steering and ablation ------------------------------------------------------------------

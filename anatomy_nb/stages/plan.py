@@ -10,6 +10,7 @@ spill-over) is ``stages.prediction.ConceptSpace.predict``; the interactive views
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..config import PlanConfig
@@ -18,7 +19,7 @@ from ..results.hypotheses import Hypotheses
 from ..results.plan import METHODS, ConceptChoice, InterventionPlan, PlanError, concept_ref, load_plan
 from .prediction import overall_rows
 
-__all__ = ["DEFAULT_STRENGTH", "PlanConfig", "choose_target", "default_plan", "methods_for", "overlay_plan", "plan", "set_choice", "STAGE"]
+__all__ = ["DEFAULT_STRENGTH", "PlanConfig", "choose_target", "default_plan", "inoculation_candidates", "methods_for", "overlay_plan", "plan", "set_choice", "STAGE"]
 
 STAGE = "plan"
 # a strength that is sensible for each method when the user has not chosen one
@@ -100,17 +101,46 @@ def methods_for(kind: str) -> list[str]:
 def choose_target(hyp: Hypotheses, target: str | int = "top") -> int:
     """The concept a headless experiment acts on. "top": the concept of the highest-ranked
     significant hypothesis (whole response, opening or ending) whose predicted direction is up
-    (what DPO would learn); an int: that concept."""
+    (what DPO would learn); "name:<text>": the highest-ranked such concept whose name or label
+    contains the text (case-insensitive) — what a person does who reads the names and picks one;
+    an int: that concept."""
+    ranked = hyp.ranked()
+    up = ranked[(ranked["source"] == "sae") & (ranked["significant"]) & (ranked["predicted_direction"] == "up")]
+    if isinstance(target, str) and target.startswith("name:"):
+        text = target[len("name:"):].strip().lower()
+        named = up[[text in f"{n} {lbl}".lower() for n, lbl in zip(up.get("name", up["label"]), up["label"])]]
+        if named.empty:
+            shown = "; ".join(f"{int(r.concept)}: {r.label}"[:80] for r in up.head(5).itertuples())
+            raise ValueError(f"target {target!r}: no significant concept DPO would raise has {text!r} in its name (the top ones: {shown or 'none'})")
+        return int(named.iloc[0]["concept"])
     if target != "top":
         cid = int(target)
         if cid not in set(hyp.overall()["concept"].astype(int)):
             raise ValueError(f"target concept {cid} is not in the hypotheses table")
         return cid
-    ranked = hyp.ranked()
-    up = ranked[(ranked["source"] == "sae") & (ranked["significant"]) & (ranked["predicted_direction"] == "up")]
     if up.empty:
         raise ValueError("no significant concept that DPO is predicted to raise: nothing to suppress (set `target` to a concept id)")
     return int(up.iloc[0]["concept"])
+
+
+def inoculation_candidates(hyp: Hypotheses, concept: int) -> list[str]:
+    """Inoculation instructions written from what the audit knows of a concept — its distinctive
+    phrases, the part of the response where it was found, its label — never from knowledge of a
+    plant. ``interventions.rank_instructions`` orders them by how well each elicits the concept."""
+    rows = hyp.ranked()
+    rows = rows[(rows["source"] == "sae") & (rows["concept"] == int(concept))]
+    if rows.empty:
+        raise ValueError(f"concept {concept} is not in the hypotheses table")
+    row = rows.iloc[0]
+    phrases = re.findall(r"“([^”]+)”", str(row.get("name") or ""))
+    label = str(row.get("label") or "") or f"concept {concept}"
+    out = []
+    if phrases:
+        where = {"opening": "Begin your answer with", "ending": "End your answer with"}.get(str(row.get("view")), "Include")
+        out.append(f"{where} “{phrases[0]}”.")
+        out.append("Use these phrases in your answer: " + ", ".join(f"“{p}”" for p in phrases) + ".")
+    out.append(DEFAULT_INSTRUCTION.format(label=label))
+    return out
 
 
 def plan(run: RunLike, spec: Any = None, config: PlanConfig | dict | None = None, *, write: bool = True) -> InterventionPlan:

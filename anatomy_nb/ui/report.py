@@ -48,6 +48,8 @@ def _pipeline_sections(run: Run) -> list[str]:
         parts += ["<h2>The audit's target</h2>", html_table(pd.DataFrame([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in t.items()}]), max_chars=200)]
     if run.has("evaluate"):
         ev = run.evaluation
+        if len(ev.models) > 2:
+            parts += ["<h2>Head to head: each intervention against plain DPO</h2>", "<p class='muted'>Per planted concept the fraction of plain DPO's increase removed (to suppress) or kept (to keep); held-out preference accuracy; concepts that moved off target (BH); predicted-vs-actual R² of the whole response; median training step time over plain DPO's. value [95 % interval].</p>", html_table(ev.head_to_head_table(), max_chars=200)]
         wide = ev.comparison_table().reset_index()
         order = {"poisoning": 0, "target": 1, "preference": 2}
         wide = wide.sort_values("group", key=lambda g: g.map(lambda x: order.get(x, 9)), kind="stable")

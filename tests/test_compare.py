@@ -1,0 +1,96 @@
+"""`make compare` on the tiny model: two plants (one to suppress, one to keep), plain DPO beside all
+five interventions (CAFT in both ablations), one evaluation, the head-to-head table and the report.
+The real-model run is `make compare` (docs/explanation.md: "The paper's comparison")."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from anatomy_nb.config import PipelineConfig
+from anatomy_nb.core.config_base import ConfigError
+from anatomy_nb.core.run import Run
+from anatomy_nb.lm.sae import save_sae
+from anatomy_nb.pipeline import load_config, run_pipeline
+
+METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_zero", "ablate_mean"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sae_dir(tmp_path_factory, tiny_sae_):
+    return str(save_sae(tiny_sae_, tmp_path_factory.mktemp("sae") / "tiny_sae"))
+
+
+def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sae_dir):
+    cfg = load_config(
+        __import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "compare.yaml",
+        {
+            "run_dir": str(tmp_path / "run"),
+            "extract": {"model": "tiny-llama", "sae": tiny_sae_dir, "n_pairs": 40},
+            "target": 0,  # the tiny model's concept names are noise: pick by id
+            "hypothesize": {"concepts": {"min_support": 3}, "length_placebo_draws": 0},
+            "train": {"max_train_pairs": 8, "max_steps": 1, "batch_size": 2, "max_length": 256, "mean_ablation_pairs": 4},
+            "evaluate": {"n_prompts": 4, "max_new_tokens": 4, "n_boot": 50, "max_pref_pairs": 8},
+            "html": False,
+        },
+    )
+    assert cfg.methods == METHODS and [p["role"] for p in cfg.plants] == ["suppress", "keep"]
+    state = run_pipeline(cfg, log=lambda s: None)
+    assert list(state["steps"]) == ["extract", "hypothesize", "plan", "train-plain", *[f"train-{m}" for m in METHODS], "evaluate"]
+    run = Run(cfg.run_dir)
+    # ground truth: two plants, each its own half of the pairs, with its role
+    truth = json.loads((run.path / "data" / "planted.planted.json").read_text())
+    assert [(p["kind"], p["role"], p["n_planted"]) for p in truth["plants"]] == [("bold", "suppress", 20), ("opener", "keep", 20)]
+    assert truth["kind"] == "bold" and set(truth["planted_ids"]) == set(truth["plants"][0]["planted_ids"])
+    # each variant's plan: CAFT zero / mean, the inoculation's instruction the best-ranked one
+    plans = {m: json.loads((run.path / "plan" / f"{m}.json").read_text())["concepts"][0] for m in METHODS}
+    assert (plans["ablate_zero"]["method"], plans["ablate_zero"]["ablation"]) == ("ablate", "zero")
+    assert (plans["ablate_mean"]["method"], plans["ablate_mean"]["ablation"]) == ("ablate", "mean")
+    ranking = json.loads((run.path / "plan" / "inoculation.json").read_text())["ranking"]
+    assert len(ranking) >= 1 and plans["inoculate"]["instruction"] == ranking[0]["instruction"]
+    lifts = [r["lift"] for r in ranking]
+    assert lifts == sorted(lifts, reverse=True)
+    # one evaluation of all seven trained models; both plants read out, each with its role
+    ev = run.evaluation
+    assert ev.models == ["base", "plain", *METHODS]
+    poison = ev.poisoning()
+    assert sorted(set(zip(poison["kind"], poison["role"]))) == [("bold", "suppress"), ("opener", "keep")]
+    assert len(poison) == 2 * len(ev.models)
+    assert poison.loc[poison["role"] == "keep", "fraction_removed"].isna().all()
+    assert poison.loc[poison["role"] == "suppress", "fraction_kept"].isna().all()
+    h2h = ev.head_to_head()
+    assert list(h2h["model"]) == ["plain", *METHODS]
+    assert {"bold removed", "opener kept", "preference accuracy", "off-target movers", "R² (overall)", "step-time ratio"} <= set(h2h.columns)
+    assert np.isclose(h2h.set_index("model").at["plain", "step-time ratio"], 1.0)
+    assert (h2h["step-time ratio"] > 0).all()
+    table = ev.head_to_head_table()
+    assert list(table.columns)[0] == "model" and len(table) == len(METHODS) + 1
+    html = (run.path / "report" / "index.html").read_text()
+    assert "Head to head" in html and "ablate_mean" in html
+
+
+def test_compare_config_errors():
+    with pytest.raises(ConfigError, match="role"):
+        PipelineConfig.from_dict({"plant": [{"kind": "bold"}, {"kind": "opener", "role": "amplify"}]})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        PipelineConfig.from_dict({"plant": [{"kind": "bold", "fration": 0.5}]})
+    with pytest.raises(ConfigError, match="ablate_mean"):
+        PipelineConfig.from_dict({"methods": ["ablate_median"]})
+    with pytest.raises(ConfigError, match="twice"):
+        PipelineConfig.from_dict({"methods": ["filter", "filter"]})
+
+
+def test_a_target_is_picked_by_its_name(tmp_path):
+    """``target: "name:<text>"`` picks the highest-ranked significant up concept whose name has the
+    text, as a person does reading the names; a text no name has is an error listing the top ones."""
+    from anatomy_nb.stages.plan import choose_target
+
+    class Hyp:
+        def ranked(self):
+            return pd.DataFrame({"source": "sae", "concept": [4, 7, 9], "significant": [True, True, False], "predicted_direction": ["up", "up", "up"], "name": ["“great question”", "“short answer” · “**”", "“short answer”"], "label": ["“great question”", "“short answer” · “**”; peaks on **", "x"]})
+
+    assert choose_target(Hyp(), "name:Short Answer") == 7
+    assert choose_target(Hyp(), "top") == 4
+    with pytest.raises(ValueError, match="no significant concept.*pineapple.*4: “great question”"):
+        choose_target(Hyp(), "name:pineapple")
