@@ -33,6 +33,7 @@ _EXPORTS = {
     "run": "pipeline",
     "report": "ui.report",
     "run_notebook": "ui.notebooks",
+    "learn_subspace": "stages.subspace",
     # the run directory and what it holds (readers: no torch)
     "Run": "core.run",
     "FeatureStore": "results.store",
@@ -40,6 +41,7 @@ _EXPORTS = {
     "InterventionPlan": "results.plan",
     "TrainResult": "results.training",
     "EvalResult": "results.evaluation",
+    "SubspaceResult": "results.subspace",
     # parameters
     "ConceptConfig": "config",
     "EvalConfig": "config",
@@ -51,6 +53,7 @@ _EXPORTS = {
     "RecipeConfig": "config",
     "TopicConfig": "config",
     "TrainConfig": "config",
+    "SubspaceConfig": "config",
     "DEFAULT_MODEL": "config",
     "DEFAULT_SAE": "config",
     # data, models, SAEs, concept sources
@@ -88,7 +91,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .concepts.sources import DirectionConcept, SAEConcept, TextConcept
-    from .config import DEFAULT_MODEL, DEFAULT_SAE, ConceptConfig, EvalConfig, ExtractConfig, HypothesizeConfig, MapConfig, PipelineConfig, PlanConfig, RecipeConfig, TopicConfig, TrainConfig
+    from .config import DEFAULT_MODEL, DEFAULT_SAE, ConceptConfig, EvalConfig, ExtractConfig, HypothesizeConfig, MapConfig, PipelineConfig, PlanConfig, RecipeConfig, SubspaceConfig, TopicConfig, TrainConfig
     from .core.run import Run
     from .data.datacard import DataCard, data_card
     from .data.pairs import load_pairs
@@ -100,11 +103,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .results.hypotheses import Hypotheses
     from .results.plan import InterventionPlan
     from .results.store import FeatureStore
+    from .results.subspace import SubspaceResult
     from .results.training import TrainResult
     from .stages.evaluate import evaluate
     from .stages.extract import extract
     from .stages.hypothesize import hypothesize
     from .stages.plan import plan
+    from .stages.subspace import learn_subspace
     from .stages.train import train
     from .ui.notebooks import run_notebook
     from .ui.report import report

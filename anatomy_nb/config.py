@@ -40,6 +40,7 @@ __all__ = [
     "PlanConfig",
     "RecipeConfig",
     "SAETrainingConfig",
+    "SubspaceConfig",
     "TopicConfig",
     "TrainConfig",
 ]
@@ -313,6 +314,40 @@ class EvalConfig(Config):
             raise ValueError(f"judge_agreement_n must be >= 0, got {self.judge_agreement_n}")
 
 
+# --- concept subspaces from counterfactuals (notebook 06) -------------------------------------------
+
+
+@dataclass
+class SubspaceConfig(Config):
+    """Concept subspaces learned from counterfactual pairs: DAS on RAVEL, scored beside the SAE's
+    features (``stages.subspace.learn_subspace``)."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, hub id or local directory", key=False))
+    sae: str | None = field(default=DEFAULT_SAE, metadata=_help("the SAE whose features are scored beside DAS (and whose layer DAS uses); None: DAS only", key=False))
+    layer: int | None = field(default=None, metadata=_help("residual-stream layer; None: the SAE's"))
+    entity_type: str = field(default="city", metadata=_help("RAVEL entity type (vendored: city, nobel_prize_winner, occupation, physical_object, verb)"))
+    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent", "Language"], metadata=_help("attributes asked (the isolate pairs ask the others)"))
+    targets: list[str] | None = field(default=None, metadata=_help("attributes to learn a subspace for; None: every attribute the model knows"))
+    entities: int = field(default=100, metadata=_help("entities drawn per split (train, test)"))
+    templates: int = field(default=6, metadata=_help("prompt templates per attribute, drawn at random"))
+    dim: int = field(default=16, metadata=_help("subspace dimension (≤ the hidden size)"))
+    n_train: int = 512
+    n_test: int = 200
+    epochs: int = 2
+    lr: float = 5e-3
+    batch_size: int = 16
+    min_accuracy: float = field(default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned"))
+    require_known: bool = field(default=True, metadata=_help("keep only examples the model answers right (as RAVEL does); False: every example (tests on untrained models)"))
+    seed: int = 0
+    progress: bool = field(default=True, metadata=NOT_KEYED)
+
+    def __post_init__(self):
+        if self.dim < 1 or self.entities < 2 or self.templates < 1 or self.n_train < 1 or self.n_test < 1 or self.epochs < 1:
+            raise ValueError("dim, templates, n_train, n_test and epochs must be >= 1 and entities >= 2")
+        if len(self.attributes) < 2:
+            raise ValueError(f"attributes: at least two (the isolate pairs ask the others), got {self.attributes}")
+
+
 # --- the whole pipeline -----------------------------------------------------------------------------
 
 
@@ -371,7 +406,7 @@ def reference_markdown() -> str:
     """Every config's keys as markdown tables (type, default, meaning): ``docs/reference.md``'s
     "Config keys" section is this text (a test keeps the two equal)."""
     out = []
-    for cls, where in ((ExtractConfig, "stage 1 · `extract` · notebook 01 · `anatomy-nb extract`"), (HypothesizeConfig, "stage 2 · `hypothesize` · notebook 02 · `anatomy-nb hypothesize`"), (PlanConfig, "stage 3 · `plan` · notebook 03 · `anatomy-nb plan`"), (TrainConfig, "stage 4 · `train` · notebook 04 · `anatomy-nb train`"), (EvalConfig, "stage 5 · `evaluate` · notebook 05 · `anatomy-nb evaluate`"), (PipelineConfig, "the whole pipeline · `run` · `anatomy-nb run` (each stage's block takes that stage's keys)"), (RecipeConfig, "the default SAE · notebook 00 · `anatomy-nb train-sae`")):
+    for cls, where in ((ExtractConfig, "stage 1 · `extract` · notebook 01 · `anatomy-nb extract`"), (HypothesizeConfig, "stage 2 · `hypothesize` · notebook 02 · `anatomy-nb hypothesize`"), (PlanConfig, "stage 3 · `plan` · notebook 03 · `anatomy-nb plan`"), (TrainConfig, "stage 4 · `train` · notebook 04 · `anatomy-nb train`"), (EvalConfig, "stage 5 · `evaluate` · notebook 05 · `anatomy-nb evaluate`"), (PipelineConfig, "the whole pipeline · `run` · `anatomy-nb run` (each stage's block takes that stage's keys)"), (RecipeConfig, "the default SAE · notebook 00 · `anatomy-nb train-sae`"), (SubspaceConfig, "concept subspaces from counterfactuals · notebook 06 · `anb.learn_subspace`")):
         summary = " ".join(line.strip() for line in (cls.__doc__ or "").split("\n\n")[0].splitlines())
         out += [f"### `{cls.__name__}` — {where}", "", summary, "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for key, tp, default, note in cls.reference_rows():

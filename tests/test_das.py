@@ -146,3 +146,55 @@ def test_stage_2_scores_a_learned_subspace_on_preference_pairs(tiny_lm, tiny_sae
     assert len(row) == 1 and np.isfinite(row["p"].iloc[0]) and 0 <= row["chosen_rate"].iloc[0] <= 1
     with pytest.raises(FileNotFoundError, match="metadata"):
         load_subspace(tmp_path / "concepts" / "missing")
+
+
+SUBSPACE_TINY = {"model": "tiny-llama", "layer": 1, "attributes": ["Country", "Continent"], "require_known": False, "entities": 12, "templates": 2, "dim": 2, "n_train": 16, "n_test": 12, "epochs": 1}
+
+
+def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_sae_):
+    """Notebook 06 headless on the tiny model (which knows no city: ``require_known=False`` keeps
+    every example): RAVEL's table for DAS, the SAE's features and no intervention, curves, the data
+    card, the saved concepts; a second call reuses the artifact."""
+    import nbformat
+
+    from conftest import assert_clean_outputs
+    from anatomy_nb.lm.sae import save_sae
+    from anatomy_nb.results.subspace import SubspaceResult
+    from anatomy_nb.ui.notebooks import run_notebook
+
+    sae_dir = save_sae(tiny_sae_, tmp_path / "tiny_sae")
+    run_dir = tmp_path / "run"
+    out = run_notebook("06_concept_subspace", run_dir, {"run_dir": str(run_dir), "config": {**SUBSPACE_TINY, "sae": str(sae_dir)}}, html=False, progress=False)
+    nb = nbformat.read(out, as_version=4)
+    assert_clean_outputs(nb)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    res = SubspaceResult.from_run(run_dir)
+    table = res.table()
+    assert set(table["method"]) == {"DAS", "SAE features", "no intervention"} and set(table["attribute"]) == {"Country", "Continent"}
+    assert table[["cause", "isolate"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (table.loc[table["method"] == "SAE features", "features"].map(len) == 2).all()
+    assert set(res.curves()["attribute"]) == {"Country", "Continent"} and len(res.data_card()) > 0
+    concept = res.concept("Country")
+    assert concept.layer == 1 and tuple(concept.directions().shape) == (2, 64)
+    entry = res.plan_entry("Country")
+    from anatomy_nb.results.plan import InterventionPlan
+
+    assert InterventionPlan.from_dict({"concepts": [entry]}).concepts[0].method == "ablate"
+    import anatomy_nb as anb
+
+    again = anb.learn_subspace(run_dir, {**SUBSPACE_TINY, "sae": str(sae_dir), "progress": False})
+    assert again.reused and again.path == res.path
+
+
+def test_learn_subspace_says_what_is_wrong(tmp_path, lm):
+    import anatomy_nb as anb
+
+    base = {**SUBSPACE_TINY, "sae": None, "progress": False}
+    with pytest.raises(ValueError, match="too few RAVEL city attributes right"):
+        anb.learn_subspace(tmp_path, {**base, "require_known": True}, lm=lm)
+    with pytest.raises(ValueError, match="dim 999 must be between 1 and the hidden size 64"):
+        anb.learn_subspace(tmp_path, {**base, "dim": 999}, lm=lm)
+    with pytest.raises(ValueError, match="no attribute.*Colour"):
+        anb.learn_subspace(tmp_path, {**base, "attributes": ["Country", "Colour"]}, lm=lm)
+    with pytest.raises(ValueError, match="layer 40 out of range"):
+        anb.learn_subspace(tmp_path, {**base, "layer": 40}, lm=lm)

@@ -22,7 +22,7 @@ def test_the_readme_has_the_two_commands_and_ci_runs_the_second():
     commands = [line.split("#")[0].strip() for line in quick.splitlines() if line.strip()]
     assert commands == ["make run", "make test"]
     assert "make test" in (REPO / ".ci" / "run").read_text()
-    for target in ("run", "test", "lab", "setup"):
+    for target in ("run", "test", "lab", "setup", "compare"):
         dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
         assert dry.returncode == 0, dry.stderr
     assert "anatomy-nb run" in subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True).stdout

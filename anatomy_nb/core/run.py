@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..results.hypotheses import Hypotheses
     from ..results.plan import InterventionPlan
     from ..results.store import FeatureStore
+    from ..results.subspace import SubspaceResult
     from ..results.training import TrainResult
 
 __all__ = ["Run", "RunLike", "PLAN_FILE"]
@@ -132,6 +133,13 @@ class Run:
         from ..results.evaluation import EvalResult
 
         return EvalResult(self.latest("evaluate"))
+
+    @property
+    def subspace(self) -> "SubspaceResult":
+        """The latest concept subspaces learned from counterfactuals (notebook 06)."""
+        from ..results.subspace import SubspaceResult
+
+        return SubspaceResult(self.latest("subspace"))
 
     @property
     def planted(self) -> dict | None:

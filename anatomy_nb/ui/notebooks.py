@@ -17,15 +17,15 @@ import nbformat
 import papermill as pm
 from nbconvert import HTMLExporter
 
-from ..config import STAGES, EvalConfig, ExtractConfig, HypothesizeConfig, PlanConfig, RecipeConfig, TrainConfig
+from ..config import STAGES, EvalConfig, ExtractConfig, HypothesizeConfig, PlanConfig, RecipeConfig, SubspaceConfig, TrainConfig
 from ..core.files import atomic_write_text
 from ..core.paths import notebook_dir
 
 __all__ = ["HEADLESS_ENV", "NOTEBOOKS", "NOTEBOOK_CONFIGS", "notebook_dir", "notebook_for", "render_html", "run_notebook", "static_widgets"]
 
-NOTEBOOKS = ["00_train_sae", *(f"{i:02d}_{stage}" for i, stage in enumerate(STAGES, start=1))]
+NOTEBOOKS = ["00_train_sae", *(f"{i:02d}_{stage}" for i, stage in enumerate(STAGES, start=1)), "06_concept_subspace"]
 #: the config dataclass each notebook's ``config`` parameter is checked against
-NOTEBOOK_CONFIGS = dict(zip(NOTEBOOKS, (RecipeConfig, ExtractConfig, HypothesizeConfig, PlanConfig, TrainConfig, EvalConfig)))
+NOTEBOOK_CONFIGS = dict(zip(NOTEBOOKS, (RecipeConfig, ExtractConfig, HypothesizeConfig, PlanConfig, TrainConfig, EvalConfig, SubspaceConfig)))
 
 
 #: the environment of a headless notebook's kernel: no progress bars (tqdm, transformers, datasets)

@@ -1,0 +1,209 @@
+"""Concept subspaces from counterfactual pairs: DAS on RAVEL, scored beside the SAE's features.
+
+``learn_subspace(run, config)`` is notebook 06's work, written into ``run_dir/subspace/<key>/``
+with the stage protocol (content key → reuse → write → manifest last):
+
+1. **What the model knows.** Every (entity, template) of the configured attributes on the
+   upstream entity split: greedy next token against the first token of the entity's value.
+   RAVEL keeps only examples the model gets right; so does this (``require_known``). An attribute
+   below ``min_accuracy`` is reported and not learned; if none is left, that is an error.
+2. **Counterfactual pairs** (``data.ravel.counterfactual_pairs``) from known examples: half
+   *cause* (the base asks the target attribute; its answer should become the source's value),
+   half *isolate* (the base asks another attribute; its answer should stay).
+3. **DAS** per target attribute (``lm.das.train_das``) at the entity's last token.
+4. **SAE features** per attribute, as RAVEL does for SAEs: the ``dim`` features whose activation
+   at the entity's last token best tells the attribute's values apart on the train entities
+   (one-way ANOVA F), their decoder rows orthonormalised and interchanged the same way.
+5. **RAVEL's scores** on the test pairs for DAS, the SAE features and no intervention: Cause
+   (share of cause pairs answered with the source's value), Isolate (share of isolate pairs whose
+   answer stays), their mean (disentangle).
+
+Each DAS subspace is saved as a concept (``<attribute>.safetensors`` + ``.json``): stage 2
+scores it (``sources=[run.subspace.concept(attribute)]``) and a plan steers or ablates with it.
+The reader is ``results.subspace.SubspaceResult`` (no torch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import f_oneway
+
+from ..concepts.sources import orthonormal
+from ..config import SubspaceConfig
+from ..core.files import content_hash
+from ..core.run import Run, RunLike
+from ..core.stage import terminal
+from ..data.ravel import RavelData, counterfactual_pairs, load_ravel
+from ..lm.das import Example, answer_token, entity_prompt, interchange_predictions, next_token_predictions, save_subspace, train_das
+from ..lm.models import LoadedModel, load_model
+from ..lm.ops import ResidualCapture
+from ..results.subspace import SubspaceResult
+
+__all__ = ["STAGE", "SubspaceConfig", "known_examples", "learn_subspace", "ravel_scores", "sae_feature_subspace"]
+
+STAGE = "subspace"
+FORMAT = 1
+
+Known = tuple[str, str, str, list, int, int]  # attribute, template, entity, token ids, entity position, answer token
+
+
+def known_examples(lm: LoadedModel, data: RavelData, attributes: list[str], entities: list[str], templates: dict[str, list[str]], require_known: bool = True) -> tuple[list[Known], dict[str, tuple[int, int]]]:
+    """The (attribute, template, entity, ids, position, answer) the model gets right (all of them
+    when not ``require_known``), and per attribute (answered right, asked)."""
+    rows, prompts = [], []
+    for a in attributes:
+        for t in templates[a]:
+            for e in entities:
+                v = data.entities[e].get(a)
+                if not v:
+                    continue
+                try:
+                    ids, pos = entity_prompt(lm.tokenizer, t, e)
+                    ans = answer_token(lm.tokenizer, t % e, v)
+                except ValueError:
+                    continue  # the entity merges with the template's next character: no clean position
+                rows.append((a, t, e, ids, pos, ans))
+                prompts.append(ids)
+    right = next_token_predictions(lm, prompts) == np.asarray([r[5] for r in rows], dtype=np.int64) if rows else np.zeros(0, bool)
+    counts = {a: (int(sum(ok for r, ok in zip(rows, right) if r[0] == a)), sum(r[0] == a for r in rows)) for a in attributes}
+    kept = [r for r, ok in zip(rows, right) if ok or not require_known]
+    return kept, counts
+
+
+def _to_examples(lm: LoadedModel, pairs: list[dict], known: set[tuple[str, str, str]]) -> list[Example]:
+    out = []
+    for p in pairs:
+        if (p["queried"], p["base_template"], p["base_entity"]) not in known:
+            continue
+        try:
+            b_ids, b_pos = entity_prompt(lm.tokenizer, p["base_template"], p["base_entity"])
+            s_ids, s_pos = entity_prompt(lm.tokenizer, p["source_template"], p["source_entity"])
+            base_prompt = p["base_template"] % p["base_entity"]
+            ans = answer_token(lm.tokenizer, base_prompt, p["expected"])
+            base_ans = answer_token(lm.tokenizer, base_prompt, p["base_answer"])
+        except ValueError:
+            continue
+        out.append(Example(b_ids, b_pos, s_ids, s_pos, ans, p["kind"], {**p, "base_answer_token": base_ans}))
+    return out
+
+
+def ravel_scores(predictions: np.ndarray, examples: list[Example]) -> dict[str, float]:
+    """RAVEL's Cause, Isolate and their mean (disentangle) from the interchanged answers."""
+    cause = [p == e.answer for p, e in zip(predictions, examples) if e.kind == "cause"]
+    iso = [p == e.answer for p, e in zip(predictions, examples) if e.kind == "isolate"]
+    c = float(np.mean(cause)) if cause else float("nan")
+    i = float(np.mean(iso)) if iso else float("nan")
+    return {"cause": c, "isolate": i, "disentangle": (c + i) / 2, "n_cause": len(cause), "n_isolate": len(iso)}
+
+
+@torch.no_grad()
+def sae_feature_subspace(lm: LoadedModel, sae: Any, data: RavelData, attribute: str, known: list[Known], dim: int, max_examples: int = 600) -> tuple[torch.Tensor | None, list[int]]:
+    """The ``dim`` SAE features whose activation at the entity token best separates the attribute's
+    values (one-way ANOVA F over values seen at least twice), as an orthonormal basis; (None, [])
+    when too few known entities share a value to rank features."""
+    items = [(e, ids, pos) for a, _, e, ids, pos, _ in known if a == attribute][:max_examples]
+    acts, values = [], []
+    with ResidualCapture(lm, sae.layer) as cap:
+        for e, ids, pos in items:
+            h = cap(torch.tensor([ids], device=lm.device))[0, pos]
+            acts.append(sae.encode(h[None].to(sae.sae.W_enc.device)).float()[0].cpu().numpy())
+            values.append(data.entities[e][attribute])
+    if not acts:
+        return None, []
+    A, values = np.array(acts), np.array(values)
+    common = [v for v, n in zip(*np.unique(values, return_counts=True)) if n >= 2]
+    groups = [A[values == v] for v in common]
+    live = A.std(0) > 0
+    if len(groups) < 2 or not live.any():
+        return None, []
+    F = np.zeros(A.shape[1])
+    F[live] = np.nan_to_num(f_oneway(*[g[:, live] for g in groups]).statistic)
+    top = np.argsort(-F)[:dim]
+    return orthonormal(sae.decoder_directions[torch.as_tensor(top)].float()), top.tolist()
+
+
+def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *, lm: LoadedModel | None = None, sae: Any = None, force: bool = False) -> SubspaceResult:
+    """DAS subspaces for RAVEL attributes, scored beside the SAE's features (module docstring);
+    reused when the same model, SAE and config were run before."""
+    cfg = SubspaceConfig.from_dict(config)
+    run = Run.of(run)
+    say: Callable[[str], None] = (lambda s: terminal(f"[subspace] {s}")) if cfg.progress else (lambda s: None)
+    lm = lm or load_model(cfg.model)
+    if sae is None and cfg.sae:
+        from ..lm.sae import load_sae
+
+        sae = load_sae(cfg.sae, device=str(lm.device))
+    layer = cfg.layer if cfg.layer is not None else (sae.layer if sae is not None else None)
+    if layer is None:
+        raise ValueError("SubspaceConfig.layer is needed when no SAE gives one (sae=None)")
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"SubspaceConfig.layer {layer} out of range: {lm.name} has {lm.n_layers} layers")
+    if not 1 <= cfg.dim <= lm.d_model:
+        raise ValueError(f"SubspaceConfig.dim {cfg.dim} must be between 1 and the hidden size {lm.d_model}")
+    data = load_ravel(cfg.entity_type)
+    unknown = [a for a in cfg.attributes if a not in data.templates]
+    if unknown:
+        raise ValueError(f"SubspaceConfig.attributes: RAVEL {cfg.entity_type} has no attribute(s) {unknown}; attributes: {data.attributes}")
+    key = content_hash(FORMAT, lm.fingerprint, getattr(sae, "fingerprint", None), layer, cfg.key_params())
+    stage = run.stage(STAGE, key, FORMAT)
+    if stage.reuse(force):
+        return SubspaceResult(stage.path, stage.manifest(), reused=True)
+    t0 = time.time()
+    rng = np.random.default_rng(cfg.seed)
+    ents = {s: sorted(rng.choice(data.entities_in(s), min(cfg.entities, len(data.entities_in(s))), replace=False).tolist()) for s in ("train", "test")}
+    templates = {a: sorted(rng.choice(data.templates[a], min(cfg.templates, len(data.templates[a])), replace=False).tolist()) for a in cfg.attributes}
+    known, counts = {}, {}
+    for s in ("train", "test"):
+        known[s], counts[s] = known_examples(lm, data, list(cfg.attributes), ents[s], templates, cfg.require_known)
+    accuracy = {a: counts["train"][a][0] / max(counts["train"][a][1], 1) for a in cfg.attributes}
+    say("what the model knows (train entities): " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f" ({time.time() - t0:.0f} s)")
+    usable = [a for a in cfg.attributes if accuracy[a] >= cfg.min_accuracy or not cfg.require_known]
+    targets = [a for a in (cfg.targets or cfg.attributes) if a in usable]
+    if not targets or len(usable) < 2:
+        raise ValueError(f"{lm.name} gets too few RAVEL {cfg.entity_type} attributes right to learn from (accuracy on the train entities: " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f"; needed: ≥ {cfg.min_accuracy} for the target and one more attribute). Choose attributes it knows, or a larger model.")
+    out = stage.begin()
+    known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
+    asked = replace(data, templates={a: templates[a] for a in usable})  # pairs use the templates asked
+    rows, curves, cards, concepts = [], [], [], {}
+    for a in targets:
+        ta = time.time()
+        train = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1), known_set["train"])[: cfg.n_train]
+        test = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2), known_set["test"])[: cfg.n_test]
+        if not train or not test:
+            raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no counterfactual pairs among the examples {lm.name} answers right (train {len(train)}, test {len(test)}); raise entities or templates")
+        sub = train_das(lm, layer, cfg.dim, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+        weights = save_subspace(sub, out / a, attribute=a, entity_type=cfg.entity_type, queried=usable, n_train=len(train))
+        concepts[a] = weights.name
+        curves += [{"attribute": a, **c} for c in sub.curve]
+        scored = {"DAS": sub.directions}
+        basis, feats = sae_feature_subspace(lm, sae, data, a, known["train"], cfg.dim) if sae is not None else (None, [])
+        if basis is not None:
+            scored["SAE features"] = basis
+        scored["no intervention"] = torch.zeros(1, lm.d_model)
+        for method, b in scored.items():
+            rows.append({"attribute": a, "method": method, **ravel_scores(interchange_predictions(lm, layer, b, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": feats if method == "SAE features" else []})
+        cards += [{"attribute": a, "split": s, **{k: e.meta[k] for k in ("kind", "queried", "base_entity", "base_template", "source_entity", "source_template", "expected", "base_answer")}} for s, ex in (("train", train), ("test", test)) for e in ex[:6]]
+        say(f"{a}: " + "; ".join(f"{r['method']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[-len(scored):]) + f" ({time.time() - ta:.0f} s)")
+    stage.write_parquet("ravel", pd.DataFrame(rows))
+    stage.write_parquet("curves", pd.DataFrame(curves))
+    stage.write_parquet("data_card", pd.DataFrame(cards))
+    manifest = stage.finish({
+        "model": {"name": lm.name, "fingerprint": lm.fingerprint},
+        "sae": None if sae is None else {"name": sae.name, "fingerprint": sae.fingerprint},
+        "layer": layer,
+        "config": cfg.to_dict(),
+        "knowledge": {a: {"right": counts["train"][a][0], "asked": counts["train"][a][1], "accuracy": accuracy[a]} for a in cfg.attributes},
+        "attributes_used": usable,
+        "targets": targets,
+        "templates": templates,
+        "concepts": concepts,
+        "seconds": round(time.time() - t0, 2),
+    })
+    say(f"done in {manifest['seconds']:.0f} s → {out}")
+    return SubspaceResult(out, manifest)
