@@ -385,13 +385,14 @@ class PipelineConfig(Config):
 
     def __post_init__(self):
         for i, spec in enumerate(self.plants):
+            where = f"plant[{i}]" if isinstance(self.plant, list) else "plant"
             if not isinstance(spec, Mapping) or spec.get("kind") not in KINDS:
-                raise ValueError(f"plant {i}: kind must be one of {sorted(KINDS)}, got {spec!r}")
+                raise ValueError(f"{where}.kind must be one of {sorted(KINDS)}, got {spec!r}")
             bad_keys = sorted(set(spec) - {"kind", "fraction", "seed", "role"})
             if bad_keys:
-                raise ValueError(f"plant {i}: unknown keys {bad_keys}; valid: kind, fraction, seed, role")
+                raise ValueError(f"{where}: unknown keys {bad_keys}; valid: kind, fraction, seed, role")
             if spec.get("role") not in (None, *ROLES):
-                raise ValueError(f"plant {i}: role must be one of {list(ROLES)}, got {spec.get('role')!r}")
+                raise ValueError(f"{where}.role must be one of {list(ROLES)}, got {spec.get('role')!r}")
         bad = [m for m in self.methods if m not in METHODS and m not in METHOD_VARIANTS]
         if bad:
             raise ValueError(f"methods {bad} unknown; known: {list(METHODS) + list(METHOD_VARIANTS)}")

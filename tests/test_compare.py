@@ -14,7 +14,8 @@ from anatomy_nb.core.run import Run
 from anatomy_nb.lm.sae import save_sae
 from anatomy_nb.pipeline import load_config, run_pipeline
 
-METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_zero", "ablate_mean"]
+CONFIG_METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_zero", "ablate_mean"]
+METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_mean"]  # the five; CAFT once (zero ablation: test_train)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
             "run_dir": str(tmp_path / "run"),
             "extract": {"model": "tiny-llama", "sae": tiny_sae_dir, "n_pairs": 40},
             "target": 0,  # the tiny model's concept names are noise: pick by id
+            "methods": METHODS,
             "hypothesize": {"concepts": {"min_support": 3}, "length_placebo_draws": 0},
             "train": {"max_train_pairs": 8, "max_steps": 1, "batch_size": 2, "max_length": 256, "mean_ablation_pairs": 4},
             "evaluate": {"n_prompts": 4, "max_new_tokens": 4, "n_boot": 50, "max_pref_pairs": 8},
@@ -36,7 +38,8 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
             "report": False,  # rendered below without the notebooks' HTML (9 renders: ~20 s)
         },
     )
-    assert cfg.methods == METHODS and [p["role"] for p in cfg.plants] == ["suppress", "keep"]
+    assert load_config(__import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "compare.yaml").methods == CONFIG_METHODS
+    assert [p["role"] for p in cfg.plants] == ["suppress", "keep"]
     state = run_pipeline(cfg, log=lambda s: None)
     assert list(state["steps"]) == ["extract", "hypothesize", "plan", "train-plain", *[f"train-{m}" for m in METHODS], "evaluate"]
     run = Run(cfg.run_dir)
@@ -46,7 +49,6 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
     assert truth["kind"] == "bold" and set(truth["planted_ids"]) == set(truth["plants"][0]["planted_ids"])
     # each variant's plan: CAFT zero / mean, the inoculation's instruction the best-ranked one
     plans = {m: json.loads((run.path / "plan" / f"{m}.json").read_text())["concepts"][0] for m in METHODS}
-    assert (plans["ablate_zero"]["method"], plans["ablate_zero"]["ablation"]) == ("ablate", "zero")
     assert (plans["ablate_mean"]["method"], plans["ablate_mean"]["ablation"]) == ("ablate", "mean")
     ranking = json.loads((run.path / "plan" / "inoculation.json").read_text())["ranking"]
     assert len(ranking) >= 1 and plans["inoculate"]["instruction"] == ranking[0]["instruction"]
@@ -74,7 +76,10 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
 
 
 def test_compare_config_errors():
-    with pytest.raises(ConfigError, match="role"):
+    from anatomy_nb.results.plan import method_variant
+
+    assert method_variant("ablate_zero") == ("ablate", {"ablation": "zero"}) and method_variant("steer") == ("steer", {})
+    with pytest.raises(ConfigError, match=r"plant\[1\]\.role"):
         PipelineConfig.from_dict({"plant": [{"kind": "bold"}, {"kind": "opener", "role": "amplify"}]})
     with pytest.raises(ConfigError, match="unknown keys"):
         PipelineConfig.from_dict({"plant": [{"kind": "bold", "fration": 0.5}]})
