@@ -144,7 +144,7 @@ class EvalResult(Artifact):
                     what = "removed" if getattr(r, "role", "suppress") == "suppress" else "kept"
                     for suffix in ("", "_ci_low", "_ci_high"):
                         row[f"{r.kind} {what}{suffix}"] = getattr(r, f"fraction_{what}{suffix}")
-                    row[f"{r.kind} rate"] = r.planted_rate
+                    row.update({f"{r.kind} rate": r.planted_rate, f"{r.kind} rate_ci_low": r.planted_rate_ci_low, f"{r.kind} rate_ci_high": r.planted_rate_ci_high})
             if m in pref.index:
                 row.update({"preference accuracy": pref.at[m, "accuracy"], "preference accuracy_ci_low": pref.at[m, "ci_low"], "preference accuracy_ci_high": pref.at[m, "ci_high"]})
             row["off-target movers"] = int((off["model"] == m).sum())
