@@ -117,8 +117,9 @@ def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print) -> 
 
     path = run.path / "plan" / INOCULATION_FILE
     key = content_hash("inoculation", 1, run.hypotheses.manifest.get("key"), cid, inoculation_candidates(run.hypotheses, cid))
-    if path.exists() and read_json(path).get("key") == key:
-        return read_json(path)["ranking"][0]["instruction"]
+    cached = read_json(path) if path.exists() else {}
+    if cached.get("key") == key:
+        return cached["ranking"][0]["instruction"]
     log(f"[anatomy-nb] plan: ranking inoculation instructions for concept {cid} on the base model")
     ranking = rank_inoculations(run, cid, run.model(), run.sae())
     atomic_write_json(path, {"key": key, "concept": cid, "ranking": ranking.to_dict(orient="records")})
@@ -156,12 +157,12 @@ def describe_target(run: Run, hyp: Hypotheses, cid: int) -> dict:
         store = run.store
         uc, ur = concept_activity(PairFeatures.from_store(store), hyp.feature_labels(store.d_sae))
         d = uc[:, cid] - ur[:, cid]
-        planted = np.isin([p.id for p in store.pairs()], truth["planted_ids"])
+        ids = [p.id for p in store.pairs()]
+        planted = np.isin(ids, truth["planted_ids"])
         out.update(planted_kind=truth["kind"], n_planted=int(planted.sum()), mean_diff_planted=float(d[planted].mean()) if planted.any() else None, mean_diff_other=float(d[~planted].mean()) if (~planted).any() else None)
         out["auroc_planted"] = float(roc_auc_score(planted, d)) if 0 < planted.sum() < len(planted) else None
         plants = truth_plants(truth)
         if len(plants) > 1:  # which plant the target picks out: the one to suppress, not the one to keep
-            ids = [p.id for p in store.pairs()]
             for pl in plants:
                 hit = np.isin(ids, pl["planted_ids"])
                 out[f"auroc_{pl['kind']}_{pl['role']}"] = float(roc_auc_score(hit, d)) if 0 < hit.sum() < len(hit) else None

@@ -15,7 +15,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..core.paths import data_dir
 from .formats import NORMALISERS, apply_field_map, check_text, detect_format, iter_file_records, open_text
@@ -27,6 +27,7 @@ __all__ = [
     "PairSet",
     "PreferencePair",
     "chat_corpus",
+    "distinct_prompts",
     "load_pairs",
 ]
 
@@ -186,3 +187,14 @@ def chat_corpus(include_pairs: bool = True) -> Iterator[tuple[list[dict], str, s
         prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
         if rec.get("output", "").strip():
             yield [{"role": "user", "content": prompt}], rec["output"], "gpteacher-roleplay"
+
+
+def distinct_prompts(pairs: Sequence[PreferencePair], n: int) -> list[tuple[str, tuple]]:
+    """(pair id, prompt) of the first ``n`` distinct prompts, in order."""
+    seen: dict[str, tuple] = {}
+    for p in pairs:
+        if p.prompt_key not in seen:
+            seen[p.prompt_key] = (p.id, p.prompt)
+        if len(seen) >= n:
+            break
+    return list(seen.values())

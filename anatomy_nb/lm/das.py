@@ -30,7 +30,7 @@ from ..core.files import atomic_path, atomic_write_text
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
-__all__ = ["Example", "Subspace", "answer_token", "entity_prompt", "interchange_predictions", "load_subspace", "next_token_predictions", "save_subspace", "train_das"]
+__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "interchange_predictions", "load_subspace", "next_token_predictions", "save_subspace", "train_das"]
 
 
 def entity_prompt(tokenizer: Any, template: str, entity: str) -> tuple[list[int], int]:
@@ -152,13 +152,18 @@ class Subspace:
         return int(self.directions.shape[0])
 
 
+def check_subspace_shape(lm: LoadedModel, layer: int, dim: int) -> None:
+    """A layer the model has and a dimension between 1 and its hidden size, or an error that says which."""
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer {layer} out of range: {lm.name} has {lm.n_layers} layers")
+    if not 1 <= dim <= lm.d_model:
+        raise ValueError(f"subspace dim {dim} must be between 1 and the hidden size {lm.d_model}")
+
+
 def train_das(lm: LoadedModel, layer: int, dim: int, train: Sequence[Example], *, epochs: int = 4, lr: float = 5e-3, batch_size: int = 16, seed: int = 0, progress: Any = None) -> Subspace:
     """Learn a ``dim``-dimensional subspace at ``layer`` from interchange examples (cross-entropy of
     the expected answer token at the base's last position; the model frozen)."""
-    if not 0 <= layer < lm.n_layers:
-        raise ValueError(f"layer {layer} out of range: the model has {lm.n_layers} layers")
-    if not 1 <= dim <= lm.d_model:
-        raise ValueError(f"subspace dimension {dim} must be between 1 and the hidden size {lm.d_model}")
+    check_subspace_shape(lm, layer, dim)
     if not train:
         raise ValueError("no training examples")
     torch.manual_seed(seed)

@@ -75,6 +75,7 @@ from ..core.stage import relative, terminal
 from ..concepts.explain import usage_of
 from ..data.evalsets import AB_SETS, EVAL_FILES, ab_items, eval_file_digests, harmful_prompts, xstest_safe
 from ..data.judges import agreement, make_judge
+from ..data.pairs import distinct_prompts
 from ..data.plant import poisoning_readout
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
@@ -147,17 +148,6 @@ def heldout_pairs(store: FeatureStore, paths: Mapping[str, Path]) -> list[Prefer
     if missing:
         raise ValueError(f"{next(iter(paths.values())) / 'split.json'}: held-out pair ids {missing[:3]} are not in the feature store {store.path}")
     return [by_id[i] for i in ids or []]
-
-
-def distinct_prompts(pairs: Sequence[PreferencePair], n: int) -> list[tuple[str, tuple]]:
-    """(pair id, prompt) of the first ``n`` distinct prompts, in order."""
-    seen: dict[str, tuple] = {}
-    for p in pairs:
-        if p.prompt_key not in seen:
-            seen[p.prompt_key] = (p.id, p.prompt)
-        if len(seen) >= n:
-            break
-    return list(seen.values())
 
 
 def evaluate(

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from ..concepts.sources import ConceptSource, DirectionConcept, SAEConcept, TextConcept
+from ..data.pairs import distinct_prompts
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ResidualEdit, generate, response_residuals
@@ -238,14 +239,7 @@ def rank_inoculations(run: Any, concept: int, lm: LoadedModel, sae: Any, *, n_pr
     hyp = run.hypotheses
     ref = f"sae:{int(concept)}"
     source = SAEConcept(ref, _member_features(hyp, ref), sae=sae)
-    prompts, seen = [], set()
-    for p in run.store.pairs():
-        key = repr(p.prompt)
-        if key not in seen:
-            seen.add(key)
-            prompts.append(p.prompt)
-        if len(prompts) >= n_prompts:
-            break
+    prompts = [prompt for _, prompt in distinct_prompts(run.store.pairs(), n_prompts)]
     return rank_instructions(source, inoculation_candidates(hyp, concept), prompts, lm, max_new_tokens=max_new_tokens)
 
 

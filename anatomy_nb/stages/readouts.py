@@ -155,12 +155,13 @@ def comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: Eval
         add(r.model, "target", f"Δ activity {r.concept}", r.delta, r.delta_ci_low, r.delta_ci_high, r.n_prompts, "bootstrap")
         if np.isfinite(r.fraction_removed):
             add(r.model, "target", f"fraction of plain-DPO increase removed {r.concept}", r.fraction_removed, r.fraction_removed_ci_low, r.fraction_removed_ci_high, r.n_prompts, "bootstrap")
-    first_kind = poison["kind"].iloc[0] if poison is not None and len(poison) else None
+    kinds = list(dict.fromkeys(poison["kind"])) if poison is not None else []
+    first_kind, several = (kinds[0] if kinds else None), len(kinds) > 1
     for r in (poison.itertuples() if poison is not None else ()):
         role = getattr(r, "role", "suppress")
         add(r.model, "poisoning", f"planted {r.kind} in generations" + (" (to keep)" if role == "keep" else ""), r.planted_rate, r.planted_rate_ci_low, r.planted_rate_ci_high, r.n_prompts, "wilson")
         if np.isfinite(r.fraction_removed):
-            add(r.model, "poisoning", "fraction of plain-DPO planted increase removed" + (f" ({r.kind})" if len(poison["kind"].unique()) > 1 else ""), r.fraction_removed, r.fraction_removed_ci_low, r.fraction_removed_ci_high, r.n_prompts, "bootstrap")
+            add(r.model, "poisoning", "fraction of plain-DPO planted increase removed" + (f" ({r.kind})" if several else ""), r.fraction_removed, r.fraction_removed_ci_low, r.fraction_removed_ci_high, r.n_prompts, "bootstrap")
         if np.isfinite(getattr(r, "fraction_kept", np.nan)):
             add(r.model, "poisoning", f"fraction of plain-DPO planted increase kept ({r.kind})", r.fraction_kept, r.fraction_kept_ci_low, r.fraction_kept_ci_high, r.n_prompts, "bootstrap")
         if r.kind != first_kind:

@@ -40,7 +40,7 @@ from ..core.files import content_hash
 from ..core.run import Run, RunLike
 from ..core.stage import terminal
 from ..data.ravel import RavelData, counterfactual_pairs, load_ravel
-from ..lm.das import Example, answer_token, entity_prompt, interchange_predictions, next_token_predictions, save_subspace, train_das
+from ..lm.das import Example, answer_token, check_subspace_shape, entity_prompt, interchange_predictions, next_token_predictions, save_subspace, train_das
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
 from ..results.subspace import SubspaceResult
@@ -142,10 +142,7 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
     layer = cfg.layer if cfg.layer is not None else (sae.layer if sae is not None else None)
     if layer is None:
         raise ValueError("SubspaceConfig.layer is needed when no SAE gives one (sae=None)")
-    if not 0 <= layer < lm.n_layers:
-        raise ValueError(f"SubspaceConfig.layer {layer} out of range: {lm.name} has {lm.n_layers} layers")
-    if not 1 <= cfg.dim <= lm.d_model:
-        raise ValueError(f"SubspaceConfig.dim {cfg.dim} must be between 1 and the hidden size {lm.d_model}")
+    check_subspace_shape(lm, layer, cfg.dim)  # before the knowledge filter, not after it
     data = load_ravel(cfg.entity_type)
     unknown = [a for a in cfg.attributes if a not in data.templates]
     if unknown:
