@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/default
 
-.PHONY: setup run compare test test-all lab benchmark sae
+.PHONY: setup run compare sweep subspace test test-all lab benchmark sae
 setup:
 	bash scripts/setup.sh
 
@@ -14,6 +14,14 @@ run: setup
 # the paper's comparison: five interventions against plain DPO on two planted concepts (docs/explanation.md)
 compare: setup
 	$(VENV)/bin/anatomy-nb run configs/compare.yaml
+
+# strength sweeps of shaping, steering and inoculation on the compare data (docs/explanation.md)
+sweep: setup
+	$(VENV)/bin/anatomy-nb run configs/sweep.yaml
+
+# concept subspaces from counterfactuals: DAS and HyperDAS on RAVEL (notebook 06's work, headless)
+subspace: setup
+	$(VENV)/bin/anatomy-nb subspace --run-dir runs/subspace
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

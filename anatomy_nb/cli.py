@@ -7,6 +7,7 @@ dataclass (``anatomy_nb.config``): ``anatomy-nb <command> --help`` lists them wi
     anatomy-nb plan --run-dir runs/x --spec plan.json
     anatomy-nb train --run-dir runs/x [--plan runs/x] [--learning-rate 1e-3]
     anatomy-nb evaluate --run-dir runs/x [--n-prompts 60]
+    anatomy-nb subspace [configs/subspace-gpu.yaml] --run-dir runs/subspace [--dim 8]   # DAS / HyperDAS on RAVEL
     anatomy-nb train-sae --work-dir work/sae_recipe       # rebuild the default SAE
     anatomy-nb report runs/default                        # standalone HTML: notebooks + summary
 
@@ -21,8 +22,8 @@ import json
 import logging
 import sys
 
-from .config import EvalConfig, ExtractConfig, HypothesizeConfig, PipelineConfig, PlanConfig, RecipeConfig, TrainConfig
-from .core.config_base import ConfigError, yaml_value
+from .config import EvalConfig, ExtractConfig, HypothesizeConfig, PipelineConfig, PlanConfig, RecipeConfig, SubspaceConfig, TrainConfig
+from .core.config_base import ConfigError, read_config_file, yaml_value
 
 __all__ = ["main"]
 
@@ -86,6 +87,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_subspace(args: argparse.Namespace) -> int:
+    from .stages.subspace import learn_subspace
+
+    base = SubspaceConfig.from_dict(read_config_file(args.config), args.config) if args.config else None
+    res = learn_subspace(args.run_dir, SubspaceConfig.from_args(args, base=base), force=args.force)
+    print(res)
+    print(res.table().drop(columns=["features"]).round(3).to_string())
+    return 0
+
+
 def _cmd_train_sae(args: argparse.Namespace) -> int:
     from .lm.sae_recipe import run
 
@@ -142,6 +153,13 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--force", action="store_true")
     EvalConfig.add_arguments(ev)
     ev.set_defaults(func=_cmd_evaluate)
+
+    su = sub.add_parser("subspace", help="concept subspaces from counterfactual pairs: DAS and HyperDAS on RAVEL beside the SAE's features (notebook 06)")
+    su.add_argument("config", nargs="?", default=None, help="YAML/JSON SubspaceConfig (e.g. configs/subspace-gpu.yaml); flags override it")
+    su.add_argument("--run-dir", default="runs/subspace")
+    su.add_argument("--force", action="store_true")
+    SubspaceConfig.add_arguments(su)
+    su.set_defaults(func=_cmd_subspace)
 
     s = sub.add_parser("train-sae", help="re-train the default SAE (sweep, train, evaluate, card)")
     s.add_argument("--work-dir", default="work/sae_recipe")

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from .core.config_base import NOT_KEYED, Config, ConfigError
 from .data.plant import KINDS, ROLES
-from .results.plan import METHOD_VARIANTS, METHODS
+from .results.plan import METHOD_VARIANTS, method_variant
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -319,11 +319,12 @@ class EvalConfig(Config):
 
 @dataclass
 class SubspaceConfig(Config):
-    """Concept subspaces learned from counterfactual pairs: DAS on RAVEL, scored beside the SAE's
-    features (``stages.subspace.learn_subspace``)."""
+    """Concept subspaces learned from counterfactual pairs: DAS and HyperDAS on RAVEL, scored beside
+    the SAE's features (``stages.subspace.learn_subspace``)."""
 
     model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, hub id or local directory", key=False))
     sae: str | None = field(default=DEFAULT_SAE, metadata=_help("the SAE whose features are scored beside DAS (and whose layer DAS uses); None: DAS only", key=False))
+    sae_id: str | None = field(default=None, metadata=_help("for a sae-lens pretrained release, e.g. layer_12/width_16k/canonical", key=False))
     layer: int | None = field(default=None, metadata=_help("residual-stream layer; None: the SAE's"))
     entity_type: str = field(default="city", metadata=_help("RAVEL entity type (vendored: city, nobel_prize_winner, occupation, physical_object, verb)"))
     attributes: list[str] = field(default_factory=lambda: ["Country", "Continent", "Language"], metadata=_help("attributes asked (the isolate pairs ask the others)"))
@@ -336,14 +337,21 @@ class SubspaceConfig(Config):
     epochs: int = 2
     lr: float = 5e-3
     batch_size: int = 16
+    hyperdas: bool = field(default=True, metadata=_help("also train HyperDAS: one hypernetwork for every target at once, told the concept in words, choosing the positions itself (needs two or more targets)"))
+    hyperdas_width: int = field(default=256, metadata=_help("HyperDAS hypernetwork width"))
+    hyperdas_layers: int = field(default=2, metadata=_help("HyperDAS concept-encoder blocks"))
+    hyperdas_epochs: int = field(default=4, metadata=_help("HyperDAS passes over the pairs of all targets"))
+    hyperdas_lr: float = field(default=3e-3, metadata=_help("HyperDAS learning rate (Adam)"))
     min_accuracy: float = field(default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned"))
     require_known: bool = field(default=True, metadata=_help("keep only examples the model answers right (as RAVEL does); False: every example (tests on untrained models)"))
     seed: int = 0
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):
-        if self.dim < 1 or self.entities < 2 or self.templates < 1 or self.n_train < 1 or self.n_test < 1 or self.epochs < 1:
-            raise ValueError("dim, templates, n_train, n_test and epochs must be >= 1 and entities >= 2")
+        if self.dim < 1 or self.entities < 2 or self.templates < 1 or self.n_train < 1 or self.n_test < 1 or self.epochs < 1 or self.hyperdas_epochs < 1 or self.hyperdas_layers < 1:
+            raise ValueError("dim, templates, n_train, n_test, epochs, hyperdas_epochs and hyperdas_layers must be >= 1 and entities >= 2")
+        if self.hyperdas_width < 4 or self.hyperdas_width % 4:
+            raise ValueError(f"hyperdas_width must be a positive multiple of 4 (its attention heads), got {self.hyperdas_width}")
         if len(self.attributes) < 2:
             raise ValueError(f"attributes: at least two (the isolate pairs ask the others), got {self.attributes}")
 
@@ -362,7 +370,7 @@ class PipelineConfig(Config):
     # 0.5: at 0.25 plain DPO on the CPU-sized training (64 pairs) did not learn the plant
     plant: dict | list | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0}, metadata=_help("a concept planted into a fraction of chosen responses, or a list of them (each may say role: suppress | keep); None: the data as is"))
     target: str | int = field(default="top", metadata=_help("the concept the plans act on: 'top' (the highest-ranked significant concept DPO would raise), 'name:<text>' (the highest-ranked such concept whose name contains the text, as a person picks one by reading names) or a concept id"))
-    methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"], metadata=_help(f"interventions trained besides plain DPO: methods or variants ({', '.join(METHOD_VARIANTS)})"))
+    methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"], metadata=_help(f"interventions trained besides plain DPO: methods or variants ({', '.join(METHOD_VARIANTS)}); a sweep's points as method@strength (reward_shaping@0.5) or inoculate#rank (the rank-th instruction)"))
     # shaping λ = 4: at λ = 1 it removed 55 % of the plant, at 4 all of it
     strengths: dict = field(default_factory=lambda: {"reward_shaping": 4.0}, metadata=_help("method (or variant) → strength (else the method's default strength)"))
     extract: ExtractConfig = field(default_factory=ExtractConfig)
@@ -393,9 +401,8 @@ class PipelineConfig(Config):
                 raise ValueError(f"{where}: unknown keys {bad_keys}; valid: kind, fraction, seed, role")
             if spec.get("role") not in (None, *ROLES):
                 raise ValueError(f"{where}.role must be one of {list(ROLES)}, got {spec.get('role')!r}")
-        bad = [m for m in self.methods if m not in METHODS and m not in METHOD_VARIANTS]
-        if bad:
-            raise ValueError(f"methods {bad} unknown; known: {list(METHODS) + list(METHOD_VARIANTS)}")
+        for m in self.methods:
+            method_variant(m)  # an unknown name, a bad @strength or #rank: the error says which
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name one twice (each is one training run)")
         unknown = [s for s in self.stages if s not in STAGES]

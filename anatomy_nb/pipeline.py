@@ -23,18 +23,16 @@ suppress it → DPO trains plain and with each intervention → evaluation compa
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import yaml
 from sklearn.metrics import roc_auc_score
 
 from .concepts.activity import PairFeatures, concept_activity
 from .config import PipelineConfig
-from .core.config_base import ConfigError
+from .core.config_base import ConfigError, read_config_file
 from .core.files import atomic_write_json, content_hash, read_json
 from .core.run import Run
 from .data.pairs import load_pairs
@@ -76,17 +74,8 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     """A config from a YAML or JSON file (None: the defaults), then ``overrides`` on top (dotted
     keys reach into a stage: ``{"train.learning_rate": 1e-4}``). Unknown keys are errors that name
     them and the valid ones, at any depth."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        data = (yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    data = read_config_file(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
     return PipelineConfig.from_dict(_deep_merge(data, dotted(overrides or {})), source)
 
 
@@ -108,10 +97,10 @@ def write_data(run: Run, cfg: PipelineConfig) -> tuple[dict, dict]:
 INOCULATION_FILE = "inoculation.json"
 
 
-def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print) -> str:
-    """The best-ranked of the instructions written from the target's name and contexts
-    (``stages.interventions.rank_inoculations``), ranked once per hypotheses and concept and
-    kept in ``plan/inoculation.json``."""
+def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print, rank: int = 1) -> str:
+    """The best-ranked (or ``rank``-th) of the instructions written from the target's name and
+    contexts (``stages.interventions.rank_inoculations``), ranked once per hypotheses and concept
+    and kept in ``plan/inoculation.json``."""
     from .stages.interventions import rank_inoculations
     from .stages.plan import inoculation_candidates
 
@@ -119,11 +108,14 @@ def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print) -> 
     key = content_hash("inoculation", 1, run.hypotheses.manifest.get("key"), cid, inoculation_candidates(run.hypotheses, cid))
     cached = read_json(path) if path.exists() else {}
     if cached.get("key") == key:
-        return cached["ranking"][0]["instruction"]
-    log(f"[anatomy-nb] plan: ranking inoculation instructions for concept {cid} on the base model")
-    ranking = rank_inoculations(run, cid, run.model(), run.sae())
-    atomic_write_json(path, {"key": key, "concept": cid, "ranking": ranking.to_dict(orient="records")})
-    return str(ranking.iloc[0]["instruction"])
+        ranking = cached["ranking"]
+    else:
+        log(f"[anatomy-nb] plan: ranking inoculation instructions for concept {cid} on the base model")
+        ranking = rank_inoculations(run, cid, run.model(), run.sae()).to_dict(orient="records")
+        atomic_write_json(path, {"key": key, "concept": cid, "ranking": ranking})
+    if not 1 <= rank <= len(ranking):
+        raise ValueError(f"inoculate#{rank}: only {len(ranking)} instructions were written for concept {cid}")
+    return str(ranking[rank - 1]["instruction"])
 
 
 def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
@@ -136,9 +128,11 @@ def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = prin
     plans = {}
     for name in cfg.methods:
         method, fields = method_variant(name)
+        strength = fields.pop("strength", cfg.strengths.get(name, cfg.strengths.get(method)))
         if method == "inoculate":
-            fields = {**fields, "instruction": best_inoculation(run, cid, log)}
-        p = set_choice(default_plan(hyp), cid, "suppress", method, cfg.strengths.get(name, cfg.strengths.get(method)), **fields)
+            rank = fields.pop("instruction_rank", 1)
+            fields = {**fields, "instruction": best_inoculation(run, cid, log, rank)}
+        p = set_choice(default_plan(hyp), cid, "suppress", method, strength, **fields)
         p.concepts = [c for c in p.concepts if c.action != "allow"]  # keep the files small
         plans[name] = p.to_dict()
         p.save(run.path / "plan" / f"{name}.json")

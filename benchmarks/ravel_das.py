@@ -1,5 +1,5 @@
-"""RAVEL on the default model: which city attributes SmolLM2-135M knows, and how well DAS and the
-shipped SAE's features isolate one attribute from the others (Cause, Isolate, their mean).
+"""RAVEL on the default model: which city attributes SmolLM2-135M knows, and how well DAS, HyperDAS
+and the shipped SAE's features isolate one attribute from the others (Cause, Isolate, their mean).
 
 Steps (all on the upstream entity split: train entities to fit, test entities to score):
 
@@ -11,6 +11,8 @@ Steps (all on the upstream entity split: train entities to fit, test entities to
    value), half *isolate* (the base asks another attribute; its answer should stay).
 3. **DAS** per target attribute: a ``--dim``-dimensional subspace at the SAE's layer, at the
    entity's last token (``lm.das.train_das``).
+3b. **HyperDAS**: one hypernetwork for all target attributes at once, told each concept in words,
+   choosing the positions itself (``lm.hyperdas``), on the same pairs.
 4. **SAE features** per target attribute, as RAVEL does for SAEs: the ``--dim`` features whose
    activation at the entity's last token best tells the attribute's values apart on the train
    entities (one-way ANOVA F), their decoder rows orthonormalised into a subspace and interchanged
@@ -24,7 +26,7 @@ the options below into a scratch run directory and writes its table as JSON.
 
 Usage::
 
-    python benchmarks/ravel_das.py --out benchmarks/results/ravel-das-2026-11-29.json
+    python benchmarks/ravel_das.py --out benchmarks/results/ravel-das-hyperdas-2026-11-30.json
 """
 
 from __future__ import annotations
@@ -50,22 +52,30 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--min-accuracy", type=float, default=0.1)
+    ap.add_argument("--hyperdas-epochs", type=int, default=4, help="0: no HyperDAS")
+    ap.add_argument("--hyperdas-width", type=int, default=256)
     ap.add_argument("--run-dir", type=Path, default=None, help="keep the artifact here (default: a scratch directory)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy)
+    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         res = anb.learn_subspace(args.run_dir or scratch, cfg)
         table = res.table()
         m = res.manifest
-        result = {"model": m["model"]["name"], "sae": (m["sae"] or {}).get("name"), "layer": m["layer"], "dim": cfg.dim, "entities_per_split": cfg.entities, "knowledge": m["knowledge"], "templates": m["templates"], "attributes": {}}
+        result = {"model": m["model"]["name"], "sae": (m["sae"] or {}).get("name"), "layer": m["layer"], "dim": cfg.dim, "entities_per_split": cfg.entities, "knowledge": m["knowledge"], "templates": m["templates"], "hyperdas": m.get("hyperdas"), "attributes": {}}
         for a, t in table.groupby("attribute", sort=False):
             by = t.set_index("method")
             result["attributes"][a] = {"model_accuracy": round(float(by["model_accuracy"].iloc[0]), 3), "n_train": int(by["n_train"].iloc[0]), "n_test": int(by["n_test"].iloc[0]),
-                                       **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("sae_features", "SAE features"), ("no_intervention", "no intervention")) if method in by.index},
-                                       "das_curve_last": res.curves().query("attribute == @a").iloc[-1].to_dict()}
+                                       **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("no_intervention", "no intervention")) if method in by.index},
+                                       "das_curve_last": res.curves().query("method == 'DAS' and attribute == @a").iloc[-1].to_dict()}
+            if "HyperDAS" in by.index:
+                result["attributes"][a]["hyperdas"].update({k: round(float(by.at["HyperDAS", k]), 3) for k in ("edits_entity_token", "from_source_entity_token", "subspace_coverage")})
+        curves = res.curves()
+        if (curves["method"] == "HyperDAS").any():
+            h = curves[curves["method"] == "HyperDAS"]
+            result["hyperdas_curve"] = {"first_20_loss": round(float(h["loss"].head(20).mean()), 3), "last_20_loss": round(float(h["loss"].tail(20).mean()), 3), "last_20_accuracy": round(float(h["accuracy"].tail(20).mean()), 3), "steps": int(len(h)), "seconds": float(h["seconds"].iloc[-1])}
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result, indent=1, default=float))
     if args.out:

@@ -15,7 +15,8 @@ from anatomy_nb.lm.sae import save_sae
 from anatomy_nb.pipeline import load_config, run_pipeline
 
 CONFIG_METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_zero", "ablate_mean"]
-METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_mean"]  # the five; CAFT once (zero ablation: test_train)
+# the five; CAFT once (zero ablation: test_train); shaping and inoculation named as a sweep's points
+METHODS = ["reward_shaping@2", "filter", "inoculate#1", "steer", "ablate_mean"]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +48,13 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
     truth = json.loads((run.path / "data" / "planted.planted.json").read_text())
     assert [(p["kind"], p["role"], p["n_planted"]) for p in truth["plants"]] == [("bold", "suppress", 20), ("opener", "keep", 20)]
     assert truth["kind"] == "bold" and set(truth["planted_ids"]) == set(truth["plants"][0]["planted_ids"])
-    # each variant's plan: CAFT zero / mean, the inoculation's instruction the best-ranked one
+    # each variant's plan: CAFT zero / mean, shaping at the swept strength, the inoculation's
+    # instruction the best-ranked one (the tiny model's concept yields one candidate)
     plans = {m: json.loads((run.path / "plan" / f"{m}.json").read_text())["concepts"][0] for m in METHODS}
     assert (plans["ablate_mean"]["method"], plans["ablate_mean"]["ablation"]) == ("ablate", "mean")
     ranking = json.loads((run.path / "plan" / "inoculation.json").read_text())["ranking"]
-    assert len(ranking) >= 1 and plans["inoculate"]["instruction"] == ranking[0]["instruction"]
+    assert len(ranking) >= 1 and plans["inoculate#1"]["instruction"] == ranking[0]["instruction"]
+    assert (plans["reward_shaping@2"]["method"], plans["reward_shaping@2"]["strength"]) == ("reward_shaping", 2.0)
     lifts = [r["lift"] for r in ranking]
     assert lifts == sorted(lifts, reverse=True)
     # one evaluation of all seven trained models; both plants read out, each with its role
@@ -79,6 +82,13 @@ def test_compare_config_errors():
     from anatomy_nb.results.plan import method_variant
 
     assert method_variant("ablate_zero") == ("ablate", {"ablation": "zero"}) and method_variant("steer") == ("steer", {})
+    assert method_variant("reward_shaping@0.5") == ("reward_shaping", {"strength": 0.5})
+    assert method_variant("ablate_mean@0.5") == ("ablate", {"ablation": "mean", "strength": 0.5})
+    assert method_variant("inoculate#3") == ("inoculate", {"instruction_rank": 3})
+    with pytest.raises(ConfigError, match="after @ must be a number"):
+        PipelineConfig.from_dict({"methods": ["reward_shaping@big"]})
+    with pytest.raises(ConfigError, match="only inoculate takes it"):
+        PipelineConfig.from_dict({"methods": ["filter#2"]})
     with pytest.raises(ConfigError, match=r"plant\[1\]\.role"):
         PipelineConfig.from_dict({"plant": [{"kind": "bold"}, {"kind": "opener", "role": "amplify"}]})
     with pytest.raises(ConfigError, match="unknown keys"):

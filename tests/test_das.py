@@ -1,6 +1,8 @@
 """DAS on the tiny model: the interchange edit's algebra, training that learns, the RAVEL loader,
 bad input, and a learned subspace used as a concept by CAFT."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -148,7 +150,7 @@ def test_stage_2_scores_a_learned_subspace_on_preference_pairs(tiny_lm, tiny_sae
         load_subspace(tmp_path / "concepts" / "missing")
 
 
-SUBSPACE_TINY = {"model": "tiny-llama", "layer": 1, "attributes": ["Country", "Continent"], "require_known": False, "entities": 12, "templates": 2, "dim": 2, "n_train": 16, "n_test": 12, "epochs": 1}
+SUBSPACE_TINY = {"model": "tiny-llama", "layer": 1, "attributes": ["Country", "Continent"], "require_known": False, "entities": 12, "templates": 2, "dim": 2, "n_train": 16, "n_test": 12, "epochs": 1, "hyperdas_width": 16, "hyperdas_layers": 1, "hyperdas_epochs": 1}
 
 
 def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_sae_):
@@ -170,10 +172,15 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_sae_):
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     res = SubspaceResult.from_run(run_dir)
     table = res.table()
-    assert set(table["method"]) == {"DAS", "SAE features", "no intervention"} and set(table["attribute"]) == {"Country", "Continent"}
+    assert set(table["method"]) == {"DAS", "HyperDAS", "SAE features", "no intervention"} and set(table["attribute"]) == {"Country", "Continent"}
+    hyper = table[table["method"] == "HyperDAS"]
+    assert hyper[["edits_entity_token", "from_source_entity_token", "subspace_coverage"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert res.manifest["hyperdas"]["concepts"] == ["the continent of the city", "the country of the city"]
+    assert tuple(res.concept("Continent", "HyperDAS").directions().shape) == (2, 64)
+    assert res.plan_entry("Continent", learned_by="HyperDAS")["concept"] == "direction:ravel-continent-hyperdas"
     assert table[["cause", "isolate"]].apply(lambda c: c.between(0, 1)).all().all()
     assert (table.loc[table["method"] == "SAE features", "features"].map(len) == 2).all()
-    assert set(res.curves()["attribute"]) == {"Country", "Continent"} and len(res.data_card()) > 0
+    assert set(res.curves()["attribute"]) == {"Country", "Continent", "Country+Continent"} and len(res.data_card()) > 0
     concept = res.concept("Country")
     assert concept.layer == 1 and tuple(concept.directions().shape) == (2, 64)
     entry = res.plan_entry("Country")
@@ -198,3 +205,79 @@ def test_learn_subspace_says_what_is_wrong(tmp_path, lm):
         anb.learn_subspace(tmp_path, {**base, "attributes": ["Country", "Colour"]}, lm=lm)
     with pytest.raises(ValueError, match="layer 40 out of range"):
         anb.learn_subspace(tmp_path, {**base, "layer": 40}, lm=lm)
+
+
+def _planted_cause_examples(lm, n, seed, basis, layer=1):
+    """Random prompts of 5–8 tokens whose answer is the model's prediction after an interchange of
+    ``basis`` at the two last tokens, kept only where that changes the answer (RAVEL's cause pairs)."""
+    rng = np.random.default_rng(seed)
+    vocab = lm.model.config.vocab_size
+    out = []
+    for _ in range(n):
+        lb, ls = rng.integers(5, 9, 2)
+        out.append(Example(rng.integers(5, vocab, lb).tolist(), int(lb) - 1, rng.integers(5, vocab, ls).tolist(), int(ls) - 1, 0))
+    own = interchange_predictions(lm, layer, torch.zeros(1, lm.d_model), out)
+    for e, a in zip(out, interchange_predictions(lm, layer, basis, out)):
+        e.answer = int(a)
+    return [e for e, o in zip(out, own) if e.answer != o]
+
+
+def test_hyperdas_finds_the_position_and_each_concepts_subspace(peaked_lm):
+    """Known answer: two concepts, each a planted 8-dim subspace (orthogonal to each other), examples
+    of both mixed; the hypernetwork is told only the concept's name. It must choose the tokens
+    where the interchange was planted (the last ones: not given to it), and build for each name
+    a subspace closer to that concept's planted one than to the other's."""
+    from anatomy_nb.lm.hyperdas import hyperdas_predictions, principal_subspace, train_hyperdas
+
+    lm = peaked_lm
+    torch.manual_seed(5)
+    P = torch.linalg.qr(torch.randn(lm.d_model, 16))[0].T
+    planted = {"alpha": P[:8], "beta": P[8:]}
+    train = [(c, e) for i, c in enumerate(planted) for e in _planted_cause_examples(lm, 1200, 10 + i, planted[c])[:400]]
+    test = {c: _planted_cause_examples(lm, 300, 20 + i, planted[c]) for i, c in enumerate(planted)}
+    hyper = train_hyperdas(lm, 1, 8, train, width=64, layers=1, epochs=10, lr=3e-3, batch_size=16, seed=0)
+    losses = [c["loss"] for c in hyper.curve]
+    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20])
+    assert all(p.requires_grad for p in lm.model.parameters())
+    overlap = {}
+    for c in planted:
+        preds, where, per_example = hyperdas_predictions(lm, hyper, c, test[c])
+        assert where["edits_entity_token"] > 0.9, where
+        assert (preds == np.array([e.answer for e in test[c]])).mean() > 0.1  # no intervention: 0 by construction
+        V, coverage = principal_subspace(per_example, 8)
+        torch.testing.assert_close(V @ V.T, torch.eye(8), atol=1e-4, rtol=0)
+        overlap[c] = {k: float((V @ planted[k].T).pow(2).sum() / 8) for k in planted}
+    assert overlap["alpha"]["alpha"] > overlap["alpha"]["beta"] and overlap["beta"]["beta"] > overlap["beta"]["alpha"], overlap
+
+
+def test_hyperdas_needs_two_concepts(lm):
+    from anatomy_nb.lm.hyperdas import train_hyperdas
+
+    with pytest.raises(ValueError, match="at least two concepts"):
+        train_hyperdas(lm, 1, 2, [("alpha", e) for e in _examples(lm, 4, 0)])
+    with pytest.raises(ValueError, match="subspace dim 99"):
+        train_hyperdas(lm, 1, 99, [("alpha", e) for e in _examples(lm, 4, 0)])
+
+
+def test_subspace_command_takes_a_config_file_and_flags(tmp_path, capsys):
+    """``anatomy-nb subspace CONFIG --flags``: the GPU config parses as a SubspaceConfig; flags
+    override a file; an unknown key in the file is an error naming it."""
+    from pathlib import Path
+
+    from anatomy_nb.cli import main
+    from anatomy_nb.config import SubspaceConfig
+    from anatomy_nb.core.config_base import read_config_file
+
+    gpu = SubspaceConfig.from_dict(read_config_file(Path(__file__).resolve().parent.parent / "configs" / "subspace-gpu.yaml"))
+    assert gpu.hyperdas and gpu.sae_id == "layer_12/width_16k/canonical"
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in {**SUBSPACE_TINY, "sae": None, "hyperdas": False}.items()))
+    assert main(["subspace", str(cfg), "--run-dir", str(tmp_path / "run"), "--dim", "1", "--progress", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "DAS" in out and "no intervention" in out
+    from anatomy_nb.results.subspace import SubspaceResult
+
+    assert SubspaceResult.from_run(tmp_path / "run").manifest["config"]["dim"] == 1
+    (tmp_path / "bad.yaml").write_text("dims: 3\n")
+    assert main(["subspace", str(tmp_path / "bad.yaml")]) == 2
+    assert "dims" in capsys.readouterr().err

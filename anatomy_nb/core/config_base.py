@@ -17,14 +17,16 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "NOT_KEYED", "yaml_value"]
+__all__ = ["Config", "ConfigError", "NOT_KEYED", "read_config_file", "yaml_value"]
 
 C = TypeVar("C", bound="Config")
 
@@ -34,6 +36,19 @@ NOT_KEYED = {"key": False}
 
 class ConfigError(ValueError):
     """A bad parameter: names where it came from, the key, and what is valid."""
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML (``.yaml``/``.yml``) or JSON config file; an error that names the file
+    when it is missing or holds something else."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    data = (yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
 
 
 def yaml_value(text: str) -> Any:

@@ -30,7 +30,7 @@ from ..core.files import atomic_path, atomic_write_text
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
-__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "interchange_predictions", "load_subspace", "next_token_predictions", "save_subspace", "train_das"]
+__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "frozen", "last_logits", "pad_id", "padded", "interchange_predictions", "load_subspace", "next_token_predictions", "save_subspace", "train_das"]
 
 
 def entity_prompt(tokenizer: Any, template: str, entity: str) -> tuple[list[int], int]:
@@ -70,7 +70,7 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
-def _padded(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -80,12 +80,12 @@ def _padded(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def _pad_id(lm: LoadedModel) -> int:
+def pad_id(lm: LoadedModel) -> int:
     tok = lm.tokenizer
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0)
 
 
-def _last_logits(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def last_logits(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
     return out[torch.arange(len(ids)), mask.sum(1).to(lm.device) - 1].float()
 
@@ -95,14 +95,14 @@ def next_token_predictions(lm: LoadedModel, prompts: Sequence[list[int]], batch_
     """The model's greedy next token after each prompt (to keep only what the model knows)."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask = _padded(prompts[i : i + batch_size], _pad_id(lm))
-        out.append(_last_logits(lm, ids, mask).argmax(-1).cpu().numpy())
+        ids, mask = padded(prompts[i : i + batch_size], pad_id(lm))
+        out.append(last_logits(lm, ids, mask).argmax(-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=int)
 
 
 @torch.no_grad()
 def _source_residuals(lm: LoadedModel, layer: int, batch: Sequence[Example]) -> torch.Tensor:
-    ids, mask = _padded([e.source_ids for e in batch], _pad_id(lm))
+    ids, mask = padded([e.source_ids for e in batch], pad_id(lm))
     with ResidualCapture(lm, layer) as capture:
         h = capture(ids, attention_mask=mask)
     return h[torch.arange(len(batch)), torch.tensor([e.source_position for e in batch])].float()
@@ -112,14 +112,14 @@ def _interchanged_logits(lm: LoadedModel, layer: int, basis: torch.Tensor, batch
     """The base runs' last-position logits with the interchange on ``basis``; ``source``: the batch's
     source residuals when already computed (the model is frozen, so they never change)."""
     source = _source_residuals(lm, layer, batch) if source is None else source
-    ids, mask = _padded([e.base_ids for e in batch], _pad_id(lm))
+    ids, mask = padded([e.base_ids for e in batch], pad_id(lm))
     edit = ResidualEdit(layer=layer, kind="interchange", basis=basis, source=source.to(lm.device), positions=torch.tensor([e.base_position for e in batch], device=lm.device))
     with ResidualHooks(lm.model, [edit]):
-        return _last_logits(lm, ids, mask)
+        return last_logits(lm, ids, mask)
 
 
 @contextmanager
-def _frozen(model: torch.nn.Module) -> Iterator[None]:
+def frozen(model: torch.nn.Module) -> Iterator[None]:
     """The model's weights take no gradient while the subspace trains; restored after."""
     before = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
@@ -176,7 +176,7 @@ def train_das(lm: LoadedModel, layer: int, dim: int, train: Sequence[Example], *
     lm.model.eval()
     # the sources' residuals once: every epoch would otherwise re-run the same frozen forward passes
     sources = torch.cat([_source_residuals(lm, layer, train[i : i + batch_size]) for i in range(0, len(train), batch_size)])
-    with _frozen(lm.model):
+    with frozen(lm.model):
         for epoch in range(epochs):
             order = rng.permutation(len(train))
             for i in range(0, len(order), batch_size):

@@ -208,7 +208,9 @@ class ResidualEdit:
     steer: h + vector. ablate: h − fraction·((h − mean)·Qᵀ)·Q (zero ablation: mean = 0), i.e. the
     component in span(Q) is replaced by the mean's (scaled by ``fraction``). interchange (DAS): at
     one position per sequence, the component in span(Q) is replaced by a source run's,
-    h + ((source − h)·Qᵀ)·Q; ``basis`` may carry gradients (the subspace being learned)."""
+    h + ((source − h)·Qᵀ)·Q; ``basis`` may carry gradients (the subspace being learned). With
+    ``positions=None`` the interchange covers every position (``source``: (batch, seq, d_model))
+    and ``basis`` may be one per sequence, (batch, k, d_model) (HyperDAS)."""
 
     layer: int
     kind: str  # "steer" | "ablate" | "interchange"
@@ -218,14 +220,19 @@ class ResidualEdit:
     mean: torch.Tensor | None = None  # ablate="mean": the mean residual (d_model)
     fraction: float = 1.0
     in_reference: bool = False  # does the DPO reference pass see it? (stages.interventions docstring)
-    source: torch.Tensor | None = None  # interchange: the source residuals (batch, d_model)
-    positions: torch.Tensor | None = None  # interchange: the position edited in each sequence (batch,)
+    source: torch.Tensor | None = None  # interchange: the source residuals (batch, d_model), or (batch, seq, d_model) with positions=None
+    positions: torch.Tensor | None = None  # interchange: the position edited in each sequence (batch,); None: every position
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "steer":
             return h + self.vector.to(device=h.device, dtype=h.dtype)
         if self.kind == "interchange":
             Q = self.basis.to(device=h.device, dtype=h.dtype)
+            if self.positions is None:
+                delta = self.source.to(h)[:, : h.shape[1]] - h
+                if Q.dim() == 2:
+                    return h + (delta @ Q.T) @ Q
+                return h + torch.einsum("btk,bkd->btd", torch.einsum("btd,bkd->btk", delta, Q), Q)
             rows = torch.arange(h.shape[0], device=h.device)
             at = h[rows, self.positions]
             h = h.clone()

@@ -71,12 +71,28 @@ _STRENGTH_RANGE = {  # method → (low, high, low inclusive?)
 
 
 def method_variant(name: str) -> tuple[str, dict[str, Any]]:
-    """A method or variant name (``"ablate_mean"``) → (method, the plan fields it sets)."""
-    if name in METHODS:
-        return name, {}
-    if name in METHOD_VARIANTS:
-        return METHOD_VARIANTS[name]
-    raise ValueError(f"unknown method {name!r}; known: {list(METHODS) + list(METHOD_VARIANTS)}")
+    """A method or variant name → (method, the plan fields it sets). Besides the names of
+    ``METHOD_VARIANTS``, a sweep names its points: ``"reward_shaping@0.5"`` sets the strength
+    (field ``strength``), ``"inoculate#2"`` takes the second-ranked instruction (field
+    ``instruction_rank``); ``"ablate_mean@0.5"`` combines both kinds."""
+    base, at, value = str(name).partition("@")
+    base, hash_, rank = base.partition("#")
+    if base in METHODS:
+        method, fields = base, {}
+    elif base in METHOD_VARIANTS:
+        method, fields = METHOD_VARIANTS[base][0], dict(METHOD_VARIANTS[base][1])
+    else:
+        raise ValueError(f"unknown method {name!r}; known: {list(METHODS) + list(METHOD_VARIANTS)}, each optionally with @<strength> (reward_shaping@0.5) or, for inoculate, #<rank> (inoculate#2)")
+    if at:
+        try:
+            fields["strength"] = float(value)
+        except ValueError:
+            raise ValueError(f"method {name!r}: the strength after @ must be a number, got {value!r}") from None
+    if hash_:
+        if method != "inoculate" or not rank.isdigit() or int(rank) < 1:
+            raise ValueError(f"method {name!r}: #<rank> (1, 2, …) picks an inoculation instruction by its rank; only inoculate takes it")
+        fields["instruction_rank"] = int(rank)
+    return method, fields
 
 
 def concept_ref(concept: int | str) -> str:

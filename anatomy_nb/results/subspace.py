@@ -24,12 +24,15 @@ class SubspaceResult(Artifact):
         return cls(Run.of(run).latest("subspace"))
 
     def table(self) -> pd.DataFrame:
-        """RAVEL's scores: a row per attribute × method (DAS, SAE features, no intervention) with
-        Cause, Isolate, disentangle, the pairs they were scored on and the model's accuracy."""
+        """RAVEL's scores: a row per attribute × method (DAS, HyperDAS, SAE features, no
+        intervention) with Cause, Isolate, disentangle, the pairs they were scored on and the
+        model's accuracy; HyperDAS rows add where it intervened (``edits_entity_token``,
+        ``from_source_entity_token``) and how much of its per-example subspaces the saved one covers."""
         return pd.read_parquet(self.path / "ravel.parquet")
 
     def curves(self) -> pd.DataFrame:
-        """DAS training: loss and interchange accuracy per step, per attribute."""
+        """Training: loss and interchange accuracy per step, per method and attribute (HyperDAS: one
+        curve for all its attributes)."""
         return pd.read_parquet(self.path / "curves.parquet")
 
     def data_card(self) -> pd.DataFrame:
@@ -40,23 +43,30 @@ class SubspaceResult(Artifact):
         """What the model knows: per attribute, examples answered right of those asked."""
         return pd.DataFrame([{"attribute": a, **v} for a, v in self.manifest["knowledge"].items()])
 
-    def concept_path(self, attribute: str) -> Path:
-        """The saved subspace of ``attribute`` (``.safetensors``; its ``.json`` beside it)."""
-        concepts = self.manifest.get("concepts", {})
+    def concept_path(self, attribute: str, method: str = "DAS") -> Path:
+        """The saved subspace of ``attribute`` (``.safetensors``; its ``.json`` beside it), learned by
+        ``method``: "DAS", or "HyperDAS" (its principal subspace for the attribute)."""
+        key = {"DAS": "concepts", "HyperDAS": "hyperdas_concepts"}.get(method)
+        if key is None:
+            raise ValueError(f"method {method!r}: one of 'DAS', 'HyperDAS'")
+        concepts = self.manifest.get(key) or {}
         if attribute not in concepts:
-            raise KeyError(f"no subspace learned for {attribute!r}; learned: {sorted(concepts)}")
+            raise KeyError(f"no {method} subspace learned for {attribute!r}; learned: {sorted(concepts)}")
         return self.path / concepts[attribute]
 
-    def concept(self, attribute: str) -> Any:
+    def _ref(self, attribute: str, method: str) -> str:
+        return f"direction:ravel-{attribute.lower()}" + ("-hyperdas" if method == "HyperDAS" else "")
+
+    def concept(self, attribute: str, method: str = "DAS") -> Any:
         """The subspace as a ``direction:`` concept (imports torch): stage 2's ``sources=``, or a
         plan entry's ``direction_file`` with its ``layer``."""
         from ..lm.das import load_subspace
 
-        return load_subspace(self.concept_path(attribute), f"direction:ravel-{attribute.lower()}")
+        return load_subspace(self.concept_path(attribute, method), self._ref(attribute, method))
 
-    def plan_entry(self, attribute: str, action: str = "suppress", method: str = "ablate", **fields: Any) -> dict:
+    def plan_entry(self, attribute: str, action: str = "suppress", method: str = "ablate", *, learned_by: str = "DAS", **fields: Any) -> dict:
         """A plan entry that acts on the subspace (CAFT by default)."""
-        return {"concept": f"direction:ravel-{attribute.lower()}", "action": action, "method": method, "direction_file": str(self.concept_path(attribute)), "layer": int(self.manifest["layer"]), "label": f"DAS {attribute}", **fields}
+        return {"concept": self._ref(attribute, learned_by), "action": action, "method": method, "direction_file": str(self.concept_path(attribute, learned_by)), "layer": int(self.manifest["layer"]), "label": f"{learned_by} {attribute}", **fields}
 
     def __repr__(self) -> str:
         return f"SubspaceResult({', '.join(self.manifest.get('targets', []))}; layer {self.manifest.get('layer')}; path={str(self.path)!r})"

@@ -1,4 +1,4 @@
-"""Concept subspaces from counterfactual pairs: DAS on RAVEL, scored beside the SAE's features.
+"""Concept subspaces from counterfactual pairs: DAS and HyperDAS on RAVEL, scored beside the SAE's features.
 
 ``learn_subspace(run, config)`` is notebook 06's work, written into ``run_dir/subspace/<key>/``
 with the stage protocol (content key → reuse → write → manifest last):
@@ -11,14 +11,19 @@ with the stage protocol (content key → reuse → write → manifest last):
    *cause* (the base asks the target attribute; its answer should become the source's value),
    half *isolate* (the base asks another attribute; its answer should stay).
 3. **DAS** per target attribute (``lm.das.train_das``) at the entity's last token.
+3b. **HyperDAS** (``lm.hyperdas``; ``hyperdas=True`` and two or more targets): one hypernetwork
+   trained on every target's pairs at once, each told its concept in words ("the country of the
+   city"), choosing the base and source positions itself; scored on the same test pairs, with
+   where it chose to intervene.
 4. **SAE features** per attribute, as RAVEL does for SAEs: the ``dim`` features whose activation
    at the entity's last token best tells the attribute's values apart on the train entities
    (one-way ANOVA F), their decoder rows orthonormalised and interchanged the same way.
-5. **RAVEL's scores** on the test pairs for DAS, the SAE features and no intervention: Cause
+5. **RAVEL's scores** on the test pairs for DAS, HyperDAS, the SAE features and no intervention: Cause
    (share of cause pairs answered with the source's value), Isolate (share of isolate pairs whose
    answer stays), their mean (disentangle).
 
-Each DAS subspace is saved as a concept (``<attribute>.safetensors`` + ``.json``): stage 2
+Each DAS subspace is saved as a concept (``<attribute>.safetensors`` + ``.json``; HyperDAS's
+principal subspace per attribute as ``<attribute>-hyperdas``): stage 2
 scores it (``sources=[run.subspace.concept(attribute)]``) and a plan steers or ablates with it.
 The reader is ``results.subspace.SubspaceResult`` (no torch).
 """
@@ -40,6 +45,7 @@ from ..core.files import content_hash
 from ..core.run import Run, RunLike
 from ..core.stage import terminal
 from ..data.ravel import RavelData, counterfactual_pairs, load_ravel
+from ..lm import hyperdas
 from ..lm.das import Example, answer_token, check_subspace_shape, entity_prompt, interchange_predictions, next_token_predictions, save_subspace, train_das
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
@@ -128,8 +134,24 @@ def sae_feature_subspace(lm: LoadedModel, sae: Any, data: RavelData, attribute: 
     return orthonormal(sae.decoder_directions[torch.as_tensor(top)].float()), top.tolist()
 
 
+def _hyperdas(lm: LoadedModel, layer: int, cfg: SubspaceConfig, splits: dict[str, tuple[list[Example], list[Example]]], usable: list[str], out: Any, accuracy: dict[str, float]) -> tuple[Any, list[dict], dict[str, str]]:
+    """One hypernetwork trained on every target's pairs at once (each told its concept in words),
+    scored on the same test pairs as DAS; each target's principal subspace saved as a concept."""
+    hd = hyperdas
+    train = [(hd.concept_text(a, cfg.entity_type), e) for a, (tr, _) in splits.items() for e in tr]
+    net = hd.train_hyperdas(lm, layer, cfg.dim, train, width=cfg.hyperdas_width, layers=cfg.hyperdas_layers, epochs=cfg.hyperdas_epochs, lr=cfg.hyperdas_lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    rows, concepts = [], {}
+    for a, (tr, test) in splits.items():
+        text = hd.concept_text(a, cfg.entity_type)
+        preds, where, per_example = hd.hyperdas_predictions(lm, net, text, test)
+        sub = hd.hyperdas_subspace(net, text, per_example[[e.kind == "cause" for e in test]] if any(e.kind == "cause" for e in test) else per_example, attribute=a, entity_type=cfg.entity_type, queried=usable)
+        concepts[a] = save_subspace(sub, out / f"{a}-hyperdas").name
+        rows.append({"attribute": a, "method": "HyperDAS", **ravel_scores(preds, test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": [], **where, "subspace_coverage": sub.provenance["coverage"]})
+    return net, rows, concepts
+
+
 def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *, lm: LoadedModel | None = None, sae: Any = None, force: bool = False) -> SubspaceResult:
-    """DAS subspaces for RAVEL attributes, scored beside the SAE's features (module docstring);
+    """DAS (and HyperDAS) subspaces for RAVEL attributes, scored beside the SAE's features (module docstring);
     reused when the same model, SAE and config were run before."""
     cfg = SubspaceConfig.from_dict(config)
     run = Run.of(run)
@@ -138,7 +160,7 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
     if sae is None and cfg.sae:
         from ..lm.sae import load_sae
 
-        sae = load_sae(cfg.sae, device=str(lm.device))
+        sae = load_sae(cfg.sae, cfg.sae_id, device=str(lm.device))
     layer = cfg.layer if cfg.layer is not None else (sae.layer if sae is not None else None)
     if layer is None:
         raise ValueError("SubspaceConfig.layer is needed when no SAE gives one (sae=None)")
@@ -167,17 +189,18 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
     out = stage.begin()
     known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
     asked = replace(data, templates={a: templates[a] for a in usable})  # pairs use the templates asked
-    rows, curves, cards, concepts = [], [], [], {}
+    rows, curves, cards, concepts, splits = [], [], [], {}, {}
     for a in targets:
         ta = time.time()
         train = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1), known_set["train"])[: cfg.n_train]
         test = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2), known_set["test"])[: cfg.n_test]
         if not train or not test:
             raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no counterfactual pairs among the examples {lm.name} answers right (train {len(train)}, test {len(test)}); raise entities or templates")
+        splits[a] = (train, test)
         sub = train_das(lm, layer, cfg.dim, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
         weights = save_subspace(sub, out / a, attribute=a, entity_type=cfg.entity_type, queried=usable, n_train=len(train))
         concepts[a] = weights.name
-        curves += [{"attribute": a, **c} for c in sub.curve]
+        curves += [{"method": "DAS", "attribute": a, **c} for c in sub.curve]
         scored = {"DAS": sub.directions}
         basis, feats = sae_feature_subspace(lm, sae, data, a, known["train"], cfg.dim) if sae is not None else (None, [])
         if basis is not None:
@@ -187,6 +210,13 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
             rows.append({"attribute": a, "method": method, **ravel_scores(interchange_predictions(lm, layer, b, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": feats if method == "SAE features" else []})
         cards += [{"attribute": a, "split": s, **{k: e.meta[k] for k in ("kind", "queried", "base_entity", "base_template", "source_entity", "source_template", "expected", "base_answer")}} for s, ex in (("train", train), ("test", test)) for e in ex[:6]]
         say(f"{a}: " + "; ".join(f"{r['method']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[-len(scored):]) + f" ({time.time() - ta:.0f} s)")
+    hyper, hyper_concepts = None, {}
+    if cfg.hyperdas and len(targets) >= 2:
+        th = time.time()
+        hyper, hyper_rows, hyper_concepts = _hyperdas(lm, layer, cfg, splits, usable, out, accuracy)
+        rows += hyper_rows
+        curves += [{"method": "HyperDAS", "attribute": "+".join(targets), **c} for c in hyper.curve]
+        say("HyperDAS: " + "; ".join(f"{r['attribute']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in hyper_rows) + f" ({time.time() - th:.0f} s)")
     stage.write_parquet("ravel", pd.DataFrame(rows))
     stage.write_parquet("curves", pd.DataFrame(curves))
     stage.write_parquet("data_card", pd.DataFrame(cards))
@@ -200,6 +230,8 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
         "targets": targets,
         "templates": templates,
         "concepts": concepts,
+        "hyperdas_concepts": hyper_concepts,
+        "hyperdas": None if hyper is None else {k: v for k, v in hyper.provenance.items() if k not in ("model", "model_fingerprint")},
         "seconds": round(time.time() - t0, 2),
     })
     say(f"done in {manifest['seconds']:.0f} s → {out}")

@@ -121,19 +121,29 @@ def firing_rate_figure(rate_chosen: np.ndarray, rate_rejected: np.ndarray, label
 def tradeoff_figure(h2h: pd.DataFrame):
     """The comparison's trade-off: per trained model, the fraction of plain DPO's increase of the
     concept to suppress that it removed (x) against the fraction of the concept to keep that it
-    kept (y), with intervals; the ideal is the top-right corner. ``h2h``: ``EvalResult.head_to_head()``
-    of a run with one plant to suppress and one to keep. None when the table has no such pair."""
+    kept (y), with intervals, coloured by held-out preference accuracy; the ideal is the top-right
+    corner. A sweep's points of one method (``reward_shaping@0.5``, ``@1``, …) are joined in the
+    order of their strength. ``h2h``: ``EvalResult.head_to_head()`` of a run with one plant to
+    suppress and one to keep. None when the table has no such pair."""
     removed = [c for c in h2h.columns if c.endswith(" removed")]
     kept = [c for c in h2h.columns if c.endswith(" kept")]
     if not removed or not kept:
         return None
     x, y = removed[0], kept[0]
-    df = h2h[h2h["model"] != "plain"]
+    df = h2h[h2h["model"] != "plain"].copy()
+    df["_method"] = df["model"].str.split("@").str[0].str.split("#").str[0]
+    df["_strength"] = pd.to_numeric(df["model"].str.partition("@")[2], errors="coerce")
+    accuracy = df["preference accuracy"] if "preference accuracy" in df else pd.Series(np.nan, index=df.index)
 
     def err(col):
         return dict(type="data", symmetric=False, array=(df[f"{col}_ci_high"] - df[col]).fillna(0), arrayminus=(df[col] - df[f"{col}_ci_low"]).fillna(0))
 
-    fig = go.Figure(go.Scatter(x=df[x], y=df[y], mode="markers+text", text=df["model"], textposition="top center", error_x=err(x), error_y=err(y), marker=dict(size=10, color="#1971c2")))
+    fig = go.Figure(go.Scatter(x=df[x], y=df[y], mode="markers+text", text=df["model"], textposition="top center", error_x=err(x), error_y=err(y), showlegend=False,
+                               marker=dict(size=11, color=accuracy, colorscale="Viridis", showscale=bool(accuracy.notna().any()), colorbar=dict(title="held-out<br>pref. acc."))))
+    for method, g in df[df["_strength"].notna()].groupby("_method", sort=False):
+        if len(g) > 1:
+            g = g.sort_values("_strength")
+            fig.add_scatter(x=g[x], y=g[y], mode="lines", line=dict(width=1, color="#868e96"), name=f"{method} (by strength)", hoverinfo="skip")
     fig.add_shape(type="rect", x0=0.8, x1=1.25, y0=0.9, y1=1.25, line=dict(width=0), fillcolor="rgba(47,158,68,0.12)")
     fig.update_layout(height=420, xaxis_title=f"{x.replace(' removed', '')}: fraction of plain DPO's increase removed", yaxis_title=f"{y.replace(' kept', '')}: fraction of plain DPO's increase kept", xaxis=dict(range=[-0.3, 1.3]), yaxis=dict(range=[-0.3, 1.3]))
     return fig

@@ -1,0 +1,249 @@
+"""HyperDAS (Sun, Huang, Baskaran, D'Oosterlinck, Potts, Sklar, Geiger; ICLR 2025, arXiv 2503.10894):
+one hypernetwork that, given a concept *in words* ("the country of the city"), decides where to
+intervene and which subspace to interchange, for any of the concepts it was trained on.
+
+DAS (``lm.das``) learns one fixed subspace per concept at a position given by hand. HyperDAS learns,
+with the target model frozen, its four parts end to end:
+
+1. **Concept encoder** — the concept text's token embeddings (the target model's own, frozen) pass
+   through transformer blocks that attend to themselves and, by cross-attention, to the target
+   model's hidden states at ``layer`` on the base and the counterfactual prompt.
+2. **Token-position selection** — every base position, conditioned on the encoded concept, points
+   at a counterfactual position or at "nowhere" (a null column). Training samples one choice per
+   position (straight-through Gumbel-softmax, its temperature annealed); evaluation takes the
+   argmax. A plain softmax, which edits every position with a blend, did not learn at all on the
+   planted-subspace test (loss flat over 8 epochs): the blend never holds the source's state, so
+   the subspace gets no signal; sampled choices do (``tests/test_das.py``).
+3. **Subspace construction** — a learned matrix R with orthonormal rows (k × d), reflected by a
+   Householder vector v that the encoder writes from the concept: Q = R·(I − 2vvᵀ/‖v‖²). Its rows
+   stay orthonormal; the subspace depends on the concept (and on the prompts it read).
+4. **Interchange intervention** — at every base position i, h_i ← h_i + ((m_i − h_i)·Qᵀ)·Q with
+   m_i = Σ_j w_ij·h_cf,j + w_i,null·h_i (``ops.ResidualEdit(kind="interchange", positions=None)``).
+
+The loss is the cross-entropy of the expected answer at the base's last position, as for DAS, on
+examples of several concepts at once, so that the concept text has to matter.
+
+Since the subspace depends on the inputs, a fixed concept for stage 2 or a plan is made from it by
+``principal_subspace``: the k directions that best cover the per-example subspaces of one concept
+(with the share they cover, so the approximation is visible).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .das import Example, Subspace, check_subspace_shape, frozen, last_logits, pad_id, padded
+from .models import LoadedModel
+from .ops import ResidualCapture, ResidualEdit, ResidualHooks
+
+__all__ = ["HyperDAS", "HyperDASResult", "concept_text", "hyperdas_predictions", "hyperdas_subspace", "principal_subspace", "train_hyperdas"]
+
+
+def concept_text(attribute: str, entity_type: str) -> str:
+    """The words that name a RAVEL attribute for the hypernetwork: "the country of the city"."""
+    return f"the {attribute.lower().replace('_', ' ')} of the {entity_type.replace('_', ' ')}"
+
+
+class HyperDAS(nn.Module):
+    """The hypernetwork (module docstring). ``width`` and ``layers`` size it: 256 × 2 trains on two
+    CPU cores; the paper's is a copy of the target model's own decoder."""
+
+    MAX_POSITIONS = 256  # positions further from either end share the last embedding
+
+    def __init__(self, d_model: int, dim: int, *, width: int = 256, layers: int = 2, heads: int = 4):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"HyperDAS width {width} must be a multiple of heads {heads}")
+        self.dim, self.width = dim, width
+        self.read_states = nn.Linear(d_model, width)
+        self.read_text = nn.Linear(d_model, width)
+        self.side = nn.Embedding(2, width)  # base / counterfactual
+        self.position = nn.Embedding(self.MAX_POSITIONS, width)  # from the start of its prompt
+        self.from_end = nn.Embedding(self.MAX_POSITIONS, width)  # from its last token
+        block = dict(d_model=width, nhead=heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**block), layers)
+        self.selector = nn.TransformerDecoderLayer(**block)
+        self.pick_base, self.pick_source = nn.Linear(width, 1), nn.Linear(width, 1)
+        self.householder = nn.Linear(width, d_model)
+        self.rotation = torch.nn.utils.parametrizations.orthogonal(nn.Linear(d_model, dim, bias=False))
+
+    def _read(self, h: torch.Tensor, mask: torch.Tensor, side: int) -> torch.Tensor:
+        """Hidden states in the hypernetwork's width, marked with their side and positions."""
+        pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
+        from_end = (mask.sum(1, keepdim=True) - 1 - pos).clamp(min=0)
+        top = self.MAX_POSITIONS - 1
+        return self.read_states(h) + self.side.weight[side] + self.position(pos.clamp(max=top)) + self.from_end(from_end.clamp(max=top))
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, base: torch.Tensor, base_mask: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor, temperature: float = 1.0, hard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selection weights (batch, base len, source len + 1; the last column is "nowhere") and the
+        subspace (batch, dim, d_model) for concept ``text`` (embeddings) on these hidden states."""
+        states = torch.cat([self._read(base, base_mask, 0), self._read(source, source_mask, 1)], 1)
+        states_mask = torch.cat([base_mask, source_mask], 1).bool()
+        concept = self.encoder(self.read_text(text), states, tgt_key_padding_mask=~text_mask.bool(), memory_key_padding_mask=~states_mask)
+        pooled = (concept * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
+        tokens = self.selector(states, concept, tgt_key_padding_mask=~states_mask, memory_key_padding_mask=~text_mask.bool())
+        tb = base.shape[1]
+        at_base = self.pick_base(tokens[:, :tb]).squeeze(-1).masked_fill(~base_mask.bool(), float("-inf"))
+        at_source = self.pick_source(tokens[:, tb:]).squeeze(-1).masked_fill(~source_mask.bool(), float("-inf"))
+        if hard:
+            wb = torch.nn.functional.one_hot(at_base.argmax(-1), tb).to(base.dtype)
+            ws = torch.nn.functional.one_hot(at_source.argmax(-1), source.shape[1]).to(base.dtype)
+        else:  # one position each in the forward pass, gradients through the soft choice
+            wb = torch.nn.functional.gumbel_softmax(at_base, tau=temperature, hard=True)
+            ws = torch.nn.functional.gumbel_softmax(at_source, tau=temperature, hard=True)
+        weights = torch.cat([wb[:, :, None] * ws[:, None, :], (1 - wb)[..., None]], -1)
+        v = self.householder(pooled)
+        R = self.rotation.weight
+        Q = R[None] - 2 * (v @ R.T)[:, :, None] * v[:, None, :] / (v * v).sum(-1)[:, None, None]
+        return weights, Q
+
+
+@dataclass
+class HyperDASResult:
+    """A trained hypernetwork with its layer, the concept texts it was trained on, its curve and how
+    it was trained."""
+
+    net: HyperDAS
+    layer: int
+    concepts: list[str]
+    curve: list[dict]
+    provenance: dict
+
+
+def _states(lm: LoadedModel, layer: int, seqs: Sequence[list[int]], batch_size: int = 32) -> list[torch.Tensor]:
+    """Hidden states at ``layer`` per sequence (its own length); the model is frozen, so once."""
+    out: list[torch.Tensor] = []
+    with ResidualCapture(lm, layer) as capture, torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i : i + batch_size]
+            ids, mask = padded(chunk, pad_id(lm))
+            h = capture(ids, attention_mask=mask).float()
+            out += [h[b, : len(s)].cpu() for b, s in enumerate(chunk)]
+    return out
+
+
+def _stack(rows: Sequence[torch.Tensor], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    x = torch.zeros(len(rows), T, rows[0].shape[-1], device=device)
+    mask = torch.zeros(len(rows), T, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = r.to(device)
+        mask[i, : len(r)] = 1
+    return x, mask
+
+
+class _Batches:
+    """Everything the hypernetwork reads for a set of examples, computed once: the concept texts'
+    embeddings and the hidden states of base and counterfactual prompts at ``layer``."""
+
+    def __init__(self, lm: LoadedModel, layer: int, concepts: Sequence[str], examples: Sequence[Example]):
+        self.lm, self.layer, self.examples, self.concepts = lm, layer, list(examples), list(concepts)
+        embed = lm.model.get_input_embeddings()
+        with torch.no_grad():
+            self.text = {c: embed(torch.tensor([lm.tokenizer(c, add_special_tokens=False)["input_ids"]], device=lm.device))[0].float().cpu() for c in sorted(set(concepts))}
+        self.base = _states(lm, layer, [e.base_ids for e in examples])
+        self.source = _states(lm, layer, [e.source_ids for e in examples])
+
+    def __call__(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+        dev = self.lm.device
+        text, text_mask = _stack([self.text[self.concepts[i]] for i in idx], dev)
+        base, base_mask = _stack([self.base[i] for i in idx], dev)
+        source, source_mask = _stack([self.source[i] for i in idx], dev)
+        return dict(text=text, text_mask=text_mask, base=base, base_mask=base_mask, source=source, source_mask=source_mask)
+
+
+def _intervened_logits(lm: LoadedModel, layer: int, net: HyperDAS, inputs: dict, examples: Sequence[Example], temperature: float, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The base runs' last-position logits with the hypernetwork's interchange; its selection
+    weights and subspaces."""
+    weights, Q = net(**inputs, temperature=temperature, hard=hard)
+    mixed = weights[..., :-1] @ inputs["source"] + weights[..., -1:] * inputs["base"]
+    ids, mask = padded([e.base_ids for e in examples], pad_id(lm))
+    with ResidualHooks(lm.model, [ResidualEdit(layer=layer, kind="interchange", basis=Q, source=mixed)]):
+        return last_logits(lm, ids, mask), weights, Q
+
+
+def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[str, Example]], *, width: int = 256, layers: int = 2, heads: int = 4, epochs: int = 4, lr: float = 3e-3, batch_size: int = 16, temperature: tuple[float, float] = (1.0, 0.5), seed: int = 0, progress: Any = None) -> HyperDASResult:
+    """Train the hypernetwork on (concept text, interchange example) pairs of several concepts, the
+    target model frozen; the Gumbel-softmax temperature falls geometrically over training."""
+    check_subspace_shape(lm, layer, dim)
+    if len({c for c, _ in train}) < 2:
+        raise ValueError("HyperDAS trains on examples of at least two concepts at once (otherwise the concept text cannot matter)")
+    torch.manual_seed(seed)
+    net = HyperDAS(lm.d_model, dim, width=width, layers=layers, heads=heads).to(lm.device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    data = _Batches(lm, layer, [c for c, _ in train], [e for _, e in train])
+    steps = epochs * math.ceil(len(train) / batch_size)
+    curve: list[dict] = []
+    was_training = lm.model.training
+    lm.model.eval()
+    with frozen(lm.model):
+        for epoch in range(epochs):
+            order = rng.permutation(len(train))
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size].tolist()
+                tau = temperature[0] * (temperature[1] / temperature[0]) ** (len(curve) / max(steps - 1, 1))
+                batch = [data.examples[j] for j in idx]
+                logits, weights, _ = _intervened_logits(lm, layer, net, data(idx), batch, tau, hard=False)
+                target = torch.tensor([e.answer for e in batch], device=lm.device)
+                loss = torch.nn.functional.cross_entropy(logits, target)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == target).float().mean()), "temperature": round(tau, 4), "seconds": round(time.time() - t0, 2)})
+                if progress:
+                    progress(curve[-1])
+    lm.model.train(was_training)
+    net.eval()
+    concepts = sorted({c for c, _ in train})
+    prov = {"method": "HyperDAS", "model": lm.name, "model_fingerprint": lm.fingerprint, "layer": layer, "dim": dim, "width": width, "layers": layers, "heads": heads, "epochs": epochs, "lr": lr, "batch_size": batch_size, "temperature": list(temperature), "seed": seed, "n_train": len(train), "concepts": concepts, "parameters": sum(p.numel() for p in net.parameters()), "seconds": round(time.time() - t0, 2)}
+    return HyperDASResult(net, layer, concepts, curve, prov)
+
+
+@torch.no_grad()
+def hyperdas_predictions(lm: LoadedModel, hyper: HyperDASResult, concept: str, examples: Sequence[Example], batch_size: int = 32) -> tuple[np.ndarray, dict, torch.Tensor]:
+    """The base runs' greedy answers with the hypernetwork's hard selection for ``concept``; where
+    it chose to edit (share of examples that edit the base's entity token, and from the source's
+    entity token; mean positions edited); and the per-example subspaces (n, dim, d_model)."""
+    data = _Batches(lm, hyper.layer, [concept] * len(examples), examples)
+    preds, Qs, at_entity, from_entity, edited = [], [], 0, 0, 0.0
+    for i in range(0, len(examples), batch_size):
+        idx = list(range(i, min(i + batch_size, len(examples))))
+        batch = [examples[j] for j in idx]
+        logits, weights, Q = _intervened_logits(lm, hyper.layer, hyper.net, data(idx), batch, 1.0, hard=True)
+        preds.append(logits.argmax(-1).cpu().numpy())
+        Qs.append(Q.cpu())
+        choice = weights.argmax(-1).cpu()  # (batch, base len): a source position, or the null column
+        null = weights.shape[-1] - 1
+        for b, e in enumerate(batch):
+            picked = choice[b, : len(e.base_ids)]
+            at_entity += int(picked[e.base_position] != null)
+            from_entity += int(picked[e.base_position] == e.source_position)
+            edited += float((picked != null).sum())
+    n = max(len(examples), 1)
+    where = {"edits_entity_token": at_entity / n, "from_source_entity_token": from_entity / n, "positions_edited": edited / n}
+    return (np.concatenate(preds) if preds else np.zeros(0, dtype=int)), where, (torch.cat(Qs) if Qs else torch.zeros(0))
+
+
+def principal_subspace(subspaces: torch.Tensor, dim: int) -> tuple[torch.Tensor, float]:
+    """The ``dim`` orthonormal directions that best cover a stack of per-example subspaces
+    (n, k, d): the top right-singular vectors of all their rows; and the mean share of each
+    example's subspace they cover (1: HyperDAS used one subspace for this concept)."""
+    rows = subspaces.reshape(-1, subspaces.shape[-1]).float()
+    V = torch.linalg.svd(rows, full_matrices=False).Vh[:dim]
+    coverage = float(((subspaces.float() @ V.T) ** 2).sum((1, 2)).mean() / subspaces.shape[1])
+    return V.contiguous(), coverage
+
+
+def hyperdas_subspace(hyper: HyperDASResult, concept: str, subspaces: torch.Tensor, **provenance: Any) -> Subspace:
+    """A concept's principal subspace as a ``Subspace`` that ``das.save_subspace`` writes."""
+    V, coverage = principal_subspace(subspaces, hyper.net.dim)
+    return Subspace(V, hyper.layer, {**hyper.provenance, "concept_text": concept, "coverage": round(coverage, 4), **provenance}, hyper.curve)
