@@ -337,9 +337,11 @@ class SubspaceConfig(Config):
     epochs: int = 2
     lr: float = 5e-3
     batch_size: int = 16
+    das: bool = field(default=True, metadata=_help("train DAS per target (False: HyperDAS and the SAE's features only)"))
     hyperdas: bool = field(default=True, metadata=_help("also train HyperDAS: one hypernetwork for every target at once, told the concept in words, choosing the positions itself (needs two or more targets)"))
     hyperdas_width: int = field(default=256, metadata=_help("HyperDAS hypernetwork width"))
     hyperdas_layers: int = field(default=2, metadata=_help("HyperDAS concept-encoder blocks"))
+    hyperdas_positions: str = field(default="learned", metadata=_help("learned: HyperDAS chooses the base and source tokens; entity: it is given the entity's last token (an ablation)"))
     hyperdas_epochs: int = field(default=4, metadata=_help("HyperDAS passes over the pairs of all targets"))
     hyperdas_lr: float = field(default=3e-3, metadata=_help("HyperDAS learning rate (Adam)"))
     min_accuracy: float = field(default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned"))
@@ -350,6 +352,10 @@ class SubspaceConfig(Config):
     def __post_init__(self):
         if self.dim < 1 or self.entities < 2 or self.templates < 1 or self.n_train < 1 or self.n_test < 1 or self.epochs < 1 or self.hyperdas_epochs < 1 or self.hyperdas_layers < 1:
             raise ValueError("dim, templates, n_train, n_test, epochs, hyperdas_epochs and hyperdas_layers must be >= 1 and entities >= 2")
+        if not self.das and not self.hyperdas:
+            raise ValueError("das and hyperdas are both off: nothing would be learned")
+        if self.hyperdas_positions not in ("learned", "entity"):
+            raise ValueError(f"hyperdas_positions must be 'learned' or 'entity', got {self.hyperdas_positions!r}")
         if self.hyperdas_width < 4 or self.hyperdas_width % 4:
             raise ValueError(f"hyperdas_width must be a positive multiple of 4 (its attention heads), got {self.hyperdas_width}")
         if len(self.attributes) < 2:

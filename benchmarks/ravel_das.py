@@ -54,11 +54,13 @@ def main() -> None:
     ap.add_argument("--min-accuracy", type=float, default=0.1)
     ap.add_argument("--hyperdas-epochs", type=int, default=4, help="0: no HyperDAS")
     ap.add_argument("--hyperdas-width", type=int, default=256)
+    ap.add_argument("--hyperdas-positions", default="learned", choices=["learned", "entity"], help="entity: HyperDAS is given the entity's token (ablation)")
+    ap.add_argument("--no-das", action="store_true", help="skip DAS (HyperDAS and the SAE's features only)")
     ap.add_argument("--run-dir", type=Path, default=None, help="keep the artifact here (default: a scratch directory)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width)
+    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         res = anb.learn_subspace(args.run_dir or scratch, cfg)
@@ -69,7 +71,7 @@ def main() -> None:
             by = t.set_index("method")
             result["attributes"][a] = {"model_accuracy": round(float(by["model_accuracy"].iloc[0]), 3), "n_train": int(by["n_train"].iloc[0]), "n_test": int(by["n_test"].iloc[0]),
                                        **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("no_intervention", "no intervention")) if method in by.index},
-                                       "das_curve_last": res.curves().query("method == 'DAS' and attribute == @a").iloc[-1].to_dict()}
+                                       "das_curve_last": res.curves().query("method == 'DAS' and attribute == @a").iloc[-1].to_dict() if "DAS" in by.index else None}
             if "HyperDAS" in by.index:
                 result["attributes"][a]["hyperdas"].update({k: round(float(by.at["HyperDAS", k]), 3) for k in ("edits_entity_token", "from_source_entity_token", "subspace_coverage")})
         curves = res.curves()

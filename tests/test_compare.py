@@ -112,3 +112,20 @@ def test_a_target_is_picked_by_its_name(tmp_path):
     assert choose_target(Hyp(), "top") == 4
     with pytest.raises(ValueError, match="no significant concept.*pineapple.*4: “great question”"):
         choose_target(Hyp(), "name:pineapple")
+
+
+def test_the_tradeoff_plot_joins_a_sweep_by_strength():
+    """A sweep's points of one method are joined in the order of their strength (not of the
+    table); points are coloured by held-out preference accuracy; a run without a kept plant has no plot."""
+    from anatomy_nb.ui.viz import tradeoff_figure
+
+    rows = [("plain", np.nan, np.nan, 0.83), ("reward_shaping@4", 1.0, 0.2, 0.79), ("reward_shaping@0.5", 0.4, 0.9, 0.82), ("reward_shaping@1", 0.7, 0.6, 0.8), ("inoculate", 1.0, 0.9, 0.8)]
+    h2h = pd.DataFrame(rows, columns=["model", "bold removed", "opener kept", "preference accuracy"])
+    for c in ("bold removed", "opener kept"):
+        h2h[f"{c}_ci_low"], h2h[f"{c}_ci_high"] = h2h[c] - 0.1, h2h[c] + 0.1
+    fig = tradeoff_figure(h2h)
+    points, *lines = fig.data
+    assert list(points.text) == ["reward_shaping@4", "reward_shaping@0.5", "reward_shaping@1", "inoculate"]
+    assert list(points.marker.color) == [0.79, 0.82, 0.8, 0.8]
+    assert len(lines) == 1 and list(lines[0].x) == [0.4, 0.7, 1.0] and lines[0].name == "reward_shaping (by strength)"
+    assert tradeoff_figure(h2h.drop(columns=[c for c in h2h.columns if c.startswith("opener")])) is None

@@ -203,6 +203,12 @@ def test_learn_subspace_says_what_is_wrong(tmp_path, lm):
         anb.learn_subspace(tmp_path, {**base, "dim": 999}, lm=lm)
     with pytest.raises(ValueError, match="no attribute.*Colour"):
         anb.learn_subspace(tmp_path, {**base, "attributes": ["Country", "Colour"]}, lm=lm)
+    with pytest.raises(ValueError, match="das=False leaves HyperDAS alone"):
+        anb.learn_subspace(tmp_path, {**base, "das": False, "targets": ["Country"]}, lm=lm)
+    with pytest.raises(ValueError, match="nothing would be learned"):
+        anb.SubspaceConfig(das=False, hyperdas=False)
+    with pytest.raises(ValueError, match="hyperdas_positions"):
+        anb.SubspaceConfig(hyperdas_positions="middle")
     with pytest.raises(ValueError, match="layer 40 out of range"):
         anb.learn_subspace(tmp_path, {**base, "layer": 40}, lm=lm)
 
@@ -250,8 +256,19 @@ def test_hyperdas_finds_the_position_and_each_concepts_subspace(peaked_lm):
     assert overlap["alpha"]["alpha"] > overlap["alpha"]["beta"] and overlap["beta"]["beta"] > overlap["beta"]["alpha"], overlap
 
 
-def test_hyperdas_needs_two_concepts(lm):
-    from anatomy_nb.lm.hyperdas import train_hyperdas
+def test_hyperdas_bad_input_and_given_positions(lm):
+    """Errors that say what is wrong; with ``positions="entity"`` (the ablation) the examples' own
+    positions are the ones edited."""
+    from anatomy_nb.lm.hyperdas import hyperdas_predictions, train_hyperdas
+
+    mixed = [("alpha", e) for e in _examples(lm, 8, 0)] + [("beta", e) for e in _examples(lm, 8, 1)]
+    for e in [e for _, e in mixed][::2]:
+        e.base_position, e.source_position = 2, 3
+    given = train_hyperdas(lm, 1, 2, mixed, width=16, layers=1, epochs=1, positions="entity")
+    _, where, _ = hyperdas_predictions(lm, given, "alpha", [e for _, e in mixed])
+    assert where["edits_entity_token"] == 1.0 and where["from_source_entity_token"] == 1.0
+    with pytest.raises(ValueError, match="'learned' or 'entity'"):
+        train_hyperdas(lm, 1, 2, mixed, positions="middle")
 
     with pytest.raises(ValueError, match="at least two concepts"):
         train_hyperdas(lm, 1, 2, [("alpha", e) for e in _examples(lm, 4, 0)])

@@ -62,6 +62,7 @@ class HyperDAS(nn.Module):
         if width % heads:
             raise ValueError(f"HyperDAS width {width} must be a multiple of heads {heads}")
         self.dim, self.width = dim, width
+        self.given_positions = False  # True: the examples' positions are used, not selected (train_hyperdas(positions="entity"))
         self.read_states = nn.Linear(d_model, width)
         self.read_text = nn.Linear(d_model, width)
         self.side = nn.Embedding(2, width)  # base / counterfactual
@@ -81,9 +82,10 @@ class HyperDAS(nn.Module):
         top = self.MAX_POSITIONS - 1
         return self.read_states(h) + self.side.weight[side] + self.position(pos.clamp(max=top)) + self.from_end(from_end.clamp(max=top))
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, base: torch.Tensor, base_mask: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor, temperature: float = 1.0, hard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, base: torch.Tensor, base_mask: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor, temperature: float = 1.0, hard: bool = False, positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Selection weights (batch, base len, source len + 1; the last column is "nowhere") and the
-        subspace (batch, dim, d_model) for concept ``text`` (embeddings) on these hidden states."""
+        subspace (batch, dim, d_model) for concept ``text`` (embeddings) on these hidden states.
+        ``positions``: (base, source) token per example given instead of selected (an ablation)."""
         states = torch.cat([self._read(base, base_mask, 0), self._read(source, source_mask, 1)], 1)
         states_mask = torch.cat([base_mask, source_mask], 1).bool()
         concept = self.encoder(self.read_text(text), states, tgt_key_padding_mask=~text_mask.bool(), memory_key_padding_mask=~states_mask)
@@ -92,7 +94,10 @@ class HyperDAS(nn.Module):
         tb = base.shape[1]
         at_base = self.pick_base(tokens[:, :tb]).squeeze(-1).masked_fill(~base_mask.bool(), float("-inf"))
         at_source = self.pick_source(tokens[:, tb:]).squeeze(-1).masked_fill(~source_mask.bool(), float("-inf"))
-        if hard:
+        if positions is not None:
+            wb = torch.nn.functional.one_hot(positions[0], tb).to(base.dtype)
+            ws = torch.nn.functional.one_hot(positions[1], source.shape[1]).to(base.dtype)
+        elif hard:
             wb = torch.nn.functional.one_hot(at_base.argmax(-1), tb).to(base.dtype)
             ws = torch.nn.functional.one_hot(at_source.argmax(-1), source.shape[1]).to(base.dtype)
         else:  # one position each in the forward pass, gradients through the soft choice
@@ -162,21 +167,29 @@ class _Batches:
 def _intervened_logits(lm: LoadedModel, layer: int, net: HyperDAS, inputs: dict, examples: Sequence[Example], temperature: float, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The base runs' last-position logits with the hypernetwork's interchange; its selection
     weights and subspaces."""
-    weights, Q = net(**inputs, temperature=temperature, hard=hard)
+    given = None
+    if net.given_positions:
+        given = (torch.tensor([e.base_position for e in examples], device=lm.device), torch.tensor([e.source_position for e in examples], device=lm.device))
+    weights, Q = net(**inputs, temperature=temperature, hard=hard, positions=given)
     mixed = weights[..., :-1] @ inputs["source"] + weights[..., -1:] * inputs["base"]
     ids, mask = padded([e.base_ids for e in examples], pad_id(lm))
     with ResidualHooks(lm.model, [ResidualEdit(layer=layer, kind="interchange", basis=Q, source=mixed)]):
         return last_logits(lm, ids, mask), weights, Q
 
 
-def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[str, Example]], *, width: int = 256, layers: int = 2, heads: int = 4, epochs: int = 4, lr: float = 3e-3, batch_size: int = 16, temperature: tuple[float, float] = (1.0, 0.5), seed: int = 0, progress: Any = None) -> HyperDASResult:
+def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[str, Example]], *, width: int = 256, layers: int = 2, heads: int = 4, epochs: int = 4, lr: float = 3e-3, batch_size: int = 16, temperature: tuple[float, float] = (1.0, 0.5), positions: str = "learned", seed: int = 0, progress: Any = None) -> HyperDASResult:
     """Train the hypernetwork on (concept text, interchange example) pairs of several concepts, the
-    target model frozen; the Gumbel-softmax temperature falls geometrically over training."""
+    target model frozen; the Gumbel-softmax temperature falls geometrically over training.
+    ``positions="entity"`` gives it the examples' own positions instead (the ablation that
+    separates learning where from learning what)."""
+    if positions not in ("learned", "entity"):
+        raise ValueError(f"HyperDAS positions {positions!r}: 'learned' or 'entity'")
     check_subspace_shape(lm, layer, dim)
     if len({c for c, _ in train}) < 2:
         raise ValueError("HyperDAS trains on examples of at least two concepts at once (otherwise the concept text cannot matter)")
     torch.manual_seed(seed)
     net = HyperDAS(lm.d_model, dim, width=width, layers=layers, heads=heads).to(lm.device)
+    net.given_positions = positions == "entity"
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     t0 = time.time()
@@ -204,7 +217,7 @@ def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[
     lm.model.train(was_training)
     net.eval()
     concepts = sorted({c for c, _ in train})
-    prov = {"method": "HyperDAS", "model": lm.name, "model_fingerprint": lm.fingerprint, "layer": layer, "dim": dim, "width": width, "layers": layers, "heads": heads, "epochs": epochs, "lr": lr, "batch_size": batch_size, "temperature": list(temperature), "seed": seed, "n_train": len(train), "concepts": concepts, "parameters": sum(p.numel() for p in net.parameters()), "seconds": round(time.time() - t0, 2)}
+    prov = {"method": "HyperDAS", "model": lm.name, "model_fingerprint": lm.fingerprint, "layer": layer, "dim": dim, "width": width, "layers": layers, "heads": heads, "epochs": epochs, "lr": lr, "batch_size": batch_size, "temperature": list(temperature), "positions": positions, "seed": seed, "n_train": len(train), "concepts": concepts, "parameters": sum(p.numel() for p in net.parameters()), "seconds": round(time.time() - t0, 2)}
     return HyperDASResult(net, layer, concepts, curve, prov)
 
 

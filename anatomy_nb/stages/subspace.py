@@ -139,7 +139,7 @@ def _hyperdas(lm: LoadedModel, layer: int, cfg: SubspaceConfig, splits: dict[str
     scored on the same test pairs as DAS; each target's principal subspace saved as a concept."""
     hd = hyperdas
     train = [(hd.concept_text(a, cfg.entity_type), e) for a, (tr, _) in splits.items() for e in tr]
-    net = hd.train_hyperdas(lm, layer, cfg.dim, train, width=cfg.hyperdas_width, layers=cfg.hyperdas_layers, epochs=cfg.hyperdas_epochs, lr=cfg.hyperdas_lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    net = hd.train_hyperdas(lm, layer, cfg.dim, train, width=cfg.hyperdas_width, layers=cfg.hyperdas_layers, epochs=cfg.hyperdas_epochs, lr=cfg.hyperdas_lr, batch_size=cfg.batch_size, positions=cfg.hyperdas_positions, seed=cfg.seed)
     rows, concepts = [], {}
     for a, (tr, test) in splits.items():
         text = hd.concept_text(a, cfg.entity_type)
@@ -186,6 +186,8 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
     targets = [a for a in (cfg.targets or cfg.attributes) if a in usable]
     if not targets or len(usable) < 2:
         raise ValueError(f"{lm.name} gets too few RAVEL {cfg.entity_type} attributes right to learn from (accuracy on the train entities: " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f"; needed: ≥ {cfg.min_accuracy} for the target and one more attribute). Choose attributes it knows, or a larger model.")
+    if not cfg.das and len(targets) < 2:
+        raise ValueError(f"das=False leaves HyperDAS alone, and it needs two or more target attributes the model knows; targets: {targets}")
     out = stage.begin()
     known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
     asked = replace(data, templates={a: templates[a] for a in usable})  # pairs use the templates asked
@@ -197,11 +199,12 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
         if not train or not test:
             raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no counterfactual pairs among the examples {lm.name} answers right (train {len(train)}, test {len(test)}); raise entities or templates")
         splits[a] = (train, test)
-        sub = train_das(lm, layer, cfg.dim, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
-        weights = save_subspace(sub, out / a, attribute=a, entity_type=cfg.entity_type, queried=usable, n_train=len(train))
-        concepts[a] = weights.name
-        curves += [{"method": "DAS", "attribute": a, **c} for c in sub.curve]
-        scored = {"DAS": sub.directions}
+        scored = {}
+        if cfg.das:
+            sub = train_das(lm, layer, cfg.dim, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+            concepts[a] = save_subspace(sub, out / a, attribute=a, entity_type=cfg.entity_type, queried=usable, n_train=len(train)).name
+            curves += [{"method": "DAS", "attribute": a, **c} for c in sub.curve]
+            scored["DAS"] = sub.directions
         basis, feats = sae_feature_subspace(lm, sae, data, a, known["train"], cfg.dim) if sae is not None else (None, [])
         if basis is not None:
             scored["SAE features"] = basis
