@@ -408,7 +408,10 @@ class PipelineConfig(Config):
             if spec.get("role") not in (None, *ROLES):
                 raise ValueError(f"{where}.role must be one of {list(ROLES)}, got {spec.get('role')!r}")
         for m in self.methods:
-            method_variant(m)  # an unknown name, a bad @strength or #rank: the error says which
+            try:
+                method_variant(m)
+            except ValueError as exc:  # an unknown name, a bad @strength or #rank
+                raise ValueError(f"methods: {exc}") from None
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name one twice (each is one training run)")
         unknown = [s for s in self.stages if s not in STAGES]
