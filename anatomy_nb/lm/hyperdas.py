@@ -57,12 +57,12 @@ class HyperDAS(nn.Module):
 
     MAX_POSITIONS = 256  # positions further from either end share the last embedding
 
-    def __init__(self, d_model: int, dim: int, *, width: int = 256, layers: int = 2, heads: int = 4):
+    def __init__(self, d_model: int, dim: int, *, width: int = 256, layers: int = 2, heads: int = 4, given_positions: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"HyperDAS width {width} must be a multiple of heads {heads}")
         self.dim, self.width = dim, width
-        self.given_positions = False  # True: the examples' positions are used, not selected (train_hyperdas(positions="entity"))
+        self.given_positions = given_positions  # the examples' positions are used, not selected (train_hyperdas(positions="entity"))
         self.read_states = nn.Linear(d_model, width)
         self.read_text = nn.Linear(d_model, width)
         self.side = nn.Embedding(2, width)  # base / counterfactual
@@ -188,8 +188,7 @@ def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[
     if len({c for c, _ in train}) < 2:
         raise ValueError("HyperDAS trains on examples of at least two concepts at once (otherwise the concept text cannot matter)")
     torch.manual_seed(seed)
-    net = HyperDAS(lm.d_model, dim, width=width, layers=layers, heads=heads).to(lm.device)
-    net.given_positions = positions == "entity"
+    net = HyperDAS(lm.d_model, dim, width=width, layers=layers, heads=heads, given_positions=positions == "entity").to(lm.device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     t0 = time.time()
@@ -225,9 +224,9 @@ def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[
 def hyperdas_predictions(lm: LoadedModel, hyper: HyperDASResult, concept: str, examples: Sequence[Example], batch_size: int = 32) -> tuple[np.ndarray, dict, torch.Tensor]:
     """The base runs' greedy answers with the hypernetwork's hard selection for ``concept``; where
     it chose to edit (share of examples that edit the base's entity token, and from the source's
-    entity token; mean positions edited); and the per-example subspaces (n, dim, d_model)."""
+    entity token); and the per-example subspaces (n, dim, d_model)."""
     data = _Batches(lm, hyper.layer, [concept] * len(examples), examples)
-    preds, Qs, at_entity, from_entity, edited = [], [], 0, 0, 0.0
+    preds, Qs, at_entity, from_entity = [], [], 0, 0
     for i in range(0, len(examples), batch_size):
         idx = list(range(i, min(i + batch_size, len(examples))))
         batch = [examples[j] for j in idx]
@@ -240,9 +239,8 @@ def hyperdas_predictions(lm: LoadedModel, hyper: HyperDASResult, concept: str, e
             picked = choice[b, : len(e.base_ids)]
             at_entity += int(picked[e.base_position] != null)
             from_entity += int(picked[e.base_position] == e.source_position)
-            edited += float((picked != null).sum())
     n = max(len(examples), 1)
-    where = {"edits_entity_token": at_entity / n, "from_source_entity_token": from_entity / n, "positions_edited": edited / n}
+    where = {"edits_entity_token": at_entity / n, "from_source_entity_token": from_entity / n}
     return (np.concatenate(preds) if preds else np.zeros(0, dtype=int)), where, (torch.cat(Qs) if Qs else torch.zeros(0))
 
 
