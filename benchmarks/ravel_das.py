@@ -73,7 +73,7 @@ def main() -> None:
                                        **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("no_intervention", "no intervention")) if method in by.index},
                                        "das_curve_last": res.curves().query("method == 'DAS' and attribute == @a").iloc[-1].to_dict() if "DAS" in by.index else None}
             if "HyperDAS" in by.index:
-                result["attributes"][a]["hyperdas"].update({k: round(float(by.at["HyperDAS", k]), 3) for k in ("edits_entity_token", "from_source_entity_token", "subspace_coverage")})
+                result["attributes"][a]["hyperdas"].update({k: round(float(by.at["HyperDAS", k]), 3) for k in ("edits_entity_token", "from_source_entity_token", "edit_from_end", "entity_from_end", "subspace_coverage")})
         curves = res.curves()
         if (curves["method"] == "HyperDAS").any():
             h = curves[curves["method"] == "HyperDAS"]

@@ -226,7 +226,7 @@ def hyperdas_predictions(lm: LoadedModel, hyper: HyperDASResult, concept: str, e
     it chose to edit (share of examples that edit the base's entity token, and from the source's
     entity token); and the per-example subspaces (n, dim, d_model)."""
     data = _Batches(lm, hyper.layer, [concept] * len(examples), examples)
-    preds, Qs, at_entity, from_entity = [], [], 0, 0
+    preds, Qs, at_entity, from_entity, from_end, entity_from_end = [], [], 0, 0, [], []
     for i in range(0, len(examples), batch_size):
         idx = list(range(i, min(i + batch_size, len(examples))))
         batch = [examples[j] for j in idx]
@@ -239,8 +239,14 @@ def hyperdas_predictions(lm: LoadedModel, hyper: HyperDASResult, concept: str, e
             picked = choice[b, : len(e.base_ids)]
             at_entity += int(picked[e.base_position] != null)
             from_entity += int(picked[e.base_position] == e.source_position)
+            edited = (picked != null).nonzero().flatten()
+            from_end += [len(e.base_ids) - 1 - int(p) for p in edited]
+            entity_from_end.append(len(e.base_ids) - 1 - e.base_position)
     n = max(len(examples), 1)
-    where = {"edits_entity_token": at_entity / n, "from_source_entity_token": from_entity / n}
+    # where the edit went, as a distance from the prompt's end (0: the last token), beside the entity's
+    where = {"edits_entity_token": at_entity / n, "from_source_entity_token": from_entity / n,
+             "edit_from_end": float(np.median(from_end)) if from_end else float("nan"),
+             "entity_from_end": float(np.median(entity_from_end)) if entity_from_end else float("nan")}
     return (np.concatenate(preds) if preds else np.zeros(0, dtype=int)), where, (torch.cat(Qs) if Qs else torch.zeros(0))
 
 
