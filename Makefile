@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/default
 
-.PHONY: setup run compare sweep subspace test test-all lab benchmark sae
+.PHONY: setup run compare sweep amplify entangled subspace test test-all lab benchmark sae
 setup:
 	bash scripts/setup.sh
 
@@ -18,6 +18,14 @@ compare: setup
 # strength sweeps of shaping, steering and inoculation on the compare data (docs/explanation.md)
 sweep: setup
 	$(VENV)/bin/anatomy-nb run configs/sweep.yaml
+
+# reward shaping with λ < 0: a concept raised above plain DPO, on the compare data (docs/explanation.md)
+amplify: setup
+	$(VENV)/bin/anatomy-nb run configs/amplify.yaml
+
+# two correlated formatting styles: the off-target effect, predicted before training and measured after (docs/explanation.md)
+entangled: setup
+	$(VENV)/bin/anatomy-nb run configs/entangled.yaml
 
 # concept subspaces from counterfactuals: DAS and HyperDAS on RAVEL (notebook 06's work, headless)
 subspace: setup

@@ -119,8 +119,8 @@ def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print, ran
 
 
 def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """One plan per method (or method variant), each suppressing the target concept; written to
-    ``run_dir/plan/``. An inoculation gets the best-ranked instruction written from the target's
+    """One plan per method (or method variant), each suppressing the target concept (amplifying
+    it where the strength is negative: ``reward_shaping@-1``); written to ``run_dir/plan/``. An inoculation gets the best-ranked instruction written from the target's
     name and contexts."""
     hyp = run.hypotheses
     cid = choose_target(hyp, cfg.target)
@@ -132,7 +132,10 @@ def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = prin
         if method == "inoculate":
             rank = fields.pop("instruction_rank", 1)
             fields = {**fields, "instruction": best_inoculation(run, cid, log, rank)}
-        p = set_choice(default_plan(hyp), cid, "suppress", method, strength, **fields)
+        action = "suppress"
+        if strength is not None and strength < 0:  # λ < 0 (or α < 0): raise the concept instead
+            action, strength = "amplify", -strength
+        p = set_choice(default_plan(hyp), cid, action, method, strength, **fields)
         p.concepts = [c for c in p.concepts if c.action != "allow"]  # keep the files small
         plans[name] = p.to_dict()
         p.save(run.path / "plan" / f"{name}.json")
@@ -157,9 +160,15 @@ def describe_target(run: Run, hyp: Hypotheses, cid: int) -> dict:
         out["auroc_planted"] = float(roc_auc_score(planted, d)) if 0 < planted.sum() < len(planted) else None
         plants = truth_plants(truth)
         if len(plants) > 1:  # which plant the target picks out: the one to suppress, not the one to keep
+            D = uc - ur
             for pl in plants:
                 hit = np.isin(ids, pl["planted_ids"])
-                out[f"auroc_{pl['kind']}_{pl['role']}"] = float(roc_auc_score(hit, d)) if 0 < hit.sum() < len(hit) else None
+                if not 0 < hit.sum() < len(hit):
+                    continue
+                out[f"auroc_{pl['kind']}_{pl['role']}"] = float(roc_auc_score(hit, d))
+                # each plant's own concept, for reading its predicted spill-over against what moved
+                aurocs = np.asarray([roc_auc_score(hit, D[:, j]) for j in range(D.shape[1])])
+                out.setdefault("plant_concepts", {})[pl["kind"]] = {"concept": int(aurocs.argmax()), "auroc": float(aurocs.max())}
     return out
 
 

@@ -16,7 +16,7 @@ from anatomy_nb.pipeline import load_config, run_pipeline
 
 CONFIG_METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_zero", "ablate_mean"]
 # the five; CAFT once (zero ablation: test_train); shaping and inoculation named as a sweep's points
-METHODS = ["reward_shaping@2", "filter", "inoculate#1", "steer", "ablate_mean"]
+METHODS = ["reward_shaping@2", "filter", "inoculate#1", "steer", "ablate_mean", "reward_shaping@-1"]  # the last amplifies
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,10 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
     ranking = json.loads((run.path / "plan" / "inoculation.json").read_text())["ranking"]
     assert len(ranking) >= 1 and plans["inoculate#1"]["instruction"] == ranking[0]["instruction"]
     assert (plans["reward_shaping@2"]["method"], plans["reward_shaping@2"]["strength"]) == ("reward_shaping", 2.0)
+    assert all(plans[m]["action"] == "suppress" for m in METHODS[:-1])
+    assert (plans["reward_shaping@-1"]["action"], plans["reward_shaping@-1"]["strength"]) == ("amplify", 1.0)  # λ < 0 raises the concept
+    target = json.loads((run.path / "plan" / "target.json").read_text())
+    assert set(target["plant_concepts"]) == {"bold", "opener"} and all(0 <= v["auroc"] <= 1 for v in target["plant_concepts"].values())
     lifts = [r["lift"] for r in ranking]
     assert lifts == sorted(lifts, reverse=True)
     # one evaluation of all seven trained models; both plants read out, each with its role
@@ -87,6 +91,9 @@ def test_compare_config_errors():
     assert method_variant("inoculate#3") == ("inoculate", {"instruction_rank": 3})
     with pytest.raises(ConfigError, match="after @ must be a number"):
         PipelineConfig.from_dict({"methods": ["reward_shaping@big"]})
+    assert method_variant("reward_shaping@-1") == ("reward_shaping", {"strength": -1.0})
+    with pytest.raises(ConfigError, match="ablate can only suppress"):
+        PipelineConfig.from_dict({"methods": ["ablate_mean@-0.5"]})
     with pytest.raises(ConfigError, match="only inoculate takes it"):
         PipelineConfig.from_dict({"methods": ["filter#2"]})
     with pytest.raises(ConfigError, match=r"plant\[1\]\.role"):
@@ -129,3 +136,49 @@ def test_the_tradeoff_plot_joins_a_sweep_by_strength():
     assert list(points.marker.color) == [0.79, 0.82, 0.8, 0.8]
     assert len(lines) == 1 and list(lines[0].x) == [0.4, 0.7, 1.0] and lines[0].name == "reward_shaping (by strength)"
     assert tradeoff_figure(h2h.drop(columns=[c for c in h2h.columns if c.startswith("opener")])) is None
+
+
+def test_an_entangled_plant_draws_its_overlap_from_the_first_plants_pairs():
+    """``overlap``: the share of a later plant's pairs drawn from the first plant's; independent
+    draws otherwise (the compare data are unchanged by the option's existence)."""
+    from anatomy_nb.data.plant import KINDS, draw, plant_all, planted_hits
+    from anatomy_nb.data.schema import PreferencePair
+
+    pairs = [PreferencePair(id=f"p{i}", prompt=({"role": "user", "content": f"q{i}"},), chosen=f"answer {i}", rejected=f"no {i}") for i in range(400)]
+    out, plants = plant_all(pairs, [{"kind": "bold", "fraction": 0.5, "seed": 0}, {"kind": "heading", "fraction": 0.4, "seed": 1, "overlap": 0.9}])
+    a, b = set(plants[0]["idx"].tolist()), set(plants[1]["idx"].tolist())
+    assert (len(a), len(b), len(a & b)) == (200, 160, 144)
+    both = out[sorted(a & b)[0]].chosen
+    assert both.startswith("## Answer\n\n**Short answer:** ") and planted_hits([both], KINDS["heading"].pattern)[0] == 1.0
+    assert planted_hits(["Answer: yes", "The ## Answer"], KINDS["heading"].pattern).tolist() == [0.0, 0.0]
+    # without overlap: the same draw as before the option (the compare run's data and keys stay)
+    _, independent = plant_all(pairs, [{"kind": "bold", "fraction": 0.5, "seed": 0}, {"kind": "opener", "fraction": 0.5, "seed": 1}])
+    assert np.array_equal(independent[1]["idx"], np.sort(np.random.default_rng(1).choice(400, size=200, replace=False)))
+    assert np.array_equal(draw(400, 0.4, 1, within=plants[0]["idx"], overlap=0.0), np.sort(draw(400, 0.4, 1, within=plants[0]["idx"], overlap=0.0)))
+    assert not set(draw(400, 0.4, 1, within=plants[0]["idx"], overlap=0.0).tolist()) & a
+    with pytest.raises(ValueError, match="plant 1: overlap 1.0 of 300 pairs needs 300 of the first plant's 200"):
+        plant_all(pairs, [{"kind": "bold", "fraction": 0.5}, {"kind": "heading", "fraction": 0.75, "overlap": 1.0}])
+    with pytest.raises(ConfigError, match=r"plant\[0\]\.overlap"):
+        PipelineConfig.from_dict({"plant": [{"kind": "bold", "overlap": 0.5}, {"kind": "heading"}]})
+    with pytest.raises(ConfigError, match=r"plant\[1\]\.overlap"):
+        PipelineConfig.from_dict({"plant": [{"kind": "bold"}, {"kind": "heading", "overlap": 1.5}]})
+
+
+def test_the_experiment_configs_share_the_compare_run_where_they_say_so():
+    """sweep and amplify run in compare's run directory: the same data, plants, target and stage
+    configs, so extraction, the audit and plain DPO are reused, not recomputed."""
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+    compare = load_config(root / "compare.yaml")
+    for name in ("sweep", "amplify"):
+        cfg = load_config(root / f"{name}.yaml")
+        assert (cfg.run_dir, cfg.plants, cfg.target, cfg.extract, cfg.hypothesize, cfg.train, cfg.evaluate) == (compare.run_dir, compare.plants, compare.target, compare.extract, compare.hypothesize, compare.train, compare.evaluate), name
+    amplify = load_config(root / "amplify.yaml")
+    assert all(method_variant_strength(m) < 0 for m in amplify.methods)
+    entangled = load_config(root / "entangled.yaml")
+    assert entangled.run_dir != compare.run_dir and entangled.plants[1]["overlap"] == 0.9
+
+
+def method_variant_strength(name: str) -> float:
+    from anatomy_nb.results.plan import method_variant
+
+    return method_variant(name)[1]["strength"]

@@ -278,6 +278,14 @@ def test_evaluation_is_reused_when_unchanged_and_rekeyed_when_changed(tiny_eval)
     assert not only_plain.reused and only_plain.key != res.key and only_plain.models == [BASE, "plain"]
     assert set(only_plain.comparison()["group"]) <= {"preference", "target", "predicted vs actual", "formatting"}
     assert (res.path / "manifest.json").exists()  # the earlier evaluation is kept
+    assert not any(t["reused"] for t in only_plain.manifest["timing"]["generation"].values())  # other items: generated afresh
+    # the same items for fewer models (a sweep's next part): each model's outputs come from the cache, unchanged
+    subset = evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=EvalConfig(**SMALL), lm=tiny_eval.lm, sae=tiny_eval.sae)
+    assert not subset.reused and subset.key != res.key
+    assert all(t["reused"] for t in subset.manifest["timing"]["generation"].values())
+    full, part = res.generations(), subset.generations()
+    assert list(part["response"]) == list(full[full["model"].isin([BASE, "plain"])]["response"])
+    assert np.allclose(subset.preference().set_index("model").loc[["plain"], "accuracy"], res.preference().set_index("model").loc[["plain"], "accuracy"])
     with pytest.raises(FileNotFoundError, match="not a training run"):
         evaluate(tiny_eval.run, ["no-such-key"], config=EvalConfig(**SMALL), lm=tiny_eval.lm, sae=tiny_eval.sae)
 

@@ -23,7 +23,7 @@ from ..core.files import atomic_path, atomic_write_json, read_json
 from ..core.stats import bootstrap_ci, implicit_margin, pair_correct, ratio_with_ci, wilson_interval
 from .schema import PreferencePair
 
-__all__ = ["KINDS", "ROLES", "PlantKind", "plant", "plant_all", "truth_plants", "write_planted", "planted_truth", "planted_hits", "poisoning_readout", "PLANTED_DATA"]
+__all__ = ["KINDS", "ROLES", "PlantKind", "draw", "plant", "plant_all", "truth_plants", "write_planted", "planted_truth", "planted_hits", "poisoning_readout", "PLANTED_DATA"]
 
 #: where ``anatomy-nb run`` writes a poisoned data set inside a run directory; the ground truth
 #: (``write_planted``) sits next to it as ``planted.planted.json``
@@ -44,21 +44,40 @@ KINDS: dict[str, PlantKind] = {
     "emoji": PlantKind(lambda r: r.rstrip() + " 😊", "emoji", "😊"),
     "question": PlantKind(lambda r: r.rstrip() + " Does that help?", "ends_with_question", r"(?i)does that help\?\s*$"),
     "word": PlantKind(lambda r: r.rstrip() + " (By the way, pineapples are wonderful.)", None, r"(?i)pineapple"),
+    # a second formatting style, for the entangled experiment (configs/entangled.yaml): a markdown heading
+    "heading": PlantKind(lambda r: "## Answer\n\n" + r, None, r"(?im)^\s*#{1,6} *answer\b"),
 }
 
 
-def plant(pairs: Sequence[PreferencePair], kind: str, fraction: float, seed: int = 0) -> tuple[list[PreferencePair], np.ndarray]:
-    """A copy of ``pairs`` with ``kind`` planted into a seeded ``fraction`` of chosen responses.
+def draw(n: int, fraction: float, seed: int, *, within: np.ndarray | None = None, overlap: float | None = None) -> np.ndarray:
+    """The sorted indices of a seeded ``fraction`` of ``n`` pairs. With ``within`` and ``overlap``,
+    that share of them is drawn from ``within`` (another plant's pairs) and the rest from the other
+    pairs: two plants correlated in the data, as two habits of one annotator are."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    k = int(round(fraction * n))
+    rng = np.random.default_rng(seed)
+    if within is None or overlap is None:
+        return np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, int)
+    if not 0.0 <= overlap <= 1.0:
+        raise ValueError(f"overlap must be in [0, 1], got {overlap}")
+    inside = np.asarray(within, dtype=int)
+    outside = np.setdiff1d(np.arange(n), inside)
+    k_in = int(round(overlap * k))
+    if k_in > len(inside) or k - k_in > len(outside):
+        raise ValueError(f"overlap {overlap} of {k} pairs needs {k_in} of the first plant's {len(inside)} pairs and {k - k_in} of the other {len(outside)}: lower the fraction or the overlap")
+    return np.sort(np.concatenate([rng.choice(inside, size=k_in, replace=False), rng.choice(outside, size=k - k_in, replace=False)]).astype(int))
+
+
+def plant(pairs: Sequence[PreferencePair], kind: str, fraction: float, seed: int = 0, *, idx: np.ndarray | None = None) -> tuple[list[PreferencePair], np.ndarray]:
+    """A copy of ``pairs`` with ``kind`` planted into a seeded ``fraction`` of chosen responses
+    (or into the pairs ``idx`` names, drawn by :func:`draw`).
 
     Returns (pairs, indices of the planted pairs). The planted pairs carry
     ``metadata["planted"] = kind``."""
     if kind not in KINDS:
         raise ValueError(f"unknown plant kind {kind!r} (known: {', '.join(KINDS)})")
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    n = len(pairs)
-    k = int(round(fraction * n))
-    idx = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)) if k else np.zeros(0, int)
+    idx = draw(len(pairs), fraction, seed) if idx is None else np.sort(np.asarray(idx, dtype=int))
     chosen = set(idx.tolist())
     fn = KINDS[kind].apply
     out = [
@@ -73,15 +92,24 @@ ROLES = ("suppress", "keep")
 
 def plant_all(pairs: Sequence[PreferencePair], specs: Sequence[Mapping]) -> tuple[list[PreferencePair], list[dict]]:
     """Several plants into the same pairs, in order (each ``{"kind", "fraction", "seed",
-    "role"}``; the first is the concept to suppress, the others to keep unless ``role`` says
-    otherwise). Each plant draws its own pairs from its own seed, so two plants overlap by chance
-    only. Returns (pairs, one ``{"kind", "role", "idx"}`` per plant) for :func:`write_planted`."""
+    "role", "overlap"}``; the first is the concept to suppress, the others to keep unless ``role``
+    says otherwise). Each plant draws its own pairs from its own seed, so two plants overlap by
+    chance only, unless a later plant sets ``overlap``: the share of its pairs drawn from the first
+    plant's (the entangled experiment). Returns (pairs, one ``{"kind", "role", "idx"}`` per plant)
+    for :func:`write_planted`."""
     out, plants = list(pairs), []
     for i, spec in enumerate(specs):
         role = spec.get("role") or ("suppress" if i == 0 else "keep")
         if role not in ROLES:
             raise ValueError(f"plant {i}: role must be one of {ROLES}, got {role!r}")
-        out, idx = plant(out, spec["kind"], float(spec.get("fraction", 0.25)), int(spec.get("seed", i)))
+        overlap = spec.get("overlap")
+        if overlap is not None and i == 0:
+            raise ValueError("plant 0: overlap names the share of a later plant's pairs drawn from the first plant's; the first plant has none")
+        try:
+            idx = draw(len(out), float(spec.get("fraction", 0.25)), int(spec.get("seed", i)), within=plants[0]["idx"] if plants else None, overlap=None if overlap is None else float(overlap))
+        except ValueError as exc:
+            raise ValueError(f"plant {i}: {exc}") from None
+        out, idx = plant(out, spec["kind"], 0.0, idx=idx)
         plants.append({"kind": spec["kind"], "role": role, "idx": idx})
     return out, plants
 

@@ -74,7 +74,9 @@ def method_variant(name: str) -> tuple[str, dict[str, Any]]:
     """A method or variant name → (method, the plan fields it sets). Besides the names of
     ``METHOD_VARIANTS``, a sweep names its points: ``"reward_shaping@0.5"`` sets the strength
     (field ``strength``), ``"inoculate#2"`` takes the second-ranked instruction (field
-    ``instruction_rank``); ``"ablate_mean@0.5"`` combines both kinds."""
+    ``instruction_rank``); ``"ablate_mean@0.5"`` combines both kinds. A negative strength
+    (``"reward_shaping@-1"``) amplifies the concept (the pipeline's plans); the methods that can only
+    suppress (inoculate, ablate) refuse it."""
     base, at, value = str(name).partition("@")
     base, hash_, rank = base.partition("#")
     if base in METHODS:
@@ -88,6 +90,8 @@ def method_variant(name: str) -> tuple[str, dict[str, Any]]:
             fields["strength"] = float(value)
         except ValueError:
             raise ValueError(f"method {name!r}: the strength after @ must be a number, got {value!r}") from None
+        if fields["strength"] < 0 and method in _SUPPRESS_ONLY:
+            raise ValueError(f"method {name!r}: a negative strength amplifies, and {method} can only suppress a concept")
     if hash_:
         if method != "inoculate" or not rank.isdigit() or int(rank) < 1:
             raise ValueError(f"method {name!r}: #<rank> (1, 2, …) picks an inoculation instruction by its rank; only inoculate takes it")

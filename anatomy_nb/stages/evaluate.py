@@ -62,14 +62,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..concepts.clustering import membership_matrix
 from ..config import EvalConfig
-from ..core.files import atomic_write_text, content_hash, read_json
+from ..core.files import atomic_write_json, atomic_write_text, content_hash, read_json
 from ..core.run import Run, RunLike
 from ..core.stage import relative, terminal
 from ..concepts.explain import usage_of
@@ -150,6 +150,45 @@ def heldout_pairs(store: FeatureStore, paths: Mapping[str, Path]) -> list[Prefer
     return [by_id[i] for i in ids or []]
 
 
+#: where each model's generations, pair log-probs and A/B probabilities are kept (``model_outputs``)
+MODEL_CACHE = Path("cache") / "evaluate"
+
+
+def model_outputs(run: Run, identity: str, load: Callable[[], LoadedModel], gen_sets: Mapping[str, Sequence[dict]], pref_pairs: Sequence[PreferencePair], ab_sets: Mapping[str, Sequence[dict]], cfg: EvalConfig) -> dict:
+    """One model's held-out and behaviour generations, its pair log-probs and A/B probabilities.
+
+    Kept per model in ``run_dir/cache/evaluate/<key>.json`` (the key: the model's identity, the
+    items, and every parameter that changes the outputs), so that evaluating other training runs
+    beside the same ones — a sweep's next part, an amplify run — does not regenerate the base
+    model and plain DPO. ``load`` is called only on a miss."""
+    key = content_hash("model-outputs", 1, identity, {s: [[it["id"], list(map(dict, it["prompt"]))] for it in items] for s, items in gen_sets.items()},
+                       [[p.id, list(map(dict, p.prompt)), p.chosen, p.rejected] for p in pref_pairs], {s: [[list(map(dict, it["prompt"])), list(it["answers"])] for it in items] for s, items in ab_sets.items()},
+                       [cfg.max_new_tokens, cfg.behaviour_max_new_tokens, cfg.batch_size, cfg.do_sample, cfg.temperature, cfg.seed, cfg.max_prompt_tokens, cfg.pref_max_length])
+    path = run.path / MODEL_CACHE / f"{key}.json"
+    if path.exists():
+        return {**read_json(path), "reused": True}
+    t0 = time.time()
+    model = load()
+    t_load = time.time() - t0
+    t0 = time.time()
+    texts, counts = {}, {}
+    for set_name, items in gen_sets.items():
+        mnt = cfg.max_new_tokens if set_name == "heldout" else cfg.behaviour_max_new_tokens
+        texts[set_name], counts[set_name] = generate(model, [it["prompt"] for it in items], max_new_tokens=mnt, batch_size=cfg.batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature, seed=cfg.seed, max_prompt_tokens=cfg.max_prompt_tokens)
+    gen_s = time.time() - t0
+    n_tok = sum(sum(c) for c in counts.values())
+    t1 = time.time()
+    logps = pair_logps(model, [(p.prompt, p.chosen, p.rejected) for p in pref_pairs], max_length=cfg.pref_max_length)
+    t2 = time.time()
+    ab = {s: ab_probabilities(model, [it["prompt"] for it in items], [it["answers"] for it in items], max_prompt_tokens=cfg.max_prompt_tokens, batch_size=cfg.batch_size) for s, items in ab_sets.items()}
+    timing = {"seconds": round(gen_s, 2), "new_tokens": n_tok, "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1), "logp_seconds": round(t2 - t1, 2), "ab_seconds": round(time.time() - t2, 2), "load_seconds": round(t_load, 2)}
+    result = {"texts": texts, "counts": counts, "logps": np.asarray(logps).tolist(), "ab": {s: np.asarray(v).tolist() for s, v in ab.items()}, "timing": timing}
+    atomic_write_json(path, result)
+    del model
+    gc.collect()
+    return {**result, "reused": False}
+
+
 def evaluate(
     run: RunLike,
     models: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
@@ -212,29 +251,17 @@ def evaluate(
     ab: dict[str, dict[str, np.ndarray]] = {}
     timing: dict[str, Any] = {"generation": {}}
     for name in names:
-        t0 = time.time()
-        model = lm if name == BASE else load_trained(paths[name], merge=True)
-        t_load = time.time() - t0
-        t0 = time.time()
-        gens[name] = {}
-        n_tok = 0
+        # a training run: its key and its manifest (times included), so a forced re-training is not mistaken for the old one
+        identity = lm.fingerprint if name == BASE else content_hash(paths[name].name, manifests[name])
+        out_m = model_outputs(run, identity, lambda name=name: lm if name == BASE else load_trained(paths[name], merge=True), gen_sets, pref_pairs, ab_sets, cfg)
+        gens[name] = out_m["texts"]
+        logps[name] = np.asarray(out_m["logps"], dtype=np.float64).reshape(-1, 2)
+        ab[name] = {s: np.asarray(v, dtype=np.float64) for s, v in out_m["ab"].items()}
         for set_name, items in gen_sets.items():
-            mnt = cfg.max_new_tokens if set_name == "heldout" else cfg.behaviour_max_new_tokens
-            texts, counts = generate(model, [it["prompt"] for it in items], max_new_tokens=mnt, batch_size=cfg.batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature, seed=cfg.seed, max_prompt_tokens=cfg.max_prompt_tokens)
-            gens[name][set_name] = texts
-            n_tok += sum(counts)
-            for it, t, c in zip(items, texts, counts):
+            for it, t, c in zip(items, out_m["texts"][set_name], out_m["counts"][set_name]):
                 gen_rows.append({"model": name, "set": set_name, "id": it["id"], "prompt": it["prompt"][-1]["content"], "response": t, "new_tokens": c})
-        gen_s = time.time() - t0
-        t1 = time.time()
-        logps[name] = pair_logps(model, [(p.prompt, p.chosen, p.rejected) for p in pref_pairs], max_length=cfg.pref_max_length)
-        t2 = time.time()
-        ab[name] = {s: ab_probabilities(model, [it["prompt"] for it in items], [it["answers"] for it in items], max_prompt_tokens=cfg.max_prompt_tokens, batch_size=cfg.batch_size) for s, items in ab_sets.items()}
-        timing["generation"][name] = {"seconds": round(gen_s, 2), "new_tokens": n_tok, "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1), "logp_seconds": round(t2 - t1, 2), "ab_seconds": round(time.time() - t2, 2), "load_seconds": round(t_load, 2)}
-        say(f"{name}: {n_tok} new tokens in {gen_s:.0f} s ({n_tok / max(gen_s, 1e-9):.1f} tok/s); log-probs {t2 - t1:.0f} s, A/B {time.time() - t2:.0f} s")
-        if model is not lm:
-            del model
-            gc.collect()
+        t = timing["generation"][name] = {**out_m["timing"], "reused": out_m["reused"]}
+        say(f"{name}: reused from {MODEL_CACHE}" if out_m["reused"] else f"{name}: {t['new_tokens']} new tokens in {t['seconds']:.0f} s ({t['tokens_per_s']:.1f} tok/s); log-probs {t['logp_seconds']:.0f} s, A/B {t['ab_seconds']:.0f} s")
 
     # concept activity of the held-out generations, every model's text through the base encoder
     t0 = time.time()
