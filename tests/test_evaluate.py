@@ -400,3 +400,40 @@ def test_a_rate_every_model_has_at_the_floor_is_marked_no_signal():
     assert flags[comp["metric"] == "refusal rate, harmful prompts"].all()
     assert not flags[comp["metric"] != "refusal rate, harmful prompts"].any()
     assert NO_SIGNAL == "no signal at this scale"
+
+
+def test_plan_vs_actual_compares_the_predicted_spillover_with_the_measured_shift():
+    """Known answer: a shift measured exactly as stage 3 predicted (the targeted concept and the
+    concepts correlated with it) gives R² 1 and full sign agreement; the same shifts given to the
+    wrong concepts do not."""
+    import pandas as pd
+
+    from anatomy_nb.stages.prediction import ConceptSpace
+    from anatomy_nb.stages.readouts import plan_vs_actual
+
+    rng = np.random.default_rng(0)
+    n, C = 300, 6
+    a = rng.random(n)
+    chosen = np.column_stack([a + 0.5, 0.8 * a + rng.normal(0, 0.05, n), -0.5 * a + rng.normal(0, 0.05, n)] + [rng.random(n) for _ in range(C - 3)])
+    rejected = np.column_stack([a, 0.8 * a - 0.2, -0.5 * a + 0.1] + [rng.random(n) for _ in range(C - 3)])
+    concepts = pd.DataFrame({"concept": np.arange(C), "label": [f"c{i}" for i in range(C)], "significant": True})
+    space = ConceptSpace(concepts, chosen, rejected)
+    entry = {"concept": "sae:0", "action": "suppress", "method": "reward_shaping", "strength": 1.0, "features": [0]}
+    table, _ = space.predict({"concepts": [entry]})
+    predicted = (table["after"] - table["before"]).to_numpy()
+    assert abs(predicted[1]) > 0.1 and np.sign(predicted[2]) == -np.sign(predicted[1])  # spill-over both ways
+    prompts = 200
+    base = rng.random((prompts, C))
+    plain = base + 0.3
+    manifests = {"plain": {"plan": {"concepts": []}}, "shaped": {"plan": {"concepts": [entry]}}, "wrong": {"plan": {"concepts": [entry]}}}
+    activity = {"base": base, "plain": plain,
+                "shaped": plain + predicted + rng.normal(0, 0.01, (prompts, C)),
+                "wrong": plain + predicted[::-1] + rng.normal(0, 0.01, (prompts, C))}
+    rows, r2 = plan_vs_actual(space, activity, manifests, EvalConfig(n_boot=200))
+    assert set(rows["model"]) == {"shaped", "wrong"} and rows.loc[rows["model"] == "shaped", "targeted"].tolist() == [True] + [False] * (C - 1)
+    r2 = r2.set_index(["model", "concepts"])
+    assert r2.at[("shaped", "significant"), "r2"] > 0.99 and r2.at[("shaped", "spill-over"), "sign_agreement"] == 1.0
+    assert r2.at[("shaped", "spill-over"), "n_concepts"] == C - 1
+    assert r2.at[("wrong", "significant"), "r2"] < 0.5
+    # no plain DPO among the models: nothing to measure against
+    assert plan_vs_actual(space, {"base": base, "shaped": plain}, manifests, EvalConfig())[0].empty

@@ -39,7 +39,7 @@ def no_signal_rows(comparison: pd.DataFrame) -> pd.Series:
 
 BASE = "base"  # the untrained model's name in every table
 
-TABLES = ("predicted_vs_actual", "r2", "offtarget", "preference", "targets", "poisoning", "comparison", "judges")
+TABLES = ("predicted_vs_actual", "r2", "plan_vs_actual", "plan_r2", "offtarget", "preference", "targets", "poisoning", "comparison", "judges")
 
 
 @dataclass
@@ -66,6 +66,16 @@ class EvalResult(Artifact):
 
     def r2(self) -> pd.DataFrame:
         return self.table("r2")
+
+    def plan_vs_actual(self) -> pd.DataFrame | None:
+        """Per intervention × concept: the shift its plan predicted relative to plain DPO (stage 3,
+        spill-over included) and the shift measured; None for evaluations written before it existed."""
+        return self.table("plan_vs_actual") if (self.path / "plan_vs_actual.parquet").exists() else None
+
+    def plan_r2(self) -> pd.DataFrame | None:
+        """R² and sign agreement of ``plan_vs_actual`` per model, over the significant concepts and
+        over the non-targeted ones (``concepts == "spill-over"``)."""
+        return self.table("plan_r2") if (self.path / "plan_r2.parquet").exists() else None
 
     def offtarget(self) -> pd.DataFrame:
         return self.table("offtarget")
@@ -125,13 +135,17 @@ class EvalResult(Artifact):
         """The experiment's main table, one row per trained model (plain DPO, then each
         intervention): each planted concept's fraction removed (to suppress) or kept (to keep),
         the held-out preference accuracy, how many concepts moved off target (BH), the
-        predicted-vs-actual R² of the whole-response view, and the median training step time over
-        plain DPO's. Value, low and high columns; ``head_to_head_table`` formats them."""
+        predicted-vs-actual R² of the whole-response view, the R² and sign agreement of the
+        spill-over its plan predicted against the shift measured (relative to plain DPO), and the
+        median training step time over plain DPO's. Value, low and high columns; ``head_to_head_table`` formats them."""
         poison = self.poisoning()
         pref = self.preference().set_index("model")
         r2 = self.r2()
         r2 = r2[r2["view"] == "overall"].set_index("model")
         off = self.offtarget()
+        plan_r2 = self.plan_r2()
+        if plan_r2 is not None:
+            plan_r2 = plan_r2[plan_r2["concepts"] == "spill-over"].set_index("model")
         steps = self.manifest.get("train_step_seconds") or {}
         plain_step = steps.get("plain")
         rows = []
@@ -150,6 +164,9 @@ class EvalResult(Artifact):
             row["off-target movers"] = int((off["model"] == m).sum())
             if m in r2.index:
                 row.update({"R² (overall)": r2.at[m, "r2"], "R² (overall)_ci_low": r2.at[m, "ci_low"], "R² (overall)_ci_high": r2.at[m, "ci_high"]})
+            if plan_r2 is not None and m in plan_r2.index:
+                p = plan_r2.loc[m]
+                row.update({"spill-over R² (plan)": p["r2"], "spill-over R² (plan)_ci_low": p["ci_low"], "spill-over R² (plan)_ci_high": p["ci_high"], "spill-over sign agreement (plan)": p["sign_agreement"]})
             s = steps.get(m)
             row["step-time ratio"] = s / plain_step if s and plain_step else float("nan")
             rows.append(row)

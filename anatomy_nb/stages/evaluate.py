@@ -12,6 +12,10 @@
   whether the row enters the R² fit (``in_fit``);
 - ``r2.parquet`` — per model × view: R² of actual on predicted with a bootstrap interval (resampling
   concepts), slope, Pearson r, sign agreement;
+- ``plan_vs_actual.parquet`` / ``plan_r2.parquet`` — per intervention × concept: stage 3's predicted
+  shift under its plan relative to plain DPO (spill-over included) against the measured shift
+  (intervention − plain DPO, paired over prompts); R² and sign agreement per model over the
+  significant concepts and over the non-targeted ones (the spill-over the plan predicted);
 - ``offtarget.parquet`` — concepts that moved significantly (q < fdr, overall view) and were not
   targeted by that model's plan;
 - ``preference.parquet`` — held-out preference accuracy per model (the implicit DPO reward margin
@@ -83,7 +87,8 @@ from ..lm.ops import ab_probabilities, generate, pair_logps, response_residuals
 from ..results.evaluation import BASE, EvalResult
 from ..results.store import FeatureStore
 from ..results.training import PLAIN, active_entries, run_name, training_runs
-from .readouts import comparison_table, predicted_vs_actual, preference_table, targets_table
+from .prediction import ConceptSpace
+from .readouts import comparison_table, plan_vs_actual, predicted_vs_actual, preference_table, targets_table
 from .train import load_trained
 
 __all__ = ["BASE", "EvalConfig", "EvalResult", "evaluate", "firing", "heldout_pairs", "resolve_models", "STAGE"]
@@ -273,6 +278,9 @@ def evaluate(
     pva, r2_rows = predicted_vs_actual(hyps, store, heldout, prompts, activity, manifests, cfg)
     stage.write_parquet("predicted_vs_actual", pva)
     stage.write_parquet("r2", r2_rows)
+    plan_pva, plan_r2 = plan_vs_actual(ConceptSpace.from_run(run, hyps, store), activity, manifests, cfg)
+    stage.write_parquet("plan_vs_actual", plan_pva)
+    stage.write_parquet("plan_r2", plan_r2)
     off = pva[(pva["view"] == "overall") & (pva["model"] != BASE) & (pva["actual_q"] < cfg.fdr) & ~pva["targeted"].astype(bool)].sort_values(["model", "actual_q"]).reset_index(drop=True)
     stage.write_parquet("offtarget", off)
     pref = preference_table(logps, manifests, cfg)

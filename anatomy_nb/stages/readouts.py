@@ -18,8 +18,9 @@ from ..data.textstats import text_stats
 from ..results.evaluation import BASE
 from ..results.plan import parse_concept, sae_concept_id
 from ..results.training import PLAIN, active_entries
+from .prediction import ConceptSpace
 
-__all__ = ["FORMAT_STATS", "comparison_table", "concept_scores", "predicted_vs_actual", "preference_table", "targets_table"]
+__all__ = ["FORMAT_STATS", "comparison_table", "concept_scores", "plan_vs_actual", "predicted_vs_actual", "preference_table", "targets_table"]
 
 log = logging.getLogger(__name__)
 FORMAT_STATS = ("bold", "headers", "list_items", "emoji", "words")
@@ -78,6 +79,43 @@ def predicted_vs_actual(hyps, store, heldout, prompts, activity, manifests, cfg:
             r2_rows.append({"model": name, "view": view, **r})
     pva = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["model", "view", "topic", "concept", "predicted", "actual_change", "actual_p", "actual_q", "targeted", "in_fit"])
     return pva, pd.DataFrame(r2_rows, columns=["model", "view", "n_concepts", "r2", "ci_low", "ci_high", "pearson_r", "slope", "intercept", "sign_agreement"])
+
+
+PLAN_COLUMNS = ["model", "concept", "label", "significant", "targeted", "basis", "predicted_shift", "actual_shift", "actual_p", "actual_q"]
+PLAN_R2_COLUMNS = ["model", "concepts", "n_concepts", "r2", "ci_low", "ci_high", "pearson_r", "slope", "intercept", "sign_agreement"]
+
+
+def plan_vs_actual(space: ConceptSpace, activity: Mapping[str, np.ndarray], manifests: Mapping[str, dict], cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 3's prediction of what each intervention changes relative to plain DPO — every
+    concept's shift under its plan (``ConceptSpace.predict``: after − before, spill-over onto
+    correlated concepts included) — against the shift measured in the held-out generations
+    (intervention − plain DPO, paired by prompt, BH over concepts).
+
+    R² and sign agreement per model over the concepts stage 2 found significant, once for all of
+    them and once without the targeted ones (``concepts = "spill-over"``): whether the plan said,
+    before training, which other concepts the intervention would drag along."""
+    if PLAIN not in activity:
+        return pd.DataFrame(columns=PLAN_COLUMNS), pd.DataFrame(columns=PLAN_R2_COLUMNS)
+    rows, r2_rows = [], []
+    for name, act in activity.items():
+        if name in (BASE, PLAIN):
+            continue
+        entries = active_entries(manifests[name])
+        table, _ = space.predict({"concepts": entries})
+        ids = table["concept"].to_numpy().astype(int)
+        D = (act - activity[PLAIN])[:, ids]
+        t = paired_test(D)
+        targeted = {cid for e in entries if (cid := sae_concept_id(e["concept"])) is not None}
+        df = pd.DataFrame({"model": name, "concept": ids, "label": table["label"].to_numpy(), "significant": table["significant"].astype(bool).to_numpy(),
+                           "targeted": [int(c) in targeted for c in ids], "basis": table["basis"].to_numpy(), "predicted_shift": (table["after"] - table["before"]).to_numpy(),
+                           "actual_shift": D.mean(0), "actual_p": t.p})
+        df["actual_q"] = bh_qvalues(np.nan_to_num(df["actual_p"].to_numpy(), nan=1.0))
+        rows.append(df)
+        for which, mask in (("significant", df["significant"]), ("spill-over", df["significant"] & ~df["targeted"])):
+            fit = df[mask]
+            r2_rows.append({"model": name, "concepts": which, **r2_with_ci(fit["predicted_shift"].to_numpy(), fit["actual_shift"].to_numpy(), cfg.n_boot, cfg.ci, cfg.seed)})
+    pva = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=PLAN_COLUMNS)
+    return pva[PLAN_COLUMNS], pd.DataFrame(r2_rows, columns=PLAN_R2_COLUMNS)
 
 
 def preference_table(logps: Mapping[str, np.ndarray], manifests: Mapping[str, dict], cfg: EvalConfig) -> pd.DataFrame:
