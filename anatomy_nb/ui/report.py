@@ -49,7 +49,7 @@ def _pipeline_sections(run: Run) -> list[str]:
     if run.has("evaluate"):
         ev = run.evaluation
         if len(ev.models) > 2:
-            parts += ["<h2>Head to head: each intervention against plain DPO</h2>", "<p class='muted'>Per planted concept the fraction of plain DPO's increase removed (to suppress) or kept (to keep); held-out preference accuracy; concepts that moved off target (BH); predicted-vs-actual R² of the whole response; median training step time over plain DPO's. value [95 % interval].</p>", html_table(ev.head_to_head_table(), max_chars=200)]
+            parts += ["<h2>Head to head: each intervention against plain DPO</h2>", "<p class='muted'>Per planted concept the fraction of plain DPO's increase removed (to suppress) or kept (to keep); held-out preference accuracy; concepts that moved off target (BH); predicted-vs-actual R² of the whole response; R² and sign agreement of the spill-over each plan predicted before training (shift relative to plain DPO of the concepts it did not target) against the shift measured; median training step time over plain DPO's. value [95 % interval]. A concept's ‘removed’ below 0 is a rise above plain DPO (an amplify run).</p>", html_table(ev.head_to_head_table(), max_chars=200)]
         wide = ev.comparison_table().reset_index()
         order = {"poisoning": 0, "target": 1, "preference": 2}
         wide = wide.sort_values("group", key=lambda g: g.map(lambda x: order.get(x, 9)), kind="stable")

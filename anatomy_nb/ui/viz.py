@@ -145,5 +145,34 @@ def tradeoff_figure(h2h: pd.DataFrame):
             g = g.sort_values("_strength")
             fig.add_scatter(x=g[x], y=g[y], mode="lines", line=dict(width=1, color="#868e96"), name=f"{method} (by strength)", hoverinfo="skip")
     fig.add_shape(type="rect", x0=0.8, x1=1.25, y0=0.9, y1=1.25, line=dict(width=0), fillcolor="rgba(47,158,68,0.12)")
-    fig.update_layout(height=420, xaxis_title=f"{x.replace(' removed', '')}: fraction of plain DPO's increase removed", yaxis_title=f"{y.replace(' kept', '')}: fraction of plain DPO's increase kept", xaxis=dict(range=[-0.3, 1.3]), yaxis=dict(range=[-0.3, 1.3]))
+
+    def span(col):  # an amplify run's "removed" lies below 0, a raised kept concept above 1: widen to show them
+        v = df[col].to_numpy(dtype=float)
+        v = v[np.isfinite(v)]
+        return [min(-0.3, float(v.min()) - 0.15) if len(v) else -0.3, max(1.3, float(v.max()) + 0.15) if len(v) else 1.3]
+
+    fig.update_layout(height=420, xaxis_title=f"{x.replace(' removed', '')}: fraction of plain DPO's increase removed", yaxis_title=f"{y.replace(' kept', '')}: fraction of plain DPO's increase kept", xaxis=dict(range=span(x)), yaxis=dict(range=span(y)))
+    return fig
+
+
+def plan_shift_figure(plan_vs_actual: pd.DataFrame, plan_r2: pd.DataFrame | None = None):
+    """Per intervention, a point per significant concept: the shift its plan predicted before
+    training relative to plain DPO (x; stage 3, spill-over included) against the shift measured in
+    the held-out generations (y). Targeted concepts are diamonds; the title carries the spill-over
+    R² and sign agreement. ``EvalResult.plan_vs_actual()`` / ``plan_r2()``."""
+    d = plan_vs_actual[plan_vs_actual["significant"].astype(bool)]
+    r2 = plan_r2[plan_r2["concepts"] == "spill-over"].set_index("model") if plan_r2 is not None and len(plan_r2) else None
+    fig = go.Figure()
+    palette = ["#1971c2", "#e8590c", "#2f9e44", "#9c36b5", "#f08c00", "#0c8599", "#c2255c", "#5c940d"]
+    for i, (model, g) in enumerate(d.groupby("model", sort=False)):
+        name = model
+        if r2 is not None and model in r2.index and np.isfinite(r2.at[model, "r2"]):
+            name += f" (spill-over R² {r2.at[model, 'r2']:.2f}, sign {r2.at[model, 'sign_agreement']:.2f})"
+        text = [escape_text(f"concept {c}: {lbl}", 120) for c, lbl in zip(g["concept"], g["label"].fillna(""))]
+        fig.add_scatter(x=g["predicted_shift"], y=g["actual_shift"], mode="markers", name=name, text=text,
+                        marker=dict(color=palette[i % len(palette)], size=np.where(g["targeted"], 12, 7), symbol=np.where(g["targeted"], "diamond", "circle"), opacity=0.75),
+                        hovertemplate="%{text}<br>predicted %{x:.3f}<br>measured %{y:.3f}<extra>" + escape_text(model) + "</extra>")
+    fig.add_hline(y=0, line=dict(color="#adb5bd", width=1))
+    fig.add_vline(x=0, line=dict(color="#adb5bd", width=1))
+    fig.update_layout(title="The plan's prediction against what moved (relative to plain DPO)", height=440, xaxis_title="predicted shift under the plan (stage 3, before training)", yaxis_title="measured shift on generations (model − plain DPO)", legend=dict(orientation="h", y=-0.25))
     return fig
