@@ -23,15 +23,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def plant_concept_rows(ev, target: dict) -> dict:
-    """Each plant's own concept (``plan/target.json``'s ``plant_concepts``): per model, the change
-    stage 3 predicted for it under that model's plan and the change measured in held-out generations."""
+    """Each plant's own concept (``plan/target.json``'s ``plant_concepts``): per model, its change
+    against the base model (stage 2 predicted what plain DPO would learn), and per intervention the
+    shift its plan predicted relative to plain DPO (stage 3, spill-over included) beside the shift measured."""
     pva = ev.predicted_vs_actual()
     pva = pva[pva["view"] == "overall"]
+    plan = ev.plan_vs_actual()
     out = {}
     for kind, c in (target.get("plant_concepts") or {}).items():
         rows = pva[pva["concept"] == c["concept"]]
         out[kind] = {**c, "label": str(rows["label"].iloc[0]) if len(rows) else None,
-                     "per_model": [{"model": r.model, "predicted_change": round(float(r.predicted), 4), "actual_change": round(float(r.actual_change), 4), "actual_q": round(float(r.actual_q), 6), "targeted": bool(r.targeted)} for r in rows.itertuples()]}
+                     "vs_base": [{"model": r.model, "stage2_predicted": round(float(r.predicted), 4), "actual_change": round(float(r.actual_change), 4), "actual_q": round(float(r.actual_q), 6)} for r in rows.itertuples()]}
+        if plan is not None:
+            p = plan[plan["concept"] == c["concept"]]
+            out[kind]["vs_plain"] = [{"model": r.model, "plan_predicted_shift": round(float(r.predicted_shift), 4), "measured_shift": round(float(r.actual_shift), 4), "measured_q": round(float(r.actual_q), 6), "targeted": bool(r.targeted), "basis": r.basis} for r in p.itertuples()]
     return out
 
 
@@ -58,13 +63,14 @@ def main() -> None:
         "target": target,
         "plant_concepts": plant_concept_rows(ev, target),
         "r2_overall": r2[r2["view"] == "overall"][["model", "n_concepts", "r2", "ci_low", "ci_high", "sign_agreement"]].round(4).to_dict(orient="records"),
+        "plan_r2": None if ev.plan_r2() is None else ev.plan_r2().round(4).to_dict(orient="records"),
         "eval_timing": ev.manifest.get("timing"),
         "note": args.note,
     }
     path = Path(f"{stem}-run-{args.date}.json")
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
     print(ev.head_to_head_table().to_string(index=False))
-    print(json.dumps({k: result[k] for k in ("steps", "plant_concepts", "r2_overall")}, indent=1, default=float))
+    print(json.dumps({k: result[k] for k in ("plant_concepts", "plan_r2")}, indent=1, default=float))
     print(f"wrote {stem}-*-{args.date}.*")
 
 
