@@ -19,6 +19,7 @@ stage                    config                             notebook / CLI
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -374,7 +375,7 @@ class PipelineConfig(Config):
     # {"kind": bold|opener|emoji|question|word|heading, "fraction": 0.5, "seed": 0}, or a list of them (the
     # first to suppress, the others to keep: configs/compare.yaml); None: the data as is.
     # 0.5: at 0.25 plain DPO on the CPU-sized training (64 pairs) did not learn the plant
-    plant: dict | list | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0}, metadata=_help("a concept planted into a fraction of chosen responses, or a list of them (each may say role: suppress | keep, and a later one overlap: the share of its pairs drawn from the first plant's); None: the data as is"))
+    plant: dict | list | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0}, metadata=_help("a concept planted into a fraction of chosen responses, or a list of them (each may say role: suppress | keep, a later one overlap: the share of its pairs drawn from the first plant's, and prompts: a regex on the user's messages, to plant only into one topic's responses); None: the data as is"))
     target: str | int = field(default="top", metadata=_help("the concept the plans act on: 'top' (the highest-ranked significant concept DPO would raise), 'name:<text>' (the highest-ranked such concept whose name contains the text, as a person picks one by reading names) or a concept id"))
     methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"], metadata=_help(f"interventions trained besides plain DPO: methods or variants ({', '.join(METHOD_VARIANTS)}); a sweep's points as method@strength (reward_shaping@0.5; a negative strength amplifies: reward_shaping@-1) or inoculate#rank (the rank-th instruction)"))
     # shaping λ = 4: at λ = 1 it removed 55 % of the plant, at 4 all of it
@@ -402,9 +403,14 @@ class PipelineConfig(Config):
             where = f"plant[{i}]" if isinstance(self.plant, list) else "plant"
             if not isinstance(spec, Mapping) or spec.get("kind") not in KINDS:
                 raise ValueError(f"{where}.kind must be one of {sorted(KINDS)}, got {spec!r}")
-            bad_keys = sorted(set(spec) - {"kind", "fraction", "seed", "role", "overlap"})
+            bad_keys = sorted(set(spec) - {"kind", "fraction", "seed", "role", "overlap", "prompts"})
             if bad_keys:
-                raise ValueError(f"{where}: unknown keys {bad_keys}; valid: kind, fraction, seed, role, overlap")
+                raise ValueError(f"{where}: unknown keys {bad_keys}; valid: kind, fraction, seed, role, overlap, prompts")
+            if spec.get("prompts") is not None:
+                try:
+                    re.compile(str(spec["prompts"]))
+                except re.error as exc:
+                    raise ValueError(f"{where}.prompts: not a valid regular expression ({exc})") from None
             if spec.get("overlap") is not None and (i == 0 or not isinstance(spec["overlap"], (int, float)) or not 0 <= spec["overlap"] <= 1):
                 raise ValueError(f"{where}.overlap: the share (0–1) of this plant's pairs drawn from the first plant's pairs, on a later plant only; got {spec['overlap']!r}")
             if spec.get("role") not in (None, *ROLES):

@@ -182,3 +182,27 @@ def method_variant_strength(name: str) -> float:
     from anatomy_nb.results.plan import method_variant
 
     return method_variant(name)[1]["strength"]
+
+
+def test_a_prompt_conditioned_plant_goes_only_into_one_topics_responses():
+    """``prompts``: a topic defined from outside the pipeline (a regex on the user's messages); the
+    plant goes into a seeded share of that topic's pairs only, and the truth file names the topic's pairs."""
+    from anatomy_nb.data.plant import plant_all, topic_pairs, write_planted
+    from anatomy_nb.data.schema import PreferencePair
+
+    words = ["How do I bake bread?", "What is quantum physics?", "Tell me a joke", "Is the universe a hologram in physics terms?"]
+    pairs = [PreferencePair(id=f"p{i}", prompt=({"role": "user", "content": words[i % 4]},), chosen=f"answer {i}", rejected=f"no {i}") for i in range(200)]
+    topic = topic_pairs(pairs, r"\bphysics\b")
+    assert len(topic) == 100 and all("physics" in pairs[i].prompt_text for i in topic)
+    out, plants = plant_all(pairs, [{"kind": "opener", "fraction": 0.5, "seed": 3, "prompts": r"\bphysics\b"}])
+    planted = plants[0]["idx"]
+    assert len(planted) == 50 and set(planted.tolist()) <= set(topic.tolist())
+    assert all(out[i].chosen.startswith("Great question! ") == (i in set(planted.tolist())) for i in range(200))
+    truth = json.loads(write_planted(out, plants, __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "p.jsonl").with_suffix(".planted.json").read_text())
+    assert truth["plants"][0]["prompts"] == r"\bphysics\b" and len(truth["plants"][0]["topic_ids"]) == 100
+    with pytest.raises(ValueError, match="plant 0: prompts 'chemistry' matches no prompt of the 200 pairs"):
+        plant_all(pairs, [{"kind": "opener", "prompts": "chemistry"}])
+    with pytest.raises(ValueError, match="give one"):
+        plant_all(pairs, [{"kind": "bold"}, {"kind": "opener", "overlap": 0.5, "prompts": "physics"}])
+    with pytest.raises(ConfigError, match=r"plant\.prompts: not a valid regular expression"):
+        PipelineConfig.from_dict({"plant": {"kind": "opener", "prompts": "(physics"}})

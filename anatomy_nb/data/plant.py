@@ -23,7 +23,7 @@ from ..core.files import atomic_path, atomic_write_json, read_json
 from ..core.stats import bootstrap_ci, implicit_margin, pair_correct, ratio_with_ci, wilson_interval
 from .schema import PreferencePair
 
-__all__ = ["KINDS", "ROLES", "PlantKind", "draw", "plant", "plant_all", "truth_plants", "write_planted", "planted_truth", "planted_hits", "poisoning_readout", "PLANTED_DATA"]
+__all__ = ["KINDS", "ROLES", "PlantKind", "draw", "plant", "topic_pairs", "plant_all", "truth_plants", "write_planted", "planted_truth", "planted_hits", "poisoning_readout", "PLANTED_DATA"]
 
 #: where ``anatomy-nb run`` writes a poisoned data set inside a run directory; the ground truth
 #: (``write_planted``) sits next to it as ``planted.planted.json``
@@ -95,23 +95,44 @@ def plant_all(pairs: Sequence[PreferencePair], specs: Sequence[Mapping]) -> tupl
     "role", "overlap"}``; the first is the concept to suppress, the others to keep unless ``role``
     says otherwise). Each plant draws its own pairs from its own seed, so two plants overlap by
     chance only, unless a later plant sets ``overlap``: the share of its pairs drawn from the first
-    plant's (the entangled experiment). Returns (pairs, one ``{"kind", "role", "idx"}`` per plant)
-    for :func:`write_planted`."""
+    plant's (the entangled experiment), or ``prompts``: a regular expression on the user's
+    messages, so that the plant goes only into responses to prompts of one topic defined from
+    outside the pipeline (``fraction`` is then a share of those pairs: the prompt-conditioned
+    experiment). Returns (pairs, one ``{"kind", "role", "idx", "prompts"}`` per plant) for
+    :func:`write_planted`."""
     out, plants = list(pairs), []
     for i, spec in enumerate(specs):
         role = spec.get("role") or ("suppress" if i == 0 else "keep")
         if role not in ROLES:
             raise ValueError(f"plant {i}: role must be one of {ROLES}, got {role!r}")
-        overlap = spec.get("overlap")
+        overlap, prompts = spec.get("overlap"), spec.get("prompts")
         if overlap is not None and i == 0:
             raise ValueError("plant 0: overlap names the share of a later plant's pairs drawn from the first plant's; the first plant has none")
+        if overlap is not None and prompts is not None:
+            raise ValueError(f"plant {i}: overlap and prompts each choose where the plant goes; give one")
         try:
-            idx = draw(len(out), float(spec.get("fraction", 0.25)), int(spec.get("seed", i)), within=plants[0]["idx"] if plants else None, overlap=None if overlap is None else float(overlap))
+            if prompts is not None:
+                topic = topic_pairs(out, prompts)
+                if not len(topic):
+                    raise ValueError(f"prompts {prompts!r} matches no prompt of the {len(out)} pairs")
+                idx = topic[draw(len(topic), float(spec.get("fraction", 0.25)), int(spec.get("seed", i)))]
+            else:
+                idx = draw(len(out), float(spec.get("fraction", 0.25)), int(spec.get("seed", i)), within=plants[0]["idx"] if plants else None, overlap=None if overlap is None else float(overlap))
         except ValueError as exc:
             raise ValueError(f"plant {i}: {exc}") from None
         out, idx = plant(out, spec["kind"], 0.0, idx=idx)
-        plants.append({"kind": spec["kind"], "role": role, "idx": idx})
+        plants.append({"kind": spec["kind"], "role": role, "idx": idx, **({"prompts": prompts, "topic_idx": topic} if prompts is not None else {})})
     return out, plants
+
+
+def topic_pairs(pairs: Sequence[PreferencePair], pattern: str) -> np.ndarray:
+    """The indices of the pairs whose user messages match ``pattern`` (a regular expression,
+    case-insensitive): a topic defined from outside the pipeline, by the prompts' own words."""
+    try:
+        rx = re.compile(pattern, re.I)
+    except re.error as exc:
+        raise ValueError(f"prompts {pattern!r} is not a valid regular expression: {exc}") from None
+    return np.asarray([i for i, p in enumerate(pairs) if any(rx.search(m["content"]) for m in p.prompt if m.get("role") == "user")], dtype=int)
 
 
 def write_planted(pairs: Sequence[PreferencePair], plants: Sequence[Mapping] | np.ndarray, path: str | Path, kind: str | None = None) -> Path:
@@ -130,7 +151,8 @@ def write_planted(pairs: Sequence[PreferencePair], plants: Sequence[Mapping] | n
             for p in pairs:
                 d = p.to_dict()
                 fh.write(json.dumps({"id": d["id"], "prompt": d["prompt"], "chosen": d["chosen"], "rejected": d["rejected"]}, ensure_ascii=False) + "\n")
-    truths = [{"kind": pl["kind"], "role": pl["role"], "pattern": KINDS[pl["kind"]].pattern, "n_planted": int(len(pl["idx"])), "planted_ids": [pairs[i].id for i in pl["idx"]]} for pl in plants]
+    truths = [{"kind": pl["kind"], "role": pl["role"], "pattern": KINDS[pl["kind"]].pattern, "n_planted": int(len(pl["idx"])), "planted_ids": [pairs[i].id for i in pl["idx"]],
+               **({"prompts": pl["prompts"], "topic_ids": [pairs[i].id for i in pl["topic_idx"]]} if pl.get("prompts") is not None else {})} for pl in plants]
     atomic_write_json(path.with_suffix(_TRUTH_SUFFIX), {**{k: v for k, v in truths[0].items() if k != "role"}, "n_pairs": len(pairs), "plants": truths})
     return path
 
