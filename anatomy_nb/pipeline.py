@@ -120,8 +120,8 @@ def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print, ran
 
 def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
     """One plan per method (or method variant), each suppressing the target concept (amplifying
-    it where the strength is negative: ``reward_shaping@-1``); written to ``run_dir/plan/``. An inoculation gets the best-ranked instruction written from the target's
-    name and contexts."""
+    it where the strength is negative: ``reward_shaping@-1``); written to ``run_dir/plan/``. An
+    inoculation gets the best-ranked instruction written from the target's name and contexts."""
     hyp = run.hypotheses
     cid = choose_target(hyp, cfg.target)
     atomic_write_json(run.path / "plan" / "target.json", describe_target(run, hyp, cid))
