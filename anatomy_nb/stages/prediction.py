@@ -155,7 +155,12 @@ class ConceptSpace:
         return out
 
     def correlation(self) -> tuple[np.ndarray, np.ndarray]:
-        """(Pearson r, regression slope β_jc of u_j on u_c), C × C, over all responses."""
+        """(Pearson r, regression slope β_jc of u_j on u_c), C × C, over all responses; computed
+        once per space (it does not depend on the plan, and stage 5 predicts one plan per model)."""
+        return self._correlation
+
+    @cached_property
+    def _correlation(self) -> tuple[np.ndarray, np.ndarray]:
         U = np.vstack([self.chosen, self.rejected]).astype(np.float64)
         U = U - U.mean(0)
         cov = U.T @ U / max(len(U) - 1, 1)

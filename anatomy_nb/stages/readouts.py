@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 FORMAT_STATS = ("bold", "headers", "list_items", "emoji", "words")
 
 
+R2_COLUMNS = ["n_concepts", "r2", "ci_low", "ci_high", "pearson_r", "slope", "intercept", "sign_agreement"]  # core.stats.r2_with_ci
+
+
+def targeted_concepts(entries: Sequence[dict]) -> set[int]:
+    """The stage-2 concept ids a training run's active plan entries act on."""
+    return {cid for e in entries if (cid := sae_concept_id(e["concept"])) is not None}
+
+
 def predicted_vs_actual(hyps, store, heldout, prompts, activity, manifests, cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     table = hyps.table
     n_concepts = next(iter(activity.values())).shape[1]
@@ -39,7 +47,7 @@ def predicted_vs_actual(hyps, store, heldout, prompts, activity, manifests, cfg:
     for name, act in activity.items():
         if name == BASE:
             continue
-        targeted = {cid for c in active_entries(manifests[name]) if (cid := sae_concept_id(c["concept"])) is not None}
+        targeted = targeted_concepts(active_entries(manifests[name]))
         D = act - base  # prompts × concepts, paired
         for view in ("overall", "topic"):
             sub = table[table["view"] == view]
@@ -78,11 +86,11 @@ def predicted_vs_actual(hyps, store, heldout, prompts, activity, manifests, cfg:
             r = r2_with_ci(fit["predicted"].to_numpy(), fit["actual_change"].to_numpy(), cfg.n_boot, cfg.ci, cfg.seed)
             r2_rows.append({"model": name, "view": view, **r})
     pva = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["model", "view", "topic", "concept", "predicted", "actual_change", "actual_p", "actual_q", "targeted", "in_fit"])
-    return pva, pd.DataFrame(r2_rows, columns=["model", "view", "n_concepts", "r2", "ci_low", "ci_high", "pearson_r", "slope", "intercept", "sign_agreement"])
+    return pva, pd.DataFrame(r2_rows, columns=["model", "view", *R2_COLUMNS])
 
 
 PLAN_COLUMNS = ["model", "concept", "label", "significant", "targeted", "basis", "predicted_shift", "actual_shift", "actual_p", "actual_q"]
-PLAN_R2_COLUMNS = ["model", "concepts", "n_concepts", "r2", "ci_low", "ci_high", "pearson_r", "slope", "intercept", "sign_agreement"]
+PLAN_R2_COLUMNS = ["model", "concepts", *R2_COLUMNS]
 
 
 def plan_vs_actual(space: ConceptSpace, activity: Mapping[str, np.ndarray], manifests: Mapping[str, dict], cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -105,7 +113,7 @@ def plan_vs_actual(space: ConceptSpace, activity: Mapping[str, np.ndarray], mani
         ids = table["concept"].to_numpy().astype(int)
         D = (act - activity[PLAIN])[:, ids]
         t = paired_test(D)
-        targeted = {cid for e in entries if (cid := sae_concept_id(e["concept"])) is not None}
+        targeted = targeted_concepts(entries)
         df = pd.DataFrame({"model": name, "concept": ids, "label": table["label"].to_numpy(), "significant": table["significant"].astype(bool).to_numpy(),
                            "targeted": [int(c) in targeted for c in ids], "basis": table["basis"].to_numpy(), "predicted_shift": (table["after"] - table["before"]).to_numpy(),
                            "actual_shift": D.mean(0), "actual_p": t.p})
