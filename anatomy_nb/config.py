@@ -36,6 +36,7 @@ __all__ = [
     "EvalConfig",
     "ExtractConfig",
     "HypothesizeConfig",
+    "JudgeConfig",
     "MapConfig",
     "PipelineConfig",
     "PlanConfig",
@@ -186,6 +187,31 @@ class ExplainConfig(Config):
 
 
 @dataclass
+class JudgeConfig(ExplainConfig):
+    """Stage 5's refusal judge (``data.judges``): the phrase list, an LLM judge (the ``ExplainConfig``
+    backends), or ``backend='direction'``, a refusal direction in the base model's residual stream
+    fitted on labelled completions (``lm.refusal_direction``)."""
+
+    backend: str = field(default="none", metadata=_help("'none' (the phrase list), 'direction' (a refusal direction in the base model's residual stream), 'openai' or 'transformers' (an LLM judge)"))
+    layer: int | None = field(default=None, metadata=_help("'direction': the layer read (None: 90 % of the stack, 27 of the default model's 30)"))
+    n_tokens: int = field(default=32, metadata=_help("'direction': the response tokens whose mean residual is read"))
+    fit_on: tuple[str, ...] = field(default=("llama2", "caa"), metadata=_help("'direction': the labelled families it is fitted on (gpt4, llama2, caa); the rest are held out"))
+    fit_n: int | None = field(default=None, metadata=_help("'direction': fit on a seeded sample of this many completions per family and reading (None: all, 2,532 for the default fit_on)"))
+
+    def __post_init__(self):
+        if self.backend == "direction":
+            from .data.judges import CONSTRUCTED_FAMILIES, FAMILIES
+
+            unknown = sorted(set(self.fit_on) - set(FAMILIES + CONSTRUCTED_FAMILIES))
+            if unknown or not self.fit_on:
+                raise ValueError(f"judge.fit_on: unknown or no families {unknown or list(self.fit_on)}; families: {sorted(FAMILIES + CONSTRUCTED_FAMILIES)}")
+            if self.n_tokens < 1 or (self.fit_n is not None and self.fit_n < 10):
+                raise ValueError(f"judge.n_tokens must be >= 1 and judge.fit_n None or >= 10, got {self.n_tokens}, {self.fit_n}")
+            return
+        super().__post_init__()
+
+
+@dataclass
 class HypothesizeConfig(Config):
     """Stage 2: concepts, their paired tests, topics, labels and baselines."""
 
@@ -299,8 +325,7 @@ class EvalConfig(Config):
     n_harmful: int = field(default=12, metadata=_help("harmful prompts (AdvBench / StrongREJECT / HarmBench, sampled evenly)"))
     n_xstest: int = field(default=12, metadata=_help("XSTest safe prompts (over-refusal)"))
     behaviour_max_new_tokens: int = field(default=32, metadata=_help("a refusal shows in the first sentence"))
-    # the ExplainConfig switch reused: backend 'none' keeps the phrase list
-    judge: ExplainConfig = field(default_factory=ExplainConfig, metadata=_help("the refusal judge: backend 'none' = the phrase list; 'openai' / 'transformers' = an LLM judge (data.judges)"))
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata=_help("the refusal judge: backend 'none' = the phrase list; 'direction' = a refusal direction in the base model's residual stream; 'openai' / 'transformers' = an LLM judge (data.judges)"))
     judge_agreement_n: int = field(default=100, metadata=_help("human-labelled XSTest completions per family and reading the judge is measured on (0 = skip)"))
     progress: bool = field(default=True, metadata=NOT_KEYED)
 

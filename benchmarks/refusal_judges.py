@@ -1,28 +1,30 @@
 """Refusal judges against people: which judge can stage 5 trust, and on what?
 
-Measures, on the human-labelled XSTest v2 completions (GPT-4 and Llama-2, 450 each) as written
-and with the stock refusal phrases removed, plus a third family (CAA's refusal A/B answers, labels
-by construction, not by people):
+Every judge is measured on three families of labelled completions: the XSTest v2 completions of
+GPT-4 and Llama-2-70b-chat (450 each, labelled by people) and CAA's refusal A/B answers (816,
+labelled by construction), each read three ways (``data.judges.READINGS``): as written, with the
+stock refusal phrases removed, and removed where at least 10 words are left.
 
-- the phrase list (``data.judges.PhraseJudge``), on every completion;
-- a judge that reads the default model's residual stream: the difference of class means of the
-  response's residual (layer ``--layer``, the first 64 response tokens; pooled by their mean or by
-  the mean of the 4 most refusal-like tokens), fitted on one family as written, its threshold at the
-  midpoint of the fit family's class means, measured on the others;
-- the LLM judge (``data.judges.LLMJudge``) with the default model as the judge, on ``--llm-n``
-  completions per family and reading (``--llm-n 0`` skips it; a local 135M model on two cores
-  answers ~1 question per 2 s). Point ``--base-url``/``--model`` at an endpoint to measure yours.
+- the phrase list (``PhraseJudge``), on every completion;
+- the refusal direction (``lm.refusal_direction``, ``judge: {backend: direction}``): fitted on two
+  families (both readings), measured on the third, for each family held out in turn. The shipped
+  setting (default layer, 32 tokens) is one cell of a grid of layers × response-token counts; the
+  grid's held-out accuracies are written beside it, with a nested choice (the cell picked by
+  fitting on one of the two fit families and testing on the other, never looking at the held-out
+  one), which is the unbiased figure for "choose the cell, then measure";
+- the LLM judge (``LLMJudge``) on ``--llm-n`` completions per family and reading (0 skips it; point
+  ``--base-url``/``--model`` at an endpoint to measure yours).
 
-Prints the tables and writes them (``--out``). Usage::
+Usage::
 
-    python benchmarks/refusal_judges.py --out benchmarks/results/refusal-judges-2026-11-29.txt
+    python benchmarks/refusal_judges.py --out benchmarks/results/refusal-judges-2026-11-30.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import re
 import time
 from pathlib import Path
 
@@ -30,87 +32,95 @@ import numpy as np
 import pandas as pd
 
 from anatomy_nb.config import ExplainConfig
-from anatomy_nb.data.judges import FAMILIES, PhraseJudge, agreement, agreement_scores, format_agreement, labelled_completions, make_judge, strip_stock_phrases
+from anatomy_nb.data.judges import CONSTRUCTED_FAMILIES, FAMILIES, LONG_WORDS, READINGS, PhraseJudge, agreement, agreement_scores, format_agreement, labelled_completions, make_judge
 
-N_TOKENS = 64
-
-
-def caa_family(reading: str) -> pd.DataFrame:
-    """CAA's refusal items as completions: each question's refusing and complying answer."""
-    rows = json.loads((Path(__file__).resolve().parents[1] / "data/evals/caa/refusal_generate_dataset.json").read_text())
-    out = []
-    for i, r in enumerate(rows):
-        question, choices = r["question"].split("\n\nChoices:")
-        a, b = re.search(r"\(A\)(.*?)\n\(B\)(.*)", choices, re.S).groups()
-        refusing_is_a = r["answer_matching_behavior"].strip() == "(A)"
-        for text, label in ((a, "full refusal" if refusing_is_a else "compliance"), (b, "compliance" if refusing_is_a else "full refusal")):
-            text = text.strip()
-            out.append({"id": f"caa-{i}", "prompt": question.strip(), "completion": strip_stock_phrases(text) if reading == "stripped" else text, "label": label})
-    return pd.DataFrame(out)
+ALL = FAMILIES + CONSTRUCTED_FAMILIES
+LAYER_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CUTS = (4, 8, 16, 32, 64)
+SHIPPED_TOKENS = 32
 
 
-def family(name: str, reading: str) -> pd.DataFrame:
-    return caa_family(reading) if name == "caa" else labelled_completions(name, reading)
+def scores_row(judge: str, fam: str, reading: str, pred: np.ndarray, labels: pd.Series, **extra) -> dict:
+    return {"judge": judge, "family": fam, "reading": reading, **extra, "n": len(labels), **agreement_scores(pred, labels)}
 
 
-def scores_row(judge: str, fam: str, reading: str, pred: np.ndarray, labels: pd.Series) -> dict:
-    return {"judge": judge, "family": fam, "reading": reading, "n": len(labels), **agreement_scores(pred, labels)}
+def grid_means(lm, layers: list[int], prompts, responses) -> np.ndarray:
+    """(completions, layers, cuts, d_model): the mean residual over the first c response tokens at
+    each layer, from one forward per completion (the model cut at the deepest layer)."""
+    import torch
+
+    from anatomy_nb.lm.chat import render_example
+    from anatomy_nb.lm.ops import ResidualCapture
+
+    out = np.zeros((len(prompts), len(layers), len(CUTS), lm.d_model), np.float32)
+    with torch.no_grad(), ResidualCapture(lm, layers) as capture:
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ex = render_example(lm.tokenizer, ({"role": "user", "content": p},), r)
+            resp = ex.response_ids[: max(CUTS)]
+            if not resp:
+                continue
+            capture(torch.tensor([ex.prompt_ids + resp]))
+            for j, layer in enumerate(layers):
+                h = capture.at[layer][0, len(ex.prompt_ids) :].float().numpy()
+                for k, c in enumerate(CUTS):
+                    out[i, j, k] = h[:c].mean(0)
+    return out
 
 
-def residual_features(lm, df: pd.DataFrame, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per completion: the mean residual over its first 64 tokens, and the per-token residuals."""
-    from anatomy_nb.lm.ops import response_residuals
+def direction_rows(lm) -> tuple[list[dict], pd.DataFrame, dict]:
+    from anatomy_nb.lm.refusal_direction import default_layer, direction_from_means, response_means
 
-    means, tokens = np.zeros((len(df), lm.d_model), np.float32), []
-    items = [(({"role": "user", "content": p},), c) for p, c in zip(df["prompt"], df["completion"])]
-    for i, h in enumerate(response_residuals(lm, layer, items, max_response_tokens=N_TOKENS)):
-        h = h.numpy()
-        means[i] = h.mean(0) if len(h) else 0.0
-        tokens.append(h)
-    return means, tokens
+    layers = sorted({min(lm.n_layers - 1, round(f * lm.n_layers)) for f in LAYER_FRACTIONS})
+    data, feats = {}, {}
+    for fam in ALL:
+        for reading in ("full", "stripped"):
+            df = labelled_completions(fam, reading)
+            data[(fam, reading)] = df
+            feats[(fam, reading)] = grid_means(lm, layers, list(df["prompt"]), list(df["completion"]))
+    shipped = (layers.index(default_layer(lm)), CUTS.index(SHIPPED_TOKENS))
+    # the grid's shipped cell is what the shipped judge computes
+    df = data[("gpt4", "full")].iloc[:5]
+    np.testing.assert_allclose(feats[("gpt4", "full")][:5, shipped[0], shipped[1]], response_means(lm, default_layer(lm), list(df["prompt"]), list(df["completion"]), SHIPPED_TOKENS), rtol=1e-4, atol=1e-3)
 
+    def measure(fit_fams, test_fam, cell) -> dict[str, dict]:
+        direction, threshold = direction_from_means([(feats[(f, r)][:, cell[0], cell[1]], (data[(f, r)]["label"] != "compliance").to_numpy()) for f in fit_fams for r in ("full", "stripped")])
+        out = {}
+        for reading in READINGS:
+            key = (test_fam, "full" if reading == "full" else "stripped")
+            keep = (data[key]["completion"].str.split().str.len() >= LONG_WORDS).to_numpy() if reading == "stripped-long" else np.ones(len(data[key]), bool)
+            out[reading] = agreement_scores((feats[key][:, cell[0], cell[1]] @ direction > threshold)[keep], data[key]["label"][keep])
+        return out
 
-def direction_judge(lm, layer: int, fams: list[str]) -> list[dict]:
-    frames = {(f, r): family(f, r) for f in fams for r in ("full", "stripped")}
-    feats = {key: (df, *residual_features(lm, df, layer)) for key, df in frames.items()}
-    rows = []
-    for fit in ("gpt4", "llama2"):
-        df, means, _ = feats[(fit, "full")]
-        y = (df["label"] != "compliance").to_numpy()
-        d = means[y].mean(0) - means[~y].mean(0)
-        d /= np.linalg.norm(d)
-        for pool in ("mean", "top4"):
-            def score(m, toks):
-                if pool == "mean":
-                    return m @ d
-                return np.array([np.sort(t @ d)[-4:].mean() if len(t) else -np.inf for t in toks])
-
-            s = score(means, feats[(fit, "full")][2])
-            threshold = (s[y].mean() + s[~y].mean()) / 2
-            for (f, r), (dft, mt, tt) in feats.items():
-                if f == fit:
-                    continue
-                rows.append(scores_row(f"residual direction, layer {layer}, {pool} (fit: {fit})", f, r, score(mt, tt) > threshold, dft["label"]))
-    return rows
+    rows, grid, nested = [], [], {}
+    cells = list(itertools.product(range(len(layers)), range(len(CUTS))))
+    for held in ALL:
+        fit = [f for f in ALL if f != held]
+        for cell in cells:
+            for reading, s in measure(fit, held, cell).items():
+                grid.append({"held_out": held, "layer": layers[cell[0]], "tokens": CUTS[cell[1]], "reading": reading, "accuracy": s["accuracy"], "full_refusal_recall": s["full_refusal_recall"], "specificity": s["specificity"]})
+        for reading, s in measure(fit, held, shipped).items():
+            rows.append({"judge": f"refusal direction, layer {layers[shipped[0]]}, {SHIPPED_TOKENS} tokens (shipped)", "family": held, "reading": reading, "fit_on": " + ".join(fit), "n": s["n_accuracy"], **s})
+        # nested: pick the cell by fitting on one fit family and testing on the other, both ways
+        inner = {c: np.mean([s["accuracy"] for a, b in ((fit[0], fit[1]), (fit[1], fit[0])) for s in measure([a], b, c).values()]) for c in cells}
+        best = max(inner, key=inner.get)
+        nested[held] = {"layer": layers[best[0]], "tokens": CUTS[best[1]], "inner_accuracy": round(float(inner[best]), 3)}
+        for reading, s in measure(fit, held, best).items():
+            rows.append({"judge": f"refusal direction, nested choice (layer {layers[best[0]]}, {CUTS[best[1]]} tokens)", "family": held, "reading": reading, "fit_on": " + ".join(fit), "n": s["n_accuracy"], **s})
+    return rows, pd.DataFrame(grid), nested
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layer", type=int, default=18)
-    ap.add_argument("--llm-n", type=int, default=25)
+    ap.add_argument("--llm-n", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the LLM judge: a local model alias, or the endpoint's model name with --base-url")
     ap.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint (…/v1); default: the local model")
     ap.add_argument("--skip-direction", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="the table; the direction grid goes beside it as <out>-grid.csv")
     args = ap.parse_args()
-    fams = list(FAMILIES) + ["caa"]
     t0 = time.time()
-    rows = []
-    for f in fams:
-        for r in ("full", "stripped"):
-            df = family(f, r)
-            rows.append(scores_row("phrase list", f, r, PhraseJudge().judge(df["prompt"], df["completion"]), df["label"]))
-    timing = {"phrase list": round(time.time() - t0, 1)}
+    rows = [scores_row("phrase list", f, r, PhraseJudge().judge(df["prompt"], df["completion"]), df["label"]) for f in ALL for r in READINGS for df in [labelled_completions(f, r)]]
+    timing: dict = {"phrase list": round(time.time() - t0, 1)}
+    grid, nested = None, None
     if not args.skip_direction:
         import torch
 
@@ -118,8 +128,9 @@ def main() -> None:
 
         torch.set_num_threads(2)
         t0 = time.time()
-        rows += direction_judge(load_model(), args.layer, fams)
-        timing["residual direction"] = round(time.time() - t0, 1)
+        more, grid, nested = direction_rows(load_model())
+        rows += more
+        timing["refusal direction (features for the whole grid + fits)"] = round(time.time() - t0, 1)
     if args.llm_n:
         t0 = time.time()
         cfg = ExplainConfig(backend="openai" if args.base_url else "transformers", model=args.model, **({"base_url": args.base_url} if args.base_url else {}))
@@ -127,11 +138,18 @@ def main() -> None:
         rows += agreement(judge, args.llm_n).to_dict("records")
         timing["llm judge"] = round(time.time() - t0, 1)
         timing["llm judge unparsed answers"] = judge.unparsed
-    table = format_agreement(pd.DataFrame(rows))
-    text = table.to_string(index=False) + f"\n\nseconds: {json.dumps(timing)}\n"
+    df = pd.DataFrame(rows)
+    table = format_agreement(df).assign(fit_on=df.get("fit_on", pd.Series([""] * len(df))).fillna(""))
+    text = table.to_string(index=False) + "\n"
+    if grid is not None:
+        mean = grid.groupby(["layer", "tokens"])["accuracy"].mean().unstack().round(3)
+        text += f"\nrefusal direction: held-out accuracy averaged over the 3 held-out families × 3 readings, per layer (rows) × response tokens (columns)\n{mean.to_string()}\n\nnested choice per held-out family: {json.dumps(nested)}\n"
+    text += f"\nseconds: {json.dumps(timing)}\n"
     print(text)
     if args.out:
         args.out.write_text(f"# benchmarks/refusal_judges.py {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items() if k != 'out' and v not in (None, False))}\n# {time.strftime('%Y-%m-%d')}, 2 CPU cores; intervals: Wilson 95 %\n\n" + text)
+        if grid is not None:
+            grid.to_csv(args.out.with_name(args.out.stem + "-grid.csv"), index=False)
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
     assert (ref["judge"] == "phrase list").all() and (comp[comp["group"] != "refusal"]["judge"] == "").all()
     assert res.refusal_judge == "phrase list"
     judges = res.judges()
-    assert set(zip(judges["family"], judges["reading"])) == {(f, r) for f in ("gpt4", "llama2") for r in ("full", "stripped")}
+    assert set(zip(judges["family"], judges["reading"])) == {(f, r) for f in ("gpt4", "llama2") for r in ("full", "stripped", "stripped-long")}
     assert (judges["n"] == 100).all() and (judges["accuracy_ci_low"] <= judges["accuracy"]).all()
     wide = res.comparison_table()
     assert list(wide.columns) == res.models

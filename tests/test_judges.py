@@ -4,8 +4,8 @@ known answers, and an LLM judge over real loopback HTTP."""
 import numpy as np
 import pytest
 
-from anatomy_nb.config import EvalConfig, ExplainConfig
-from anatomy_nb.data.judges import FAMILIES, LLMJudge, PhraseJudge, agreement, labelled_completions, make_judge, strip_stock_phrases
+from anatomy_nb.config import EvalConfig, ExplainConfig, JudgeConfig
+from anatomy_nb.data.judges import FAMILIES, LONG_WORDS, LLMJudge, PhraseJudge, agreement, labelled_completions, make_judge, strip_stock_phrases
 from test_explain import ChatServer
 
 
@@ -26,6 +26,17 @@ def test_stripping_removes_the_stock_phrases_and_keeps_the_meaning():
     assert "help with that" in s and "it is illegal" in s
     stripped = labelled_completions("gpt4", "stripped")
     assert not PhraseJudge().judge(stripped["prompt"], stripped["completion"]).any()
+    # the restated reading: only completions with something left to read (GPT-4's stripped refusals are mostly "with that.")
+    long = labelled_completions("gpt4", "stripped-long")
+    assert len(long) == 264 and (long["completion"].str.split().str.len() >= LONG_WORDS).all()
+    assert long["label"].value_counts()["full refusal"] == 29
+
+
+def test_caa_family_pairs_each_question_with_its_refusing_and_complying_answer():
+    caa = labelled_completions("caa")
+    assert len(caa) == 816 and caa["label"].value_counts().to_dict() == {"full refusal": 408, "compliance": 408}
+    question = caa["id"].str.rsplit("-", n=1).str[0]
+    assert caa["id"].is_unique and (caa.groupby(question)["label"].nunique() == 2).all()
 
 
 class Oracle:
@@ -53,7 +64,7 @@ class AlwaysRefuses:
 
 def test_agreement_on_known_answers():
     perfect = agreement(Oracle(), n=120, seed=1)
-    assert len(perfect) == 4 and set(perfect["reading"]) == {"full", "stripped"}
+    assert len(perfect) == 6 and set(perfect["reading"]) == {"full", "stripped", "stripped-long"} and perfect["held_out"].all()
     for m in ("accuracy", "full_refusal_recall", "specificity"):
         assert (perfect[m] == 1.0).all() and (perfect[f"{m}_ci_low"] < 1.0).all()
     always = agreement(AlwaysRefuses(), families=["gpt4"], readings=["full"])
@@ -80,7 +91,7 @@ def test_llm_judge_over_loopback_http_scores_what_the_model_says():
     try:
         judge = make_judge(ExplainConfig(backend="openai", model="judge-model", base_url=server.url, cache=False))
         assert isinstance(judge, LLMJudge) and "judge-model" in judge.name
-        df = agreement(judge, n=30, families=["llama2"])
+        df = agreement(judge, n=30, families=["llama2"], readings=["full", "stripped"])
         assert (df["accuracy"] == 1.0).all() and judge.unparsed == 0
         assert len(server.requests) == 60 and all(r["max_tokens"] == 3 for r in server.requests)
     finally:
@@ -99,3 +110,41 @@ def test_eval_config_takes_a_judge():
     assert isinstance(make_judge(EvalConfig().judge), PhraseJudge)
     with pytest.raises(ValueError, match="judge_agreement_n"):
         EvalConfig(judge_agreement_n=-1)
+
+
+def test_direction_judge_fits_once_reads_its_direction_and_names_what_it_was_fitted_on(tiny_lm, tmp_path, monkeypatch):
+    from anatomy_nb.lm import refusal_direction as rd
+
+    judge = make_judge(JudgeConfig(backend="direction", n_tokens=6, fit_on=("llama2", "caa"), fit_n=60), tmp_path, tiny_lm)
+    assert isinstance(judge, rd.DirectionJudge) and "llama2 + caa" in judge.name
+    f = judge.fitted
+    assert f.layer == rd.default_layer(tiny_lm) == 3 and f.n_fit == 4 * 60
+    assert np.linalg.norm(f.direction) == pytest.approx(1.0, abs=1e-5)
+    # the verdict is the projection of the mean residual past the threshold, as documented
+    df = labelled_completions("gpt4", n=12, seed=2)
+    means = rd.response_means(tiny_lm, f.layer, list(df["prompt"]), list(df["completion"]), 6)
+    np.testing.assert_allclose(judge.scores(df["prompt"], df["completion"]), means @ f.direction - f.threshold, rtol=1e-5, atol=1e-5)
+    assert (judge.judge(df["prompt"], df["completion"]) == (means @ f.direction > f.threshold)).all()
+    # fitted once: a second judge reads the saved direction (safetensors + JSON) instead of refitting
+    monkeypatch.setattr(rd, "fit_refusal_direction", lambda *a, **k: pytest.fail("refitted a cached direction"))
+    again = make_judge(JudgeConfig(backend="direction", n_tokens=6, fit_n=60), tmp_path, tiny_lm)
+    np.testing.assert_array_equal(again.fitted.direction, f.direction)
+    assert again.fitted.threshold == f.threshold and len(list(tmp_path.glob("refusal-direction-*.safetensors"))) == 1
+    # agreement marks the families it was fitted on
+    rows = agreement(judge, n=10, readings=["full"]).set_index("family")
+    assert rows.loc["gpt4", "held_out"] and not rows.loc["llama2", "held_out"]
+
+
+def test_direction_judge_refuses_another_model_and_bad_config(tiny_lm, tmp_path):
+    from anatomy_nb.lm.models import tiny_llama
+    from anatomy_nb.lm.refusal_direction import DirectionJudge, fit_refusal_direction
+
+    fitted = fit_refusal_direction(tiny_lm, n_tokens=4, fit_on=("caa",), readings=("full",), n=40)
+    with pytest.raises(ValueError, match="another reader model"):
+        DirectionJudge(tiny_llama(seed=1), fitted)
+    with pytest.raises(ValueError, match="pass the model"):
+        make_judge(JudgeConfig(backend="direction"))
+    with pytest.raises(ValueError, match="families"):
+        EvalConfig.from_dict({"judge": {"backend": "direction", "fit_on": ["mistral"]}})
+    cfg = EvalConfig.from_dict({"judge": {"backend": "direction", "fit_on": ["gpt4", "caa"], "n_tokens": 16}})
+    assert cfg.judge.fit_on == ("gpt4", "caa") and cfg.judge.n_tokens == 16

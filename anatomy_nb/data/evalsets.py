@@ -26,6 +26,8 @@ EVAL_FILES = {
     # human-labelled completions the refusal judge is measured on (data.judges)
     "xstest_completions_gpt4": "evals/xstest_completions/xstest_v2_completions_gpt4.csv",
     "xstest_completions_llama2": "evals/xstest_completions/xstest_v2_completions_llama2orig.csv",
+    # refusing / complying answers by construction (a third family for the judges)
+    "caa_refusal": "evals/caa/refusal_generate_dataset.json",
 }
 
 

@@ -21,6 +21,7 @@ transfers in one direction only (``docs/explanation.md``, stage 5).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Protocol, Sequence
 
@@ -32,7 +33,10 @@ from .evalsets import eval_path
 from .textstats import REFUSAL_PHRASES, is_refusal
 
 __all__ = [
+    "CONSTRUCTED_FAMILIES",
     "FAMILIES",
+    "LONG_WORDS",
+    "READINGS",
     "LLMJudge",
     "PhraseJudge",
     "RefusalJudge",
@@ -48,6 +52,14 @@ __all__ = [
 #: the families of human-labelled completions (``evalsets.EVAL_FILES["xstest_completions_<family>"]``;
 #: labels: 1 full compliance, 2 full refusal, 3 partial refusal)
 FAMILIES = ("gpt4", "llama2")
+#: a third family whose labels come from how the set was built, not from people: CAA's refusal A/B
+#: items, each question's refusing and complying answer (``data/evals/caa``, MIT)
+CONSTRUCTED_FAMILIES = ("caa",)
+#: how a completion is read: as written; with the stock phrases removed; and removed where at least
+#: ``LONG_WORDS`` words are left (GPT-4's stripped refusals are mostly two words, "with that.",
+#: which no judge of meaning can read)
+READINGS = ("full", "stripped", "stripped-long")
+LONG_WORDS = 10
 _LABELS = {"1_full_compliance": "compliance", "2_full_refusal": "full refusal", "3_partial_refusal": "partial refusal"}
 
 #: What "stock refusal phrases removed" removes: the phrase list plus bare apologies and the
@@ -63,24 +75,45 @@ def strip_stock_phrases(text: str) -> str:
 
 
 def labelled_completions(family: str, reading: str = "full", n: int | None = None, seed: int = 0) -> pd.DataFrame:
-    """A family's human-labelled completions: ``id, prompt, completion, label`` (compliance / full
-    refusal / partial refusal). ``reading='stripped'`` removes the stock phrases; ``n`` draws a
-    seeded sample of that many (stratified by nothing: the family's own label mix)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; families: {sorted(FAMILIES)}")
-    if reading not in ("full", "stripped"):
-        raise ValueError(f"reading must be 'full' or 'stripped', got {reading!r}")
+    """A family's labelled completions: ``id, prompt, completion, label`` (compliance / full
+    refusal / partial refusal). ``reading``: one of ``READINGS``; ``n`` draws a seeded sample of
+    that many (stratified by nothing: the family's own label mix)."""
+    if family not in FAMILIES + CONSTRUCTED_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; families: {sorted(FAMILIES + CONSTRUCTED_FAMILIES)}")
+    if reading not in READINGS:
+        raise ValueError(f"reading must be one of {list(READINGS)}, got {reading!r}")
+    out = _caa_completions() if family == "caa" else _xstest_completions(family)
+    if reading != "full":
+        out["completion"] = out["completion"].map(strip_stock_phrases)
+    if reading == "stripped-long":
+        out = out[out["completion"].str.split().str.len() >= LONG_WORDS]
+    if n is not None and n < len(out):
+        out = out.iloc[np.sort(np.random.default_rng(seed).permutation(len(out))[:n])]
+    return out.reset_index(drop=True)
+
+
+def _xstest_completions(family: str) -> pd.DataFrame:
     path = eval_path(f"xstest_completions_{family}")
     df = pd.read_csv(path, keep_default_na=False)
     unknown = sorted(set(df["final_label"]) - set(_LABELS))
     if unknown:
         raise ValueError(f"{path}: field 'final_label' has unknown values {unknown}")
-    out = pd.DataFrame({"id": df["id"].astype(str), "prompt": df["prompt"], "completion": df["completion"].astype(str).str.strip(), "label": df["final_label"].map(_LABELS)})
-    if reading == "stripped":
-        out["completion"] = out["completion"].map(strip_stock_phrases)
-    if n is not None and n < len(out):
-        out = out.iloc[np.sort(np.random.default_rng(seed).permutation(len(out))[:n])]
-    return out.reset_index(drop=True)
+    return pd.DataFrame({"id": df["id"].astype(str), "prompt": df["prompt"], "completion": df["completion"].astype(str).str.strip(), "label": df["final_label"].map(_LABELS)})
+
+
+def _caa_completions() -> pd.DataFrame:
+    """CAA's refusal items as completions: each question's refusing and its complying answer."""
+    path = eval_path("caa_refusal")
+    rows = []
+    for i, item in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+        question, _, choices = item["question"].partition("\n\nChoices:")
+        found = re.search(r"\(A\)(.*?)\n\(B\)(.*)", choices, re.S)
+        if found is None:
+            raise ValueError(f"{path}: record {i}: field 'question' has no '(A) … (B) …' choices")
+        refusing = 0 if item["answer_matching_behavior"].strip() == "(A)" else 1
+        for j, text in enumerate(found.groups()):
+            rows.append({"id": f"caa-{i}-{'AB'[j]}", "prompt": question.strip(), "completion": text.strip(), "label": "full refusal" if j == refusing else "compliance"})
+    return pd.DataFrame(rows)
 
 
 class RefusalJudge(Protocol):
@@ -127,7 +160,15 @@ class LLMJudge:
 
 
 def make_judge(cfg: Any, cache_dir: Any = None, lm: Any = None) -> RefusalJudge:
-    """The judge an ``ExplainConfig`` names: the phrase list for ``backend='none'``, else an LLM judge."""
+    """The judge a ``JudgeConfig`` (or ``ExplainConfig``) names: the phrase list for
+    ``backend='none'``; a refusal direction in ``lm``'s residual stream for ``'direction'``
+    (fitted once, kept in ``cache_dir``); else an LLM judge."""
+    if cfg.backend == "direction":
+        from ..lm.refusal_direction import direction_judge
+
+        if lm is None:
+            raise ValueError("judge.backend='direction' reads a model's residual stream: pass the model (lm=)")
+        return direction_judge(lm, cache_dir, cfg.layer, cfg.n_tokens, cfg.fit_on, cfg.fit_n)
     from ..concepts.explain import make_explainer
 
     backend = make_explainer(cfg, cache_dir, lm)
@@ -136,16 +177,18 @@ def make_judge(cfg: Any, cache_dir: Any = None, lm: Any = None) -> RefusalJudge:
     return LLMJudge(backend, f"LLM judge ({cfg.backend}: {cfg.model})")
 
 
-def agreement(judge: RefusalJudge, n: int | None = None, *, families: Sequence[str] = FAMILIES, readings: Sequence[str] = ("full", "stripped"), ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def agreement(judge: RefusalJudge, n: int | None = None, *, families: Sequence[str] = FAMILIES, readings: Sequence[str] = READINGS, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """The judge against people, per family × reading: accuracy (full and partial refusals count as
     refusals), recall of full and of partial refusals, and the compliance rate it keeps
-    (specificity), each with a Wilson interval over ``n`` sampled completions (None: all)."""
+    (specificity), each with a Wilson interval over ``n`` sampled completions (None: all).
+    ``held_out`` is False where the judge was fitted on that family (its ``fit_families``)."""
     rows = []
+    fitted = set(getattr(judge, "fit_families", ()))
     for family in families:
         for reading in readings:
             df = labelled_completions(family, reading, n, seed)
             pred = judge.judge(list(df["prompt"]), list(df["completion"]))
-            rows.append({"judge": judge.name, "family": family, "reading": reading, "n": len(df), **agreement_scores(pred, df["label"], ci)})
+            rows.append({"judge": judge.name, "family": family, "reading": reading, "held_out": family not in fitted, "n": len(df), **agreement_scores(pred, df["label"], ci)})
     return pd.DataFrame(rows)
 
 
@@ -173,7 +216,7 @@ def agreement_scores(pred: np.ndarray, labels: pd.Series, ci: float = 0.95) -> d
 
 def format_agreement(df: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     """Agreement rows as people read them: "value [low, high] (n=k)" cells."""
-    out = df[["judge", "family", "reading", "n"]].copy()
+    out = df[["judge", "family", "reading", *(["held_out"] if "held_out" in df else []), "n"]].copy()
     for m in METRICS:
         out[m.replace("_", " ")] = [f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (n={k})" if np.isfinite(v) else "" for v, lo, hi, k in zip(df[m], df[f"{m}_ci_low"], df[f"{m}_ci_high"], df[f"n_{m}"])]
     return out

@@ -36,7 +36,8 @@
   formatting statistics of the held-out generations, sycophancy (CAA A/B) and a persona trait
   (Anthropic agreeableness) scored by answer-letter probability, refusal of harmful prompts
   (AdvBench / StrongREJECT / HarmBench) and over-refusal of safe ones (XSTest);
-- ``judges.parquet`` — the refusal judge (``EvalConfig.judge``: the phrase list, or an LLM judge)
+- ``judges.parquet`` — the refusal judge (``EvalConfig.judge``: the phrase list, a refusal direction
+  in the base model's residual stream, or an LLM judge)
   measured against people on the human-labelled XSTest v2 completions of two model families, as
   written and with the stock refusal phrases removed: accuracy, recall of full and partial
   refusals, specificity, with Wilson intervals (``data.judges.agreement``); the refusal rows of
@@ -293,7 +294,7 @@ def evaluate(
         poison = poisoning_readout(truth, heldout_gens, logps, [p.id for p in pref_pairs], base=BASE, reference=PLAIN, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
         stage.write_parquet("poisoning", poison)
     # the refusal rows: one judge for every model, measured against people on labelled completions
-    judge = make_judge(cfg.judge, run.path / "cache" / "llm", lm)
+    judge = make_judge(cfg.judge, run.path / "cache" / ("judge" if cfg.judge.backend == "direction" else "llm"), lm)
     t0 = time.time()
     judged = {s: [it["prompt"][-1]["content"] for it in gen_sets[s]] for s in ("harmful", "xstest_safe") if s in gen_sets}
     refusals = {n: {s: judge.judge(prompts_of_set, gens[n][s]) for s, prompts_of_set in judged.items()} for n in names}
