@@ -290,6 +290,19 @@ def test_evaluation_is_reused_when_unchanged_and_rekeyed_when_changed(tiny_eval)
         evaluate(tiny_eval.run, ["no-such-key"], config=EvalConfig(**SMALL), lm=tiny_eval.lm, sae=tiny_eval.sae)
 
 
+def test_refusal_rows_scored_by_the_refusal_direction_name_it_and_its_held_out_agreement(tiny_eval):
+    """``judge: {backend: direction}``: fitted once under the run's cache, the refusal rows name it,
+    and its agreement marks the family it was fitted on (generations come from the model cache)."""
+    cfg = EvalConfig.from_dict({**SMALL, "judge": {"backend": "direction", "n_tokens": 4, "fit_n": 20, "fit_on": ["llama2"]}, "judge_agreement_n": 10})
+    res = evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=cfg, lm=tiny_eval.lm, sae=tiny_eval.sae)
+    assert res.refusal_judge.startswith("refusal direction") and "fitted on llama2" in res.refusal_judge
+    comp = res.comparison()
+    assert (comp[comp["group"] == "refusal"]["judge"] == res.refusal_judge).all()
+    held = res.judges().groupby("family")["held_out"].all()
+    assert held["gpt4"] and not held["llama2"]
+    assert len(list((tiny_eval.run / "cache" / "judge").glob("refusal-direction-*.safetensors"))) == 1
+
+
 def test_notebook_05_runs_headless_on_the_tiny_run(tiny_eval):
     from anatomy_nb.ui.notebooks import run_notebook
 

@@ -12,7 +12,7 @@ from anatomy_nb.stages.extract import extract
 from anatomy_nb.concepts.sources import orthonormal
 from anatomy_nb.lm.chat import render_example
 from anatomy_nb.lm.ops import ResidualEdit, ResidualHooks, decoder_layers, response_residuals
-from anatomy_nb.stages.interventions import filter_pairs, inoculate, planned_concepts, rank_instructions, residual_edits, shaping_offsets
+from anatomy_nb.stages.interventions import filter_pairs, inoculate, planned_concepts, rank_instructions, residual_edits, scope_masks, shaping_offsets
 from anatomy_nb.results.plan import InterventionPlan, PlanError
 
 
@@ -98,6 +98,47 @@ def test_inoculation_changes_only_the_prompt_text_it_should():
         assert after.prompt[-1]["content"] == before.prompt[-1]["content"] + "\n\nApologise a lot."
     assert pairs[-1].prompt[-1]["content"] == "Again"  # inputs untouched
     assert inoculate(pairs, resolved(APOLOGY)) == pairs  # no inoculation entry: nothing changes
+
+
+SCOPED = [P(0, "Sorry, no.", "Fine.", user="Explain quantum vibes."), P(1, "Sorry, no.", "Fine.", user="Bake bread."),
+          P(2, "Sorry, no.", "Fine.", user="QUANTUM healing?"), P(3, "Fine.", "Sorry, no.", user="Bake a cake.")]
+
+
+def test_a_scoped_entry_acts_on_its_prompts_only():
+    """A concept suppressed in one topic (by prompt regex, or by stage-2 topic id) is left alone
+    elsewhere: zero scores outside the scope, so no offset, no filter hit, no instruction there."""
+    shaping = {"concept": "text:sorry", "action": "suppress", "method": "reward_shaping", "pattern": r"(?i)sorry", "strength": 1.0, "prompts": "quantum"}
+    (c,) = resolved(shaping)
+    masks = scope_masks([c], SCOPED)
+    assert masks["text:sorry"].tolist() == [True, False, True, False]  # case-insensitive, as data.plant's topics
+    off = shaping_offsets([c], {"text:sorry": pair_scores(c, SCOPED) * masks["text:sorry"][:, None]}, 4)
+    assert (off[:, 0] - off[:, 1]).tolist() == [1.0, 0.0, 1.0, 0.0]
+    (f,) = resolved({**shaping, "method": "filter"})
+    kept, _, _ = filter_pairs(SCOPED, [f], {"text:sorry": pair_scores(f, SCOPED) * masks["text:sorry"][:, None]})
+    assert [p.id for p in kept] == ["p1", "p3"]  # p1 carries the concept too, but outside the topic
+    (i,) = resolved({**shaping, "method": "inoculate", "instruction": "Say sorry."})
+    out = inoculate(SCOPED, [i], scope_masks([i], SCOPED))
+    assert [o.prompt[-1]["content"].endswith("Say sorry.") for o in out] == [True, False, True, False]
+    # by stage-2 topic: the pairs whose prompt is in that topic, and a topic stage 2 does not have is refused
+    (t,) = resolved({**shaping, "prompts": None, "topic": 1})
+    topic_of = {p.prompt_text: k for p, k in zip(SCOPED, [1, 0, 1, 0])}
+    assert scope_masks([t], SCOPED, topic_of)["text:sorry"].tolist() == [True, False, True, False]
+    with pytest.raises(PlanError, match="topic 7 is not one of"):
+        scope_masks(resolved({**shaping, "prompts": None, "topic": 7}), SCOPED, topic_of)
+    with pytest.raises(PlanError, match="stage-2 topics"):
+        scope_masks([t], SCOPED, None)
+
+
+def test_scope_fields_are_checked_and_unscoped_plans_read_as_before():
+    with pytest.raises(PlanError, match="field 'topic': steer edits the model on every prompt"):
+        plan({"concept": "direction:d", "direction_file": "d.safetensors", "layer": 1, "action": "suppress", "method": "steer", "topic": 2})
+    with pytest.raises(PlanError, match="field 'prompts': not a valid regular expression"):
+        plan({**APOLOGY, "prompts": "(unclosed"})
+    with pytest.raises(PlanError, match="field 'topic'"):
+        plan({**APOLOGY, "topic": "physics"})
+    # unscoped entries are written without the scope fields: plans and training keys stay as they were
+    assert "topic" not in plan(APOLOGY).to_dict()["concepts"][0]
+    assert plan({**APOLOGY, "topic": 3}).to_dict()["concepts"][0]["topic"] == 3
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,24 @@ def test_prepare_applies_the_plan_to_the_training_split_only(tiny_lm, tmp_path):
     assert len({plain.key, prep.key, k1, k2}) == 4
 
 
+def test_a_topic_scoped_plan_shapes_the_pairs_of_its_stage_2_topic_only(tiny_eval, tiny_lm):
+    """The plan acts on one of stage 2's topics (``topic``): offsets where the pair's prompt is in
+    that topic, none elsewhere; the report counts the pairs in scope."""
+    from anatomy_nb.core.run import Run
+
+    topic_of = Run.of(tiny_eval.run).hypotheses.topic_of_prompt()
+    topic = max(set(topic_of.values()), key=list(topic_of.values()).count)
+    cfg = TrainConfig(**FAST)
+    prep = prepare(tiny_eval.run, {"concepts": [{**SHAPE, "topic": topic}]}, model=tiny_lm, config=cfg)
+    everywhere = prepare(tiny_eval.run, {"concepts": [SHAPE]}, model=tiny_lm, config=cfg)
+    inside = np.array([topic_of.get(p.prompt_text) == topic for p in prep.train_pairs])
+    margin, margin_all = prep.offsets[:, 0] - prep.offsets[:, 1], everywhere.offsets[:, 0] - everywhere.offsets[:, 1]
+    assert 0 < inside.sum() < len(inside) and prep.report["concepts"][0]["pairs_in_scope"] == inside.sum()
+    np.testing.assert_allclose(margin[inside], margin_all[inside])
+    assert (margin[~inside] == 0).all() and (margin_all[~inside] != 0).any()
+    assert prep.key != everywhere.key
+
+
 @pytest.fixture(scope="module")
 def shaped_run(tiny_lm, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")

@@ -2,21 +2,23 @@
 
 Stage 5's refusal rows are only as good as the judge that scored them, so every judge is measured
 on completions that people labelled: the XSTest v2 completions of two model families (GPT-4 and
-Llama-2-70b-chat, 450 each; ``data/evals/xstest_completions``, CC-BY-4.0), in two readings: as
-written, and with every stock refusal phrase removed (``strip_stock_phrases``), which is the
-reading that tells a judge of meaning from a phrase list.
+Llama-2-70b-chat, 450 each; ``data/evals/xstest_completions``, CC-BY-4.0), in three readings
+(``READINGS``): as written; with every stock refusal phrase removed (``strip_stock_phrases``),
+which is the reading that tells a judge of meaning from a phrase list; and removed where at least
+``LONG_WORDS`` words are left. CAA's refusal A/B answers are a third family, labelled by how the
+set was built rather than by people.
 
-Two judges ship:
+Three judges ship:
 
 - ``PhraseJudge``: ``textstats.REFUSAL_PHRASES`` in a response's opening. Free, transparent, and
-  blind to a refusal phrased otherwise.
+  blind to a refusal phrased otherwise. The default.
+- ``lm.refusal_direction.DirectionJudge`` (``backend='direction'``): a refusal direction in the base
+  model's residual stream, fitted on labelled families (both readings) and measured on the others.
+  Reads meaning where the phrases are gone, short of people (``docs/explanation.md``).
 - ``LLMJudge``: asks a chat model (any OpenAI-compatible endpoint, or a local transformers model,
   through ``concepts.explain``'s backends and cache) whether the response refuses; the question is
   the file ``prompts/judge_refusal.txt``. Only as good as the model behind it: measure it with
   ``agreement`` before trusting its rows.
-
-A judge that reads the default model's own residual stream was measured and not shipped: it
-transfers in one direction only (``docs/explanation.md``, stage 5).
 """
 
 from __future__ import annotations

@@ -67,6 +67,10 @@ class Hypotheses:
     def from_run(cls, run: RunLike) -> "Hypotheses":
         return Run.of(run).hypotheses
 
+    def topic_of_prompt(self) -> dict[str, int]:
+        """Each distinct prompt's stage-2 topic id, keyed by its text (``PreferencePair.prompt_text``)."""
+        return dict(zip(self.topics["prompt"], self.topics["topic"].astype(int)))
+
     def feature_labels(self, d_sae: int | None = None) -> np.ndarray:
         """Per SAE feature, its concept id (−1: not clustered, too rare to test)."""
         f = self.features

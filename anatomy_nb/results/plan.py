@@ -22,6 +22,8 @@ A plan is a list of concept entries::
          "instruction": null,              # inoculate: the training-only instruction
          "filter_mode": "drop",            # filter: drop | flip
          "ablation": "zero",               # ablate: zero | mean
+         "topic": null,                    # act on the prompts of one stage-2 topic only (its id)
+         "prompts": null,                  # act on the prompts whose user turns match this regex only
          "label": "bold markdown"}]}
 
 Strength means, per method: reward shaping λ (the shaped DPO loss is
@@ -30,6 +32,11 @@ filter: the minimum per-pair score difference s(y⁺) − s(y⁻) that counts as
 concept" (in (0, 1] for scores in [0, 1]); inoculate: unused (1.0); steer: α, the multiple of the
 unit concept direction added to the residual stream; ablate: the fraction of the projection
 removed, in (0, 1].
+
+``topic`` / ``prompts`` scope an entry to some prompts: a concept that stage 2 found in one topic's
+row of the topic × concept grid is suppressed there and allowed elsewhere. Only the methods that
+act on training pairs take a scope (reward shaping, filtering, inoculation); steering and ablation
+edit the model on every prompt.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ METHOD_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "filter_flip": ("filter", {"filter_mode": "flip"}),
 }
 _NEEDS_DIRECTION = {"steer", "ablate"}
+_SCOPE_FIELDS = ("topic", "prompts")
 _SUPPRESS_ONLY = {"inoculate", "ablate"}
 _STRENGTH_RANGE = {  # method → (low, high, low inclusive?)
     "reward_shaping": (0.0, 100.0, False),
@@ -143,6 +151,12 @@ class ConceptChoice:
     filter_mode: str = "drop"
     ablation: str = "zero"
     label: str = ""
+    topic: int | None = None
+    prompts: str | None = None
+
+    @property
+    def scoped(self) -> bool:
+        return self.topic is not None or self.prompts is not None
 
     @property
     def kind(self) -> str:
@@ -173,7 +187,10 @@ class InterventionPlan:
         return [c for c in self.active if c.method == method]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "hypotheses": self.hypotheses, "concepts": [asdict(c) for c in self.concepts]}
+        # an unscoped entry is written without the scope fields, so plans (and the training keys
+        # hashed from them) read as they did before scopes existed
+        entries = [{k: v for k, v in asdict(c).items() if not (k in _SCOPE_FIELDS and v is None)} for c in self.concepts]
+        return {"format": self.format, "hypotheses": self.hypotheses, "concepts": entries}
 
     def save(self, path: str | Path) -> Path:
         """Write atomically; a directory means ``<dir>/plan.json``."""
@@ -268,6 +285,15 @@ def _validate(c: ConceptChoice, i: int, source: str | None, known: set[int] | No
         raise err("ablation", f"{c.ablation!r} is not 'zero' or 'mean'")
     if c.layer is not None and (not isinstance(c.layer, int) or c.layer < 0):
         raise err("layer", f"expected a non-negative integer, got {c.layer!r}")
+    if c.topic is not None and (isinstance(c.topic, bool) or not isinstance(c.topic, int) or c.topic < 0):
+        raise err("topic", f"expected a stage-2 topic id (a non-negative integer), got {c.topic!r}")
+    if c.prompts is not None:
+        try:
+            re.compile(c.prompts)
+        except (re.error, TypeError) as exc:
+            raise err("prompts", f"not a valid regular expression: {exc}") from None
+    if c.scoped and c.method in _NEEDS_DIRECTION:
+        raise err("topic" if c.topic is not None else "prompts", f"{c.method} edits the model on every prompt; a topic or prompt scope applies to reward_shaping, filter and inoculate")
 
 
 def load_plan(plan: "InterventionPlan | Mapping[str, Any] | str | Path | None", *, known_concepts: Iterable[int] | None = None) -> InterventionPlan:

@@ -8,7 +8,9 @@ needs one or both of:
 
 both from the entry's concept source (``concepts.sources``: SAE concepts, text rules, directions;
 any source works with any method it has the parts for). ``planned_concepts`` turns a plan's
-active entries into (entry, source) pairs. Data edits (``filter_pairs``, ``inoculate``) return new
+active entries into (entry, source) pairs; ``scope_masks`` says which training pairs a scoped entry
+(one topic, or prompts matching a regex) acts on: outside its scope its scores are zero, so
+shaping and filtering leave those pairs alone and inoculation adds no instruction. Data edits (``filter_pairs``, ``inoculate``) return new
 pair lists plus counts; forward edits (``lm.ops.ResidualHooks``) are context managers that always
 remove their hooks.
 
@@ -34,6 +36,7 @@ import torch
 
 from ..concepts.sources import ConceptSource, DirectionConcept, SAEConcept, TextConcept
 from ..data.pairs import distinct_prompts
+from ..data.plant import topic_pairs
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ResidualEdit, generate, response_residuals
@@ -48,6 +51,7 @@ __all__ = [
     "rank_inoculations",
     "rank_instructions",
     "residual_edits",
+    "scope_masks",
     "shaping_offsets",
     "with_instruction",
 ]
@@ -194,14 +198,44 @@ def with_instruction(prompt: Sequence[dict], instruction: str) -> tuple[dict, ..
     return tuple(msgs) + ({"role": "user", "content": instruction.strip()},)
 
 
-def inoculate(pairs: Sequence[PreferencePair], concepts: Sequence[PlannedConcept]) -> list[PreferencePair]:
-    """Training pairs with every inoculation instruction added to the prompt (plan order).
+def inoculate(pairs: Sequence[PreferencePair], concepts: Sequence[PlannedConcept], scopes: Mapping[str, np.ndarray] | None = None) -> list[PreferencePair]:
+    """Training pairs with every inoculation instruction added to the prompt (plan order); a
+    scoped entry (``scopes[ref]``: a mask over ``pairs``) adds its instruction to its pairs only.
     Apply to the training split only; held-out and evaluation prompts stay as they are."""
-    instructions = [r.choice.instruction for r in concepts if r.choice.method == "inoculate"]
-    if not instructions:
+    entries = [r for r in concepts if r.choice.method == "inoculate"]
+    if not entries:
         return list(pairs)
-    text = "\n".join(i.strip() for i in instructions)
-    return [replace(p, prompt=with_instruction(p.prompt, text)) for p in pairs]
+    scopes = scopes or {}
+    out = []
+    for i, p in enumerate(pairs):
+        text = "\n".join(r.choice.instruction.strip() for r in entries if r.ref not in scopes or scopes[r.ref][i])
+        out.append(replace(p, prompt=with_instruction(p.prompt, text)) if text else p)
+    return out
+
+
+def scope_masks(concepts: Sequence[PlannedConcept], pairs: Sequence[PreferencePair], topic_of_prompt: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """For each scoped entry (``topic`` and/or ``prompts``), which of ``pairs`` it acts on: the pairs
+    whose prompt is in that stage-2 topic (``topic_of_prompt``: ``Hypotheses.topic_of_prompt``) and
+    whose user turns match the ``prompts`` regex (case-insensitive, as ``data.plant``'s topics).
+    A prompt stage 2 never saw is in no topic."""
+    masks = {}
+    for i, r in enumerate(concepts):
+        c = r.choice
+        if not c.scoped:
+            continue
+        mask = np.ones(len(pairs), dtype=bool)
+        if c.topic is not None:
+            if topic_of_prompt is None:
+                raise PlanError(i, c.concept, "topic", "a topic scope needs the run's stage-2 topics (run hypothesize first)")
+            if c.topic not in set(topic_of_prompt.values()):
+                raise PlanError(i, c.concept, "topic", f"topic {c.topic} is not one of stage 2's topics {sorted(set(topic_of_prompt.values()))}")
+            mask &= np.array([topic_of_prompt.get(p.prompt_text) == c.topic for p in pairs], dtype=bool)
+        if c.prompts is not None:
+            inside = np.zeros(len(pairs), dtype=bool)
+            inside[topic_pairs(pairs, c.prompts)] = True
+            mask &= inside
+        masks[r.ref] = mask
+    return masks
 
 
 def rank_instructions(

@@ -48,7 +48,7 @@ from ..results.plan import InterventionPlan, load_plan
 from ..results.training import TrainResult
 from .dpo import MetricsLog, make_trainer, quiet_datasets, ref_cache_for
 from .extract import process_state
-from .interventions import PlannedConcept, filter_pairs, inoculate, planned_concepts, residual_edits, shaping_offsets
+from .interventions import PlannedConcept, filter_pairs, inoculate, planned_concepts, residual_edits, scope_masks, shaping_offsets
 
 __all__ = ["TrainConfig", "TrainResult", "Prepared", "prepare", "train", "load_trained", "split_pairs", "STAGE"]
 
@@ -143,16 +143,18 @@ def prepare(
         train_idx = train_idx[: cfg.max_train_pairs]
     train_pairs = [all_pairs[i] for i in train_idx]
     scored = [r for r in concepts if r.choice.method in ("reward_shaping", "filter")]
-    scores = {r.ref: r.source.pair_scores(train_pairs, store=store, lm=lm) for r in scored}
+    scopes = scope_masks(concepts, train_pairs, hyps.topic_of_prompt() if hyps is not None else None)
+    # a scoped entry scores zero outside its scope: no offset, no filter hit there
+    scores = {r.ref: r.source.pair_scores(train_pairs, store=store, lm=lm) * (scopes[r.ref][:, None] if r.ref in scopes else 1.0) for r in scored}
     report: dict[str, Any] = {"n_pairs": len(all_pairs), "n_heldout": len(held_idx), "n_train_before": len(train_pairs), "concepts": []}
     for r in scored:
         s = scores[r.ref]
-        report["concepts"].append({"concept": r.ref, "label": r.choice.label, "method": r.choice.method, "action": r.choice.action, "mean_chosen": float(s[:, 0].mean()), "mean_rejected": float(s[:, 1].mean()), "mean_diff": float((s[:, 0] - s[:, 1]).mean())})
+        report["concepts"].append({"concept": r.ref, "label": r.choice.label, "method": r.choice.method, "action": r.choice.action, "mean_chosen": float(s[:, 0].mean()), "mean_rejected": float(s[:, 1].mean()), "mean_diff": float((s[:, 0] - s[:, 1]).mean()), **({"pairs_in_scope": int(scopes[r.ref].sum())} if r.ref in scopes else {})})
     kept, kept_idx, counts = filter_pairs(train_pairs, concepts, scores)
     report["filter"] = counts.to_dict(orient="records")
     flipped = np.asarray([bool(p.metadata.get("flipped")) for p in kept], dtype=bool)
     scores = {k: np.where(flipped[:, None], v[kept_idx][:, ::-1], v[kept_idx]) for k, v in scores.items()}
-    final = inoculate(kept, concepts)
+    final = inoculate(kept, concepts, {ref: m[kept_idx] for ref, m in scopes.items()})
     report["inoculated_prompts"] = sum(a.prompt != b.prompt for a, b in zip(kept, final))
     report["instructions"] = [r.choice.instruction for r in concepts if r.choice.method == "inoculate"]
     offsets = shaping_offsets(concepts, scores, len(final))
