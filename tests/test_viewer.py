@@ -327,3 +327,27 @@ def test_notebook_03_runs_headless_with_a_plan_parameter_and_reports(run):
     for raw in RAW:
         assert raw not in html
     assert "03_plan.html" in index.read_text()
+
+
+def test_a_scoped_entry_is_predicted_on_its_pairs_only():
+    """Shaping scoped to half the pairs removes that half's share of Δ; a scoped filter drops only
+    its pairs; a topic id is read from stage 2's topics."""
+    from types import SimpleNamespace
+
+    from anatomy_nb.data.schema import PreferencePair
+
+    users = ["quantum vibes?", "Quantum healing?", "bake bread", "bake cake"]
+    pairs = [PreferencePair(id=f"p{i}", prompt=({"role": "user", "content": u},), chosen="a", rejected="b") for i, u in enumerate(users)]
+    sp_ = _space(np.array([[1.0, 0.5]] * 4), np.zeros((4, 2)))
+    sp_.store = SimpleNamespace(pairs=lambda: pairs)
+    sp_.topic_of_prompt = {p.prompt_text: k for p, k in zip(pairs, [4, 4, 0, 0])}
+    shaped = {"concepts": [{"concept": "sae:0", "action": "suppress", "method": "reward_shaping", "strength": 1.0, "prompts": "quantum"}]}
+    table, _ = sp_.predict(shaped)
+    assert table.loc[0, "after"] == pytest.approx(0.5) and table.loc[0, "basis"].endswith("in scope")
+    by_topic = {"concepts": [{**shaped["concepts"][0], "prompts": None, "topic": 4}]}
+    assert sp_.predict(by_topic)[0].loc[0, "after"] == pytest.approx(0.5)
+    filtered = {"concepts": [{**shaped["concepts"][0], "method": "filter", "strength": 0.5}]}
+    table, _ = sp_.predict(filtered)
+    assert table.loc[0, "pairs_removed"] == 2 and table.loc[0, "after"] == pytest.approx(1.0)
+    everywhere = {"concepts": [{**filtered["concepts"][0], "prompts": None}]}
+    assert sp_.predict(everywhere)[0].loc[0, "pairs_removed"] == 4

@@ -46,12 +46,15 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from ..core.files import atomic_write_json
 from ..core.run import PLAN_FILE
+from ..data.plant import topic_pairs
 
-__all__ = ["ACTIONS", "KINDS", "METHODS", "METHOD_VARIANTS", "method_variant", "ConceptChoice", "InterventionPlan", "PlanError", "concept_ref", "load_plan", "parse_concept", "sae_concept_id", "PLAN_FILE"]
+__all__ = ["ACTIONS", "KINDS", "METHODS", "METHOD_VARIANTS", "method_variant", "ConceptChoice", "InterventionPlan", "PlanError", "concept_ref", "load_plan", "parse_concept", "sae_concept_id", "scope_mask", "PLAN_FILE"]
 
 FORMAT = 1
 ACTIONS = ("allow", "suppress", "amplify")
@@ -105,6 +108,28 @@ def method_variant(name: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"method {name!r}: #<rank> (1, 2, …) picks an inoculation instruction by its rank; only inoculate takes it")
         fields["instruction_rank"] = int(rank)
     return method, fields
+
+
+def scope_mask(choice: ConceptChoice, pairs: Sequence[Any], topic_of_prompt: Mapping[str, int] | None = None, index: int | None = None) -> np.ndarray | None:
+    """Which of ``pairs`` a scoped entry acts on (None: unscoped, every pair): the pairs whose
+    prompt is in its stage-2 ``topic`` (``topic_of_prompt``: ``Hypotheses.topic_of_prompt``) and
+    whose user turns match its ``prompts`` regex (case-insensitive, as ``data.plant``'s topics).
+    A prompt stage 2 never saw is in no topic."""
+    if not choice.scoped:
+        return None
+    mask = np.ones(len(pairs), dtype=bool)
+    if choice.topic is not None:
+        if topic_of_prompt is None:
+            raise PlanError(index, choice.concept, "topic", "a topic scope needs the run's stage-2 topics (run hypothesize first)")
+        known = sorted(set(topic_of_prompt.values()))
+        if choice.topic not in known:
+            raise PlanError(index, choice.concept, "topic", f"topic {choice.topic} is not one of stage 2's topics {known}")
+        mask &= np.array([topic_of_prompt.get(p.prompt_text) == choice.topic for p in pairs], dtype=bool)
+    if choice.prompts is not None:
+        inside = np.zeros(len(pairs), dtype=bool)
+        inside[topic_pairs(pairs, choice.prompts)] = True
+        mask &= inside
+    return mask
 
 
 def concept_ref(concept: int | str) -> str:

@@ -36,11 +36,10 @@ import torch
 
 from ..concepts.sources import ConceptSource, DirectionConcept, SAEConcept, TextConcept
 from ..data.pairs import distinct_prompts
-from ..data.plant import topic_pairs
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ResidualEdit, generate, response_residuals
-from ..results.plan import ConceptChoice, InterventionPlan, PlanError, sae_concept_id
+from ..results.plan import ConceptChoice, InterventionPlan, PlanError, sae_concept_id, scope_mask
 
 __all__ = [
     "PlannedConcept",
@@ -214,28 +213,10 @@ def inoculate(pairs: Sequence[PreferencePair], concepts: Sequence[PlannedConcept
 
 
 def scope_masks(concepts: Sequence[PlannedConcept], pairs: Sequence[PreferencePair], topic_of_prompt: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """For each scoped entry (``topic`` and/or ``prompts``), which of ``pairs`` it acts on: the pairs
-    whose prompt is in that stage-2 topic (``topic_of_prompt``: ``Hypotheses.topic_of_prompt``) and
-    whose user turns match the ``prompts`` regex (case-insensitive, as ``data.plant``'s topics).
-    A prompt stage 2 never saw is in no topic."""
-    masks = {}
-    for i, r in enumerate(concepts):
-        c = r.choice
-        if not c.scoped:
-            continue
-        mask = np.ones(len(pairs), dtype=bool)
-        if c.topic is not None:
-            if topic_of_prompt is None:
-                raise PlanError(i, c.concept, "topic", "a topic scope needs the run's stage-2 topics (run hypothesize first)")
-            if c.topic not in set(topic_of_prompt.values()):
-                raise PlanError(i, c.concept, "topic", f"topic {c.topic} is not one of stage 2's topics {sorted(set(topic_of_prompt.values()))}")
-            mask &= np.array([topic_of_prompt.get(p.prompt_text) == c.topic for p in pairs], dtype=bool)
-        if c.prompts is not None:
-            inside = np.zeros(len(pairs), dtype=bool)
-            inside[topic_pairs(pairs, c.prompts)] = True
-            mask &= inside
-        masks[r.ref] = mask
-    return masks
+    """For each scoped entry (``topic`` and/or ``prompts``), which of ``pairs`` it acts on
+    (``results.plan.scope_mask``)."""
+    masks = {r.ref: scope_mask(r.choice, pairs, topic_of_prompt, i) for i, r in enumerate(concepts)}
+    return {ref: m for ref, m in masks.items() if m is not None}
 
 
 def rank_instructions(

@@ -19,6 +19,8 @@ The prediction model, stated plainly (stage 5 measures the real thing):
   (amplify with steer: doubling) and the ``basis`` column says "nominal".
 * **spill-over:** a change δ_c of a targeted concept drags every other concept j by
   β_jc·δ_c, where β_jc is the regression slope of u_j on u_c across all responses.
+* **scope:** an entry scoped to one topic or to prompts matching a regex (``ConceptChoice.topic`` /
+  ``prompts``) filters only its pairs (exact), and shapes only the part of Δ_c its pairs carry.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..concepts.activity import PairFeatures, concept_activity
 from ..core.run import Run, RunLike
 from ..core.stats import group_means, length_controlled, length_regressors, paired_test
 from ..results.hypotheses import Hypotheses
-from ..results.plan import InterventionPlan, load_plan, sae_concept_id
+from ..results.plan import InterventionPlan, load_plan, sae_concept_id, scope_mask
 from ..results.store import FeatureStore
 
 __all__ = ["BADGES", "ConceptSpace", "badge", "overall_rows"]
@@ -77,6 +79,8 @@ class ConceptSpace:
     layer: int | None = None
     ntok: np.ndarray | None = None  # n_pairs × 2 response token counts: rescore's length control
     length_degree: int = 2  # as HypothesizeConfig.length_control_degree
+    store: FeatureStore | None = None  # its pairs, read only when a plan entry is scoped
+    topic_of_prompt: Mapping[str, int] | None = None  # stage 2's topics, for a topic scope
 
     @classmethod
     def from_run(cls, run: RunLike, hyp: Hypotheses | None = None, store: FeatureStore | None = None) -> "ConceptSpace":
@@ -87,7 +91,17 @@ class ConceptSpace:
         uc, ur = concept_activity(pf, hyp.feature_labels(store.d_sae))
         config = hyp.manifest.get("config", {})
         layer = int(store.manifest["layer"]) if store.manifest.get("layer") is not None else None
-        return cls(overall_rows(hyp), uc, ur, pf.groups if config.get("group_by_prompt", True) else None, hyp.manifest.get("key"), layer, pf.ntok, int(config.get("length_control_degree", 2)))
+        return cls(overall_rows(hyp), uc, ur, pf.groups if config.get("group_by_prompt", True) else None, hyp.manifest.get("key"), layer, pf.ntok, int(config.get("length_control_degree", 2)), store, hyp.topic_of_prompt())
+
+    def scopes(self, plan: InterventionPlan) -> dict[int, np.ndarray]:
+        """Per scoped active entry (by its index in ``plan.active``), the pairs it acts on."""
+        scoped = [(i, c) for i, c in enumerate(plan.active) if c.scoped]
+        if not scoped:
+            return {}
+        if self.store is None:
+            raise ValueError("a scoped plan entry needs the pairs' prompts: build the space with ConceptSpace.from_run")
+        pairs = self.store.pairs()
+        return {i: scope_mask(c, pairs, self.topic_of_prompt, i) for i, c in scoped}
 
     @cached_property
     def _length_regressors(self) -> np.ndarray | None:
@@ -110,12 +124,15 @@ class ConceptSpace:
             groups = None if groups is None else groups[pairs]
         return d if groups is None or len(d) == 0 else group_means(d, groups)
 
-    def signal(self, keep: np.ndarray | None = None, flip: np.ndarray | None = None) -> np.ndarray:
+    def signal(self, keep: np.ndarray | None = None, flip: np.ndarray | None = None, within: np.ndarray | None = None) -> np.ndarray:
         """Δ per concept: mean over units of d = u(chosen) − u(rejected), after dropping pairs not
-        in ``keep`` and negating those in ``flip`` (boolean masks over pairs)."""
+        in ``keep`` and negating those in ``flip`` (boolean masks over pairs). ``within``: the part
+        of Δ the pairs in that mask contribute (d set to 0 elsewhere; units and their count kept)."""
         d = self.chosen - self.rejected
         if flip is not None and flip.any():
             d = np.where(flip[:, None], -d, d)
+        if within is not None:
+            d = np.where(within[:, None], d, 0.0)
         pairs = None if keep is None else np.flatnonzero(keep)
         u = self._units(d, pairs)
         return u.mean(0) if len(u) else np.zeros(self.n_concepts)
@@ -196,12 +213,14 @@ class ConceptSpace:
         flip = np.zeros(self.n_pairs, bool)
         removed: dict[int, int] = {}
         d = self.chosen - self.rejected
-        active = [(c, self.column(c.concept)) for c in plan.active]
-        active = [(c, j) for c, j in active if j is not None]
-        for c, j in active:  # filters first: they change the data every other method trains on
+        scopes = self.scopes(plan)
+        everywhere = np.ones(self.n_pairs, bool)
+        active = [(c, self.column(c.concept), scopes.get(i, everywhere)) for i, c in enumerate(plan.active)]
+        active = [(c, j, scope) for c, j, scope in active if j is not None]
+        for c, j, scope in active:  # filters first: they change the data every other method trains on
             if c.method != "filter":
                 continue
-            carried = (c.sign * d[:, j] >= c.strength) & keep & ~flip
+            carried = (c.sign * d[:, j] >= c.strength) & keep & ~flip & scope
             removed[j] = int(carried.sum())
             if c.filter_mode == "flip":
                 flip |= carried
@@ -213,11 +232,12 @@ class ConceptSpace:
         basis = np.array(["none"] * C, dtype=object)
         basis[np.abs(direct) > 1e-12] = "data (filter, exact)"
         deltas = np.zeros(C)
-        for c, j in active:
+        for c, j, scope in active:
             if c.method == "filter":
                 basis[j] = "data (filter, exact)"
                 continue
-            base = after_data[j]
+            # a scoped entry acts on its pairs' share of the signal only (first order)
+            base = after_data[j] if scope.all() else self.signal(keep, flip, within=scope)[j]
             if c.method == "reward_shaping":
                 target, how = base * (1 - c.sign * c.strength), "first-order (reward margin)"
             elif c.method == "ablate":
@@ -225,14 +245,14 @@ class ConceptSpace:
             else:  # steer, inoculate: size unknowable before training
                 target, how = base * (1 - c.sign), "nominal"
             deltas[j] += target - base
-            basis[j] = how
+            basis[j] = how if scope.all() else f"{how}, in scope"
         spill = slope @ deltas - deltas  # what the other targets' changes drag along (β_jj = 1 excluded)
         after = after_data + deltas + spill
-        entry = {j: c for c, j in active}
+        entry = {j: c for c, j, _ in active}
         moved = (np.abs(after - before) > 1e-12) & np.array([j not in entry for j in range(C)])
         basis[moved] = "spill-over"
         own = deltas.copy()
-        for c, j in active:
+        for c, j, _ in active:
             if c.method == "filter":
                 own[j] += direct[j]
         ov = self.concepts
@@ -251,10 +271,10 @@ class ConceptSpace:
             "pairs_removed": [removed.get(j, 0) for j in range(C)],
         })
         edges = []
-        for c, j in active:
+        for c, j, scope in active:
             if c.method == "filter":
                 # exact: the change of each other concept when this filter alone is applied
-                carried = c.sign * d[:, j] >= c.strength
+                carried = (c.sign * d[:, j] >= c.strength) & scope
                 solo = self.signal(~carried, None) if c.filter_mode == "drop" else self.signal(None, carried)
                 shift = solo - before
             else:
