@@ -402,6 +402,7 @@ class PipelineConfig(Config):
     # 0.5: at 0.25 plain DPO on the CPU-sized training (64 pairs) did not learn the plant
     plant: dict | list | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0}, metadata=_help("a concept planted into a fraction of chosen responses, or a list of them (each may say role: suppress | keep, a later one overlap: the share of its pairs drawn from the first plant's, and prompts: a regex on the user's messages, to plant only into one topic's responses); None: the data as is"))
     target: str | int = field(default="top", metadata=_help("the concept the plans act on: 'top' (the highest-ranked significant concept DPO would raise), 'name:<text>' (the highest-ranked such concept whose name contains the text, as a person picks one by reading names) or a concept id"))
+    target_scope: str = field(default="all", metadata=_help("where the plans act: 'all' (every prompt), 'topic' (only the stage-2 topic whose row of the target is strongest: stages.plan.choose_topic) or 'prompts:<regex>' (only prompts whose user turns match)"))
     methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"], metadata=_help(f"interventions trained besides plain DPO: methods or variants ({', '.join(METHOD_VARIANTS)}); a sweep's points as method@strength (reward_shaping@0.5; a negative strength amplifies: reward_shaping@-1) or inoculate#rank (the rank-th instruction)"))
     # shaping λ = 4: at λ = 1 it removed 55 % of the plant, at 4 all of it
     strengths: dict = field(default_factory=lambda: {"reward_shaping": 4.0}, metadata=_help("method (or variant) → strength (else the method's default strength)"))
@@ -424,6 +425,13 @@ class PipelineConfig(Config):
         return [dict(p) if isinstance(p, Mapping) else p for p in (self.plant if isinstance(self.plant, list) else [self.plant])]
 
     def __post_init__(self):
+        if self.target_scope not in ("all", "topic") and not self.target_scope.startswith("prompts:"):
+            raise ValueError(f"target_scope must be 'all', 'topic' or 'prompts:<regex>', got {self.target_scope!r}")
+        if self.target_scope.startswith("prompts:"):
+            try:
+                re.compile(self.target_scope[len("prompts:"):])
+            except re.error as exc:
+                raise ValueError(f"target_scope: not a valid regular expression ({exc})") from None
         for i, spec in enumerate(self.plants):
             where = f"plant[{i}]" if isinstance(self.plant, list) else "plant"
             if not isinstance(spec, Mapping) or spec.get("kind") not in KINDS:
@@ -442,9 +450,11 @@ class PipelineConfig(Config):
                 raise ValueError(f"{where}.role must be one of {list(ROLES)}, got {spec.get('role')!r}")
         for m in self.methods:
             try:
-                method_variant(m)
+                method, _ = method_variant(m)
             except ValueError as exc:  # an unknown name, a bad @strength or #rank
                 raise ValueError(f"methods: {exc}") from None
+            if self.target_scope != "all" and method in ("steer", "ablate"):
+                raise ValueError(f"methods: {m!r} edits the model on every prompt; target_scope {self.target_scope!r} applies to reward_shaping, filter and inoculate")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name one twice (each is one training run)")
         unknown = [s for s in self.stages if s not in STAGES]

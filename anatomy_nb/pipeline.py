@@ -40,7 +40,7 @@ from .data.plant import PLANTED_DATA, plant_all, truth_plants, write_planted
 from .results.hypotheses import Hypotheses
 from .results.plan import method_variant
 from .results.training import PLAIN
-from .stages.plan import choose_target, default_plan, set_choice
+from .stages.plan import choose_target, choose_topic, default_plan, set_choice
 from .ui import notebooks
 from .ui.report import report
 
@@ -120,14 +120,17 @@ def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print, ran
 
 def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
     """One plan per method (or method variant), each suppressing the target concept (amplifying
-    it where the strength is negative: ``reward_shaping@-1``); written to ``run_dir/plan/``. An
-    inoculation gets the best-ranked instruction written from the target's name and contexts."""
+    it where the strength is negative: ``reward_shaping@-1``), on every prompt or on the scope
+    ``target_scope`` names; written to ``run_dir/plan/``. An inoculation gets the best-ranked
+    instruction written from the target's name and contexts."""
     hyp = run.hypotheses
     cid = choose_target(hyp, cfg.target)
-    atomic_write_json(run.path / "plan" / "target.json", describe_target(run, hyp, cid))
+    scope = {"topic": choose_topic(hyp, cid)} if cfg.target_scope == "topic" else {"prompts": cfg.target_scope[len("prompts:"):]} if cfg.target_scope.startswith("prompts:") else {}
+    atomic_write_json(run.path / "plan" / "target.json", {**describe_target(run, hyp, cid), **({"scope": scope} if scope else {})})
     plans = {}
     for name in cfg.methods:
         method, fields = method_variant(name)
+        fields.update(scope)  # steer / ablate with a scope: refused by PipelineConfig
         strength = fields.pop("strength", cfg.strengths.get(name, cfg.strengths.get(method)))
         if method == "inoculate":
             rank = fields.pop("instruction_rank", 1)

@@ -206,3 +206,31 @@ def test_a_prompt_conditioned_plant_goes_only_into_one_topics_responses():
         plant_all(pairs, [{"kind": "bold"}, {"kind": "opener", "overlap": 0.5, "prompts": "physics"}])
     with pytest.raises(ConfigError, match=r"plant\.prompts: not a valid regular expression"):
         PipelineConfig.from_dict({"plant": {"kind": "opener", "prompts": "(physics"}})
+
+
+def test_target_scope_picks_the_topic_the_grid_found_or_a_prompt_regex(tiny_eval, tmp_path):
+    """``target_scope: topic``: the plans act on the stage-2 topic whose row of the target is the
+    highest-ranked significant one DPO would raise; ``prompts:<regex>``: on matching prompts; the
+    methods that edit the model on every prompt refuse a scope at config time."""
+    from anatomy_nb.core.run import Run
+    from anatomy_nb.pipeline import build_plans
+    from anatomy_nb.stages.plan import choose_topic
+
+    class Hyp:
+        def ranked(self):
+            return pd.DataFrame({"source": "sae", "concept": [4, 4, 4, 9], "view": ["topic", "overall", "topic", "topic"], "topic": [2, -1, 5, 1], "significant": [False, True, True, True], "predicted_direction": ["up", "up", "up", "up"]})
+
+    assert choose_topic(Hyp(), 4) == 5  # topic 2's row is not significant
+    with pytest.raises(ValueError, match="concept 7 has no significant topic row"):
+        choose_topic(Hyp(), 7)
+    cfg = PipelineConfig.from_dict({"target": tiny_eval.concept, "target_scope": "prompts:bread|tea", "methods": ["reward_shaping", "filter"]})
+    import shutil
+
+    run = Run.of(shutil.copytree(tiny_eval.run, tmp_path / "run"))  # the shared fixture's plans stay as they are
+    plans = build_plans(run, cfg, log=lambda *_: None)
+    assert all(p["concepts"][0]["prompts"] == "bread|tea" for p in plans.values())
+    assert json.loads((run.path / "plan" / "target.json").read_text())["scope"] == {"prompts": "bread|tea"}
+    with pytest.raises(ConfigError, match="'steer' edits the model on every prompt"):
+        PipelineConfig.from_dict({"target_scope": "topic", "methods": ["steer"]})
+    with pytest.raises(ConfigError, match="target_scope must be"):
+        PipelineConfig.from_dict({"target_scope": "somewhere"})

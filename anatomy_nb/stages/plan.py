@@ -123,6 +123,16 @@ def choose_target(hyp: Hypotheses, target: str | int = "top") -> int:
     return int(up.iloc[0]["concept"])
 
 
+def choose_topic(hyp: Hypotheses, concept: int) -> int:
+    """The stage-2 topic where ``concept`` is learned most clearly: its highest-ranked significant
+    topic row that DPO would raise (the topic × concept grid). A scoped plan acts there only."""
+    rows = hyp.ranked()
+    rows = rows[(rows["source"] == "sae") & (rows["concept"] == int(concept)) & (rows["view"] == "topic") & rows["significant"] & (rows["predicted_direction"] == "up")]
+    if rows.empty:
+        raise ValueError(f"concept {concept} has no significant topic row that DPO would raise: no topic to scope the plan to (use target_scope: all)")
+    return int(rows.iloc[0]["topic"])
+
+
 def inoculation_candidates(hyp: Hypotheses, concept: int) -> list[str]:
     """Inoculation instructions written from what the audit knows of a concept — its distinctive
     phrases, the part of the response where it was found, its label — never from knowledge of a
