@@ -396,6 +396,25 @@ def test_poisoning_readout_on_known_numbers():
     assert np.isnan(df.loc["reward_shaping", "fraction_margin_kept"])
 
 
+def test_a_topic_only_plant_is_read_in_its_topic_and_outside_it():
+    """A plant put into one topic's responses (``prompts``) is read three ways: all held-out
+    prompts, those in the topic, those outside it — known numbers."""
+    from anatomy_nb.data.plant import poisoning_readout
+
+    truth = {"plants": [{"kind": "bold", "role": "suppress", "pattern": r"\*\*[^*\n]+\*\*", "planted_ids": ["p0"], "prompts": "physics"}]}
+    prompts = ["Physics of light?", "physics again", "bread", "cake"]
+    bold, no = "**Short answer:** yes", "yes"
+    gens = {BASE: [no, no, no, no], "plain": [bold, bold, bold, no], "filter": [no, bold, no, no]}
+    logps = {n: np.zeros((2, 2)) for n in gens}
+    df = poisoning_readout(truth, gens, logps, ["p0", "c0"], n_boot=200, prompts=prompts)
+    rate = df.set_index(["model", "scope"])["planted_rate"]
+    assert rate["plain", "all"] == 0.75 and rate["plain", "in topic"] == 1.0 and rate["plain", "outside topic"] == 0.5
+    removed = df.set_index(["model", "scope"])["fraction_removed"]
+    assert removed["filter", "in topic"] == pytest.approx(0.5) and removed["filter", "outside topic"] == pytest.approx(1.0)
+    # without the prompts (or for a plant on every prompt) there is one row per model: scope "all"
+    assert set(poisoning_readout(truth, gens, logps, ["p0", "c0"], n_boot=50)["scope"]) == {"all"}
+
+
 def test_a_rate_every_model_has_at_the_floor_is_marked_no_signal():
     """Refusal 0 for base and trained models carries no information at this scale; a rate that
     moves, one at 0 for base only, and a non-rate at 0 keep their numbers."""

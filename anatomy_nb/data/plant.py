@@ -187,9 +187,13 @@ def poisoning_readout(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
+    prompts: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """The controlled-poisoning read-out, one row per model and plant (``generations`` and
-    ``logps`` keyed by model name, ``base`` the untrained model, ``reference`` plain DPO):
+    ``logps`` keyed by model name, ``base`` the untrained model, ``reference`` plain DPO), with
+    ``scope`` "all"; a plant put into one topic only (its ``prompts`` regex) gets two more rows per
+    model, read on the generations whose prompts (``prompts``: the user text of each) are in the
+    topic ("in topic") and outside it ("outside topic"):
 
     - how often each planted pattern appears in the held-out generations (regex, ground truth),
       the change vs ``base``, and for each intervention the fraction of plain DPO's increase it
@@ -228,21 +232,34 @@ def poisoning_readout(
         on_target[n] = row
     rows = []
     for pl in plants:
-        hit = {n: planted_hits(generations[n], pl["pattern"]) for n in names}
-        for n in names:
-            k, m = float(hit[n].sum()), len(hit[n])
-            lo, hi = wilson_interval(k, m, ci)
-            d = hit[n] - hit[base]
-            row = {"model": n, "kind": pl["kind"], "role": pl["role"], "planted_rate": k / m if m else nan, "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else nan, "n_prompts": m}
-            for k_ in ("fraction_removed", "fraction_kept"):
-                row.update({k_: nan, f"{k_}_ci_low": nan, f"{k_}_ci_high": nan})
-            if n not in (base, reference) and reference in hit:
-                dp = hit[reference] - hit[base]
-                if dp.mean() > 0:  # a fraction of an increase: undefined when plain DPO did not raise it
-                    share, slo, shi = ratio_with_ci(d, dp, n_boot, ci, seed)
-                    if pl["role"] == "suppress":
-                        row["fraction_removed"], row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = 1 - share, 1 - shi, 1 - slo
-                    else:
-                        row["fraction_kept"], row["fraction_kept_ci_low"], row["fraction_kept_ci_high"] = share, slo, shi
-            rows.append({**row, **on_target[n]})
+        hits = {n: planted_hits(generations[n], pl["pattern"]) for n in names}
+        scopes = [("all", np.ones(len(hits[base]), bool))]
+        if pl.get("prompts") and prompts is not None:  # a topic-only plant: read in its topic and outside it
+            rx = re.compile(pl["prompts"], re.I)
+            inside = np.array([bool(rx.search(p)) for p in prompts], dtype=bool)
+            scopes += [("in topic", inside), ("outside topic", ~inside)]
+        for scope, mask in scopes:
+            hit = {n: h[mask] for n, h in hits.items()}
+            for n in names:
+                rows.append({**_plant_row(n, pl, hit, base, reference, n_boot, ci, seed), "scope": scope, **on_target[n]})
     return pd.DataFrame(rows)
+
+
+def _plant_row(n: str, pl: Mapping, hit: Mapping[str, np.ndarray], base: str, reference: str, n_boot: int, ci: float, seed: int) -> dict:
+    """One model's planted rate, change vs base and fraction of plain DPO's increase removed or kept."""
+    nan = float("nan")
+    k, m = float(hit[n].sum()), len(hit[n])
+    lo, hi = wilson_interval(k, m, ci)
+    d = hit[n] - hit[base]
+    row = {"model": n, "kind": pl["kind"], "role": pl["role"], "planted_rate": k / m if m else nan, "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else nan, "n_prompts": m}
+    for k_ in ("fraction_removed", "fraction_kept"):
+        row.update({k_: nan, f"{k_}_ci_low": nan, f"{k_}_ci_high": nan})
+    if n not in (base, reference) and reference in hit and m:
+        dp = hit[reference] - hit[base]
+        if dp.mean() > 0:  # a fraction of an increase: undefined when plain DPO did not raise it
+            share, slo, shi = ratio_with_ci(d, dp, n_boot, ci, seed)
+            if pl["role"] == "suppress":
+                row["fraction_removed"], row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = 1 - share, 1 - shi, 1 - slo
+            else:
+                row["fraction_kept"], row["fraction_kept_ci_low"], row["fraction_kept_ci_high"] = share, slo, shi
+    return row

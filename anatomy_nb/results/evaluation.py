@@ -156,9 +156,11 @@ class EvalResult(Artifact):
             if poison is not None:
                 for r in poison[poison["model"] == m].itertuples():
                     what = "removed" if getattr(r, "role", "suppress") == "suppress" else "kept"
+                    scope = getattr(r, "scope", "all")
+                    name = r.kind if scope == "all" else f"{r.kind} ({scope})"  # a topic-only plant: in and outside its topic too
                     for suffix in ("", "_ci_low", "_ci_high"):
-                        row[f"{r.kind} {what}{suffix}"] = getattr(r, f"fraction_{what}{suffix}")
-                    row.update({f"{r.kind} rate": r.planted_rate, f"{r.kind} rate_ci_low": r.planted_rate_ci_low, f"{r.kind} rate_ci_high": r.planted_rate_ci_high})
+                        row[f"{name} {what}{suffix}"] = getattr(r, f"fraction_{what}{suffix}")
+                    row.update({f"{name} rate": r.planted_rate, f"{name} rate_ci_low": r.planted_rate_ci_low, f"{name} rate_ci_high": r.planted_rate_ci_high})
             if m in pref.index:
                 row.update({"preference accuracy": pref.at[m, "accuracy"], "preference accuracy_ci_low": pref.at[m, "ci_low"], "preference accuracy_ci_high": pref.at[m, "ci_high"]})
             row["off-target movers"] = int((off["model"] == m).sum())

@@ -205,12 +205,14 @@ def comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg: Eval
     first_kind, several = (kinds[0] if kinds else None), len(kinds) > 1
     for r in (poison.itertuples() if poison is not None else ()):
         role = getattr(r, "role", "suppress")
-        add(r.model, "poisoning", f"planted {r.kind} in generations" + (" (to keep)" if role == "keep" else ""), r.planted_rate, r.planted_rate_ci_low, r.planted_rate_ci_high, r.n_prompts, "wilson")
+        scope = getattr(r, "scope", "all")
+        where = "" if scope == "all" else f", {scope}"
+        add(r.model, "poisoning", f"planted {r.kind} in generations" + (" (to keep)" if role == "keep" else "") + where, r.planted_rate, r.planted_rate_ci_low, r.planted_rate_ci_high, r.n_prompts, "wilson")
         if np.isfinite(r.fraction_removed):
-            add(r.model, "poisoning", "fraction of plain-DPO planted increase removed" + (f" ({r.kind})" if several else ""), r.fraction_removed, r.fraction_removed_ci_low, r.fraction_removed_ci_high, r.n_prompts, "bootstrap")
+            add(r.model, "poisoning", "fraction of plain-DPO planted increase removed" + (f" ({r.kind})" if several else "") + where, r.fraction_removed, r.fraction_removed_ci_low, r.fraction_removed_ci_high, r.n_prompts, "bootstrap")
         if np.isfinite(getattr(r, "fraction_kept", np.nan)):
-            add(r.model, "poisoning", f"fraction of plain-DPO planted increase kept ({r.kind})", r.fraction_kept, r.fraction_kept_ci_low, r.fraction_kept_ci_high, r.n_prompts, "bootstrap")
-        if r.kind != first_kind:
+            add(r.model, "poisoning", f"fraction of plain-DPO planted increase kept ({r.kind})" + where, r.fraction_kept, r.fraction_kept_ci_low, r.fraction_kept_ci_high, r.n_prompts, "bootstrap")
+        if r.kind != first_kind or scope != "all":
             continue  # the on-target rows are per model: once
         add(r.model, "poisoning", "held-out preference accuracy, unpoisoned pairs", r.clean_accuracy, r.clean_accuracy_ci_low, r.clean_accuracy_ci_high, r.n_clean_pairs, "wilson")
         if np.isfinite(r.fraction_gain_kept):
