@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/default
 
-.PHONY: setup run compare sweep amplify entangled subspace test test-all lab benchmark sae
+.PHONY: setup run compare sweep amplify entangled topic subspace test test-all lab benchmark sae
 setup:
 	bash scripts/setup.sh
 
@@ -26,6 +26,10 @@ amplify: setup
 # two correlated formatting styles: the off-target effect, predicted before training and measured after (docs/explanation.md)
 entangled: setup
 	$(VENV)/bin/anatomy-nb run configs/entangled.yaml
+
+# a concept planted into one topic's responses only; plans scoped to the topic stage 2 finds (docs/explanation.md)
+topic: setup
+	$(VENV)/bin/anatomy-nb run configs/topic.yaml
 
 # concept subspaces from counterfactuals: DAS and HyperDAS on RAVEL (notebook 06's work, headless)
 subspace: setup
