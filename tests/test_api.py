@@ -131,6 +131,12 @@ def test_every_config_field_is_a_cli_flag_and_unknown_keys_are_named(capsys, tmp
     assert "lora_rank" in err and "lora_r" in err and "valid keys" in err
     assert cli.main(["run", "--run-dir", str(tmp_path), "--train.learning-rate", "fast"]) == 2
     assert "learning_rate" in capsys.readouterr().err
+    # every command's --help renders (a bare "%" in a field's help text would break argparse's)
+    for command in sub:
+        with pytest.raises(SystemExit) as done:
+            cli.main([command, "--help"])
+        assert done.value.code == 0, command
+    capsys.readouterr()
 
 
 def test_configs_reject_unknown_and_mistyped_keys_with_the_valid_ones():

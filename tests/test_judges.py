@@ -2,6 +2,7 @@
 known answers, and an LLM judge over real loopback HTTP."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from anatomy_nb.config import EvalConfig, ExplainConfig, JudgeConfig
@@ -148,3 +149,21 @@ def test_direction_judge_refuses_another_model_and_bad_config(tiny_lm, tmp_path)
         EvalConfig.from_dict({"judge": {"backend": "direction", "fit_on": ["mistral"]}})
     cfg = EvalConfig.from_dict({"judge": {"backend": "direction", "fit_on": ["gpt4", "caa"], "n_tokens": 16}})
     assert cfg.judge.fit_on == ("gpt4", "caa") and cfg.judge.n_tokens == 16
+
+
+@pytest.mark.e2e
+def test_the_refusal_direction_of_the_default_model_reads_a_held_out_familys_refusals(tmp_path):
+    """Fitted on a sample of Llama-2 + CAA (both readings), read on GPT-4's completions it never saw:
+    the stock-phrase refusals as written, and the refusals that still say something once the
+    phrases are gone, where the phrase list finds none (measured: docs/explanation.md)."""
+    from anatomy_nb.lm.models import load_model
+
+    judge = make_judge(JudgeConfig(backend="direction", fit_n=40), tmp_path, load_model())
+    assert judge.fitted.layer == 27 and judge.fitted.n_tokens == 32
+    full = agreement(judge, n=120, families=["gpt4"], readings=["full"])
+    long = agreement(judge, n=None, families=["gpt4"], readings=["stripped-long"])  # all 264: its 29 full refusals
+    rows = pd.concat([full, long]).set_index("reading")
+    print(rows[["accuracy", "full_refusal_recall", "specificity", "n"]])
+    assert rows["held_out"].all()
+    assert rows.loc["full", "accuracy"] >= 0.85 and rows.loc["full", "full_refusal_recall"] >= 0.9
+    assert rows.loc["stripped-long", "full_refusal_recall"] >= 0.6  # the phrase list: 0 of 29
