@@ -217,8 +217,8 @@ def test_target_scope_picks_the_topic_the_grid_found_or_a_prompt_regex(tiny_eval
     from anatomy_nb.stages.plan import choose_topic
 
     class Hyp:
-        def ranked(self):
-            return pd.DataFrame({"source": "sae", "concept": [4, 4, 4, 9], "view": ["topic", "overall", "topic", "topic"], "topic": [2, -1, 5, 1], "significant": [False, True, True, True], "predicted_direction": ["up", "up", "up", "up"]})
+        def ranked_by_topic(self):  # the topic × concept rows in rank order
+            return pd.DataFrame({"source": "sae", "concept": [4, 4, 9], "view": "topic", "topic": [2, 5, 1], "significant": [False, True, True], "predicted_direction": ["up", "up", "up"]})
 
     assert choose_topic(Hyp(), 4) == 5  # topic 2's row is not significant
     with pytest.raises(ValueError, match="concept 7 has no significant topic row"):

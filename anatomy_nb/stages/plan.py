@@ -126,8 +126,8 @@ def choose_target(hyp: Hypotheses, target: str | int = "top") -> int:
 def choose_topic(hyp: Hypotheses, concept: int) -> int:
     """The stage-2 topic where ``concept`` is learned most clearly: its highest-ranked significant
     topic row that DPO would raise (the topic × concept grid). A scoped plan acts there only."""
-    rows = hyp.ranked()
-    rows = rows[(rows["source"] == "sae") & (rows["concept"] == int(concept)) & (rows["view"] == "topic") & rows["significant"] & (rows["predicted_direction"] == "up")]
+    rows = hyp.ranked_by_topic()
+    rows = rows[(rows["source"] == "sae") & (rows["concept"] == int(concept)) & rows["significant"] & (rows["predicted_direction"] == "up")]
     if rows.empty:
         raise ValueError(f"concept {concept} has no significant topic row that DPO would raise: no topic to scope the plan to (use target_scope: all)")
     return int(rows.iloc[0]["topic"])
