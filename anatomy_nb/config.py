@@ -195,7 +195,7 @@ class JudgeConfig(ExplainConfig):
     backend: str = field(default="none", metadata=_help("'none' (the phrase list), 'direction' (a refusal direction in the base model's residual stream), 'openai' or 'transformers' (an LLM judge)"))
     layer: int | None = field(default=None, metadata=_help("'direction': the layer read (None: nine tenths of the way up the stack, 27 of the default model's 30)"))
     n_tokens: int = field(default=32, metadata=_help("'direction': the response tokens whose mean residual is read"))
-    fit_on: tuple[str, ...] = field(default=("llama2", "caa"), metadata=_help("'direction': the labelled families it is fitted on (gpt4, llama2, caa); the rest are held out"))
+    fit_on: list[str] = field(default_factory=lambda: ["llama2", "caa"], metadata=_help("'direction': the labelled families it is fitted on (gpt4, llama2, caa); the rest are held out"))
     fit_n: int | None = field(default=None, metadata=_help("'direction': fit on a seeded sample of this many completions per family and reading (None: all, 2,532 for the default fit_on)"))
 
     def __post_init__(self):

@@ -115,7 +115,7 @@ def test_eval_config_takes_a_judge():
 def test_direction_judge_fits_once_reads_its_direction_and_names_what_it_was_fitted_on(tiny_lm, tmp_path, monkeypatch):
     from anatomy_nb.lm import refusal_direction as rd
 
-    judge = make_judge(JudgeConfig(backend="direction", n_tokens=6, fit_on=("llama2", "caa"), fit_n=60), tmp_path, tiny_lm)
+    judge = make_judge(JudgeConfig(backend="direction", n_tokens=6, fit_on=["llama2", "caa"], fit_n=60), tmp_path, tiny_lm)
     assert isinstance(judge, rd.DirectionJudge) and "llama2 + caa" in judge.name
     f = judge.fitted
     assert f.layer == rd.default_layer(tiny_lm) == 3 and f.n_fit == 4 * 60
@@ -147,7 +147,7 @@ def test_direction_judge_refuses_another_model_and_bad_config(tiny_lm, tmp_path)
     with pytest.raises(ValueError, match="families"):
         EvalConfig.from_dict({"judge": {"backend": "direction", "fit_on": ["mistral"]}})
     cfg = EvalConfig.from_dict({"judge": {"backend": "direction", "fit_on": ["gpt4", "caa"], "n_tokens": 16}})
-    assert cfg.judge.fit_on == ("gpt4", "caa") and cfg.judge.n_tokens == 16
+    assert cfg.judge.fit_on == ["gpt4", "caa"] and cfg.judge.n_tokens == 16
 
 
 @pytest.mark.e2e
