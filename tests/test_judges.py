@@ -157,10 +157,11 @@ def test_the_refusal_direction_of_the_default_model_reads_a_held_out_familys_ref
     phrases are gone, where the phrase list finds none (measured: docs/explanation.md)."""
     from anatomy_nb.lm.models import load_model
 
-    judge = make_judge(JudgeConfig(backend="direction", fit_n=20), tmp_path, load_model())  # 80 completions: ~20 s
+    # 160 fit completions (at 80 the direction is too noisy: 0.63 accuracy on this sample)
+    judge = make_judge(JudgeConfig(backend="direction", fit_n=40), tmp_path, load_model())
     assert judge.fitted.layer == 27 and judge.fitted.n_tokens == 32
-    full = agreement(judge, n=40, families=["gpt4"], readings=["full"]).iloc[0]
-    assert full["held_out"] and full["accuracy"] >= 0.75 and full["full_refusal_recall"] >= 0.8  # measured (fit_n 40, n 120): 0.93 / 1.00
+    full = agreement(judge, n=80, families=["gpt4"], readings=["full"]).iloc[0]
+    assert full["held_out"] and full["accuracy"] >= 0.8 and full["full_refusal_recall"] >= 0.9  # measured: 0.91 / 1.00
     # the full refusals that still say something once the stock phrases are gone: the phrase list finds none of the 29
     long = labelled_completions("gpt4", "stripped-long")
     refusals = long[long["label"] == "full refusal"]
