@@ -402,7 +402,7 @@ def test_a_topic_only_plant_is_read_in_its_topic_and_outside_it():
     from anatomy_nb.data.plant import poisoning_readout
 
     truth = {"plants": [{"kind": "bold", "role": "suppress", "pattern": r"\*\*[^*\n]+\*\*", "planted_ids": ["p0"], "prompts": "physics"}]}
-    prompts = ["Physics of light?", "physics again", "bread", "cake"]
+    prompts = [({"role": "user", "content": u},) for u in ["Physics of light?", "physics again", "bread", "cake"]]
     bold, no = "**Short answer:** yes", "yes"
     gens = {BASE: [no, no, no, no], "plain": [bold, bold, bold, no], "filter": [no, bold, no, no]}
     logps = {n: np.zeros((2, 2)) for n in gens}

@@ -23,7 +23,7 @@ from ..core.files import atomic_path, atomic_write_json, read_json
 from ..core.stats import bootstrap_ci, implicit_margin, pair_correct, ratio_with_ci, wilson_interval
 from .schema import PreferencePair
 
-__all__ = ["KINDS", "ROLES", "PlantKind", "draw", "plant", "topic_pairs", "plant_all", "truth_plants", "write_planted", "planted_truth", "planted_hits", "poisoning_readout", "PLANTED_DATA"]
+__all__ = ["KINDS", "ROLES", "PlantKind", "draw", "plant", "topic_pairs", "user_turns_match", "plant_all", "truth_plants", "write_planted", "planted_truth", "planted_hits", "poisoning_readout", "PLANTED_DATA"]
 
 #: where ``anatomy-nb run`` writes a poisoned data set inside a run directory; the ground truth
 #: (``write_planted``) sits next to it as ``planted.planted.json``
@@ -128,11 +128,17 @@ def plant_all(pairs: Sequence[PreferencePair], specs: Sequence[Mapping]) -> tupl
 def topic_pairs(pairs: Sequence[PreferencePair], pattern: str) -> np.ndarray:
     """The indices of the pairs whose user messages match ``pattern`` (a regular expression,
     case-insensitive): a topic defined from outside the pipeline, by the prompts' own words."""
+    return np.flatnonzero(user_turns_match([p.prompt for p in pairs], pattern))
+
+
+def user_turns_match(prompts: Sequence[Sequence[Mapping]], pattern: str) -> np.ndarray:
+    """Per prompt (chat messages), whether any of its user messages matches ``pattern``
+    (case-insensitive): the one test of "in the topic" for plants, plan scopes and read-outs."""
     try:
         rx = re.compile(pattern, re.I)
     except re.error as exc:
         raise ValueError(f"prompts {pattern!r} is not a valid regular expression: {exc}") from None
-    return np.asarray([i for i, p in enumerate(pairs) if any(rx.search(m["content"]) for m in p.prompt if m.get("role") == "user")], dtype=int)
+    return np.asarray([any(rx.search(m["content"]) for m in prompt if m.get("role") == "user") for prompt in prompts], dtype=bool)
 
 
 def write_planted(pairs: Sequence[PreferencePair], plants: Sequence[Mapping] | np.ndarray, path: str | Path, kind: str | None = None) -> Path:
@@ -187,12 +193,12 @@ def poisoning_readout(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
-    prompts: Sequence[str] | None = None,
+    prompts: Sequence[Sequence[Mapping]] | None = None,
 ) -> pd.DataFrame:
     """The controlled-poisoning read-out, one row per model and plant (``generations`` and
     ``logps`` keyed by model name, ``base`` the untrained model, ``reference`` plain DPO), with
     ``scope`` "all"; a plant put into one topic only (its ``prompts`` regex) gets two more rows per
-    model, read on the generations whose prompts (``prompts``: the user text of each) are in the
+    model, read on the generations whose prompts (``prompts``: each one's chat messages) are in the
     topic ("in topic") and outside it ("outside topic"):
 
     - how often each planted pattern appears in the held-out generations (regex, ground truth),
@@ -235,8 +241,7 @@ def poisoning_readout(
         hits = {n: planted_hits(generations[n], pl["pattern"]) for n in names}
         scopes = [("all", np.ones(len(hits[base]), bool))]
         if pl.get("prompts") and prompts is not None:  # a topic-only plant: read in its topic and outside it
-            rx = re.compile(pl["prompts"], re.I)
-            inside = np.array([bool(rx.search(p)) for p in prompts], dtype=bool)
+            inside = user_turns_match(prompts, pl["prompts"])
             scopes += [("in topic", inside), ("outside topic", ~inside)]
         for scope, mask in scopes:
             hit = {n: h[mask] for n, h in hits.items()}

@@ -52,7 +52,7 @@ import numpy as np
 
 from ..core.files import atomic_write_json
 from ..core.run import PLAN_FILE
-from ..data.plant import topic_pairs
+from ..data.plant import user_turns_match
 
 __all__ = ["ACTIONS", "KINDS", "METHODS", "METHOD_VARIANTS", "method_variant", "ConceptChoice", "InterventionPlan", "PlanError", "concept_ref", "load_plan", "parse_concept", "sae_concept_id", "scope_mask", "PLAN_FILE"]
 
@@ -126,9 +126,7 @@ def scope_mask(choice: ConceptChoice, pairs: Sequence[Any], topic_of_prompt: Map
             raise PlanError(index, choice.concept, "topic", f"topic {choice.topic} is not one of stage 2's topics {known}")
         mask &= np.array([topic_of_prompt.get(p.prompt_text) == choice.topic for p in pairs], dtype=bool)
     if choice.prompts is not None:
-        inside = np.zeros(len(pairs), dtype=bool)
-        inside[topic_pairs(pairs, choice.prompts)] = True
-        mask &= inside
+        mask &= user_turns_match([p.prompt for p in pairs], choice.prompts)
     return mask
 
 

@@ -291,8 +291,7 @@ def evaluate(
     poison = None
     if truth:
         heldout_gens = {n: gens[n]["heldout"] for n in names}
-        users = [" ".join(m["content"] for m in pr if m.get("role") == "user") for _, pr in prompts]
-        poison = poisoning_readout(truth, heldout_gens, logps, [p.id for p in pref_pairs], base=BASE, reference=PLAIN, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed, prompts=users)
+        poison = poisoning_readout(truth, heldout_gens, logps, [p.id for p in pref_pairs], base=BASE, reference=PLAIN, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed, prompts=[pr for _, pr in prompts])
         stage.write_parquet("poisoning", poison)
     # the refusal rows: one judge for every model, measured against people on labelled completions
     judge = make_judge(cfg.judge, run.path / "cache" / ("judge" if cfg.judge.backend == "direction" else "llm"), lm)

@@ -100,8 +100,12 @@ class ConceptSpace:
             return {}
         if self.store is None:
             raise ValueError("a scoped plan entry needs the pairs' prompts: build the space with ConceptSpace.from_run")
-        pairs = self.store.pairs()
-        return {i: scope_mask(c, pairs, self.topic_of_prompt, i) for i, c in scoped}
+        return {i: scope_mask(c, self._pairs, self.topic_of_prompt, i) for i, c in scoped}
+
+    @cached_property
+    def _pairs(self) -> list:
+        """The store's pairs, read once per space (the viewer predicts a plan at every toggle)."""
+        return self.store.pairs()
 
     @cached_property
     def _length_regressors(self) -> np.ndarray | None:
