@@ -225,6 +225,10 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
 
     silent = comp[no_signal_rows(comp)].groupby(["group", "metric"]).ngroups
     assert int((wide == NO_SIGNAL).all(axis=1).sum()) == silent  # the rows with no signal say so in every cell
+    # an undefined R² (too few concepts in the fit) says why instead of leaving the cell empty
+    undefined = comp[(comp["group"] == "predicted vs actual") & ~np.isfinite(comp["value"])]
+    for r in undefined.itertuples():
+        assert wide.loc[(r.group, r.metric), r.model] == f"n/a ({int(r.n)} concepts in the fit)"
 
 
 def test_target_activity_agrees_with_stage_4s_concept_scorer(tiny_eval):

@@ -192,8 +192,13 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
     assert r2.loc[("plain", "overall"), "r2"] > 0.5  # the audit predicted what plain DPO changed
     assert (run.path / "report" / "index.html").exists()
     # the same experiment as the reference run (same seeds): every value of the comparison table lies
-    # inside the reference run's interval for it (bitwise equality is not required across machines)
-    reference = pd.read_csv(Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "default-pipeline-comparison-2026-11-29.csv")
+    # inside the reference run's interval for it (bitwise equality is not required across machines).
+    # Not checked: an R² over fewer than five concepts. The topic view's fit holds the 2-4 topic rows
+    # stage 2 finds significant at 300 pairs, and one q crossing 0.05 leaves it undefined (the
+    # 2026-11-29 reference had 4 rows; the same store read by the same stage-2 code gave 2 on
+    # 2026-11-30, with a fresh install: docs/explanation.md, "The whole pipeline").
+    reference = pd.read_csv(Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "default-pipeline-comparison-2026-11-30.csv")
+    reference = reference[~((reference["group"] == "predicted vs actual") & (reference["n"] < 5))]
     now = res.comparison().set_index(["model", "metric"])["value"]
     moved = []
     for r in reference.dropna(subset=["ci_low", "ci_high"]).itertuples():

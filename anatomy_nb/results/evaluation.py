@@ -119,8 +119,8 @@ class EvalResult(Artifact):
         df = self.comparison()
 
         def cell(r) -> str:
-            if not np.isfinite(r["value"]):
-                return ""
+            if not np.isfinite(r["value"]):  # an R² over < 3 concepts (or constant ones) is undefined: say why
+                return f"n/a ({int(r['n'])} concepts in the fit)" if r["group"] == "predicted vs actual" and np.isfinite(r["n"]) else ""
             s = f"{r['value']:.{digits}f}"
             if np.isfinite(r["ci_low"]) and np.isfinite(r["ci_high"]):
                 s += f" [{r['ci_low']:.{digits}f}, {r['ci_high']:.{digits}f}]"
