@@ -370,6 +370,9 @@ class SubspaceConfig(Config):
     hyperdas_positions: str = field(default="learned", metadata=_help("learned: HyperDAS chooses the base and source tokens; entity: it is given the entity's last token (an ablation)"))
     hyperdas_epochs: int = field(default=4, metadata=_help("HyperDAS passes over the pairs of all targets"))
     hyperdas_lr: float = field(default=3e-3, metadata=_help("HyperDAS learning rate (Adam)"))
+    sae_mask: bool = field(default=True, metadata=_help("also learn which SAE latents carry each target by interchange (RAVEL's differential binary masking over the SAE's latents, lm.sae_mask); needs sae"))
+    sae_mask_sparsity: float = field(default=1e-3, metadata=_help("the L1 weight on the latent mask (per latent, added to the cross-entropy)"))
+    sae_mask_lr: float = field(default=0.05, metadata=_help("learning rate of the latent mask's logits (Adam); it trains for 'epochs' passes"))
     min_accuracy: float = field(default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned"))
     require_known: bool = field(default=True, metadata=_help("keep only examples the model answers right (as RAVEL does); False: every example (tests on untrained models)"))
     seed: int = 0
@@ -378,8 +381,10 @@ class SubspaceConfig(Config):
     def __post_init__(self):
         if self.dim < 1 or self.entities < 2 or self.templates < 1 or self.n_train < 1 or self.n_test < 1 or self.epochs < 1 or self.hyperdas_epochs < 1 or self.hyperdas_layers < 1:
             raise ValueError("dim, templates, n_train, n_test, epochs, hyperdas_epochs and hyperdas_layers must be >= 1 and entities >= 2")
-        if not self.das and not self.hyperdas:
-            raise ValueError("das and hyperdas are both off: nothing would be learned")
+        if self.sae_mask_sparsity < 0 or self.sae_mask_lr <= 0:
+            raise ValueError(f"sae_mask_sparsity must be >= 0 and sae_mask_lr > 0, got {self.sae_mask_sparsity}, {self.sae_mask_lr}")
+        if not self.das and not self.hyperdas and not self.sae_mask:
+            raise ValueError("das, hyperdas and sae_mask are all off: nothing would be learned")
         if self.hyperdas_positions not in ("learned", "entity"):
             raise ValueError(f"hyperdas_positions must be 'learned' or 'entity', got {self.hyperdas_positions!r}")
         if self.hyperdas_width < 4 or self.hyperdas_width % 4:

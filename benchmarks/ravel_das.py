@@ -17,6 +17,8 @@ Steps (all on the upstream entity split: train entities to fit, test entities to
    activation at the entity's last token best tells the attribute's values apart on the train
    entities (one-way ANOVA F), their decoder rows orthonormalised into a subspace and interchanged
    the same way.
+4b. **SAE latents, learned mask**: the latents a binary mask selects when trained by interchange on
+   the same pairs as DAS (``lm.sae_mask``; L1 weight ``--sae-mask-sparsity``), swapped as latents.
 5. **Scores** on the test pairs: Cause = share of cause pairs whose greedy answer is the source's
    value's first token; Isolate = share of isolate pairs whose answer stays the base's; disentangle
    = their mean.
@@ -56,11 +58,13 @@ def main() -> None:
     ap.add_argument("--hyperdas-width", type=int, default=256)
     ap.add_argument("--hyperdas-positions", default="learned", choices=["learned", "entity"], help="entity: HyperDAS is given the entity's token (ablation)")
     ap.add_argument("--no-das", action="store_true", help="skip DAS (HyperDAS and the SAE's features only)")
+    ap.add_argument("--no-sae-mask", action="store_true", help="skip the SAE latent mask learned by interchange")
+    ap.add_argument("--sae-mask-sparsity", type=float, default=1e-3)
     ap.add_argument("--run-dir", type=Path, default=None, help="keep the artifact here (default: a scratch directory)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das)
+    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das, sae_mask=not args.no_sae_mask, sae_mask_sparsity=args.sae_mask_sparsity)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         res = anb.learn_subspace(args.run_dir or scratch, cfg)
@@ -70,8 +74,10 @@ def main() -> None:
         for a, t in table.groupby("attribute", sort=False):
             by = t.set_index("method")
             result["attributes"][a] = {"model_accuracy": round(float(by["model_accuracy"].iloc[0]), 3), "n_train": int(by["n_train"].iloc[0]), "n_test": int(by["n_test"].iloc[0]),
-                                       **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("no_intervention", "no intervention")) if method in by.index},
+                                       **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("sae_mask", "SAE latents (learned mask)"), ("no_intervention", "no intervention")) if method in by.index},
                                        "das_curve_last": res.curves().query("method == 'DAS' and attribute == @a").iloc[-1].to_dict() if "DAS" in by.index else None}
+            if "SAE latents (learned mask)" in by.index:
+                result["attributes"][a]["sae_mask"]["n_latents"] = len(by.at["SAE latents (learned mask)", "features"])
             if "HyperDAS" in by.index:
                 result["attributes"][a]["hyperdas"].update({k: round(float(by.at["HyperDAS", k]), 3) for k in ("edits_entity_token", "from_source_entity_token", "edit_from_end", "entity_from_end", "subspace_coverage")})
         curves = res.curves()

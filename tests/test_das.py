@@ -153,18 +153,18 @@ def test_stage_2_scores_a_learned_subspace_on_preference_pairs(tiny_lm, tiny_sae
 SUBSPACE_TINY = {"model": "tiny-llama", "layer": 1, "attributes": ["Country", "Continent"], "require_known": False, "entities": 12, "templates": 2, "dim": 2, "n_train": 16, "n_test": 12, "epochs": 1, "hyperdas_width": 16, "hyperdas_layers": 1, "hyperdas_epochs": 1}
 
 
-def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_sae_):
+def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
     """Notebook 06 headless on the tiny model (which knows no city: ``require_known=False`` keeps
-    every example): RAVEL's table for DAS, the SAE's features and no intervention, curves, the data
-    card, the saved concepts; a second call reuses the artifact."""
+    every example): RAVEL's table for DAS, HyperDAS, the SAE's features (ANOVA and learned mask) and
+    no intervention, curves, the data card, the saved concepts; a second call reuses the artifact."""
     import nbformat
 
     from conftest import assert_clean_outputs
-    from anatomy_nb.lm.sae import save_sae
+    from anatomy_nb.lm.sae import save_sae, tiny_sae
     from anatomy_nb.results.subspace import SubspaceResult
     from anatomy_nb.ui.notebooks import run_notebook
 
-    sae_dir = save_sae(tiny_sae_, tmp_path / "tiny_sae")
+    sae_dir = save_sae(tiny_sae(tiny_lm.d_model, layer=1, d_sae=96, k=6), tmp_path / "tiny_sae")  # at the layer DAS uses: the mask swaps its latents
     run_dir = tmp_path / "run"
     out = run_notebook("06_concept_subspace", run_dir, {"run_dir": str(run_dir), "config": {**SUBSPACE_TINY, "sae": str(sae_dir)}}, html=False, progress=False)
     nb = nbformat.read(out, as_version=4)
@@ -172,7 +172,8 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_sae_):
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     res = SubspaceResult.from_run(run_dir)
     table = res.table()
-    assert set(table["method"]) == {"DAS", "HyperDAS", "SAE features", "no intervention"} and set(table["attribute"]) == {"Country", "Continent"}
+    assert set(table["method"]) == {"DAS", "HyperDAS", "SAE features", "SAE latents (learned mask)", "no intervention"} and set(table["attribute"]) == {"Country", "Continent"}
+    assert table.loc[table["method"] == "SAE latents (learned mask)", "features"].map(lambda f: all(0 <= i < 96 for i in f)).all()
     hyper = table[table["method"] == "HyperDAS"]
     assert hyper[["edits_entity_token", "from_source_entity_token", "subspace_coverage"]].apply(lambda c: c.between(0, 1)).all().all()
     assert res.manifest["hyperdas"]["concepts"] == ["the continent of the city", "the country of the city"]
@@ -181,6 +182,7 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_sae_):
     assert table[["cause", "isolate"]].apply(lambda c: c.between(0, 1)).all().all()
     assert (table.loc[table["method"] == "SAE features", "features"].map(len) == 2).all()
     assert set(res.curves()["attribute"]) == {"Country", "Continent", "Country+Continent"} and len(res.data_card()) > 0
+    assert set(res.curves()["method"]) == {"DAS", "HyperDAS", "SAE latent mask"}
     concept = res.concept("Country")
     assert concept.layer == 1 and tuple(concept.directions().shape) == (2, 64)
     entry = res.plan_entry("Country")
@@ -206,9 +208,11 @@ def test_learn_subspace_says_what_is_wrong(tmp_path, lm):
     with pytest.raises(ValueError, match="das=False leaves HyperDAS alone"):
         anb.learn_subspace(tmp_path, {**base, "das": False, "targets": ["Country"]}, lm=lm)
     with pytest.raises(ValueError, match="nothing would be learned"):
-        anb.SubspaceConfig(das=False, hyperdas=False)
+        anb.SubspaceConfig(das=False, hyperdas=False, sae_mask=False)
     with pytest.raises(ValueError, match="hyperdas_positions"):
         anb.SubspaceConfig(hyperdas_positions="middle")
+    with pytest.raises(ValueError, match="sae_mask_sparsity must be >= 0"):
+        anb.SubspaceConfig(sae_mask_sparsity=-1)
     with pytest.raises(ValueError, match="layer 40 out of range"):
         anb.learn_subspace(tmp_path, {**base, "layer": 40}, lm=lm)
 
@@ -298,3 +302,38 @@ def test_subspace_command_takes_a_config_file_and_flags(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("dims: 3\n")
     assert main(["subspace", str(tmp_path / "bad.yaml")]) == 2
     assert "dims" in capsys.readouterr().err
+
+
+def _swap_labelled(lm, sae, planted, n, seed):
+    """Random prompt pairs whose answer is the model's after swapping the ``planted`` latents in from
+    the source: every pair the swap changes (cause) and as many it leaves alone (isolate)."""
+    from anatomy_nb.lm.sae_mask import latent_swap_predictions
+
+    out = _examples(lm, n, seed)
+    swapped, none = latent_swap_predictions(lm, sae, 1, planted, out), latent_swap_predictions(lm, sae, 1, [], out)
+    for e, a in zip(out, swapped):
+        e.answer = int(a)
+    moved = [e for e, a, b in zip(out, swapped, none) if a != b]
+    return moved + [e for e, a, b in zip(out, swapped, none) if a == b][: len(moved)]
+
+
+def test_the_latent_mask_recovers_planted_sae_latents(peaked_lm):
+    """Known answer: pairs labelled by swapping four chosen latents of a tiny SAE; the mask learned by
+    interchange selects those four (measured: exactly them at sparsity 1e-2, one extra at 1e-3) and
+    its swap gives the labelled answers on held-out pairs, where no intervention gets half."""
+    from anatomy_nb.lm.sae import tiny_sae
+    from anatomy_nb.lm.sae_mask import latent_swap_predictions, train_latent_mask
+
+    lm = peaked_lm
+    sae = tiny_sae(lm.d_model, layer=1, d_sae=96, k=6)
+    planted = [38, 58, 81, 85]  # the latents that differ most often between random prompts' entity tokens
+    train, test = _swap_labelled(lm, sae, planted, 3000, 1), _swap_labelled(lm, sae, planted, 1500, 2)
+    assert len(train) > 100 and len(test) > 50
+    mask = train_latent_mask(lm, sae, 1, train, epochs=4, lr=0.05, sparsity=1e-2)
+    assert set(planted) <= set(mask.features) and len(mask.features) <= len(planted) + 1, mask.features
+    answers = np.array([e.answer for e in test])
+    assert np.mean(latent_swap_predictions(lm, sae, 1, mask.features, test) == answers) >= 0.9
+    assert np.mean(latent_swap_predictions(lm, sae, 1, [], test) == answers) <= 0.6
+    assert mask.curve[-1]["loss"] < mask.curve[0]["loss"] and all(p.requires_grad for p in lm.model.parameters())
+    with pytest.raises(ValueError, match="needs the SAE's own layer"):
+        train_latent_mask(lm, sae, 0, train)

@@ -30,7 +30,7 @@ from ..core.files import atomic_path, atomic_write_text
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
-__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "frozen", "last_logits", "pad_id", "padded", "interchange_predictions", "load_subspace", "next_token_predictions", "save_subspace", "train_das"]
+__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "frozen", "last_logits", "pad_id", "padded", "interchange_predictions", "residuals_at", "load_subspace", "next_token_predictions", "save_subspace", "train_das"]
 
 
 def entity_prompt(tokenizer: Any, template: str, entity: str) -> tuple[list[int], int]:
@@ -101,11 +101,18 @@ def next_token_predictions(lm: LoadedModel, prompts: Sequence[list[int]], batch_
 
 
 @torch.no_grad()
-def _source_residuals(lm: LoadedModel, layer: int, batch: Sequence[Example]) -> torch.Tensor:
-    ids, mask = padded([e.source_ids for e in batch], pad_id(lm))
+def residuals_at(lm: LoadedModel, layer: int, batch: Sequence[Example], side: str = "source") -> torch.Tensor:
+    """The layer-``layer`` residual at each example's entity position, of its ``side`` ("base" or
+    "source") prompt: (batch, d_model). The model is frozen while a subspace or mask trains, so these
+    are computed once and reused every epoch."""
+    ids, mask = padded([getattr(e, f"{side}_ids") for e in batch], pad_id(lm))
     with ResidualCapture(lm, layer) as capture:
         h = capture(ids, attention_mask=mask)
-    return h[torch.arange(len(batch)), torch.tensor([e.source_position for e in batch])].float()
+    return h[torch.arange(len(batch)), torch.tensor([getattr(e, f"{side}_position") for e in batch])].float()
+
+
+def _source_residuals(lm: LoadedModel, layer: int, batch: Sequence[Example]) -> torch.Tensor:
+    return residuals_at(lm, layer, batch, "source")
 
 
 def _interchanged_logits(lm: LoadedModel, layer: int, basis: torch.Tensor, batch: Sequence[Example], source: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,15 +24,16 @@ class SubspaceResult(Artifact):
         return cls(Run.of(run).latest("subspace"))
 
     def table(self) -> pd.DataFrame:
-        """RAVEL's scores: a row per attribute × method (DAS, HyperDAS, SAE features, no
-        intervention) with Cause, Isolate, disentangle, the pairs they were scored on and the
+        """RAVEL's scores: a row per attribute × method (DAS, HyperDAS, SAE features, SAE
+        latents (learned mask), no intervention) with Cause, Isolate, disentangle, the pairs they were scored on and the
         model's accuracy; HyperDAS rows add where it intervened (``edits_entity_token``,
         ``from_source_entity_token``, and the median distance from the prompt end of the edited token, ``edit_from_end``, beside the entity's, ``entity_from_end``) and how much of its per-example subspaces the saved one covers."""
         return pd.read_parquet(self.path / "ravel.parquet")
 
     def curves(self) -> pd.DataFrame:
         """Training: loss and interchange accuracy per step, per method and attribute (HyperDAS: one
-        curve for all its attributes)."""
+        curve for all its attributes; the SAE latent mask adds how many latents it selects and its
+        temperature)."""
         return pd.read_parquet(self.path / "curves.parquet")
 
     def data_card(self) -> pd.DataFrame:

@@ -18,6 +18,10 @@ with the stage protocol (content key → reuse → write → manifest last):
 4. **SAE features** per attribute, as RAVEL does for SAEs: the ``dim`` features whose activation
    at the entity's last token best tells the attribute's values apart on the train entities
    (one-way ANOVA F), their decoder rows orthonormalised and interchanged the same way.
+4b. **SAE latents, learned mask** (``sae_mask=True``; ``lm.sae_mask``): the latents chosen under the
+   same supervision as DAS, by a binary mask trained by interchange on the train pairs (RAVEL's
+   differential binary masking, over the SAE's latents), swapped as latents (the SAE's error term
+   stays the base's); how many it chose is in the row's ``features``.
 5. **RAVEL's scores** on the test pairs for DAS, HyperDAS, the SAE features and no intervention: Cause
    (share of cause pairs answered with the source's value), Isolate (share of isolate pairs whose
    answer stays), their mean (disentangle).
@@ -49,6 +53,7 @@ from ..lm import hyperdas
 from ..lm.das import Example, answer_token, check_subspace_shape, entity_prompt, interchange_predictions, next_token_predictions, save_subspace, train_das
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
+from ..lm.sae_mask import latent_swap_predictions, train_latent_mask
 from ..results.subspace import SubspaceResult
 
 __all__ = ["STAGE", "SubspaceConfig", "known_examples", "learn_subspace", "ravel_scores", "sae_feature_subspace"]
@@ -186,7 +191,7 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
     targets = [a for a in (cfg.targets or cfg.attributes) if a in usable]
     if not targets or len(usable) < 2:
         raise ValueError(f"{lm.name} gets too few RAVEL {cfg.entity_type} attributes right to learn from (accuracy on the train entities: " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f"; needed: ≥ {cfg.min_accuracy} for the target and one more attribute). Choose attributes it knows, or a larger model.")
-    if not cfg.das and len(targets) < 2:
+    if not cfg.das and not (cfg.sae_mask and sae is not None) and len(targets) < 2:
         raise ValueError(f"das=False leaves HyperDAS alone, and it needs two or more target attributes the model knows; targets: {targets}")
     out = stage.begin()
     known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
@@ -211,6 +216,11 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
         scored["no intervention"] = torch.zeros(1, lm.d_model)
         for method, b in scored.items():
             rows.append({"attribute": a, "method": method, **ravel_scores(interchange_predictions(lm, layer, b, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": feats if method == "SAE features" else []})
+        if cfg.sae_mask and sae is not None and sae.layer == layer:  # the latents chosen by interchange, swapped as latents
+            mask = train_latent_mask(lm, sae, layer, train, epochs=cfg.epochs, lr=cfg.sae_mask_lr, batch_size=cfg.batch_size, sparsity=cfg.sae_mask_sparsity, seed=cfg.seed)
+            curves += [{"method": "SAE latent mask", "attribute": a, **c} for c in mask.curve]
+            rows.append({"attribute": a, "method": "SAE latents (learned mask)", **ravel_scores(latent_swap_predictions(lm, sae, layer, mask.features, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": mask.features})
+            scored["SAE latents (learned mask)"] = None
         cards += [{"attribute": a, "split": s, **{k: e.meta[k] for k in ("kind", "queried", "base_entity", "base_template", "source_entity", "source_template", "expected", "base_answer")}} for s, ex in (("train", train), ("test", test)) for e in ex[:6]]
         say(f"{a}: " + "; ".join(f"{r['method']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[-len(scored):]) + f" ({time.time() - ta:.0f} s)")
     hyper, hyper_concepts = None, {}
