@@ -30,7 +30,7 @@ from ..core.files import atomic_path, atomic_write_text
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
-__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "frozen", "last_logits", "pad_id", "padded", "interchange_predictions", "residuals_at", "load_subspace", "next_token_predictions", "save_subspace", "train_das"]
+__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "frozen", "last_logits", "pad_id", "padded", "interchange_predictions", "residuals_at", "load_subspace", "next_token_predictions", "save_subspace", "shuffled_batches", "train_das"]
 
 
 def entity_prompt(tokenizer: Any, template: str, entity: str) -> tuple[list[int], int]:
@@ -127,14 +127,25 @@ def _interchanged_logits(lm: LoadedModel, layer: int, basis: torch.Tensor, batch
 
 @contextmanager
 def frozen(model: torch.nn.Module) -> Iterator[None]:
-    """The model's weights take no gradient while the subspace trains; restored after."""
-    before = [p.requires_grad for p in model.parameters()]
+    """The model in eval mode, its weights taking no gradient, while a subspace (or mask, or
+    hypernetwork) trains on it; both restored after, also on error."""
+    before, was_training = [p.requires_grad for p in model.parameters()], model.training
     model.requires_grad_(False)
+    model.eval()
     try:
         yield
     finally:
         for p, r in zip(model.parameters(), before):
             p.requires_grad_(r)
+        model.train(was_training)
+
+
+def shuffled_batches(n: int, epochs: int, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+    """(epoch, indices) of every training batch: each epoch a fresh permutation of ``range(n)``."""
+    for epoch in range(epochs):
+        order = rng.permutation(n)
+        for i in range(0, n, batch_size):
+            yield epoch, order[i : i + batch_size]
 
 
 @torch.no_grad()
@@ -179,27 +190,21 @@ def train_das(lm: LoadedModel, layer: int, dim: int, train: Sequence[Example], *
     rng = np.random.default_rng(seed)
     curve: list[dict] = []
     t0, step = time.time(), 0
-    was_training = lm.model.training
-    lm.model.eval()
-    # the sources' residuals once: every epoch would otherwise re-run the same frozen forward passes
-    sources = torch.cat([_source_residuals(lm, layer, train[i : i + batch_size]) for i in range(0, len(train), batch_size)])
     with frozen(lm.model):
-        for epoch in range(epochs):
-            order = rng.permutation(len(train))
-            for i in range(0, len(order), batch_size):
-                idx = order[i : i + batch_size]
-                batch = [train[j] for j in idx]
-                logits = _interchanged_logits(lm, layer, rotation.weight, batch, sources[torch.as_tensor(idx)])
-                target = torch.tensor([e.answer for e in batch], device=lm.device)
-                loss = torch.nn.functional.cross_entropy(logits, target)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-                curve.append({"step": step, "epoch": epoch, "loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == target).float().mean()), "seconds": round(time.time() - t0, 2)})
-                if progress:
-                    progress(curve[-1])
-    lm.model.train(was_training)
+        # the sources' residuals once: every epoch would otherwise re-run the same frozen forward passes
+        sources = torch.cat([_source_residuals(lm, layer, train[i : i + batch_size]) for i in range(0, len(train), batch_size)])
+        for epoch, idx in shuffled_batches(len(train), epochs, batch_size, rng):
+            batch = [train[j] for j in idx]
+            logits = _interchanged_logits(lm, layer, rotation.weight, batch, sources[torch.as_tensor(idx)])
+            target = torch.tensor([e.answer for e in batch], device=lm.device)
+            loss = torch.nn.functional.cross_entropy(logits, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            curve.append({"step": step, "epoch": epoch, "loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == target).float().mean()), "seconds": round(time.time() - t0, 2)})
+            if progress:
+                progress(curve[-1])
     directions = rotation.weight.detach().float().cpu()
     return Subspace(directions, layer, {"method": "DAS", "model": lm.name, "model_fingerprint": lm.fingerprint, "layer": layer, "dim": dim, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "n_train": len(train), "seconds": round(time.time() - t0, 2)}, curve)
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .das import Example, Subspace, check_subspace_shape, frozen, last_logits, pad_id, padded
+from .das import Example, Subspace, check_subspace_shape, frozen, last_logits, pad_id, padded, shuffled_batches
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
@@ -195,25 +195,20 @@ def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[
     data = _Batches(lm, layer, [c for c, _ in train], [e for _, e in train])
     steps = epochs * math.ceil(len(train) / batch_size)
     curve: list[dict] = []
-    was_training = lm.model.training
-    lm.model.eval()
     with frozen(lm.model):
-        for epoch in range(epochs):
-            order = rng.permutation(len(train))
-            for i in range(0, len(order), batch_size):
-                idx = order[i : i + batch_size].tolist()
-                tau = temperature[0] * (temperature[1] / temperature[0]) ** (len(curve) / max(steps - 1, 1))
-                batch = [data.examples[j] for j in idx]
-                logits, weights, _ = _intervened_logits(lm, layer, net, data(idx), batch, tau, hard=False)
-                target = torch.tensor([e.answer for e in batch], device=lm.device)
-                loss = torch.nn.functional.cross_entropy(logits, target)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == target).float().mean()), "temperature": round(tau, 4), "seconds": round(time.time() - t0, 2)})
-                if progress:
-                    progress(curve[-1])
-    lm.model.train(was_training)
+        for epoch, order in shuffled_batches(len(train), epochs, batch_size, rng):
+            idx = order.tolist()
+            tau = temperature[0] * (temperature[1] / temperature[0]) ** (len(curve) / max(steps - 1, 1))
+            batch = [data.examples[j] for j in idx]
+            logits, weights, _ = _intervened_logits(lm, layer, net, data(idx), batch, tau, hard=False)
+            target = torch.tensor([e.answer for e in batch], device=lm.device)
+            loss = torch.nn.functional.cross_entropy(logits, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == target).float().mean()), "temperature": round(tau, 4), "seconds": round(time.time() - t0, 2)})
+            if progress:
+                progress(curve[-1])
     net.eval()
     concepts = sorted({c for c, _ in train})
     prov = {"method": "HyperDAS", "model": lm.name, "model_fingerprint": lm.fingerprint, "layer": layer, "dim": dim, "width": width, "layers": layers, "heads": heads, "epochs": epochs, "lr": lr, "batch_size": batch_size, "temperature": list(temperature), "positions": positions, "seed": seed, "n_train": len(train), "concepts": concepts, "parameters": sum(p.numel() for p in net.parameters()), "seconds": round(time.time() - t0, 2)}

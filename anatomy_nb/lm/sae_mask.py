@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .das import Example, frozen, last_logits, pad_id, padded, residuals_at
+from .das import Example, frozen, last_logits, pad_id, padded, residuals_at, shuffled_batches
 from .models import LoadedModel
 from .ops import ResidualEdit, ResidualHooks
 
@@ -94,27 +94,22 @@ def train_latent_mask(
     steps = epochs * -(-len(train) // batch_size)
     curve: list[dict] = []
     t0, step = time.time(), 0
-    was_training = lm.model.training
-    lm.model.eval()
     with frozen(lm.model):
-        for epoch in range(epochs):
-            order = rng.permutation(len(train))
-            for i in range(0, len(order), batch_size):
-                idx = torch.as_tensor(order[i : i + batch_size])
-                batch = [train[int(j)] for j in idx]
-                temperature = final_temperature ** (step / max(steps - 1, 1))  # 1 → final, geometric
-                m = torch.sigmoid(logits / temperature)
-                edited = hb[idx].to(lm.device) + (m * dz[idx].to(lm.device)) @ W_dec
-                out = _swapped_logits(lm, batch, layer, edited)
-                target = torch.tensor([e.answer for e in batch], device=lm.device)
-                ce = torch.nn.functional.cross_entropy(out, target)
-                loss = ce + sparsity * m.sum()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-                curve.append({"step": step, "epoch": epoch, "loss": float(ce.detach()), "accuracy": float((out.argmax(-1) == target).float().mean()), "selected": int((logits.detach() > 0).sum()), "temperature": round(temperature, 4), "seconds": round(time.time() - t0, 2)})
-    lm.model.train(was_training)
+        for epoch, order in shuffled_batches(len(train), epochs, batch_size, rng):
+            idx = torch.as_tensor(order)
+            batch = [train[int(j)] for j in idx]
+            temperature = final_temperature ** (step / max(steps - 1, 1))  # 1 → final, geometric
+            m = torch.sigmoid(logits / temperature)
+            edited = hb[idx].to(lm.device) + (m * dz[idx].to(lm.device)) @ W_dec
+            out = _swapped_logits(lm, batch, layer, edited)
+            target = torch.tensor([e.answer for e in batch], device=lm.device)
+            ce = torch.nn.functional.cross_entropy(out, target)
+            loss = ce + sparsity * m.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            curve.append({"step": step, "epoch": epoch, "loss": float(ce.detach()), "accuracy": float((out.argmax(-1) == target).float().mean()), "selected": int((logits.detach() > 0).sum()), "temperature": round(temperature, 4), "seconds": round(time.time() - t0, 2)})
     final = logits.detach().float().cpu()
     features = torch.nonzero(final > 0).flatten().tolist()
     prov = {"method": "SAE latent mask", "model": lm.name, "sae": sae.name, "layer": layer, "epochs": epochs, "lr": lr, "batch_size": batch_size, "sparsity": sparsity, "final_temperature": final_temperature, "seed": seed, "n_train": len(train), "n_selected": len(features), "seconds": round(time.time() - t0, 2)}
