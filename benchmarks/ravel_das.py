@@ -58,13 +58,15 @@ def main() -> None:
     ap.add_argument("--hyperdas-width", type=int, default=256)
     ap.add_argument("--hyperdas-positions", default="learned", choices=["learned", "entity"], help="entity: HyperDAS is given the entity's token (ablation)")
     ap.add_argument("--no-das", action="store_true", help="skip DAS (HyperDAS and the SAE's features only)")
+    ap.add_argument("--targets", default=None, help="comma-separated attributes to learn (default: every known one)")
     ap.add_argument("--no-sae-mask", action="store_true", help="skip the SAE latent mask learned by interchange")
     ap.add_argument("--sae-mask-sparsity", type=float, default=1e-3)
+    ap.add_argument("--sae-mask-lr", type=float, default=0.05)
     ap.add_argument("--run-dir", type=Path, default=None, help="keep the artifact here (default: a scratch directory)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das, sae_mask=not args.no_sae_mask, sae_mask_sparsity=args.sae_mask_sparsity)
+    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), targets=args.targets.split(",") if args.targets else None, entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das, sae_mask=not args.no_sae_mask, sae_mask_sparsity=args.sae_mask_sparsity, sae_mask_lr=args.sae_mask_lr)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         res = anb.learn_subspace(args.run_dir or scratch, cfg)
@@ -81,6 +83,8 @@ def main() -> None:
             if "HyperDAS" in by.index:
                 result["attributes"][a]["hyperdas"].update({k: round(float(by.at["HyperDAS", k]), 3) for k in ("edits_entity_token", "from_source_entity_token", "edit_from_end", "entity_from_end", "subspace_coverage")})
         curves = res.curves()
+        for a, c in curves[curves["method"] == "SAE latent mask"].groupby("attribute"):
+            result["attributes"][a]["sae_mask"]["curve"] = {"first_8_loss": round(float(c["loss"].head(8).mean()), 3), "last_8_loss": round(float(c["loss"].tail(8).mean()), 3), "last_8_accuracy": round(float(c["accuracy"].tail(8).mean()), 3), "selected_at_step": {int(r.step): int(r.selected) for r in c.iloc[:: max(len(c) // 8, 1)].itertuples()}, "steps": int(len(c)), "seconds": float(c["seconds"].iloc[-1])}
         if (curves["method"] == "HyperDAS").any():
             h = curves[curves["method"] == "HyperDAS"]
             result["hyperdas_curve"] = {"first_20_loss": round(float(h["loss"].head(20).mean()), 3), "last_20_loss": round(float(h["loss"].tail(20).mean()), 3), "last_20_accuracy": round(float(h["accuracy"].tail(20).mean()), 3), "steps": int(len(h)), "seconds": float(h["seconds"].iloc[-1])}
