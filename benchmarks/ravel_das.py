@@ -17,6 +17,8 @@ Steps (all on the upstream entity split: train entities to fit, test entities to
    activation at the entity's last token best tells the attribute's values apart on the train
    entities (one-way ANOVA F), their decoder rows orthonormalised into a subspace and interchanged
    the same way.
+   Also RAVEL's own selection for SAEs: an L1-penalised linear probe on the latents
+   ("SAE features (L1 probe)", ``stages.subspace.select_latents``).
 4b. **SAE latents, learned mask**: the latents a binary mask selects when trained by interchange on
    the same pairs as DAS (``lm.sae_mask``; L1 weight ``--sae-mask-sparsity``), swapped as latents.
 5. **Scores** on the test pairs: Cause = share of cause pairs whose greedy answer is the source's
@@ -76,8 +78,10 @@ def main() -> None:
         for a, t in table.groupby("attribute", sort=False):
             by = t.set_index("method")
             result["attributes"][a] = {"model_accuracy": round(float(by["model_accuracy"].iloc[0]), 3), "n_train": int(by["n_train"].iloc[0]), "n_test": int(by["n_test"].iloc[0]),
-                                       **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("sae_mask", "SAE latents (learned mask)"), ("no_intervention", "no intervention")) if method in by.index},
+                                       **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("sae_probe", "SAE features (L1 probe)"), ("sae_mask", "SAE latents (learned mask)"), ("no_intervention", "no intervention")) if method in by.index},
                                        "das_curve_last": res.curves().query("method == 'DAS' and attribute == @a").iloc[-1].to_dict() if "DAS" in by.index else None}
+            if "SAE features (L1 probe)" in by.index:
+                result["attributes"][a]["sae_probe"]["n_latents"] = len(by.at["SAE features (L1 probe)", "features"])
             if "SAE latents (learned mask)" in by.index:
                 result["attributes"][a]["sae_mask"]["n_latents"] = len(by.at["SAE latents (learned mask)", "features"])
             if "HyperDAS" in by.index:

@@ -172,7 +172,8 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     res = SubspaceResult.from_run(run_dir)
     table = res.table()
-    assert set(table["method"]) == {"DAS", "HyperDAS", "SAE features", "SAE latents (learned mask)", "no intervention"} and set(table["attribute"]) == {"Country", "Continent"}
+    assert set(table["method"]) == {"DAS", "HyperDAS", "SAE features", "SAE features (L1 probe)", "SAE latents (learned mask)", "no intervention"} and set(table["attribute"]) == {"Country", "Continent"}
+    assert (table.loc[table["method"] == "SAE features (L1 probe)", "features"].map(len).between(1, 2)).all()
     assert table.loc[table["method"] == "SAE latents (learned mask)", "features"].map(lambda f: all(0 <= i < 96 for i in f)).all()
     hyper = table[table["method"] == "HyperDAS"]
     assert hyper[["edits_entity_token", "from_source_entity_token", "subspace_coverage"]].apply(lambda c: c.between(0, 1)).all().all()
@@ -337,3 +338,22 @@ def test_the_latent_mask_recovers_planted_sae_latents(peaked_lm):
     assert mask.curve[-1]["loss"] < mask.curve[0]["loss"] and all(p.requires_grad for p in lm.model.parameters())
     with pytest.raises(ValueError, match="needs the SAE's own layer"):
         train_latent_mask(lm, sae, 0, train)
+
+
+def test_both_latent_selections_find_the_latents_that_carry_the_value():
+    """Known answer without a model: 300 'entities' with three values; latent 3 fires for value a,
+    latent 7 for value b, the other 38 are noise (sparse and non-negative like an SAE's). ANOVA and
+    RAVEL's L1 probe both rank 3 and 7 first; bad input is named."""
+    from anatomy_nb.stages.subspace import select_latents
+
+    rng = np.random.default_rng(0)
+    values = rng.choice(np.array(["a", "b", "c"]), 300)
+    A = rng.random((300, 40)) * (rng.random((300, 40)) < 0.2)
+    A[:, 3] += 2.0 * (values == "a")
+    A[:, 7] += 2.0 * (values == "b")
+    for how in ("anova", "probe"):
+        assert set(select_latents(A, values, 2, how)) == {3, 7}, how
+        assert len(select_latents(A, values, 5, how)) <= 5
+    assert select_latents(A, np.array(["a"] * 300), 2) == []  # one value separates nothing
+    with pytest.raises(ValueError, match="latent selection 'pca'"):
+        select_latents(A, values, 2, "pca")

@@ -1,7 +1,7 @@
 """Which SAE latents carry an attribute, learned by interchange: RAVEL's differential binary masking
 (Huang et al. 2024) applied to an SAE's features instead of neurons.
 
-The ANOVA selection (``stages.subspace.sae_feature_subspace``) ranks latents by how well their
+The ANOVA and probe selections (``stages.subspace.select_latents``) rank latents by how well their
 activation separates an attribute's values: a correlational choice. This one is chosen under the same
 supervision as DAS, so the SAE and DAS are compared on equal terms. At the entity token, the base's
 latents z_b and the source's z_s (``LoadedSAE.encode``) give the swap

@@ -15,9 +15,10 @@ with the stage protocol (content key → reuse → write → manifest last):
    trained on every target's pairs at once, each told its concept in words ("the country of the
    city"), choosing the base and source positions itself; scored on the same test pairs, with
    where it chose to intervene.
-4. **SAE features** per attribute, as RAVEL does for SAEs: the ``dim`` features whose activation
-   at the entity's last token best tells the attribute's values apart on the train entities
-   (one-way ANOVA F), their decoder rows orthonormalised and interchanged the same way.
+4. **SAE features** per attribute: the ``dim`` features whose activation at the entity's last token
+   best tells the attribute's values apart on the train entities, chosen two ways (``select_latents``):
+   by one-way ANOVA F ("SAE features") and, as RAVEL does for SAEs, by an L1-penalised linear probe
+   ("SAE features (L1 probe)"); their decoder rows orthonormalised and interchanged the same way.
 4b. **SAE latents, learned mask** (``sae_mask=True``; ``lm.sae_mask``): the latents chosen under the
    same supervision as DAS, by a binary mask trained by interchange on the train pairs (RAVEL's
    differential binary masking, over the SAE's latents), swapped as latents (the SAE's error term
@@ -56,7 +57,7 @@ from ..lm.ops import ResidualCapture
 from ..lm.sae_mask import latent_swap_predictions, train_latent_mask
 from ..results.subspace import SubspaceResult
 
-__all__ = ["STAGE", "SubspaceConfig", "known_examples", "learn_subspace", "ravel_scores", "sae_feature_subspace"]
+__all__ = ["STAGE", "SubspaceConfig", "known_examples", "learn_subspace", "ravel_scores", "entity_latents", "select_latents", "SAE_SELECTIONS"]
 
 STAGE = "subspace"
 FORMAT = 1
@@ -113,11 +114,15 @@ def ravel_scores(predictions: np.ndarray, examples: list[Example]) -> dict[str, 
     return {"cause": c, "isolate": i, "disentangle": (c + i) / 2, "n_cause": len(cause), "n_isolate": len(iso)}
 
 
+#: the RAVEL rows of the SAE's features, by how they are chosen (``select_latents``)
+SAE_SELECTIONS = {"SAE features": "anova", "SAE features (L1 probe)": "probe"}
+PROBE_C = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
 @torch.no_grad()
-def sae_feature_subspace(lm: LoadedModel, sae: Any, data: RavelData, attribute: str, known: list[Known], dim: int, max_examples: int = 600) -> tuple[torch.Tensor | None, list[int]]:
-    """The ``dim`` SAE features whose activation at the entity token best separates the attribute's
-    values (one-way ANOVA F over values seen at least twice), as an orthonormal basis; (None, [])
-    when too few known entities share a value to rank features."""
+def entity_latents(lm: LoadedModel, sae: Any, data: RavelData, attribute: str, known: list[Known], max_examples: int = 600) -> tuple[np.ndarray, np.ndarray]:
+    """The SAE's latents at the entity token of the known examples that ask ``attribute``, and each
+    one's value of it; only values seen at least twice (a value seen once separates nothing)."""
     items = [(e, ids, pos) for a, _, e, ids, pos, _ in known if a == attribute][:max_examples]
     acts, values = [], []
     with ResidualCapture(lm, sae.layer) as cap:
@@ -126,17 +131,38 @@ def sae_feature_subspace(lm: LoadedModel, sae: Any, data: RavelData, attribute: 
             acts.append(sae.encode(h[None].to(sae.sae.W_enc.device)).float()[0].cpu().numpy())
             values.append(data.entities[e][attribute])
     if not acts:
-        return None, []
+        return np.zeros((0, sae.d_sae)), np.zeros(0, dtype=object)
     A, values = np.array(acts), np.array(values)
     common = [v for v, n in zip(*np.unique(values, return_counts=True)) if n >= 2]
-    groups = [A[values == v] for v in common]
-    live = A.std(0) > 0
-    if len(groups) < 2 or not live.any():
-        return None, []
-    F = np.zeros(A.shape[1])
-    F[live] = np.nan_to_num(f_oneway(*[g[:, live] for g in groups]).statistic)
-    top = np.argsort(-F)[:dim]
-    return orthonormal(sae.decoder_directions[torch.as_tensor(top)].float()), top.tolist()
+    keep = np.isin(values, common)
+    return A[keep], values[keep]
+
+
+def select_latents(A: np.ndarray, values: np.ndarray, dim: int, how: str = "anova") -> list[int]:
+    """Up to ``dim`` latents that tell the attribute's values apart: ``anova`` ranks them by the
+    one-way ANOVA F of their activation across values; ``probe`` is RAVEL's selection for SAEs, an
+    L1-penalised linear SVM on the latents predicting the value, at the smallest C of ``PROBE_C``
+    whose support reaches ``dim`` latents (else the largest C's), ranked by the largest |weight|.
+    Empty when fewer than two values or no latent varies."""
+    live = A.std(0) > 0 if len(A) else np.zeros(A.shape[1], bool)
+    if len(set(values.tolist())) < 2 or not live.any():
+        return []
+    if how == "anova":
+        F = np.zeros(A.shape[1])
+        F[live] = np.nan_to_num(f_oneway(*[A[values == v][:, live] for v in sorted(set(values.tolist()))]).statistic)
+        return np.argsort(-F)[:dim].tolist()
+    if how != "probe":
+        raise ValueError(f"latent selection {how!r}: one of {sorted(set(SAE_SELECTIONS.values()))}")
+    from sklearn.svm import LinearSVC
+
+    weight = np.zeros(A.shape[1])
+    for c in PROBE_C:
+        coef = LinearSVC(C=c, penalty="l1", dual=False, max_iter=5000, tol=0.01).fit(A[:, live], values).coef_
+        weight = np.zeros(A.shape[1])
+        weight[live] = np.abs(coef).max(0)
+        if (weight > 0).sum() >= dim:
+            break
+    return [int(i) for i in np.argsort(-weight)[:dim] if weight[i] > 0]
 
 
 def _hyperdas(lm: LoadedModel, layer: int, cfg: SubspaceConfig, splits: dict[str, tuple[list[Example], list[Example]]], usable: list[str], out: Any, accuracy: dict[str, float]) -> tuple[Any, list[dict], dict[str, str]]:
@@ -210,12 +236,15 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
             concepts[a] = save_subspace(sub, out / a, attribute=a, entity_type=cfg.entity_type, queried=usable, n_train=len(train)).name
             curves += [{"method": "DAS", "attribute": a, **c} for c in sub.curve]
             scored["DAS"] = sub.directions
-        basis, feats = sae_feature_subspace(lm, sae, data, a, known["train"], cfg.dim) if sae is not None else (None, [])
-        if basis is not None:
-            scored["SAE features"] = basis
+        chosen: dict[str, list[int]] = {}
+        if sae is not None:
+            latents = entity_latents(lm, sae, data, a, known["train"])
+            for method, how in SAE_SELECTIONS.items():
+                if top := select_latents(*latents, cfg.dim, how):
+                    scored[method], chosen[method] = orthonormal(sae.decoder_directions[torch.as_tensor(top)].float()), top
         scored["no intervention"] = torch.zeros(1, lm.d_model)
         for method, b in scored.items():
-            rows.append({"attribute": a, "method": method, **ravel_scores(interchange_predictions(lm, layer, b, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": feats if method == "SAE features" else []})
+            rows.append({"attribute": a, "method": method, **ravel_scores(interchange_predictions(lm, layer, b, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": chosen.get(method, [])})
         if cfg.sae_mask and sae is not None and sae.layer == layer:  # the latents chosen by interchange, swapped as latents
             mask = train_latent_mask(lm, sae, layer, train, epochs=cfg.epochs, lr=cfg.sae_mask_lr, batch_size=cfg.batch_size, sparsity=cfg.sae_mask_sparsity, seed=cfg.seed)
             curves += [{"method": "SAE latent mask", "attribute": a, **c} for c in mask.curve]
