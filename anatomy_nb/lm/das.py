@@ -30,7 +30,7 @@ from ..core.files import atomic_path, atomic_write_text
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
-__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "frozen", "last_logits", "pad_id", "padded", "interchange_predictions", "residuals_at", "load_subspace", "next_token_predictions", "save_subspace", "shuffled_batches", "train_das"]
+__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "frozen", "last_logits", "pad_id", "padded", "interchange_predictions", "interchanged_logits", "residuals_at", "load_subspace", "next_token_predictions", "save_subspace", "shuffled_batches", "train_das"]
 
 
 def entity_prompt(tokenizer: Any, template: str, entity: str) -> tuple[list[int], int]:
@@ -111,14 +111,13 @@ def residuals_at(lm: LoadedModel, layer: int, batch: Sequence[Example], side: st
     return h[torch.arange(len(batch)), torch.tensor([getattr(e, f"{side}_position") for e in batch])].float()
 
 
-def _source_residuals(lm: LoadedModel, layer: int, batch: Sequence[Example]) -> torch.Tensor:
-    return residuals_at(lm, layer, batch, "source")
 
-
-def _interchanged_logits(lm: LoadedModel, layer: int, basis: torch.Tensor, batch: Sequence[Example], source: torch.Tensor | None = None) -> torch.Tensor:
-    """The base runs' last-position logits with the interchange on ``basis``; ``source``: the batch's
-    source residuals when already computed (the model is frozen, so they never change)."""
-    source = _source_residuals(lm, layer, batch) if source is None else source
+def interchanged_logits(lm: LoadedModel, layer: int, basis: torch.Tensor, batch: Sequence[Example], source: torch.Tensor | None = None) -> torch.Tensor:
+    """The base runs' last-position logits with the interchange on ``basis`` at each base's entity
+    position; ``source``: the residuals whose component in span(basis) goes in (default: the
+    sources' own; the model is frozen, so callers compute them once). With ``basis`` the identity,
+    the residual there is replaced by ``source`` outright."""
+    source = residuals_at(lm, layer, batch, "source") if source is None else source
     ids, mask = padded([e.base_ids for e in batch], pad_id(lm))
     edit = ResidualEdit(layer=layer, kind="interchange", basis=basis, source=source.to(lm.device), positions=torch.tensor([e.base_position for e in batch], device=lm.device))
     with ResidualHooks(lm.model, [edit]):
@@ -152,7 +151,7 @@ def shuffled_batches(n: int, epochs: int, batch_size: int, rng: np.random.Genera
 def interchange_predictions(lm: LoadedModel, layer: int, basis: torch.Tensor, examples: Sequence[Example], batch_size: int = 32) -> np.ndarray:
     """The base run's greedy answer token after the interchange on ``basis`` ((k, d) orthonormal)."""
     basis = torch.as_tensor(basis).float().to(lm.device)
-    out = [_interchanged_logits(lm, layer, basis, examples[i : i + batch_size]).argmax(-1).cpu().numpy() for i in range(0, len(examples), batch_size)]
+    out = [interchanged_logits(lm, layer, basis, examples[i : i + batch_size]).argmax(-1).cpu().numpy() for i in range(0, len(examples), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, dtype=int)
 
 
@@ -192,10 +191,10 @@ def train_das(lm: LoadedModel, layer: int, dim: int, train: Sequence[Example], *
     t0, step = time.time(), 0
     with frozen(lm.model):
         # the sources' residuals once: every epoch would otherwise re-run the same frozen forward passes
-        sources = torch.cat([_source_residuals(lm, layer, train[i : i + batch_size]) for i in range(0, len(train), batch_size)])
+        sources = torch.cat([residuals_at(lm, layer, train[i : i + batch_size], "source") for i in range(0, len(train), batch_size)])
         for epoch, idx in shuffled_batches(len(train), epochs, batch_size, rng):
             batch = [train[j] for j in idx]
-            logits = _interchanged_logits(lm, layer, rotation.weight, batch, sources[torch.as_tensor(idx)])
+            logits = interchanged_logits(lm, layer, rotation.weight, batch, sources[torch.as_tensor(idx)])
             target = torch.tensor([e.answer for e in batch], device=lm.device)
             loss = torch.nn.functional.cross_entropy(logits, target)
             opt.zero_grad()

@@ -24,9 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .das import Example, frozen, last_logits, pad_id, padded, residuals_at, shuffled_batches
+from .das import Example, frozen, interchanged_logits, residuals_at, shuffled_batches
 from .models import LoadedModel
-from .ops import ResidualEdit, ResidualHooks
 
 __all__ = ["LatentMask", "latent_differences", "latent_swap_predictions", "train_latent_mask"]
 
@@ -58,15 +57,6 @@ def latent_differences(lm: LoadedModel, sae: Any, layer: int, examples: Sequence
     return torch.cat(hb), torch.cat(dz)
 
 
-def _swapped_logits(lm: LoadedModel, batch: Sequence[Example], layer: int, edited: torch.Tensor) -> torch.Tensor:
-    """The base runs' last-position logits with the entity token's residual replaced by ``edited``."""
-    ids, mask = padded([e.base_ids for e in batch], pad_id(lm))
-    eye = torch.eye(lm.d_model, device=lm.device)  # an interchange on the whole space = a replacement
-    edit = ResidualEdit(layer=layer, kind="interchange", basis=eye, source=edited.to(lm.device), positions=torch.tensor([e.base_position for e in batch], device=lm.device))
-    with ResidualHooks(lm.model, [edit]):
-        return last_logits(lm, ids, mask)
-
-
 def train_latent_mask(
     lm: LoadedModel,
     sae: Any,
@@ -89,6 +79,7 @@ def train_latent_mask(
     rng = np.random.default_rng(seed)
     hb, dz = latent_differences(lm, sae, layer, train)
     W_dec = sae.decoder_directions.float().to(lm.device)
+    whole = torch.eye(lm.d_model, device=lm.device)  # an interchange on the whole space: the residual is replaced
     logits = torch.zeros(W_dec.shape[0], device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([logits], lr=lr)
     steps = epochs * -(-len(train) // batch_size)
@@ -101,7 +92,7 @@ def train_latent_mask(
             temperature = final_temperature ** (step / max(steps - 1, 1))  # 1 → final, geometric
             m = torch.sigmoid(logits / temperature)
             edited = hb[idx].to(lm.device) + (m * dz[idx].to(lm.device)) @ W_dec
-            out = _swapped_logits(lm, batch, layer, edited)
+            out = interchanged_logits(lm, layer, whole, batch, edited)
             target = torch.tensor([e.answer for e in batch], device=lm.device)
             ce = torch.nn.functional.cross_entropy(out, target)
             loss = ce + sparsity * m.sum()
@@ -123,8 +114,9 @@ def latent_swap_predictions(lm: LoadedModel, sae: Any, layer: int, features: Seq
     keep = torch.zeros(dz.shape[1])
     keep[torch.as_tensor(list(features), dtype=torch.long)] = 1.0
     W_dec = sae.decoder_directions.float().to(lm.device)
+    whole = torch.eye(lm.d_model, device=lm.device)
     out = []
     for i in range(0, len(examples), batch_size):
         edited = hb[i : i + batch_size].to(lm.device) + (keep * dz[i : i + batch_size]).to(lm.device) @ W_dec
-        out.append(_swapped_logits(lm, examples[i : i + batch_size], layer, edited).argmax(-1).cpu().numpy())
+        out.append(interchanged_logits(lm, layer, whole, examples[i : i + batch_size], edited).argmax(-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=int)

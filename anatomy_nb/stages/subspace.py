@@ -145,17 +145,17 @@ def select_latents(A: np.ndarray, values: np.ndarray, dim: int, how: str = "anov
     whose support reaches ``dim`` latents (else the largest C's), ranked by the largest |weight|.
     Empty when fewer than two values or no latent varies."""
     live = A.std(0) > 0 if len(A) else np.zeros(A.shape[1], bool)
-    if len(set(values.tolist())) < 2 or not live.any():
+    classes = sorted(set(values.tolist()))
+    if len(classes) < 2 or not live.any():
         return []
     if how == "anova":
         F = np.zeros(A.shape[1])
-        F[live] = np.nan_to_num(f_oneway(*[A[values == v][:, live] for v in sorted(set(values.tolist()))]).statistic)
+        F[live] = np.nan_to_num(f_oneway(*[A[values == v][:, live] for v in classes]).statistic)
         return np.argsort(-F)[:dim].tolist()
     if how != "probe":
         raise ValueError(f"latent selection {how!r}: one of {sorted(set(SAE_SELECTIONS.values()))}")
     from sklearn.svm import LinearSVC
 
-    weight = np.zeros(A.shape[1])
     for c in PROBE_C:
         coef = LinearSVC(C=c, penalty="l1", dual=False, max_iter=5000, tol=0.01).fit(A[:, live], values).coef_
         weight = np.zeros(A.shape[1])
@@ -224,7 +224,7 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
     asked = replace(data, templates={a: templates[a] for a in usable})  # pairs use the templates asked
     rows, curves, cards, concepts, splits = [], [], [], {}, {}
     for a in targets:
-        ta = time.time()
+        ta, first_row = time.time(), len(rows)
         train = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1), known_set["train"])[: cfg.n_train]
         test = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2), known_set["test"])[: cfg.n_test]
         if not train or not test:
@@ -249,9 +249,8 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
             mask = train_latent_mask(lm, sae, layer, train, epochs=cfg.epochs, lr=cfg.sae_mask_lr, batch_size=cfg.batch_size, sparsity=cfg.sae_mask_sparsity, seed=cfg.seed)
             curves += [{"method": "SAE latent mask", "attribute": a, **c} for c in mask.curve]
             rows.append({"attribute": a, "method": "SAE latents (learned mask)", **ravel_scores(latent_swap_predictions(lm, sae, layer, mask.features, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": mask.features})
-            scored["SAE latents (learned mask)"] = None
         cards += [{"attribute": a, "split": s, **{k: e.meta[k] for k in ("kind", "queried", "base_entity", "base_template", "source_entity", "source_template", "expected", "base_answer")}} for s, ex in (("train", train), ("test", test)) for e in ex[:6]]
-        say(f"{a}: " + "; ".join(f"{r['method']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[-len(scored):]) + f" ({time.time() - ta:.0f} s)")
+        say(f"{a}: " + "; ".join(f"{r['method']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[first_row:]) + f" ({time.time() - ta:.0f} s)")
     hyper, hyper_concepts = None, {}
     if cfg.hyperdas and len(targets) >= 2:
         th = time.time()
