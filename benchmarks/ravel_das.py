@@ -21,6 +21,9 @@ Steps (all on the upstream entity split: train entities to fit, test entities to
    ("SAE features (L1 probe)", ``stages.subspace.select_latents``).
 4b. **SAE latents, learned mask**: the latents a binary mask selects when trained by interchange on
    the same pairs as DAS (``lm.sae_mask``; L1 weight ``--sae-mask-sparsity``), swapped as latents.
+4c. **References**: the source's whole residual swapped in ("whole residual": the most Cause this
+   layer and token allow) and every SAE latent swapped with the base's SAE error kept ("all SAE
+   latents": what the latents can carry at all).
 5. **Scores** on the test pairs: Cause = share of cause pairs whose greedy answer is the source's
    value's first token; Isolate = share of isolate pairs whose answer stays the base's; disentangle
    = their mean.
@@ -78,7 +81,7 @@ def main() -> None:
         for a, t in table.groupby("attribute", sort=False):
             by = t.set_index("method")
             result["attributes"][a] = {"model_accuracy": round(float(by["model_accuracy"].iloc[0]), 3), "n_train": int(by["n_train"].iloc[0]), "n_test": int(by["n_test"].iloc[0]),
-                                       **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("sae_probe", "SAE features (L1 probe)"), ("sae_mask", "SAE latents (learned mask)"), ("no_intervention", "no intervention")) if method in by.index},
+                                       **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("sae_probe", "SAE features (L1 probe)"), ("sae_mask", "SAE latents (learned mask)"), ("no_intervention", "no intervention"), ("whole_residual", "whole residual"), ("all_sae_latents", "all SAE latents")) if method in by.index},
                                        "das_curve_last": res.curves().query("method == 'DAS' and attribute == @a").iloc[-1].to_dict() if "DAS" in by.index else None}
             if "SAE features (L1 probe)" in by.index:
                 result["attributes"][a]["sae_probe"]["n_latents"] = len(by.at["SAE features (L1 probe)", "features"])

@@ -172,7 +172,7 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     res = SubspaceResult.from_run(run_dir)
     table = res.table()
-    assert set(table["method"]) == {"DAS", "HyperDAS", "SAE features", "SAE features (L1 probe)", "SAE latents (learned mask)", "no intervention"} and set(table["attribute"]) == {"Country", "Continent"}
+    assert set(table["method"]) == {"DAS", "HyperDAS", "SAE features", "SAE features (L1 probe)", "SAE latents (learned mask)", "no intervention", "whole residual", "all SAE latents"} and set(table["attribute"]) == {"Country", "Continent"}
     assert (table.loc[table["method"] == "SAE features (L1 probe)", "features"].map(len).between(1, 2)).all()
     assert table.loc[table["method"] == "SAE latents (learned mask)", "features"].map(lambda f: all(0 <= i < 96 for i in f)).all()
     hyper = table[table["method"] == "HyperDAS"]

@@ -25,7 +25,8 @@ class SubspaceResult(Artifact):
 
     def table(self) -> pd.DataFrame:
         """RAVEL's scores: a row per attribute × method (DAS, HyperDAS, SAE features, SAE
-        latents (learned mask), no intervention) with Cause, Isolate, disentangle, the pairs they were scored on and the
+        latents (learned mask), no intervention, and the references "whole residual" and "all SAE
+        latents") with Cause, Isolate, disentangle, the pairs they were scored on and the
         model's accuracy; HyperDAS rows add where it intervened (``edits_entity_token``,
         ``from_source_entity_token``, and the median distance from the prompt end of the edited token, ``edit_from_end``, beside the entity's, ``entity_from_end``) and how much of its per-example subspaces the saved one covers."""
         return pd.read_parquet(self.path / "ravel.parquet")

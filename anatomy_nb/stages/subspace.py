@@ -25,7 +25,10 @@ with the stage protocol (content key → reuse → write → manifest last):
    stays the base's); how many it chose is in the row's ``features``.
 5. **RAVEL's scores** on the test pairs for DAS, HyperDAS, the SAE features and no intervention: Cause
    (share of cause pairs answered with the source's value), Isolate (share of isolate pairs whose
-   answer stays), their mean (disentangle).
+   answer stays), their mean (disentangle). Two reference rows bound what any method can do at this
+   layer and token: "whole residual" (the source's whole residual swapped in: the most Cause there is,
+   with every other attribute carried along) and "all SAE latents" (every latent swapped, the SAE's
+   error kept: what the latents can carry at all, the rest being in the error term).
 
 Each DAS subspace is saved as a concept (``<attribute>.safetensors`` + ``.json``; HyperDAS's
 principal subspace per attribute as ``<attribute>-hyperdas``): stage 2
@@ -60,7 +63,7 @@ from ..results.subspace import SubspaceResult
 __all__ = ["STAGE", "SubspaceConfig", "known_examples", "learn_subspace", "ravel_scores", "entity_latents", "select_latents", "SAE_SELECTIONS"]
 
 STAGE = "subspace"
-FORMAT = 1
+FORMAT = 2  # 2: the reference rows 'whole residual' and 'all SAE latents'
 
 Known = tuple[str, str, str, list, int, int]  # attribute, template, entity, token ids, entity position, answer token
 
@@ -243,8 +246,11 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
                 if top := select_latents(*latents, cfg.dim, how):
                     scored[method], chosen[method] = orthonormal(sae.decoder_directions[torch.as_tensor(top)].float()), top
         scored["no intervention"] = torch.zeros(1, lm.d_model)
+        scored["whole residual"] = torch.eye(lm.d_model)  # the ceiling of this layer and token: every attribute moves
         for method, b in scored.items():
             rows.append({"attribute": a, "method": method, **ravel_scores(interchange_predictions(lm, layer, b, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": chosen.get(method, [])})
+        if sae is not None and sae.layer == layer:  # every latent swapped, the SAE's error kept: what the latents can carry at all
+            rows.append({"attribute": a, "method": "all SAE latents", **ravel_scores(latent_swap_predictions(lm, sae, layer, range(sae.decoder_directions.shape[0]), test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": []})
         if cfg.sae_mask and sae is not None and sae.layer == layer:  # the latents chosen by interchange, swapped as latents
             mask = train_latent_mask(lm, sae, layer, train, epochs=cfg.epochs, lr=cfg.sae_mask_lr, batch_size=cfg.batch_size, sparsity=cfg.sae_mask_sparsity, seed=cfg.seed)
             curves += [{"method": "SAE latent mask", "attribute": a, **c} for c in mask.curve]
