@@ -3,7 +3,6 @@ real HH-RLHF pairs, and notebook 01 through papermill. Marked e2e (part of `make
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
