@@ -111,7 +111,6 @@ def residuals_at(lm: LoadedModel, layer: int, batch: Sequence[Example], side: st
     return h[torch.arange(len(batch)), torch.tensor([getattr(e, f"{side}_position") for e in batch])].float()
 
 
-
 def interchanged_logits(lm: LoadedModel, layer: int, basis: torch.Tensor, batch: Sequence[Example], source: torch.Tensor | None = None) -> torch.Tensor:
     """The base runs' last-position logits with the interchange on ``basis`` at each base's entity
     position; ``source``: the residuals whose component in span(basis) goes in (default: the

@@ -108,9 +108,11 @@ def train_latent_mask(
 
 
 @torch.no_grad()
-def latent_swap_predictions(lm: LoadedModel, sae: Any, layer: int, features: Sequence[int], examples: Sequence[Example], batch_size: int = 32) -> np.ndarray:
-    """The base run's greedy answer after swapping the latents ``features`` in from the source."""
-    hb, dz = latent_differences(lm, sae, layer, examples, batch_size)
+def latent_swap_predictions(lm: LoadedModel, sae: Any, layer: int, features: Sequence[int], examples: Sequence[Example], batch_size: int = 32, differences: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+    """The base run's greedy answer after swapping the latents ``features`` in from the source;
+    ``differences``: ``latent_differences`` of ``examples`` when already computed (several swaps of
+    the same examples then share their forward passes)."""
+    hb, dz = differences if differences is not None else latent_differences(lm, sae, layer, examples, batch_size)
     keep = torch.zeros(dz.shape[1])
     keep[torch.as_tensor(list(features), dtype=torch.long)] = 1.0
     W_dec = sae.decoder_directions.float().to(lm.device)

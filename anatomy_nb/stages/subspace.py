@@ -57,7 +57,7 @@ from ..lm import hyperdas
 from ..lm.das import Example, answer_token, check_subspace_shape, entity_prompt, interchange_predictions, next_token_predictions, save_subspace, train_das
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
-from ..lm.sae_mask import latent_swap_predictions, train_latent_mask
+from ..lm.sae_mask import latent_differences, latent_swap_predictions, train_latent_mask
 from ..results.subspace import SubspaceResult
 
 __all__ = ["STAGE", "SubspaceConfig", "known_examples", "learn_subspace", "ravel_scores", "entity_latents", "select_latents", "SAE_SELECTIONS"]
@@ -247,14 +247,19 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
                     scored[method], chosen[method] = orthonormal(sae.decoder_directions[torch.as_tensor(top)].float()), top
         scored["no intervention"] = torch.zeros(1, lm.d_model)
         scored["whole residual"] = torch.eye(lm.d_model)  # the ceiling of this layer and token: every attribute moves
-        for method, b in scored.items():
-            rows.append({"attribute": a, "method": method, **ravel_scores(interchange_predictions(lm, layer, b, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": chosen.get(method, [])})
-        if sae is not None and sae.layer == layer:  # every latent swapped, the SAE's error kept: what the latents can carry at all
-            rows.append({"attribute": a, "method": "all SAE latents", **ravel_scores(latent_swap_predictions(lm, sae, layer, range(sae.decoder_directions.shape[0]), test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": []})
-        if cfg.sae_mask and sae is not None and sae.layer == layer:  # the latents chosen by interchange, swapped as latents
-            mask = train_latent_mask(lm, sae, layer, train, epochs=cfg.epochs, lr=cfg.sae_mask_lr, batch_size=cfg.batch_size, sparsity=cfg.sae_mask_sparsity, seed=cfg.seed)
-            curves += [{"method": "SAE latent mask", "attribute": a, **c} for c in mask.curve]
-            rows.append({"attribute": a, "method": "SAE latents (learned mask)", **ravel_scores(latent_swap_predictions(lm, sae, layer, mask.features, test), test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": mask.features})
+
+        def row(method: str, predictions: np.ndarray, features: list[int]) -> dict:
+            return {"attribute": a, "method": method, **ravel_scores(predictions, test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": features}
+
+        rows += [row(method, interchange_predictions(lm, layer, b, test), chosen.get(method, [])) for method, b in scored.items()]
+        if sae is not None and sae.layer == layer:  # swaps as latents: the test pairs' latent differences are read once for both rows
+            test_differences = latent_differences(lm, sae, layer, test)
+            # every latent swapped, the SAE's error kept: what the latents can carry at all
+            rows.append(row("all SAE latents", latent_swap_predictions(lm, sae, layer, range(sae.decoder_directions.shape[0]), test, differences=test_differences), []))
+            if cfg.sae_mask:  # the latents chosen by interchange
+                mask = train_latent_mask(lm, sae, layer, train, epochs=cfg.epochs, lr=cfg.sae_mask_lr, batch_size=cfg.batch_size, sparsity=cfg.sae_mask_sparsity, seed=cfg.seed)
+                curves += [{"method": "SAE latent mask", "attribute": a, **c} for c in mask.curve]
+                rows.append(row("SAE latents (learned mask)", latent_swap_predictions(lm, sae, layer, mask.features, test, differences=test_differences), mask.features))
         cards += [{"attribute": a, "split": s, **{k: e.meta[k] for k in ("kind", "queried", "base_entity", "base_template", "source_entity", "source_template", "expected", "base_answer")}} for s, ex in (("train", train), ("test", test)) for e in ex[:6]]
         say(f"{a}: " + "; ".join(f"{r['method']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[first_row:]) + f" ({time.time() - ta:.0f} s)")
     hyper, hyper_concepts = None, {}
