@@ -34,6 +34,8 @@ the options below into a scratch run directory and writes its table as JSON.
 Usage::
 
     python benchmarks/ravel_das.py --out benchmarks/results/ravel-das-hyperdas-2026-11-30.json
+    python benchmarks/ravel_das.py --scan-layers 0,3,6,9,12,15,18,21,24,27 --out ravel-layers.json  # the ceiling per layer
+    python benchmarks/ravel_das.py --layer 9 --hyperdas-epochs 0 --no-sae-mask   # DAS at another layer (no SAE rows)
 """
 
 from __future__ import annotations
@@ -67,12 +69,16 @@ def main() -> None:
     ap.add_argument("--no-sae-mask", action="store_true", help="skip the SAE latent mask learned by interchange")
     ap.add_argument("--sae-mask-sparsity", type=float, default=1e-3)
     ap.add_argument("--sae-mask-lr", type=float, default=0.05)
+    ap.add_argument("--layer", type=int, default=None, help="residual layer (default: the SAE's); at another layer the SAE's rows are left out")
+    ap.add_argument("--scan-layers", default=None, help="comma-separated layers: score only the whole-residual swap at each (no training), to choose --layer")
     ap.add_argument("--run-dir", type=Path, default=None, help="keep the artifact here (default: a scratch directory)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), targets=args.targets.split(",") if args.targets else None, entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das, sae_mask=not args.no_sae_mask, sae_mask_sparsity=args.sae_mask_sparsity, sae_mask_lr=args.sae_mask_lr)
+    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), targets=args.targets.split(",") if args.targets else None, entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das, sae_mask=not args.no_sae_mask, sae_mask_sparsity=args.sae_mask_sparsity, sae_mask_lr=args.sae_mask_lr, layer=args.layer)
     t0 = time.time()
+    if args.scan_layers:
+        return scan_layers(cfg, [int(x) for x in args.scan_layers.split(",")], args.out, t0)
     with tempfile.TemporaryDirectory() as scratch:
         res = anb.learn_subspace(args.run_dir or scratch, cfg)
         table = res.table()
@@ -99,6 +105,21 @@ def main() -> None:
     print(json.dumps(result, indent=1, default=float))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+
+
+def scan_layers(cfg: anb.SubspaceConfig, layers: list[int], out: Path | None, t0: float) -> None:
+    """The whole-residual ceiling per layer on the same test pairs (``whole_residual_by_layer``)."""
+    from anatomy_nb.lm.models import load_model
+    from anatomy_nb.stages.subspace import whole_residual_by_layer
+
+    lm = load_model(cfg.model)
+    table = whole_residual_by_layer(lm, cfg, layers, say=print)
+    result = {"model": lm.name, "what": "whole residual swapped at the entity token, per layer", "n_layers": lm.n_layers, "entities_per_split": cfg.entities,
+              "layers": {int(layer): {r.attribute: {k: round(float(getattr(r, k)), 3) for k in ("cause", "isolate", "disentangle")} | {"n_cause": int(r.n_cause), "n_isolate": int(r.n_isolate)} for r in t.itertuples()} for layer, t in table.groupby("layer")},
+              "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(result, indent=1))
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -218,6 +218,28 @@ def test_learn_subspace_says_what_is_wrong(tmp_path, lm):
         anb.learn_subspace(tmp_path, {**base, "layer": 40}, lm=lm)
 
 
+def test_the_whole_residual_by_layer_scores_learn_subspaces_pairs_and_other_layers_leave_out_the_sae(tmp_path, lm):
+    """``whole_residual_by_layer`` at a layer gives ``learn_subspace``'s "whole residual" row there (the
+    same pairs, so the same scores); at a layer that is not the SAE's, ``learn_subspace`` leaves the
+    SAE's rows out instead of swapping another layer's decoder directions."""
+    import anatomy_nb as anb
+    from anatomy_nb.lm.sae import tiny_sae
+    from anatomy_nb.stages.subspace import whole_residual_by_layer
+
+    base = {**SUBSPACE_TINY, "sae": None, "hyperdas": False, "sae_mask": False, "progress": False}
+    scan = whole_residual_by_layer(lm, base, [0, 1])
+    assert scan[["layer", "attribute"]].values.tolist() == [[0, "Country"], [0, "Continent"], [1, "Country"], [1, "Continent"]]
+    assert scan[["cause", "isolate"]].apply(lambda c: c.between(0, 1)).all().all() and (scan["n_test"] > 0).all()
+    res = anb.learn_subspace(tmp_path, {**base, "layer": 0}, lm=lm, sae=tiny_sae(lm.d_model, layer=1, d_sae=96, k=6))
+    table = res.table()
+    assert set(table["method"]) == {"DAS", "no intervention", "whole residual"}
+    whole = table[table["method"] == "whole residual"].set_index("attribute")[["cause", "isolate"]]
+    at_0 = scan[scan["layer"] == 0].set_index("attribute")[["cause", "isolate"]]
+    assert np.allclose(whole.loc[at_0.index].values, at_0.values)
+    with pytest.raises(ValueError, match="layer 40 out of range"):
+        whole_residual_by_layer(lm, base, [40])
+
+
 def _planted_cause_examples(lm, n, seed, basis, layer=1):
     """Random prompts of 5–8 tokens whose answer is the model's prediction after an interchange of
     ``basis`` at the two last tokens, kept only where that changes the answer (RAVEL's cause pairs)."""

@@ -29,6 +29,9 @@ with the stage protocol (content key → reuse → write → manifest last):
    layer and token: "whole residual" (the source's whole residual swapped in: the most Cause there is,
    with every other attribute carried along) and "all SAE latents" (every latent swapped, the SAE's
    error kept: what the latents can carry at all, the rest being in the error term).
+   ``whole_residual_by_layer`` scores the first of them at every layer asked, without training: the
+   layer to learn at is one where that ceiling is high. At a layer other than the SAE's
+   (``SubspaceConfig.layer``) the SAE's rows are left out.
 
 Each DAS subspace is saved as a concept (``<attribute>.safetensors`` + ``.json``; HyperDAS's
 principal subspace per attribute as ``<attribute>-hyperdas``): stage 2
@@ -39,7 +42,7 @@ The reader is ``results.subspace.SubspaceResult`` (no torch).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -60,7 +63,7 @@ from ..lm.ops import ResidualCapture
 from ..lm.sae_mask import latent_differences, latent_swap_predictions, train_latent_mask
 from ..results.subspace import SubspaceResult
 
-__all__ = ["STAGE", "SubspaceConfig", "known_examples", "learn_subspace", "ravel_scores", "entity_latents", "select_latents", "SAE_SELECTIONS"]
+__all__ = ["STAGE", "SubspaceConfig", "RavelSplits", "known_examples", "ravel_splits", "whole_residual_by_layer", "learn_subspace", "ravel_scores", "entity_latents", "select_latents", "SAE_SELECTIONS"]
 
 STAGE = "subspace"
 FORMAT = 2  # 2: the reference rows 'whole residual' and 'all SAE latents'
@@ -184,6 +187,68 @@ def _hyperdas(lm: LoadedModel, layer: int, cfg: SubspaceConfig, splits: dict[str
     return net, rows, concepts
 
 
+@dataclass
+class RavelSplits:
+    """The RAVEL examples one config draws: what the model knows on each entity split and the
+    counterfactual (train, test) pairs per target. One builder, so that every table scored from a
+    config (``learn_subspace``, ``whole_residual_by_layer``) scores the same pairs."""
+
+    templates: dict[str, list[str]]
+    known: dict[str, list[Known]]
+    counts: dict[str, dict[str, tuple[int, int]]]
+    accuracy: dict[str, float]
+    usable: list[str]
+    targets: list[str]
+    pairs: dict[str, tuple[list[Example], list[Example]]]
+
+
+def ravel_splits(lm: LoadedModel, cfg: SubspaceConfig, data: RavelData, say: Callable[[str], None] = lambda s: None) -> RavelSplits:
+    """Entities and templates drawn by ``cfg.seed``, the examples ``lm`` answers right, and the
+    counterfactual pairs of each target built from them; an error when too little is known."""
+    unknown = [a for a in cfg.attributes if a not in data.templates]
+    if unknown:
+        raise ValueError(f"SubspaceConfig.attributes: RAVEL {cfg.entity_type} has no attribute(s) {unknown}; attributes: {data.attributes}")
+    t0 = time.time()
+    rng = np.random.default_rng(cfg.seed)
+    ents = {s: sorted(rng.choice(data.entities_in(s), min(cfg.entities, len(data.entities_in(s))), replace=False).tolist()) for s in ("train", "test")}
+    templates = {a: sorted(rng.choice(data.templates[a], min(cfg.templates, len(data.templates[a])), replace=False).tolist()) for a in cfg.attributes}
+    known, counts = {}, {}
+    for s in ("train", "test"):
+        known[s], counts[s] = known_examples(lm, data, list(cfg.attributes), ents[s], templates, cfg.require_known)
+    accuracy = {a: counts["train"][a][0] / max(counts["train"][a][1], 1) for a in cfg.attributes}
+    say("what the model knows (train entities): " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f" ({time.time() - t0:.0f} s)")
+    usable = [a for a in cfg.attributes if accuracy[a] >= cfg.min_accuracy or not cfg.require_known]
+    targets = [a for a in (cfg.targets or cfg.attributes) if a in usable]
+    if not targets or len(usable) < 2:
+        raise ValueError(f"{lm.name} gets too few RAVEL {cfg.entity_type} attributes right to learn from (accuracy on the train entities: " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f"; needed: ≥ {cfg.min_accuracy} for the target and one more attribute). Choose attributes it knows, or a larger model.")
+    known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
+    asked = replace(data, templates={a: templates[a] for a in usable})  # pairs use the templates asked
+    pairs = {}
+    for a in targets:
+        train = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1), known_set["train"])[: cfg.n_train]
+        test = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2), known_set["test"])[: cfg.n_test]
+        if not train or not test:
+            raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no counterfactual pairs among the examples {lm.name} answers right (train {len(train)}, test {len(test)}); raise entities or templates")
+        pairs[a] = (train, test)
+    return RavelSplits(templates, known, counts, accuracy, usable, targets, pairs)
+
+
+def whole_residual_by_layer(lm: LoadedModel, config: SubspaceConfig | dict | None, layers: list[int], say: Callable[[str], None] = lambda s: None) -> pd.DataFrame:
+    """RAVEL's Cause and Isolate of swapping the source's whole residual at the entity token, layer by
+    layer, on ``config``'s test pairs: the most any method editing that token can move an attribute
+    at each depth (``learn_subspace``'s "whole residual" row, at every layer asked). Run it to choose
+    the layer before training DAS there: where even this ceiling is low, no subspace can do better."""
+    cfg = SubspaceConfig.from_dict(config)
+    splits = ravel_splits(lm, cfg, load_ravel(cfg.entity_type), say)
+    eye, rows = torch.eye(lm.d_model), []
+    for layer in layers:
+        check_subspace_shape(lm, layer, 1)
+        for a, (_, test) in splits.pairs.items():
+            rows.append({"layer": layer, "attribute": a, **ravel_scores(interchange_predictions(lm, layer, eye, test), test), "model_accuracy": splits.accuracy[a], "n_test": len(test)})
+        say(f"layer {layer}: " + "; ".join(f"{r['attribute']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[-len(splits.pairs):]))
+    return pd.DataFrame(rows)
+
+
 def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *, lm: LoadedModel | None = None, sae: Any = None, force: bool = False) -> SubspaceResult:
     """DAS (and HyperDAS) subspaces for RAVEL attributes, scored beside the SAE's features (module docstring);
     reused when the same model, SAE and config were run before."""
@@ -200,39 +265,23 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
         raise ValueError("SubspaceConfig.layer is needed when no SAE gives one (sae=None)")
     check_subspace_shape(lm, layer, cfg.dim)  # before the knowledge filter, not after it
     data = load_ravel(cfg.entity_type)
-    unknown = [a for a in cfg.attributes if a not in data.templates]
-    if unknown:
-        raise ValueError(f"SubspaceConfig.attributes: RAVEL {cfg.entity_type} has no attribute(s) {unknown}; attributes: {data.attributes}")
     key = content_hash(FORMAT, lm.fingerprint, getattr(sae, "fingerprint", None), layer, cfg.key_params())
     stage = run.stage(STAGE, key, FORMAT)
     if stage.reuse(force):
         return SubspaceResult(stage.path, stage.manifest(), reused=True)
     t0 = time.time()
-    rng = np.random.default_rng(cfg.seed)
-    ents = {s: sorted(rng.choice(data.entities_in(s), min(cfg.entities, len(data.entities_in(s))), replace=False).tolist()) for s in ("train", "test")}
-    templates = {a: sorted(rng.choice(data.templates[a], min(cfg.templates, len(data.templates[a])), replace=False).tolist()) for a in cfg.attributes}
-    known, counts = {}, {}
-    for s in ("train", "test"):
-        known[s], counts[s] = known_examples(lm, data, list(cfg.attributes), ents[s], templates, cfg.require_known)
-    accuracy = {a: counts["train"][a][0] / max(counts["train"][a][1], 1) for a in cfg.attributes}
-    say("what the model knows (train entities): " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f" ({time.time() - t0:.0f} s)")
-    usable = [a for a in cfg.attributes if accuracy[a] >= cfg.min_accuracy or not cfg.require_known]
-    targets = [a for a in (cfg.targets or cfg.attributes) if a in usable]
-    if not targets or len(usable) < 2:
-        raise ValueError(f"{lm.name} gets too few RAVEL {cfg.entity_type} attributes right to learn from (accuracy on the train entities: " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f"; needed: ≥ {cfg.min_accuracy} for the target and one more attribute). Choose attributes it knows, or a larger model.")
-    if not cfg.das and not (cfg.sae_mask and sae is not None) and len(targets) < 2:
+    splits = ravel_splits(lm, cfg, data, say)
+    accuracy, usable, targets, known = splits.accuracy, splits.usable, splits.targets, splits.known
+    sae_here = sae is not None and sae.layer == layer  # the SAE's rows only at its own layer
+    if sae is not None and not sae_here:
+        say(f"layer {layer} is not the SAE's ({sae.layer}): no SAE rows")
+    if not cfg.das and not (cfg.sae_mask and sae_here) and len(targets) < 2:
         raise ValueError(f"das=False leaves HyperDAS alone, and it needs two or more target attributes the model knows; targets: {targets}")
     out = stage.begin()
-    known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
-    asked = replace(data, templates={a: templates[a] for a in usable})  # pairs use the templates asked
-    rows, curves, cards, concepts, splits = [], [], [], {}, {}
+    rows, curves, cards, concepts = [], [], [], {}
     for a in targets:
         ta, first_row = time.time(), len(rows)
-        train = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1), known_set["train"])[: cfg.n_train]
-        test = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2), known_set["test"])[: cfg.n_test]
-        if not train or not test:
-            raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no counterfactual pairs among the examples {lm.name} answers right (train {len(train)}, test {len(test)}); raise entities or templates")
-        splits[a] = (train, test)
+        train, test = splits.pairs[a]
         scored = {}
         if cfg.das:
             sub = train_das(lm, layer, cfg.dim, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -240,7 +289,7 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
             curves += [{"method": "DAS", "attribute": a, **c} for c in sub.curve]
             scored["DAS"] = sub.directions
         chosen: dict[str, list[int]] = {}
-        if sae is not None:
+        if sae_here:
             latents = entity_latents(lm, sae, data, a, known["train"])
             for method, how in SAE_SELECTIONS.items():
                 if top := select_latents(*latents, cfg.dim, how):
@@ -252,7 +301,7 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
             return {"attribute": a, "method": method, **ravel_scores(predictions, test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": features}
 
         rows += [row(method, interchange_predictions(lm, layer, b, test), chosen.get(method, [])) for method, b in scored.items()]
-        if sae is not None and sae.layer == layer:  # swaps as latents: the test pairs' latent differences are read once for both rows
+        if sae_here:  # swaps as latents: the test pairs' latent differences are read once for both rows
             test_differences = latent_differences(lm, sae, layer, test)
             # every latent swapped, the SAE's error kept: what the latents can carry at all
             rows.append(row("all SAE latents", latent_swap_predictions(lm, sae, layer, range(sae.decoder_directions.shape[0]), test, differences=test_differences), []))
@@ -265,7 +314,7 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
     hyper, hyper_concepts = None, {}
     if cfg.hyperdas and len(targets) >= 2:
         th = time.time()
-        hyper, hyper_rows, hyper_concepts = _hyperdas(lm, layer, cfg, splits, usable, out, accuracy)
+        hyper, hyper_rows, hyper_concepts = _hyperdas(lm, layer, cfg, splits.pairs, usable, out, accuracy)
         rows += hyper_rows
         curves += [{"method": "HyperDAS", "attribute": "+".join(targets), **c} for c in hyper.curve]
         say("HyperDAS: " + "; ".join(f"{r['attribute']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in hyper_rows) + f" ({time.time() - th:.0f} s)")
@@ -277,10 +326,10 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
         "sae": None if sae is None else {"name": sae.name, "fingerprint": sae.fingerprint},
         "layer": layer,
         "config": cfg.to_dict(),
-        "knowledge": {a: {"right": counts["train"][a][0], "asked": counts["train"][a][1], "accuracy": accuracy[a]} for a in cfg.attributes},
+        "knowledge": {a: {"right": splits.counts["train"][a][0], "asked": splits.counts["train"][a][1], "accuracy": accuracy[a]} for a in cfg.attributes},
         "attributes_used": usable,
         "targets": targets,
-        "templates": templates,
+        "templates": splits.templates,
         "concepts": concepts,
         "hyperdas_concepts": hyper_concepts,
         "hyperdas": None if hyper is None else {k: v for k, v in hyper.provenance.items() if k not in ("model", "model_fingerprint")},
