@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .core.config_base import NOT_KEYED, Config, ConfigError
+from .core.config_base import KEYED_WHEN_SET, NOT_KEYED, Config, ConfigError
 from .data.plant import KINDS, ROLES
 from .results.plan import METHOD_VARIANTS, method_variant
 
@@ -287,7 +287,8 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = False
     bf16: bool | None = field(default=None, metadata=_help("None: on CUDA only"))
     mean_ablation_pairs: int = field(default=32, metadata=_help("pairs whose mean residual mean-ablation uses"))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_help("the held-out split's seed, and the trainer's unless order_seed is set"))
+    order_seed: int | None = field(default=None, metadata=_help("the trainer's seed (the order of the training pairs, the LoRA initialisation) apart from the split's: a seed control trains the same pairs in another order; None: seed", **KEYED_WHEN_SET))
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):

@@ -153,6 +153,11 @@ def test_configs_reject_unknown_and_mistyped_keys_with_the_valid_ones():
     assert TrainConfig.from_dict({"learning_rate": "1e-3"}).learning_rate == 1e-3  # YAML reads 1e-3 as a string
     # the key of a stage's artifact leaves out what does not change its result
     assert "progress" not in TrainConfig().key_params() and "data" not in PipelineConfig().extract.key_params()
+    # a field keyed only when set: unset, results trained before it existed keep their keys; set, it separates them
+    assert "order_seed" not in TrainConfig().key_params() and TrainConfig(order_seed=1).key_params()["order_seed"] == 1
+    from anatomy_nb.stages.dpo import dpo_config
+
+    assert dpo_config(TrainConfig(seed=3), "/tmp/x", cuda=False).seed == 3 and dpo_config(TrainConfig(seed=3, order_seed=7), "/tmp/x", cuda=False).seed == 7
     assert inspect.isclass(PipelineConfig)
 
 

@@ -9,7 +9,9 @@ typo never silently falls back to a default.
   field's type (a YAML ``"3"`` for an int field is an error that names the key).
 - ``Config.merged(data)`` — the same, on top of an existing instance (pipeline defaults).
 - ``config.key_params()`` — the fields that change a result, for artifact keys: fields declared
-  with ``metadata={"key": False}`` (progress bars, input names keyed by content) are left out.
+  with ``metadata={"key": False}`` (progress bars, input names keyed by content) are left out, and
+  fields declared ``KEYED_WHEN_SET`` only while they are not None (a field added later leaves the
+  keys of results computed before it unchanged until it is used).
 - ``Config.add_arguments(parser)`` / ``Config.from_args(namespace)`` — one ``--flag`` per field
   (nested fields as ``--concepts.min-support``), values parsed as YAML (``none``, ``[a, b]``).
 """
@@ -26,12 +28,14 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "NOT_KEYED", "read_config_file", "yaml_value"]
+__all__ = ["Config", "ConfigError", "NOT_KEYED", "KEYED_WHEN_SET", "read_config_file", "yaml_value"]
 
 C = TypeVar("C", bound="Config")
 
 #: ``field(metadata=NOT_KEYED)``: the field does not change what a stage computes
 NOT_KEYED = {"key": False}
+#: ``field(metadata=KEYED_WHEN_SET)``: part of the key only when not None (``None`` = the old behaviour)
+KEYED_WHEN_SET = {"key": "when set"}
 
 
 class ConfigError(ValueError):
@@ -158,6 +162,8 @@ class Config:
             if f.metadata.get("key", True) is False:
                 continue
             v = getattr(self, f.name)
+            if v is None and f.metadata.get("key") == KEYED_WHEN_SET["key"]:
+                continue
             out[f.name] = v.key_params() if isinstance(v, Config) else v
         return out
 

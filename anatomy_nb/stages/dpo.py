@@ -236,7 +236,7 @@ def dpo_config(cfg: TrainConfig, output_dir: str | Path, cuda: bool) -> DPOConfi
         save_strategy="no",
         report_to="none",
         disable_tqdm=not show_progress(cfg.progress),
-        seed=cfg.seed,
+        seed=cfg.seed if cfg.order_seed is None else cfg.order_seed,
         dataloader_num_workers=0,
     )
 
