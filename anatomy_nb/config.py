@@ -352,7 +352,7 @@ class SubspaceConfig(Config):
     model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, hub id or local directory", key=False))
     sae: str | None = field(default=DEFAULT_SAE, metadata=_help("the SAE whose features are scored beside DAS (and whose layer DAS uses); None: DAS only", key=False))
     sae_id: str | None = field(default=None, metadata=_help("for a sae-lens pretrained release, e.g. layer_12/width_16k/canonical", key=False))
-    layer: int | None = field(default=None, metadata=_help("residual-stream layer; None: the SAE's"))
+    layer: int | None = field(default=None, metadata=_help("residual-stream layer; None: the SAE's (at another layer the SAE's rows are left out)"))
     entity_type: str = field(default="city", metadata=_help("RAVEL entity type (vendored: city, nobel_prize_winner, occupation, physical_object, verb)"))
     attributes: list[str] = field(default_factory=lambda: ["Country", "Continent", "Language"], metadata=_help("attributes asked (the isolate pairs ask the others)"))
     targets: list[str] | None = field(default=None, metadata=_help("attributes to learn a subspace for; None: every attribute the model knows"))
