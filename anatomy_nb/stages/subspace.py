@@ -239,10 +239,11 @@ def whole_residual_by_layer(lm: LoadedModel, config: SubspaceConfig | dict | Non
     at each depth (``learn_subspace``'s "whole residual" row, at every layer asked). Run it to choose
     the layer before training DAS there: where even this ceiling is low, no subspace can do better."""
     cfg = SubspaceConfig.from_dict(config)
+    for layer in layers:  # before the knowledge filter, not after it
+        check_subspace_shape(lm, layer, 1)
     splits = ravel_splits(lm, cfg, load_ravel(cfg.entity_type), say)
     eye, rows = torch.eye(lm.d_model), []
     for layer in layers:
-        check_subspace_shape(lm, layer, 1)
         for a, (_, test) in splits.pairs.items():
             rows.append({"layer": layer, "attribute": a, **ravel_scores(interchange_predictions(lm, layer, eye, test), test), "model_accuracy": splits.accuracy[a], "n_test": len(test)})
         say(f"layer {layer}: " + "; ".join(f"{r['attribute']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[-len(splits.pairs):]))
@@ -264,12 +265,12 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
     if layer is None:
         raise ValueError("SubspaceConfig.layer is needed when no SAE gives one (sae=None)")
     check_subspace_shape(lm, layer, cfg.dim)  # before the knowledge filter, not after it
-    data = load_ravel(cfg.entity_type)
     key = content_hash(FORMAT, lm.fingerprint, getattr(sae, "fingerprint", None), layer, cfg.key_params())
     stage = run.stage(STAGE, key, FORMAT)
     if stage.reuse(force):
         return SubspaceResult(stage.path, stage.manifest(), reused=True)
     t0 = time.time()
+    data = load_ravel(cfg.entity_type)
     splits = ravel_splits(lm, cfg, data, say)
     accuracy, usable, targets, known = splits.accuracy, splits.usable, splits.targets, splits.known
     sae_here = sae is not None and sae.layer == layer  # the SAE's rows only at its own layer
