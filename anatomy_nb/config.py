@@ -375,7 +375,7 @@ class SubspaceConfig(Config):
     sae_mask_sparsity: float = field(default=1e-3, metadata=_help("the L1 weight on the latent mask (per latent, added to the cross-entropy)"))
     sae_mask_lr: float = field(default=0.05, metadata=_help("learning rate of the latent mask's logits (Adam); it trains for 'epochs' passes"))
     min_accuracy: float = field(default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned"))
-    require_known: bool = field(default=True, metadata=_help("keep only examples the model answers right (as RAVEL does); False: every example (tests on untrained models)"))
+    require_known: bool = field(default=True, metadata=_help("keep only examples the model answers right, and sources whose value of the target it knows (as RAVEL does); False: every example (tests on untrained models)"))
     seed: int = 0
     progress: bool = field(default=True, metadata=NOT_KEYED)
 

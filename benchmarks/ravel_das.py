@@ -83,7 +83,7 @@ def main() -> None:
         res = anb.learn_subspace(args.run_dir or scratch, cfg)
         table = res.table()
         m = res.manifest
-        result = {"model": m["model"]["name"], "sae": (m["sae"] or {}).get("name"), "layer": m["layer"], "dim": cfg.dim, "entities_per_split": cfg.entities, "knowledge": m["knowledge"], "templates": m["templates"], "hyperdas": m.get("hyperdas"), "attributes": {}}
+        result = {"model": m["model"]["name"], "sae": (m["sae"] or {}).get("name"), "layer": m["layer"], "dim": cfg.dim, "entities_per_split": cfg.entities, "knowledge": m["knowledge"], "source_entities": m.get("source_entities"), "templates": m["templates"], "hyperdas": m.get("hyperdas"), "attributes": {}}
         for a, t in table.groupby("attribute", sort=False):
             by = t.set_index("method")
             result["attributes"][a] = {"model_accuracy": round(float(by["model_accuracy"].iloc[0]), 3), "n_train": int(by["n_train"].iloc[0]), "n_test": int(by["n_test"].iloc[0]),

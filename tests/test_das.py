@@ -114,10 +114,41 @@ def test_ravel_loader_and_counterfactual_pairs():
         b, s = city.entities[p["base_entity"]], city.entities[p["source_entity"]]
         assert p["expected"] == (s["Country"] if p["kind"] == "cause" else b[p["queried"]])
         assert b["Country"] != s["Country"]
+    few = ents[:30]
+    restricted = counterfactual_pairs(city, "Country", ["Country", "Continent"], ents, 40, seed=1, sources=few)
+    assert len(restricted) == 40 and {p["source_entity"] for p in restricted} <= set(few)
+    assert all(p["base_entity"] != p["source_entity"] for p in restricted)
+    with pytest.raises(ValueError, match="no source entity"):
+        counterfactual_pairs(city, "Country", ["Country"], ents, 2, sources=[])
     with pytest.raises(ValueError, match="unknown attribute"):
         counterfactual_pairs(city, "Colour", ["Colour"], ents, 2)
     with pytest.raises(ValueError, match="entity type"):
         load_ravel("planet")
+
+
+def test_sources_are_only_entities_whose_value_the_model_knows(lm, monkeypatch):
+    """A source whose target value the model does not know has none to give (Cause would measure the
+    model's accuracy). Here the model 'knows' every Continent and the Country of even-length names
+    only: every Country pair, cause or isolate, takes its source from those."""
+    import anatomy_nb as anb
+    from anatomy_nb.stages import subspace
+
+    real = subspace.known_examples
+
+    def knows_some(lm_, data, attributes, entities, templates, require_known=True):
+        rows, _ = real(lm_, data, attributes, entities, templates, require_known=False)
+        kept = [r for r in rows if r[0] != "Country" or len(r[2]) % 2 == 0]
+        return kept, {a: (sum(r[0] == a for r in kept), sum(r[0] == a for r in rows)) for a in attributes}
+
+    monkeypatch.setattr(subspace, "known_examples", knows_some)
+    cfg = {**SUBSPACE_TINY, "require_known": True, "entities": 20, "sae": None, "progress": False}
+    splits = subspace.ravel_splits(lm, anb.SubspaceConfig.from_dict(cfg), load_ravel("city"))
+    train, test = splits.pairs["Country"]
+    for split, examples in (("train", train), ("test", test)):
+        assert {e.kind for e in examples} == {"cause", "isolate"}
+        assert all(len(e.meta["source_entity"]) % 2 == 0 for e in examples)
+        assert 0 < splits.sources["Country"][split] <= 20
+    assert splits.sources["Continent"]["train"] > splits.sources["Country"]["train"]
 
 
 def test_answer_token_is_the_values_first_token(lm):
@@ -183,6 +214,8 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
     assert table[["cause", "isolate"]].apply(lambda c: c.between(0, 1)).all().all()
     assert (table.loc[table["method"] == "SAE features", "features"].map(len) == 2).all()
     assert set(res.curves()["attribute"]) == {"Country", "Continent", "Country+Continent"} and len(res.data_card()) > 0
+    knowledge = res.knowledge().set_index("attribute")
+    assert knowledge[["source_entities_train", "source_entities_test"]].apply(lambda c: c.between(2, 12)).all().all()  # require_known=False: every entity with a value
     assert set(res.curves()["method"]) == {"DAS", "HyperDAS", "SAE latent mask"}
     concept = res.concept("Country")
     assert concept.layer == 1 and tuple(concept.directions().shape) == (2, 64)

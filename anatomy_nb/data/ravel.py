@@ -4,7 +4,8 @@ subspace (DAS, HyperDAS, or a set of SAE features) is measured.
 
 Read from the vendored ``data/ravel/data.tgz`` (explanare/ravel, MIT) without unpacking it.
 ``counterfactual_pairs`` builds RAVEL's interchange examples: a *base* prompt asks attribute ``q``
-of entity ``e_b``; a *source* prompt mentions entity ``e_s``; an intervention on the target
+of entity ``e_b``; a *source* prompt mentions entity ``e_s`` (one whose value of ``a`` the model
+knows); an intervention on the target
 attribute ``a`` at the entity's last token should make the base answer ``e_s``'s value when
 ``q == a`` (**Cause**) and keep ``e_b``'s value when ``q != a`` (**Isolate**).
 """
@@ -70,20 +71,24 @@ def load_ravel(entity_type: str = "city") -> RavelData:
         return RavelData(entity_type, entities, templates, read(f"ravel_{entity_type}_entity_to_split.json"), read(f"ravel_{entity_type}_prompt_to_split.json"))
 
 
-def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], entities: list[str], n: int, seed: int = 0) -> list[dict]:
+def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], entities: list[str], n: int, seed: int = 0, sources: list[str] | None = None) -> list[dict]:
     """``n`` interchange examples for the target ``attribute``: base entity and template (asking one of
     ``queried``), source entity and template (asking any attribute), and the expected answer —
     the source's value where the base asks ``attribute`` (kind ``cause``), the base's own value
     otherwise (kind ``isolate``). Half of the examples are of each kind when ``queried`` holds
     another attribute. Pairs whose two entities share the value would test nothing and are
-    skipped."""
+    skipped. ``sources``: the entities a source may be (default: ``entities``); pass those whose
+    value of ``attribute`` the model knows, as RAVEL does, since a source whose value the model does
+    not hold has none to give: Cause would then be capped by the model's accuracy, not by the
+    method."""
     unknown = [a for a in [attribute, *queried] if a not in data.templates]
     if unknown:
         raise ValueError(f"RAVEL {data.entity_type}: unknown attribute(s) {unknown}; attributes: {data.attributes}")
     rng = np.random.default_rng(seed)
     ents = [e for e in entities if all(data.entities[e].get(a) for a in queried)]
-    if len(ents) < 2:
-        raise ValueError(f"RAVEL {data.entity_type}: fewer than two entities have values for {queried}")
+    pool = [e for e in (entities if sources is None else sources) if data.entities[e].get(attribute)]
+    if len(ents) < 2 or not pool:
+        raise ValueError(f"RAVEL {data.entity_type}: fewer than two entities have values for {queried}, or no source entity has a value of {attribute!r}")
     others = [q for q in queried if q != attribute]
     attributes = data.attributes
 
@@ -93,8 +98,8 @@ def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], en
             break
         kind = "cause" if not others or len(out) % 2 == 0 else "isolate"
         q = attribute if kind == "cause" else others[rng.integers(len(others))]
-        base, source = (ents[i] for i in rng.choice(len(ents), 2, replace=False))
-        if data.entities[base][attribute] == data.entities[source][attribute]:
+        base, source = ents[rng.integers(len(ents))], pool[rng.integers(len(pool))]
+        if base == source or data.entities[base][attribute] == data.entities[source][attribute]:
             continue
         b_t, s_t = data.templates[q], data.templates[attributes[rng.integers(len(attributes))]]
         if not b_t or not s_t:

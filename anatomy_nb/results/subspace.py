@@ -42,8 +42,11 @@ class SubspaceResult(Artifact):
         return pd.read_parquet(self.path / "data_card.parquet")
 
     def knowledge(self) -> pd.DataFrame:
-        """What the model knows: per attribute, examples answered right of those asked."""
-        return pd.DataFrame([{"attribute": a, **v} for a, v in self.manifest["knowledge"].items()])
+        """What the model knows: per attribute, examples answered right of those asked (train
+        entities), and for each target the entities whose value it knows on either split, the only
+        ones a pair takes its source from (``source_entities_train`` / ``_test``)."""
+        sources = self.manifest.get("source_entities") or {}
+        return pd.DataFrame([{"attribute": a, **v, **{f"source_entities_{s}": n for s, n in sources.get(a, {}).items()}} for a, v in self.manifest["knowledge"].items()])
 
     def concept_path(self, attribute: str, method: str = "DAS") -> Path:
         """The saved subspace of ``attribute`` (``.safetensors``; its ``.json`` beside it), learned by

@@ -7,7 +7,8 @@ with the stage protocol (content key → reuse → write → manifest last):
    upstream entity split: greedy next token against the first token of the entity's value.
    RAVEL keeps only examples the model gets right; so does this (``require_known``). An attribute
    below ``min_accuracy`` is reported and not learned; if none is left, that is an error.
-2. **Counterfactual pairs** (``data.ravel.counterfactual_pairs``) from known examples: half
+2. **Counterfactual pairs** (``data.ravel.counterfactual_pairs``) from known examples, each
+   source an entity whose target value the model knows (on some template asked): half
    *cause* (the base asks the target attribute; its answer should become the source's value),
    half *isolate* (the base asks another attribute; its answer should stay).
 3. **DAS** per target attribute (``lm.das.train_das``) at the entity's last token.
@@ -66,7 +67,7 @@ from ..results.subspace import SubspaceResult
 __all__ = ["STAGE", "SubspaceConfig", "RavelSplits", "known_examples", "ravel_splits", "whole_residual_by_layer", "learn_subspace", "ravel_scores", "entity_latents", "select_latents", "SAE_SELECTIONS"]
 
 STAGE = "subspace"
-FORMAT = 2  # 2: the reference rows 'whole residual' and 'all SAE latents'
+FORMAT = 3  # 2: the reference rows 'whole residual' and 'all SAE latents'; 3: sources only entities whose value the model knows
 
 Known = tuple[str, str, str, list, int, int]  # attribute, template, entity, token ids, entity position, answer token
 
@@ -200,6 +201,7 @@ class RavelSplits:
     usable: list[str]
     targets: list[str]
     pairs: dict[str, tuple[list[Example], list[Example]]]
+    sources: dict[str, dict[str, int]]  # per target and split: entities whose value the model knows, the sources drawn from
 
 
 def ravel_splits(lm: LoadedModel, cfg: SubspaceConfig, data: RavelData, say: Callable[[str], None] = lambda s: None) -> RavelSplits:
@@ -223,14 +225,19 @@ def ravel_splits(lm: LoadedModel, cfg: SubspaceConfig, data: RavelData, say: Cal
         raise ValueError(f"{lm.name} gets too few RAVEL {cfg.entity_type} attributes right to learn from (accuracy on the train entities: " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f"; needed: ≥ {cfg.min_accuracy} for the target and one more attribute). Choose attributes it knows, or a larger model.")
     known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
     asked = replace(data, templates={a: templates[a] for a in usable})  # pairs use the templates asked
+    # a source is an entity whose target value the model knows (on some template asked): one it
+    # does not know has no value to give, and Cause would measure the model's accuracy, not the method
+    sources = {a: {s: sorted({e for b, _, e, *_ in known[s] if b == a}) for s in known} for a in targets}
     pairs = {}
     for a in targets:
-        train = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1), known_set["train"])[: cfg.n_train]
-        test = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2), known_set["test"])[: cfg.n_test]
+        if not sources[a]["train"] or not sources[a]["test"]:
+            raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no entity whose {a} {lm.name} knows to take a source from (train {len(sources[a]['train'])}, test {len(sources[a]['test'])}); raise entities or templates")
+        train = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1, sources=sources[a]["train"]), known_set["train"])[: cfg.n_train]
+        test = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2, sources=sources[a]["test"]), known_set["test"])[: cfg.n_test]
         if not train or not test:
             raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no counterfactual pairs among the examples {lm.name} answers right (train {len(train)}, test {len(test)}); raise entities or templates")
         pairs[a] = (train, test)
-    return RavelSplits(templates, known, counts, accuracy, usable, targets, pairs)
+    return RavelSplits(templates, known, counts, accuracy, usable, targets, pairs, {a: {s: len(v) for s, v in by.items()} for a, by in sources.items()})
 
 
 def whole_residual_by_layer(lm: LoadedModel, config: SubspaceConfig | dict | None, layers: list[int], say: Callable[[str], None] = lambda s: None) -> pd.DataFrame:
@@ -329,6 +336,7 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
         "config": cfg.to_dict(),
         "knowledge": {a: {"right": splits.counts["train"][a][0], "asked": splits.counts["train"][a][1], "accuracy": accuracy[a]} for a in cfg.attributes},
         "attributes_used": usable,
+        "source_entities": splits.sources,
         "targets": targets,
         "templates": splits.templates,
         "concepts": concepts,
