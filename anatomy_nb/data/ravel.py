@@ -5,9 +5,9 @@ subspace (DAS, HyperDAS, or a set of SAE features) is measured.
 Read from the vendored ``data/ravel/data.tgz`` (explanare/ravel, MIT) without unpacking it.
 ``counterfactual_pairs`` builds RAVEL's interchange examples: a *base* prompt asks attribute ``q``
 of entity ``e_b``; a *source* prompt mentions entity ``e_s`` (one whose value of ``a`` the model
-knows); an intervention on the target
-attribute ``a`` at the entity's last token should make the base answer ``e_s``'s value when
-``q == a`` (**Cause**) and keep ``e_b``'s value when ``q != a`` (**Isolate**).
+knows); an intervention on the target attribute ``a`` at the entity's last token should make the
+base answer ``e_s``'s value when ``q == a`` (**Cause**) and keep ``e_b``'s value when ``q != a``
+(**Isolate**).
 """
 
 from __future__ import annotations
