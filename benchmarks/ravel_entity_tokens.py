@@ -44,19 +44,21 @@ def entity_span(tokenizer: Any, template: str, ids: list[int], last: int) -> tup
 @torch.no_grad()
 def span_swap_predictions(lm: Any, layer: int, examples: list[Example], spans: list[tuple[tuple[int, int], tuple[int, int]]], batch_size: int = 32) -> np.ndarray:
     """Greedy answers with the source's residual put in at every entity token of the base (the two
-    spans have equal length); every other position keeps the base's own residual."""
-    out = []
+    spans have equal length): one interchange edit per offset into the entity, each at one token
+    per sequence (a shorter entity repeats its last token, which the identity swap leaves as is)."""
+    out, eye = [], torch.eye(lm.d_model)
     for i in range(0, len(examples), batch_size):
         batch, where = examples[i : i + batch_size], spans[i : i + batch_size]
-        ids, mask = padded([e.base_ids for e in batch], pad_id(lm))
         source_ids, source_mask = padded([e.source_ids for e in batch], pad_id(lm))
         with ResidualCapture(lm, layer) as capture:
-            base_h, source_h = capture(ids, attention_mask=mask).float(), capture(source_ids, attention_mask=source_mask).float()
-        mixed = base_h.clone()
-        for j, ((b0, b1), (s0, s1)) in enumerate(where):
-            mixed[j, b0 : b1 + 1] = source_h[j, s0 : s1 + 1]
-        edit = ResidualEdit(layer=layer, kind="interchange", basis=torch.eye(lm.d_model), source=mixed.to(lm.device), positions=None)
-        with ResidualHooks(lm.model, [edit]):
+            source_h = capture(source_ids, attention_mask=source_mask).float()
+        rows, edits = torch.arange(len(batch)), []
+        for k in range(max(b1 - b0 + 1 for (b0, b1), _ in where)):
+            at_base = torch.tensor([min(b0 + k, b1) for (b0, b1), _ in where])
+            at_source = torch.tensor([min(s0 + k, s1) for _, (s0, s1) in where])
+            edits.append(ResidualEdit(layer=layer, kind="interchange", basis=eye, source=source_h[rows, at_source].to(lm.device), positions=at_base.to(lm.device)))
+        ids, mask = padded([e.base_ids for e in batch], pad_id(lm))
+        with ResidualHooks(lm.model, edits):
             out.append(last_logits(lm, ids, mask).argmax(-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=int)
 

@@ -147,8 +147,8 @@ def test_sources_are_only_entities_whose_value_the_model_knows(lm, monkeypatch):
     for split, examples in (("train", train), ("test", test)):
         assert {e.kind for e in examples} == {"cause", "isolate"}
         assert all(len(e.meta["source_entity"]) % 2 == 0 for e in examples)
-        assert 0 < splits.sources["Country"][split] <= 20
-    assert splits.sources["Continent"]["train"] > splits.sources["Country"]["train"]
+        assert 0 < len(splits.sources["Country"][split]) <= 20
+    assert len(splits.sources["Continent"]["train"]) > len(splits.sources["Country"]["train"])
 
 
 def test_answer_token_is_the_values_first_token(lm):

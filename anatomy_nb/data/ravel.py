@@ -86,9 +86,11 @@ def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], en
         raise ValueError(f"RAVEL {data.entity_type}: unknown attribute(s) {unknown}; attributes: {data.attributes}")
     rng = np.random.default_rng(seed)
     ents = [e for e in entities if all(data.entities[e].get(a) for a in queried)]
+    if len(ents) < 2:
+        raise ValueError(f"RAVEL {data.entity_type}: fewer than two entities have values for {queried}")
     pool = [e for e in (entities if sources is None else sources) if data.entities[e].get(attribute)]
-    if len(ents) < 2 or not pool:
-        raise ValueError(f"RAVEL {data.entity_type}: fewer than two entities have values for {queried}, or no source entity has a value of {attribute!r}")
+    if not pool:
+        raise ValueError(f"RAVEL {data.entity_type}: no source entity has a value of {attribute!r}")
     others = [q for q in queried if q != attribute]
     attributes = data.attributes
 

@@ -201,7 +201,7 @@ class RavelSplits:
     usable: list[str]
     targets: list[str]
     pairs: dict[str, tuple[list[Example], list[Example]]]
-    sources: dict[str, dict[str, int]]  # per target and split: entities whose value the model knows, the sources drawn from
+    sources: dict[str, dict[str, list[str]]]  # per target and split: the entities whose value the model knows, the only sources
 
 
 def ravel_splits(lm: LoadedModel, cfg: SubspaceConfig, data: RavelData, say: Callable[[str], None] = lambda s: None) -> RavelSplits:
@@ -237,7 +237,7 @@ def ravel_splits(lm: LoadedModel, cfg: SubspaceConfig, data: RavelData, say: Cal
         if not train or not test:
             raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no counterfactual pairs among the examples {lm.name} answers right (train {len(train)}, test {len(test)}); raise entities or templates")
         pairs[a] = (train, test)
-    return RavelSplits(templates, known, counts, accuracy, usable, targets, pairs, {a: {s: len(v) for s, v in by.items()} for a, by in sources.items()})
+    return RavelSplits(templates, known, counts, accuracy, usable, targets, pairs, sources)
 
 
 def whole_residual_by_layer(lm: LoadedModel, config: SubspaceConfig | dict | None, layers: list[int], say: Callable[[str], None] = lambda s: None) -> pd.DataFrame:
@@ -336,7 +336,7 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
         "config": cfg.to_dict(),
         "knowledge": {a: {"right": splits.counts["train"][a][0], "asked": splits.counts["train"][a][1], "accuracy": accuracy[a]} for a in cfg.attributes},
         "attributes_used": usable,
-        "source_entities": splits.sources,
+        "source_entities": {a: {s: len(v) for s, v in by.items()} for a, by in splits.sources.items()},
         "targets": targets,
         "templates": splits.templates,
         "concepts": concepts,
