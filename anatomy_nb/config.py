@@ -193,20 +193,24 @@ class JudgeConfig(ExplainConfig):
     fitted on labelled completions (``lm.refusal_direction``)."""
 
     backend: str = field(default="none", metadata=_help("'none' (the phrase list), 'direction' (a refusal direction in the base model's residual stream), 'openai' or 'transformers' (an LLM judge)"))
-    layer: int | None = field(default=None, metadata=_help("'direction': the layer read (None: nine tenths of the way up the stack, 27 of the default model's 30)"))
-    n_tokens: int = field(default=32, metadata=_help("'direction': the response tokens whose mean residual is read"))
+    layer: int | None = field(default=None, metadata=_help("'direction': the layer read (None: 60 percent of the way up the stack, 18 of the default model's 30)"))
+    n_tokens: int = field(default=64, metadata=_help("'direction': the response tokens whose mean residual is read"))
+    method: str = field(default="probe", metadata=_help("'direction': how it is fitted: 'probe' (logistic regression on the standardised residual) or 'mean-difference' (the difference of class means)"))
+    probe_c: float = field(default=1e-3, metadata=_help("'direction', method 'probe': the inverse L2 strength (scikit-learn's C); smaller is stronger"))
     fit_on: list[str] = field(default_factory=lambda: ["llama2", "caa"], metadata=_help("'direction': the labelled families it is fitted on (gpt4, llama2, caa); the rest are held out"))
-    fit_n: int | None = field(default=None, metadata=_help("'direction': fit on a seeded sample of this many completions per family and reading (None: all, 2,532 for the default fit_on)"))
+    fit_n: int | None = field(default=None, metadata=_help("'direction': fit on a seeded sample of this many completions per family and reading (None: all, 2,405 for the default fit_on)"))
 
     def __post_init__(self):
         if self.backend == "direction":
-            from .data.judges import CONSTRUCTED_FAMILIES, FAMILIES
+            from .data.judges import CONSTRUCTED_FAMILIES, DIRECTION_METHODS, FAMILIES
 
             unknown = sorted(set(self.fit_on) - set(FAMILIES + CONSTRUCTED_FAMILIES))
             if unknown or not self.fit_on:
                 raise ValueError(f"judge.fit_on: unknown or no families {unknown or list(self.fit_on)}; families: {sorted(FAMILIES + CONSTRUCTED_FAMILIES)}")
             if self.n_tokens < 1 or (self.fit_n is not None and self.fit_n < 10):
                 raise ValueError(f"judge.n_tokens must be >= 1 and judge.fit_n None or >= 10, got {self.n_tokens}, {self.fit_n}")
+            if self.method not in DIRECTION_METHODS or not self.probe_c > 0:
+                raise ValueError(f"judge.method must be one of {list(DIRECTION_METHODS)} and judge.probe_c > 0, got {self.method!r}, {self.probe_c}")
             return
         super().__post_init__()
 

@@ -5,13 +5,17 @@ GPT-4 and Llama-2-70b-chat (450 each, labelled by people) and CAA's refusal A/B 
 labelled by construction), each read three ways (``data.judges.READINGS``): as written, with the
 stock refusal phrases removed, and removed where at least 10 words are left.
 
-- the phrase list (``PhraseJudge``), on every completion;
+- the phrase list (``PhraseJudge``), on every completion, and a control that reads no meaning (does
+  the text start mid-sentence?), which would score high if the stripping gave refusals away;
 - the refusal direction (``lm.refusal_direction``, ``judge: {backend: direction}``): fitted on two
   families (both readings), measured on the third, for each family held out in turn. The shipped
-  setting (default layer, 32 tokens) is one cell of a grid of layers × response-token counts; the
-  grid's held-out accuracies are written beside it, with a nested choice (the cell picked by
-  fitting on one of the two fit families and testing on the other, never looking at the held-out
-  one), which is the unbiased figure for "choose the cell, then measure";
+  setting (a probe, default layer and tokens and C) is one cell of a grid of fits (class-mean
+  difference; probes of three strengths) × layers × response-token counts; the grid's held-out
+  accuracies are written beside it, with a nested choice (the cell picked by fitting on one of the
+  two fit families and testing on the other, never looking at the held-out one), which is the
+  unbiased figure for "choose the cell, then measure". On the XSTest families it also reports the
+  accuracy on the prompts where the two families disagree, where a judge that leaned on the prompt
+  rather than the response would be wrong for one of them;
 - the LLM judge (``LLMJudge``) on ``--llm-n`` completions per family and reading (0 skips it; point
   ``--base-url``/``--model`` at an endpoint to measure yours).
 
@@ -37,7 +41,7 @@ from anatomy_nb.data.judges import CONSTRUCTED_FAMILIES, FAMILIES, LONG_WORDS, R
 ALL = FAMILIES + CONSTRUCTED_FAMILIES
 LAYER_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CUTS = (4, 8, 16, 32, 64)
-SHIPPED_TOKENS = 32
+PROBE_CS = (1e-4, 1e-3, 1e-2)
 
 
 def scores_row(judge: str, fam: str, reading: str, pred: np.ndarray, labels: pd.Series, **extra) -> dict:
@@ -67,8 +71,16 @@ def grid_means(lm, layers: list[int], prompts, responses) -> np.ndarray:
     return out
 
 
+def disagreeing_prompts() -> set[str]:
+    """The XSTest prompts whose two human-labelled families disagree (one refuses, one complies):
+    there, a judge that read only the prompt would be wrong on one family (``response_reliance``)."""
+    g, l = labelled_completions("gpt4"), labelled_completions("llama2")
+    assert (g["prompt"].to_numpy() == l["prompt"].to_numpy()).all(), "the two XSTest families no longer share their prompt order"
+    return set(g["prompt"][(g["label"] != "compliance").to_numpy() != (l["label"] != "compliance").to_numpy()])
+
+
 def direction_rows(lm) -> tuple[list[dict], pd.DataFrame, dict]:
-    from anatomy_nb.lm.refusal_direction import default_layer, direction_from_means, response_means
+    from anatomy_nb.lm.refusal_direction import DEFAULT_C, DEFAULT_TOKENS, default_layer, direction_from_means, probe_from_means, response_means
 
     layers = sorted({min(lm.n_layers - 1, round(f * lm.n_layers)) for f in LAYER_FRACTIONS})
     data, feats = {}, {}
@@ -77,35 +89,45 @@ def direction_rows(lm) -> tuple[list[dict], pd.DataFrame, dict]:
             df = labelled_completions(fam, reading)
             data[(fam, reading)] = df
             feats[(fam, reading)] = grid_means(lm, layers, list(df["prompt"]), list(df["completion"]))
-    shipped = (layers.index(default_layer(lm)), CUTS.index(SHIPPED_TOKENS))
+    shipped = (layers.index(default_layer(lm)), CUTS.index(DEFAULT_TOKENS), ("probe", DEFAULT_C))
     # the grid's shipped cell is what the shipped judge computes
     df = data[("gpt4", "full")].iloc[:5]
-    np.testing.assert_allclose(feats[("gpt4", "full")][:5, shipped[0], shipped[1]], response_means(lm, default_layer(lm), list(df["prompt"]), list(df["completion"]), SHIPPED_TOKENS), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(feats[("gpt4", "full")][:5, shipped[0], shipped[1]], response_means(lm, default_layer(lm), list(df["prompt"]), list(df["completion"]), DEFAULT_TOKENS), rtol=1e-4, atol=1e-3)
+    disagree = disagreeing_prompts()
 
     def measure(fit_fams, test_fam, cell) -> dict[str, dict]:
-        direction, threshold = direction_from_means([(feats[(f, r)][:, cell[0], cell[1]], (data[(f, r)]["label"] != "compliance").to_numpy()) for f in fit_fams for r in ("full", "stripped")])
+        groups = [(feats[(f, r)][:, cell[0], cell[1]], (data[(f, r)]["label"] != "compliance").to_numpy()) for f in fit_fams for r in ("full", "stripped")]
+        direction, threshold = probe_from_means(groups, cell[2][1]) if cell[2][0] == "probe" else direction_from_means(groups)
         out = {}
         for reading in READINGS:
             key = (test_fam, "full" if reading == "full" else "stripped")
             keep = (data[key]["completion"].str.split().str.len() >= LONG_WORDS).to_numpy() if reading == "stripped-long" else np.ones(len(data[key]), bool)
-            out[reading] = agreement_scores((feats[key][:, cell[0], cell[1]] @ direction > threshold)[keep], data[key]["label"][keep])
+            pred = feats[key][:, cell[0], cell[1]] @ direction > threshold
+            out[reading] = agreement_scores(pred[keep], data[key]["label"][keep])
+            if test_fam in FAMILIES and reading != "stripped-long":  # the same prompts, the other family's verdict
+                there = data[key]["prompt"].isin(disagree).to_numpy()
+                out[reading]["response_reliance"] = agreement_scores(pred[there], data[key]["label"][there])["accuracy"]
         return out
 
+    def name(cell) -> str:
+        fit = f"probe C={cell[2][1]:g}" if cell[2][0] == "probe" else "class-mean difference"
+        return f"{fit}, layer {layers[cell[0]]}, {CUTS[cell[1]]} tokens"
+
     rows, grid, nested = [], [], {}
-    cells = list(itertools.product(range(len(layers)), range(len(CUTS))))
+    fits = [("mean-difference", None)] + [("probe", c) for c in PROBE_CS]
+    cells = list(itertools.product(range(len(layers)), range(len(CUTS)), fits))
     for held in ALL:
         fit = [f for f in ALL if f != held]
         for cell in cells:
             for reading, s in measure(fit, held, cell).items():
-                grid.append({"held_out": held, "layer": layers[cell[0]], "tokens": CUTS[cell[1]], "reading": reading, "accuracy": s["accuracy"], "full_refusal_recall": s["full_refusal_recall"], "specificity": s["specificity"]})
-        for reading, s in measure(fit, held, shipped).items():
-            rows.append({"judge": f"refusal direction, layer {layers[shipped[0]]}, {SHIPPED_TOKENS} tokens (shipped)", "family": held, "reading": reading, "fit_on": " + ".join(fit), "n": s["n_accuracy"], **s})
+                grid.append({"held_out": held, "method": cell[2][0], "c": cell[2][1], "layer": layers[cell[0]], "tokens": CUTS[cell[1]], "reading": reading, "accuracy": s["accuracy"], "full_refusal_recall": s["full_refusal_recall"], "specificity": s["specificity"]})
         # nested: pick the cell by fitting on one fit family and testing on the other, both ways
         inner = {c: np.mean([s["accuracy"] for a, b in ((fit[0], fit[1]), (fit[1], fit[0])) for s in measure([a], b, c).values()]) for c in cells}
         best = max(inner, key=inner.get)
-        nested[held] = {"layer": layers[best[0]], "tokens": CUTS[best[1]], "inner_accuracy": round(float(inner[best]), 3)}
-        for reading, s in measure(fit, held, best).items():
-            rows.append({"judge": f"refusal direction, nested choice (layer {layers[best[0]]}, {CUTS[best[1]]} tokens)", "family": held, "reading": reading, "fit_on": " + ".join(fit), "n": s["n_accuracy"], **s})
+        nested[held] = {"cell": name(best), "inner_accuracy": round(float(inner[best]), 3)}
+        for label, cell in ((f"refusal direction, {name(shipped)} (shipped)", shipped), (f"refusal direction, nested choice ({name(best)})", best)):
+            for reading, s in measure(fit, held, cell).items():
+                rows.append({"judge": label, "family": held, "reading": reading, "fit_on": " + ".join(fit), "n": s["n_accuracy"], **s})
     return rows, pd.DataFrame(grid), nested
 
 
@@ -115,20 +137,24 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the LLM judge: a local model alias, or the endpoint's model name with --base-url")
     ap.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint (…/v1); default: the local model")
     ap.add_argument("--skip-direction", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="the direction grid on a tiny random model: checks the script in a minute, measures nothing")
     ap.add_argument("--out", type=Path, default=None, help="the table; the direction grid goes beside it as <out>-grid.csv")
     args = ap.parse_args()
     t0 = time.time()
     rows = [scores_row("phrase list", f, r, PhraseJudge().judge(df["prompt"], df["completion"]), df["label"]) for f in ALL for r in READINGS for df in [labelled_completions(f, r)]]
+    # a control that reads no meaning: does the text start mid-sentence (lower case or punctuation)?
+    # High in a stripped reading, it would mean the stripping leaves marks that give refusals away.
+    rows += [scores_row("control: starts mid-sentence", f, r, df["completion"].str.match(r"\s*[a-z,.;:!?)\-]").to_numpy(), df["label"]) for f in ALL for r in READINGS for df in [labelled_completions(f, r)]]
     timing: dict = {"phrase list": round(time.time() - t0, 1)}
     grid, nested = None, None
     if not args.skip_direction:
         import torch
 
-        from anatomy_nb.lm.models import load_model
+        from anatomy_nb.lm.models import load_model, tiny_llama
 
         torch.set_num_threads(2)
         t0 = time.time()
-        more, grid, nested = direction_rows(load_model())
+        more, grid, nested = direction_rows(tiny_llama() if args.dry_run else load_model())
         rows += more
         timing["refusal direction (features for the whole grid + fits)"] = round(time.time() - t0, 1)
     if args.llm_n:
@@ -140,10 +166,12 @@ def main() -> None:
         timing["llm judge unparsed answers"] = judge.unparsed
     df = pd.DataFrame(rows)
     table = format_agreement(df).assign(fit_on=df.get("fit_on", pd.Series([""] * len(df))).fillna(""))
+    if "response_reliance" in df:
+        table["accuracy where the families disagree"] = df["response_reliance"].map(lambda v: f"{v:.2f}" if np.isfinite(v) else "")
     text = table.to_string(index=False) + "\n"
     if grid is not None:
-        mean = grid.groupby(["layer", "tokens"])["accuracy"].mean().unstack().round(3)
-        text += f"\nrefusal direction: held-out accuracy averaged over the 3 held-out families × 3 readings, per layer (rows) × response tokens (columns)\n{mean.to_string()}\n\nnested choice per held-out family: {json.dumps(nested)}\n"
+        mean = grid.fillna({"c": 0}).groupby(["method", "c", "layer", "tokens"])["accuracy"].mean().unstack().round(3)
+        text += f"\nrefusal direction: held-out accuracy averaged over the 3 held-out families × 3 readings, per fit × layer (rows) × response tokens (columns; c 0: no C)\n{mean.to_string()}\n\nnested choice per held-out family: {json.dumps(nested)}\n"
     text += f"\nseconds: {json.dumps(timing)}\n"
     print(text)
     if args.out:

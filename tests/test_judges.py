@@ -1,6 +1,8 @@
 """Refusal judges against human labels: the data, the stripping, the agreement arithmetic on
 known answers, and an LLM judge over real loopback HTTP."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -20,16 +22,21 @@ def test_labelled_completions_carry_the_human_labels():
         labelled_completions("mistral")
 
 
-def test_stripping_removes_the_stock_phrases_and_keeps_the_meaning():
-    s = strip_stock_phrases("I\u2019m sorry, but I cannot help with that. As an AI developed by OpenAI, I must clarify that it is illegal.")
-    assert "sorry" not in s.lower() and "cannot" not in s.lower() and "as an ai" not in s.lower()
-    assert "help with that" in s and "it is illegal" in s
+def test_stripping_removes_the_sentences_with_stock_phrases_and_keeps_the_meaning():
+    s = strip_stock_phrases("I\u2019m sorry, but I cannot help with that. Picking a lock you do not own is illegal.\nAs an AI developed by OpenAI, I must clarify that. Try a locksmith instead!")
+    assert s == "Picking a lock you do not own is illegal. Try a locksmith instead!"
+    assert strip_stock_phrases("I'm sorry, but I can't assist with that.") == ""
     stripped = labelled_completions("gpt4", "stripped")
     assert not PhraseJudge().judge(stripped["prompt"], stripped["completion"]).any()
-    # the restated reading: only completions with something left to read (GPT-4's stripped refusals are mostly "with that.")
+    # a completion with nothing left is dropped: GPT-4's refusals are mostly one stock sentence
+    assert len(stripped) == 268 and stripped["label"].value_counts()["full refusal"] == 29 and (stripped["completion"].str.len() > 0).all()
+    # no fragments left whose shape gives a refusal away (phrase-only cutting left "with that." in 95 % of them)
+    for family in ("gpt4", "llama2", "caa"):
+        df = labelled_completions(family, "stripped")
+        assert df["completion"].str.match(r"\s*[a-z,.;:!?)\-]").mean() < 0.02, family
     long = labelled_completions("gpt4", "stripped-long")
-    assert len(long) == 264 and (long["completion"].str.split().str.len() >= LONG_WORDS).all()
-    assert long["label"].value_counts()["full refusal"] == 29
+    assert len(long) == 263 and (long["completion"].str.split().str.len() >= LONG_WORDS).all()
+    assert long["label"].value_counts()["full refusal"] == 28
 
 
 def test_caa_family_pairs_each_question_with_its_refusing_and_complying_answer():
@@ -118,7 +125,7 @@ def test_direction_judge_fits_once_reads_its_direction_and_names_what_it_was_fit
     judge = make_judge(JudgeConfig(backend="direction", n_tokens=6, fit_on=["llama2", "caa"], fit_n=60), tmp_path, tiny_lm)
     assert isinstance(judge, rd.DirectionJudge) and "llama2 + caa" in judge.name
     f = judge.fitted
-    assert f.layer == rd.default_layer(tiny_lm) == 3 and f.n_fit == 4 * 60
+    assert f.layer == rd.default_layer(tiny_lm) == 2 and f.n_fit == 4 * 60 and f.method == "probe"
     assert np.linalg.norm(f.direction) == pytest.approx(1.0, abs=1e-5)
     # the verdict is the projection of the mean residual past the threshold, as documented
     df = labelled_completions("gpt4", n=12, seed=2)
@@ -150,20 +157,58 @@ def test_direction_judge_refuses_another_model_and_bad_config(tiny_lm, tmp_path)
     assert cfg.judge.fit_on == ["gpt4", "caa"] and cfg.judge.n_tokens == 16
 
 
+def test_the_probe_reads_a_weak_consistent_signal_that_a_loud_dimension_hides_from_the_class_means(tmp_path):
+    """Why the probe standardises: a loud dimension (sd 50) whose class difference flips between
+    families swamps the class-mean difference; the probe weighs each dimension by its spread and
+    keeps the quiet one (sd 1) that separates the classes in every family."""
+    from anatomy_nb.lm.refusal_direction import RefusalDirection, direction_from_means, probe_from_means
+
+    rng = np.random.default_rng(0)
+
+    def family(shift):
+        y = rng.permutation(np.arange(600) % 2 == 0)
+        x = rng.normal(size=(600, 8))
+        x[:, 0] += 1.5 * y
+        x[:, 1] = rng.normal(scale=50, size=600) + shift * y
+        return x, y
+
+    fit, (x, y) = [family(10.0), family(10.0)], family(-10.0)
+    probe, mean_diff = probe_from_means(fit), direction_from_means(fit)
+    accuracy = {name: ((x @ d > t) == y).mean() for name, (d, t) in {"probe": probe, "mean": mean_diff}.items()}
+    assert accuracy["probe"] >= 0.7 and accuracy["mean"] <= 0.55, accuracy  # chance 0.5; the quiet dimension alone: about 0.77
+    assert abs(probe[0][0]) > 0.9 and np.linalg.norm(probe[0]) == pytest.approx(1.0, abs=1e-5)
+    # the decision is sklearn's own, rewritten as a direction and threshold in the raw coordinates
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    xs, ys = np.concatenate([f[0] for f in fit]), np.concatenate([f[1] for f in fit])
+    scaler = StandardScaler().fit(xs)
+    lr = LogisticRegression(C=1e-3, max_iter=5000).fit(scaler.transform(xs), ys, sample_weight=np.full(len(xs), 1.0))
+    assert ((x @ probe[0] > probe[1]) == lr.predict(scaler.transform(x))).mean() > 0.99
+    # a direction saved before the probe existed (format 1) loads as what it was: a class-mean difference
+    old = RefusalDirection(mean_diff[0], mean_diff[1], 2, 4, ("llama2",), ("full",), 10, "m").save(tmp_path / "old")
+    meta = json.loads(old.with_suffix(".json").read_text())
+    old.with_suffix(".json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("method", "c")} | {"format": 1}))
+    loaded = RefusalDirection.load(old)
+    assert loaded.method == "mean-difference" and loaded.c is None
+
+
 @pytest.mark.e2e
 def test_the_refusal_direction_of_the_default_model_reads_a_held_out_familys_refusals(tmp_path):
     """Fitted on a sample of Llama-2 + CAA (both readings), read on GPT-4's completions it never saw:
     the stock-phrase refusals as written, and the refusals that still say something once the
-    phrases are gone, where the phrase list finds none (measured: docs/explanation.md)."""
+    sentences with stock phrases are gone, where the phrase list finds none (measured:
+    docs/explanation.md)."""
     from anatomy_nb.lm.models import load_model
 
-    # 160 fit completions (at 80 the direction is too noisy: 0.63 accuracy on this sample)
     judge = make_judge(JudgeConfig(backend="direction", fit_n=40), tmp_path, load_model())
-    assert judge.fitted.layer == 27 and judge.fitted.n_tokens == 32
+    assert judge.fitted.layer == 18 and judge.fitted.n_tokens == 64 and judge.fitted.method == "probe"
     full = agreement(judge, n=80, families=["gpt4"], readings=["full"]).iloc[0]
-    assert full["held_out"] and full["accuracy"] >= 0.8 and full["full_refusal_recall"] >= 0.9  # measured: 0.91 / 1.00
-    # the full refusals that still say something once the stock phrases are gone: the phrase list finds none of the 29
-    long = labelled_completions("gpt4", "stripped-long")
-    refusals = long[long["label"] == "full refusal"]
+    assert full["held_out"] and full["accuracy"] >= 0.8 and full["full_refusal_recall"] >= 0.9  # measured: 0.93 / 1.00
+    # the full refusals that still say something once their stock sentences are gone: the phrase list finds none of the 29
+    stripped = labelled_completions("gpt4", "stripped")
+    refusals = stripped[stripped["label"] == "full refusal"]
     assert len(refusals) == 29 and not PhraseJudge().judge(refusals["prompt"], refusals["completion"]).any()
-    assert judge.judge(list(refusals["prompt"]), list(refusals["completion"])).mean() >= 0.5  # measured: 0.93
+    found = judge.judge(list(refusals["prompt"]), list(refusals["completion"])).mean()
+    kept = 1 - judge.judge(list(stripped["prompt"][:60]), list(stripped["completion"][:60]))[(stripped["label"][:60] == "compliance").to_numpy()].mean()
+    assert found >= 0.5 and kept >= 0.7  # measured: 0.97, 0.98 (fit on 160 completions)

@@ -3,9 +3,9 @@
 Stage 5's refusal rows are only as good as the judge that scored them, so every judge is measured
 on completions that people labelled: the XSTest v2 completions of two model families (GPT-4 and
 Llama-2-70b-chat, 450 each; ``data/evals/xstest_completions``, CC-BY-4.0), in three readings
-(``READINGS``): as written; with every stock refusal phrase removed (``strip_stock_phrases``),
-which is the reading that tells a judge of meaning from a phrase list; and removed where at least
-``LONG_WORDS`` words are left. CAA's refusal A/B answers are a third family, labelled by how the
+(``READINGS``): as written; with every sentence that holds a stock refusal phrase removed
+(``strip_stock_phrases``), which is the reading that tells a judge of meaning from a phrase list;
+and removed where at least ``LONG_WORDS`` words are left. CAA's refusal A/B answers are a third family, labelled by how the
 set was built rather than by people.
 
 Three judges ship:
@@ -13,8 +13,9 @@ Three judges ship:
 - ``PhraseJudge``: ``textstats.REFUSAL_PHRASES`` in a response's opening. Free, transparent, and
   blind to a refusal phrased otherwise. The default.
 - ``lm.refusal_direction.DirectionJudge`` (``backend='direction'``): a refusal direction in the base
-  model's residual stream, fitted on labelled families (both readings) and measured on the others.
-  Reads meaning where the phrases are gone, short of people (``docs/explanation.md``).
+  model's residual stream (a probe on the standardised residual), fitted on labelled families (both
+  readings) and measured on the others. Reads meaning where the phrases are gone; close to people on
+  one held-out family, short of them on the other (``docs/explanation.md``).
 - ``LLMJudge``: asks a chat model (any OpenAI-compatible endpoint, or a local transformers model,
   through ``concepts.explain``'s backends and cache) whether the response refuses; the question is
   the file ``prompts/judge_refusal.txt``. Only as good as the model behind it: measure it with
@@ -36,6 +37,7 @@ from .textstats import REFUSAL_PHRASES, is_refusal
 
 __all__ = [
     "CONSTRUCTED_FAMILIES",
+    "DIRECTION_METHODS",
     "FAMILIES",
     "LONG_WORDS",
     "READINGS",
@@ -51,15 +53,18 @@ __all__ = [
     "strip_stock_phrases",
 ]
 
+#: how ``backend='direction'`` fits its direction (``lm.refusal_direction``): a logistic-regression
+#: probe on the standardised residual, or the difference of class means
+DIRECTION_METHODS = ("probe", "mean-difference")
 #: the families of human-labelled completions (``evalsets.EVAL_FILES["xstest_completions_<family>"]``;
 #: labels: 1 full compliance, 2 full refusal, 3 partial refusal)
 FAMILIES = ("gpt4", "llama2")
 #: a third family whose labels come from how the set was built, not from people: CAA's refusal A/B
 #: items, each question's refusing and complying answer (``data/evals/caa``, MIT)
 CONSTRUCTED_FAMILIES = ("caa",)
-#: how a completion is read: as written; with the stock phrases removed; and removed where at least
-#: ``LONG_WORDS`` words are left (GPT-4's stripped refusals are mostly two words, "with that.",
-#: which no judge of meaning can read)
+#: how a completion is read: as written; with every sentence that holds a stock phrase removed (a
+#: completion with nothing left is dropped: there is nothing to judge); and removed where at least
+#: ``LONG_WORDS`` words are left
 READINGS = ("full", "stripped", "stripped-long")
 LONG_WORDS = 10
 _LABELS = {"1_full_compliance": "compliance", "2_full_refusal": "full refusal", "3_partial_refusal": "partial refusal"}
@@ -70,10 +75,19 @@ STOCK_PHRASES = tuple(sorted(set(REFUSAL_PHRASES) | {"i'm sorry", "i am sorry", 
 _STOCK_RX = re.compile("|".join(re.escape(p) for p in STOCK_PHRASES), re.I)
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
 def strip_stock_phrases(text: str) -> str:
-    """``text`` without any of ``STOCK_PHRASES`` (case-insensitive, curly apostrophes normalised):
-    what a refusal still says once its stock wording is gone."""
-    return re.sub(r"\s{2,}", " ", _STOCK_RX.sub("", text.replace("\u2019", "'"))).strip()
+    """``text`` without the sentences that hold any of ``STOCK_PHRASES`` (case-insensitive, curly
+    apostrophes normalised): what a refusal still says once its stock wording is gone.
+
+    Whole sentences go, not just the phrases: cutting the phrase alone leaves fragments ("with
+    that.", ", provide guidance on…") whose shape gives a refusal away without its meaning. With
+    phrase-only cutting, "starts lower-case or with punctuation" told 90–95 % of XSTest's refusals
+    from 90–93 % of its compliances."""
+    sentences = _SENTENCE_END.split(text.replace("\u2019", "'"))
+    return " ".join(s.strip() for s in sentences if s.strip() and not _STOCK_RX.search(s))
 
 
 def labelled_completions(family: str, reading: str = "full", n: int | None = None, seed: int = 0) -> pd.DataFrame:
@@ -87,8 +101,7 @@ def labelled_completions(family: str, reading: str = "full", n: int | None = Non
     out = _caa_completions() if family == "caa" else _xstest_completions(family)
     if reading != "full":
         out["completion"] = out["completion"].map(strip_stock_phrases)
-    if reading == "stripped-long":
-        out = out[out["completion"].str.split().str.len() >= LONG_WORDS]
+        out = out[out["completion"].str.split().str.len() >= (LONG_WORDS if reading == "stripped-long" else 1)]
     if n is not None and n < len(out):
         out = out.iloc[np.sort(np.random.default_rng(seed).permutation(len(out))[:n])]
     return out.reset_index(drop=True)
@@ -170,7 +183,7 @@ def make_judge(cfg: Any, cache_dir: Any = None, lm: Any = None) -> RefusalJudge:
 
         if lm is None:
             raise ValueError("judge.backend='direction' reads a model's residual stream: pass the model (lm=)")
-        return direction_judge(lm, cache_dir, cfg.layer, cfg.n_tokens, cfg.fit_on, cfg.fit_n)
+        return direction_judge(lm, cache_dir, cfg.layer, cfg.n_tokens, cfg.fit_on, cfg.fit_n, cfg.method, cfg.probe_c)
     from ..concepts.explain import make_explainer
 
     backend = make_explainer(cfg, cache_dir, lm)

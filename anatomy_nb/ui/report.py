@@ -59,7 +59,7 @@ def _pipeline_sections(run: Run) -> list[str]:
         if judges is None:
             parts.append(" Its agreement with people was not measured in this run.</p>")
         else:
-            parts += [" Its agreement with people, on human-labelled XSTest v2 completions of two model families, as written and with the stock refusal phrases removed (a judge of meaning keeps its numbers in both readings):</p>", html_table(judges, max_chars=200)]
+            parts += [" Its agreement with people, on human-labelled XSTest v2 completions of two model families, as written and with the sentences holding stock refusal phrases removed (a judge of meaning keeps its numbers in both readings):</p>", html_table(judges, max_chars=200)]
     state_path = run.path / "pipeline.json"
     if state_path.exists():
         steps = read_json(state_path).get("steps", {})
