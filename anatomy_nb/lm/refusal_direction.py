@@ -14,7 +14,7 @@ Two fits (``data.judges.DIRECTION_METHODS``):
 - ``"mean-difference"``: the difference of class means, the classic refusal direction.
 
 It is fitted on families other than the one it is measured on, and on both readings of each (as
-written and with the stock phrases removed), so the direction cannot lean on the phrases alone:
+written and with the sentences holding stock phrases removed), so the direction cannot lean on the phrases alone:
 each (family, reading) weighs the same, its two classes balanced. Either fit ends as a unit
 direction and a threshold in the residual's own coordinates. Measured against people in
 ``docs/explanation.md`` ("Refusal judges"); ``benchmarks/refusal_judges.py`` repeats the measurement.
