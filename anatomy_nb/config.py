@@ -380,12 +380,15 @@ class SubspaceConfig(Config):
     sae_mask_lr: float = field(default=0.05, metadata=_help("learning rate of the latent mask's logits (Adam); it trains for 'epochs' passes"))
     min_accuracy: float = field(default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned"))
     require_known: bool = field(default=True, metadata=_help("keep only examples the model answers right, and sources whose value of the target it knows (as RAVEL does); False: every example (tests on untrained models)"))
+    source_known_fraction: float = field(default=0.0, metadata=_help("with require_known: a source entity must be answered right on at least this fraction of its target's templates asked (0: on at least one); raise it where few-shot templates make guessing easy"))
     seed: int = 0
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):
         if self.dim < 1 or self.entities < 2 or self.templates < 1 or self.n_train < 1 or self.n_test < 1 or self.epochs < 1 or self.hyperdas_epochs < 1 or self.hyperdas_layers < 1:
             raise ValueError("dim, templates, n_train, n_test, epochs, hyperdas_epochs and hyperdas_layers must be >= 1 and entities >= 2")
+        if not 0 <= self.source_known_fraction <= 1:
+            raise ValueError(f"source_known_fraction must be in [0, 1], got {self.source_known_fraction}")
         if self.sae_mask_sparsity < 0 or self.sae_mask_lr <= 0:
             raise ValueError(f"sae_mask_sparsity must be >= 0 and sae_mask_lr > 0, got {self.sae_mask_sparsity}, {self.sae_mask_lr}")
         if not self.das and not self.hyperdas and not self.sae_mask:

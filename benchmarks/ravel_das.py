@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--min-accuracy", type=float, default=0.1)
+    ap.add_argument("--source-known-fraction", type=float, default=0.0, help="a source must be answered right on at least this fraction of its target's templates (0: on one)")
     ap.add_argument("--hyperdas-epochs", type=int, default=4, help="0: no HyperDAS")
     ap.add_argument("--hyperdas-width", type=int, default=256)
     ap.add_argument("--hyperdas-positions", default="learned", choices=["learned", "entity"], help="entity: HyperDAS is given the entity's token (ablation)")
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), targets=args.targets.split(",") if args.targets else None, entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das, sae_mask=not args.no_sae_mask, sae_mask_sparsity=args.sae_mask_sparsity, sae_mask_lr=args.sae_mask_lr, layer=args.layer)
+    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), targets=args.targets.split(",") if args.targets else None, entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, source_known_fraction=args.source_known_fraction, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das, sae_mask=not args.no_sae_mask, sae_mask_sparsity=args.sae_mask_sparsity, sae_mask_lr=args.sae_mask_lr, layer=args.layer)
     t0 = time.time()
     if args.scan_layers:
         return scan_layers(cfg, [int(x) for x in args.scan_layers.split(",")], args.out, t0)

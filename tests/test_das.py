@@ -151,6 +151,31 @@ def test_sources_are_only_entities_whose_value_the_model_knows(lm, monkeypatch):
     assert len(splits.sources["Continent"]["train"]) > len(splits.sources["Country"]["train"])
 
 
+def test_a_stricter_source_rule_keeps_only_entities_known_on_most_templates(lm, monkeypatch):
+    """``source_known_fraction``: with few-shot templates a model can guess a value once; a source must
+    then be right on that fraction of its target's templates. Here even-length names are known on
+    every Country template, odd-length ones on the first only."""
+    import anatomy_nb as anb
+    from anatomy_nb.stages import subspace
+
+    real = subspace.known_examples
+
+    def knows_once_or_always(lm_, data, attributes, entities, templates, require_known=True):
+        rows, _ = real(lm_, data, attributes, entities, templates, require_known=False)
+        kept = [r for r in rows if r[0] != "Country" or len(r[2]) % 2 == 0 or r[1] == templates["Country"][0]]
+        return kept, {a: (sum(r[0] == a for r in kept), sum(r[0] == a for r in rows)) for a in attributes}
+
+    monkeypatch.setattr(subspace, "known_examples", knows_once_or_always)
+    cfg = {**SUBSPACE_TINY, "require_known": True, "entities": 20, "templates": 3, "sae": None, "progress": False}
+    data = load_ravel("city")
+    lenient = subspace.ravel_splits(lm, anb.SubspaceConfig.from_dict(cfg), data).sources["Country"]["train"]
+    strict = subspace.ravel_splits(lm, anb.SubspaceConfig.from_dict({**cfg, "source_known_fraction": 0.5}), data).sources["Country"]["train"]
+    assert any(len(e) % 2 for e in lenient) and strict and all(len(e) % 2 == 0 for e in strict)
+    assert set(strict) == {e for e in lenient if len(e) % 2 == 0}
+    with pytest.raises(ValueError, match="source_known_fraction"):
+        anb.SubspaceConfig(source_known_fraction=1.5)
+
+
 def test_answer_token_is_the_values_first_token(lm):
     tok = lm.tokenizer
     t = answer_token(tok, "Paris is in", "France")

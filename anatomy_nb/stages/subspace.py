@@ -42,7 +42,9 @@ The reader is ``results.subspace.SubspaceResult`` (no torch).
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -225,13 +227,15 @@ def ravel_splits(lm: LoadedModel, cfg: SubspaceConfig, data: RavelData, say: Cal
         raise ValueError(f"{lm.name} gets too few RAVEL {cfg.entity_type} attributes right to learn from (accuracy on the train entities: " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f"; needed: ≥ {cfg.min_accuracy} for the target and one more attribute). Choose attributes it knows, or a larger model.")
     known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
     asked = replace(data, templates={a: templates[a] for a in usable})  # pairs use the templates asked
-    # a source is an entity whose target value the model knows (on some template asked): one it
-    # does not know has no value to give, and Cause would measure the model's accuracy, not the method
-    sources = {a: {s: sorted({e for b, _, e, *_ in known[s] if b == a}) for s in known} for a in targets}
+    # a source is an entity whose target value the model knows (on at least one template asked, or
+    # on source_known_fraction of them): one it does not know has no value to give, and Cause would
+    # measure the model's accuracy, not the method
+    needed = {a: max(1, math.ceil(cfg.source_known_fraction * len(templates[a]) - 1e-9)) for a in targets}
+    sources = {a: {s: sorted(e for e, k in Counter(e for b, _, e, *_ in known[s] if b == a).items() if k >= needed[a]) for s in known} for a in targets}
     pairs = {}
     for a in targets:
         if not sources[a]["train"] or not sources[a]["test"]:
-            raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no entity whose {a} {lm.name} knows to take a source from (train {len(sources[a]['train'])}, test {len(sources[a]['test'])}); raise entities or templates")
+            raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no entity whose {a} {lm.name} knows to take a source from (train {len(sources[a]['train'])}, test {len(sources[a]['test'])}; right on at least {needed[a]} of {len(templates[a])} templates); raise entities or templates, or lower source_known_fraction")
         train = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1, sources=sources[a]["train"]), known_set["train"])[: cfg.n_train]
         test = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2, sources=sources[a]["test"]), known_set["test"])[: cfg.n_test]
         if not train or not test:
