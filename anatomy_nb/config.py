@@ -380,7 +380,7 @@ class SubspaceConfig(Config):
     sae_mask_lr: float = field(default=0.05, metadata=_help("learning rate of the latent mask's logits (Adam); it trains for 'epochs' passes"))
     min_accuracy: float = field(default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned"))
     require_known: bool = field(default=True, metadata=_help("keep only examples the model answers right, and sources whose value of the target it knows (as RAVEL does); False: every example (tests on untrained models)"))
-    source_known_fraction: float = field(default=0.0, metadata=_help("with require_known: a source entity must be answered right on at least this fraction of its target's templates asked (0: on at least one); raise it where few-shot templates make guessing easy"))
+    source_known_fraction: float = field(default=0.5, metadata=_help("with require_known: a source entity must be answered right on at least this fraction of its target's templates asked (0: on at least one, which lets few-shot guesses in)"))
     seed: int = 0
     progress: bool = field(default=True, metadata=NOT_KEYED)
 

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--min-accuracy", type=float, default=0.1)
-    ap.add_argument("--source-known-fraction", type=float, default=0.0, help="a source must be answered right on at least this fraction of its target's templates (0: on one)")
+    ap.add_argument("--source-known-fraction", type=float, default=0.5, help="a source must be answered right on at least this fraction of its target's templates (0: on one)")
     ap.add_argument("--hyperdas-epochs", type=int, default=4, help="0: no HyperDAS")
     ap.add_argument("--hyperdas-width", type=int, default=256)
     ap.add_argument("--hyperdas-positions", default="learned", choices=["learned", "entity"], help="entity: HyperDAS is given the entity's token (ablation)")
