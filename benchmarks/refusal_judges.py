@@ -141,10 +141,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="the table; the direction grid goes beside it as <out>-grid.csv")
     args = ap.parse_args()
     t0 = time.time()
-    rows = [scores_row("phrase list", f, r, PhraseJudge().judge(df["prompt"], df["completion"]), df["label"]) for f in ALL for r in READINGS for df in [labelled_completions(f, r)]]
-    # a control that reads no meaning: does the text start mid-sentence (lower case or punctuation)?
-    # High in a stripped reading, it would mean the stripping leaves marks that give refusals away.
-    rows += [scores_row("control: starts mid-sentence", f, r, df["completion"].str.match(r"\s*[a-z,.;:!?)\-]").to_numpy(), df["label"]) for f in ALL for r in READINGS for df in [labelled_completions(f, r)]]
+    rows, controls = [], []
+    for f in ALL:
+        for r in READINGS:
+            df = labelled_completions(f, r)
+            rows.append(scores_row("phrase list", f, r, PhraseJudge().judge(df["prompt"], df["completion"]), df["label"]))
+            # a control that reads no meaning: does the text start mid-sentence (lower case or
+            # punctuation)? High in a stripped reading, the stripping would give refusals away.
+            controls.append(scores_row("control: starts mid-sentence", f, r, df["completion"].str.match(r"\s*[a-z,.;:!?)\-]").to_numpy(), df["label"]))
+    rows += controls
     timing: dict = {"phrase list": round(time.time() - t0, 1)}
     grid, nested = None, None
     if not args.skip_direction:

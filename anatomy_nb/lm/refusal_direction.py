@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import JudgeConfig
 from ..core.files import atomic_path, atomic_write_text, content_hash
 from ..data.judges import DIRECTION_METHODS, labelled_completions
 from .models import LoadedModel
@@ -38,11 +39,12 @@ from .ops import response_residuals
 
 __all__ = ["DEFAULT_C", "DEFAULT_FIT_ON", "DEFAULT_TOKENS", "DirectionJudge", "RefusalDirection", "default_layer", "direction_from_means", "direction_judge", "fit_refusal_direction", "probe_from_means", "response_means"]
 
-#: fitted on these by default; the human-labelled GPT-4 family stays held out for measuring
-DEFAULT_FIT_ON = ("llama2", "caa")
-#: the probe's inverse L2 strength (scikit-learn's C) and the response tokens read by default
-DEFAULT_C = 1e-3
-DEFAULT_TOKENS = 64
+#: the defaults are ``JudgeConfig``'s (its one source): fitted on Llama-2 + CAA (the human-labelled
+#: GPT-4 family stays held out for measuring), the probe's inverse L2 strength (scikit-learn's C),
+#: and the response tokens read
+DEFAULT_FIT_ON = tuple(JudgeConfig(backend="direction").fit_on)
+DEFAULT_C = JudgeConfig.probe_c
+DEFAULT_TOKENS = JudgeConfig.n_tokens
 FORMAT = 2  # 2: the probe fit, its method and C recorded
 
 
