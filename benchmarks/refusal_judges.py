@@ -48,7 +48,7 @@ def scores_row(judge: str, fam: str, reading: str, pred: np.ndarray, labels: pd.
     return {"judge": judge, "family": fam, "reading": reading, **extra, "n": len(labels), **agreement_scores(pred, labels)}
 
 
-def grid_means(lm, layers: list[int], prompts, responses) -> np.ndarray:
+def grid_means(lm, layers: list[int], prompts, responses, cuts: tuple[int, ...] = CUTS) -> np.ndarray:
     """(completions, layers, cuts, d_model): the mean residual over the first c response tokens at
     each layer, from one forward per completion (the model cut at the deepest layer)."""
     import torch
@@ -56,17 +56,17 @@ def grid_means(lm, layers: list[int], prompts, responses) -> np.ndarray:
     from anatomy_nb.lm.chat import render_example
     from anatomy_nb.lm.ops import ResidualCapture
 
-    out = np.zeros((len(prompts), len(layers), len(CUTS), lm.d_model), np.float32)
+    out = np.zeros((len(prompts), len(layers), len(cuts), lm.d_model), np.float32)
     with torch.no_grad(), ResidualCapture(lm, layers) as capture:
         for i, (p, r) in enumerate(zip(prompts, responses)):
             ex = render_example(lm.tokenizer, ({"role": "user", "content": p},), r)
-            resp = ex.response_ids[: max(CUTS)]
+            resp = ex.response_ids[: max(cuts)]
             if not resp:
                 continue
             capture(torch.tensor([ex.prompt_ids + resp]))
             for j, layer in enumerate(layers):
                 h = capture.at[layer][0, len(ex.prompt_ids) :].float().numpy()
-                for k, c in enumerate(CUTS):
+                for k, c in enumerate(cuts):
                     out[i, j, k] = h[:c].mean(0)
     return out
 
@@ -79,7 +79,7 @@ def disagreeing_prompts() -> set[str]:
     return set(g["prompt"][(g["label"] != "compliance").to_numpy() != (l["label"] != "compliance").to_numpy()])
 
 
-def direction_rows(lm) -> tuple[list[dict], pd.DataFrame, dict]:
+def direction_rows(lm, cuts: tuple[int, ...] = CUTS) -> tuple[list[dict], pd.DataFrame, dict]:
     from anatomy_nb.lm.refusal_direction import DEFAULT_C, DEFAULT_TOKENS, default_layer, direction_from_means, probe_from_means, response_means
 
     layers = sorted({min(lm.n_layers - 1, round(f * lm.n_layers)) for f in LAYER_FRACTIONS})
@@ -88,8 +88,10 @@ def direction_rows(lm) -> tuple[list[dict], pd.DataFrame, dict]:
         for reading in ("full", "stripped"):
             df = labelled_completions(fam, reading)
             data[(fam, reading)] = df
-            feats[(fam, reading)] = grid_means(lm, layers, list(df["prompt"]), list(df["completion"]))
-    shipped = (layers.index(default_layer(lm)), CUTS.index(DEFAULT_TOKENS), ("probe", DEFAULT_C))
+            feats[(fam, reading)] = grid_means(lm, layers, list(df["prompt"]), list(df["completion"]), cuts)
+    if DEFAULT_TOKENS not in cuts:
+        raise SystemExit(f"--tokens must include the shipped {DEFAULT_TOKENS}")
+    shipped = (layers.index(default_layer(lm)), cuts.index(DEFAULT_TOKENS), ("probe", DEFAULT_C))
     # the grid's shipped cell is what the shipped judge computes
     df = data[("gpt4", "full")].iloc[:5]
     np.testing.assert_allclose(feats[("gpt4", "full")][:5, shipped[0], shipped[1]], response_means(lm, default_layer(lm), list(df["prompt"]), list(df["completion"]), DEFAULT_TOKENS), rtol=1e-4, atol=1e-3)
@@ -111,16 +113,16 @@ def direction_rows(lm) -> tuple[list[dict], pd.DataFrame, dict]:
 
     def name(cell) -> str:
         fit = f"probe C={cell[2][1]:g}" if cell[2][0] == "probe" else "class-mean difference"
-        return f"{fit}, layer {layers[cell[0]]}, {CUTS[cell[1]]} tokens"
+        return f"{fit}, layer {layers[cell[0]]}, {cuts[cell[1]]} tokens"
 
     rows, grid, nested = [], [], {}
     fits = [("mean-difference", None)] + [("probe", c) for c in PROBE_CS]
-    cells = list(itertools.product(range(len(layers)), range(len(CUTS)), fits))
+    cells = list(itertools.product(range(len(layers)), range(len(cuts)), fits))
     for held in ALL:
         fit = [f for f in ALL if f != held]
         for cell in cells:
             for reading, s in measure(fit, held, cell).items():
-                grid.append({"held_out": held, "method": cell[2][0], "c": cell[2][1], "layer": layers[cell[0]], "tokens": CUTS[cell[1]], "reading": reading, "accuracy": s["accuracy"], "full_refusal_recall": s["full_refusal_recall"], "specificity": s["specificity"]})
+                grid.append({"held_out": held, "method": cell[2][0], "c": cell[2][1], "layer": layers[cell[0]], "tokens": cuts[cell[1]], "reading": reading, "accuracy": s["accuracy"], "full_refusal_recall": s["full_refusal_recall"], "specificity": s["specificity"]})
         # nested: pick the cell by fitting on one fit family and testing on the other, both ways
         inner = {c: np.mean([s["accuracy"] for a, b in ((fit[0], fit[1]), (fit[1], fit[0])) for s in measure([a], b, c).values()]) for c in cells}
         best = max(inner, key=inner.get)
@@ -137,6 +139,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the LLM judge: a local model alias, or the endpoint's model name with --base-url")
     ap.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint (…/v1); default: the local model")
     ap.add_argument("--skip-direction", action="store_true")
+    ap.add_argument("--tokens", default=",".join(map(str, CUTS)), help="comma-separated response-token windows of the direction grid (must include the shipped one)")
     ap.add_argument("--dry-run", action="store_true", help="the direction grid on a tiny random model: checks the script in a minute, measures nothing")
     ap.add_argument("--out", type=Path, default=None, help="the table; the direction grid goes beside it as <out>-grid.csv")
     args = ap.parse_args()
@@ -159,7 +162,7 @@ def main() -> None:
 
         torch.set_num_threads(2)
         t0 = time.time()
-        more, grid, nested = direction_rows(tiny_llama() if args.dry_run else load_model())
+        more, grid, nested = direction_rows(tiny_llama() if args.dry_run else load_model(), tuple(int(t) for t in args.tokens.split(",")))
         rows += more
         timing["refusal direction (features for the whole grid + fits)"] = round(time.time() - t0, 1)
     if args.llm_n:
