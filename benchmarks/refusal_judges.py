@@ -82,6 +82,8 @@ def disagreeing_prompts() -> set[str]:
 def direction_rows(lm, cuts: tuple[int, ...] = CUTS) -> tuple[list[dict], pd.DataFrame, dict]:
     from anatomy_nb.lm.refusal_direction import DEFAULT_C, DEFAULT_TOKENS, default_layer, direction_from_means, probe_from_means, response_means
 
+    if DEFAULT_TOKENS not in cuts:  # before the feature pass, which takes minutes
+        raise SystemExit(f"--tokens must include the shipped {DEFAULT_TOKENS}")
     layers = sorted({min(lm.n_layers - 1, round(f * lm.n_layers)) for f in LAYER_FRACTIONS})
     data, feats = {}, {}
     for fam in ALL:
@@ -89,8 +91,6 @@ def direction_rows(lm, cuts: tuple[int, ...] = CUTS) -> tuple[list[dict], pd.Dat
             df = labelled_completions(fam, reading)
             data[(fam, reading)] = df
             feats[(fam, reading)] = grid_means(lm, layers, list(df["prompt"]), list(df["completion"]), cuts)
-    if DEFAULT_TOKENS not in cuts:
-        raise SystemExit(f"--tokens must include the shipped {DEFAULT_TOKENS}")
     shipped = (layers.index(default_layer(lm)), cuts.index(DEFAULT_TOKENS), ("probe", DEFAULT_C))
     # the grid's shipped cell is what the shipped judge computes
     df = data[("gpt4", "full")].iloc[:5]
