@@ -8,12 +8,13 @@ with the target model frozen, its four parts end to end:
 1. **Concept encoder** — the concept text's token embeddings (the target model's own, frozen) pass
    through transformer blocks that attend to themselves and, by cross-attention, to the target
    model's hidden states at ``layer`` on the base and the counterfactual prompt.
-2. **Token-position selection** — every base position, conditioned on the encoded concept, points
-   at a counterfactual position or at "nowhere" (a null column). Training samples one choice per
-   position (straight-through Gumbel-softmax, its temperature annealed); evaluation takes the
-   argmax. A plain softmax, which edits every position with a blend, did not learn at all on the
-   planted-subspace test (loss flat over 8 epochs): the blend never holds the source's state, so
-   the subspace gets no signal; sampled choices do (``tests/test_das.py``).
+2. **Token-position selection** — conditioned on the encoded concept, one base token and one
+   counterfactual token per example; every other base position points at "nowhere" (a null
+   column). Training samples the two choices (straight-through Gumbel-softmax, its temperature
+   annealed); evaluation takes the argmax. A plain softmax, which edits every position with a
+   blend, did not learn at all on the planted-subspace test (loss flat over 8 epochs): the blend
+   never holds the source's state, so the subspace gets no signal; sampled choices do
+   (``tests/test_das.py``).
 3. **Subspace construction** — a learned matrix R with orthonormal rows (k × d), reflected by a
    Householder vector v that the encoder writes from the concept: Q = R·(I − 2vvᵀ/‖v‖²). Its rows
    stay orthonormal; the subspace depends on the concept (and on the prompts it read).
