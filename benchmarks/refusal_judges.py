@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from anatomy_nb.config import ExplainConfig
+from anatomy_nb.config import ExplainConfig, JudgeConfig
 from anatomy_nb.data.judges import CONSTRUCTED_FAMILIES, FAMILIES, LONG_WORDS, READINGS, PhraseJudge, agreement, agreement_scores, format_agreement, labelled_completions, make_judge
 
 ALL = FAMILIES + CONSTRUCTED_FAMILIES
@@ -82,8 +82,6 @@ def disagreeing_prompts() -> set[str]:
 def direction_rows(lm, cuts: tuple[int, ...] = CUTS) -> tuple[list[dict], pd.DataFrame, dict]:
     from anatomy_nb.lm.refusal_direction import DEFAULT_C, DEFAULT_TOKENS, default_layer, direction_from_means, probe_from_means, response_means
 
-    if DEFAULT_TOKENS not in cuts:  # before the feature pass, which takes minutes
-        raise SystemExit(f"--tokens must include the shipped {DEFAULT_TOKENS}")
     layers = sorted({min(lm.n_layers - 1, round(f * lm.n_layers)) for f in LAYER_FRACTIONS})
     data, feats = {}, {}
     for fam in ALL:
@@ -143,6 +141,9 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="the direction grid on a tiny random model: checks the script in a minute, measures nothing")
     ap.add_argument("--out", type=Path, default=None, help="the table; the direction grid goes beside it as <out>-grid.csv")
     args = ap.parse_args()
+    cuts = tuple(int(t) for t in args.tokens.split(","))
+    if JudgeConfig.n_tokens not in cuts:  # the grid must hold the shipped cell; checked before minutes of features
+        ap.error(f"--tokens must include the shipped {JudgeConfig.n_tokens}")
     t0 = time.time()
     rows, controls = [], []
     for f in ALL:
@@ -162,7 +163,7 @@ def main() -> None:
 
         torch.set_num_threads(2)
         t0 = time.time()
-        more, grid, nested = direction_rows(tiny_llama() if args.dry_run else load_model(), tuple(int(t) for t in args.tokens.split(",")))
+        more, grid, nested = direction_rows(tiny_llama() if args.dry_run else load_model(), cuts)
         rows += more
         timing["refusal direction (features for the whole grid + fits)"] = round(time.time() - t0, 1)
     if args.llm_n:
