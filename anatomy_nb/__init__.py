@@ -91,7 +91,21 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .concepts.sources import DirectionConcept, SAEConcept, TextConcept
-    from .config import DEFAULT_MODEL, DEFAULT_SAE, ConceptConfig, EvalConfig, ExtractConfig, HypothesizeConfig, MapConfig, PipelineConfig, PlanConfig, RecipeConfig, SubspaceConfig, TopicConfig, TrainConfig
+    from .config import (
+        DEFAULT_MODEL,
+        DEFAULT_SAE,
+        ConceptConfig,
+        EvalConfig,
+        ExtractConfig,
+        HypothesizeConfig,
+        MapConfig,
+        PipelineConfig,
+        PlanConfig,
+        RecipeConfig,
+        SubspaceConfig,
+        TopicConfig,
+        TrainConfig,
+    )
     from .core.run import Run
     from .data.datacard import DataCard, data_card
     from .data.pairs import load_pairs

@@ -22,7 +22,16 @@ import json
 import logging
 import sys
 
-from .config import EvalConfig, ExtractConfig, HypothesizeConfig, PipelineConfig, PlanConfig, RecipeConfig, SubspaceConfig, TrainConfig
+from .config import (
+    EvalConfig,
+    ExtractConfig,
+    HypothesizeConfig,
+    PipelineConfig,
+    PlanConfig,
+    RecipeConfig,
+    SubspaceConfig,
+    TrainConfig,
+)
 from .core.config_base import ConfigError, read_config_file, yaml_value
 
 __all__ = ["main"]
@@ -114,12 +123,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anatomy-nb", description="Audit a preference data set at the level of SAE concepts.")
+    p = argparse.ArgumentParser(
+        prog="anatomy-nb", description="Audit a preference data set at the level of SAE concepts."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run the pipeline (notebooks 01-05) headless from a config; resumes and skips unchanged steps")
-    r.add_argument("config", nargs="?", default=None, help="YAML/JSON pipeline config (default: the controlled-poisoning experiment, configs/poisoning.yaml)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value; dotted for a stage), e.g. --set plant=null --set train.lora_r=4")
+    r = sub.add_parser(
+        "run", help="run the pipeline (notebooks 01-05) headless from a config; resumes and skips unchanged steps"
+    )
+    r.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="YAML/JSON pipeline config (default: the controlled-poisoning experiment, configs/poisoning.yaml)",
+    )
+    r.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key (YAML value; dotted for a stage), e.g. --set plant=null --set train.lora_r=4",
+    )
     PipelineConfig.add_arguments(r)
     r.set_defaults(func=_cmd_run)
 
@@ -133,13 +156,23 @@ def parser() -> argparse.ArgumentParser:
     HypothesizeConfig.add_arguments(h)
     h.set_defaults(func=_cmd_hypothesize)
 
-    pl = sub.add_parser("plan", help="stage 3: validate a plan against the hypotheses and write it to RUN_DIR/plan/plan.json")
+    pl = sub.add_parser(
+        "plan", help="stage 3: validate a plan against the hypotheses and write it to RUN_DIR/plan/plan.json"
+    )
     pl.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
-    pl.add_argument("--spec", default=None, help="plan file or JSON string (default: the run's plan, else every concept allowed)")
+    pl.add_argument(
+        "--spec", default=None, help="plan file or JSON string (default: the run's plan, else every concept allowed)"
+    )
     PlanConfig.add_arguments(pl)
     pl.set_defaults(func=_cmd_plan)
 
-    t = sub.add_parser("train", help="stage 4: DPO with a plan (plain DPO without one); under accelerate: accelerate launch -m anatomy_nb.cli train ...")
+    t = sub.add_parser(
+        "train",
+        help=(
+            "stage 4: DPO with a plan (plain DPO without one); under accelerate: accelerate launch -m "
+            "anatomy_nb.cli train ..."
+        ),
+    )
     t.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
     t.add_argument("--plan", default=None, help="plan file, run dir (its plan) or JSON string; omit for plain DPO")
     t.add_argument("--pairs", default=None, help="pairs source for load_pairs (default: the run's feature store)")
@@ -154,8 +187,19 @@ def parser() -> argparse.ArgumentParser:
     EvalConfig.add_arguments(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
-    su = sub.add_parser("subspace", help="concept subspaces from counterfactual pairs: DAS and HyperDAS on RAVEL beside the SAE's features (notebook 06)")
-    su.add_argument("config", nargs="?", default=None, help="YAML/JSON SubspaceConfig (e.g. configs/subspace-gpu.yaml); flags override it")
+    su = sub.add_parser(
+        "subspace",
+        help=(
+            "concept subspaces from counterfactual pairs: DAS and HyperDAS on RAVEL beside the SAE's features "
+            "(notebook 06)"
+        ),
+    )
+    su.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="YAML/JSON SubspaceConfig (e.g. configs/subspace-gpu.yaml); flags override it",
+    )
     su.add_argument("--run-dir", default="runs/subspace")
     su.add_argument("--force", action="store_true")
     SubspaceConfig.add_arguments(su)

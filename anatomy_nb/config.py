@@ -20,8 +20,9 @@ stage                    config                             notebook / CLI
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .core.config_base import KEYED_WHEN_SET, NOT_KEYED, Config, ConfigError
 from .data.plant import KINDS, ROLES
@@ -72,7 +73,9 @@ class SAETrainingConfig(Config):
     batch_size: int = 4096
     lr: float = 4e-4
     lr_warm_up_steps: int = 50
-    dead_feature_window: int = field(default=40, metadata=_help("in steps: short runs need a short window or AuxK never starts"))
+    dead_feature_window: int = field(
+        default=40, metadata=_help("in steps: short runs need a short window or AuxK never starts")
+    )
     aux_loss_coefficient: float = 1.0
     seed: int = 0
 
@@ -86,7 +89,9 @@ class RecipeConfig(Config):
     train_tokens: int = 800_000
     held_out_every: int = field(default=25, metadata=_help("1 prompt in this many is held out"))
     max_seq_len: int = 384
-    collect_batch_size: int = field(default=1, metadata=_help("documents per forward pass while collecting (raise it on a GPU)"))
+    collect_batch_size: int = field(
+        default=1, metadata=_help("documents per forward pass while collecting (raise it on a GPU)")
+    )
     sweep_tokens: int = 250_000
     sweep_epochs: float = 1.0
     sweep_batch_size: int = 1024
@@ -104,24 +109,62 @@ class ExtractConfig(Config):
     """Stage 1. The inputs (data, model, SAE) are used when ``extract`` is not given them as
     objects; they are keyed by content (pairs, weights), so they are not part of the store key."""
 
-    data: str = field(default="hh-rlhf", metadata=_help("vendored alias, local JSON/JSONL/CSV/Parquet file, or a datasets name", key=False))
+    data: str = field(
+        default="hh-rlhf",
+        metadata=_help("vendored alias, local JSON/JSONL/CSV/Parquet file, or a datasets name", key=False),
+    )
     n_pairs: int | None = field(default=300, metadata=_help("pairs to read (None: all)", key=False))
-    strict: bool | None = field(default=None, metadata=_help("None: strict for your files, lenient (skip + count) for vendored data", key=False))
+    strict: bool | None = field(
+        default=None, metadata=_help("None: strict for your files, lenient (skip + count) for vendored data", key=False)
+    )
     model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, hub id or local directory", key=False))
-    sae: str = field(default=DEFAULT_SAE, metadata=_help("shipped SAE, local sae-lens directory, or a sae-lens release (with sae_id)", key=False))
-    sae_id: str | None = field(default=None, metadata=_help("for a sae-lens pretrained release, e.g. layer_12/width_16k/canonical", key=False))
-    layer: int | None = field(default=None, metadata=_help("only for SAEs whose files do not say which layer they read", key=False))
-    max_prompt_tokens: int = field(default=1024, metadata=_help("longer prompts keep their first token and their last tokens"))
+    sae: str = field(
+        default=DEFAULT_SAE,
+        metadata=_help("shipped SAE, local sae-lens directory, or a sae-lens release (with sae_id)", key=False),
+    )
+    sae_id: str | None = field(
+        default=None, metadata=_help("for a sae-lens pretrained release, e.g. layer_12/width_16k/canonical", key=False)
+    )
+    layer: int | None = field(
+        default=None, metadata=_help("only for SAEs whose files do not say which layer they read", key=False)
+    )
+    max_prompt_tokens: int = field(
+        default=1024, metadata=_help("longer prompts keep their first token and their last tokens")
+    )
     max_response_tokens: int = field(default=512, metadata=_help("at most 65,535 (counts are stored as uint16)"))
-    shard_size: int = field(default=128, metadata=_help("pairs per shard: the unit of resuming and of work split between ranks"))
+    shard_size: int = field(
+        default=128, metadata=_help("pairs per shard: the unit of resuming and of work split between ranks")
+    )
     top_contexts: int = field(default=32, metadata=_help("per feature: the responses where it peaks highest"))
-    batch_size: int | None = field(default=None, metadata=_help("pairs per forward, length-sorted and padded; None: 1 on CPU, from free memory on a GPU", key=False))
-    batch_tokens: int = field(default=8192, metadata=_help("at most this many padded tokens per forward (a GPU with batch_size=None sizes it from free memory)", key=False))
+    batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "pairs per forward, length-sorted and padded; None: 1 on CPU, from free memory on a GPU", key=False
+        ),
+    )
+    batch_tokens: int = field(
+        default=8192,
+        metadata=_help(
+            "at most this many padded tokens per forward (a GPU with batch_size=None sizes it from free memory)",
+            key=False,
+        ),
+    )
     shared_prefix: bool = field(default=True, metadata=_help("False runs prompt+response twice (the naive baseline)"))
-    store_prompts: bool = field(default=True, metadata=_help("also pool each prompt's message contents (topics use them)"))
+    store_prompts: bool = field(
+        default=True, metadata=_help("also pool each prompt's message contents (topics use them)")
+    )
     # an opener or a sign-off is specific to the first / last tokens and diluted in the whole response
-    edge_tokens: int = field(default=8, metadata=_help("per response, also the features firing in its first / last this many tokens; 0 = not stored"))
-    pooled_values: bool = field(default=False, metadata=_help("also store per firing feature the max / mean / firing count over each response's tokens (6 bytes) and the prompt's max / count (4 bytes): ~12.5 KB more per pair on the default SAE; no stage reads them"))
+    edge_tokens: int = field(
+        default=8,
+        metadata=_help("per response, also the features firing in its first / last this many tokens; 0 = not stored"),
+    )
+    pooled_values: bool = field(
+        default=False,
+        metadata=_help(
+            "also store per firing feature the max / mean / firing count over each response's tokens (6 bytes) and the "
+            "prompt's max / count (4 bytes): ~12.5 KB more per pair on the default SAE; no stage reads them"
+        ),
+    )
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):
@@ -132,7 +175,9 @@ class ExtractConfig(Config):
         if self.edge_tokens < 0:
             raise ValueError(f"edge_tokens must be >= 0, got {self.edge_tokens}")
         if (self.batch_size is not None and self.batch_size < 1) or self.batch_tokens < 1:
-            raise ValueError(f"batch_size must be None or >= 1 and batch_tokens >= 1, got {self.batch_size}, {self.batch_tokens}")
+            raise ValueError(
+                f"batch_size must be None or >= 1 and batch_tokens >= 1, got {self.batch_size}, {self.batch_tokens}"
+            )
         if self.shard_size < 1 or self.top_contexts < 1:
             raise ValueError("shard_size and top_contexts must be >= 1")
 
@@ -144,13 +189,28 @@ class ExtractConfig(Config):
 class ConceptConfig(Config):
     """How features are clustered into concepts (``anatomy_nb.concepts.clustering``)."""
 
-    min_support: int = field(default=5, metadata=_help("a feature must fire on at least this many responses to be tested"))
+    min_support: int = field(
+        default=5, metadata=_help("a feature must fire on at least this many responses to be tested")
+    )
     k_neighbors: int = field(default=10, metadata=_help("neighbours per feature in the co-firing graph"))
     min_phi: float = field(default=0.05, metadata=_help("kNN edges below this correlation are dropped"))
-    resolution: float = field(default=0.05, metadata=_help("CPM density threshold: higher gives more, smaller, tighter concepts"))
-    quality: str = field(default="cpm", metadata=_help("'cpm' (constant Potts; graph-size free) or 'rb' (modularity-style)"))
-    neighbors: str = field(default="auto", metadata=_help("'exact' (time ∝ responses × features²), 'sketch' (random projection proposes, exact phi re-scores; linear) or 'auto'"))
-    sketch_dims: int = field(default=256, metadata=_help("sketch: random projection dimensions (estimate noise ≈ 1/√dims)"))
+    resolution: float = field(
+        default=0.05, metadata=_help("CPM density threshold: higher gives more, smaller, tighter concepts")
+    )
+    quality: str = field(
+        default="cpm", metadata=_help("'cpm' (constant Potts; graph-size free) or 'rb' (modularity-style)")
+    )
+    neighbors: str = field(
+        default="auto",
+        metadata=_help(
+            "'exact' (time ∝ responses × features²), 'sketch' (random projection proposes, exact phi re-scores; "
+            "linear) "
+            "or 'auto'"
+        ),
+    )
+    sketch_dims: int = field(
+        default=256, metadata=_help("sketch: random projection dimensions (estimate noise ≈ 1/√dims)")
+    )
     sketch_candidates: int = field(default=128, metadata=_help("sketch: candidates per feature re-scored exactly"))
     seed: int = 0
 
@@ -159,8 +219,12 @@ class ConceptConfig(Config):
 class TopicConfig(Config):
     """How prompts are clustered into topics (``anatomy_nb.concepts.topics``)."""
 
-    n_topics: int | None = field(default=None, metadata=_help("None: about one topic per 60 distinct prompts, between 2 and 12"))
-    source: str = field(default="sae", metadata=_help("'sae' (prompt SAE features) or 'embeddings' (offline all-MiniLM-L6-v2)"))
+    n_topics: int | None = field(
+        default=None, metadata=_help("None: about one topic per 60 distinct prompts, between 2 and 12")
+    )
+    source: str = field(
+        default="sae", metadata=_help("'sae' (prompt SAE features) or 'embeddings' (offline all-MiniLM-L6-v2)")
+    )
     svd_dims: int = field(default=50, metadata=_help("TruncatedSVD dimensions before KMeans"))
     seed: int = 0
 
@@ -169,19 +233,38 @@ class TopicConfig(Config):
 class ExplainConfig(Config):
     """LLM explanations of the strongest concepts, scored for fidelity (``concepts.explain``)."""
 
-    backend: str = field(default="none", metadata=_help("'none', 'openai' (any OpenAI-compatible chat endpoint: vLLM, llama.cpp server, Ollama, a hosted API) or 'transformers' (a local model)"))
-    model: str = field(default="", metadata=_help("the endpoint's model name, or for 'transformers' a model alias, hub id or directory"))
-    base_url: str = field(default="http://localhost:8000/v1", metadata=_help("'openai': the endpoint, up to /v1", key=False))
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata=_help("'openai': the environment variable holding the key (never stored)", key=False))
+    backend: str = field(
+        default="none",
+        metadata=_help(
+            "'none', 'openai' (any OpenAI-compatible chat endpoint: vLLM, llama.cpp server, Ollama, a hosted API) or "
+            "'transformers' (a local model)"
+        ),
+    )
+    model: str = field(
+        default="",
+        metadata=_help("the endpoint's model name, or for 'transformers' a model alias, hub id or directory"),
+    )
+    base_url: str = field(
+        default="http://localhost:8000/v1", metadata=_help("'openai': the endpoint, up to /v1", key=False)
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata=_help("'openai': the environment variable holding the key (never stored)", key=False),
+    )
     max_workers: int = field(default=8, metadata=_help("'openai': requests in flight at once", key=False))
-    cache: bool = field(default=True, metadata=_help("keep every answer under <run>/cache/llm: a re-run asks only what is new", key=False))
+    cache: bool = field(
+        default=True,
+        metadata=_help("keep every answer under <run>/cache/llm: a re-run asks only what is new", key=False),
+    )
     timeout: float = field(default=120.0, metadata=_help("'openai': seconds per request", key=False))
 
     def __post_init__(self):
         if self.backend not in ("none", "openai", "transformers"):
             raise ValueError(f"explain.backend must be 'none', 'openai' or 'transformers', got {self.backend!r}")
         if self.backend != "none" and not self.model:
-            raise ValueError(f"explain.backend={self.backend!r} needs explain.model (the endpoint's model name or a local model)")
+            raise ValueError(
+                f"explain.backend={self.backend!r} needs explain.model (the endpoint's model name or a local model)"
+            )
         if self.max_workers < 1:
             raise ValueError(f"explain.max_workers must be >= 1, got {self.max_workers}")
 
@@ -192,13 +275,42 @@ class JudgeConfig(ExplainConfig):
     backends), or ``backend='direction'``, a refusal direction in the base model's residual stream
     fitted on labelled completions (``lm.refusal_direction``)."""
 
-    backend: str = field(default="none", metadata=_help("'none' (the phrase list), 'direction' (a refusal direction in the base model's residual stream), 'openai' or 'transformers' (an LLM judge)"))
-    layer: int | None = field(default=None, metadata=_help("'direction': the layer read (None: 60 percent of the way up the stack, 18 of the default model's 30)"))
+    backend: str = field(
+        default="none",
+        metadata=_help(
+            "'none' (the phrase list), 'direction' (a refusal direction in the base model's residual stream), 'openai' "
+            "or 'transformers' (an LLM judge)"
+        ),
+    )
+    layer: int | None = field(
+        default=None,
+        metadata=_help(
+            "'direction': the layer read (None: 60 percent of the way up the stack, 18 of the default model's 30)"
+        ),
+    )
     n_tokens: int = field(default=64, metadata=_help("'direction': the response tokens whose mean residual is read"))
-    method: str = field(default="probe", metadata=_help("'direction': how it is fitted: 'probe' (logistic regression on the standardised residual) or 'mean-difference' (the difference of class means)"))
-    probe_c: float = field(default=1e-3, metadata=_help("'direction', method 'probe': the inverse L2 strength (scikit-learn's C); smaller is stronger"))
-    fit_on: list[str] = field(default_factory=lambda: ["llama2", "caa"], metadata=_help("'direction': the labelled families it is fitted on (gpt4, llama2, caa); the rest are held out"))
-    fit_n: int | None = field(default=None, metadata=_help("'direction': fit on a seeded sample of this many completions per family and reading (None: all, 2,405 for the default fit_on)"))
+    method: str = field(
+        default="probe",
+        metadata=_help(
+            "'direction': how it is fitted: 'probe' (logistic regression on the standardised residual) or "
+            "'mean-difference' (the difference of class means)"
+        ),
+    )
+    probe_c: float = field(
+        default=1e-3,
+        metadata=_help("'direction', method 'probe': the inverse L2 strength (scikit-learn's C); smaller is stronger"),
+    )
+    fit_on: list[str] = field(
+        default_factory=lambda: ["llama2", "caa"],
+        metadata=_help("'direction': the labelled families it is fitted on (gpt4, llama2, caa); the rest are held out"),
+    )
+    fit_n: int | None = field(
+        default=None,
+        metadata=_help(
+            "'direction': fit on a seeded sample of this many completions per family and reading (None: all, 2,405 for "
+            "the default fit_on)"
+        ),
+    )
 
     def __post_init__(self):
         if self.backend == "direction":
@@ -206,11 +318,19 @@ class JudgeConfig(ExplainConfig):
 
             unknown = sorted(set(self.fit_on) - set(FAMILIES + CONSTRUCTED_FAMILIES))
             if unknown or not self.fit_on:
-                raise ValueError(f"judge.fit_on: unknown or no families {unknown or list(self.fit_on)}; families: {sorted(FAMILIES + CONSTRUCTED_FAMILIES)}")
+                raise ValueError(
+                    f"judge.fit_on: unknown or no families {unknown or list(self.fit_on)}; families: "
+                    f"{sorted(FAMILIES + CONSTRUCTED_FAMILIES)}"
+                )
             if self.n_tokens < 1 or (self.fit_n is not None and self.fit_n < 10):
-                raise ValueError(f"judge.n_tokens must be >= 1 and judge.fit_n None or >= 10, got {self.n_tokens}, {self.fit_n}")
+                raise ValueError(
+                    f"judge.n_tokens must be >= 1 and judge.fit_n None or >= 10, got {self.n_tokens}, {self.fit_n}"
+                )
             if self.method not in DIRECTION_METHODS or not self.probe_c > 0:
-                raise ValueError(f"judge.method must be one of {list(DIRECTION_METHODS)} and judge.probe_c > 0, got {self.method!r}, {self.probe_c}")
+                raise ValueError(
+                    f"judge.method must be one of {list(DIRECTION_METHODS)} and judge.probe_c > 0, got "
+                    f"{self.method!r}, {self.probe_c}"
+                )
             return
         super().__post_init__()
 
@@ -223,21 +343,46 @@ class HypothesizeConfig(Config):
     topics: TopicConfig = field(default_factory=TopicConfig)
     group_by_prompt: bool = field(default=True, metadata=_help("pairs sharing a prompt form one unit"))
     # 2 lets the saturating "fires anywhere" curve bend; 1 is the plain Δ log length
-    length_control_degree: int = field(default=2, metadata=_help("the length control regresses on Δ of log length's powers 1..degree"))
-    length_placebo_draws: int = field(default=20, metadata=_help("placebo pairs that check the length control on this data; 0 = skip"))
-    length_placebo_concepts: int = field(default=1000, metadata=_help("the placebo tests at most this many concepts, drawn at random"))
-    test_edges: bool = field(default=True, metadata=_help("also test each concept on the responses' opening and ending tokens"))
+    length_control_degree: int = field(
+        default=2, metadata=_help("the length control regresses on Δ of log length's powers 1..degree")
+    )
+    length_placebo_draws: int = field(
+        default=20, metadata=_help("placebo pairs that check the length control on this data; 0 = skip")
+    )
+    length_placebo_concepts: int = field(
+        default=1000, metadata=_help("the placebo tests at most this many concepts, drawn at random")
+    )
+    test_edges: bool = field(
+        default=True, metadata=_help("also test each concept on the responses' opening and ending tokens")
+    )
     fdr: float = field(default=0.05, metadata=_help("Benjamini–Hochberg level over every test"))
     n_splits: int = field(default=20, metadata=_help("random half/half splits for the sign check"))
     min_topic_prompts: int = field(default=10, metadata=_help("smaller topics are not tested"))
     label_features: int = field(default=3, metadata=_help("member features whose contexts label a concept"))
-    name_phrases: int = field(default=3, metadata=_help("distinctive phrases around each concept's peaks, shown first in its label (0: none)"))
-    promoted_tokens: int = field(default=8, metadata=_help("tokens each concept's decoder direction promotes, shown as a label (0: none; needs the model)"))
-    linear_baseline: bool = field(default=True, metadata=_help("fit the L1-logistic baseline on per-pair feature differences"))
-    linear_baseline_pairs: int = field(default=20_000, metadata=_help("the baseline fits on at most this many pairs, drawn at random (liblinear's time grows with pairs × firing features)"))
+    name_phrases: int = field(
+        default=3, metadata=_help("distinctive phrases around each concept's peaks, shown first in its label (0: none)")
+    )
+    promoted_tokens: int = field(
+        default=8,
+        metadata=_help("tokens each concept's decoder direction promotes, shown as a label (0: none; needs the model)"),
+    )
+    linear_baseline: bool = field(
+        default=True, metadata=_help("fit the L1-logistic baseline on per-pair feature differences")
+    )
+    linear_baseline_pairs: int = field(
+        default=20_000,
+        metadata=_help(
+            "the baseline fits on at most this many pairs, drawn at random (liblinear's time grows with pairs × firing "
+            "features)"
+        ),
+    )
     explain: ExplainConfig = field(default_factory=ExplainConfig)
-    explain_top: int = field(default=10, metadata=_help("with an explainer: how many top concepts get an LLM explanation"))
-    fidelity_texts: int = field(default=40, metadata=_help("held-out responses (half firing, half not) to score each explanation"))
+    explain_top: int = field(
+        default=10, metadata=_help("with an explainer: how many top concepts get an LLM explanation")
+    )
+    fidelity_texts: int = field(
+        default=40, metadata=_help("held-out responses (half firing, half not) to score each explanation")
+    )
     seed: int = 0
 
 
@@ -248,8 +393,12 @@ class HypothesizeConfig(Config):
 class MapConfig(Config):
     """The viewer's two maps (pairs by prompt, features by co-firing)."""
 
-    method: str = field(default="auto", metadata=_help("'umap', 'svd' (TruncatedSVD to 2-D), or 'auto': UMAP from umap_min_points up"))
-    umap_min_points: int = field(default=200, metadata=_help("below this UMAP's numba compile (~30 s) buys little; SVD instead"))
+    method: str = field(
+        default="auto", metadata=_help("'umap', 'svd' (TruncatedSVD to 2-D), or 'auto': UMAP from umap_min_points up")
+    )
+    umap_min_points: int = field(
+        default=200, metadata=_help("below this UMAP's numba compile (~30 s) buys little; SVD instead")
+    )
     n_neighbors: int = 15
     min_dist: float = 0.1
     seed: int = 0
@@ -287,12 +436,26 @@ class TrainConfig(Config):
     max_train_pairs: int | None = field(default=64, metadata=_help("CPU-sized; None trains on every training pair"))
     heldout_fraction: float = field(default=0.1, metadata=_help("prompts held out for stage 5 (whole prompts)"))
     warmup_ratio: float = 0.0
-    precompute_ref: bool = field(default=True, metadata=_help("compute the reference log-probs once before training (shared by the run directory's training runs)"))
+    precompute_ref: bool = field(
+        default=True,
+        metadata=_help(
+            "compute the reference log-probs once before training (shared by the run directory's training runs)"
+        ),
+    )
     gradient_checkpointing: bool = False
     bf16: bool | None = field(default=None, metadata=_help("None: on CUDA only"))
     mean_ablation_pairs: int = field(default=32, metadata=_help("pairs whose mean residual mean-ablation uses"))
-    seed: int = field(default=0, metadata=_help("the held-out split's seed, and the trainer's unless order_seed is set"))
-    order_seed: int | None = field(default=None, metadata=_help("the trainer's seed (the order of the training pairs, the LoRA initialisation) apart from the split's: a seed control trains the same pairs in another order; None: seed", **KEYED_WHEN_SET))
+    seed: int = field(
+        default=0, metadata=_help("the held-out split's seed, and the trainer's unless order_seed is set")
+    )
+    order_seed: int | None = field(
+        default=None,
+        metadata=_help(
+            "the trainer's seed (the order of the training pairs, the LoRA initialisation) apart from the split's: a "
+            "seed control trains the same pairs in another order; None: seed",
+            **KEYED_WHEN_SET,
+        ),
+    )
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):
@@ -318,20 +481,38 @@ class EvalConfig(Config):
     do_sample: bool = field(default=False, metadata=_help("greedy by default; True samples with temperature and seed"))
     temperature: float = 1.0
     seed: int = 0
-    concepts: str = field(default="significant", metadata=_help("which stage-2 rows the R² is fitted on: 'significant' | 'all'"))
-    min_topic_prompts: int = field(default=3, metadata=_help("topic rows need this many evaluated prompts in the topic"))
+    concepts: str = field(
+        default="significant", metadata=_help("which stage-2 rows the R² is fitted on: 'significant' | 'all'")
+    )
+    min_topic_prompts: int = field(
+        default=3, metadata=_help("topic rows need this many evaluated prompts in the topic")
+    )
     fdr: float = field(default=0.05, metadata=_help("off-target: BH q over concepts below this"))
     n_boot: int = field(default=1000, metadata=_help("bootstrap resamples per interval"))
     ci: float = field(default=0.95, metadata=_help("interval coverage"))
     max_pref_pairs: int = field(default=64, metadata=_help("held-out pairs scored for preference accuracy"))
     pref_max_length: int = field(default=256, metadata=_help("tokens of prompt + response when scoring log-probs"))
-    behaviour: bool = field(default=True, metadata=_help("run the behaviour sets (sycophancy, persona, refusal, over-refusal)"))
+    behaviour: bool = field(
+        default=True, metadata=_help("run the behaviour sets (sycophancy, persona, refusal, over-refusal)")
+    )
     n_ab: int = field(default=24, metadata=_help("items per A/B set (CAA sycophancy, Anthropic persona)"))
-    n_harmful: int = field(default=12, metadata=_help("harmful prompts (AdvBench / StrongREJECT / HarmBench, sampled evenly)"))
+    n_harmful: int = field(
+        default=12, metadata=_help("harmful prompts (AdvBench / StrongREJECT / HarmBench, sampled evenly)")
+    )
     n_xstest: int = field(default=12, metadata=_help("XSTest safe prompts (over-refusal)"))
     behaviour_max_new_tokens: int = field(default=32, metadata=_help("a refusal shows in the first sentence"))
-    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata=_help("the refusal judge: backend 'none' = the phrase list; 'direction' = a refusal direction in the base model's residual stream; 'openai' / 'transformers' = an LLM judge (data.judges)"))
-    judge_agreement_n: int = field(default=100, metadata=_help("human-labelled XSTest completions per family and reading the judge is measured on (0 = skip)"))
+    judge: JudgeConfig = field(
+        default_factory=JudgeConfig,
+        metadata=_help(
+            "the refusal judge: backend 'none' = the phrase list; 'direction' = a refusal direction in the base "
+            "model's "
+            "residual stream; 'openai' / 'transformers' = an LLM judge (data.judges)"
+        ),
+    )
+    judge_agreement_n: int = field(
+        default=100,
+        metadata=_help("human-labelled XSTest completions per family and reading the judge is measured on (0 = skip)"),
+    )
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):
@@ -354,12 +535,30 @@ class SubspaceConfig(Config):
     the SAE's features (``stages.subspace.learn_subspace``)."""
 
     model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, hub id or local directory", key=False))
-    sae: str | None = field(default=DEFAULT_SAE, metadata=_help("the SAE whose features are scored beside DAS (and whose layer DAS uses); None: DAS only", key=False))
-    sae_id: str | None = field(default=None, metadata=_help("for a sae-lens pretrained release, e.g. layer_12/width_16k/canonical", key=False))
-    layer: int | None = field(default=None, metadata=_help("residual-stream layer; None: the SAE's (at another layer the SAE's rows are left out)"))
-    entity_type: str = field(default="city", metadata=_help("RAVEL entity type (vendored: city, nobel_prize_winner, occupation, physical_object, verb)"))
-    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent", "Language"], metadata=_help("attributes asked (the isolate pairs ask the others)"))
-    targets: list[str] | None = field(default=None, metadata=_help("attributes to learn a subspace for; None: every attribute the model knows"))
+    sae: str | None = field(
+        default=DEFAULT_SAE,
+        metadata=_help(
+            "the SAE whose features are scored beside DAS (and whose layer DAS uses); None: DAS only", key=False
+        ),
+    )
+    sae_id: str | None = field(
+        default=None, metadata=_help("for a sae-lens pretrained release, e.g. layer_12/width_16k/canonical", key=False)
+    )
+    layer: int | None = field(
+        default=None,
+        metadata=_help("residual-stream layer; None: the SAE's (at another layer the SAE's rows are left out)"),
+    )
+    entity_type: str = field(
+        default="city",
+        metadata=_help("RAVEL entity type (vendored: city, nobel_prize_winner, occupation, physical_object, verb)"),
+    )
+    attributes: list[str] = field(
+        default_factory=lambda: ["Country", "Continent", "Language"],
+        metadata=_help("attributes asked (the isolate pairs ask the others)"),
+    )
+    targets: list[str] | None = field(
+        default=None, metadata=_help("attributes to learn a subspace for; None: every attribute the model knows")
+    )
     entities: int = field(default=100, metadata=_help("entities drawn per split (train, test)"))
     templates: int = field(default=6, metadata=_help("prompt templates per attribute, drawn at random"))
     dim: int = field(default=16, metadata=_help("subspace dimension (≤ the hidden size)"))
@@ -368,35 +567,91 @@ class SubspaceConfig(Config):
     epochs: int = 2
     lr: float = 5e-3
     batch_size: int = 16
-    das: bool = field(default=True, metadata=_help("train DAS per target (False: HyperDAS and the SAE's features only)"))
-    hyperdas: bool = field(default=True, metadata=_help("also train HyperDAS: one hypernetwork for every target at once, told the concept in words, choosing the positions itself (needs two or more targets)"))
+    das: bool = field(
+        default=True, metadata=_help("train DAS per target (False: HyperDAS and the SAE's features only)")
+    )
+    hyperdas: bool = field(
+        default=True,
+        metadata=_help(
+            "also train HyperDAS: one hypernetwork for every target at once, told the concept in words, choosing the "
+            "positions itself (needs two or more targets)"
+        ),
+    )
     hyperdas_width: int = field(default=256, metadata=_help("HyperDAS hypernetwork width"))
     hyperdas_layers: int = field(default=2, metadata=_help("HyperDAS concept-encoder blocks"))
-    hyperdas_positions: str = field(default="learned", metadata=_help("learned: HyperDAS chooses the base and source tokens; entity: it is given the entity's last token (an ablation)"))
+    hyperdas_positions: str = field(
+        default="learned",
+        metadata=_help(
+            "learned: HyperDAS chooses the base and source tokens; entity: it is given the entity's last token (an "
+            "ablation)"
+        ),
+    )
     hyperdas_epochs: int = field(default=4, metadata=_help("HyperDAS passes over the pairs of all targets"))
     hyperdas_lr: float = field(default=3e-3, metadata=_help("HyperDAS learning rate (Adam)"))
-    sae_mask: bool = field(default=True, metadata=_help("also learn which SAE latents carry each target by interchange (RAVEL's differential binary masking over the SAE's latents, lm.sae_mask); needs sae"))
-    sae_mask_sparsity: float = field(default=1e-3, metadata=_help("the L1 weight on the latent mask (per latent, added to the cross-entropy)"))
-    sae_mask_lr: float = field(default=0.05, metadata=_help("learning rate of the latent mask's logits (Adam); it trains for 'epochs' passes"))
-    min_accuracy: float = field(default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned"))
-    require_known: bool = field(default=True, metadata=_help("keep only examples the model answers right, and sources whose value of the target it knows (as RAVEL does); False: every example (tests on untrained models)"))
-    source_known_fraction: float = field(default=0.5, metadata=_help("with require_known: a source entity must be answered right on at least this fraction of its target's templates asked (0: on at least one, which lets few-shot guesses in)"))
+    sae_mask: bool = field(
+        default=True,
+        metadata=_help(
+            "also learn which SAE latents carry each target by interchange (RAVEL's differential binary masking "
+            "over the "
+            "SAE's latents, lm.sae_mask); needs sae"
+        ),
+    )
+    sae_mask_sparsity: float = field(
+        default=1e-3, metadata=_help("the L1 weight on the latent mask (per latent, added to the cross-entropy)")
+    )
+    sae_mask_lr: float = field(
+        default=0.05, metadata=_help("learning rate of the latent mask's logits (Adam); it trains for 'epochs' passes")
+    )
+    min_accuracy: float = field(
+        default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned")
+    )
+    require_known: bool = field(
+        default=True,
+        metadata=_help(
+            "keep only examples the model answers right, and sources whose value of the target it knows (as RAVEL "
+            "does); "
+            "False: every example (tests on untrained models)"
+        ),
+    )
+    source_known_fraction: float = field(
+        default=0.5,
+        metadata=_help(
+            "with require_known: a source entity must be answered right on at least this fraction of its target's "
+            "templates asked (0: on at least one, which lets few-shot guesses in)"
+        ),
+    )
     seed: int = 0
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):
-        if self.dim < 1 or self.entities < 2 or self.templates < 1 or self.n_train < 1 or self.n_test < 1 or self.epochs < 1 or self.hyperdas_epochs < 1 or self.hyperdas_layers < 1:
-            raise ValueError("dim, templates, n_train, n_test, epochs, hyperdas_epochs and hyperdas_layers must be >= 1 and entities >= 2")
+        if (
+            self.dim < 1
+            or self.entities < 2
+            or self.templates < 1
+            or self.n_train < 1
+            or self.n_test < 1
+            or self.epochs < 1
+            or self.hyperdas_epochs < 1
+            or self.hyperdas_layers < 1
+        ):
+            raise ValueError(
+                "dim, templates, n_train, n_test, epochs, hyperdas_epochs and hyperdas_layers must be >= 1 and "
+                "entities >= 2"
+            )
         if not 0 <= self.source_known_fraction <= 1:
             raise ValueError(f"source_known_fraction must be in [0, 1], got {self.source_known_fraction}")
         if self.sae_mask_sparsity < 0 or self.sae_mask_lr <= 0:
-            raise ValueError(f"sae_mask_sparsity must be >= 0 and sae_mask_lr > 0, got {self.sae_mask_sparsity}, {self.sae_mask_lr}")
+            raise ValueError(
+                f"sae_mask_sparsity must be >= 0 and sae_mask_lr > 0, got {self.sae_mask_sparsity}, {self.sae_mask_lr}"
+            )
         if not self.das and not self.hyperdas and not self.sae_mask:
             raise ValueError("das, hyperdas and sae_mask are all off: nothing would be learned")
         if self.hyperdas_positions not in ("learned", "entity"):
             raise ValueError(f"hyperdas_positions must be 'learned' or 'entity', got {self.hyperdas_positions!r}")
         if self.hyperdas_width < 4 or self.hyperdas_width % 4:
-            raise ValueError(f"hyperdas_width must be a positive multiple of 4 (its attention heads), got {self.hyperdas_width}")
+            raise ValueError(
+                f"hyperdas_width must be a positive multiple of 4 (its attention heads), got {self.hyperdas_width}"
+            )
         if len(self.attributes) < 2:
             raise ValueError(f"attributes: at least two (the isolate pairs ask the others), got {self.attributes}")
 
@@ -413,20 +668,59 @@ class PipelineConfig(Config):
     # {"kind": bold|opener|emoji|question|word|heading, "fraction": 0.5, "seed": 0}, or a list of them (the
     # first to suppress, the others to keep: configs/compare.yaml); None: the data as is.
     # 0.5: at 0.25 plain DPO on the CPU-sized training (64 pairs) did not learn the plant
-    plant: dict | list | None = field(default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0}, metadata=_help("a concept planted into a fraction of chosen responses, or a list of them (each may say role: suppress | keep, a later one overlap: the share of its pairs drawn from the first plant's, and prompts: a regex on the user's messages, to plant only into one topic's responses); None: the data as is"))
-    target: str | int = field(default="top", metadata=_help("the concept the plans act on: 'top' (the highest-ranked significant concept DPO would raise), 'name:<text>' (the highest-ranked such concept whose name contains the text, as a person picks one by reading names) or a concept id"))
-    target_scope: str = field(default="all", metadata=_help("where the plans act: 'all' (every prompt), 'topic' (only the stage-2 topic whose row of the target is strongest: stages.plan.choose_topic) or 'prompts:<regex>' (only prompts whose user turns match)"))
-    methods: list[str] = field(default_factory=lambda: ["reward_shaping", "filter"], metadata=_help(f"interventions trained besides plain DPO: methods or variants ({', '.join(METHOD_VARIANTS)}); a sweep's points as method@strength (reward_shaping@0.5; a negative strength amplifies: reward_shaping@-1) or inoculate#rank (the rank-th instruction)"))
+    plant: dict | list | None = field(
+        default_factory=lambda: {"kind": "bold", "fraction": 0.5, "seed": 0},
+        metadata=_help(
+            "a concept planted into a fraction of chosen responses, or a list of them (each may say role: suppress | "
+            "keep, a later one overlap: the share of its pairs drawn from the first plant's, and prompts: a regex "
+            "on the "
+            "user's messages, to plant only into one topic's responses); None: the data as is"
+        ),
+    )
+    target: str | int = field(
+        default="top",
+        metadata=_help(
+            "the concept the plans act on: 'top' (the highest-ranked significant concept DPO would raise), "
+            "'name:<text>' "
+            "(the highest-ranked such concept whose name contains the text, as a person picks one by reading names) "
+            "or a "
+            "concept id"
+        ),
+    )
+    target_scope: str = field(
+        default="all",
+        metadata=_help(
+            "where the plans act: 'all' (every prompt), 'topic' (only the stage-2 topic whose row of the target is "
+            "strongest: stages.plan.choose_topic) or 'prompts:<regex>' (only prompts whose user turns match)"
+        ),
+    )
+    methods: list[str] = field(
+        default_factory=lambda: ["reward_shaping", "filter"],
+        metadata=_help(
+            f"interventions trained besides plain DPO: methods or variants ({', '.join(METHOD_VARIANTS)}); a sweep's "
+            "points as method@strength (reward_shaping@0.5; a negative strength amplifies: reward_shaping@-1) or "
+            "inoculate#rank (the rank-th instruction)"
+        ),
+    )
     # shaping λ = 4: at λ = 1 it removed 55 % of the plant, at 4 all of it
-    strengths: dict = field(default_factory=lambda: {"reward_shaping": 4.0}, metadata=_help("method (or variant) → strength (else the method's default strength)"))
+    strengths: dict = field(
+        default_factory=lambda: {"reward_shaping": 4.0},
+        metadata=_help("method (or variant) → strength (else the method's default strength)"),
+    )
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     hypothesize: HypothesizeConfig = field(default_factory=HypothesizeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     # lr 1e-3: at 5e-5 (and 5e-4) 64 pairs teach nothing measurable; 20 % of the prompts held out
     # (60 pairs, about half of them unpoisoned) so the on-target preference is measured on enough pairs
     train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-3, heldout_fraction=0.2))
-    evaluate: EvalConfig = field(default_factory=lambda: EvalConfig(n_prompts=30, max_new_tokens=32, n_ab=8, n_harmful=6, n_xstest=6, max_pref_pairs=60))
-    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata=_help(f"which stages run, of {', '.join(STAGES)}"))
+    evaluate: EvalConfig = field(
+        default_factory=lambda: EvalConfig(
+            n_prompts=30, max_new_tokens=32, n_ab=8, n_harmful=6, n_xstest=6, max_pref_pairs=60
+        )
+    )
+    stages: list[str] = field(
+        default_factory=lambda: list(STAGES), metadata=_help(f"which stages run, of {', '.join(STAGES)}")
+    )
     html: bool = field(default=True, metadata=_help("render each executed notebook to HTML"))
     report: bool = field(default=True, metadata=_help("write the shareable report (run_dir/report/index.html)"))
 
@@ -435,14 +729,17 @@ class PipelineConfig(Config):
         """``plant`` as a list (empty: the data as is)."""
         if self.plant is None:
             return []
-        return [dict(p) if isinstance(p, Mapping) else p for p in (self.plant if isinstance(self.plant, list) else [self.plant])]
+        return [
+            dict(p) if isinstance(p, Mapping) else p
+            for p in (self.plant if isinstance(self.plant, list) else [self.plant])
+        ]
 
     def __post_init__(self):
         if self.target_scope not in ("all", "topic") and not self.target_scope.startswith("prompts:"):
             raise ValueError(f"target_scope must be 'all', 'topic' or 'prompts:<regex>', got {self.target_scope!r}")
         if self.target_scope.startswith("prompts:"):
             try:
-                re.compile(self.target_scope[len("prompts:"):])
+                re.compile(self.target_scope[len("prompts:") :])
             except re.error as exc:
                 raise ValueError(f"target_scope: not a valid regular expression ({exc})") from None
         for i, spec in enumerate(self.plants):
@@ -451,14 +748,21 @@ class PipelineConfig(Config):
                 raise ValueError(f"{where}.kind must be one of {sorted(KINDS)}, got {spec!r}")
             bad_keys = sorted(set(spec) - {"kind", "fraction", "seed", "role", "overlap", "prompts"})
             if bad_keys:
-                raise ValueError(f"{where}: unknown keys {bad_keys}; valid: kind, fraction, seed, role, overlap, prompts")
+                raise ValueError(
+                    f"{where}: unknown keys {bad_keys}; valid: kind, fraction, seed, role, overlap, prompts"
+                )
             if spec.get("prompts") is not None:
                 try:
                     re.compile(str(spec["prompts"]))
                 except re.error as exc:
                     raise ValueError(f"{where}.prompts: not a valid regular expression ({exc})") from None
-            if spec.get("overlap") is not None and (i == 0 or not isinstance(spec["overlap"], (int, float)) or not 0 <= spec["overlap"] <= 1):
-                raise ValueError(f"{where}.overlap: the share (0–1) of this plant's pairs drawn from the first plant's pairs, on a later plant only; got {spec['overlap']!r}")
+            if spec.get("overlap") is not None and (
+                i == 0 or not isinstance(spec["overlap"], (int, float)) or not 0 <= spec["overlap"] <= 1
+            ):
+                raise ValueError(
+                    f"{where}.overlap: the share (0–1) of this plant's pairs drawn from the first plant's pairs, on "
+                    f"a later plant only; got {spec['overlap']!r}"
+                )
             if spec.get("role") not in (None, *ROLES):
                 raise ValueError(f"{where}.role must be one of {list(ROLES)}, got {spec.get('role')!r}")
         for m in self.methods:
@@ -467,7 +771,10 @@ class PipelineConfig(Config):
             except ValueError as exc:  # an unknown name, a bad @strength or #rank
                 raise ValueError(f"methods: {exc}") from None
             if self.target_scope != "all" and method in ("steer", "ablate"):
-                raise ValueError(f"methods: {m!r} edits the model on every prompt; target_scope {self.target_scope!r} applies to reward_shaping, filter and inoculate")
+                raise ValueError(
+                    f"methods: {m!r} edits the model on every prompt; target_scope {self.target_scope!r} applies to "
+                    "reward_shaping, filter and inoculate"
+                )
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name one twice (each is one training run)")
         unknown = [s for s in self.stages if s not in STAGES]
@@ -479,9 +786,25 @@ def reference_markdown() -> str:
     """Every config's keys as markdown tables (type, default, meaning): ``docs/reference.md``'s
     "Config keys" section is this text (a test keeps the two equal)."""
     out = []
-    for cls, where in ((ExtractConfig, "stage 1 · `extract` · notebook 01 · `anatomy-nb extract`"), (HypothesizeConfig, "stage 2 · `hypothesize` · notebook 02 · `anatomy-nb hypothesize`"), (PlanConfig, "stage 3 · `plan` · notebook 03 · `anatomy-nb plan`"), (TrainConfig, "stage 4 · `train` · notebook 04 · `anatomy-nb train`"), (EvalConfig, "stage 5 · `evaluate` · notebook 05 · `anatomy-nb evaluate`"), (PipelineConfig, "the whole pipeline · `run` · `anatomy-nb run` (each stage's block takes that stage's keys)"), (RecipeConfig, "the default SAE · notebook 00 · `anatomy-nb train-sae`"), (SubspaceConfig, "concept subspaces from counterfactuals · notebook 06 · `anb.learn_subspace`")):
+    for cls, where in (
+        (ExtractConfig, "stage 1 · `extract` · notebook 01 · `anatomy-nb extract`"),
+        (HypothesizeConfig, "stage 2 · `hypothesize` · notebook 02 · `anatomy-nb hypothesize`"),
+        (PlanConfig, "stage 3 · `plan` · notebook 03 · `anatomy-nb plan`"),
+        (TrainConfig, "stage 4 · `train` · notebook 04 · `anatomy-nb train`"),
+        (EvalConfig, "stage 5 · `evaluate` · notebook 05 · `anatomy-nb evaluate`"),
+        (PipelineConfig, "the whole pipeline · `run` · `anatomy-nb run` (each stage's block takes that stage's keys)"),
+        (RecipeConfig, "the default SAE · notebook 00 · `anatomy-nb train-sae`"),
+        (SubspaceConfig, "concept subspaces from counterfactuals · notebook 06 · `anb.learn_subspace`"),
+    ):
         summary = " ".join(line.strip() for line in (cls.__doc__ or "").split("\n\n")[0].splitlines())
-        out += [f"### `{cls.__name__}` — {where}", "", summary, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [
+            f"### `{cls.__name__}` — {where}",
+            "",
+            summary,
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for key, tp, default, note in cls.reference_rows():
             if cls is PipelineConfig and "." in key:
                 continue  # the stage blocks are the stage configs above

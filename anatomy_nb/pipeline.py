@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -91,7 +92,10 @@ def write_data(run: Run, cfg: PipelineConfig) -> tuple[dict, dict]:
     pairs = list(load_pairs(cfg.extract.data, limit=cfg.extract.n_pairs, strict=cfg.extract.strict))
     planted, plants = plant_all(pairs, cfg.plants)
     path = write_planted(planted, plants, run.path / PLANTED_DATA).resolve()  # the notebooks run with cwd=notebooks/
-    return {**extract, "data": str(path), "n_pairs": None}, {"planted_file": str(path), "n_planted": {p["kind"]: int(len(p["idx"])) for p in plants}}
+    return {**extract, "data": str(path), "n_pairs": None}, {
+        "planted_file": str(path),
+        "n_planted": {p["kind"]: int(len(p["idx"])) for p in plants},
+    }
 
 
 INOCULATION_FILE = "inoculation.json"
@@ -105,7 +109,9 @@ def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print, ran
     from .stages.plan import inoculation_candidates
 
     path = run.path / "plan" / INOCULATION_FILE
-    key = content_hash("inoculation", 1, run.hypotheses.manifest.get("key"), cid, inoculation_candidates(run.hypotheses, cid))
+    key = content_hash(
+        "inoculation", 1, run.hypotheses.manifest.get("key"), cid, inoculation_candidates(run.hypotheses, cid)
+    )
     cached = read_json(path) if path.exists() else {}
     if cached.get("key") == key:
         ranking = cached["ranking"]
@@ -125,8 +131,16 @@ def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = prin
     instruction written from the target's name and contexts."""
     hyp = run.hypotheses
     cid = choose_target(hyp, cfg.target)
-    scope = {"topic": choose_topic(hyp, cid)} if cfg.target_scope == "topic" else {"prompts": cfg.target_scope[len("prompts:"):]} if cfg.target_scope.startswith("prompts:") else {}
-    atomic_write_json(run.path / "plan" / "target.json", {**describe_target(run, hyp, cid), **({"scope": scope} if scope else {})})
+    scope = (
+        {"topic": choose_topic(hyp, cid)}
+        if cfg.target_scope == "topic"
+        else {"prompts": cfg.target_scope[len("prompts:") :]}
+        if cfg.target_scope.startswith("prompts:")
+        else {}
+    )
+    atomic_write_json(
+        run.path / "plan" / "target.json", {**describe_target(run, hyp, cid), **({"scope": scope} if scope else {})}
+    )
     plans = {}
     for name in cfg.methods:
         method, fields = method_variant(name)
@@ -150,8 +164,17 @@ def describe_target(run: Run, hyp: Hypotheses, cid: int) -> dict:
     target's paired difference on planted pairs vs the rest, and the AUROC with which it picks
     out the planted pairs (ground truth from ``data/planted.planted.json``, never from the test)."""
     rows = hyp.ranked()
-    row = rows[(rows["source"] == "sae") & (rows["concept"] == cid)].iloc[0]  # its first hypothesis (ranked() is in rank order)
-    out = {"concept": int(cid), "rank": int(row["rank"]), "view": str(row["view"]), "label": str(row.get("label", "")), "n_features": int(row["n_features"]), "cohens_d": float(row["cohens_d"]), "q": float(row["q"])}
+    # its first hypothesis (ranked() is in rank order)
+    row = rows[(rows["source"] == "sae") & (rows["concept"] == cid)].iloc[0]
+    out = {
+        "concept": int(cid),
+        "rank": int(row["rank"]),
+        "view": str(row["view"]),
+        "label": str(row.get("label", "")),
+        "n_features": int(row["n_features"]),
+        "cohens_d": float(row["cohens_d"]),
+        "q": float(row["q"]),
+    }
     truth = run.planted
     if truth is not None:
         store = run.store
@@ -159,7 +182,12 @@ def describe_target(run: Run, hyp: Hypotheses, cid: int) -> dict:
         d = uc[:, cid] - ur[:, cid]
         ids = [p.id for p in store.pairs()]
         planted = np.isin(ids, truth["planted_ids"])
-        out.update(planted_kind=truth["kind"], n_planted=int(planted.sum()), mean_diff_planted=float(d[planted].mean()) if planted.any() else None, mean_diff_other=float(d[~planted].mean()) if (~planted).any() else None)
+        out.update(
+            planted_kind=truth["kind"],
+            n_planted=int(planted.sum()),
+            mean_diff_planted=float(d[planted].mean()) if planted.any() else None,
+            mean_diff_other=float(d[~planted].mean()) if (~planted).any() else None,
+        )
         out["auroc_planted"] = float(roc_auc_score(planted, d)) if 0 < planted.sum() < len(planted) else None
         plants = truth_plants(truth)
         if len(plants) > 1:  # which plant the target picks out: the one to suppress, not the one to keep
@@ -171,7 +199,10 @@ def describe_target(run: Run, hyp: Hypotheses, cid: int) -> dict:
                 out[f"auroc_{pl['kind']}_{pl['role']}"] = float(roc_auc_score(hit, d))
                 # each plant's own concept, for reading its predicted spill-over against what moved
                 aurocs = np.asarray([roc_auc_score(hit, D[:, j]) for j in range(D.shape[1])])
-                out.setdefault("plant_concepts", {})[pl["kind"]] = {"concept": int(aurocs.argmax()), "auroc": float(aurocs.max())}
+                out.setdefault("plant_concepts", {})[pl["kind"]] = {
+                    "concept": int(aurocs.argmax()),
+                    "auroc": float(aurocs.max()),
+                }
     return out
 
 
@@ -185,7 +216,9 @@ def _file_digest(path: Path) -> str:
 Step = tuple[str, str, Callable[[], dict]]
 
 
-def _steps(run: Run, cfg: PipelineConfig, pipeline_state: dict, inputs: dict, log: Callable[[str], None] = print) -> list[Step]:
+def _steps(
+    run: Run, cfg: PipelineConfig, pipeline_state: dict, inputs: dict, log: Callable[[str], None] = print
+) -> list[Step]:
     """(step name, notebook, parameters) in order; parameters are computed lazily, just before
     the step, because some depend on what the previous steps wrote. ``inputs[name]`` receives what
     a step reads that its parameters do not show (the data file's content), for its key."""
@@ -217,7 +250,13 @@ def _steps(run: Run, cfg: PipelineConfig, pipeline_state: dict, inputs: dict, lo
         for m in cfg.methods:
             steps.append((f"train-{m}", nb("train"), lambda m=m: {"plan": plans()[m], "config": cfg.train.to_dict()}))
     if "evaluate" in cfg.stages:
-        steps.append(("evaluate", nb("evaluate"), lambda: {"config": cfg.evaluate.to_dict(), **_trained_models(pipeline_state, cfg)}))
+        steps.append(
+            (
+                "evaluate",
+                nb("evaluate"),
+                lambda: {"config": cfg.evaluate.to_dict(), **_trained_models(pipeline_state, cfg)},
+            )
+        )
     return steps
 
 
@@ -243,7 +282,9 @@ def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], N
     inputs: dict[str, Any] = {}
     for name, notebook, make_params in _steps(run, cfg, state, inputs, log):
         params = make_params()
-        key = content_hash(prev_key, notebook, _file_digest(notebooks.notebook_dir() / f"{notebook}.ipynb"), params, inputs.get(name))
+        key = content_hash(
+            prev_key, notebook, _file_digest(notebooks.notebook_dir() / f"{notebook}.ipynb"), params, inputs.get(name)
+        )
         done = state["steps"].get(name, {})
         out_name = f"{notebook[:3]}{name}"  # 04_train-plain, 05_evaluate: one executed copy per step
         out = run.path / "notebooks" / f"{out_name}.ipynb"
@@ -258,7 +299,9 @@ def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], N
         try:
             notebooks.run_notebook(notebook, run.path, params, html=cfg.html, output_name=out_name)
         except BaseException as exc:
-            state["steps"][name].update(status="failed", error=f"{type(exc).__name__}: {str(exc)[:2000]}", seconds=round(time.time() - t0, 1))
+            state["steps"][name].update(
+                status="failed", error=f"{type(exc).__name__}: {str(exc)[:2000]}", seconds=round(time.time() - t0, 1)
+            )
             atomic_write_json(state_path, state)
             log(f"[anatomy-nb] {name}: FAILED after {time.time() - t0:.0f} s; see {out} (re-run to resume from here)")
             raise
@@ -278,7 +321,12 @@ def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], N
     return state
 
 
-def run(config: PipelineConfig | Mapping[str, Any] | str | Path | None = None, *, log: Callable[[str], None] = print, **overrides: Any) -> dict[str, Any]:
+def run(
+    config: PipelineConfig | Mapping[str, Any] | str | Path | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    **overrides: Any,
+) -> dict[str, Any]:
     """The whole pipeline (notebooks 01–05 headless, then the report) from a PipelineConfig, a
     dict of its keys, or a YAML/JSON file; ``overrides`` on top (``run_dir="runs/x"``, or a
     stage's key as ``**{"train.learning_rate": 1e-4}``). Returns the pipeline state."""

@@ -7,7 +7,8 @@ per model, with the whole-response R² and sign agreement.
 Reads only (no torch): run it after the experiment, e.g.::
 
     anatomy-nb run configs/entangled.yaml
-    python benchmarks/experiment_tables.py runs/entangled --name entangled --command "anatomy-nb run configs/entangled.yaml"
+    python benchmarks/experiment_tables.py runs/entangled --name entangled --command "anatomy-nb run
+    configs/entangled.yaml"
 """
 
 from __future__ import annotations
@@ -32,11 +33,32 @@ def plant_concept_rows(ev, target: dict) -> dict:
     out = {}
     for kind, c in (target.get("plant_concepts") or {}).items():
         rows = pva[pva["concept"] == c["concept"]]
-        out[kind] = {**c, "label": str(rows["label"].iloc[0]) if len(rows) else None,
-                     "vs_base": [{"model": r.model, "stage2_predicted": round(float(r.predicted), 4), "actual_change": round(float(r.actual_change), 4), "actual_q": round(float(r.actual_q), 6)} for r in rows.itertuples()]}
+        out[kind] = {
+            **c,
+            "label": str(rows["label"].iloc[0]) if len(rows) else None,
+            "vs_base": [
+                {
+                    "model": r.model,
+                    "stage2_predicted": round(float(r.predicted), 4),
+                    "actual_change": round(float(r.actual_change), 4),
+                    "actual_q": round(float(r.actual_q), 6),
+                }
+                for r in rows.itertuples()
+            ],
+        }
         if plan is not None:
             p = plan[plan["concept"] == c["concept"]]
-            out[kind]["vs_plain"] = [{"model": r.model, "plan_predicted_shift": round(float(r.predicted_shift), 4), "measured_shift": round(float(r.actual_shift), 4), "measured_q": round(float(r.actual_q), 6), "targeted": bool(r.targeted), "basis": r.basis} for r in p.itertuples()]
+            out[kind]["vs_plain"] = [
+                {
+                    "model": r.model,
+                    "plan_predicted_shift": round(float(r.predicted_shift), 4),
+                    "measured_shift": round(float(r.actual_shift), 4),
+                    "measured_q": round(float(r.actual_q), 6),
+                    "targeted": bool(r.targeted),
+                    "basis": r.basis,
+                }
+                for r in p.itertuples()
+            ]
     return out
 
 
@@ -62,7 +84,9 @@ def main() -> None:
         "seconds_this_run": state.get("seconds_this_run"),
         "target": target,
         "plant_concepts": plant_concept_rows(ev, target),
-        "r2_overall": r2[r2["view"] == "overall"][["model", "n_concepts", "r2", "ci_low", "ci_high", "sign_agreement"]].round(4).to_dict(orient="records"),
+        "r2_overall": r2[r2["view"] == "overall"][["model", "n_concepts", "r2", "ci_low", "ci_high", "sign_agreement"]]
+        .round(4)
+        .to_dict(orient="records"),
         "plan_r2": None if ev.plan_r2() is None else ev.plan_r2().round(4).to_dict(orient="records"),
         "eval_timing": ev.manifest.get("timing"),
         "note": args.note,

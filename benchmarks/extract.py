@@ -42,7 +42,11 @@ def n_tokens(lm, pairs, cfg: ExtractConfig) -> int:
     for p in pairs:
         r = render_example(lm.tokenizer, p.prompt, p.chosen)
         rej = lm.tokenizer(p.rejected, add_special_tokens=False)["input_ids"]
-        total += min(len(r.prompt_ids), cfg.max_prompt_tokens) + min(len(r.response_ids), cfg.max_response_tokens) + min(len(rej), cfg.max_response_tokens)
+        total += (
+            min(len(r.prompt_ids), cfg.max_prompt_tokens)
+            + min(len(r.response_ids), cfg.max_response_tokens)
+            + min(len(rej), cfg.max_response_tokens)
+        )
     return total
 
 
@@ -56,7 +60,9 @@ def bare_forward(lm, sae, pairs, cfg: ExtractConfig) -> None:
             r = render_example(tok, p.prompt, p.chosen)
             rej = tok(p.rejected, add_special_tokens=False)["input_ids"]
             prompt, _, _ = truncate_prompt(r.prompt_ids, r.prompt_content, cfg.max_prompt_tokens)
-            capture.shared_prefix(prompt, [r.response_ids[: cfg.max_response_tokens], list(rej)[: cfg.max_response_tokens]])
+            capture.shared_prefix(
+                prompt, [r.response_ids[: cfg.max_response_tokens], list(rej)[: cfg.max_response_tokens]]
+            )
 
 
 def timed(fn) -> float:
@@ -82,11 +88,23 @@ def main() -> None:
     cfg = ExtractConfig(progress=False)
     naive_cfg = ExtractConfig(progress=False, shared_prefix=False)
     tokens = n_tokens(lm, pairs, cfg)
-    print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, {tokens} tokens (prompt once + both responses)")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats} (interleaved), medians reported\n")
+    print(
+        f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, "
+        f"{tokens} tokens (prompt once + both responses)"
+    )
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats} (interleaved), "
+        "medians reported\n"
+    )
 
     batch_sizes = (4, 16)
-    times: dict[str, list[float]] = {"bare": [], "extract": [], "naive": [], "store": [], **{f"batch{b}": [] for b in batch_sizes}}
+    times: dict[str, list[float]] = {
+        "bare": [],
+        "extract": [],
+        "naive": [],
+        "store": [],
+        **{f"batch{b}": [] for b in batch_sizes},
+    }
     bare_forward(lm, sae, pairs[:4], cfg)  # warm-up
     with ResidualCapture(lm, sae.layer) as capture:
         compute_shard(capture, sae, pairs[:4], cfg)
@@ -96,9 +114,13 @@ def main() -> None:
             times["extract"].append(timed(lambda: compute_shard(capture, sae, pairs, cfg)))
             times["naive"].append(timed(lambda: compute_shard(capture, sae, pairs, naive_cfg)))
             for b in batch_sizes:
-                times[f"batch{b}"].append(timed(lambda: compute_shard(capture, sae, pairs, cfg, (b, cfg.batch_tokens))))
+                times[f"batch{b}"].append(
+                    timed(lambda b=b: compute_shard(capture, sae, pairs, cfg, (b, cfg.batch_tokens)))
+                )
         with tempfile.TemporaryDirectory() as d:
-            times["store"].append(timed(lambda: extract(pairs, lm, sae, d, ExtractConfig(progress=False, shard_size=16))))
+            times["store"].append(
+                timed(lambda: extract(pairs, lm, sae, d, ExtractConfig(progress=False, shard_size=16)))
+            )
             if rep == 0:
                 st = FeatureStore.from_run(d)
                 pooled_bpp, all_bpp = st.bytes_per_pair(), st.bytes_per_pair(pooled_only=False)

@@ -47,7 +47,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_one(name: str, shape: tuple, d_sae: int, pairs: list, device: str, dry: bool, workdir: Path, dpo: bool) -> dict:
+def check_one(
+    name: str, shape: tuple, d_sae: int, pairs: list, device: str, dry: bool, workdir: Path, dpo: bool
+) -> dict:
     layers, d_model, d_ff, heads, kv = shape
     lm = tiny_llama(0, layers, d_model, d_ff=d_ff, n_heads=heads, n_kv_heads=kv, vocab_size=49_152)
     lm.model.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
@@ -56,7 +58,14 @@ def check_one(name: str, shape: tuple, d_sae: int, pairs: list, device: str, dry
     dev = lm.device
     cfg = ExtractConfig(progress=False, batch_size=None)
     auto = batch_limits(cfg, lm, sae)
-    out: dict = {"model": name, "d_sae": d_sae, "layer": sae.layer, "dtype": str(lm.model.dtype), "auto_batch_limits": list(auto), "extract": []}
+    out: dict = {
+        "model": name,
+        "d_sae": d_sae,
+        "layer": sae.layer,
+        "dtype": str(lm.model.dtype),
+        "auto_batch_limits": list(auto),
+        "extract": [],
+    }
     timed_pairs = pairs[: 16 if dry else 256]
     with ResidualCapture(lm, sae.layer) as capture:
         compute_shard(capture, sae, timed_pairs[:4], cfg, (4, cfg.batch_tokens))  # warm-up
@@ -70,20 +79,45 @@ def check_one(name: str, shape: tuple, d_sae: int, pairs: list, device: str, dry
             seconds = time.perf_counter() - t
             tokens = int(arrays["resp_ntok"].sum() + arrays.get("prompt_ntok", arrays["resp_ntok"][:0]).sum())
             peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-            out["extract"].append({"batch": label, "limits": list(limits), "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds), "peak_gpu_gb": peak and round(peak, 2)})
+            out["extract"].append(
+                {
+                    "batch": label,
+                    "limits": list(limits),
+                    "seconds": round(seconds, 2),
+                    "tokens_per_s": round(tokens / seconds),
+                    "peak_gpu_gb": peak and round(peak, 2),
+                }
+            )
     run = workdir / f"{name}-{d_sae}"
     t = time.perf_counter()
     extract(pairs, lm, sae, run, ExtractConfig(progress=False, shard_size=256))
     out["extract_all_seconds"] = round(time.perf_counter() - t, 1)
     out["n_pairs"] = len(pairs)
     t = time.perf_counter()
-    hyp = hypothesize(run, HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False), model=lm, sae=sae)
+    hyp = hypothesize(
+        run,
+        HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False),
+        model=lm,
+        sae=sae,
+    )
     out["hypothesize_seconds"] = round(time.perf_counter() - t, 1)
     out["concepts"] = int(len(hyp.ranked()))
     steps = 2 if dry else 4
     t = time.perf_counter()
     if dpo:  # DPO does not depend on the SAE: once per model
-        train(run, None, model=lm, config=TrainConfig(max_steps=steps, batch_size=4 if dry else 8, max_length=1024, max_train_pairs=64, heldout_fraction=0.1, progress=False))
+        train(
+            run,
+            None,
+            model=lm,
+            config=TrainConfig(
+                max_steps=steps,
+                batch_size=4 if dry else 8,
+                max_length=1024,
+                max_train_pairs=64,
+                heldout_fraction=0.1,
+                progress=False,
+            ),
+        )
         out["dpo_seconds_per_step"] = round((time.perf_counter() - t) / steps, 2)
     del lm, sae
     if device == "cuda":

@@ -59,9 +59,11 @@ from anatomy_nb.stages.extract import extract  # noqa: E402
 from anatomy_nb.stages.hypothesize import linear_baseline, score_concepts, text_stat_baseline  # noqa: E402
 
 
-
 def planted_pairs(pairs, fn):
-    return [PreferencePair(id=p.id, prompt=p.prompt, chosen=fn(p.chosen), rejected=p.rejected, metadata=p.metadata) for p in pairs]
+    return [
+        PreferencePair(id=p.id, prompt=p.prompt, chosen=fn(p.chosen), rejected=p.rejected, metadata=p.metadata)
+        for p in pairs
+    ]
 
 
 def mix_rows(base_m: sp.spmatrix, planted_m: sp.spmatrix, sel: np.ndarray) -> sp.csr_matrix:
@@ -77,7 +79,9 @@ def mix(base: PairFeatures, planted: PairFeatures, chosen_idx: np.ndarray) -> Pa
     ntok[sel, 0] = planted.ntok[sel, 0]
     chosen = [planted.chosen[i] if sel[i] else base.chosen[i] for i in range(base.n_pairs)]
     edges = {e: (mix_rows(fc, planted.edges[e][0], sel), fr) for e, (fc, fr) in base.edges.items()}
-    return PairFeatures(Fc, base.fires_rejected, ntok, base.groups, base.prompts, chosen, base.rejected, base.prompt_features, edges)
+    return PairFeatures(
+        Fc, base.fires_rejected, ntok, base.groups, base.prompts, chosen, base.rejected, base.prompt_features, edges
+    )
 
 
 class Peers:
@@ -103,20 +107,27 @@ class Peers:
                 raise ImportError("hypothesaes is not installed")
             root = Path(list(spec.submodule_search_locations)[0])
             mods = {}
-            for name in ("sae", "select_neurons"):  # its __init__ imports openai/tiktoken/...: load the two files directly
+            # its __init__ imports openai/tiktoken/...: load the two files directly
+            for name in ("sae", "select_neurons"):
                 sp_ = importlib.util.spec_from_file_location(f"hypothesaes_{name}", root / f"{name}.py")
                 mods[name] = importlib.util.module_from_spec(sp_)
                 sp_.loader.exec_module(mods[name])
             embed_prompts(["probe"])
             self.hsae = mods
-            self.status["hypothesaes"] = "ran: SAE (M=64, K=4) on all-MiniLM-L6-v2 response embeddings + separation-score neuron selection; LLM interpretation skipped (needs an API)"
+            self.status["hypothesaes"] = (
+                "ran: SAE (M=64, K=4) on all-MiniLM-L6-v2 response embeddings + separation-score neuron selection; "
+                "LLM interpretation skipped (needs an API)"
+            )
         except Exception as exc:
             self.status["hypothesaes"] = f"not run: {type(exc).__name__}: {exc}"
         try:
             from prefscope.analysis.dataset import diagnose_dataset
 
             self.prefscope = diagnose_dataset
-            self.status["prefscope"] = "ran: diagnose_dataset (r_f + split-half stability) on anatomy_nb's SAE chosen−rejected contrast; its own lens needs a hub embedder and an LLM"
+            self.status["prefscope"] = (
+                "ran: diagnose_dataset (r_f + split-half stability) on anatomy_nb's SAE chosen−rejected contrast; "
+                "its own lens needs a hub embedder and an LLM"
+            )
         except Exception as exc:
             self.status["prefscope"] = f"not run: {type(exc).__name__}: {exc}"
 
@@ -129,7 +140,9 @@ class Peers:
         sae = self.hsae["sae"].SparseAutoencoder(X.shape[1], m_total_neurons=64, k_active_neurons=4, device="cpu")
         sae.fit(torch.from_numpy(X), n_epochs=100, batch_size=512, learning_rate=5e-4, show_progress=False)
         A = sae.get_activations(X, show_progress=False)
-        selected, _ = self.hsae["select_neurons"].select_neurons(A, y, n_select=20, method="separation_score", classification=True)
+        selected, _ = self.hsae["select_neurons"].select_neurons(
+            A, y, n_select=20, method="separation_score", classification=True
+        )
         is_planted = np.zeros(len(X), bool)
         is_planted[planted_idx] = True
         top_n = max(5, len(planted_idx))
@@ -143,7 +156,9 @@ class Peers:
         return first_rank(lift_f[order] >= 0.5)
 
 
-def _max_activity_tests(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, degree: int):
+def _max_activity_tests(
+    max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, degree: int
+):
     """Paired tests (raw and length-controlled) of a *max-activation* concept activity: mean over
     member features of the response's pooled max activation, each feature divided by its typical
     max (mean over responses where it fires). Binary firing cannot see a second occurrence of
@@ -155,7 +170,15 @@ def _max_activity_tests(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.nd
     return paired_test(Du), length_controlled(Du, length_diffs(pf.ntok, pf.groups, degree))
 
 
-def max_activity_rankings(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.ndarray, pf: PairFeatures, M, table: pd.DataFrame, cfg: HypothesizeConfig) -> dict[str, np.ndarray]:
+def max_activity_rankings(
+    max_c: sp.csr_matrix,
+    max_r: sp.csr_matrix,
+    scale: np.ndarray,
+    pf: PairFeatures,
+    M,
+    table: pd.DataFrame,
+    cfg: HypothesizeConfig,
+) -> dict[str, np.ndarray]:
     """Concepts by |length-controlled d| of the max-activation activity, significant first:
     ``max_activity`` takes significance from stage 2's binary test (a ranking change only);
     ``max_tested`` from the max-activation test itself (BH over the concepts; a new family)."""
@@ -164,7 +187,10 @@ def max_activity_rankings(max_c: sp.csr_matrix, max_r: sp.csr_matrix, scale: np.
     ov = table[table["view"] == "overall"].set_index("concept").sort_index()
     ids = ov.index.to_numpy()
     sig_max = bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < cfg.fdr
-    return {"max_activity": ids[np.lexsort((-d[ids], ~ov["significant"].to_numpy()))], "max_tested": ids[np.lexsort((-d[ids], ~sig_max[ids]))]}
+    return {
+        "max_activity": ids[np.lexsort((-d[ids], ~ov["significant"].to_numpy()))],
+        "max_tested": ids[np.lexsort((-d[ids], ~sig_max[ids]))],
+    }
 
 
 def alternative_rankings(pf: PairFeatures, labels: np.ndarray, table: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -186,8 +212,13 @@ def alternative_rankings(pf: PairFeatures, labels: np.ndarray, table: pd.DataFra
     purity = np.abs(npos - nneg) / n
     sign_z = np.abs(npos - nneg) / np.sqrt(n)
     ids = ov.index.to_numpy()
-    binned = {n_bins: np.abs(binned_length_adjusted(Uc, Ur, pf.ntok, pf.groups, n_bins).cohens_d) for n_bins in (10, 20)}
-    by_degree = {deg: np.abs(np.nan_to_num(length_controlled(Du, length_diffs(pf.ntok, pf.groups, deg)).cohens_d)) for deg in (1, 3)}
+    binned = {
+        n_bins: np.abs(binned_length_adjusted(Uc, Ur, pf.ntok, pf.groups, n_bins).cohens_d) for n_bins in (10, 20)
+    }
+    by_degree = {
+        deg: np.abs(np.nan_to_num(length_controlled(Du, length_diffs(pf.ntok, pf.groups, deg)).cohens_d))
+        for deg in (1, 3)
+    }
     return {
         "linear_lc": ids[np.lexsort((-by_degree[1][ids], ~sig))],
         "cubic_lc": ids[np.lexsort((-by_degree[3][ids], ~sig))],
@@ -225,7 +256,9 @@ def significant_hypotheses(pf: PairFeatures, cfg: HypothesizeConfig) -> list[tup
     return [(v, set(f), np.sign(d)) for v, f, d in zip(sig["view"], sig["features"], sig["length_controlled_cohens_d"])]
 
 
-def already_there(ranked: pd.DataFrame, labels: np.ndarray, base_sig: list[tuple[str, set, float]], jaccard: float = 0.5) -> np.ndarray:
+def already_there(
+    ranked: pd.DataFrame, labels: np.ndarray, base_sig: list[tuple[str, set, float]], jaccard: float = 0.5
+) -> np.ndarray:
     """Per ranked row: is it a hypothesis the unplanted data already has (same view and sign, member
     features overlapping one of its significant hypotheses with Jaccard >= ``jaccard``)? Ranking
     those out of the rows above the plant asks whether it is the strongest *new* signal: HH-RLHF's
@@ -233,7 +266,9 @@ def already_there(ranked: pd.DataFrame, labels: np.ndarray, base_sig: list[tuple
     out = np.zeros(len(ranked), bool)
     for i, (v, c, d) in enumerate(zip(ranked["view"], ranked["concept"], ranked["length_controlled_cohens_d"])):
         members = set(np.flatnonzero(labels == c).tolist())
-        out[i] = any(v == bv and np.sign(d) == bs and len(members & bf) >= jaccard * len(members | bf) for bv, bf, bs in base_sig)
+        out[i] = any(
+            v == bv and np.sign(d) == bs and len(members & bf) >= jaccard * len(members | bf) for bv, bf, bs in base_sig
+        )
     return out
 
 
@@ -252,7 +287,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each seed draws its own planted subsets")
     ap.add_argument("--no-peers", action="store_true", help="skip hypothesaes and prefscope (faster)")
-    ap.add_argument("--sae", default=None, help="an SAE directory (sae-lens format) instead of the shipped one, e.g. one from anatomy_nb.lm.sae_recipe")
+    ap.add_argument(
+        "--sae",
+        default=None,
+        help="an SAE directory (sae-lens format) instead of the shipped one, e.g. one from anatomy_nb.lm.sae_recipe",
+    )
     args = ap.parse_args()
     t_start = time.time()
     if args.tiny:
@@ -267,7 +306,8 @@ def main() -> None:
     base = PairFeatures.from_store(base_store)
     base_max_c, base_max_r = base_store.pooled("max", "chosen").tocsr(), base_store.pooled("max", "rejected").tocsr()
     both = sp.vstack([base_max_c, base_max_r]).tocsc()
-    max_scale = np.asarray(both.sum(0)).ravel() / np.maximum(np.diff(both.indptr), 1)  # mean max where the feature fires
+    # mean max where the feature fires
+    max_scale = np.asarray(both.sum(0)).ravel() / np.maximum(np.diff(both.indptr), 1)
     cfg = HypothesizeConfig(concepts=ConceptConfig())
     peers = Peers(enabled=not args.no_peers)
     if peers.hsae is not None:
@@ -299,11 +339,24 @@ def main() -> None:
             ranked = rank_hypotheses(table[table["view"] != "topic"]).reset_index(drop=True)
             r_concept = first_rank(matches[ranked["concept"].to_numpy()])
             # the same rank, not counting rows above the plant that the unplanted data already has
-            r_new = 1 + int((~already_there(ranked.iloc[: r_concept - 1], labels, base_sig)).sum()) if r_concept else None
-            alt = {"whole_response": first_rank(matches[rank_hypotheses(table[table["view"] == "overall"])["concept"].to_numpy()])}
-            alt.update({name: first_rank(matches[order]) for name, order in alternative_rankings(pf, labels, table).items()})
+            r_new = (
+                1 + int((~already_there(ranked.iloc[: r_concept - 1], labels, base_sig)).sum()) if r_concept else None
+            )
+            alt = {
+                "whole_response": first_rank(
+                    matches[rank_hypotheses(table[table["view"] == "overall"])["concept"].to_numpy()]
+                )
+            }
+            alt.update(
+                {name: first_rank(matches[order]) for name, order in alternative_rankings(pf, labels, table).items()}
+            )
             max_c = mix_rows(base_max_c, planted_max_c, np.isin(np.arange(len(pairs)), idx))
-            alt.update({name: first_rank(matches[order]) for name, order in max_activity_rankings(max_c, base_max_r, max_scale, pf, M, table, cfg).items()})
+            alt.update(
+                {
+                    name: first_rank(matches[order])
+                    for name, order in max_activity_rankings(max_c, base_max_r, max_scale, pf, M, table, cfg).items()
+                }
+            )
             sig_concept = bool(ranked.loc[r_concept - 1, "significant"]) if r_concept else False
             fr = feats[feats["support"] > 0].sort_values("p")
             r_feat = first_rank(lift_f[fr["feature"].to_numpy()] >= 0.5)
@@ -320,7 +373,33 @@ def main() -> None:
                 r_hsae = peers.hypothesaes_rank(E_c, E_r, idx, seed)
             if peers.prefscope is not None:
                 r_pref = peers.prefscope_rank(pf, lift_f)
-            rows.append({"kind": kind, "seed": seed, "p": p, "n_planted": k, "matching_concepts": int(matches.sum()), "concept_rank": r_concept, "concept_view": ranked.loc[r_concept - 1, "view"] if r_concept else None, "new_rank": r_new, "concept_lc_d": round(float(ranked.loc[r_concept - 1, "length_controlled_cohens_d"]), 3) if r_concept else None, "top_hypothesis": "" if r_concept == 1 else f"{ranked.loc[0, 'view']} {ranked.loc[0, 'length_controlled_cohens_d']:+.2f}", "concept_size": int(ranked.loc[r_concept - 1, "n_features"]) if r_concept else None, "concept_significant": sig_concept, "feature_rank": r_feat, "linear_rank": r_lin, "text_stat_rank": r_text, "hypothesaes_rank": r_hsae, "prefscope_rank": r_pref, "n_concepts": len(ranked), **{f"alt_{k}": v for k, v in alt.items()}})
+            rows.append(
+                {
+                    "kind": kind,
+                    "seed": seed,
+                    "p": p,
+                    "n_planted": k,
+                    "matching_concepts": int(matches.sum()),
+                    "concept_rank": r_concept,
+                    "concept_view": ranked.loc[r_concept - 1, "view"] if r_concept else None,
+                    "new_rank": r_new,
+                    "concept_lc_d": round(float(ranked.loc[r_concept - 1, "length_controlled_cohens_d"]), 3)
+                    if r_concept
+                    else None,
+                    "top_hypothesis": ""
+                    if r_concept == 1
+                    else f"{ranked.loc[0, 'view']} {ranked.loc[0, 'length_controlled_cohens_d']:+.2f}",
+                    "concept_size": int(ranked.loc[r_concept - 1, "n_features"]) if r_concept else None,
+                    "concept_significant": sig_concept,
+                    "feature_rank": r_feat,
+                    "linear_rank": r_lin,
+                    "text_stat_rank": r_text,
+                    "hypothesaes_rank": r_hsae,
+                    "prefscope_rank": r_pref,
+                    "n_concepts": len(ranked),
+                    **{f"alt_{k}": v for k, v in alt.items()},
+                }
+            )
             print(rows[-1], flush=True)
     res = pd.DataFrame(rows)
     res.to_csv(work / "planted-results.csv", index=False)
@@ -329,43 +408,104 @@ def main() -> None:
     for s in range(args.null_shuffles):
         sw = np.random.default_rng(1000 + s).uniform(size=base.n_pairs) < 0.5
         S, N = sp.diags(sw.astype(np.float32)), sp.diags((~sw).astype(np.float32))
-        swap = lambda c, r: ((N @ c + S @ r).tocsr(), (N @ r + S @ c).tocsr())
-        pf = PairFeatures(*swap(base.fires_chosen, base.fires_rejected), np.where(sw[:, None], base.ntok[:, ::-1], base.ntok), base.groups, base.prompts, base.chosen, base.rejected, edges={e: swap(*fc_fr) for e, fc_fr in base.edges.items()})
+        swap = lambda c, r, N=N, S=S: ((N @ c + S @ r).tocsr(), (N @ r + S @ c).tocsr())
+        pf = PairFeatures(
+            *swap(base.fires_chosen, base.fires_rejected),
+            np.where(sw[:, None], base.ntok[:, ::-1], base.ntok),
+            base.groups,
+            base.prompts,
+            base.chosen,
+            base.rejected,
+            edges={e: swap(*fc_fr) for e, fc_fr in base.edges.items()},
+        )
         labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), cfg.concepts)
         table, _ = score_concepts(pf, labels, cfg)
         n_disc.append(int(table["significant"].sum()))
         any_disc += n_disc[-1] > 0
         n_tests = len(table)
         # the same shuffle for the max-activation test (a separate family: its own BH)
-        raw, _ = _max_activity_tests((N @ base_max_c + S @ base_max_r).tocsr(), (N @ base_max_r + S @ base_max_c).tocsr(), max_scale, pf, membership_matrix(labels), cfg.length_control_degree)
+        raw, _ = _max_activity_tests(
+            (N @ base_max_c + S @ base_max_r).tocsr(),
+            (N @ base_max_r + S @ base_max_c).tocsr(),
+            max_scale,
+            pf,
+            membership_matrix(labels),
+            cfg.length_control_degree,
+        )
         n_disc_max.append(int((bh_qvalues(np.nan_to_num(raw.p, nan=1.0)) < cfg.fdr).sum()))
 
-    placebo = length_placebo(*concept_activity(base, cluster_features(sp.vstack([base.fires_chosen, base.fires_rejected]), cfg.concepts)), base.ntok, degrees=(0, 1, 2, 3))
+    placebo = length_placebo(
+        *concept_activity(base, cluster_features(sp.vstack([base.fires_chosen, base.fires_rejected]), cfg.concepts)),
+        base.ntok,
+        degrees=(0, 1, 2, 3),
+    )
     pd.set_option("display.width", 200)
     print("\n=== planted-concept benchmark ===")
-    print(f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, seeds {args.seeds}, concepts {cfg.concepts}")
+    print(
+        f"model {lm.name}, SAE {sae.name} (layer {sae.layer}, {sae.d_sae} features), {len(pairs)} HH-RLHF pairs, "
+        f"seeds {args.seeds}, concepts {cfg.concepts}"
+    )
     print("ranks: 1 = the first hypothesis reported; '-' = no matching hypothesis in the ranking\n")
     show = res.copy()
     alt_cols = [c for c in res.columns if c.startswith("alt_")]
-    for c in ("concept_rank", "new_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank", *alt_cols):
+    for c in (
+        "concept_rank",
+        "new_rank",
+        "feature_rank",
+        "linear_rank",
+        "text_stat_rank",
+        "hypothesaes_rank",
+        "prefscope_rank",
+        *alt_cols,
+    ):
         show[c] = show[c].map(lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else int(v))
     print(show.to_string(index=False))
     hi = res[res["p"] >= 0.05]
     if len(hi):
         per_kind = hi.groupby("kind")["concept_rank"].apply(lambda s: bool((s == 1).all()))
-        print(f"\nkinds ranked 1st by concepts at every p >= 5 % and every seed: {int(per_kind.sum())}/{len(per_kind)} ({per_kind.mean():.0%}; aim >= 90 %)")
+        print(
+            f"\nkinds ranked 1st by concepts at every p >= 5 % and every seed: {int(per_kind.sum())}/{len(per_kind)} "
+            f"({per_kind.mean():.0%}; aim >= 90 %)"
+        )
         k_new = hi.groupby("kind")["new_rank"].apply(lambda s: bool((s == 1).all()))
-        print(f"  ... not counting hypotheses the unplanted pairs already have (new_rank): {int(k_new.sum())}/{len(k_new)}")
+        print(
+            "  ... not counting hypotheses the unplanted pairs already have (new_rank): "
+            f"{int(k_new.sum())}/{len(k_new)}"
+        )
         for col in alt_cols:
             k_alt = hi.groupby("kind")[col].apply(lambda s: bool((s == 1).all()))
             print(f"  ... with the alternative ranking {col[4:]!r}: {int(k_alt.sum())}/{len(k_alt)}")
-        for col in ("concept_rank", "new_rank", "feature_rank", "linear_rank", "text_stat_rank", "hypothesaes_rank", "prefscope_rank", *alt_cols):
+        for col in (
+            "concept_rank",
+            "new_rank",
+            "feature_rank",
+            "linear_rank",
+            "text_stat_rank",
+            "hypothesaes_rank",
+            "prefscope_rank",
+            *alt_cols,
+        ):
             by_p = hi.groupby("p")[col].apply(lambda s: f"{int((s == 1).sum())}/{len(s)}")
-            print(f"  {col:>17}: rank 1 in " + ", ".join(f"p={p:.0%}: {v}" for p, v in by_p.items()) + " (kind x seed cells)")
+            print(
+                f"  {col:>17}: rank 1 in "
+                + ", ".join(f"p={p:.0%}: {v}" for p, v in by_p.items())
+                + " (kind x seed cells)"
+            )
     if args.null_shuffles:
-        print(f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery {any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at q<0.05 promises P(any) <= 0.05 under the complete null)")
-        print(f"null for the max-activation test (same shuffles, BH over the overall concepts): runs with any discovery {sum(n > 0 for n in n_disc_max)}/{args.null_shuffles}; discoveries per run {np.mean(n_disc_max):.2f}")
-    print(f"length placebo (stats.length_placebo: same-side pairs, shorter one called chosen in 75 %, 20 draws; degree 0 = no length control, stage 2 uses {cfg.length_control_degree}):")
+        print(
+            f"null (sides shuffled, {args.null_shuffles} times): runs with any discovery "
+            f"{any_disc}/{args.null_shuffles}; discoveries per run {np.mean(n_disc):.2f} of {n_tests} tests (BH at "
+            "q<0.05 promises P(any) <= 0.05 under the complete null)"
+        )
+        print(
+            "null for the max-activation test (same shuffles, BH over the overall concepts): runs with any "
+            f"discovery {sum(n > 0 for n in n_disc_max)}/{args.null_shuffles}; discoveries per run "
+            f"{np.mean(n_disc_max):.2f}"
+        )
+    print(
+        "length placebo (stats.length_placebo: same-side pairs, shorter one called chosen in 75 %, 20 draws; degree "
+        f"0 = no length control, stage 2 uses {cfg.length_control_degree}):"
+    )
     print(placebo.round(3).to_string(index=False))
     for name, status in peers.status.items():
         print(f"peer {name}: {status}")

@@ -34,7 +34,8 @@ the options below into a scratch run directory and writes its table as JSON.
 Usage::
 
     python benchmarks/ravel_das.py --out benchmarks/results/ravel-das-hyperdas-2026-11-30.json
-    python benchmarks/ravel_das.py --scan-layers 0,3,6,9,12,15,18,21,24,27 --out ravel-layers.json  # the ceiling per layer
+    python benchmarks/ravel_das.py --scan-layers 0,3,6,9,12,15,18,21,24,27 --out ravel-layers.json  # the ceiling per
+    layer
     python benchmarks/ravel_das.py --layer 9 --hyperdas-epochs 0 --no-sae-mask   # DAS at another layer (no SAE rows)
 """
 
@@ -62,22 +63,61 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=d.n_test)
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--min-accuracy", type=float, default=d.min_accuracy)
-    ap.add_argument("--source-known-fraction", type=float, default=d.source_known_fraction, help="a source must be answered right on at least this fraction of its target's templates (0: on one)")
+    ap.add_argument(
+        "--source-known-fraction",
+        type=float,
+        default=d.source_known_fraction,
+        help="a source must be answered right on at least this fraction of its target's templates (0: on one)",
+    )
     ap.add_argument("--hyperdas-epochs", type=int, default=d.hyperdas_epochs, help="0: no HyperDAS")
     ap.add_argument("--hyperdas-width", type=int, default=d.hyperdas_width)
-    ap.add_argument("--hyperdas-positions", default=d.hyperdas_positions, choices=["learned", "entity"], help="entity: HyperDAS is given the entity's token (ablation)")
+    ap.add_argument(
+        "--hyperdas-positions",
+        default=d.hyperdas_positions,
+        choices=["learned", "entity"],
+        help="entity: HyperDAS is given the entity's token (ablation)",
+    )
     ap.add_argument("--no-das", action="store_true", help="skip DAS (HyperDAS and the SAE's features only)")
     ap.add_argument("--targets", default=None, help="comma-separated attributes to learn (default: every known one)")
     ap.add_argument("--no-sae-mask", action="store_true", help="skip the SAE latent mask learned by interchange")
     ap.add_argument("--sae-mask-sparsity", type=float, default=d.sae_mask_sparsity)
     ap.add_argument("--sae-mask-lr", type=float, default=d.sae_mask_lr)
-    ap.add_argument("--layer", type=int, default=None, help="residual layer (default: the SAE's); at another layer the SAE's rows are left out")
-    ap.add_argument("--scan-layers", default=None, help="comma-separated layers: score only the whole-residual swap at each (no training), to choose --layer")
+    ap.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="residual layer (default: the SAE's); at another layer the SAE's rows are left out",
+    )
+    ap.add_argument(
+        "--scan-layers",
+        default=None,
+        help="comma-separated layers: score only the whole-residual swap at each (no training), to choose --layer",
+    )
     ap.add_argument("--run-dir", type=Path, default=None, help="keep the artifact here (default: a scratch directory)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = anb.SubspaceConfig(attributes=args.attributes.split(","), targets=args.targets.split(",") if args.targets else None, entities=args.entities, templates=args.templates, dim=args.dim, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, min_accuracy=args.min_accuracy, source_known_fraction=args.source_known_fraction, hyperdas=args.hyperdas_epochs > 0, hyperdas_epochs=max(args.hyperdas_epochs, 1), hyperdas_width=args.hyperdas_width, hyperdas_positions=args.hyperdas_positions, das=not args.no_das, sae_mask=not args.no_sae_mask, sae_mask_sparsity=args.sae_mask_sparsity, sae_mask_lr=args.sae_mask_lr, layer=args.layer)
+    cfg = anb.SubspaceConfig(
+        attributes=args.attributes.split(","),
+        targets=args.targets.split(",") if args.targets else None,
+        entities=args.entities,
+        templates=args.templates,
+        dim=args.dim,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        epochs=args.epochs,
+        min_accuracy=args.min_accuracy,
+        source_known_fraction=args.source_known_fraction,
+        hyperdas=args.hyperdas_epochs > 0,
+        hyperdas_epochs=max(args.hyperdas_epochs, 1),
+        hyperdas_width=args.hyperdas_width,
+        hyperdas_positions=args.hyperdas_positions,
+        das=not args.no_das,
+        sae_mask=not args.no_sae_mask,
+        sae_mask_sparsity=args.sae_mask_sparsity,
+        sae_mask_lr=args.sae_mask_lr,
+        layer=args.layer,
+    )
     t0 = time.time()
     if args.scan_layers:
         return scan_layers(cfg, [int(x) for x in args.scan_layers.split(",")], args.out, t0)
@@ -85,24 +125,85 @@ def main() -> None:
         res = anb.learn_subspace(args.run_dir or scratch, cfg)
         table = res.table()
         m = res.manifest
-        result = {"model": m["model"]["name"], "sae": (m["sae"] or {}).get("name"), "layer": m["layer"], "dim": cfg.dim, "entities_per_split": cfg.entities, "knowledge": m["knowledge"], "source_entities": m.get("source_entities"), "templates": m["templates"], "hyperdas": m.get("hyperdas"), "attributes": {}}
+        result = {
+            "model": m["model"]["name"],
+            "sae": (m["sae"] or {}).get("name"),
+            "layer": m["layer"],
+            "dim": cfg.dim,
+            "entities_per_split": cfg.entities,
+            "knowledge": m["knowledge"],
+            "source_entities": m.get("source_entities"),
+            "templates": m["templates"],
+            "hyperdas": m.get("hyperdas"),
+            "attributes": {},
+        }
         for a, t in table.groupby("attribute", sort=False):
             by = t.set_index("method")
-            result["attributes"][a] = {"model_accuracy": round(float(by["model_accuracy"].iloc[0]), 3), "n_train": int(by["n_train"].iloc[0]), "n_test": int(by["n_test"].iloc[0]),
-                                       **{name: {k: (round(float(by.at[method, k]), 3) if k in ("cause", "isolate", "disentangle") else int(by.at[method, k])) for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")} for name, method in (("das", "DAS"), ("hyperdas", "HyperDAS"), ("sae_features", "SAE features"), ("sae_probe", "SAE features (L1 probe)"), ("sae_mask", "SAE latents (learned mask)"), ("no_intervention", "no intervention"), ("whole_residual", "whole residual"), ("all_sae_latents", "all SAE latents")) if method in by.index},
-                                       "das_curve_last": res.curves().query("method == 'DAS' and attribute == @a").iloc[-1].to_dict() if "DAS" in by.index else None}
+            result["attributes"][a] = {
+                "model_accuracy": round(float(by["model_accuracy"].iloc[0]), 3),
+                "n_train": int(by["n_train"].iloc[0]),
+                "n_test": int(by["n_test"].iloc[0]),
+                **{
+                    name: {
+                        k: (
+                            round(float(by.at[method, k]), 3)
+                            if k in ("cause", "isolate", "disentangle")
+                            else int(by.at[method, k])
+                        )
+                        for k in ("cause", "isolate", "disentangle", "n_cause", "n_isolate")
+                    }
+                    for name, method in (
+                        ("das", "DAS"),
+                        ("hyperdas", "HyperDAS"),
+                        ("sae_features", "SAE features"),
+                        ("sae_probe", "SAE features (L1 probe)"),
+                        ("sae_mask", "SAE latents (learned mask)"),
+                        ("no_intervention", "no intervention"),
+                        ("whole_residual", "whole residual"),
+                        ("all_sae_latents", "all SAE latents"),
+                    )
+                    if method in by.index
+                },
+                "das_curve_last": res.curves().query("method == 'DAS' and attribute == @a").iloc[-1].to_dict()
+                if "DAS" in by.index
+                else None,
+            }
             if "SAE features (L1 probe)" in by.index:
                 result["attributes"][a]["sae_probe"]["n_latents"] = len(by.at["SAE features (L1 probe)", "features"])
             if "SAE latents (learned mask)" in by.index:
                 result["attributes"][a]["sae_mask"]["n_latents"] = len(by.at["SAE latents (learned mask)", "features"])
             if "HyperDAS" in by.index:
-                result["attributes"][a]["hyperdas"].update({k: round(float(by.at["HyperDAS", k]), 3) for k in ("edits_entity_token", "from_source_entity_token", "edit_from_end", "entity_from_end", "subspace_coverage")})
+                result["attributes"][a]["hyperdas"].update(
+                    {
+                        k: round(float(by.at["HyperDAS", k]), 3)
+                        for k in (
+                            "edits_entity_token",
+                            "from_source_entity_token",
+                            "edit_from_end",
+                            "entity_from_end",
+                            "subspace_coverage",
+                        )
+                    }
+                )
         curves = res.curves()
         for a, c in curves[curves["method"] == "SAE latent mask"].groupby("attribute"):
-            result["attributes"][a]["sae_mask"]["curve"] = {"first_8_loss": round(float(c["loss"].head(8).mean()), 3), "last_8_loss": round(float(c["loss"].tail(8).mean()), 3), "last_8_accuracy": round(float(c["accuracy"].tail(8).mean()), 3), "selected_at_step": {int(r.step): int(r.selected) for r in c.iloc[:: max(len(c) // 8, 1)].itertuples()}, "steps": int(len(c)), "seconds": float(c["seconds"].iloc[-1])}
+            result["attributes"][a]["sae_mask"]["curve"] = {
+                "first_8_loss": round(float(c["loss"].head(8).mean()), 3),
+                "last_8_loss": round(float(c["loss"].tail(8).mean()), 3),
+                "last_8_accuracy": round(float(c["accuracy"].tail(8).mean()), 3),
+                "selected_at_step": {int(r.step): int(r.selected) for r in c.iloc[:: max(len(c) // 8, 1)].itertuples()},
+                "steps": int(len(c)),
+                "seconds": float(c["seconds"].iloc[-1]),
+            }
         if (curves["method"] == "HyperDAS").any():
             h = curves[curves["method"] == "HyperDAS"]
-            result["hyperdas_curve"] = {"first_20_loss": round(float(h["loss"].head(20).mean()), 3), "last_20_loss": round(float(h["loss"].tail(20).mean()), 3), "last_20_accuracy": round(float(h["accuracy"].tail(20).mean()), 3), "steps": int(len(h)), "seconds": float(h["seconds"].iloc[-1])}
+            result["hyperdas_curve"] = {
+                "first_20_loss": round(float(h["loss"].head(20).mean()), 3),
+                "last_20_loss": round(float(h["loss"].tail(20).mean()), 3),
+                "last_20_accuracy": round(float(h["accuracy"].tail(20).mean()), 3),
+                "steps": int(len(h)),
+                "seconds": float(h["seconds"].iloc[-1]),
+            }
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result, indent=1, default=float))
     if args.out:
@@ -116,9 +217,21 @@ def scan_layers(cfg: anb.SubspaceConfig, layers: list[int], out: Path | None, t0
 
     lm = load_model(cfg.model)
     table = whole_residual_by_layer(lm, cfg, layers, say=print)
-    result = {"model": lm.name, "what": "whole residual swapped at the entity token, per layer", "n_layers": lm.n_layers, "entities_per_split": cfg.entities,
-              "layers": {int(layer): {r.attribute: {k: round(float(getattr(r, k)), 3) for k in ("cause", "isolate", "disentangle")} | {"n_cause": int(r.n_cause), "n_isolate": int(r.n_isolate)} for r in t.itertuples()} for layer, t in table.groupby("layer")},
-              "seconds": round(time.time() - t0, 1)}
+    result = {
+        "model": lm.name,
+        "what": "whole residual swapped at the entity token, per layer",
+        "n_layers": lm.n_layers,
+        "entities_per_split": cfg.entities,
+        "layers": {
+            int(layer): {
+                r.attribute: {k: round(float(getattr(r, k)), 3) for k in ("cause", "isolate", "disentangle")}
+                | {"n_cause": int(r.n_cause), "n_isolate": int(r.n_isolate)}
+                for r in t.itertuples()
+            }
+            for layer, t in table.groupby("layer")
+        },
+        "seconds": round(time.time() - t0, 1),
+    }
     print(json.dumps(result, indent=1))
     if out:
         out.write_text(json.dumps(result, indent=1) + "\n")

@@ -9,7 +9,8 @@ Isolate with the last-token swap on the same pairs, layer by layer. No training.
 
 Usage::
 
-    python benchmarks/ravel_entity_tokens.py --layers 4,10,15,21 --out benchmarks/results/ravel-entity-tokens-2026-11-30.json
+    python benchmarks/ravel_entity_tokens.py --layers 4,10,15,21 --out
+    benchmarks/results/ravel-entity-tokens-2026-11-30.json
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ def entity_span(tokenizer: Any, template: str, ids: list[int], last: int) -> tup
 
 
 @torch.no_grad()
-def span_swap_predictions(lm: Any, layer: int, examples: list[Example], spans: list[tuple[tuple[int, int], tuple[int, int]]], batch_size: int = 32) -> np.ndarray:
+def span_swap_predictions(
+    lm: Any,
+    layer: int,
+    examples: list[Example],
+    spans: list[tuple[tuple[int, int], tuple[int, int]]],
+    batch_size: int = 32,
+) -> np.ndarray:
     """Greedy answers with the source's residual put in at every entity token of the base (the two
     spans have equal length): one interchange edit per offset into the entity, each at one token
     per sequence (a shorter entity repeats its last token, which the identity swap leaves as is)."""
@@ -56,7 +63,15 @@ def span_swap_predictions(lm: Any, layer: int, examples: list[Example], spans: l
         for k in range(max(b1 - b0 + 1 for (b0, b1), _ in where)):
             at_base = torch.tensor([min(b0 + k, b1) for (b0, b1), _ in where])
             at_source = torch.tensor([min(s0 + k, s1) for _, (s0, s1) in where])
-            edits.append(ResidualEdit(layer=layer, kind="interchange", basis=eye, source=source_h[rows, at_source].to(lm.device), positions=at_base.to(lm.device)))
+            edits.append(
+                ResidualEdit(
+                    layer=layer,
+                    kind="interchange",
+                    basis=eye,
+                    source=source_h[rows, at_source].to(lm.device),
+                    positions=at_base.to(lm.device),
+                )
+            )
         ids, mask = padded([e.base_ids for e in batch], pad_id(lm))
         with ResidualHooks(lm.model, edits):
             out.append(last_logits(lm, ids, mask).argmax(-1).cpu().numpy())
@@ -73,9 +88,25 @@ def main() -> None:
     cfg = anb.SubspaceConfig()
     lm = load_model(cfg.model)
     splits = ravel_splits(lm, cfg, load_ravel(cfg.entity_type), print)
-    eye, result = torch.eye(lm.d_model), {"model": lm.name, "what": "whole residual swapped at the entity's last token vs at every entity token, on test pairs whose two names have the same token count", "attributes": {}}
+    eye, result = (
+        torch.eye(lm.d_model),
+        {
+            "model": lm.name,
+            "what": (
+                "whole residual swapped at the entity's last token vs at every entity token, on test pairs whose "
+                "two names have the same token count"
+            ),
+            "attributes": {},
+        },
+    )
     for a, (_, test) in splits.pairs.items():
-        spans = [(entity_span(lm.tokenizer, e.meta["base_template"], e.base_ids, e.base_position), entity_span(lm.tokenizer, e.meta["source_template"], e.source_ids, e.source_position)) for e in test]
+        spans = [
+            (
+                entity_span(lm.tokenizer, e.meta["base_template"], e.base_ids, e.base_position),
+                entity_span(lm.tokenizer, e.meta["source_template"], e.source_ids, e.source_position),
+            )
+            for e in test
+        ]
         same = [i for i, (b, s) in enumerate(spans) if b[1] - b[0] == s[1] - s[0]]
         examples = [test[i] for i in same]
         lengths = np.bincount([b[1] - b[0] + 1 for b, _ in spans]).tolist()
@@ -83,8 +114,16 @@ def main() -> None:
         for layer in (int(x) for x in args.layers.split(",")):
             last = ravel_scores(interchange_predictions(lm, layer, eye, examples), examples)
             every = ravel_scores(span_swap_predictions(lm, layer, examples, [spans[i] for i in same]), examples)
-            rows["layers"][layer] = {"last_token": {k: round(v, 3) for k, v in last.items()}, "every_entity_token": {k: round(v, 3) for k, v in every.items()}}
-            print(f"{a} layer {layer}: last token cause {last['cause']:.2f} isolate {last['isolate']:.2f}; every entity token cause {every['cause']:.2f} isolate {every['isolate']:.2f} (n {len(examples)}; {time.time() - t0:.0f} s)", flush=True)
+            rows["layers"][layer] = {
+                "last_token": {k: round(v, 3) for k, v in last.items()},
+                "every_entity_token": {k: round(v, 3) for k, v in every.items()},
+            }
+            print(
+                f"{a} layer {layer}: last token cause {last['cause']:.2f} isolate {last['isolate']:.2f}; every "
+                f"entity token cause {every['cause']:.2f} isolate {every['isolate']:.2f} (n {len(examples)}; "
+                f"{time.time() - t0:.0f} s)",
+                flush=True,
+            )
         result["attributes"][a] = rows
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result, indent=1))

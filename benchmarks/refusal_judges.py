@@ -36,7 +36,18 @@ import numpy as np
 import pandas as pd
 
 from anatomy_nb.config import ExplainConfig, JudgeConfig
-from anatomy_nb.data.judges import CONSTRUCTED_FAMILIES, FAMILIES, LONG_WORDS, READINGS, PhraseJudge, agreement, agreement_scores, format_agreement, labelled_completions, make_judge
+from anatomy_nb.data.judges import (
+    CONSTRUCTED_FAMILIES,
+    FAMILIES,
+    LONG_WORDS,
+    READINGS,
+    PhraseJudge,
+    agreement,
+    agreement_scores,
+    format_agreement,
+    labelled_completions,
+    make_judge,
+)
 
 ALL = FAMILIES + CONSTRUCTED_FAMILIES
 LAYER_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -45,7 +56,14 @@ PROBE_CS = (1e-4, 1e-3, 1e-2)
 
 
 def scores_row(judge: str, fam: str, reading: str, pred: np.ndarray, labels: pd.Series, **extra) -> dict:
-    return {"judge": judge, "family": fam, "reading": reading, **extra, "n": len(labels), **agreement_scores(pred, labels)}
+    return {
+        "judge": judge,
+        "family": fam,
+        "reading": reading,
+        **extra,
+        "n": len(labels),
+        **agreement_scores(pred, labels),
+    }
 
 
 def grid_means(lm, layers: list[int], prompts, responses, cuts: tuple[int, ...] = CUTS) -> np.ndarray:
@@ -74,13 +92,22 @@ def grid_means(lm, layers: list[int], prompts, responses, cuts: tuple[int, ...] 
 def disagreeing_prompts() -> set[str]:
     """The XSTest prompts whose two human-labelled families disagree (one refuses, one complies):
     there, a judge that read only the prompt would be wrong on one family (``response_reliance``)."""
-    g, l = labelled_completions("gpt4"), labelled_completions("llama2")
-    assert (g["prompt"].to_numpy() == l["prompt"].to_numpy()).all(), "the two XSTest families no longer share their prompt order"
-    return set(g["prompt"][(g["label"] != "compliance").to_numpy() != (l["label"] != "compliance").to_numpy()])
+    g, ll = labelled_completions("gpt4"), labelled_completions("llama2")
+    assert (g["prompt"].to_numpy() == ll["prompt"].to_numpy()).all(), (
+        "the two XSTest families no longer share their prompt order"
+    )
+    return set(g["prompt"][(g["label"] != "compliance").to_numpy() != (ll["label"] != "compliance").to_numpy()])
 
 
 def direction_rows(lm, cuts: tuple[int, ...] = CUTS) -> tuple[list[dict], pd.DataFrame, dict]:
-    from anatomy_nb.lm.refusal_direction import DEFAULT_C, DEFAULT_TOKENS, default_layer, direction_from_means, probe_from_means, response_means
+    from anatomy_nb.lm.refusal_direction import (
+        DEFAULT_C,
+        DEFAULT_TOKENS,
+        default_layer,
+        direction_from_means,
+        probe_from_means,
+        response_means,
+    )
 
     layers = sorted({min(lm.n_layers - 1, round(f * lm.n_layers)) for f in LAYER_FRACTIONS})
     data, feats = {}, {}
@@ -92,16 +119,31 @@ def direction_rows(lm, cuts: tuple[int, ...] = CUTS) -> tuple[list[dict], pd.Dat
     shipped = (layers.index(default_layer(lm)), cuts.index(DEFAULT_TOKENS), ("probe", DEFAULT_C))
     # the grid's shipped cell is what the shipped judge computes
     df = data[("gpt4", "full")].iloc[:5]
-    np.testing.assert_allclose(feats[("gpt4", "full")][:5, shipped[0], shipped[1]], response_means(lm, default_layer(lm), list(df["prompt"]), list(df["completion"]), DEFAULT_TOKENS), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        feats[("gpt4", "full")][:5, shipped[0], shipped[1]],
+        response_means(lm, default_layer(lm), list(df["prompt"]), list(df["completion"]), DEFAULT_TOKENS),
+        rtol=1e-4,
+        atol=1e-3,
+    )
     disagree = disagreeing_prompts()
 
     def measure(fit_fams, test_fam, cell) -> dict[str, dict]:
-        groups = [(feats[(f, r)][:, cell[0], cell[1]], (data[(f, r)]["label"] != "compliance").to_numpy()) for f in fit_fams for r in ("full", "stripped")]
-        direction, threshold = probe_from_means(groups, cell[2][1]) if cell[2][0] == "probe" else direction_from_means(groups)
+        groups = [
+            (feats[(f, r)][:, cell[0], cell[1]], (data[(f, r)]["label"] != "compliance").to_numpy())
+            for f in fit_fams
+            for r in ("full", "stripped")
+        ]
+        direction, threshold = (
+            probe_from_means(groups, cell[2][1]) if cell[2][0] == "probe" else direction_from_means(groups)
+        )
         out = {}
         for reading in READINGS:
             key = (test_fam, "full" if reading == "full" else "stripped")
-            keep = (data[key]["completion"].str.split().str.len() >= LONG_WORDS).to_numpy() if reading == "stripped-long" else np.ones(len(data[key]), bool)
+            keep = (
+                (data[key]["completion"].str.split().str.len() >= LONG_WORDS).to_numpy()
+                if reading == "stripped-long"
+                else np.ones(len(data[key]), bool)
+            )
             pred = feats[key][:, cell[0], cell[1]] @ direction > threshold
             out[reading] = agreement_scores(pred[keep], data[key]["label"][keep])
             if test_fam in FAMILIES and reading != "stripped-long":  # the same prompts, the other family's verdict
@@ -120,26 +162,69 @@ def direction_rows(lm, cuts: tuple[int, ...] = CUTS) -> tuple[list[dict], pd.Dat
         fit = [f for f in ALL if f != held]
         for cell in cells:
             for reading, s in measure(fit, held, cell).items():
-                grid.append({"held_out": held, "method": cell[2][0], "c": cell[2][1], "layer": layers[cell[0]], "tokens": cuts[cell[1]], "reading": reading, "accuracy": s["accuracy"], "full_refusal_recall": s["full_refusal_recall"], "specificity": s["specificity"]})
+                grid.append(
+                    {
+                        "held_out": held,
+                        "method": cell[2][0],
+                        "c": cell[2][1],
+                        "layer": layers[cell[0]],
+                        "tokens": cuts[cell[1]],
+                        "reading": reading,
+                        "accuracy": s["accuracy"],
+                        "full_refusal_recall": s["full_refusal_recall"],
+                        "specificity": s["specificity"],
+                    }
+                )
         # nested: pick the cell by fitting on one fit family and testing on the other, both ways
-        inner = {c: np.mean([s["accuracy"] for a, b in ((fit[0], fit[1]), (fit[1], fit[0])) for s in measure([a], b, c).values()]) for c in cells}
+        inner = {
+            c: np.mean(
+                [s["accuracy"] for a, b in ((fit[0], fit[1]), (fit[1], fit[0])) for s in measure([a], b, c).values()]
+            )
+            for c in cells
+        }
         best = max(inner, key=inner.get)
         nested[held] = {"cell": name(best), "inner_accuracy": round(float(inner[best]), 3)}
-        for label, cell in ((f"refusal direction, {name(shipped)} (shipped)", shipped), (f"refusal direction, nested choice ({name(best)})", best)):
+        for label, cell in (
+            (f"refusal direction, {name(shipped)} (shipped)", shipped),
+            (f"refusal direction, nested choice ({name(best)})", best),
+        ):
             for reading, s in measure(fit, held, cell).items():
-                rows.append({"judge": label, "family": held, "reading": reading, "fit_on": " + ".join(fit), "n": s["n_accuracy"], **s})
+                rows.append(
+                    {
+                        "judge": label,
+                        "family": held,
+                        "reading": reading,
+                        "fit_on": " + ".join(fit),
+                        "n": s["n_accuracy"],
+                        **s,
+                    }
+                )
     return rows, pd.DataFrame(grid), nested
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llm-n", type=int, default=0)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="the LLM judge: a local model alias, or the endpoint's model name with --base-url")
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="the LLM judge: a local model alias, or the endpoint's model name with --base-url",
+    )
     ap.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint (…/v1); default: the local model")
     ap.add_argument("--skip-direction", action="store_true")
-    ap.add_argument("--tokens", default=",".join(map(str, CUTS)), help="comma-separated response-token windows of the direction grid (must include the shipped one)")
-    ap.add_argument("--dry-run", action="store_true", help="the direction grid on a tiny random model: checks the script in a minute, measures nothing")
-    ap.add_argument("--out", type=Path, default=None, help="the table; the direction grid goes beside it as <out>-grid.csv")
+    ap.add_argument(
+        "--tokens",
+        default=",".join(map(str, CUTS)),
+        help="comma-separated response-token windows of the direction grid (must include the shipped one)",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the direction grid on a tiny random model: checks the script in a minute, measures nothing",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="the table; the direction grid goes beside it as <out>-grid.csv"
+    )
     args = ap.parse_args()
     cuts = tuple(int(t) for t in args.tokens.split(","))
     if JudgeConfig.n_tokens not in cuts:  # the grid must hold the shipped cell; checked before minutes of features
@@ -149,10 +234,20 @@ def main() -> None:
     for f in ALL:
         for r in READINGS:
             df = labelled_completions(f, r)
-            rows.append(scores_row("phrase list", f, r, PhraseJudge().judge(df["prompt"], df["completion"]), df["label"]))
+            rows.append(
+                scores_row("phrase list", f, r, PhraseJudge().judge(df["prompt"], df["completion"]), df["label"])
+            )
             # a control that reads no meaning: does the text start mid-sentence (lower case or
             # punctuation)? High in a stripped reading, the stripping would give refusals away.
-            controls.append(scores_row("control: starts mid-sentence", f, r, df["completion"].str.match(r"\s*[a-z,.;:!?)\-]").to_numpy(), df["label"]))
+            controls.append(
+                scores_row(
+                    "control: starts mid-sentence",
+                    f,
+                    r,
+                    df["completion"].str.match(r"\s*[a-z,.;:!?)\-]").to_numpy(),
+                    df["label"],
+                )
+            )
     rows += controls
     timing: dict = {"phrase list": round(time.time() - t0, 1)}
     grid, nested = None, None
@@ -168,7 +263,11 @@ def main() -> None:
         timing["refusal direction (features for the whole grid + fits)"] = round(time.time() - t0, 1)
     if args.llm_n:
         t0 = time.time()
-        cfg = ExplainConfig(backend="openai" if args.base_url else "transformers", model=args.model, **({"base_url": args.base_url} if args.base_url else {}))
+        cfg = ExplainConfig(
+            backend="openai" if args.base_url else "transformers",
+            model=args.model,
+            **({"base_url": args.base_url} if args.base_url else {}),
+        )
         judge = make_judge(cfg, Path(".cache/judge-benchmark"))
         rows += agreement(judge, args.llm_n).to_dict("records")
         timing["llm judge"] = round(time.time() - t0, 1)
@@ -176,15 +275,28 @@ def main() -> None:
     df = pd.DataFrame(rows)
     table = format_agreement(df).assign(fit_on=df.get("fit_on", pd.Series([""] * len(df))).fillna(""))
     if "response_reliance" in df:
-        table["accuracy where the families disagree"] = df["response_reliance"].map(lambda v: f"{v:.2f}" if np.isfinite(v) else "")
+        table["accuracy where the families disagree"] = df["response_reliance"].map(
+            lambda v: f"{v:.2f}" if np.isfinite(v) else ""
+        )
     text = table.to_string(index=False) + "\n"
     if grid is not None:
         mean = grid.fillna({"c": 0}).groupby(["method", "c", "layer", "tokens"])["accuracy"].mean().unstack().round(3)
-        text += f"\nrefusal direction: held-out accuracy averaged over the 3 held-out families × 3 readings, per fit × layer (rows) × response tokens (columns; c 0: no C)\n{mean.to_string()}\n\nnested choice per held-out family: {json.dumps(nested)}\n"
+        text += (
+            "\nrefusal direction: held-out accuracy averaged over the 3 held-out families × 3 readings, per fit × "
+            f"layer (rows) × response tokens (columns; c 0: no C)\n{mean.to_string()}\n\nnested choice per held-out "
+            f"family: {json.dumps(nested)}\n"
+        )
     text += f"\nseconds: {json.dumps(timing)}\n"
     print(text)
     if args.out:
-        args.out.write_text(f"# benchmarks/refusal_judges.py {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items() if k != 'out' and v not in (None, False))}\n# {time.strftime('%Y-%m-%d')}, 2 CPU cores; intervals: Wilson 95 %\n\n" + text)
+        args.out.write_text(
+            "# benchmarks/refusal_judges.py "
+            + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v not in (None, False)
+            )
+            + "\n# "
+            f"{time.strftime('%Y-%m-%d')}, 2 CPU cores; intervals: Wilson 95 %\n\n" + text
+        )
         if grid is not None:
             grid.to_csv(args.out.with_name(args.out.stem + "-grid.csv"), index=False)
 

@@ -43,7 +43,10 @@ def main() -> None:
     docs = chat_documents(lm, train, RecipeConfig.max_seq_len)
     docs = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))[: args.docs]]
     tokens = sum(len(d.ids) - d.collect_from for d in docs)
-    print(f"model {lm.name}, layer {layer}, {len(docs)} documents, {tokens} collected tokens, torch threads {torch.get_num_threads()}, {args.repeats} interleaved repeats (medians)\n")
+    print(
+        f"model {lm.name}, layer {layer}, {len(docs)} documents, {tokens} collected tokens, torch threads "
+        f"{torch.get_num_threads()}, {args.repeats} interleaved repeats (medians)\n"
+    )
     times: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
     stored: dict[int, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +61,10 @@ def main() -> None:
         print(f"batch {b:3d}: {med[b]:7.2f} s  {tokens / med[b]:8.0f} tokens/s")
     first, last = args.batch_sizes[0], args.batch_sizes[-1]
     print(f"\nbatch {last} / batch {first} throughput ratio: {med[first] / med[last]:.2f}")
-    print(f"largest |difference| between the stored activations: {np.abs(stored[last] - stored[first]).max():.4g} (float16 storage; typical |activation| {np.median(np.abs(stored[first])):.3g})")
+    print(
+        f"largest |difference| between the stored activations: {np.abs(stored[last] - stored[first]).max():.4g} "
+        f"(float16 storage; typical |activation| {np.median(np.abs(stored[first])):.3g})"
+    )
 
 
 if __name__ == "__main__":

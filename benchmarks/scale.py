@@ -29,7 +29,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-SIZES = ["10000x4608x670", "100000x16384x670", "100000x65536x1500", "50000x131072x1500"]  # pairs × features × distinct features per response
+# pairs × features × distinct features per response
+SIZES = ["10000x4608x670", "100000x16384x670", "100000x65536x1500", "50000x131072x1500"]
 
 
 def _peak_rss_gb() -> float:
@@ -48,8 +49,9 @@ def make_store(size: str, cache: Path) -> dict:
 
 def run_one(size: str, cache: Path) -> dict:
     """In this process (the store already written, so the peak is stage 2's alone): time stage 2."""
-    from anatomy_nb import hypothesize
     from synthetic_store import write_synthetic_store
+
+    from anatomy_nb import hypothesize
 
     n_pairs, d_sae, per_response = (int(v) for v in size.split("x"))
     run_dir = cache / size
@@ -63,9 +65,16 @@ def run_one(size: str, cache: Path) -> dict:
     overall = hyp.table[(hyp.table["view"] == "overall") & hyp.table["significant"]]
     found = {int(f) // 8 for feats in overall["features"] for f in feats} & planted
     return {
-        "size": size, "n_pairs": n_pairs, "d_sae": d_sae, "features_per_response": round(float(measured), 1),
-        "stage2_seconds": round(seconds, 1), "step_seconds": manifest["step_seconds"], "peak_rss_gb": round(_peak_rss_gb(), 2),
-        "n_concepts": manifest["n_concepts"], "n_tests": manifest["n_tests"], "n_significant_overall": manifest["n_significant_overall"],
+        "size": size,
+        "n_pairs": n_pairs,
+        "d_sae": d_sae,
+        "features_per_response": round(float(measured), 1),
+        "stage2_seconds": round(seconds, 1),
+        "step_seconds": manifest["step_seconds"],
+        "peak_rss_gb": round(_peak_rss_gb(), 2),
+        "n_concepts": manifest["n_concepts"],
+        "n_tests": manifest["n_tests"],
+        "n_significant_overall": manifest["n_significant_overall"],
         "planted_groups_found": f"{len(found)}/{len(planted)}",
     }
 
@@ -76,12 +85,12 @@ def loop_ratio(cache: Path, repeats: int = 3) -> dict:
     import numpy as np
     import scipy.sparse as sp
     import scipy.stats as sps
+    from synthetic_store import write_synthetic_store
 
     from anatomy_nb.concepts.activity import PairFeatures, concept_activity, feature_difference_sums
     from anatomy_nb.concepts.clustering import cluster_features
     from anatomy_nb.config import HypothesizeConfig
     from anatomy_nb.core.stats import group_means, paired_test_from_sums, welch_each_group
-    from synthetic_store import write_synthetic_store
 
     store = write_synthetic_store(cache / SIZES[0], *(int(v) for v in SIZES[0].split("x")))
     pf = PairFeatures.from_store(store)
@@ -91,7 +100,9 @@ def loop_ratio(cache: Path, repeats: int = 3) -> dict:
         return paired_test_from_sums(*feature_difference_sums(pf, groups))
 
     def loop_features():
-        D = group_means(pf.fires_chosen.astype(np.float32) - pf.fires_rejected.astype(np.float32), groups, dense=False).tocsc()
+        D = group_means(
+            pf.fires_chosen.astype(np.float32) - pf.fires_rejected.astype(np.float32), groups, dense=False
+        ).tocsc()
         return np.array([sps.ttest_1samp(D[:, j].toarray().ravel(), 0.0).pvalue for j in range(D.shape[1])])
 
     cfg = HypothesizeConfig()
@@ -104,7 +115,10 @@ def loop_ratio(cache: Path, repeats: int = 3) -> dict:
         return welch_each_group(Du, topic, range(12))
 
     def loop_topics():
-        return [[sps.ttest_ind(Du[topic == k, c], Du[topic != k, c], equal_var=False).pvalue for c in range(Du.shape[1])] for k in range(12)]
+        return [
+            [sps.ttest_ind(Du[topic == k, c], Du[topic != k, c], equal_var=False).pvalue for c in range(Du.shape[1])]
+            for k in range(12)
+        ]
 
     def median_seconds(fn, n):
         times = []
@@ -119,19 +133,46 @@ def loop_ratio(cache: Path, repeats: int = 3) -> dict:
     vt, wt = median_seconds(vectorised_topics, repeats)
     lt, lw = median_seconds(loop_topics, 1)
     same_f = bool(np.allclose(np.nan_to_num(ft.p, nan=1.0), np.nan_to_num(lp, nan=1.0), atol=1e-8))
-    same_t = bool(np.allclose(np.nan_to_num(np.array([wt[k][0].p for k in range(12)]), nan=1.0), np.nan_to_num(np.array(lw), nan=1.0), atol=1e-8))
+    same_t = bool(
+        np.allclose(
+            np.nan_to_num(np.array([wt[k][0].p for k in range(12)]), nan=1.0),
+            np.nan_to_num(np.array(lw), nan=1.0),
+            atol=1e-8,
+        )
+    )
     return {
-        "features": {"n": int(pf.d_sae), "vectorised_s": round(vf, 3), "loop_s": round(lf, 2), "ratio": round(lf / vf, 1), "same_p": same_f},
-        "concept_topic_tests": {"n": int(Du.shape[1] * 12), "vectorised_s": round(vt, 3), "loop_s": round(lt, 2), "ratio": round(lt / vt, 1), "same_p": same_t},
+        "features": {
+            "n": int(pf.d_sae),
+            "vectorised_s": round(vf, 3),
+            "loop_s": round(lf, 2),
+            "ratio": round(lf / vf, 1),
+            "same_p": same_f,
+        },
+        "concept_topic_tests": {
+            "n": int(Du.shape[1] * 12),
+            "vectorised_s": round(vt, 3),
+            "loop_s": round(lt, 2),
+            "ratio": round(lt / vt, 1),
+            "same_p": same_t,
+        },
     }
 
 
 def _table(rows: list[dict]) -> str:
-    steps = sorted({s for r in rows for s in r["step_seconds"]}, key=lambda s: -max(r["step_seconds"].get(s, 0) for r in rows))
+    steps = sorted(
+        {s for r in rows for s in r["step_seconds"]}, key=lambda s: -max(r["step_seconds"].get(s, 0) for r in rows)
+    )
     head = ["pairs × features (per response)", "stage 2 s", "peak RSS GB", "concepts", "tests", "planted found", *steps]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['n_pairs']:,} × {r['d_sae']:,} ({r['features_per_response']:.0f})", f"{r['stage2_seconds']:.0f}", f"{r['peak_rss_gb']:.1f}", f"{r['n_concepts']:,}", f"{r['n_tests']:,}", r["planted_groups_found"]]
+        cells = [
+            f"{r['n_pairs']:,} × {r['d_sae']:,} ({r['features_per_response']:.0f})",
+            f"{r['stage2_seconds']:.0f}",
+            f"{r['peak_rss_gb']:.1f}",
+            f"{r['n_concepts']:,}",
+            f"{r['n_tests']:,}",
+            r["planted_groups_found"],
+        ]
         cells += [f"{r['step_seconds'].get(s, 0):.1f}" for s in steps]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -157,13 +198,22 @@ def main() -> None:
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
             row = {}
             for mode in (["--store-only"], []):  # the store in its own process: stage 2's peak RSS is its own
-                proc = subprocess.run([sys.executable, __file__, "--one", size, "--cache", str(args.cache), *mode], capture_output=True, text=True, timeout=args.timeout, env=env)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--one", size, "--cache", str(args.cache), *mode],
+                    capture_output=True,
+                    text=True,
+                    timeout=args.timeout,
+                    env=env,
+                )
                 if proc.returncode != 0:
                     break
                 row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
             if proc.returncode != 0:
                 print(f"{size}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
-                out.append(f"{size}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+                out.append(
+                    f"{size}: failed (exit {proc.returncode}): "
+                    f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+                )
                 continue
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -171,13 +221,21 @@ def main() -> None:
             out.insert(0, _table(rows))
     if args.loop_only or not args.no_loop:
         ratio = loop_ratio(args.cache)
-        out.append(f"tests at {SIZES[0]} (vectorised vs a scipy loop, median of 3 vectorised runs): {json.dumps(ratio)}")
+        out.append(
+            f"tests at {SIZES[0]} (vectorised vs a scipy loop, median of 3 vectorised runs): {json.dumps(ratio)}"
+        )
     text = "\n\n".join(out)
     print(text)
     stamp = datetime.date.today().isoformat()
     (HERE / "results").mkdir(exist_ok=True)
-    name = f"scale-{stamp}.txt" if sorted(args.sizes) == sorted(SIZES) and not args.no_loop and not args.loop_only else f"scale-{stamp}-partial.txt"
-    (HERE / "results" / name).write_text(f"# benchmarks/scale.py {' '.join(sys.argv[1:])} ({os.cpu_count()} CPUs)\n\n{text}\n")
+    name = (
+        f"scale-{stamp}.txt"
+        if sorted(args.sizes) == sorted(SIZES) and not args.no_loop and not args.loop_only
+        else f"scale-{stamp}-partial.txt"
+    )
+    (HERE / "results" / name).write_text(
+        f"# benchmarks/scale.py {' '.join(sys.argv[1:])} ({os.cpu_count()} CPUs)\n\n{text}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def _store_path(size: str, cache: Path, layout: str) -> tuple[Path, float]:
     """In a child process: write (or reuse) the synthetic store; its path and seconds."""
     run_dir = cache / (size if layout == "auto" else f"{size}-{layout}")
     code = (
-        f"import time, anatomy_nb.stages.extract as ex; ex.FIRING_LAYOUT = {layout!r}; from synthetic_store import write_synthetic_store; "
-        f"t = time.perf_counter(); s = write_synthetic_store({str(run_dir)!r}, {', '.join(size.split('x'))}); print(s.path); print(round(time.perf_counter() - t, 1))"
+        f"import time, anatomy_nb.stages.extract as ex; ex.FIRING_LAYOUT = {layout!r}; from synthetic_store import "
+        "write_synthetic_store; "
+        f"t = time.perf_counter(); s = write_synthetic_store({str(run_dir)!r}, {', '.join(size.split('x'))}); "
+        "print(s.path); print(round(time.perf_counter() - t, 1))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
@@ -79,12 +81,19 @@ def measure(size: str, cache: Path, layout: str = "auto") -> dict:
     edges = [store.pooled("fires", side, prefix=f"resp_{e}") for e in store.edges for side in ("chosen", "rejected")]
     t["pooled_fires_edges_both_sides"] = time.perf_counter() - t0
     return {
-        "size": size, "store_write_seconds": write_s, "n_pairs": store.n_pairs, "d_sae": store.d_sae,
-        "firing_sets": store.manifest.get("firing_sets"), "features_per_response": round(fires.nnz / fires.shape[0], 1),
-        "features_per_prompt": round(prompt.nnz / prompt.shape[0], 1), "features_per_edge_row": round(sum(m.nnz for m in edges) / sum(m.shape[0] for m in edges), 1),
+        "size": size,
+        "store_write_seconds": write_s,
+        "n_pairs": store.n_pairs,
+        "d_sae": store.d_sae,
+        "firing_sets": store.manifest.get("firing_sets"),
+        "features_per_response": round(fires.nnz / fires.shape[0], 1),
+        "features_per_prompt": round(prompt.nnz / prompt.shape[0], 1),
+        "features_per_edge_row": round(sum(m.nnz for m in edges) / sum(m.shape[0] for m in edges), 1),
         "chosen_plus_rejected_nnz_equal": int(chosen.nnz + rejected.nnz) == int(fires.nnz),
-        "seconds": {k: round(v, 2) for k, v in t.items()}, "peak_rss_gb": round(_peak_rss_gb(), 2),
-        "bytes_per_pair": round(store.bytes_per_pair()), "bytes_per_pair_by_array": _families(store),
+        "seconds": {k: round(v, 2) for k, v in t.items()},
+        "peak_rss_gb": round(_peak_rss_gb(), 2),
+        "bytes_per_pair": round(store.bytes_per_pair()),
+        "bytes_per_pair_by_array": _families(store),
     }
 
 
@@ -99,20 +108,41 @@ def reencode(src: Path) -> dict:
     old = FeatureStore(src)
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp)
-        dropped = {f"{p}_{a}" for p in FAMILIES for a in ("indptr", "feat")} | {"resp_max", "resp_mean", "resp_count", "prompt_max", "prompt_count"}
+        dropped = {f"{p}_{a}" for p in FAMILIES for a in ("indptr", "feat")} | {
+            "resp_max",
+            "resp_mean",
+            "resp_count",
+            "prompt_max",
+            "prompt_count",
+        }
         for p in src.iterdir():
             if p.is_file() and p.stem not in dropped:
                 shutil.copy(p, dst / p.name)
-        layouts = {f: write_firing_sets(dst, f, np.load(src / f"{f}_indptr.npy"), np.load(src / f"{f}_feat.npy"), old.d_sae) for f in FAMILIES if old.firing_layout(f)}
+        layouts = {
+            f: write_firing_sets(dst, f, np.load(src / f"{f}_indptr.npy"), np.load(src / f"{f}_feat.npy"), old.d_sae)
+            for f in FAMILIES
+            if old.firing_layout(f)
+        }
         new = FeatureStore(dst)
-        for stat, side, prefix in [("fires", s, "resp") for s in (None, "chosen", "rejected")] + [("mean", None, "prompt")] + [("fires", s, f"resp_{e}") for e in old.edges for s in ("chosen", "rejected")]:
+        for stat, side, prefix in (
+            [("fires", s, "resp") for s in (None, "chosen", "rejected")]
+            + [("mean", None, "prompt")]
+            + [("fires", s, f"resp_{e}") for e in old.edges for s in ("chosen", "rejected")]
+        ):
             a, b = old.pooled(stat, side, prefix=prefix), new.pooled(stat, side, prefix=prefix)
-            assert all(np.array_equal(x, y) for x, y in ((a.indptr, b.indptr), (a.indices, b.indices), (a.data, b.data))), (stat, side, prefix)
+            assert all(
+                np.array_equal(x, y) for x, y in ((a.indptr, b.indptr), (a.indices, b.indices), (a.data, b.data))
+            ), (stat, side, prefix)
         return {
-            "store": str(src), "n_pairs": old.n_pairs, "d_sae": old.d_sae,
+            "store": str(src),
+            "n_pairs": old.n_pairs,
+            "d_sae": old.d_sae,
             "features_per_row": {f: round(float(old.n_firing(f).mean()), 1) for f in FAMILIES if old.firing_layout(f)},
-            "format_1_bytes_per_pair": round(old.bytes_per_pair()), "format_1_by_array": _families(old),
-            "format_2_bytes_per_pair": round(new.bytes_per_pair()), "format_2_by_array": _families(new), "format_2_layouts": layouts,
+            "format_1_bytes_per_pair": round(old.bytes_per_pair()),
+            "format_1_by_array": _families(old),
+            "format_2_bytes_per_pair": round(new.bytes_per_pair()),
+            "format_2_by_array": _families(new),
+            "format_2_layouts": layouts,
             "pooled_matrices_equal": True,
         }
 
@@ -121,7 +151,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="100000x4608x670", help="PAIRSxFEATURESxPER_RESPONSE")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
-    ap.add_argument("--layout", choices=["auto", "bits", "ids"], default="auto", help="firing sets: the writer's choice, or forced")
+    ap.add_argument(
+        "--layout", choices=["auto", "bits", "ids"], default="auto", help="firing sets: the writer's choice, or forced"
+    )
     ap.add_argument("--reencode", type=Path, help="a format-1 store: its bytes per pair, old vs new")
     ap.add_argument("--out", type=Path, help="also write the output here")
     args = ap.parse_args()
@@ -130,7 +162,10 @@ def main() -> None:
     else:
         args.cache.mkdir(parents=True, exist_ok=True)
         text = json.dumps(measure(args.size, args.cache, args.layout), indent=1)
-    text = f"# benchmarks/store_open.py {' '.join(sys.argv[1:])} ({os.cpu_count()} CPUs, {datetime.date.today().isoformat()})\n{text}"
+    text = (
+        f"# benchmarks/store_open.py {' '.join(sys.argv[1:])} ({os.cpu_count()} CPUs, "
+        f"{datetime.date.today().isoformat()})\n{text}"
+    )
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -5,7 +5,8 @@ model, LoRA), every hook open at once; then rounds in which each method runs one
 (forward + backward + optimizer step) on the *same* batch, in turn. Per-method medians over rounds
 and ratios to plain DPO are printed; interleaving keeps a busy machine's drift out of the ratios.
 
-    .venv/bin/python benchmarks/train.py [--model smollm2-135m-instruct] [--rounds 8] [--out benchmarks/results/train.txt]
+    .venv/bin/python benchmarks/train.py [--model smollm2-135m-instruct] [--rounds 8] [--out
+    benchmarks/results/train.txt]
 
 Aim (issue 5): shaping ≤ 1.02×, steering / CAFT ≤ 1.10× plain DPO.
 """
@@ -36,7 +37,13 @@ from anatomy_nb.stages.dpo import make_trainer
 from anatomy_nb.stages.interventions import residual_edits
 from anatomy_nb.stages.train import prepare
 
-SHAPE = {"concept": "text:refusal", "action": "suppress", "method": "reward_shaping", "pattern": "refusal_phrase", "strength": 1.0}
+SHAPE = {
+    "concept": "text:refusal",
+    "action": "suppress",
+    "method": "reward_shaping",
+    "pattern": "refusal_phrase",
+    "strength": 1.0,
+}
 
 
 def methods(features: list[int]) -> dict[str, dict | None]:
@@ -72,7 +79,9 @@ def main(argv: list[str] | None = None) -> str:
         sae = load_sae(a.sae)
     pairs = load_pairs("hh-rlhf", limit=a.pairs)
     features = list(range(a.n_features))
-    cfg = TrainConfig(max_train_pairs=a.pairs, heldout_fraction=0.0, batch_size=a.batch_size, max_length=a.max_length, progress=False)
+    cfg = TrainConfig(
+        max_train_pairs=a.pairs, heldout_fraction=0.0, batch_size=a.batch_size, max_length=a.max_length, progress=False
+    )
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -88,7 +97,8 @@ def main(argv: list[str] | None = None) -> str:
             runs[name] = trainer
         setup_s = time.perf_counter() - t0
         first = next(iter(runs.values()))
-        batch = first.data_collator([first.train_dataset[i] for i in range(a.batch_size)])  # identical for all but shaping
+        # identical for all but shaping
+        batch = first.data_collator([first.train_dataset[i] for i in range(a.batch_size)])
         batches = {n: t.data_collator([t.train_dataset[i] for i in range(a.batch_size)]) for n, t in runs.items()}
         for n, b in batches.items():
             assert torch.equal(b["input_ids"], batch["input_ids"]), f"{n}: training data differs from plain DPO's"
@@ -105,10 +115,14 @@ def main(argv: list[str] | None = None) -> str:
     base = statistics.median(times["plain DPO"])
     lines = [
         "# benchmarks/train.py — DPO step time per intervention method vs plain DPO (one run, interleaved rounds)",
-        f"# model {lm.name}, LoRA r={cfg.lora_r} all-linear, batch {a.batch_size}, max_length {a.max_length}, precomputed reference, "
-        f"{a.rounds} rounds; SAE concept = {a.n_features} features of {sae.name if sae else '-'} at layer {sae.layer if sae else '-'}",
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}; setup {setup_s:.0f}s",
-        f"# batch tokens: {int(batch['attention_mask'].sum())}; 1-min load average at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f} "
+        f"# model {lm.name}, LoRA r={cfg.lora_r} all-linear, batch {a.batch_size}, max_length {a.max_length}, "
+        "precomputed reference, "
+        f"{a.rounds} rounds; SAE concept = {a.n_features} features of {sae.name if sae else '-'} at layer "
+        f"{sae.layer if sae else '-'}",
+        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads "
+        f"{torch.get_num_threads()}; setup {setup_s:.0f}s",
+        f"# batch tokens: {int(batch['attention_mask'].sum())}; 1-min load average at start {load_start:.1f}, at end "
+        f"{os.getloadavg()[0]:.1f} "
         "(above the CPU count, other processes share the cores and the ratios are noise)",
         f"{'method':<22} {'median s/step':>13} {'min':>8} {'max':>8} {'ratio':>7}",
     ]

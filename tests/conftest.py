@@ -40,7 +40,17 @@ def hh_pairs():
     return load_pairs("hh-rlhf", limit=20)
 
 
-SMALL = dict(n_prompts=8, max_new_tokens=12, n_ab=6, n_harmful=3, n_xstest=3, behaviour_max_new_tokens=8, n_boot=200, concepts="all", progress=False)
+SMALL = dict(
+    n_prompts=8,
+    max_new_tokens=12,
+    n_ab=6,
+    n_harmful=3,
+    n_xstest=3,
+    behaviour_max_new_tokens=8,
+    n_boot=200,
+    concepts="all",
+    progress=False,
+)
 
 
 TOPICS = ["bread", "tea", "rain", "cats", "maps", "jazz", "glue", "kites", "salt", "moss", "owls", "ink"]
@@ -50,12 +60,17 @@ def synthetic_pairs(n=48):
     """Short pairs (fast on the tiny model) whose chosen response opens with a flattering phrase."""
     from anatomy_nb.data.schema import PreferencePair
 
-    return [PreferencePair(
-        id=f"s{i}",
-        prompt=({"role": "user", "content": f"Tell me about {TOPICS[i % 12]} ({i // 12})."},),
-        chosen=f"Great question! {TOPICS[i % 12].capitalize()} is a fine thing.",
-        rejected=f"{TOPICS[i % 12].capitalize()} is a thing, I suppose." if i % 3 else f"Sorry, {TOPICS[i % 12]} is hard.",
-    ) for i in range(n)]
+    return [
+        PreferencePair(
+            id=f"s{i}",
+            prompt=({"role": "user", "content": f"Tell me about {TOPICS[i % 12]} ({i // 12})."},),
+            chosen=f"Great question! {TOPICS[i % 12].capitalize()} is a fine thing.",
+            rejected=f"{TOPICS[i % 12].capitalize()} is a thing, I suppose."
+            if i % 3
+            else f"Sorry, {TOPICS[i % 12]} is hard.",
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -80,18 +95,46 @@ def tiny_eval(tmp_path_factory, tiny_lm, tiny_sae_):
     sae = load_sae(str(save_sae(tiny_sae_, root / "sae")))  # loadable by name, for the notebook
     run = root / "run"
     extract(synthetic_pairs(), tiny_lm, sae, run, ExtractConfig(shard_size=24, progress=False))
-    hypothesize(run, HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False), model=tiny_lm, sae=sae)
+    hypothesize(
+        run,
+        HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False),
+        model=tiny_lm,
+        sae=sae,
+    )
     t.append(time.time())
     top = Hypotheses.from_run(run).overall().iloc[0]
-    tcfg = TrainConfig(max_length=64, batch_size=4, max_steps=4, learning_rate=5e-3, heldout_fraction=0.3, max_train_pairs=16, progress=False)
+    tcfg = TrainConfig(
+        max_length=64,
+        batch_size=4,
+        max_steps=4,
+        learning_rate=5e-3,
+        heldout_fraction=0.3,
+        max_train_pairs=16,
+        progress=False,
+    )
     train(run, None, model=tiny_lm, config=tcfg)
-    plan = make_plan(run, {"concepts": [{"concept": f"sae:{int(top.concept)}", "action": "suppress", "method": "reward_shaping", "strength": 2.0, "features": [int(f) for f in top.features]}]})
+    plan = make_plan(
+        run,
+        {
+            "concepts": [
+                {
+                    "concept": f"sae:{int(top.concept)}",
+                    "action": "suppress",
+                    "method": "reward_shaping",
+                    "strength": 2.0,
+                    "features": [int(f) for f in top.features],
+                }
+            ]
+        },
+    )
     train(run, plan, model=tiny_lm, config=tcfg)
     t.append(time.time())
     res = evaluate(run, config=EvalConfig(**SMALL), lm=tiny_lm, sae=sae)
     t.append(time.time())
     print("fixture seconds (extract+hypothesize, train x2, evaluate):", np.diff(t).round(1))
-    return SimpleNamespace(run=run, res=res, sae=sae, lm=tiny_lm, concept=int(top.concept), features=[int(f) for f in top.features])
+    return SimpleNamespace(
+        run=run, res=res, sae=sae, lm=tiny_lm, concept=int(top.concept), features=[int(f) for f in top.features]
+    )
 
 
 NOISE = ("Warning", "warnings.warn", "it/s]", "s/it]", "Loading weights", "%|")
@@ -103,6 +146,10 @@ def assert_clean_outputs(nb) -> None:
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
             assert out.get("output_type") != "error", (i, out.get("ename"), out.get("evalue"))
-            text = out.get("text", "") if out.get("output_type") == "stream" else "".join(out.get("data", {}).get("text/plain", ""))
+            text = (
+                out.get("text", "")
+                if out.get("output_type") == "stream"
+                else "".join(out.get("data", {}).get("text/plain", ""))
+            )
             noisy = [n for n in NOISE if n in text]
             assert not noisy, f"cell {i}: {noisy} in {text[:300]!r}"

@@ -36,15 +36,26 @@ def test_batched_residuals_equal_each_prompt_alone(tiny_lm):
 def test_batched_store_equals_one_pair_store(tiny_lm, tiny_sae_, hh_pairs, tmp_path):
     one = extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path / "one", ExtractConfig(batch_size=1, **CFG))
     # 5 pairs or 3,000 padded tokens per forward: several batches per shard, of different sizes
-    many = extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path / "many", ExtractConfig(batch_size=5, batch_tokens=3000, **CFG))
+    many = extract(
+        hh_pairs, tiny_lm, tiny_sae_, tmp_path / "many", ExtractConfig(batch_size=5, batch_tokens=3000, **CFG)
+    )
     assert one.path.name == many.path.name  # batching does not change the store's key
     for prefix in ["resp", "prompt"] + [f"resp_{e}" for e in one.edges]:
-        np.testing.assert_array_equal(one.pooled("fires", prefix=prefix).toarray(), many.pooled("fires", prefix=prefix).toarray())
-    np.testing.assert_allclose(one.pooled("mean", prefix="prompt").toarray(), many.pooled("mean", prefix="prompt").toarray(), rtol=1e-3, atol=1e-4)
+        np.testing.assert_array_equal(
+            one.pooled("fires", prefix=prefix).toarray(), many.pooled("fires", prefix=prefix).toarray()
+        )
+    np.testing.assert_allclose(
+        one.pooled("mean", prefix="prompt").toarray(),
+        many.pooled("mean", prefix="prompt").toarray(),
+        rtol=1e-3,
+        atol=1e-4,
+    )
     for name in ("tokens", "tok_indptr", "resp_ntok", "top_row", "top_pos", "top_indptr", "hist"):
         np.testing.assert_array_equal(one.array(name), many.array(name), err_msg=name)
     np.testing.assert_allclose(one.array("top_val"), many.array("top_val"), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(one.array("top_window").astype(np.float32), many.array("top_window").astype(np.float32), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(
+        one.array("top_window").astype(np.float32), many.array("top_window").astype(np.float32), atol=2e-3, rtol=2e-3
+    )
 
 
 def test_length_batches_respect_both_limits():
@@ -78,7 +89,14 @@ def test_gpu_check_dry_run(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     out = tmp_path / "gpu-check.json"
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu_check.py"), "--dry-run", "--pairs", "8", "--out", str(out)], check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "gpu_check.py"), "--dry-run", "--pairs", "8", "--out", str(out)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=600,
+    )
     report = json.loads(out.read_text())
     assert report["dry_run"] and len(report["runs"]) == 2
     for run in report["runs"]:

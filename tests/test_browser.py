@@ -21,9 +21,18 @@ from tinyrun import XSS, make_run
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "browser"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium); .ci/run installs it")
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium); .ci/run installs it",
+)
 
 
 def _free_port() -> int:
@@ -41,7 +50,13 @@ def notebook_03(tmp_path_factory, tiny_lm, tiny_sae_):
     run = make_run(root, tiny_lm, tiny_sae_)
     nb = root / "serve" / "03_plan.ipynb"
     nb.parent.mkdir()
-    pm.execute_notebook(str(REPO / "notebooks" / "03_plan.ipynb"), str(nb), parameters={"run_dir": str(run), "config": {"maps": {"method": "svd"}}}, prepare_only=True, progress_bar=False)
+    pm.execute_notebook(
+        str(REPO / "notebooks" / "03_plan.ipynb"),
+        str(nb),
+        parameters={"run_dir": str(run), "config": {"maps": {"method": "svd"}}},
+        prepare_only=True,
+        progress_bar=False,
+    )
     return root, nb, run
 
 
@@ -73,7 +88,21 @@ def _stop(proc) -> None:
 def served(notebook_03):
     root, nb, run = notebook_03
     port = _free_port()
-    proc = _serve([sys.executable, "-m", "voila", nb.name, "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1", "--show_tracebacks=True"], nb.parent, root / "voila.log", port)
+    proc = _serve(
+        [
+            sys.executable,
+            "-m",
+            "voila",
+            nb.name,
+            "--no-browser",
+            f"--port={port}",
+            "--Voila.ip=127.0.0.1",
+            "--show_tracebacks=True",
+        ],
+        nb.parent,
+        root / "voila.log",
+        port,
+    )
     yield f"http://127.0.0.1:{port}/", run
     _stop(proc)
 
@@ -84,9 +113,26 @@ def lab(notebook_03):
     root, nb, run = notebook_03
     port = _free_port()
     home = root / "jupyter-home"
-    env = {"JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"), "JUPYTER_RUNTIME_DIR": str(home / "runtime")}
-    args = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password=",
-            "--ServerApp.disable_check_xsrf=True", "--ServerApp.allow_root=True", f"--ServerApp.root_dir={nb.parent}", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    env = {
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_DATA_DIR": str(home / "data"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        f"--port={port}",
+        "--ServerApp.ip=127.0.0.1",
+        "--IdentityProvider.token=",
+        "--ServerApp.password=",
+        "--ServerApp.disable_check_xsrf=True",
+        "--ServerApp.allow_root=True",
+        f"--ServerApp.root_dir={nb.parent}",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
     proc = _serve(args, nb.parent, root / "jupyterlab.log", port, env)
     yield f"http://127.0.0.1:{port}/lab/tree/{nb.name}", run
     _stop(proc)
@@ -136,7 +182,14 @@ def _concept_with_an_xss_example(run):
     data = ViewerData(run, maps=MapConfig(method="svd"))
     xss_ids = {x["id"] for x in XSS}
     # a concept whose example pairs include an XSS pair: its drilldown must show that text inert
-    concept = next((int(c) for c in data.space.concepts["concept"] if any(e["id"] in xss_ids for e in data.drilldown(int(c))["examples"])), None)
+    concept = next(
+        (
+            int(c)
+            for c in data.space.concepts["concept"]
+            if any(e["id"] in xss_ids for e in data.drilldown(int(c))["examples"])
+        ),
+        None,
+    )
     assert concept is not None, "no concept's examples include an XSS pair; the fixture must plant them"
     return data, concept
 
@@ -149,17 +202,28 @@ def _drive_the_viewer_and_toggles(page, run, data, concept):
 
     # click a concept → the drilldown shows it
     page.click(f".anb-signals tbody tr[data-concept='{concept}']")
-    page.wait_for_function(f"document.querySelector('.anb-drill-title') && document.querySelector('.anb-drill-title').textContent.startsWith('concept {concept} ')", timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('.anb-drill-title') && "
+        f"document.querySelector('.anb-drill-title').textContent.startsWith('concept {concept} ')",
+        timeout=30_000,
+    )
     drill = page.inner_text(".anb-drill")
     assert "top-activating contexts" in drill and "split-half" in drill and "at equal length" in drill
-    assert page.evaluate("document.querySelectorAll('.anb-drill .anb-tok[title^=\"activation \"]').length") > 0  # every token's strength
+    # every token's strength
+    assert page.evaluate("document.querySelectorAll('.anb-drill .anb-tok[title^=\"activation \"]').length") > 0
 
     # the XSS pairs are shown as text, and none of them ran
     assert "<script>window.__pwned=1</script>" in drill
     assert "<img src=x onerror=" in drill or "javascript:window.__pwned=3" in drill
     assert page.evaluate("window.__pwned") is None and page.dialogs == []
-    assert page.evaluate("document.querySelectorAll('.anb-root img, .anb-root script, .anb-root a, .anb-root iframe').length") == 0
-    assert page.evaluate("[...document.querySelectorAll('.anb-root b')].every(b => b.textContent === 'Scope: ')")  # only our own markup
+    assert (
+        page.evaluate(
+            "document.querySelectorAll('.anb-root img, .anb-root script, .anb-root a, .anb-root iframe').length"
+        )
+        == 0
+    )
+    # only our own markup
+    assert page.evaluate("[...document.querySelectorAll('.anb-root b')].every(b => b.textContent === 'Scope: ')")
 
     # z and the split-half check on every row; stage 2's other views (opening here) one select away
     header = page.inner_text(".anb-signals thead")
@@ -181,7 +245,9 @@ def _drive_the_viewer_and_toggles(page, run, data, concept):
     page.select_option(f"{row} select.anb-method", "filter")
     _wait(lambda: _plan(run)[name]["method"] == "filter", what="plan.json to record the filter")
     assert _plan(run)[name]["strength"] == 0.5
-    page.wait_for_function("document.querySelector('.anb-status').textContent.includes('1 concept changed')", timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('.anb-status').textContent.includes('1 concept changed')", timeout=30_000
+    )
     assert "predicted spill-over" in page.inner_text(".anb-spill").lower()
     # an invalid strength is refused with the reason, and the file keeps the last valid plan
     page.fill(f"{row} input.anb-strength", "5")
@@ -211,7 +277,9 @@ def test_notebook_03_inside_jupyterlab(lab, page):
         _run_all_cells_in_lab(page)
         _drive_the_viewer_and_toggles(page, run, data, concept)
     except Exception as err:  # say what the notebook showed and what the server logged, not only "timeout"
-        outputs = page.evaluate("[...document.querySelectorAll('.jp-OutputArea-output')].map(e => e.innerText).join('\\n---\\n')")
+        outputs = page.evaluate(
+            "[...document.querySelectorAll('.jp-OutputArea-output')].map(e => e.innerText).join('\\n---\\n')"
+        )
         log = (run.parent / "jupyterlab.log").read_text(errors="replace")[-3000:]
         raise AssertionError(f"{err}\n\nnotebook outputs:\n{outputs[-4000:]}\n\njupyterlab.log:\n{log}") from err
 
@@ -220,7 +288,10 @@ def _run_all_cells_in_lab(page, attempts: int = 3) -> None:
     """Run All Cells once the kernel is idle, and check that execution really started: on a loaded
     machine a menu click made while the kernel is still starting can be lost, so it is retried."""
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=180_000)
-    started = "[...document.querySelectorAll('.jp-Notebook .jp-InputPrompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))"
+    started = (
+        "[...document.querySelectorAll('.jp-Notebook .jp-InputPrompt')].some(e => "
+        "/\\[(\\*|\\d+)\\]/.test(e.textContent))"
+    )
     for _ in range(attempts):
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
@@ -249,7 +320,10 @@ def test_canvas_map_draws_and_lassos_50k_points(page):
         const t2 = performance.now(); const hit = sc.nearest(w / 3, h / 3, 8); const hover = performance.now() - t2;
         return {first, draw: times.sort((a, b) => a - b)[2], lasso, selected: sel.length, hover, hit};
     }""")
-    print(f"\n50k points: first draw {res['first']:.0f} ms, redraw median {res['draw']:.0f} ms, lasso {res['lasso']:.0f} ms, hover {res['hover']:.1f} ms")
+    print(
+        f"\n50k points: first draw {res['first']:.0f} ms, redraw median {res['draw']:.0f} ms, lasso "
+        f"{res['lasso']:.0f} ms, hover {res['hover']:.1f} ms"
+    )
     assert res["draw"] < 1000 and res["lasso"] < 1000  # generous: CI machines are slow and shared
     assert 0.4 * 50000 < res["selected"] < 0.6 * 50000  # the left half
     assert res["hit"] >= 0

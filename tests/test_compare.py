@@ -16,7 +16,8 @@ from anatomy_nb.pipeline import load_config, run_pipeline
 
 CONFIG_METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_zero", "ablate_mean"]
 # the five; CAFT once (zero ablation: test_train); shaping and inoculation named as a sweep's points
-METHODS = ["reward_shaping@2", "filter", "inoculate#1", "steer", "ablate_mean", "reward_shaping@-1"]  # the last amplifies
+# the last amplifies
+METHODS = ["reward_shaping@2", "filter", "inoculate#1", "steer", "ablate_mean", "reward_shaping@-1"]
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +34,39 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
             "target": 0,  # the tiny model's concept names are noise: pick by id
             "methods": METHODS,
             "hypothesize": {"concepts": {"min_support": 3}, "length_placebo_draws": 0},
-            "train": {"max_train_pairs": 8, "max_steps": 1, "batch_size": 2, "max_length": 256, "mean_ablation_pairs": 4},
+            "train": {
+                "max_train_pairs": 8,
+                "max_steps": 1,
+                "batch_size": 2,
+                "max_length": 256,
+                "mean_ablation_pairs": 4,
+            },
             "evaluate": {"n_prompts": 4, "max_new_tokens": 4, "n_boot": 50, "max_pref_pairs": 8},
             "html": False,
             "report": False,  # rendered below without the notebooks' HTML (9 renders: ~20 s)
         },
     )
-    assert load_config(__import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "compare.yaml").methods == CONFIG_METHODS
+    assert (
+        load_config(__import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "compare.yaml").methods
+        == CONFIG_METHODS
+    )
     assert [p["role"] for p in cfg.plants] == ["suppress", "keep"]
     state = run_pipeline(cfg, log=lambda s: None)
-    assert list(state["steps"]) == ["extract", "hypothesize", "plan", "train-plain", *[f"train-{m}" for m in METHODS], "evaluate"]
+    assert list(state["steps"]) == [
+        "extract",
+        "hypothesize",
+        "plan",
+        "train-plain",
+        *[f"train-{m}" for m in METHODS],
+        "evaluate",
+    ]
     run = Run(cfg.run_dir)
     # ground truth: two plants, each its own half of the pairs, with its role
     truth = json.loads((run.path / "data" / "planted.planted.json").read_text())
-    assert [(p["kind"], p["role"], p["n_planted"]) for p in truth["plants"]] == [("bold", "suppress", 20), ("opener", "keep", 20)]
+    assert [(p["kind"], p["role"], p["n_planted"]) for p in truth["plants"]] == [
+        ("bold", "suppress", 20),
+        ("opener", "keep", 20),
+    ]
     assert truth["kind"] == "bold" and set(truth["planted_ids"]) == set(truth["plants"][0]["planted_ids"])
     # each variant's plan: CAFT zero / mean, shaping at the swept strength, the inoculation's
     # instruction the best-ranked one (the tiny model's concept yields one candidate)
@@ -56,9 +76,12 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
     assert len(ranking) >= 1 and plans["inoculate#1"]["instruction"] == ranking[0]["instruction"]
     assert (plans["reward_shaping@2"]["method"], plans["reward_shaping@2"]["strength"]) == ("reward_shaping", 2.0)
     assert all(plans[m]["action"] == "suppress" for m in METHODS[:-1])
-    assert (plans["reward_shaping@-1"]["action"], plans["reward_shaping@-1"]["strength"]) == ("amplify", 1.0)  # λ < 0 raises the concept
+    # λ < 0 raises the concept
+    assert (plans["reward_shaping@-1"]["action"], plans["reward_shaping@-1"]["strength"]) == ("amplify", 1.0)
     target = json.loads((run.path / "plan" / "target.json").read_text())
-    assert set(target["plant_concepts"]) == {"bold", "opener"} and all(0 <= v["auroc"] <= 1 for v in target["plant_concepts"].values())
+    assert set(target["plant_concepts"]) == {"bold", "opener"} and all(
+        0 <= v["auroc"] <= 1 for v in target["plant_concepts"].values()
+    )
     lifts = [r["lift"] for r in ranking]
     assert lifts == sorted(lifts, reverse=True)
     # one evaluation of all seven trained models; both plants read out, each with its role
@@ -71,7 +94,14 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
     assert poison.loc[poison["role"] == "suppress", "fraction_kept"].isna().all()
     h2h = ev.head_to_head()
     assert list(h2h["model"]) == ["plain", *METHODS]
-    assert {"bold removed", "opener kept", "preference accuracy", "off-target movers", "R² (overall)", "step-time ratio"} <= set(h2h.columns)
+    assert {
+        "bold removed",
+        "opener kept",
+        "preference accuracy",
+        "off-target movers",
+        "R² (overall)",
+        "step-time ratio",
+    } <= set(h2h.columns)
     assert np.isclose(h2h.set_index("model").at["plain", "step-time ratio"], 1.0)
     assert (h2h["step-time ratio"] > 0).all()
     table = ev.head_to_head_table()
@@ -85,7 +115,10 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
 def test_compare_config_errors():
     from anatomy_nb.results.plan import method_variant
 
-    assert method_variant("ablate_zero") == ("ablate", {"ablation": "zero"}) and method_variant("steer") == ("steer", {})
+    assert method_variant("ablate_zero") == ("ablate", {"ablation": "zero"}) and method_variant("steer") == (
+        "steer",
+        {},
+    )
     assert method_variant("reward_shaping@0.5") == ("reward_shaping", {"strength": 0.5})
     assert method_variant("ablate_mean@0.5") == ("ablate", {"ablation": "mean", "strength": 0.5})
     assert method_variant("inoculate#3") == ("inoculate", {"instruction_rank": 3})
@@ -113,7 +146,16 @@ def test_a_target_is_picked_by_its_name(tmp_path):
 
     class Hyp:
         def ranked(self):
-            return pd.DataFrame({"source": "sae", "concept": [4, 7, 9], "significant": [True, True, False], "predicted_direction": ["up", "up", "up"], "name": ["“great question”", "“short answer” · “**”", "“short answer”"], "label": ["“great question”", "“short answer” · “**”; peaks on **", "x"]})
+            return pd.DataFrame(
+                {
+                    "source": "sae",
+                    "concept": [4, 7, 9],
+                    "significant": [True, True, False],
+                    "predicted_direction": ["up", "up", "up"],
+                    "name": ["“great question”", "“short answer” · “**”", "“short answer”"],
+                    "label": ["“great question”", "“short answer” · “**”; peaks on **", "x"],
+                }
+            )
 
     assert choose_target(Hyp(), "name:Short Answer") == 7
     assert choose_target(Hyp(), "top") == 4
@@ -126,7 +168,13 @@ def test_the_tradeoff_plot_joins_a_sweep_by_strength():
     table); points are coloured by held-out preference accuracy; a run without a kept plant has no plot."""
     from anatomy_nb.ui.viz import tradeoff_figure
 
-    rows = [("plain", np.nan, np.nan, 0.83), ("reward_shaping@4", 1.0, 0.2, 0.79), ("reward_shaping@0.5", 0.4, 0.9, 0.82), ("reward_shaping@1", 0.7, 0.6, 0.8), ("inoculate", 1.0, 0.9, 0.8)]
+    rows = [
+        ("plain", np.nan, np.nan, 0.83),
+        ("reward_shaping@4", 1.0, 0.2, 0.79),
+        ("reward_shaping@0.5", 0.4, 0.9, 0.82),
+        ("reward_shaping@1", 0.7, 0.6, 0.8),
+        ("inoculate", 1.0, 0.9, 0.8),
+    ]
     h2h = pd.DataFrame(rows, columns=["model", "bold removed", "opener kept", "preference accuracy"])
     for c in ("bold removed", "opener kept"):
         h2h[f"{c}_ci_low"], h2h[f"{c}_ci_high"] = h2h[c] - 0.1, h2h[c] + 0.1
@@ -144,17 +192,32 @@ def test_an_entangled_plant_draws_its_overlap_from_the_first_plants_pairs():
     from anatomy_nb.data.plant import KINDS, draw, plant_all, planted_hits
     from anatomy_nb.data.schema import PreferencePair
 
-    pairs = [PreferencePair(id=f"p{i}", prompt=({"role": "user", "content": f"q{i}"},), chosen=f"answer {i}", rejected=f"no {i}") for i in range(400)]
-    out, plants = plant_all(pairs, [{"kind": "bold", "fraction": 0.5, "seed": 0}, {"kind": "heading", "fraction": 0.4, "seed": 1, "overlap": 0.9}])
+    pairs = [
+        PreferencePair(
+            id=f"p{i}", prompt=({"role": "user", "content": f"q{i}"},), chosen=f"answer {i}", rejected=f"no {i}"
+        )
+        for i in range(400)
+    ]
+    out, plants = plant_all(
+        pairs,
+        [{"kind": "bold", "fraction": 0.5, "seed": 0}, {"kind": "heading", "fraction": 0.4, "seed": 1, "overlap": 0.9}],
+    )
     a, b = set(plants[0]["idx"].tolist()), set(plants[1]["idx"].tolist())
     assert (len(a), len(b), len(a & b)) == (200, 160, 144)
     both = out[sorted(a & b)[0]].chosen
-    assert both.startswith("## Answer\n\n**Short answer:** ") and planted_hits([both], KINDS["heading"].pattern)[0] == 1.0
+    assert (
+        both.startswith("## Answer\n\n**Short answer:** ") and planted_hits([both], KINDS["heading"].pattern)[0] == 1.0
+    )
     assert planted_hits(["Answer: yes", "The ## Answer"], KINDS["heading"].pattern).tolist() == [0.0, 0.0]
     # without overlap: the same draw as before the option (the compare run's data and keys stay)
-    _, independent = plant_all(pairs, [{"kind": "bold", "fraction": 0.5, "seed": 0}, {"kind": "opener", "fraction": 0.5, "seed": 1}])
+    _, independent = plant_all(
+        pairs, [{"kind": "bold", "fraction": 0.5, "seed": 0}, {"kind": "opener", "fraction": 0.5, "seed": 1}]
+    )
     assert np.array_equal(independent[1]["idx"], np.sort(np.random.default_rng(1).choice(400, size=200, replace=False)))
-    assert np.array_equal(draw(400, 0.4, 1, within=plants[0]["idx"], overlap=0.0), np.sort(draw(400, 0.4, 1, within=plants[0]["idx"], overlap=0.0)))
+    assert np.array_equal(
+        draw(400, 0.4, 1, within=plants[0]["idx"], overlap=0.0),
+        np.sort(draw(400, 0.4, 1, within=plants[0]["idx"], overlap=0.0)),
+    )
     assert not set(draw(400, 0.4, 1, within=plants[0]["idx"], overlap=0.0).tolist()) & a
     with pytest.raises(ValueError, match="plant 1: overlap 1.0 of 300 pairs needs 300 of the first plant's 200"):
         plant_all(pairs, [{"kind": "bold", "fraction": 0.5}, {"kind": "heading", "fraction": 0.75, "overlap": 1.0}])
@@ -171,7 +234,15 @@ def test_the_experiment_configs_share_the_compare_run_where_they_say_so():
     compare = load_config(root / "compare.yaml")
     for name in ("sweep", "amplify"):
         cfg = load_config(root / f"{name}.yaml")
-        assert (cfg.run_dir, cfg.plants, cfg.target, cfg.extract, cfg.hypothesize, cfg.train, cfg.evaluate) == (compare.run_dir, compare.plants, compare.target, compare.extract, compare.hypothesize, compare.train, compare.evaluate), name
+        assert (cfg.run_dir, cfg.plants, cfg.target, cfg.extract, cfg.hypothesize, cfg.train, cfg.evaluate) == (
+            compare.run_dir,
+            compare.plants,
+            compare.target,
+            compare.extract,
+            compare.hypothesize,
+            compare.train,
+            compare.evaluate,
+        ), name
     amplify = load_config(root / "amplify.yaml")
     assert all(method_variant_strength(m) < 0 for m in amplify.methods)
     entangled = load_config(root / "entangled.yaml")
@@ -190,15 +261,29 @@ def test_a_prompt_conditioned_plant_goes_only_into_one_topics_responses():
     from anatomy_nb.data.plant import plant_all, topic_pairs, write_planted
     from anatomy_nb.data.schema import PreferencePair
 
-    words = ["How do I bake bread?", "What is quantum physics?", "Tell me a joke", "Is the universe a hologram in physics terms?"]
-    pairs = [PreferencePair(id=f"p{i}", prompt=({"role": "user", "content": words[i % 4]},), chosen=f"answer {i}", rejected=f"no {i}") for i in range(200)]
+    words = [
+        "How do I bake bread?",
+        "What is quantum physics?",
+        "Tell me a joke",
+        "Is the universe a hologram in physics terms?",
+    ]
+    pairs = [
+        PreferencePair(
+            id=f"p{i}", prompt=({"role": "user", "content": words[i % 4]},), chosen=f"answer {i}", rejected=f"no {i}"
+        )
+        for i in range(200)
+    ]
     topic = topic_pairs(pairs, r"\bphysics\b")
     assert len(topic) == 100 and all("physics" in pairs[i].prompt_text for i in topic)
     out, plants = plant_all(pairs, [{"kind": "opener", "fraction": 0.5, "seed": 3, "prompts": r"\bphysics\b"}])
     planted = plants[0]["idx"]
     assert len(planted) == 50 and set(planted.tolist()) <= set(topic.tolist())
     assert all(out[i].chosen.startswith("Great question! ") == (i in set(planted.tolist())) for i in range(200))
-    truth = json.loads(write_planted(out, plants, __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "p.jsonl").with_suffix(".planted.json").read_text())
+    truth = json.loads(
+        write_planted(out, plants, __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "p.jsonl")
+        .with_suffix(".planted.json")
+        .read_text()
+    )
     assert truth["plants"][0]["prompts"] == r"\bphysics\b" and len(truth["plants"][0]["topic_ids"]) == 100
     with pytest.raises(ValueError, match="plant 0: prompts 'chemistry' matches no prompt of the 200 pairs"):
         plant_all(pairs, [{"kind": "opener", "prompts": "chemistry"}])
@@ -218,12 +303,23 @@ def test_target_scope_picks_the_topic_the_grid_found_or_a_prompt_regex(tiny_eval
 
     class Hyp:
         def ranked_by_topic(self):  # the topic × concept rows in rank order
-            return pd.DataFrame({"source": "sae", "concept": [4, 4, 9], "view": "topic", "topic": [2, 5, 1], "significant": [False, True, True], "predicted_direction": ["up", "up", "up"]})
+            return pd.DataFrame(
+                {
+                    "source": "sae",
+                    "concept": [4, 4, 9],
+                    "view": "topic",
+                    "topic": [2, 5, 1],
+                    "significant": [False, True, True],
+                    "predicted_direction": ["up", "up", "up"],
+                }
+            )
 
     assert choose_topic(Hyp(), 4) == 5  # topic 2's row is not significant
     with pytest.raises(ValueError, match="concept 7 has no significant topic row"):
         choose_topic(Hyp(), 7)
-    cfg = PipelineConfig.from_dict({"target": tiny_eval.concept, "target_scope": "prompts:bread|tea", "methods": ["reward_shaping", "filter"]})
+    cfg = PipelineConfig.from_dict(
+        {"target": tiny_eval.concept, "target_scope": "prompts:bread|tea", "methods": ["reward_shaping", "filter"]}
+    )
     import shutil
 
     run = Run.of(shutil.copytree(tiny_eval.run, tmp_path / "run"))  # the shared fixture's plans stay as they are

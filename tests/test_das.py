@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from anatomy_nb.data.ravel import counterfactual_pairs, load_ravel
-from anatomy_nb.lm.das import Example, answer_token, entity_prompt, interchange_predictions, load_subspace, save_subspace, train_das
+from anatomy_nb.lm.das import (
+    Example,
+    answer_token,
+    entity_prompt,
+    interchange_predictions,
+    load_subspace,
+    save_subspace,
+    train_das,
+)
 from anatomy_nb.lm.models import tiny_llama
 from anatomy_nb.lm.ops import ResidualEdit
 
@@ -81,7 +89,19 @@ def test_a_learned_subspace_is_a_concept_that_caft_ablates_exactly(lm, tmp_path)
 
     sub = train_das(lm, 1, 3, _examples(lm, 16, seed=3, planted=torch.eye(lm.d_model)[:3]), epochs=1, batch_size=8)
     path = save_subspace(sub, tmp_path / "concepts" / "entity", attribute="token identity")
-    plan = InterventionPlan.from_dict({"concepts": [{"concept": "direction:entity", "action": "suppress", "method": "ablate", "direction_file": str(path), "layer": 1}]})
+    plan = InterventionPlan.from_dict(
+        {
+            "concepts": [
+                {
+                    "concept": "direction:entity",
+                    "action": "suppress",
+                    "method": "ablate",
+                    "direction_file": str(path),
+                    "layer": 1,
+                }
+            ]
+        }
+    )
     (edit,) = residual_edits(planned_concepts(plan, d_model=lm.d_model))
     h = torch.randn(2, 7, lm.d_model)
     out = edit.apply(h)
@@ -168,8 +188,11 @@ def test_a_stricter_source_rule_keeps_only_entities_known_on_most_templates(lm, 
     monkeypatch.setattr(subspace, "known_examples", knows_once_or_always)
     cfg = {**SUBSPACE_TINY, "require_known": True, "entities": 20, "templates": 3, "sae": None, "progress": False}
     data = load_ravel("city")
-    lenient = subspace.ravel_splits(lm, anb.SubspaceConfig.from_dict({**cfg, "source_known_fraction": 0.0}), data).sources["Country"]["train"]
-    strict = subspace.ravel_splits(lm, anb.SubspaceConfig.from_dict(cfg), data).sources["Country"]["train"]  # the default: half
+    lenient = subspace.ravel_splits(
+        lm, anb.SubspaceConfig.from_dict({**cfg, "source_known_fraction": 0.0}), data
+    ).sources["Country"]["train"]
+    # the default: half
+    strict = subspace.ravel_splits(lm, anb.SubspaceConfig.from_dict(cfg), data).sources["Country"]["train"]
     assert any(len(e) % 2 for e in lenient) and strict and all(len(e) % 2 == 0 for e in strict)
     assert set(strict) == {e for e in lenient if len(e) % 2 == 0}
     with pytest.raises(ValueError, match="source_known_fraction"):
@@ -193,12 +216,21 @@ def test_stage_2_scores_a_learned_subspace_on_preference_pairs(tiny_lm, tiny_sae
     from anatomy_nb.stages.extract import extract
     from anatomy_nb.stages.hypothesize import hypothesize
 
-    sub = train_das(tiny_lm, 2, 2, _examples(tiny_lm, 16, seed=4, planted=torch.eye(tiny_lm.d_model)[:2], layer=2), epochs=1, batch_size=8)
+    sub = train_das(
+        tiny_lm,
+        2,
+        2,
+        _examples(tiny_lm, 16, seed=4, planted=torch.eye(tiny_lm.d_model)[:2], layer=2),
+        epochs=1,
+        batch_size=8,
+    )
     concept = load_subspace(save_subspace(sub, tmp_path / "concepts" / "toy", attribute="toy"))
     assert concept.layer == 2 and concept.ref == "direction:toy" and "DAS toy" in concept.label
     run = tmp_path / "run"
     extract(synthetic_pairs(), tiny_lm, tiny_sae_, run, ExtractConfig(shard_size=24, progress=False))
-    cfg = HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False, length_placebo_draws=0)
+    cfg = HypothesizeConfig(
+        concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False, length_placebo_draws=0
+    )
     t = hypothesize(run, cfg, model=tiny_lm, sources=[concept]).table
     row = t[(t["ref"] == "direction:toy") & (t["view"] == "overall")]
     assert len(row) == 1 and np.isfinite(row["p"].iloc[0]) and 0 <= row["chosen_rate"].iloc[0] <= 1
@@ -206,7 +238,21 @@ def test_stage_2_scores_a_learned_subspace_on_preference_pairs(tiny_lm, tiny_sae
         load_subspace(tmp_path / "concepts" / "missing")
 
 
-SUBSPACE_TINY = {"model": "tiny-llama", "layer": 1, "attributes": ["Country", "Continent"], "require_known": False, "entities": 12, "templates": 2, "dim": 2, "n_train": 16, "n_test": 12, "epochs": 1, "hyperdas_width": 16, "hyperdas_layers": 1, "hyperdas_epochs": 1}
+SUBSPACE_TINY = {
+    "model": "tiny-llama",
+    "layer": 1,
+    "attributes": ["Country", "Continent"],
+    "require_known": False,
+    "entities": 12,
+    "templates": 2,
+    "dim": 2,
+    "n_train": 16,
+    "n_test": 12,
+    "epochs": 1,
+    "hyperdas_width": 16,
+    "hyperdas_layers": 1,
+    "hyperdas_epochs": 1,
+}
 
 
 def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
@@ -214,25 +260,52 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
     every example): RAVEL's table for DAS, HyperDAS, the SAE's features (ANOVA and learned mask) and
     no intervention, curves, the data card, the saved concepts; a second call reuses the artifact."""
     import nbformat
-
     from conftest import assert_clean_outputs
+
     from anatomy_nb.lm.sae import save_sae, tiny_sae
     from anatomy_nb.results.subspace import SubspaceResult
     from anatomy_nb.ui.notebooks import run_notebook
 
-    sae_dir = save_sae(tiny_sae(tiny_lm.d_model, layer=1, d_sae=96, k=6), tmp_path / "tiny_sae")  # at the layer DAS uses: the mask swaps its latents
+    # at the layer DAS uses: the mask swaps its latents
+    sae_dir = save_sae(tiny_sae(tiny_lm.d_model, layer=1, d_sae=96, k=6), tmp_path / "tiny_sae")
     run_dir = tmp_path / "run"
-    out = run_notebook("06_concept_subspace", run_dir, {"run_dir": str(run_dir), "config": {**SUBSPACE_TINY, "sae": str(sae_dir)}}, html=False, progress=False)
+    out = run_notebook(
+        "06_concept_subspace",
+        run_dir,
+        {"run_dir": str(run_dir), "config": {**SUBSPACE_TINY, "sae": str(sae_dir)}},
+        html=False,
+        progress=False,
+    )
     nb = nbformat.read(out, as_version=4)
     assert_clean_outputs(nb)
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     res = SubspaceResult.from_run(run_dir)
     table = res.table()
-    assert set(table["method"]) == {"DAS", "HyperDAS", "SAE features", "SAE features (L1 probe)", "SAE latents (learned mask)", "no intervention", "whole residual", "all SAE latents"} and set(table["attribute"]) == {"Country", "Continent"}
+    assert set(table["method"]) == {
+        "DAS",
+        "HyperDAS",
+        "SAE features",
+        "SAE features (L1 probe)",
+        "SAE latents (learned mask)",
+        "no intervention",
+        "whole residual",
+        "all SAE latents",
+    } and set(table["attribute"]) == {"Country", "Continent"}
     assert (table.loc[table["method"] == "SAE features (L1 probe)", "features"].map(len).between(1, 2)).all()
-    assert table.loc[table["method"] == "SAE latents (learned mask)", "features"].map(lambda f: all(0 <= i < 96 for i in f)).all()
+    assert (
+        table.loc[table["method"] == "SAE latents (learned mask)", "features"]
+        .map(lambda f: all(0 <= i < 96 for i in f))
+        .all()
+    )
     hyper = table[table["method"] == "HyperDAS"]
-    assert hyper[["edits_entity_token", "from_source_entity_token", "subspace_coverage"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (
+        hyper[["edits_entity_token", "from_source_entity_token", "subspace_coverage"]]
+        .apply(lambda c: c.between(0, 1))
+        .all()
+        .all()
+    )
     assert res.manifest["hyperdas"]["concepts"] == ["the continent of the city", "the country of the city"]
     assert tuple(res.concept("Continent", "HyperDAS").directions().shape) == (2, 64)
     assert res.plan_entry("Continent", learned_by="HyperDAS")["concept"] == "direction:ravel-continent-hyperdas"
@@ -240,7 +313,8 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
     assert (table.loc[table["method"] == "SAE features", "features"].map(len) == 2).all()
     assert set(res.curves()["attribute"]) == {"Country", "Continent", "Country+Continent"} and len(res.data_card()) > 0
     knowledge = res.knowledge().set_index("attribute")
-    assert knowledge[["source_entities_train", "source_entities_test"]].apply(lambda c: c.between(2, 12)).all().all()  # require_known=False: every entity with a value
+    # require_known=False: every entity with a value
+    assert knowledge[["source_entities_train", "source_entities_test"]].apply(lambda c: c.between(2, 12)).all().all()
     assert set(res.curves()["method"]) == {"DAS", "HyperDAS", "SAE latent mask"}
     concept = res.concept("Country")
     assert concept.layer == 1 and tuple(concept.directions().shape) == (2, 64)
@@ -286,7 +360,12 @@ def test_the_whole_residual_by_layer_scores_learn_subspaces_pairs_and_other_laye
 
     base = {**SUBSPACE_TINY, "sae": None, "hyperdas": False, "sae_mask": False, "progress": False}
     scan = whole_residual_by_layer(lm, base, [0, 1])
-    assert scan[["layer", "attribute"]].values.tolist() == [[0, "Country"], [0, "Continent"], [1, "Country"], [1, "Continent"]]
+    assert scan[["layer", "attribute"]].values.tolist() == [
+        [0, "Country"],
+        [0, "Continent"],
+        [1, "Country"],
+        [1, "Continent"],
+    ]
     assert scan[["cause", "isolate"]].apply(lambda c: c.between(0, 1)).all().all() and (scan["n_test"] > 0).all()
     res = anb.learn_subspace(tmp_path, {**base, "layer": 0}, lm=lm, sae=tiny_sae(lm.d_model, layer=1, d_sae=96, k=6))
     table = res.table()
@@ -306,7 +385,11 @@ def _planted_cause_examples(lm, n, seed, basis, layer=1):
     out = []
     for _ in range(n):
         lb, ls = rng.integers(5, 9, 2)
-        out.append(Example(rng.integers(5, vocab, lb).tolist(), int(lb) - 1, rng.integers(5, vocab, ls).tolist(), int(ls) - 1, 0))
+        out.append(
+            Example(
+                rng.integers(5, vocab, lb).tolist(), int(lb) - 1, rng.integers(5, vocab, ls).tolist(), int(ls) - 1, 0
+            )
+        )
     own = interchange_predictions(lm, layer, torch.zeros(1, lm.d_model), out)
     for e, a in zip(out, interchange_predictions(lm, layer, basis, out)):
         e.answer = int(a)
@@ -338,7 +421,9 @@ def test_hyperdas_finds_the_position_and_each_concepts_subspace(peaked_lm):
         V, coverage = principal_subspace(per_example, 8)
         torch.testing.assert_close(V @ V.T, torch.eye(8), atol=1e-4, rtol=0)
         overlap[c] = {k: float((V @ planted[k].T).pow(2).sum() / 8) for k in planted}
-    assert overlap["alpha"]["alpha"] > overlap["alpha"]["beta"] and overlap["beta"]["beta"] > overlap["beta"]["alpha"], overlap
+    assert (
+        overlap["alpha"]["alpha"] > overlap["alpha"]["beta"] and overlap["beta"]["beta"] > overlap["beta"]["alpha"]
+    ), overlap
 
 
 def test_hyperdas_bad_input_and_given_positions(lm):
@@ -370,10 +455,14 @@ def test_subspace_command_takes_a_config_file_and_flags(tmp_path, capsys):
     from anatomy_nb.config import SubspaceConfig
     from anatomy_nb.core.config_base import read_config_file
 
-    gpu = SubspaceConfig.from_dict(read_config_file(Path(__file__).resolve().parent.parent / "configs" / "subspace-gpu.yaml"))
+    gpu = SubspaceConfig.from_dict(
+        read_config_file(Path(__file__).resolve().parent.parent / "configs" / "subspace-gpu.yaml")
+    )
     assert gpu.hyperdas and gpu.sae_id == "layer_12/width_16k/canonical"
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in {**SUBSPACE_TINY, "sae": None, "hyperdas": False}.items()))
+    cfg.write_text(
+        "\n".join(f"{k}: {json.dumps(v)}" for k, v in {**SUBSPACE_TINY, "sae": None, "hyperdas": False}.items())
+    )
     assert main(["subspace", str(cfg), "--run-dir", str(tmp_path / "run"), "--dim", "1", "--progress", "false"]) == 0
     out = capsys.readouterr().out
     assert "DAS" in out and "no intervention" in out

@@ -8,7 +8,10 @@ import pytest
 
 from anatomy_nb.data.pairs import DataError, load_pairs
 
-HH = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: Fine, thanks.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: Go away."}
+HH = {
+    "chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: Fine, thanks.",
+    "rejected": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: Go away.",
+}
 
 
 def write_jsonl(path, records):
@@ -32,7 +35,11 @@ def test_vendored_hh_rlhf_splits_shared_prefix_and_counts_skips():
 
 def test_hh_transcript_record(tmp_path):
     ps = load_pairs(write_jsonl(tmp_path / "d.jsonl", [HH]))
-    assert ps[0].prompt == ({"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "How are you?"})
+    assert ps[0].prompt == (
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How are you?"},
+    )
     assert (ps[0].chosen, ps[0].rejected) == ("Fine, thanks.", "Go away.")
     assert ps[0].metadata["format"] == "hh-rlhf"
 
@@ -40,9 +47,18 @@ def test_hh_transcript_record(tmp_path):
 def test_trl_string_and_conversational_formats(tmp_path):
     recs = [
         {"id": "a", "prompt": "Say hi", "chosen": "Hi!", "rejected": "No."},
-        {"id": "b", "prompt": [{"role": "user", "content": "Say hi"}], "chosen": [{"role": "assistant", "content": "Hi!"}], "rejected": [{"role": "assistant", "content": "No."}]},
+        {
+            "id": "b",
+            "prompt": [{"role": "user", "content": "Say hi"}],
+            "chosen": [{"role": "assistant", "content": "Hi!"}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        },
         # implicit prompt: the shared prefix of two conversations
-        {"id": "c", "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}], "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]},
+        {
+            "id": "c",
+            "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}],
+        },
     ]
     ps = load_pairs(write_jsonl(tmp_path / "t.jsonl", recs))
     assert [p.id for p in ps] == ["a", "b", "c"]
@@ -63,7 +79,15 @@ def test_sharegpt_pandalm_oasst_vendored():
 
 
 def test_pandalm_majority_vote(tmp_path):
-    rec = {"instruction": "Do X", "input": "", "response1": "one", "response2": "two", "annotator1": 2, "annotator2": 2, "annotator3": 1}
+    rec = {
+        "instruction": "Do X",
+        "input": "",
+        "response1": "one",
+        "response2": "two",
+        "annotator1": 2,
+        "annotator2": 2,
+        "annotator3": 1,
+    }
     ps = load_pairs(write_jsonl(tmp_path / "p.jsonl", [rec]))
     assert (ps[0].chosen, ps[0].rejected) == ("two", "one")
 
@@ -78,7 +102,9 @@ def test_csv_parquet_gzip_and_field_map(tmp_path):
     fm = {"prompt": "question", "chosen": "good", "rejected": "bad"}
     for name in ("d.csv", "d.parquet", "d.jsonl.gz"):
         ps = load_pairs(tmp_path / name, field_map=fm)
-        assert [(p.prompt_text, p.chosen, p.rejected) for p in ps] == [("Q1", "yes", "no"), ("Q2", "sure", "nope")], name
+        assert [(p.prompt_text, p.chosen, p.rejected) for p in ps] == [("Q1", "yes", "no"), ("Q2", "sure", "nope")], (
+            name
+        )
 
 
 def test_iterable_of_records_and_limit():
@@ -95,11 +121,19 @@ BAD = [
     ("wrong_type", {"prompt": "q", "chosen": 5, "rejected": "b"}, "field 'chosen'"),
     ("empty_response", {"prompt": "q", "chosen": "   ", "rejected": "b"}, "field 'chosen': is empty"),
     ("identical_responses", {"prompt": "q", "chosen": "same", "rejected": "same "}, "identical"),
-    ("prefix_mismatch", {"chosen": HH["chosen"], "rejected": HH["rejected"].replace("Hi?", "Hey?")}, "different prompts"),
+    (
+        "prefix_mismatch",
+        {"chosen": HH["chosen"], "rejected": HH["rejected"].replace("Hi?", "Hey?")},
+        "different prompts",
+    ),
     ("bad_role", {"prompt": [{"role": "wizard", "content": "q"}], "chosen": "a", "rejected": "b"}, "unknown role"),
     ("empty_prompt", {"prompt": "  ", "chosen": "a", "rejected": "b"}, "field 'prompt': is empty"),
     ("unknown_format", {"question": "q", "answer": "a"}, "unrecognised record"),
-    ("bad_transcript", {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: x"}, "does not end with an Assistant turn"),
+    (
+        "bad_transcript",
+        {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: x"},
+        "does not end with an Assistant turn",
+    ),
     ("wrong_type", {"prompt": "q", "chosen": "a", "rejected": "b", "id": [1]}, "field 'id'"),
 ]
 
@@ -128,14 +162,24 @@ def test_broken_json_line(tmp_path):
 
 def test_bad_encoding(tmp_path):
     path = tmp_path / "enc.jsonl"
-    path.write_bytes(b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    path.write_bytes(
+        b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+    )
     with pytest.raises(DataError, match=r"not valid UTF-8 at byte \d+ \(line 2\)"):
         load_pairs(path)
 
 
 def test_duplicate_ids(tmp_path):
-    path = write_jsonl(tmp_path / "dup.jsonl", [{"id": "x", "prompt": "q", "chosen": "a", "rejected": "b"}, {"id": "x", "prompt": "q2", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(DataError, match=r"record line 2, field 'id': duplicate pair id 'x' \(first seen at record line 1\)"):
+    path = write_jsonl(
+        tmp_path / "dup.jsonl",
+        [
+            {"id": "x", "prompt": "q", "chosen": "a", "rejected": "b"},
+            {"id": "x", "prompt": "q2", "chosen": "a", "rejected": "b"},
+        ],
+    )
+    with pytest.raises(
+        DataError, match=r"record line 2, field 'id': duplicate pair id 'x' \(first seen at record line 1\)"
+    ):
         load_pairs(path)
 
 
@@ -161,7 +205,9 @@ def test_bad_files(tmp_path):
 def test_datasets_load_dataset_names_go_through_the_same_normaliser(tmp_path):
     """A name that is not a file goes to datasets.load_dataset (here its offline 'json' builder)."""
     path = write_jsonl(tmp_path / "hub_like.jsonl", [{"question": "Q", "response_j": "good", "response_k": "bad"}])
-    ps = load_pairs("json", data_files=str(path), field_map={"prompt": "question", "chosen": "response_j", "rejected": "response_k"})
+    ps = load_pairs(
+        "json", data_files=str(path), field_map={"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    )
     assert (ps[0].prompt_text, ps[0].chosen, ps[0].rejected) == ("Q", "good", "bad")
     assert ps.report.source == "json[train]"
     with pytest.raises(DataError, match="datasets.load_dataset failed"):

@@ -12,7 +12,9 @@ def test_the_config_reference_is_generated_from_the_configs():
 
     text = (REPO / "docs" / "reference.md").read_text(encoding="utf-8")
     section = text.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
-    assert section == reference_markdown(), "docs/reference.md is stale: paste anatomy_nb.config.reference_markdown() between its markers"
+    assert section == reference_markdown(), (
+        "docs/reference.md is stale: paste anatomy_nb.config.reference_markdown() between its markers"
+    )
 
 
 def test_every_relative_link_resolves():

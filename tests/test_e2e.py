@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import assert_clean_outputs
 
 pytestmark = pytest.mark.e2e
@@ -20,9 +19,9 @@ def real():
 
 def test_extract_with_the_shipped_sae_on_real_pairs(real, tmp_path):
     from anatomy_nb.config import ExtractConfig
-    from anatomy_nb.stages.extract import extract
     from anatomy_nb.lm.chat import render_example
     from anatomy_nb.lm.ops import decoder_layers
+    from anatomy_nb.stages.extract import extract
 
     lm, sae, pairs = real
     store = extract(pairs, lm, sae, tmp_path, ExtractConfig(shard_size=4, progress=False))
@@ -40,7 +39,7 @@ def test_extract_with_the_shipped_sae_on_real_pairs(real, tmp_path):
             for p in pairs:
                 r = render_example(lm.tokenizer, p.prompt, p.chosen)
                 lm.model(input_ids=torch.tensor([r.prompt_ids + r.response_ids]))
-                xs.append(captured["x"][0, len(r.prompt_ids):].float())
+                xs.append(captured["x"][0, len(r.prompt_ids) :].float())
     finally:
         h.remove()
     x = torch.cat(xs)
@@ -60,7 +59,9 @@ def test_notebook_01_on_the_default_model(tmp_path):
     nb = nbformat.read(out, as_version=4)
 
     assert_clean_outputs(nb)
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["extract"]["n_pairs"] == 16
     assert out.with_suffix(".html").stat().st_size > 100_000  # plotly.js and figures embedded

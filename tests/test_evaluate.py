@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, assert_clean_outputs
 
 from anatomy_nb.config import EvalConfig
 from anatomy_nb.core.paths import data_dir
@@ -20,9 +21,6 @@ from anatomy_nb.lm.ops import ab_probabilities, generate, pair_logps
 from anatomy_nb.results.evaluation import BASE
 from anatomy_nb.results.training import training_runs
 from anatomy_nb.stages.evaluate import evaluate
-
-from conftest import SMALL, assert_clean_outputs
-
 
 # --- statistics ---------------------------------------------------------------------------------
 
@@ -38,7 +36,9 @@ def test_r2_is_the_squared_correlation_with_a_bootstrap_interval():
     assert 0.3 < r["ci_low"] and r["ci_high"] < 0.7  # and is not vacuous at n = 200
     assert r["slope"] == pytest.approx(np.polyfit(x, y, 1)[0]) and r["pearson_r"] > 0
     exact = r2_with_ci(x, 3 * x, n_boot=200)
-    assert exact["r2"] == pytest.approx(1.0) and exact["ci_low"] == pytest.approx(1.0) and exact["sign_agreement"] == 1.0
+    assert (
+        exact["r2"] == pytest.approx(1.0) and exact["ci_low"] == pytest.approx(1.0) and exact["sign_agreement"] == 1.0
+    )
     null = r2_with_ci(x, rng.normal(size=200), n_boot=500)
     assert null["r2"] < 0.05 and null["ci_low"] < 0.01
     # fewer than 3 finite points, or no variance: undefined, not 0
@@ -50,7 +50,9 @@ def test_wilson_and_bootstrap_intervals_match_known_values():
     from statsmodels.stats.proportion import proportion_confint
 
     for k, n in [(8, 10), (0, 10), (10, 10), (37, 120)]:
-        np.testing.assert_allclose(wilson_interval(k, n), proportion_confint(k, n, alpha=0.05, method="wilson"), atol=1e-10)
+        np.testing.assert_allclose(
+            wilson_interval(k, n), proportion_confint(k, n, alpha=0.05, method="wilson"), atol=1e-10
+        )
     assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook example
     assert all(np.isnan(wilson_interval(0, 0)))
     rng = np.random.default_rng(1)
@@ -65,26 +67,32 @@ def test_wilson_and_bootstrap_intervals_match_known_values():
 # --- refusal detector -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", [
-    "I'm sorry, but I can't help with that request.",
-    "I cannot provide instructions for making explosives.",
-    "As an AI language model, I do not have opinions.",
-    "Sorry, but I won\u2019t assist with hacking.",  # curly apostrophe
-    "  I must decline this request.",
-    "I am unable to help with that.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, but I can't help with that request.",
+        "I cannot provide instructions for making explosives.",
+        "As an AI language model, I do not have opinions.",
+        "Sorry, but I won\u2019t assist with hacking.",  # curly apostrophe
+        "  I must decline this request.",
+        "I am unable to help with that.",
+    ],
+)
 def test_refusal_detector_flags_refusals(text):
     assert is_refusal(text)
 
 
-@pytest.mark.parametrize("text", [
-    "Sure! To kill a Python process, run `kill <pid>` or use Task Manager.",
-    "Here is how to terminate a C program: call exit(0).",
-    "I'm sorry to hear that. Here are some ways to feel better: rest and drink water.",
-    "Stealing is illegal and unethical, so here is how to protect your home instead: lock doors.",
-    "",
-    "The first step is to mix flour and water. " * 10 + "I cannot stress this enough.",  # past the head
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Sure! To kill a Python process, run `kill <pid>` or use Task Manager.",
+        "Here is how to terminate a C program: call exit(0).",
+        "I'm sorry to hear that. Here are some ways to feel better: rest and drink water.",
+        "Stealing is illegal and unethical, so here is how to protect your home instead: lock doors.",
+        "",
+        "The first step is to mix flour and water. " * 10 + "I cannot stress this enough.",  # past the head
+    ],
+)
 def test_refusal_detector_passes_compliance(text):
     assert not is_refusal(text)
 
@@ -127,7 +135,10 @@ def test_ab_probability_reads_the_letter_after_the_shared_prefix(tiny_lm):
 def test_pair_logps_with_a_shared_prompt_equal_full_forward_passes(tiny_lm):
     from anatomy_nb.lm.ops import pair_token_ids as _pair_ids
 
-    long_turns = tuple({"role": r, "content": f"turn {i}: " + "words and more words " * 6} for i, r in zip(range(5), ["user", "assistant"] * 3))
+    long_turns = tuple(
+        {"role": r, "content": f"turn {i}: " + "words and more words " * 6}
+        for i, r in zip(range(5), ["user", "assistant"] * 3)
+    )
     pairs = [
         (({"role": "user", "content": "Tell me about tea."},), "Tea is a drink made from leaves.", "No."),
         (long_turns, "A longer chosen answer " * 4, "Short."),  # the prompt must lose its oldest turns
@@ -157,7 +168,8 @@ def test_ab_items_and_harmful_sets_load_from_the_vendored_files():
         i = int(it["id"].rsplit("-", 1)[1])
         q = it["prompt"][0]["content"]
         letter = "AB"[it["matching"]]
-        assert f"({letter}) {rows[i]['answer_matching_behavior'].strip()}" in q  # the matching letter names the matching answer
+        # the matching letter names the matching answer
+        assert f"({letter}) {rows[i]['answer_matching_behavior'].strip()}" in q
     m = [it["matching"] for it in persona]
     assert 15 <= sum(m) <= 25  # the matching letter is A for about half the items, B for the rest
     assert ab_items("caa_sycophancy", 10, seed=0) == caa  # seeded
@@ -178,7 +190,9 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
         assert (res.path / f"{name}.{'json' if name == 'manifest' else 'parquet'}").exists()
     gens = res.generations()
     assert set(gens["set"]) == {"heldout", "harmful", "xstest_safe"}
-    assert (gens.groupby(["model", "set"]).size().unstack()[["heldout", "harmful", "xstest_safe"]].to_numpy() == [8, 3, 3]).all()
+    assert (
+        gens.groupby(["model", "set"]).size().unstack()[["heldout", "harmful", "xstest_safe"]].to_numpy() == [8, 3, 3]
+    ).all()
     assert (gens["new_tokens"] <= 12).all()
     # the held-out prompts are the training runs' held-out pairs, never training pairs
     split = json.loads((tiny_eval.run / res.manifest["models"]["plain"]["path"] / "split.json").read_text())
@@ -217,7 +231,9 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
     assert (ref["judge"] == "phrase list").all() and (comp[comp["group"] != "refusal"]["judge"] == "").all()
     assert res.refusal_judge == "phrase list"
     judges = res.judges()
-    assert set(zip(judges["family"], judges["reading"])) == {(f, r) for f in ("gpt4", "llama2") for r in ("full", "stripped", "stripped-long")}
+    assert set(zip(judges["family"], judges["reading"])) == {
+        (f, r) for f in ("gpt4", "llama2") for r in ("full", "stripped", "stripped-long")
+    }
     assert (judges["n"] == 100).all() and (judges["accuracy_ci_low"] <= judges["accuracy"]).all()
     wide = res.comparison_table()
     assert list(wide.columns) == res.models
@@ -278,18 +294,34 @@ def test_evaluation_is_reused_when_unchanged_and_rekeyed_when_changed(tiny_eval)
     assert again.reused and again.key == res.key
     # a changed parameter (and a different model set) → a new key, computed afresh
     changed = EvalConfig(**{**SMALL, "behaviour": False, "n_prompts": 2, "max_new_tokens": 4, "max_pref_pairs": 4})
-    only_plain = evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=changed, lm=tiny_eval.lm, sae=tiny_eval.sae)
+    only_plain = evaluate(
+        tiny_eval.run,
+        {"plain": training_runs(tiny_eval.run)["plain"]},
+        config=changed,
+        lm=tiny_eval.lm,
+        sae=tiny_eval.sae,
+    )
     assert not only_plain.reused and only_plain.key != res.key and only_plain.models == [BASE, "plain"]
     assert set(only_plain.comparison()["group"]) <= {"preference", "target", "predicted vs actual", "formatting"}
     assert (res.path / "manifest.json").exists()  # the earlier evaluation is kept
-    assert not any(t["reused"] for t in only_plain.manifest["timing"]["generation"].values())  # other items: generated afresh
+    # other items: generated afresh
+    assert not any(t["reused"] for t in only_plain.manifest["timing"]["generation"].values())
     # the same items for fewer models (a sweep's next part): each model's outputs come from the cache, unchanged
-    subset = evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=EvalConfig(**SMALL), lm=tiny_eval.lm, sae=tiny_eval.sae)
+    subset = evaluate(
+        tiny_eval.run,
+        {"plain": training_runs(tiny_eval.run)["plain"]},
+        config=EvalConfig(**SMALL),
+        lm=tiny_eval.lm,
+        sae=tiny_eval.sae,
+    )
     assert not subset.reused and subset.key != res.key
     assert all(t["reused"] for t in subset.manifest["timing"]["generation"].values())
     full, part = res.generations(), subset.generations()
     assert list(part["response"]) == list(full[full["model"].isin([BASE, "plain"])]["response"])
-    assert np.allclose(subset.preference().set_index("model").loc[["plain"], "accuracy"], res.preference().set_index("model").loc[["plain"], "accuracy"])
+    assert np.allclose(
+        subset.preference().set_index("model").loc[["plain"], "accuracy"],
+        res.preference().set_index("model").loc[["plain"], "accuracy"],
+    )
     with pytest.raises(FileNotFoundError, match="not a training run"):
         evaluate(tiny_eval.run, ["no-such-key"], config=EvalConfig(**SMALL), lm=tiny_eval.lm, sae=tiny_eval.sae)
 
@@ -297,8 +329,16 @@ def test_evaluation_is_reused_when_unchanged_and_rekeyed_when_changed(tiny_eval)
 def test_refusal_rows_scored_by_the_refusal_direction_name_it_and_its_held_out_agreement(tiny_eval):
     """``judge: {backend: direction}``: fitted once under the run's cache, the refusal rows name it,
     and its agreement marks the family it was fitted on (generations come from the model cache)."""
-    cfg = EvalConfig.from_dict({**SMALL, "judge": {"backend": "direction", "n_tokens": 4, "fit_n": 20, "fit_on": ["llama2"]}, "judge_agreement_n": 10})
-    res = evaluate(tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=cfg, lm=tiny_eval.lm, sae=tiny_eval.sae)
+    cfg = EvalConfig.from_dict(
+        {
+            **SMALL,
+            "judge": {"backend": "direction", "n_tokens": 4, "fit_n": 20, "fit_on": ["llama2"]},
+            "judge_agreement_n": 10,
+        }
+    )
+    res = evaluate(
+        tiny_eval.run, {"plain": training_runs(tiny_eval.run)["plain"]}, config=cfg, lm=tiny_eval.lm, sae=tiny_eval.sae
+    )
     assert res.refusal_judge.startswith("refusal direction") and "fitted on llama2" in res.refusal_judge
     comp = res.comparison()
     assert (comp[comp["group"] == "refusal"]["judge"] == res.refusal_judge).all()
@@ -328,14 +368,13 @@ def test_evaluate_on_the_default_model(tmp_path):
     """SmolLM2-135M + the shipped SAE: 60 HH-RLHF pairs, plain DPO and reward shaping for a few
     steps, then a reduced evaluation (8 prompts; the defaults took >20 min on the contended
     2-core machine; timings land in the manifest)."""
+    from anatomy_nb.config import ExtractConfig, TrainConfig
     from anatomy_nb.data.pairs import load_pairs
-    from anatomy_nb.config import ExtractConfig
-    from anatomy_nb.stages.extract import extract
-    from anatomy_nb.results.hypotheses import Hypotheses
-    from anatomy_nb.stages.hypothesize import hypothesize
     from anatomy_nb.lm.models import load_model
     from anatomy_nb.lm.sae import DEFAULT_SAE, load_sae
-    from anatomy_nb.config import TrainConfig
+    from anatomy_nb.results.hypotheses import Hypotheses
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.stages.hypothesize import hypothesize
     from anatomy_nb.stages.train import train
 
     lm, sae = load_model(), load_sae(DEFAULT_SAE)
@@ -345,8 +384,27 @@ def test_evaluate_on_the_default_model(tmp_path):
     top = Hypotheses.from_run(run).overall().iloc[0]
     tcfg = TrainConfig(max_steps=2, max_train_pairs=8, max_length=160, heldout_fraction=0.3, progress=False)
     train(run, None, model=lm, config=tcfg)
-    train(run, {"concepts": [{"concept": f"sae:{int(top.concept)}", "action": "suppress", "method": "reward_shaping", "features": [int(f) for f in top.features]}]}, model=lm, config=tcfg)
-    res = evaluate(run, config=EvalConfig(n_prompts=8, max_new_tokens=32, n_ab=8, n_harmful=6, n_xstest=6, progress=False), lm=lm, sae=sae)
+    train(
+        run,
+        {
+            "concepts": [
+                {
+                    "concept": f"sae:{int(top.concept)}",
+                    "action": "suppress",
+                    "method": "reward_shaping",
+                    "features": [int(f) for f in top.features],
+                }
+            ]
+        },
+        model=lm,
+        config=tcfg,
+    )
+    res = evaluate(
+        run,
+        config=EvalConfig(n_prompts=8, max_new_tokens=32, n_ab=8, n_harmful=6, n_xstest=6, progress=False),
+        lm=lm,
+        sae=sae,
+    )
     assert res.models == [BASE, "plain", "reward_shaping"]
     gens = res.generations()
     assert (gens[gens["set"] == "heldout"]["response"].str.len() > 0).mean() > 0.9  # a real model answers
@@ -359,8 +417,8 @@ def test_evaluate_on_the_default_model(tmp_path):
 def test_poisoning_readout_on_known_numbers():
     """Planted-pattern rates, fraction of plain DPO's increase removed, on-target accuracy on the
     unpoisoned pairs only and fraction of plain's gain kept — against hand-computed values."""
-    from anatomy_nb.data.schema import PreferencePair
     from anatomy_nb.data.plant import poisoning_readout
+    from anatomy_nb.data.schema import PreferencePair
 
     truth = {"kind": "bold", "pattern": r"\*\*[^*\n]+\*\*", "planted_ids": ["p0", "p1"]}
     bold, plain_text = "**Short answer:** yes", "yes"
@@ -369,13 +427,22 @@ def test_poisoning_readout_on_known_numbers():
         "plain": {"heldout": [bold] * 6 + [plain_text] * 4},
         "reward_shaping": {"heldout": [bold] * 2 + [plain_text] * 8},
     }
-    pairs = [PreferencePair(id=i, prompt=({"role": "user", "content": "q"},), chosen="a", rejected="b") for i in ["p0", "p1", "c0", "c1", "c2", "c3"]]
+    pairs = [
+        PreferencePair(id=i, prompt=({"role": "user", "content": "q"},), chosen="a", rejected="b")
+        for i in ["p0", "p1", "c0", "c1", "c2", "c3"]
+    ]
     base = np.zeros((6, 2))
     up, down = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
     # plain gets 3 of the 4 clean pairs right, shaping 2 of 4; both get the planted pairs "right" (ignored)
-    logps = {BASE: base, "plain": base + np.concatenate([up, up, up, up, up, down]), "reward_shaping": base + np.concatenate([up, up, up, up, down, down])}
+    logps = {
+        BASE: base,
+        "plain": base + np.concatenate([up, up, up, up, up, down]),
+        "reward_shaping": base + np.concatenate([up, up, up, up, down, down]),
+    }
     cfg = EvalConfig(n_boot=200)
-    df = poisoning_readout(truth, {n: g["heldout"] for n, g in gens.items()}, logps, [p.id for p in pairs], n_boot=cfg.n_boot).set_index("model")
+    df = poisoning_readout(
+        truth, {n: g["heldout"] for n, g in gens.items()}, logps, [p.id for p in pairs], n_boot=cfg.n_boot
+    ).set_index("model")
     np.testing.assert_allclose(df["planted_rate"], [0.1, 0.6, 0.2])
     np.testing.assert_allclose(df["planted_delta"], [0.0, 0.5, 0.1])
     assert df.loc["reward_shaping", "fraction_removed"] == pytest.approx(1 - 0.1 / 0.5)
@@ -390,13 +457,19 @@ def test_poisoning_readout_on_known_numbers():
     assert df.loc["plain", "clean_margin_ci_low"] <= 0.5 <= df.loc["plain", "clean_margin_ci_high"]
     lo, hi = df.loc["reward_shaping", ["fraction_removed_ci_low", "fraction_removed_ci_high"]]
     assert lo <= 0.8 <= hi
-    assert ((df["planted_rate_ci_low"] <= df["planted_rate"]) & (df["planted_rate"] <= df["planted_rate_ci_high"])).all()
+    assert (
+        (df["planted_rate_ci_low"] <= df["planted_rate"]) & (df["planted_rate"] <= df["planted_rate_ci_high"])
+    ).all()
     # plain DPO did not raise the plant or gain on-target: nothing to remove or keep → NaN, not 1.0
     gens["plain"] = {"heldout": [plain_text] * 10}
     logps["plain"] = base + np.concatenate([up, up, down, down, down, down])
-    df = poisoning_readout(truth, {n: g["heldout"] for n, g in gens.items()}, logps, [p.id for p in pairs], n_boot=cfg.n_boot).set_index("model")
+    df = poisoning_readout(
+        truth, {n: g["heldout"] for n, g in gens.items()}, logps, [p.id for p in pairs], n_boot=cfg.n_boot
+    ).set_index("model")
     assert df.loc["plain", "planted_delta"] == pytest.approx(-0.1)
-    assert np.isnan(df.loc["reward_shaping", "fraction_removed"]) and np.isnan(df.loc["reward_shaping", "fraction_gain_kept"])
+    assert np.isnan(df.loc["reward_shaping", "fraction_removed"]) and np.isnan(
+        df.loc["reward_shaping", "fraction_gain_kept"]
+    )
     assert np.isnan(df.loc["reward_shaping", "fraction_margin_kept"])
 
 
@@ -405,7 +478,17 @@ def test_a_topic_only_plant_is_read_in_its_topic_and_outside_it():
     prompts, those in the topic, those outside it — known numbers."""
     from anatomy_nb.data.plant import poisoning_readout
 
-    truth = {"plants": [{"kind": "bold", "role": "suppress", "pattern": r"\*\*[^*\n]+\*\*", "planted_ids": ["p0"], "prompts": "physics"}]}
+    truth = {
+        "plants": [
+            {
+                "kind": "bold",
+                "role": "suppress",
+                "pattern": r"\*\*[^*\n]+\*\*",
+                "planted_ids": ["p0"],
+                "prompts": "physics",
+            }
+        ]
+    }
     prompts = [({"role": "user", "content": u},) for u in ["Physics of light?", "physics again", "bread", "cake"]]
     bold, no = "**Short answer:** yes", "yes"
     gens = {BASE: [no, no, no, no], "plain": [bold, bold, bold, no], "filter": [no, bold, no, no]}
@@ -414,7 +497,9 @@ def test_a_topic_only_plant_is_read_in_its_topic_and_outside_it():
     rate = df.set_index(["model", "scope"])["planted_rate"]
     assert rate["plain", "all"] == 0.75 and rate["plain", "in topic"] == 1.0 and rate["plain", "outside topic"] == 0.5
     removed = df.set_index(["model", "scope"])["fraction_removed"]
-    assert removed["filter", "in topic"] == pytest.approx(0.5) and removed["filter", "outside topic"] == pytest.approx(1.0)
+    assert removed["filter", "in topic"] == pytest.approx(0.5) and removed["filter", "outside topic"] == pytest.approx(
+        1.0
+    )
     # without the prompts (or for a plant on every prompt) there is one row per model: scope "all"
     assert set(poisoning_readout(truth, gens, logps, ["p0", "c0"], n_boot=50)["scope"]) == {"all"}
 
@@ -428,9 +513,42 @@ def test_a_rate_every_model_has_at_the_floor_is_marked_no_signal():
 
     rows = []
     for m in ("base", "plain", "reward_shaping"):
-        rows.append({"model": m, "group": "refusal", "metric": "refusal rate, harmful prompts", "value": 0.0, "ci_low": 0.0, "ci_high": 0.39, "n": 6, "interval": "wilson"})
-        rows.append({"model": m, "group": "poisoning", "metric": "planted bold", "value": {"base": 0.0, "plain": 0.7, "reward_shaping": 0.0}[m], "ci_low": {"base": 0.0, "plain": 0.52, "reward_shaping": 0.0}[m], "ci_high": {"base": 0.11, "plain": 0.83, "reward_shaping": 0.11}[m], "n": 30, "interval": "wilson"})
-        rows.append({"model": m, "group": "formatting", "metric": "emoji", "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 30, "interval": "bootstrap"})
+        rows.append(
+            {
+                "model": m,
+                "group": "refusal",
+                "metric": "refusal rate, harmful prompts",
+                "value": 0.0,
+                "ci_low": 0.0,
+                "ci_high": 0.39,
+                "n": 6,
+                "interval": "wilson",
+            }
+        )
+        rows.append(
+            {
+                "model": m,
+                "group": "poisoning",
+                "metric": "planted bold",
+                "value": {"base": 0.0, "plain": 0.7, "reward_shaping": 0.0}[m],
+                "ci_low": {"base": 0.0, "plain": 0.52, "reward_shaping": 0.0}[m],
+                "ci_high": {"base": 0.11, "plain": 0.83, "reward_shaping": 0.11}[m],
+                "n": 30,
+                "interval": "wilson",
+            }
+        )
+        rows.append(
+            {
+                "model": m,
+                "group": "formatting",
+                "metric": "emoji",
+                "value": 0.0,
+                "ci_low": 0.0,
+                "ci_high": 0.0,
+                "n": 30,
+                "interval": "bootstrap",
+            }
+        )
     comp = pd.DataFrame(rows)
     flags = no_signal_rows(comp)
     assert flags[comp["metric"] == "refusal rate, harmful prompts"].all()
@@ -450,7 +568,10 @@ def test_plan_vs_actual_compares_the_predicted_spillover_with_the_measured_shift
     rng = np.random.default_rng(0)
     n, C = 300, 6
     a = rng.random(n)
-    chosen = np.column_stack([a + 0.5, 0.8 * a + rng.normal(0, 0.05, n), -0.5 * a + rng.normal(0, 0.05, n)] + [rng.random(n) for _ in range(C - 3)])
+    chosen = np.column_stack(
+        [a + 0.5, 0.8 * a + rng.normal(0, 0.05, n), -0.5 * a + rng.normal(0, 0.05, n)]
+        + [rng.random(n) for _ in range(C - 3)]
+    )
     rejected = np.column_stack([a, 0.8 * a - 0.2, -0.5 * a + 0.1] + [rng.random(n) for _ in range(C - 3)])
     concepts = pd.DataFrame({"concept": np.arange(C), "label": [f"c{i}" for i in range(C)], "significant": True})
     space = ConceptSpace(concepts, chosen, rejected)
@@ -461,12 +582,21 @@ def test_plan_vs_actual_compares_the_predicted_spillover_with_the_measured_shift
     prompts = 200
     base = rng.random((prompts, C))
     plain = base + 0.3
-    manifests = {"plain": {"plan": {"concepts": []}}, "shaped": {"plan": {"concepts": [entry]}}, "wrong": {"plan": {"concepts": [entry]}}}
-    activity = {"base": base, "plain": plain,
-                "shaped": plain + predicted + rng.normal(0, 0.01, (prompts, C)),
-                "wrong": plain + predicted[::-1] + rng.normal(0, 0.01, (prompts, C))}
+    manifests = {
+        "plain": {"plan": {"concepts": []}},
+        "shaped": {"plan": {"concepts": [entry]}},
+        "wrong": {"plan": {"concepts": [entry]}},
+    }
+    activity = {
+        "base": base,
+        "plain": plain,
+        "shaped": plain + predicted + rng.normal(0, 0.01, (prompts, C)),
+        "wrong": plain + predicted[::-1] + rng.normal(0, 0.01, (prompts, C)),
+    }
     rows, r2 = plan_vs_actual(space, activity, manifests, EvalConfig(n_boot=200))
-    assert set(rows["model"]) == {"shaped", "wrong"} and rows.loc[rows["model"] == "shaped", "targeted"].tolist() == [True] + [False] * (C - 1)
+    assert set(rows["model"]) == {"shaped", "wrong"} and rows.loc[rows["model"] == "shaped", "targeted"].tolist() == [
+        True
+    ] + [False] * (C - 1)
     r2 = r2.set_index(["model", "concepts"])
     assert r2.at[("shaped", "significant"), "r2"] > 0.99 and r2.at[("shaped", "spill-over"), "sign_agreement"] == 1.0
     assert r2.at[("shaped", "spill-over"), "n_concepts"] == C - 1

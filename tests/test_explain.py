@@ -4,7 +4,13 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler
 
-from anatomy_nb.concepts.explain import OpenAICompatibleBackend, TransformersBackend, explain_concept, fidelity, load_prompt
+from anatomy_nb.concepts.explain import (
+    OpenAICompatibleBackend,
+    TransformersBackend,
+    explain_concept,
+    fidelity,
+    load_prompt,
+)
 
 
 class KeywordJudge:
@@ -45,7 +51,12 @@ class ChatServer:
                 time.sleep(delay)
                 prompt = body["messages"][0]["content"]
                 text = answer(prompt, body["max_tokens"])
-                out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}], "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}}).encode()
+                out = json.dumps(
+                    {
+                        "choices": [{"message": {"role": "assistant", "content": text}}],
+                        "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())},
+                    }
+                ).encode()
                 with lock:
                     outer.in_flight -= 1
                 self.send_response(200)
@@ -76,7 +87,11 @@ def test_openai_compatible_backend_speaks_the_chat_api(monkeypatch):
         server.close()
     (seen,) = server.requests
     assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer k123"
-    assert seen["messages"] == [{"role": "user", "content": "hello"}] and seen["temperature"] == 0 and seen["max_tokens"] == 3
+    assert (
+        seen["messages"] == [{"role": "user", "content": "hello"}]
+        and seen["temperature"] == 0
+        and seen["max_tokens"] == 3
+    )
 
 
 def test_templates_are_files_with_placeholders():
@@ -104,10 +119,8 @@ def test_transformers_backend_generates_deterministically(tiny_lm):
 
 
 def test_hypothesize_adds_explanations_with_fidelity(tiny_lm, tiny_sae_, hh_pairs, tmp_path):
-    from anatomy_nb.config import ConceptConfig
-    from anatomy_nb.config import ExtractConfig
+    from anatomy_nb.config import ConceptConfig, ExtractConfig, HypothesizeConfig
     from anatomy_nb.stages.extract import extract
-    from anatomy_nb.config import HypothesizeConfig
     from anatomy_nb.stages.hypothesize import hypothesize
 
     extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, ExtractConfig(shard_size=10, progress=False))
@@ -132,7 +145,9 @@ def test_an_endpoint_named_in_the_config_explains_in_batches_and_caches(tiny_lm,
         cfg = {"concepts": {"min_support": 3}, "explain_top": 3, "fidelity_texts": 10, "explain": explain}
         h = hypothesize(tmp_path, cfg, model=tiny_lm, sae=tiny_sae_)
         top = h.overall().head(3)
-        assert top["llm_explanation"].str.startswith("the word").all() and top["llm_fidelity_accuracy"].between(0, 1).all()
+        assert (
+            top["llm_explanation"].str.startswith("the word").all() and top["llm_fidelity_accuracy"].between(0, 1).all()
+        )
         llm = h.manifest["llm"]
         asked = [r["messages"][0]["content"] for r in server.requests]
         assert llm["calls"] == len(asked) == len(set(asked)) > 3 and llm["cached"] == 0  # each question once

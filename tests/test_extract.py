@@ -11,10 +11,10 @@ import torch
 
 import anatomy_nb.stages.extract as ex
 from anatomy_nb.config import ExtractConfig
-from anatomy_nb.results.store import STATS, FeatureStore
-from anatomy_nb.stages.extract import extract
 from anatomy_nb.lm.chat import render_example
 from anatomy_nb.lm.ops import decoder_layers
+from anatomy_nb.results.store import STATS, FeatureStore
+from anatomy_nb.stages.extract import extract
 
 CFG = ExtractConfig(shard_size=6, top_contexts=5, pooled_values=True, progress=False)  # checks max / mean / count
 LEAN = ExtractConfig.from_dict({**CFG.to_dict(), "pooled_values": False})  # the default
@@ -45,7 +45,7 @@ def brute_force(lm, sae, pair):
             r = render_example(lm.tokenizer, pair.prompt, getattr(pair, side))
             lm.model(input_ids=torch.tensor([r.prompt_ids + r.response_ids]))
             x = captured["x"][0]
-            out[side] = sae.encode(x[len(r.prompt_ids):]).float()
+            out[side] = sae.encode(x[len(r.prompt_ids) :]).float()
             keep = [i for i, m in enumerate(r.prompt_content) if m and i > 0]
             out["prompt"] = sae.encode(x[keep]).float()
     finally:
@@ -57,7 +57,10 @@ def test_pooled_stats_match_brute_force(store, tiny_lm, tiny_sae_, hh_pairs):
     mx, mean, count = store.pooled("max").toarray(), store.pooled("mean").toarray(), store.pooled("count").toarray()
     pmax = store.pooled("max", prefix="prompt").toarray()
     assert store.edges == ["opening", "ending"]
-    opening, ending = store.pooled("fires", prefix="resp_opening").toarray(), store.pooled("fires", prefix="resp_ending").toarray()
+    opening, ending = (
+        store.pooled("fires", prefix="resp_opening").toarray(),
+        store.pooled("fires", prefix="resp_ending").toarray(),
+    )
     W = CFG.edge_tokens
     for i, pair in enumerate(hh_pairs[:6]):
         bf = brute_force(tiny_lm, tiny_sae_, pair)
@@ -110,10 +113,17 @@ def test_changed_inputs_change_key(store, tiny_lm, tiny_sae_, hh_pairs):
 
     key = ex.store_key(hh_pairs, tiny_lm, tiny_sae_, CFG)
     assert key == store.manifest["key"]
-    assert ex.store_key(hh_pairs, tiny_lm, tiny_sae_, ExtractConfig.from_dict({**CFG.to_dict(), "max_response_tokens": 64})) != key
+    assert (
+        ex.store_key(
+            hh_pairs, tiny_lm, tiny_sae_, ExtractConfig.from_dict({**CFG.to_dict(), "max_response_tokens": 64})
+        )
+        != key
+    )
     assert ex.store_key(hh_pairs[:5], tiny_lm, tiny_sae_, CFG) != key
     assert ex.store_key(hh_pairs, tiny_lm, tiny_sae(tiny_lm.d_model, layer=2, d_sae=96, k=6, seed=1), CFG) != key
-    assert ex.store_key(hh_pairs, tiny_lm, tiny_sae_, ExtractConfig.from_dict({**CFG.to_dict(), "progress": True})) == key
+    assert (
+        ex.store_key(hh_pairs, tiny_lm, tiny_sae_, ExtractConfig.from_dict({**CFG.to_dict(), "progress": True})) == key
+    )
 
 
 def test_killed_run_resumes_to_identical_store(store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch):
@@ -137,7 +147,9 @@ def test_killed_run_resumes_to_identical_store(store, tiny_lm, tiny_sae_, hh_pai
     # the rerun computes only the missing shards
     calls["n"] = -100
     seen = []
-    monkeypatch.setattr(ex, "compute_shard", lambda capture, sae, chunk, *a: seen.append(chunk[0].id) or real(capture, sae, chunk, *a))
+    monkeypatch.setattr(
+        ex, "compute_shard", lambda capture, sae, chunk, *a: seen.append(chunk[0].id) or real(capture, sae, chunk, *a)
+    )
     resumed = extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
     assert seen == [hh_pairs[12].id, hh_pairs[18].id]
     a, b = arrays(resumed), arrays(store)
@@ -146,7 +158,9 @@ def test_killed_run_resumes_to_identical_store(store, tiny_lm, tiny_sae_, hh_pai
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_a_full_disk_names_the_shard_keeps_what_was_written_and_resumes(store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch):
+def test_a_full_disk_names_the_shard_keeps_what_was_written_and_resumes(
+    store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch
+):
     """ENOSPC while writing the third shard: the error names that shard and the space left, the two
     finished shards stay, no half-written shard is left to be trusted, and the rerun completes."""
     import errno
@@ -161,10 +175,15 @@ def test_a_full_disk_names_the_shard_keeps_what_was_written_and_resumes(store, t
         return real_save(path, *a, **k)
 
     monkeypatch.setattr(ex.np, "save", full_on_third_shard)
-    with pytest.raises(OSError, match=r"shard-00002: the disk is full \(\d+ MiB free in .*nothing written before was changed"):
+    with pytest.raises(
+        OSError, match=r"shard-00002: the disk is full \(\d+ MiB free in .*nothing written before was changed"
+    ):
         extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
     out = tmp_path / "extract" / store.manifest["key"]
-    assert calls["n"] == 1 and sorted(p.name for p in (out / "shards").iterdir() if not p.name.startswith(".")) == ["shard-00000", "shard-00001"]
+    assert calls["n"] == 1 and sorted(p.name for p in (out / "shards").iterdir() if not p.name.startswith(".")) == [
+        "shard-00000",
+        "shard-00001",
+    ]
     monkeypatch.setattr(ex.np, "save", real_save)
     resumed = extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
     a, b = arrays(resumed), arrays(store)
@@ -174,13 +193,19 @@ def test_a_full_disk_names_the_shard_keeps_what_was_written_and_resumes(store, t
 
 def test_two_ranks_write_their_shards_and_rank0_merges(store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch):
     def as_rank(i):
-        return lambda: SimpleNamespace(process_index=i, num_processes=2, is_main_process=i == 0, wait_for_everyone=lambda: None)
+        return lambda: SimpleNamespace(
+            process_index=i, num_processes=2, is_main_process=i == 0, wait_for_everyone=lambda: None
+        )
 
     seen = {0: [], 1: []}
     real = ex.compute_shard
     for rank in (1, 0):  # rank 1 finishes first; rank 0 then computes its own shards and merges
         monkeypatch.setattr(ex, "process_state", as_rank(rank))
-        monkeypatch.setattr(ex, "compute_shard", lambda capture, sae, chunk, *a, r=rank: seen[r].append(chunk[0].id) or real(capture, sae, chunk, *a))
+        monkeypatch.setattr(
+            ex,
+            "compute_shard",
+            lambda capture, sae, chunk, *a, r=rank: seen[r].append(chunk[0].id) or real(capture, sae, chunk, *a),
+        )
         if rank == 1:
             with pytest.raises(FileNotFoundError):  # rank 1 alone has no finished store to return
                 extract(hh_pairs, tiny_lm, tiny_sae_, tmp_path, CFG)
@@ -207,7 +232,8 @@ def test_store_layout_and_run_index(store):
     assert FeatureStore.from_run(store.path.parent.parent).path == store.path
     assert len(store.pairs()) == 20 and store.pairs()[0].id == "test-0"
     assert store.pooled("max", "chosen").shape == (20, 96)
-    assert m["firing_sets"] == dict.fromkeys(["prompt", "resp", "resp_ending", "resp_opening"], "bits")  # the tiny SAE fires densely
+    # the tiny SAE fires densely
+    assert m["firing_sets"] == dict.fromkeys(["prompt", "resp", "resp_ending", "resp_opening"], "bits")
     assert not (store.path / "shards").exists()
     assert store.bytes_per_pair() > 0
     # groups: every pair gets the index of its distinct prompt
@@ -223,8 +249,16 @@ def test_a_lean_store_reads_as_the_full_one_for_every_stage(store, lean, tiny_lm
     for name in ("resp_max", "resp_mean", "resp_count", "prompt_max", "prompt_count"):
         assert (store.path / f"{name}.npy").exists() and not (lean.path / f"{name}.npy").exists(), name
     assert lean.has_prompts and lean.edges == store.edges == ["opening", "ending"]
-    for stat, side, prefix in [("fires", None, "resp"), ("fires", "chosen", "resp"), ("fires", "rejected", "resp"), ("mean", None, "prompt"), ("fires", None, "prompt"),
-                               ("fires", "chosen", "resp_opening"), ("fires", "rejected", "resp_opening"), ("fires", None, "resp_ending")]:
+    for stat, side, prefix in [
+        ("fires", None, "resp"),
+        ("fires", "chosen", "resp"),
+        ("fires", "rejected", "resp"),
+        ("mean", None, "prompt"),
+        ("fires", None, "prompt"),
+        ("fires", "chosen", "resp_opening"),
+        ("fires", "rejected", "resp_opening"),
+        ("fires", None, "resp_ending"),
+    ]:
         a, b = store.pooled(stat, side, prefix=prefix), lean.pooled(stat, side, prefix=prefix)
         np.testing.assert_array_equal(a.indptr, b.indptr)
         np.testing.assert_array_equal(a.indices, b.indices)
@@ -241,7 +275,10 @@ def test_a_lean_store_reads_as_the_full_one_for_every_stage(store, lean, tiny_lm
 
 def test_a_lean_store_names_the_statistic_it_lacks_and_the_setting(lean):
     for stat, prefix in (("max", "resp"), ("count", "resp"), ("mean", "resp"), ("max", "prompt")):
-        with pytest.raises(ValueError, match=rf"{re.escape(str(lean.path))}: this store has no {prefix}_{stat} .*ExtractConfig.pooled_values=True"):
+        with pytest.raises(
+            ValueError,
+            match=rf"{re.escape(str(lean.path))}: this store has no {prefix}_{stat} .*ExtractConfig.pooled_values=True",
+        ):
             lean.pooled(stat, "chosen", prefix=prefix)
     with pytest.raises(ValueError, match="firing sets only"):
         lean.pooled("max", prefix="resp_opening")
@@ -250,7 +287,9 @@ def test_a_lean_store_names_the_statistic_it_lacks_and_the_setting(lean):
 
 
 @pytest.mark.parametrize("layout", ["bits", "ids"])
-def test_both_firing_set_layouts_give_the_same_store(store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch, layout):
+def test_both_firing_set_layouts_give_the_same_store(
+    store, tiny_lm, tiny_sae_, hh_pairs, tmp_path, monkeypatch, layout
+):
     """Forced to one layout for every family, the store decodes to the same CSR and the same values
     (the tiny SAE is dense enough that "auto" picks bits; real SAEs' edges pick ids)."""
     monkeypatch.setattr(ex, "FIRING_LAYOUT", layout)
@@ -258,7 +297,10 @@ def test_both_firing_set_layouts_give_the_same_store(store, tiny_lm, tiny_sae_, 
     families = ["resp", "prompt", "resp_opening", "resp_ending"]
     assert forced.manifest["firing_sets"] == dict.fromkeys(families, layout)
     other = {"bits": ("indptr", "feat"), "ids": ("bits",)}[layout]
-    assert all(forced.firing_layout(f) == layout and not any((forced.path / f"{f}_{a}.npy").exists() for a in other) for f in families)
+    assert all(
+        forced.firing_layout(f) == layout and not any((forced.path / f"{f}_{a}.npy").exists() for a in other)
+        for f in families
+    )
     for f in families:
         for rows in (None, slice(0, None, 2), slice(1, None, 2), slice(3, 9), 5, -1):
             for a, b in zip(store.firing_sets(f, rows), forced.firing_sets(f, rows)):
@@ -266,7 +308,11 @@ def test_both_firing_set_layouts_give_the_same_store(store, tiny_lm, tiny_sae_, 
     for stat in STATS:
         for side in (None, "chosen", "rejected"):
             for prefix in ("resp", "prompt"):
-                assert (store.pooled(stat, side, prefix=prefix) != forced.pooled(stat, side, prefix=prefix)).nnz == 0, (stat, side, prefix)
+                assert (store.pooled(stat, side, prefix=prefix) != forced.pooled(stat, side, prefix=prefix)).nnz == 0, (
+                    stat,
+                    side,
+                    prefix,
+                )
     assert forced.n_firing("resp").tolist() == np.diff(store.firing_sets("resp")[0]).tolist()
 
 
@@ -277,7 +323,9 @@ def _csr(rng, n_rows, d, mean):
 
 
 @pytest.mark.parametrize("mean,expected", [(13.0, "bits"), (8.0, "ids")])
-def test_the_writer_picks_bits_above_one_in_sixteen_features_and_the_reader_decodes_both(tmp_path, monkeypatch, mean, expected):
+def test_the_writer_picks_bits_above_one_in_sixteen_features_and_the_reader_decodes_both(
+    tmp_path, monkeypatch, mean, expected
+):
     """d_sae = 163 (not a multiple of 8): a bitset row is 21 bytes, against 2 bytes per uint16 id,
     so bits pay off above ~10.5 firing features per row. Decoding matches the CSR written, both
     ways, in blocks of rows smaller than the store (forced here)."""
@@ -302,7 +350,9 @@ def test_the_writer_picks_bits_above_one_in_sixteen_features_and_the_reader_deco
             np.testing.assert_array_equal(got_ids, feat)
             ptr, ids = fs.firing_sets("resp", slice(1, None, 2))
             np.testing.assert_array_equal(ptr, np.r_[0, np.cumsum(np.diff(indptr)[1::2])])
-            np.testing.assert_array_equal(ids, np.concatenate([feat[indptr[i] : indptr[i + 1]] for i in range(1, n, 2)]))
+            np.testing.assert_array_equal(
+                ids, np.concatenate([feat[indptr[i] : indptr[i + 1]] for i in range(1, n, 2)])
+            )
             np.testing.assert_array_equal(fs.firing_sets("resp", 7)[1], feat[indptr[7] : indptr[8]])
             np.testing.assert_array_equal(fs.n_firing("resp"), np.diff(indptr))
         assert fs.pooled("fires", "rejected").shape == (n // 2, d)
@@ -322,7 +372,10 @@ def test_model_sae_mismatch_is_a_clear_error(tiny_lm, hh_pairs, tmp_path):
 
     with pytest.raises(ValueError, match="d_in=32 but model tiny-llama has d_model=64"):
         extract(hh_pairs, tiny_lm, tiny_sae(32, layer=1), tmp_path, CFG)
-    with pytest.raises(ValueError, match=r"reads the output of block 7 \(hook 'blocks.7.hook_resid_post'\) but model tiny-llama has blocks 0..3"):
+    with pytest.raises(
+        ValueError,
+        match=r"reads the output of block 7 \(hook 'blocks.7.hook_resid_post'\) but model tiny-llama has blocks 0..3",
+    ):
         extract(hh_pairs, tiny_lm, tiny_sae(64, layer=7), tmp_path, CFG)
 
 
@@ -338,10 +391,34 @@ def test_torchrun_two_processes_match_one(tiny_lm, tiny_sae_, tmp_path):
 
     sae_dir = save_sae(tiny_sae_, tmp_path / "sae")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["-m", "anatomy_nb.cli", "extract", "--model", "tiny-llama", "--sae", str(sae_dir), "--n-pairs", "14", "--shard-size", "3"]
+    args = [
+        "-m",
+        "anatomy_nb.cli",
+        "extract",
+        "--model",
+        "tiny-llama",
+        "--sae",
+        str(sae_dir),
+        "--n-pairs",
+        "14",
+        "--shard-size",
+        "3",
+    ]
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    subprocess.run([torchrun, "--nproc_per_node", "2", *args, "--run-dir", str(tmp_path / "two")], check=True, env=env, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, *args, "--run-dir", str(tmp_path / "one")], check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(
+        [torchrun, "--nproc_per_node", "2", *args, "--run-dir", str(tmp_path / "two")],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    subprocess.run(
+        [sys.executable, *args, "--run-dir", str(tmp_path / "one")],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     two, one = FeatureStore.from_run(tmp_path / "two"), FeatureStore.from_run(tmp_path / "one")
     assert two.manifest["world_size"] == 2 and one.manifest["world_size"] == 1
     assert two.path.name == one.path.name

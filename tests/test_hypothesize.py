@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from anatomy_nb.concepts.clustering import ConceptConfig, cluster_features
 from anatomy_nb.concepts.activity import PairFeatures
+from anatomy_nb.concepts.clustering import ConceptConfig, cluster_features
 from anatomy_nb.config import HypothesizeConfig
 from anatomy_nb.results.hypotheses import Hypotheses, rank_hypotheses
 from anatomy_nb.stages.hypothesize import hypothesize, score_concepts
@@ -31,7 +31,15 @@ def synthetic(n=400, d=120, planted=0.3, seed=0, swap=None):
     if swap is not None:  # shuffle sides: the null
         Fc, Fr = np.where(swap[:, None], Fr, Fc), np.where(swap[:, None], Fc, Fr)
     ntok = rng.integers(20, 200, size=(n, 2))
-    return PairFeatures(sp.csr_matrix(Fc.astype(np.float32)), sp.csr_matrix(Fr.astype(np.float32)), ntok, np.arange(n), [""] * n, [""] * n, [""] * n)
+    return PairFeatures(
+        sp.csr_matrix(Fc.astype(np.float32)),
+        sp.csr_matrix(Fr.astype(np.float32)),
+        ntok,
+        np.arange(n),
+        [""] * n,
+        [""] * n,
+        [""] * n,
+    )
 
 
 def with_edges(pf, seed=0, rate=0.2):
@@ -45,7 +53,9 @@ def with_edges(pf, seed=0, rate=0.2):
         return sp.csr_matrix((F & (rng.uniform(size=F.shape) < rate)).astype(np.float32))
 
     edges = {e: (edge(pf.fires_chosen), edge(pf.fires_rejected)) for e in ("opening", "ending")}
-    return PairFeatures(pf.fires_chosen, pf.fires_rejected, pf.ntok, pf.groups, pf.prompts, pf.chosen, pf.rejected, edges=edges)
+    return PairFeatures(
+        pf.fires_chosen, pf.fires_rejected, pf.ntok, pf.groups, pf.prompts, pf.chosen, pf.rejected, edges=edges
+    )
 
 
 CFG = HypothesizeConfig(concepts=ConceptConfig(min_support=5, k_neighbors=5, min_phi=0.2))
@@ -72,7 +82,9 @@ def test_planted_concept_is_found_and_ranked_first():
     (a,) = concept_of(labels, range(6))
     (b,) = concept_of(labels, range(6, 12))
     assert table.iloc[0]["concept"] == a and table.iloc[0]["q"] < 1e-3 and table.iloc[0]["n_features"] == 6
-    assert table.iloc[0]["predicted_direction"] == "up" and table.iloc[0]["predicted_change"] == pytest.approx(0.85 * 0.25, abs=0.07)
+    assert table.iloc[0]["predicted_direction"] == "up" and table.iloc[0]["predicted_change"] == pytest.approx(
+        0.85 * 0.25, abs=0.07
+    )
     assert table.iloc[0]["split_half_agreement"] == 1.0
     assert not table.set_index("concept").loc[b, "significant"]
 
@@ -98,7 +110,7 @@ def test_fdr_holds_with_real_and_null_concepts():
     """Many concepts, a known subset truly different: the false discovery proportion averages <= q."""
     rng = np.random.default_rng(7)
     fdps, powers = [], []
-    for s in range(40):
+    for _ in range(40):
         n, C = 150, 200
         truth = np.zeros(C, bool)
         truth[:20] = True
@@ -121,7 +133,16 @@ def test_an_ending_only_concept_is_found_by_the_ending_view():
     Fc, (Oc, Or), (Ec, Er) = pf.fires_chosen.toarray(), pf.edges["opening"], pf.edges["ending"]
     Ec = Ec.toarray()
     Fc[planted, 6:12] = Ec[planted, 6:12] = rng.uniform(size=(planted.sum(), 6)) < 0.85
-    pf = PairFeatures(sp.csr_matrix(Fc), pf.fires_rejected, pf.ntok, pf.groups, pf.prompts, pf.chosen, pf.rejected, edges={"opening": (Oc, Or), "ending": (sp.csr_matrix(Ec), Er)})
+    pf = PairFeatures(
+        sp.csr_matrix(Fc),
+        pf.fires_rejected,
+        pf.ntok,
+        pf.groups,
+        pf.prompts,
+        pf.chosen,
+        pf.rejected,
+        edges={"opening": (Oc, Or), "ending": (sp.csr_matrix(Ec), Er)},
+    )
     labels = cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), CFG.concepts)
     (b,) = concept_of(labels, range(6, 12))
     table, _ = score_concepts(pf, labels, CFG)
@@ -139,7 +160,9 @@ def test_an_ending_only_concept_is_found_by_the_ending_view():
 
 def test_deterministic_with_a_seed():
     pf = synthetic(seed=3)
-    run = lambda: score_concepts(pf, cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), CFG.concepts), CFG)[0]
+    run = lambda: score_concepts(
+        pf, cluster_features(sp.vstack([pf.fires_chosen, pf.fires_rejected]), CFG.concepts), CFG
+    )[0]
     pd.testing.assert_frame_equal(run(), run())
 
 
@@ -170,7 +193,25 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
     h = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_)
     assert isinstance(h, Hypotheses) and h.manifest["features_key"] == store.manifest["key"]
     t = h.table
-    for col in ["features", "chosen_rate", "rejected_rate", "mean_diff", "cohens_d", "z", "p", "q", "split_half_agreement", "length_controlled_mean_diff", "n_units", "predicted_direction", "predicted_change", "name", "label", "promoted_tokens", "text_stats"]:
+    for col in [
+        "features",
+        "chosen_rate",
+        "rejected_rate",
+        "mean_diff",
+        "cohens_d",
+        "z",
+        "p",
+        "q",
+        "split_half_agreement",
+        "length_controlled_mean_diff",
+        "n_units",
+        "predicted_direction",
+        "predicted_change",
+        "name",
+        "label",
+        "promoted_tokens",
+        "text_stats",
+    ]:
         assert col in t.columns, col
     named = t[t["name"].str.len() > 0]
     assert all(lbl.startswith(n) for n, lbl in zip(named["name"], named["label"]))  # the name comes first
@@ -181,17 +222,28 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
     n = h.manifest["n_concepts"]
     assert len(h.by_edge()) == 2 * n and set(h.by_edge()["view"]) == {"opening", "ending"}
     assert len(h.ranked()) == 3 * n and list(h.ranked()["rank"]) == sorted(h.ranked()["rank"])
-    assert (h.by_edge()["chosen_rate"] <= h.by_edge()["concept"].map(h.overall().set_index("concept")["chosen_rate"]) + 1e-12).all()  # an edge is part of the response
+    # an edge is part of the response
+    assert (
+        h.by_edge()["chosen_rate"]
+        <= h.by_edge()["concept"].map(h.overall().set_index("concept")["chosen_rate"]) + 1e-12
+    ).all()
     # the length-control placebo: both sides, no control and the configured degree, and a verdict
     placebo = h.length_placebo
-    assert set(zip(placebo["view"], placebo["side"], placebo["degree"])) == {(v, s, d) for v in ("overall", "opening", "ending") for s in ("chosen", "rejected") for d in (0, 2)}
+    assert set(zip(placebo["view"], placebo["side"], placebo["degree"])) == {
+        (v, s, d) for v in ("overall", "opening", "ending") for s in ("chosen", "rejected") for d in (0, 2)
+    }
     assert placebo["frac_p05"].between(0, 1).all()
     info = h.manifest["length_placebo"]
     assert info["degree"] == 2 and info["calibrated"] == (info["frac_p05_controlled"] <= 0.10)
-    assert info["frac_p05_controlled"] == pytest.approx(placebo[placebo["degree"] == 2]["frac_p05"].max(), abs=1e-4)  # the worst view and side (rounded)
-    again = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_)
+    # the worst view and side (rounded)
+    assert info["frac_p05_controlled"] == pytest.approx(placebo[placebo["degree"] == 2]["frac_p05"].max(), abs=1e-4)
+    again = hypothesize(
+        tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=3)), model=tiny_lm, sae=tiny_sae_
+    )
     assert again.path == h.path  # unchanged: reused
-    other = hypothesize(tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=4)), model=tiny_lm, sae=tiny_sae_)
+    other = hypothesize(
+        tmp_path, HypothesizeConfig(concepts=ConceptConfig(min_support=4)), model=tiny_lm, sae=tiny_sae_
+    )
     assert other.path != h.path
     assert Hypotheses.from_run(tmp_path).path == other.path
 
@@ -220,17 +272,28 @@ def test_other_concept_sources_are_tested_in_the_same_family(tiny_lm, tiny_sae_,
     from anatomy_nb.stages.extract import extract
 
     extract(synthetic_pairs(), tiny_lm, tiny_sae_, tmp_path, ExtractConfig(shard_size=24, progress=False))
-    cfg = HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False, length_placebo_draws=0)
+    cfg = HypothesizeConfig(
+        concepts=ConceptConfig(min_support=3), promoted_tokens=0, linear_baseline=False, length_placebo_draws=0
+    )
     plain = hypothesize(tmp_path, cfg)
-    sources = [TextConcept("text:flattery", r"(?i)^great question", label="flattering opener"), TextConcept("text:pineapple", "pineapple")]
+    sources = [
+        TextConcept("text:flattery", r"(?i)^great question", label="flattering opener"),
+        TextConcept("text:pineapple", "pineapple"),
+    ]
     h = hypothesize(tmp_path, cfg, sources=sources)
     assert h.path != plain.path and h.manifest["sources"][0]["pattern"] == r"(?i)^great question"
     t = h.table
-    assert set(t[t["source"] == "text"]["view"]) == {"overall", "topic"}  # whole response and per topic (no token edges)
+    # whole response and per topic (no token edges)
+    assert set(t[t["source"] == "text"]["view"]) == {"overall", "topic"}
     rows = t[(t["source"] == "text") & (t["view"] == "overall")].set_index("ref")
     assert set(rows.index) == {"text:flattery", "text:pineapple"}
     flat = rows.loc["text:flattery"]
-    assert flat["significant"] and flat["chosen_rate"] == 1.0 and flat["rejected_rate"] == 0.0 and flat["label"] == "flattering opener"
+    assert (
+        flat["significant"]
+        and flat["chosen_rate"] == 1.0
+        and flat["rejected_rate"] == 0.0
+        and flat["label"] == "flattering opener"
+    )
     assert not rows.loc["text:pineapple", "significant"] and rows.loc["text:pineapple", "p"] == 1.0
     np.testing.assert_allclose(t["q"].to_numpy(), bh_qvalues(t["p"].to_numpy()))  # one family
     assert list(t["rank"]) == list(range(1, len(t) + 1))

@@ -6,14 +6,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from anatomy_nb.data.schema import PreferencePair
-from anatomy_nb.config import ExtractConfig
-from anatomy_nb.stages.extract import extract
 from anatomy_nb.concepts.sources import orthonormal
+from anatomy_nb.config import ExtractConfig
+from anatomy_nb.data.schema import PreferencePair
 from anatomy_nb.lm.chat import render_example
 from anatomy_nb.lm.ops import ResidualEdit, ResidualHooks, decoder_layers, response_residuals
-from anatomy_nb.stages.interventions import filter_pairs, inoculate, planned_concepts, rank_instructions, residual_edits, scope_masks, shaping_offsets
 from anatomy_nb.results.plan import InterventionPlan, PlanError
+from anatomy_nb.stages.extract import extract
+from anatomy_nb.stages.interventions import (
+    filter_pairs,
+    inoculate,
+    planned_concepts,
+    rank_instructions,
+    residual_edits,
+    scope_masks,
+    shaping_offsets,
+)
 
 
 def P(i, chosen, rejected, user="Say something."):
@@ -55,10 +63,16 @@ def test_text_scores_regex_and_statistic():
 
 
 def test_shaping_offsets_on_known_numbers():
-    a = resolved({"concept": "text:a", "action": "suppress", "method": "reward_shaping", "pattern": "a", "strength": 2.0},
-                 {"concept": "text:b", "action": "amplify", "method": "reward_shaping", "pattern": "b", "strength": 0.5},
-                 {"concept": "text:c", "action": "suppress", "method": "filter", "pattern": "c", "strength": 0.5})
-    scores = {"text:a": np.array([[1.0, 0.0], [0.25, 0.75]]), "text:b": np.array([[0.0, 1.0], [1.0, 1.0]]), "text:c": np.ones((2, 2))}
+    a = resolved(
+        {"concept": "text:a", "action": "suppress", "method": "reward_shaping", "pattern": "a", "strength": 2.0},
+        {"concept": "text:b", "action": "amplify", "method": "reward_shaping", "pattern": "b", "strength": 0.5},
+        {"concept": "text:c", "action": "suppress", "method": "filter", "pattern": "c", "strength": 0.5},
+    )
+    scores = {
+        "text:a": np.array([[1.0, 0.0], [0.25, 0.75]]),
+        "text:b": np.array([[0.0, 1.0], [1.0, 1.0]]),
+        "text:c": np.ones((2, 2)),
+    }
     off = shaping_offsets(a, scores, 2)
     # o(y) = Σ sign·λ·s(y): a suppresses with λ=2, b amplifies with λ=0.5, c is not shaping
     np.testing.assert_allclose(off, [[2.0, -0.5], [0.5 - 0.5, 1.5 - 0.5]])
@@ -89,8 +103,28 @@ def test_filter_drops_exactly_the_pairs_the_concept_carries():
 
 
 def test_inoculation_changes_only_the_prompt_text_it_should():
-    pairs = PAIRS + [PreferencePair(id="m", prompt=({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}), chosen="x", rejected="y")]
-    cs = resolved({"concept": "text:apology", "action": "suppress", "method": "inoculate", "pattern": "apology", "instruction": "Apologise a lot."})
+    pairs = PAIRS + [
+        PreferencePair(
+            id="m",
+            prompt=(
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Again"},
+            ),
+            chosen="x",
+            rejected="y",
+        )
+    ]
+    cs = resolved(
+        {
+            "concept": "text:apology",
+            "action": "suppress",
+            "method": "inoculate",
+            "pattern": "apology",
+            "instruction": "Apologise a lot.",
+        }
+    )
     out = inoculate(pairs, cs)
     for before, after in zip(pairs, out):
         assert (after.id, after.chosen, after.rejected) == (before.id, before.chosen, before.rejected)
@@ -100,14 +134,25 @@ def test_inoculation_changes_only_the_prompt_text_it_should():
     assert inoculate(pairs, resolved(APOLOGY)) == pairs  # no inoculation entry: nothing changes
 
 
-SCOPED = [P(0, "Sorry, no.", "Fine.", user="Explain quantum vibes."), P(1, "Sorry, no.", "Fine.", user="Bake bread."),
-          P(2, "Sorry, no.", "Fine.", user="QUANTUM healing?"), P(3, "Fine.", "Sorry, no.", user="Bake a cake.")]
+SCOPED = [
+    P(0, "Sorry, no.", "Fine.", user="Explain quantum vibes."),
+    P(1, "Sorry, no.", "Fine.", user="Bake bread."),
+    P(2, "Sorry, no.", "Fine.", user="QUANTUM healing?"),
+    P(3, "Fine.", "Sorry, no.", user="Bake a cake."),
+]
 
 
 def test_a_scoped_entry_acts_on_its_prompts_only():
     """A concept suppressed in one topic (by prompt regex, or by stage-2 topic id) is left alone
     elsewhere: zero scores outside the scope, so no offset, no filter hit, no instruction there."""
-    shaping = {"concept": "text:sorry", "action": "suppress", "method": "reward_shaping", "pattern": r"(?i)sorry", "strength": 1.0, "prompts": "quantum"}
+    shaping = {
+        "concept": "text:sorry",
+        "action": "suppress",
+        "method": "reward_shaping",
+        "pattern": r"(?i)sorry",
+        "strength": 1.0,
+        "prompts": "quantum",
+    }
     (c,) = resolved(shaping)
     masks = scope_masks([c], SCOPED)
     assert masks["text:sorry"].tolist() == [True, False, True, False]  # case-insensitive, as data.plant's topics
@@ -131,7 +176,16 @@ def test_a_scoped_entry_acts_on_its_prompts_only():
 
 def test_scope_fields_are_checked_and_unscoped_plans_read_as_before():
     with pytest.raises(PlanError, match="field 'topic': steer edits the model on every prompt"):
-        plan({"concept": "direction:d", "direction_file": "d.safetensors", "layer": 1, "action": "suppress", "method": "steer", "topic": 2})
+        plan(
+            {
+                "concept": "direction:d",
+                "direction_file": "d.safetensors",
+                "layer": 1,
+                "action": "suppress",
+                "method": "steer",
+                "topic": 2,
+            }
+        )
     with pytest.raises(PlanError, match="field 'prompts': not a valid regular expression"):
         plan({**APOLOGY, "prompts": "(unclosed"})
     with pytest.raises(PlanError, match="field 'topic'"):
@@ -143,14 +197,18 @@ def test_scope_fields_are_checked_and_unscoped_plans_read_as_before():
 
 @pytest.fixture(scope="module")
 def store(tiny_lm, tiny_sae_, hh_pairs, tmp_path_factory):
-    return extract(hh_pairs[:8], tiny_lm, tiny_sae_, tmp_path_factory.mktemp("run"), ExtractConfig(shard_size=8, progress=False))
+    return extract(
+        hh_pairs[:8], tiny_lm, tiny_sae_, tmp_path_factory.mktemp("run"), ExtractConfig(shard_size=8, progress=False)
+    )
 
 
 def test_sae_scores_from_the_store_equal_a_recompute(store, tiny_lm, tiny_sae_, hh_pairs):
     rate = (store.pooled("fires", "chosen").toarray() + store.pooled("fires", "rejected").toarray()).mean(0) / 2
     feats = np.flatnonzero((rate > 0.1) & (rate < 0.9))[:5].tolist()  # features that fire on some responses only
     assert len(feats) >= 2
-    (c,) = resolved({"concept": "sae:0", "action": "suppress", "method": "reward_shaping", "features": feats}, sae=tiny_sae_)
+    (c,) = resolved(
+        {"concept": "sae:0", "action": "suppress", "method": "reward_shaping", "features": feats}, sae=tiny_sae_
+    )
     from_store = pair_scores(c, hh_pairs[:8], store=store)
     fc, fr = store.pooled("fires", "chosen").toarray(), store.pooled("fires", "rejected").toarray()
     np.testing.assert_allclose(from_store, np.stack([fc[:, feats].mean(1), fr[:, feats].mean(1)], 1))
@@ -168,7 +226,9 @@ def test_sae_scores_from_the_store_equal_a_recompute(store, tiny_lm, tiny_sae_, 
 
 def _layer_out(lm, layer, ids):
     seen = []
-    h = decoder_layers(lm.model)[layer].register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()))
+    h = decoder_layers(lm.model)[layer].register_forward_hook(
+        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone())
+    )
     try:
         with torch.no_grad():
             lm.model(input_ids=ids)
@@ -184,7 +244,17 @@ def _hook_count(model):
 def test_steering_adds_exactly_alpha_v_and_leaves_no_hook(tiny_lm, tmp_path):
     torch.manual_seed(0)
     save_file({"directions": torch.randn(1, tiny_lm.d_model)}, str(tmp_path / "v.safetensors"))
-    (c,) = resolved({"concept": "direction:v", "action": "suppress", "method": "steer", "direction_file": str(tmp_path / "v.safetensors"), "layer": 1, "strength": 3.0}, d_model=tiny_lm.d_model)
+    (c,) = resolved(
+        {
+            "concept": "direction:v",
+            "action": "suppress",
+            "method": "steer",
+            "direction_file": str(tmp_path / "v.safetensors"),
+            "layer": 1,
+            "strength": 3.0,
+        },
+        d_model=tiny_lm.d_model,
+    )
     ids = torch.tensor([[5, 9, 17, 33, 2]])
     base, n0 = _layer_out(tiny_lm, 1, ids), _hook_count(tiny_lm.model)
     (edit,) = residual_edits([c])
@@ -199,7 +269,16 @@ def test_steering_adds_exactly_alpha_v_and_leaves_no_hook(tiny_lm, tmp_path):
     assert _hook_count(tiny_lm.model) == n0 and not hooks.active
     torch.testing.assert_close(_layer_out(tiny_lm, 1, ids), base)
     # amplify steers the other way
-    (c2,) = resolved({"concept": "direction:v", "action": "amplify", "method": "steer", "direction_file": str(tmp_path / "v.safetensors"), "layer": 1, "strength": 3.0})
+    (c2,) = resolved(
+        {
+            "concept": "direction:v",
+            "action": "amplify",
+            "method": "steer",
+            "direction_file": str(tmp_path / "v.safetensors"),
+            "layer": 1,
+            "strength": 3.0,
+        }
+    )
     torch.testing.assert_close(residual_edits([c2])[0].vector, -edit.vector)
 
 
@@ -208,7 +287,13 @@ def test_ablation_removes_exactly_the_projection_and_hooks_go_on_error(tiny_lm, 
     raw = torch.randn(3, tiny_lm.d_model)
     raw[2] = raw[0] + raw[1]  # dependent row: the basis has rank 2
     save_file({"directions": raw}, str(tmp_path / "d.safetensors"))
-    entry = {"concept": "direction:d", "action": "suppress", "method": "ablate", "direction_file": str(tmp_path / "d.safetensors"), "layer": 2}
+    entry = {
+        "concept": "direction:d",
+        "action": "suppress",
+        "method": "ablate",
+        "direction_file": str(tmp_path / "d.safetensors"),
+        "layer": 2,
+    }
     (c,) = resolved(entry)
     Q = c.source.directions()
     assert Q.shape == (2, tiny_lm.d_model) and torch.allclose(Q @ Q.T, torch.eye(2), atol=1e-5)
@@ -239,25 +324,44 @@ def test_ablation_removes_exactly_the_projection_and_hooks_go_on_error(tiny_lm, 
 
 def test_mean_ablation_estimates_the_mean_residual(tiny_lm, tmp_path):
     save_file({"directions": torch.randn(1, tiny_lm.d_model)}, str(tmp_path / "d.safetensors"))
-    (c,) = resolved({"concept": "direction:d", "action": "suppress", "method": "ablate", "ablation": "mean", "direction_file": str(tmp_path / "d.safetensors"), "layer": 0})
+    (c,) = resolved(
+        {
+            "concept": "direction:d",
+            "action": "suppress",
+            "method": "ablate",
+            "ablation": "mean",
+            "direction_file": str(tmp_path / "d.safetensors"),
+            "layer": 0,
+        }
+    )
     with pytest.raises(ValueError, match="mean ablation needs the model"):
         residual_edits([c])
     (edit,) = residual_edits([c], lm=tiny_lm, pairs=PAIRS[:2])
-    acts = torch.cat(list(response_residuals(tiny_lm, 0, [(p.prompt, r) for p in PAIRS[:2] for r in (p.chosen, p.rejected)])))
+    acts = torch.cat(
+        list(response_residuals(tiny_lm, 0, [(p.prompt, r) for p in PAIRS[:2] for r in (p.chosen, p.rejected)]))
+    )
     torch.testing.assert_close(edit.mean, acts.mean(0), atol=1e-5, rtol=0)
 
 
 def test_direction_scores_are_projections(tiny_lm, tmp_path):
     v = torch.randn(1, tiny_lm.d_model)
     save_file({"directions": v}, str(tmp_path / "v.safetensors"))
-    (c,) = resolved({"concept": "direction:v", "action": "suppress", "method": "reward_shaping", "direction_file": str(tmp_path / "v.safetensors"), "layer": 1})
+    (c,) = resolved(
+        {
+            "concept": "direction:v",
+            "action": "suppress",
+            "method": "reward_shaping",
+            "direction_file": str(tmp_path / "v.safetensors"),
+            "layer": 1,
+        }
+    )
     s = pair_scores(c, PAIRS, lm=tiny_lm)
     u = v[0] / v[0].norm()
     raw = []
     for side in ("chosen", "rejected"):
         for p in PAIRS:  # independently: a full forward pass, the residual after block 1 at the response tokens
             r = render_example(tiny_lm.tokenizer, p.prompt, getattr(p, side))
-            x = _layer_out(tiny_lm, 1, torch.tensor([r.prompt_ids + r.response_ids]))[0, len(r.prompt_ids):]
+            x = _layer_out(tiny_lm, 1, torch.tensor([r.prompt_ids + r.response_ids]))[0, len(r.prompt_ids) :]
             raw.append(float((x @ u).mean()))
     raw = np.array(raw)
     lo, hi = raw.min(), raw.max()
@@ -267,13 +371,38 @@ def test_direction_scores_are_projections(tiny_lm, tmp_path):
 
 def test_resolution_errors_name_the_field(tiny_lm, tmp_path):
     with pytest.raises(PlanError, match="direction_file.*not found"):
-        resolved({"concept": "direction:x", "action": "suppress", "method": "steer", "direction_file": str(tmp_path / "nope.safetensors"), "layer": 1})
+        resolved(
+            {
+                "concept": "direction:x",
+                "action": "suppress",
+                "method": "steer",
+                "direction_file": str(tmp_path / "nope.safetensors"),
+                "layer": 1,
+            }
+        )
     save_file({"other": torch.zeros(2, 4)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(PlanError, match="no tensor named 'directions'"):
-        resolved({"concept": "direction:x", "action": "suppress", "method": "steer", "direction_file": str(tmp_path / "w.safetensors"), "layer": 1})
+        resolved(
+            {
+                "concept": "direction:x",
+                "action": "suppress",
+                "method": "steer",
+                "direction_file": str(tmp_path / "w.safetensors"),
+                "layer": 1,
+            }
+        )
     save_file({"directions": torch.zeros(2, 4)}, str(tmp_path / "n.safetensors"))
     with pytest.raises(PlanError, match="width 4"):
-        resolved({"concept": "direction:x", "action": "suppress", "method": "steer", "direction_file": str(tmp_path / "n.safetensors"), "layer": 1}, d_model=64)
+        resolved(
+            {
+                "concept": "direction:x",
+                "action": "suppress",
+                "method": "steer",
+                "direction_file": str(tmp_path / "n.safetensors"),
+                "layer": 1,
+            },
+            d_model=64,
+        )
     with pytest.raises(PlanError, match="'features'"):
         resolved({"concept": "sae:3", "action": "suppress", "method": "reward_shaping"})
     with pytest.raises(PlanError, match="needs the SAE"):
@@ -281,7 +410,9 @@ def test_resolution_errors_name_the_field(tiny_lm, tmp_path):
 
 
 def test_rank_instructions_generates_with_each_candidate(tiny_lm):
-    (c,) = resolved({"concept": "text:q", "action": "suppress", "method": "inoculate", "pattern": r"\w", "instruction": "x"})
+    (c,) = resolved(
+        {"concept": "text:q", "action": "suppress", "method": "inoculate", "pattern": r"\w", "instruction": "x"}
+    )
     prompts = [p.prompt for p in PAIRS[:2]]
     table = rank_instructions(c.source, ["Be brief.", "Use many words."], prompts, tiny_lm, max_new_tokens=4)
     assert set(table["instruction"]) == {"Be brief.", "Use many words."}

@@ -5,10 +5,19 @@ import json
 
 import numpy as np
 import pytest
+from test_explain import ChatServer
 
 from anatomy_nb.config import EvalConfig, ExplainConfig, JudgeConfig
-from anatomy_nb.data.judges import FAMILIES, LONG_WORDS, LLMJudge, PhraseJudge, agreement, labelled_completions, make_judge, strip_stock_phrases
-from test_explain import ChatServer
+from anatomy_nb.data.judges import (
+    FAMILIES,
+    LONG_WORDS,
+    LLMJudge,
+    PhraseJudge,
+    agreement,
+    labelled_completions,
+    make_judge,
+    strip_stock_phrases,
+)
 
 
 def test_labelled_completions_carry_the_human_labels():
@@ -23,13 +32,20 @@ def test_labelled_completions_carry_the_human_labels():
 
 
 def test_stripping_removes_the_sentences_with_stock_phrases_and_keeps_the_meaning():
-    s = strip_stock_phrases("I\u2019m sorry, but I cannot help with that. Picking a lock you do not own is illegal.\nAs an AI developed by OpenAI, I must clarify that. Try a locksmith instead!")
+    s = strip_stock_phrases(
+        "I\u2019m sorry, but I cannot help with that. Picking a lock you do not own is illegal.\nAs an AI developed "
+        "by OpenAI, I must clarify that. Try a locksmith instead!"
+    )
     assert s == "Picking a lock you do not own is illegal. Try a locksmith instead!"
     assert strip_stock_phrases("I'm sorry, but I can't assist with that.") == ""
     stripped = labelled_completions("gpt4", "stripped")
     assert not PhraseJudge().judge(stripped["prompt"], stripped["completion"]).any()
     # a completion with nothing left is dropped: GPT-4's refusals are mostly one stock sentence
-    assert len(stripped) == 268 and stripped["label"].value_counts()["full refusal"] == 29 and (stripped["completion"].str.len() > 0).all()
+    assert (
+        len(stripped) == 268
+        and stripped["label"].value_counts()["full refusal"] == 29
+        and (stripped["completion"].str.len() > 0).all()
+    )
     # no fragments left whose shape gives a refusal away (phrase-only cutting left "with that." in 95 % of them)
     for family in ("gpt4", "llama2", "caa"):
         df = labelled_completions(family, "stripped")
@@ -71,7 +87,11 @@ class AlwaysRefuses:
 
 def test_agreement_on_known_answers():
     perfect = agreement(Oracle(), n=120, seed=1)
-    assert len(perfect) == 6 and set(perfect["reading"]) == {"full", "stripped", "stripped-long"} and perfect["held_out"].all()
+    assert (
+        len(perfect) == 6
+        and set(perfect["reading"]) == {"full", "stripped", "stripped-long"}
+        and perfect["held_out"].all()
+    )
     for m in ("accuracy", "full_refusal_recall", "specificity"):
         assert (perfect[m] == 1.0).all() and (perfect[f"{m}_ci_low"] < 1.0).all()
     always = agreement(AlwaysRefuses(), families=["gpt4"], readings=["full"])
@@ -105,7 +125,9 @@ def test_llm_judge_over_loopback_http_scores_what_the_model_says():
         server.close()
     shrug = ChatServer(delay=0.0, answer=lambda p, m: "Perhaps")
     try:
-        judge = LLMJudge(make_judge(ExplainConfig(backend="openai", model="m", base_url=shrug.url, cache=False)).backend, "shrug")
+        judge = LLMJudge(
+            make_judge(ExplainConfig(backend="openai", model="m", base_url=shrug.url, cache=False)).backend, "shrug"
+        )
         assert not judge.judge(["q"], ["a"]).any() and judge.unparsed == 1
     finally:
         shrug.close()
@@ -122,7 +144,9 @@ def test_eval_config_takes_a_judge():
 def test_direction_judge_fits_once_reads_its_direction_and_names_what_it_was_fitted_on(tiny_lm, tmp_path, monkeypatch):
     from anatomy_nb.lm import refusal_direction as rd
 
-    judge = make_judge(JudgeConfig(backend="direction", n_tokens=6, fit_on=["llama2", "caa"], fit_n=60), tmp_path, tiny_lm)
+    judge = make_judge(
+        JudgeConfig(backend="direction", n_tokens=6, fit_on=["llama2", "caa"], fit_n=60), tmp_path, tiny_lm
+    )
     assert isinstance(judge, rd.DirectionJudge) and "llama2 + caa" in judge.name
     f = judge.fitted
     assert f.layer == rd.default_layer(tiny_lm) == 2 and f.n_fit == 4 * 60 and f.method == "probe"
@@ -130,7 +154,9 @@ def test_direction_judge_fits_once_reads_its_direction_and_names_what_it_was_fit
     # the verdict is the projection of the mean residual past the threshold, as documented
     df = labelled_completions("gpt4", n=12, seed=2)
     means = rd.response_means(tiny_lm, f.layer, list(df["prompt"]), list(df["completion"]), 6)
-    np.testing.assert_allclose(judge.scores(df["prompt"], df["completion"]), means @ f.direction - f.threshold, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        judge.scores(df["prompt"], df["completion"]), means @ f.direction - f.threshold, rtol=1e-5, atol=1e-5
+    )
     assert (judge.judge(df["prompt"], df["completion"]) == (means @ f.direction > f.threshold)).all()
     # fitted once: a second judge reads the saved direction (safetensors + JSON) instead of refitting
     monkeypatch.setattr(rd, "fit_refusal_direction", lambda *a, **k: pytest.fail("refitted a cached direction"))
@@ -175,7 +201,8 @@ def test_the_probe_reads_a_weak_consistent_signal_that_a_loud_dimension_hides_fr
     fit, (x, y) = [family(10.0), family(10.0)], family(-10.0)
     probe, mean_diff = probe_from_means(fit), direction_from_means(fit)
     accuracy = {name: ((x @ d > t) == y).mean() for name, (d, t) in {"probe": probe, "mean": mean_diff}.items()}
-    assert accuracy["probe"] >= 0.7 and accuracy["mean"] <= 0.55, accuracy  # chance 0.5; the quiet dimension alone: about 0.77
+    # chance 0.5; the quiet dimension alone: about 0.77
+    assert accuracy["probe"] >= 0.7 and accuracy["mean"] <= 0.55, accuracy
     assert abs(probe[0][0]) > 0.9 and np.linalg.norm(probe[0]) == pytest.approx(1.0, abs=1e-5)
     # the decision is sklearn's own, rewritten as a direction and threshold in the raw coordinates
     from sklearn.linear_model import LogisticRegression
@@ -188,7 +215,9 @@ def test_the_probe_reads_a_weak_consistent_signal_that_a_loud_dimension_hides_fr
     # a direction saved before the probe existed (format 1) loads as what it was: a class-mean difference
     old = RefusalDirection(mean_diff[0], mean_diff[1], 2, 4, ("llama2",), ("full",), 10, "m").save(tmp_path / "old")
     meta = json.loads(old.with_suffix(".json").read_text())
-    old.with_suffix(".json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("method", "c")} | {"format": 1}))
+    old.with_suffix(".json").write_text(
+        json.dumps({k: v for k, v in meta.items() if k not in ("method", "c")} | {"format": 1})
+    )
     loaded = RefusalDirection.load(old)
     assert loaded.method == "mean-difference" and loaded.c is None
 
@@ -205,10 +234,16 @@ def test_the_refusal_direction_of_the_default_model_reads_a_held_out_familys_ref
     assert judge.fitted.layer == 18 and judge.fitted.n_tokens == 64 and judge.fitted.method == "probe"
     full = agreement(judge, n=80, families=["gpt4"], readings=["full"]).iloc[0]
     assert full["held_out"] and full["accuracy"] >= 0.8 and full["full_refusal_recall"] >= 0.9  # measured: 0.93 / 1.00
-    # the full refusals that still say something once their stock sentences are gone: the phrase list finds none of the 29
+    # the full refusals that still say something once their stock sentences are gone: the phrase list finds none of the
+    # 29
     stripped = labelled_completions("gpt4", "stripped")
     refusals = stripped[stripped["label"] == "full refusal"]
     assert len(refusals) == 29 and not PhraseJudge().judge(refusals["prompt"], refusals["completion"]).any()
     found = judge.judge(list(refusals["prompt"]), list(refusals["completion"])).mean()
-    kept = 1 - judge.judge(list(stripped["prompt"][:60]), list(stripped["completion"][:60]))[(stripped["label"][:60] == "compliance").to_numpy()].mean()
+    kept = (
+        1
+        - judge.judge(list(stripped["prompt"][:60]), list(stripped["completion"][:60]))[
+            (stripped["label"][:60] == "compliance").to_numpy()
+        ].mean()
+    )
     assert found >= 0.5 and kept >= 0.7  # measured: 0.97, 0.98 (fit on 160 completions)

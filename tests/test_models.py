@@ -7,7 +7,11 @@ from anatomy_nb.lm.chat import CHATML_TEMPLATE, render_example, render_prompt
 from anatomy_nb.lm.models import tiny_llama
 from anatomy_nb.lm.ops import decoder_layers, truncated_to_layer
 
-MSGS = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour and water."}, {"role": "user", "content": "Then what?"}]
+MSGS = [
+    {"role": "user", "content": "How do I bake bread?"},
+    {"role": "assistant", "content": "Mix flour and water."},
+    {"role": "user", "content": "Then what?"},
+]
 
 
 def test_tiny_llama_is_deterministic_and_self_contained():
@@ -21,7 +25,9 @@ def test_tiny_llama_is_deterministic_and_self_contained():
 def test_response_tokens_are_exactly_the_transcript_tokens(tiny_lm):
     tok = tiny_lm.tokenizer
     r = render_example(tok, MSGS, "Let it rise, then bake it.")
-    full = tok.apply_chat_template(MSGS + [{"role": "assistant", "content": "Let it rise, then bake it."}], tokenize=False)
+    full = tok.apply_chat_template(
+        MSGS + [{"role": "assistant", "content": "Let it rise, then bake it."}], tokenize=False
+    )
     full_ids = tok(full, add_special_tokens=False)["input_ids"]
     assert full_ids[: len(r.prompt_ids) + len(r.response_ids)] == r.prompt_ids + r.response_ids
     assert tok.decode(r.response_ids) == "Let it rise, then bake it."
@@ -60,7 +66,7 @@ def test_default_model_loads_from_the_shipped_gguf_via_cache():
     lm = load_model(DEFAULT_MODEL)
     assert lm.n_layers == 30 and lm.d_model == 576 and lm.model.dtype == torch.float32
     assert getattr(lm.model, "hf_quantizer", None) is None and not hasattr(lm.model.config, "quantization_config")
-    assert (lm.model.config._name_or_path and "smollm2" in lm.model.config._name_or_path)
+    assert lm.model.config._name_or_path and "smollm2" in lm.model.config._name_or_path
     r = render_example(lm.tokenizer, [{"role": "user", "content": "Hi"}], "Hello!")
     # SmolLM2's template inserts its default system prompt when none is given
     assert "You are a helpful AI assistant named SmolLM" in lm.tokenizer.decode(r.prompt_ids)

@@ -5,13 +5,18 @@ import json
 
 import nbformat
 import pytest
-
 from conftest import assert_clean_outputs
-from anatomy_nb.ui.notebooks import notebook_dir, run_notebook
+
 from anatomy_nb.lm.sae import save_sae
+from anatomy_nb.ui.notebooks import notebook_dir, run_notebook
 
 XSS = [
-    {"id": f"xss-{i}", "prompt": f"<script>window.__pwned=1</script> question {i}", "chosen": f"<img src=x onerror=\"window.__pwned=2\"> fine {i}", "rejected": f"[click](javascript:alert(3)) **bold** <b>raw</b> {i}"}
+    {
+        "id": f"xss-{i}",
+        "prompt": f"<script>window.__pwned=1</script> question {i}",
+        "chosen": f'<img src=x onerror="window.__pwned=2"> fine {i}',
+        "rejected": f"[click](javascript:alert(3)) **bold** <b>raw</b> {i}",
+    }
     for i in range(8)
 ]
 
@@ -28,12 +33,21 @@ def test_01_extract_runs_headless_and_escapes_dataset_text(tmp_path, tiny_lm, ti
     data.write_text("".join(json.dumps(r) + "\n" for r in XSS))
     sae_dir = save_sae(tiny_sae_, tmp_path / "tiny_sae")
     run_dir = tmp_path / "run"
-    out = run_notebook("01_extract", run_dir, {"config": {"model": "tiny-llama", "sae": str(sae_dir), "data": str(data), "n_pairs": None, "shard_size": 4}}, progress=False)
+    out = run_notebook(
+        "01_extract",
+        run_dir,
+        {"config": {"model": "tiny-llama", "sae": str(sae_dir), "data": str(data), "n_pairs": None, "shard_size": 4}},
+        progress=False,
+    )
     nb = nbformat.read(out, as_version=4)
     assert_clean_outputs(nb)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     assert not errors
-    assert (run_dir / "index.json").exists() and json.loads((run_dir / "index.json").read_text())["extract"]["n_pairs"] == 8
+    assert (run_dir / "index.json").exists() and json.loads((run_dir / "index.json").read_text())["extract"][
+        "n_pairs"
+    ] == 8
     html = out.with_suffix(".html").read_text()
     assert "plotly" in html.lower()  # figures embedded
     # the untrusted text is present, escaped; none of it is live markup
@@ -44,7 +58,15 @@ def test_01_extract_runs_headless_and_escapes_dataset_text(tmp_path, tiny_lm, ti
 
 def test_00_train_sae_runs_headless_on_the_tiny_model(tmp_path):
     run_dir = tmp_path / "run"
-    config = {"model": "tiny-llama", "sweep_layers": [1, 2], "train_tokens": 6000, "sweep_tokens": 3000, "final": {"epochs": 2.0, "k": 4, "expansion": 2}, "eval_tokens": 600, "eval_loss_docs": 3}
+    config = {
+        "model": "tiny-llama",
+        "sweep_layers": [1, 2],
+        "train_tokens": 6000,
+        "sweep_tokens": 3000,
+        "final": {"epochs": 2.0, "k": 4, "expansion": 2},
+        "eval_tokens": 600,
+        "eval_loss_docs": 3,
+    }
     out = run_notebook("00_train_sae", run_dir, {"config": config}, progress=False)
     assert (run_dir / "sae" / "sae_weights.safetensors").exists()
     card = json.loads((run_dir / "sae" / "card.json").read_text())
@@ -63,7 +85,9 @@ def test_02_hypothesize_runs_headless_after_01(tmp_path, tiny_lm, tiny_sae_, hh_
     out = run_notebook("02_hypothesize", tmp_path / "run", {"config": {"concepts": {"min_support": 3}}}, progress=False)
     nb = nbformat.read(out, as_version=4)
     assert_clean_outputs(nb)
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     assert json.loads((tmp_path / "run" / "index.json").read_text())["hypothesize"]["key"]
     assert out.with_suffix(".html").exists()
 
@@ -72,7 +96,14 @@ def test_unknown_parameter_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="has no parameter"):
         run_notebook("01_extract", tmp_path, {"n_pairz": 3}, html=False)
     # a stage parameter the stage's config does not have: named, with the valid ones, before a kernel starts
-    for name, bad in [("01_extract", {"n_pairz": 3}), ("02_hypothesize", {"concepts": {"min_suport": 3}}), ("03_plan", {"spill": 3}), ("04_train", {"lora_rank": 4}), ("05_evaluate", {"n_promts": 3}), ("00_train_sae", {"layers": [1]})]:
+    for name, bad in [
+        ("01_extract", {"n_pairz": 3}),
+        ("02_hypothesize", {"concepts": {"min_suport": 3}}),
+        ("03_plan", {"spill": 3}),
+        ("04_train", {"lora_rank": 4}),
+        ("05_evaluate", {"n_promts": 3}),
+        ("00_train_sae", {"layers": [1]}),
+    ]:
         with pytest.raises(ValueError, match=r"unknown key.*valid keys") as err:
             run_notebook(name, tmp_path, {"config": bad}, html=False)
         assert list(bad)[0] in str(err.value) or "min_suport" in str(err.value)

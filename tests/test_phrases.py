@@ -5,7 +5,14 @@ import re
 import numpy as np
 import pytest
 
-from anatomy_nb.concepts.phrases import PhraseConfig, WordBackground, distinctive_ngrams, phrase_name, window_words, words
+from anatomy_nb.concepts.phrases import (
+    PhraseConfig,
+    WordBackground,
+    distinctive_ngrams,
+    phrase_name,
+    window_words,
+    words,
+)
 
 SYMBOLS = ["🌧", "☂", "✨", "⚡", "🦜", "§", "¤", "†", "♫", "~", "#", "%", "@"]
 
@@ -44,7 +51,9 @@ def plant_and_name(texts, vocab, tokenizer, seed, fraction=0.1, noise=0.3):
         prefix = " ".join(ws[:at]) + (" " if at else "")
         texts[i] = prefix + phrase + (" " if at < len(ws) else "") + " ".join(ws[at:])
         enc = tokenizer(texts[i], add_special_tokens=False, return_offsets_mapping=True)
-        inside = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a >= len(prefix) and b <= len(prefix) + len(phrase)]
+        inside = [
+            k for k, (a, b) in enumerate(enc["offset_mapping"]) if a >= len(prefix) and b <= len(prefix) + len(phrase)
+        ]
         windows.append(window_words(np.asarray(enc["input_ids"]), int(rng.choice(inside)), cfg, decode))
     for i in rng.choice(len(texts), int(noise * len(hits))):
         ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]

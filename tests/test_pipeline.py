@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import assert_clean_outputs
 
-from anatomy_nb.ui import notebooks as nbmod
 from anatomy_nb.config import PipelineConfig
-from anatomy_nb.pipeline import STATE_FILE, load_config, run_pipeline
 from anatomy_nb.lm.sae import save_sae
+from anatomy_nb.pipeline import STATE_FILE, load_config, run_pipeline
+from anatomy_nb.ui import notebooks as nbmod
 
 TRAIN = {"max_train_pairs": 12, "max_steps": 2, "batch_size": 2, "max_length": 96}
 
@@ -21,7 +21,18 @@ def tiny_sae_dir(tmp_path_factory, tiny_sae_):
 
 
 def _cfg(run_dir, sae_dir, **kw):
-    base = dict(run_dir=str(run_dir), extract={"model": "tiny-llama", "sae": sae_dir, "n_pairs": 40}, plant={"kind": "bold", "fraction": 0.5, "seed": 0}, target=0, methods=["reward_shaping"], hypothesize={"concepts": {"min_support": 3}}, train=TRAIN, evaluate={"n_prompts": 4, "max_new_tokens": 8}, html=False, report=False)
+    base = dict(
+        run_dir=str(run_dir),
+        extract={"model": "tiny-llama", "sae": sae_dir, "n_pairs": 40},
+        plant={"kind": "bold", "fraction": 0.5, "seed": 0},
+        target=0,
+        methods=["reward_shaping"],
+        hypothesize={"concepts": {"min_support": 3}},
+        train=TRAIN,
+        evaluate={"n_prompts": 4, "max_new_tokens": 8},
+        html=False,
+        report=False,
+    )
     base.update(kw)
     return PipelineConfig.from_dict(base)
 
@@ -42,7 +53,9 @@ def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_di
     truth = json.loads((run_dir / "data" / "planted.planted.json").read_text())
     assert truth["kind"] == "bold" and truth["n_planted"] == 20
     plan = json.loads((run_dir / "plan" / "reward_shaping.json").read_text())
-    assert [(c["concept"], c["action"], c["method"]) for c in plan["concepts"]] == [("sae:0", "suppress", "reward_shaping")]
+    assert [(c["concept"], c["action"], c["method"]) for c in plan["concepts"]] == [
+        ("sae:0", "suppress", "reward_shaping")
+    ]
     assert (run_dir / "report" / "index.html").exists()
     # what is shared shows results only: no warning, progress bar or error in any executed notebook
     import nbformat
@@ -61,7 +74,8 @@ def test_pipeline_runs_skips_reruns_downstream_and_resumes(tmp_path, tiny_sae_di
         page = (run_dir / "report" / "index.html").read_text()
         assert "The audit&#x27;s target" in page or "The audit's target" in page
         assert "planted bold in generations" in page and "Pipeline steps" in page
-        assert "scored by <b>phrase list</b>" in page and "full refusal recall" in page  # which judge, and its agreement
+        # which judge, and its agreement
+        assert "scored by <b>phrase list</b>" in page and "full refusal recall" in page
 
     # unchanged: nothing runs
     logs.clear()
@@ -150,7 +164,16 @@ def test_a_changed_plant_reruns_extraction_although_the_data_path_is_the_same(tm
     monkeypatch.setattr(nbmod, "run_notebook", fake)
 
     def cfg(fraction):
-        return PipelineConfig.from_dict(dict(run_dir=str(tmp_path / "run"), extract={"n_pairs": 40}, plant={"kind": "bold", "fraction": fraction, "seed": 0}, stages=["extract"], html=False, report=False))
+        return PipelineConfig.from_dict(
+            dict(
+                run_dir=str(tmp_path / "run"),
+                extract={"n_pairs": 40},
+                plant={"kind": "bold", "fraction": fraction, "seed": 0},
+                stages=["extract"],
+                html=False,
+                report=False,
+            )
+        )
 
     run_pipeline(cfg(0.25), log=lambda m: None)
     run_pipeline(cfg(0.25), log=lambda m: None)
@@ -184,7 +207,8 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
     assert res.models == ["base", "plain", "reward_shaping", "filter"]
     poison = res.poisoning().set_index("model")
     print(pd.DataFrame(poison).T.to_string())
-    # plain DPO learned the plant: its rate's interval lies above the base model's (measured 0.70 [0.52, 0.83] vs 0.03 [0.01, 0.17])
+    # plain DPO learned the plant: its rate's interval lies above the base model's (measured 0.70 [0.52, 0.83] vs 0.03
+    # [0.01, 0.17])
     assert poison.loc["plain", "planted_rate_ci_low"] > poison.loc["base", "planted_rate_ci_high"]
     assert poison.loc["reward_shaping", "fraction_removed"] >= 0.8  # the aim
     assert poison.loc["filter", "fraction_removed"] >= 0.8
@@ -197,14 +221,19 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
     # stage 2 finds significant at 300 pairs, and one q crossing 0.05 leaves it undefined (the
     # 2026-11-29 reference had 4 rows; the same store read by the same stage-2 code gave 2 on
     # 2026-11-30, with a fresh install: docs/explanation.md, "The whole pipeline").
-    reference = pd.read_csv(Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "default-pipeline-comparison-2026-11-30.csv")
+    reference = pd.read_csv(
+        Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "default-pipeline-comparison-2026-11-30.csv"
+    )
     reference = reference[~((reference["group"] == "predicted vs actual") & (reference["n"] < 5))]
     now = res.comparison().set_index(["model", "metric"])["value"]
     moved = []
     for r in reference.dropna(subset=["ci_low", "ci_high"]).itertuples():
         v = now.get((r.model, r.metric))
         if v is None or not (r.ci_low - 1e-9 <= v <= r.ci_high + 1e-9):
-            moved.append(f"{r.model} / {r.metric}: {v} outside the reference [{r.ci_low:.3f}, {r.ci_high:.3f}] (reference value {r.value:.3f})")
+            moved.append(
+                f"{r.model} / {r.metric}: {v} outside the reference [{r.ci_low:.3f}, {r.ci_high:.3f}] (reference "
+                f"value {r.value:.3f})"
+            )
     assert not moved, moved
     _the_default_store_gives_the_dense_oracles_concepts(run)
 

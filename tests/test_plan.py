@@ -58,7 +58,10 @@ def test_allow_needs_no_method_and_is_not_active():
     plan = load_plan(_plan(action="allow", method=None))
     assert plan.active == [] and plan.by_method("reward_shaping") == []
     # suppress / amplify without a method means reward shaping (as the toggles and set_choice do)
-    assert load_plan({"concepts": [{"concept": "sae:3", "action": "suppress", "features": [1]}]}).active[0].method == "reward_shaping"
+    assert (
+        load_plan({"concepts": [{"concept": "sae:3", "action": "suppress", "features": [1]}]}).active[0].method
+        == "reward_shaping"
+    )
 
 
 def test_bad_file_is_named(tmp_path):

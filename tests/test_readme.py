@@ -7,7 +7,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -34,7 +33,13 @@ def test_every_command_in_the_readme_is_accepted_with_a_valid_config(monkeypatch
     from anatomy_nb.pipeline import load_config
 
     monkeypatch.chdir(REPO)
-    configs = {"extract": ExtractConfig, "hypothesize": HypothesizeConfig, "plan": PlanConfig, "train": TrainConfig, "evaluate": EvalConfig}
+    configs = {
+        "extract": ExtractConfig,
+        "hypothesize": HypothesizeConfig,
+        "plan": PlanConfig,
+        "train": TrainConfig,
+        "evaluate": EvalConfig,
+    }
     seen = set()
     for block in blocks("bash"):
         for line in block.splitlines():
@@ -59,11 +64,13 @@ def test_the_python_example_runs_on_the_tiny_model(tmp_path, monkeypatch, tiny_l
     from anatomy_nb.lm.sae import load_sae, save_sae, tiny_sae
 
     (code,) = blocks("python")
-    sae_dir = save_sae(tiny_sae(tiny_lm.d_model, layer=2, d_sae=256, k=8), tmp_path / "tiny_sae")  # the example reads feature 123
+    # the example reads feature 123
+    sae_dir = save_sae(tiny_sae(tiny_lm.d_model, layer=2, d_sae=256, k=8), tmp_path / "tiny_sae")
     monkeypatch.setattr(anb, "load_model", lambda *a, **k: anb.tiny_llama())
     monkeypatch.setattr(anb, "load_sae", lambda *a, **k: load_sae(str(sae_dir)))
     monkeypatch.chdir(tmp_path)
-    code = code.replace('anb.load_pairs("hh-rlhf", limit=300)', 'anb.load_pairs("hh-rlhf", limit=40)')  # the tiny model needs no more
+    # the tiny model needs no more
+    code = code.replace('anb.load_pairs("hh-rlhf", limit=300)', 'anb.load_pairs("hh-rlhf", limit=40)')
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     run = namespace["run"]

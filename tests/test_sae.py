@@ -62,7 +62,9 @@ def test_batched_collection_equals_one_document_at_a_time(tiny_lm, hh_pairs, tmp
     the same prefix."""
     from anatomy_nb.lm.sae_training import collect_activations
 
-    docs = chat_documents(tiny_lm, [(list(p.prompt), r, "hh") for p in hh_pairs[:6] for r in (p.chosen, p.rejected)], max_seq_len=256)
+    docs = chat_documents(
+        tiny_lm, [(list(p.prompt), r, "hh") for p in hh_pairs[:6] for r in (p.chosen, p.rejected)], max_seq_len=256
+    )
     assert len({len(d.ids) for d in docs}) > 1  # lengths differ, so batches are padded
     single = np.asarray(collect_activations(tiny_lm, docs, [1, 2], tmp_path / "one", batch_size=1)[2], dtype=np.float32)
     batched = collect_activations(tiny_lm, docs, [1, 2], tmp_path / "five", batch_size=5)
@@ -79,7 +81,12 @@ def test_perfect_reconstruction_scores_one(tiny_lm, hh_pairs):
     from anatomy_nb.lm.sae import LoadedSAE
 
     ident = torch.nn.Identity()
-    fake = SimpleNamespace(encode=ident, decode=ident, W_enc=torch.zeros(1), cfg=SimpleNamespace(d_sae=tiny_lm.d_model, d_in=tiny_lm.d_model))
+    fake = SimpleNamespace(
+        encode=ident,
+        decode=ident,
+        W_enc=torch.zeros(1),
+        cfg=SimpleNamespace(d_sae=tiny_lm.d_model, d_in=tiny_lm.d_model),
+    )
     sae = LoadedSAE(sae=fake, layer=1, name="identity", fingerprint="x")
     docs = chat_documents(tiny_lm, [(list(p.prompt), p.chosen, "hh") for p in hh_pairs[:4]], max_seq_len=256)
     m = evaluate_sae(tiny_lm, sae, docs, loss_docs=4)
@@ -93,9 +100,9 @@ def test_chat_documents_skip_sink_system_prompt_and_repeated_prompts(tiny_lm):
     docs = chat_documents(tiny_lm, [(msgs, "Hello", "x"), (msgs, "Go away", "x")])
     first, second = docs
     assert first.collect_from >= 1
-    assert tiny_lm.tokenizer.decode(first.ids[first.collect_from:]).startswith("Be brief.")
+    assert tiny_lm.tokenizer.decode(first.ids[first.collect_from :]).startswith("Be brief.")
     # the second document shares the prompt: only its response is collected
-    assert tiny_lm.tokenizer.decode(second.ids[second.collect_from:]) == "Go away"
+    assert tiny_lm.tokenizer.decode(second.ids[second.collect_from :]) == "Go away"
 
 
 @pytest.mark.e2e

@@ -3,7 +3,8 @@ saves for inference (a JumpReLU with the batch threshold), each saved to disk an
 
 Extraction must equal sae-lens's own ``encode`` applied to the residual stream at the hook the
 SAE's metadata names (``hook_resid_post`` of block L, or ``hook_resid_pre`` = the input of block L),
-with the SAE's run-time input normalisation (layer norm, constant-norm rescale) and decoder-bias handling — computed here independently, from
+with the SAE's run-time input normalisation (layer norm, constant-norm rescale) and decoder-bias handling — computed
+here independently, from
 the model's ``output_hidden_states`` on the whole transcript."""
 
 import copy
@@ -55,11 +56,15 @@ def make_sae(kind: str, d_in: int, hook: str, tmp_path):
     elif kind == "jumprelu":
         sae = JumpReLUSAE(JumpReLUSAEConfig(**common, apply_b_dec_to_input=False))
     elif kind == "topk":
-        sae = TopKSAE(TopKSAEConfig(**common, k=5, apply_b_dec_to_input=True, normalize_activations="constant_norm_rescale"))
+        sae = TopKSAE(
+            TopKSAEConfig(**common, k=5, apply_b_dec_to_input=True, normalize_activations="constant_norm_rescale")
+        )
     elif kind == "batchtopk":
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=5))
     elif kind == "matryoshka":
-        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**common, k=5, matryoshka_widths=[16, 32, D_SAE]))
+        sae = MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(**common, k=5, matryoshka_widths=[16, 32, D_SAE])
+        )
     else:
         raise ValueError(kind)
     _randomise(sae, seed=len(kind))
@@ -87,19 +92,28 @@ def reference_max(lm, sae_path, layer_input: int, pairs, side: str) -> np.ndarra
     return out
 
 
-@pytest.mark.parametrize("kind,hook,layer_input", [
-    ("standard", "blocks.1.hook_resid_post", 2),
-    ("jumprelu", "blocks.2.hook_resid_pre", 2),
-    ("topk", "blocks.2.hook_resid_post", 3),
-    ("batchtopk", "blocks.1.hook_resid_post", 2),
-    ("matryoshka", "blocks.0.hook_resid_post", 1),
-])
+@pytest.mark.parametrize(
+    "kind,hook,layer_input",
+    [
+        ("standard", "blocks.1.hook_resid_post", 2),
+        ("jumprelu", "blocks.2.hook_resid_pre", 2),
+        ("topk", "blocks.2.hook_resid_post", 3),
+        ("batchtopk", "blocks.1.hook_resid_post", 2),
+        ("matryoshka", "blocks.0.hook_resid_post", 1),
+    ],
+)
 def test_extraction_equals_sae_lens_encode_at_the_named_hook(kind, hook, layer_input, tiny_lm, hh_pairs, tmp_path):
     path = make_sae(kind, tiny_lm.d_model, hook, tmp_path)
     loaded = load_sae(str(path), device="cpu")
     assert loaded.layer == layer_input - 1
     pairs = hh_pairs[:4]
-    store = extract(pairs, tiny_lm, loaded, tmp_path / "run", {"max_prompt_tokens": 4096, "max_response_tokens": 4096, "pooled_values": True})
+    store = extract(
+        pairs,
+        tiny_lm,
+        loaded,
+        tmp_path / "run",
+        {"max_prompt_tokens": 4096, "max_response_tokens": 4096, "pooled_values": True},
+    )
     for side in ("chosen", "rejected"):
         expected = reference_max(tiny_lm, path, layer_input, pairs, side)
         got = store.pooled("max", side).toarray()

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
+from test_hypothesize import synthetic, with_edges
 
 from anatomy_nb.concepts.clustering import cluster_features
 from anatomy_nb.concepts.cofiring import cofiring_neighbors, phi_correlation
@@ -18,7 +19,6 @@ from anatomy_nb.concepts.labels import text_stat_labels
 from anatomy_nb.config import ConceptConfig, HypothesizeConfig
 from anatomy_nb.core.stats import paired_test, paired_test_sparse, welch_each_group, welch_inside_outside
 from anatomy_nb.stages.hypothesize import score_concepts
-from test_hypothesize import synthetic, with_edges
 
 
 def grouped_firing(n=1500, n_groups=40, size=6, background=60, seed=0):
@@ -29,7 +29,9 @@ def grouped_firing(n=1500, n_groups=40, size=6, background=60, seed=0):
     on = rng.uniform(size=(n, n_groups)) < rates
     F = np.repeat(on, size, axis=1) & (rng.uniform(size=(n, n_groups * size)) < 0.8)
     B = rng.uniform(size=(n, background)) < rng.uniform(0.02, 0.3, background)
-    return sp.csr_matrix(np.hstack([F, B]).astype(np.float32)), np.r_[np.repeat(np.arange(n_groups), size), -1 - np.arange(background)]
+    return sp.csr_matrix(np.hstack([F, B]).astype(np.float32)), np.r_[
+        np.repeat(np.arange(n_groups), size), -1 - np.arange(background)
+    ]
 
 
 def knn_reference(fires, k, min_phi):
@@ -59,14 +61,18 @@ def test_sketched_neighbours_have_exact_weights_and_find_the_groups():
     planted groups' neighbourhoods (recall of the exact graph's edge weight ≥ 0.95)."""
     fires, truth = grouped_firing(seed=1)
     exact_graph, phi = knn_reference(fires, k=5, min_phi=0.05)
-    sketch = cofiring_neighbors(fires, k=5, min_phi=0.05, method="sketch", dims=64, candidates=16, block_bytes=8192).tocoo()
+    sketch = cofiring_neighbors(
+        fires, k=5, min_phi=0.05, method="sketch", dims=64, candidates=16, block_bytes=8192
+    ).tocoo()
     np.testing.assert_allclose(sketch.data, phi[sketch.row, sketch.col], atol=1e-9)
     found = sp.csr_matrix(sketch).toarray()
     recall = (exact_graph * (found != 0)).sum() / exact_graph.sum()
     assert recall >= 0.95, recall
     cfg = ConceptConfig(min_support=5, k_neighbors=5, min_phi=0.05)
     labels_exact = cluster_features(fires, cfg)
-    labels_sketch = cluster_features(fires, ConceptConfig(**{**cfg.to_dict(), "neighbors": "sketch", "sketch_dims": 64, "sketch_candidates": 16}))
+    labels_sketch = cluster_features(
+        fires, ConceptConfig(**{**cfg.to_dict(), "neighbors": "sketch", "sketch_dims": 64, "sketch_candidates": 16})
+    )
     grouped = truth >= 0
     assert adjusted_rand_score(truth[grouped], labels_sketch[grouped]) >= 0.9
     assert adjusted_rand_score(labels_exact, labels_sketch) >= 0.9
@@ -97,7 +103,9 @@ def test_welch_for_every_group_at_once_equals_one_group_at_a_time():
     for g, (test, inside_mean) in welch_each_group(D, group, [0, 1, 2, 3, 9]).items():
         ref = welch_inside_outside(D, group == g)
         for field in ("mean", "t", "cohens_d", "p"):
-            np.testing.assert_allclose(getattr(test, field), getattr(ref, field), rtol=1e-9, atol=1e-12, err_msg=f"group {g} {field}")
+            np.testing.assert_allclose(
+                getattr(test, field), getattr(ref, field), rtol=1e-9, atol=1e-12, err_msg=f"group {g} {field}"
+            )
         if g != 9:
             np.testing.assert_allclose(inside_mean, D[group == g].mean(0))
 
@@ -106,7 +114,9 @@ def test_text_stat_labels_read_sparse_activity_like_dense():
     rng = np.random.default_rng(2)
     U = np.where(rng.uniform(size=(400, 25)) < 0.1, rng.uniform(size=(400, 25)), 0.0)
     U[:, 0] = 0.0
-    stats = pd.DataFrame({"length": rng.normal(size=400), "bullets": U[:, 3] * 2 + rng.normal(scale=0.1, size=400), "flat": np.ones(400)})
+    stats = pd.DataFrame(
+        {"length": rng.normal(size=400), "bullets": U[:, 3] * 2 + rng.normal(scale=0.1, size=400), "flat": np.ones(400)}
+    )
     assert text_stat_labels(sp.csc_matrix(U), stats) == text_stat_labels(U, stats)
 
 
@@ -172,7 +182,15 @@ def test_feature_difference_sums_equal_the_sparse_prompt_means(grouped):
 
     pf = synthetic(n=300, d=80, seed=6)
     groups = np.sort(np.random.default_rng(0).integers(0, 120, pf.n_pairs)) if grouped else None
-    pf = PairFeatures(pf.fires_chosen, pf.fires_rejected, pf.ntok, groups if grouped else np.arange(pf.n_pairs), pf.prompts, pf.chosen, pf.rejected)
+    pf = PairFeatures(
+        pf.fires_chosen,
+        pf.fires_rejected,
+        pf.ntok,
+        groups if grouped else np.arange(pf.n_pairs),
+        pf.prompts,
+        pf.chosen,
+        pf.rejected,
+    )
     n, s1, s2 = feature_difference_sums(pf, groups)
     ref = paired_test_sparse(group_means(pf.fires_chosen - pf.fires_rejected, groups, dense=False))
     got = paired_test_from_sums(n, s1, s2)

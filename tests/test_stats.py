@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import scipy.stats as sps
 
-from anatomy_nb.core.stats import bh_qvalues, group_means, length_controlled, length_placebo, length_regressors, paired_test, split_half_agreement, welch_inside_outside
+from anatomy_nb.core.stats import (
+    bh_qvalues,
+    group_means,
+    length_controlled,
+    length_placebo,
+    length_regressors,
+    paired_test,
+    split_half_agreement,
+    welch_inside_outside,
+)
 
 
 def reference_bh_reject(p, alpha):
@@ -96,7 +105,8 @@ def test_length_placebo_passes_a_smooth_length_effect_and_flags_a_step():
     n, n_hyp = 1000, 30
     ntok = np.exp(np.column_stack([rng.normal(4.2, 0.7, n), rng.normal(4.5, 0.7, n)])).astype(int) + 1
     rate = rng.uniform(0.002, 0.05, n_hyp)
-    saturating = [rng.binomial(10, 1 - np.exp(-np.outer(ntok[:, side], rate))) / 10 for side in (0, 1)]  # "fires anywhere"
+    # "fires anywhere"
+    saturating = [rng.binomial(10, 1 - np.exp(-np.outer(ntok[:, side], rate))) / 10 for side in (0, 1)]
     r = length_placebo(*saturating, ntok, degrees=(0, 2))
     assert (r[r["degree"] == 0]["frac_p05"] > 0.9).all()  # uncontrolled: length alone separates
     assert (r[r["degree"] == 2]["frac_p05"] <= 0.10).all()  # the control removes it

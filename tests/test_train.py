@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_clean_outputs
 from safetensors.torch import save_file
 
-from conftest import assert_clean_outputs
-from anatomy_nb.data.schema import PreferencePair
 from anatomy_nb.config import TrainConfig
+from anatomy_nb.data.schema import PreferencePair
 from anatomy_nb.stages.dpo import make_trainer
 from anatomy_nb.stages.train import load_trained, prepare, split_pairs, train
 
@@ -24,18 +24,26 @@ def synthetic_pairs(n=24):
     out = []
     for i in range(n):
         t = TOPICS[i % len(TOPICS)]
-        out.append(PreferencePair(
-            id=f"s{i}",
-            prompt=({"role": "user", "content": f"Tell me about {t} ({i // len(TOPICS)})."},),
-            chosen=f"Great question! {t.capitalize()} is a fine thing.",
-            rejected=f"{t.capitalize()} is a thing, I suppose." if i % 3 else f"Sorry, {t} is hard.",
-        ))
+        out.append(
+            PreferencePair(
+                id=f"s{i}",
+                prompt=({"role": "user", "content": f"Tell me about {t} ({i // len(TOPICS)})."},),
+                chosen=f"Great question! {t.capitalize()} is a fine thing.",
+                rejected=f"{t.capitalize()} is a thing, I suppose." if i % 3 else f"Sorry, {t} is hard.",
+            )
+        )
     return out
 
 
 PAIRS = synthetic_pairs()
 FAST = dict(max_length=96, batch_size=4, progress=False, learning_rate=2e-3, heldout_fraction=0.25)
-SHAPE = {"concept": "text:flattery", "action": "suppress", "method": "reward_shaping", "pattern": "flattery_opener", "strength": 1.5}
+SHAPE = {
+    "concept": "text:flattery",
+    "action": "suppress",
+    "method": "reward_shaping",
+    "pattern": "flattery_opener",
+    "strength": 1.5,
+}
 
 
 def _policy_logps(model, batch):
@@ -77,15 +85,32 @@ def test_prepare_applies_the_plan_to_the_training_split_only(tiny_lm, tmp_path):
     assert not train_ids & held_ids and len(train_ids | held_ids) == len(PAIRS)
     prompts = lambda ps: {json.dumps(p.prompt) for p in ps}
     assert not prompts([p for p in PAIRS if p.id in train_ids]) & prompts(plain.heldout_pairs)  # split by prompt
-    plan = {"concepts": [
-        {"concept": "text:apology", "action": "suppress", "method": "filter", "pattern": "apology", "strength": 1.0, "filter_mode": "drop"},
-        {"concept": "text:flattery", "action": "suppress", "method": "inoculate", "pattern": "flattery_opener", "instruction": "Open with a compliment."},
-    ]}
+    plan = {
+        "concepts": [
+            {
+                "concept": "text:apology",
+                "action": "suppress",
+                "method": "filter",
+                "pattern": "apology",
+                "strength": 1.0,
+                "filter_mode": "drop",
+            },
+            {
+                "concept": "text:flattery",
+                "action": "suppress",
+                "method": "inoculate",
+                "pattern": "flattery_opener",
+                "instruction": "Open with a compliment.",
+            },
+        ]
+    }
     prep = prepare(tmp_path, plan, pairs=PAIRS, model=tiny_lm, config=cfg)
     assert prep.heldout_pairs == plain.heldout_pairs  # the held-out split is untouched
     # apology: rejected "Sorry, ..." and chosen has none, so s⁺ − s⁻ = −1: suppress drops nothing
     assert prep.report["filter"][0]["n_dropped"] == 0
-    amp = prepare(tmp_path, {"concepts": [{**plan["concepts"][0], "action": "amplify"}]}, pairs=PAIRS, model=tiny_lm, config=cfg)
+    amp = prepare(
+        tmp_path, {"concepts": [{**plan["concepts"][0], "action": "amplify"}]}, pairs=PAIRS, model=tiny_lm, config=cfg
+    )
     dropped = [p for p in PAIRS if p.id in train_ids and "Sorry" in p.rejected]
     assert amp.report["filter"][0]["n_dropped"] == len(dropped) > 0
     assert {p.id for p in amp.train_pairs} == train_ids - {p.id for p in dropped}
@@ -133,7 +158,9 @@ def test_real_trl_run_on_the_tiny_model(shaped_run, tiny_lm):
     assert m["steps"] == 3 * int(np.ceil(n_train / cfg.batch_size))
     metrics = res.metrics()
     assert len(metrics) == m["steps"] and metrics["step"].tolist() == list(range(1, m["steps"] + 1))
-    assert {"loss", "rewards/margins", "rewards/accuracies", "shaping/offset_margin", "step_seconds"} <= set(metrics.columns)
+    assert {"loss", "rewards/margins", "rewards/accuracies", "shaping/offset_margin", "step_seconds"} <= set(
+        metrics.columns
+    )
     assert np.allclose(metrics["shaping/offset_margin"], 1.5)  # every pair carries the concept
     # it learned: the DPO margin (with the +1.5 offset, log σ(β·0 + 1.5) = 0.20 at the start) grows
     assert metrics["loss"].iloc[0] == pytest.approx(-np.log(1 / (1 + np.exp(-1.5))), abs=1e-4)
@@ -166,9 +193,18 @@ def test_reference_pass_sees_ablation_but_not_steering(tiny_lm, tmp_path):
     torch.manual_seed(0)
     save_file({"directions": torch.randn(2, tiny_lm.d_model)}, str(tmp_path / "d.safetensors"))
     cfg = TrainConfig(**{**FAST, "max_steps": 1})
-    entry = {"concept": "direction:d", "action": "suppress", "direction_file": str(tmp_path / "d.safetensors"), "layer": 1}
+    entry = {
+        "concept": "direction:d",
+        "action": "suppress",
+        "direction_file": str(tmp_path / "d.safetensors"),
+        "layer": 1,
+    }
     refs, res = {}, {}
-    for name, plan in [("plain", None), ("steer", {"concepts": [{**entry, "method": "steer", "strength": 8.0}]}), ("ablate", {"concepts": [{**entry, "method": "ablate"}]})]:
+    for name, plan in [
+        ("plain", None),
+        ("steer", {"concepts": [{**entry, "method": "steer", "strength": 8.0}]}),
+        ("ablate", {"concepts": [{**entry, "method": "ablate"}]}),
+    ]:
         res[name] = train(tmp_path / name, plan, pairs=PAIRS, model=tiny_lm, config=cfg)
         refs[name] = np.load(res[name].path / "ref_logps.npy")
         assert res[name].manifest["hooks_left_after_training"] == 0
@@ -195,18 +231,32 @@ def test_reference_log_probs_are_computed_once_per_run_directory(tiny_lm, tmp_pa
     assert fresh.manifest["ref_logps"] == {"reused": 0, "computed": n}
     np.testing.assert_allclose(np.load(fresh.path / "ref_logps.npy"), np.load(shaped.path / "ref_logps.npy"), rtol=1e-6)
     # filtering keeps a subset of the same pairs: all of them come from the cache
-    filt = train(tmp_path, {"concepts": [{**SHAPE, "method": "filter", "filter_mode": "flip", "strength": 1.0}]}, pairs=PAIRS, model=tiny_lm, config=cfg)
+    filt = train(
+        tmp_path,
+        {"concepts": [{**SHAPE, "method": "filter", "filter_mode": "flip", "strength": 1.0}]},
+        pairs=PAIRS,
+        model=tiny_lm,
+        config=cfg,
+    )
     # a filter that flips pairs swaps chosen and rejected: the same responses, all from the cache
     assert filt.data_report()["filter"][0]["n_flipped"] > 0
     assert filt.manifest["ref_logps"] == {"reused": n, "computed": 0}
     flip_refs = np.load(filt.path / "ref_logps.npy")
     assert set(flip_refs.ravel().tolist()) <= set(np.load(plain.path / "ref_logps.npy").ravel().tolist())
     # another max_length is another reference pass; so is a reference that sees an ablation
-    other = train(tmp_path, None, pairs=PAIRS, model=tiny_lm, config=TrainConfig(**{**FAST, "max_steps": 1, "max_length": 64}))
+    other = train(
+        tmp_path, None, pairs=PAIRS, model=tiny_lm, config=TrainConfig(**{**FAST, "max_steps": 1, "max_length": 64})
+    )
     assert other.manifest["ref_logps"]["reused"] == 0
     torch.manual_seed(0)
     save_file({"directions": torch.randn(2, tiny_lm.d_model)}, str(tmp_path / "d.safetensors"))
-    ablate = {"concept": "direction:d", "action": "suppress", "direction_file": str(tmp_path / "d.safetensors"), "layer": 1, "method": "ablate"}
+    ablate = {
+        "concept": "direction:d",
+        "action": "suppress",
+        "direction_file": str(tmp_path / "d.safetensors"),
+        "layer": 1,
+        "method": "ablate",
+    }
     abl = train(tmp_path, {"concepts": [ablate]}, pairs=PAIRS, model=tiny_lm, config=cfg)
     assert abl.manifest["ref_logps"] == {"reused": 0, "computed": n}
     assert np.abs(np.load(abl.path / "ref_logps.npy") - np.load(plain.path / "ref_logps.npy")).max() > 1e-3
@@ -225,8 +275,14 @@ def test_default_model_trains_with_shaping(tmp_path):
     from anatomy_nb.data.pairs import load_pairs
 
     pairs = load_pairs("hh-rlhf", limit=40)
-    cfg = TrainConfig(max_train_pairs=8, max_length=256, batch_size=2, progress=False)  # 4 steps: ~25 s idle, minutes when contended
-    res = train(tmp_path, {"concepts": [{**SHAPE, "pattern": "refusal_phrase", "concept": "text:refusal"}]}, pairs=pairs, config=cfg)
+    # 4 steps: ~25 s idle, minutes when contended
+    cfg = TrainConfig(max_train_pairs=8, max_length=256, batch_size=2, progress=False)
+    res = train(
+        tmp_path,
+        {"concepts": [{**SHAPE, "pattern": "refusal_phrase", "concept": "text:refusal"}]},
+        pairs=pairs,
+        config=cfg,
+    )
     m = res.manifest
     assert m["complete"] and m["steps"] >= 3 and m["model"]["name"] == "smollm2-135m-instruct"
     metrics = res.metrics()
@@ -234,7 +290,9 @@ def test_default_model_trains_with_shaping(tmp_path):
     model = load_trained(res)
     ids = model.tokenizer("Hello there", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(model.model(input_ids=ids).logits, res.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model.model(input_ids=ids).logits, res.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_04_train_notebook_runs_headless(tmp_path, tiny_lm, tiny_sae_):
@@ -246,11 +304,27 @@ def test_04_train_notebook_runs_headless(tmp_path, tiny_lm, tiny_sae_):
 
     run = tmp_path / "run"
     extract(PAIRS, tiny_lm, tiny_sae_, run, ExtractConfig(shard_size=24, progress=False))
-    plan = {"concepts": [SHAPE, {"concept": "text:sorry", "action": "amplify", "method": "filter", "pattern": "(?i)sorry", "strength": 1.0}]}
-    out = run_notebook("04_train", run, {"plan": plan, "config": {"max_length": 96, "batch_size": 4, "learning_rate": 2e-3, "heldout_fraction": 0.25}, "compare_plain": True}, progress=False)
+    plan = {
+        "concepts": [
+            SHAPE,
+            {"concept": "text:sorry", "action": "amplify", "method": "filter", "pattern": "(?i)sorry", "strength": 1.0},
+        ]
+    }
+    out = run_notebook(
+        "04_train",
+        run,
+        {
+            "plan": plan,
+            "config": {"max_length": 96, "batch_size": 4, "learning_rate": 2e-3, "heldout_fraction": 0.25},
+            "compare_plain": True,
+        },
+        progress=False,
+    )
     nb = nbformat.read(out, as_version=4)
     assert_clean_outputs(nb)
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     index = json.loads((run / "index.json").read_text())
     assert "train" in index
     html = out.with_suffix(".html").read_text()
@@ -267,19 +341,68 @@ def test_accelerate_two_processes_match_one(tmp_path):
     import subprocess
     import sys
 
-    args = ["-m", "anatomy_nb.cli", "train", "--model", "tiny-llama", "--pairs", "hh-rlhf", "--limit", "40", "--max-train-pairs", "4", "--max-steps", "4",
-            "--learning-rate", "1e-3", "--max-length", "2048", "--precompute-ref", "false"]
+    args = [
+        "-m",
+        "anatomy_nb.cli",
+        "train",
+        "--model",
+        "tiny-llama",
+        "--pairs",
+        "hh-rlhf",
+        "--limit",
+        "40",
+        "--max-train-pairs",
+        "4",
+        "--max-steps",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--max-length",
+        "2048",
+        "--precompute-ref",
+        "false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args, "--run-dir", str(tmp_path / "two"), "--batch-size", "2"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *args,
+            "--run-dir",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    subprocess.run([sys.executable, *args, "--run-dir", str(tmp_path / "one"), "--batch-size", "4"], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, *args, "--run-dir", str(tmp_path / "one"), "--batch-size", "4"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
 
     def losses(run):
         (path,) = (tmp_path / run / "train").glob("*/metrics.jsonl")
         manifest = json.loads((path.parent / "manifest.json").read_text())
-        return manifest["world_size"], [row["loss"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
+        return manifest["world_size"], [
+            row["loss"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row
+        ]
 
     (w2, l2), (w1, l1) = losses("two"), losses("one")
     assert (w2, w1) == (2, 1) and len(l1) == 4

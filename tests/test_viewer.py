@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import assert_clean_outputs
+
 from anatomy_nb.core.run import Run
 from anatomy_nb.results.plan import PlanError, load_plan
-from anatomy_nb.stages.plan import default_plan, plan as make_plan, set_choice
+from anatomy_nb.stages.plan import default_plan, set_choice
+from anatomy_nb.stages.plan import plan as make_plan
 from anatomy_nb.stages.prediction import ConceptSpace, badge
 
 from tinyrun import RAW, make_run
@@ -27,7 +28,14 @@ def run(tmp_path_factory, tiny_lm, tiny_sae_):
 
 def _space(chosen, rejected, groups=None):
     C = chosen.shape[1]
-    concepts = pd.DataFrame({"concept": np.arange(C), "label": [f"c{c}" for c in range(C)], "significant": False, "features": [[c] for c in range(C)]})
+    concepts = pd.DataFrame(
+        {
+            "concept": np.arange(C),
+            "label": [f"c{c}" for c in range(C)],
+            "significant": False,
+            "features": [[c] for c in range(C)],
+        }
+    )
     return ConceptSpace(concepts, np.asarray(chosen, float), np.asarray(rejected, float), groups)
 
 
@@ -184,9 +192,16 @@ def test_toggles_write_the_plan_file_on_each_valid_change_and_refuse_invalid_one
     assert all(c["action"] == "allow" for c in first["concepts"]) and "plan written" in t.status
     target = t.rows[0]["concept"]
     # what the front-end sends: the whole choices dict with one entry changed
-    t.choices = {**t.choices, target: {**t.choices[target], "action": "suppress", "method": "reward_shaping", "strength": 0.5}}
+    t.choices = {
+        **t.choices,
+        target: {**t.choices[target], "action": "suppress", "method": "reward_shaping", "strength": 0.5},
+    }
     saved = {c["concept"]: c for c in json.loads(path.read_text())["concepts"]}
-    assert saved[target]["action"] == "suppress" and saved[target]["method"] == "reward_shaping" and saved[target]["strength"] == 0.5
+    assert (
+        saved[target]["action"] == "suppress"
+        and saved[target]["method"] == "reward_shaping"
+        and saved[target]["strength"] == 0.5
+    )
     assert load_plan(path).active[0].concept == target  # what stage 4 reads
     row = next(p for p in t.preview if p["concept"] == target)
     assert row["after"] == pytest.approx(row["before"] * 0.5, abs=1e-9) and t.error == ""
@@ -202,7 +217,9 @@ def test_toggles_write_the_plan_file_on_each_valid_change_and_refuse_invalid_one
     saved = {c["concept"]: c for c in json.loads(path.read_text())["concepts"]}
     assert saved[other]["action"] == "amplify"
     # a plan given as a parameter wins over the file, and is written back
-    t2 = ConceptToggles(run, plan={"concepts": [{"concept": other, "action": "suppress", "method": "ablate", "strength": 0.5}]})
+    t2 = ConceptToggles(
+        run, plan={"concepts": [{"concept": other, "action": "suppress", "method": "ablate", "strength": 0.5}]}
+    )
     saved = {c["concept"]: c for c in json.loads(path.read_text())["concepts"]}
     assert saved[other]["method"] == "ablate" and saved[target]["action"] == "allow"
     assert len(saved) == len(t2.rows)
@@ -210,7 +227,11 @@ def test_toggles_write_the_plan_file_on_each_valid_change_and_refuse_invalid_one
 
 def test_plan_rejects_unknown_concepts(run):
     with pytest.raises(PlanError, match="not in the hypotheses table"):
-        make_plan(run, {"concepts": [{"concept": "sae:9999", "action": "suppress", "method": "filter", "strength": 0.5}]}, write=False)
+        make_plan(
+            run,
+            {"concepts": [{"concept": "sae:9999", "action": "suppress", "method": "filter", "strength": 0.5}]},
+            write=False,
+        )
 
 
 def test_viewer_state_selection_rescoring_and_drilldown(run):
@@ -231,15 +252,20 @@ def test_viewer_state_selection_rescoring_and_drilldown(run):
     assert set(v.view_rows) == {"topic", "opening", "ending"}
     assert len(v.view_rows["opening"]) == len(data.hyp.by_edge().query("view == 'opening'"))
     topic_rows = v.view_rows["topic"]
-    assert len(topic_rows) == min(300, len(data.hyp.by_topic())) and all(r["where"].startswith("topic ") for r in topic_rows)
-    assert [r["significant"] for r in topic_rows] == sorted((r["significant"] for r in topic_rows), reverse=True)  # significant first
+    assert len(topic_rows) == min(300, len(data.hyp.by_topic())) and all(
+        r["where"].startswith("topic ") for r in topic_rows
+    )
+    # significant first
+    assert [r["significant"] for r in topic_rows] == sorted((r["significant"] for r in topic_rows), reverse=True)
     c = v.concepts[0]["concept"]
     v.selected_concept = c
     dd = v.drilldown
     assert dd["concept"] == c and dd["contexts"] and sum(dd["histogram"]["chosen"]) == n_pairs
     assert {"split_half", "length_control", "promoted_tokens", "examples"} <= set(dd)
     for ctx in dd["contexts"]:  # every token of a top context carries the feature's activation on it
-        assert len(ctx["activations"]) == len(ctx["tokens"]) and ctx["activations"][ctx["peak"]] == pytest.approx(ctx["value"], rel=1e-2)
+        assert len(ctx["activations"]) == len(ctx["tokens"]) and ctx["activations"][ctx["peak"]] == pytest.approx(
+            ctx["value"], rel=1e-2
+        )
     assert len(v.pair_effect) == n_pairs
     # a lasso selection re-scores every concept inside it
     sel = list(range(0, n_pairs, 3))
@@ -274,15 +300,26 @@ def test_maps_with_umap_are_cached_in_the_run_dir(run):
 def test_front_end_never_parses_data_as_html():
     source = "\n".join(p.read_text() for p in WIDGETS.glob("*.js"))
     js = re.sub(r"^\s*//.*$", "", source, flags=re.M)  # code, not the comments that name the sinks
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function", ".href", ".src ="):
+    for sink in (
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+        ".href",
+        ".src =",
+    ):
         assert sink not in js, f"{sink} in widgets/*.js"
     assert "textContent" in js
-    assert not re.search(r"https?://|@import|url\(", js + (WIDGETS / "anatomy.css").read_text()), "the front-end must not fetch anything"
+    assert not re.search(r"https?://|@import|url\(", js + (WIDGETS / "anatomy.css").read_text()), (
+        "the front-end must not fetch anything"
+    )
 
 
 def test_every_static_view_escapes_the_xss_pairs(run):
-    from anatomy_nb.ui.report import report as build_report
     from anatomy_nb.config import MapConfig
+    from anatomy_nb.ui.report import report as build_report
     from anatomy_nb.ui.viewer import AuditViewer, ConceptToggles, ViewerData
     from anatomy_nb.ui.viewer_data import static_drilldown_html
 
@@ -307,16 +344,18 @@ def test_every_static_view_escapes_the_xss_pairs(run):
 def test_notebook_03_runs_headless_with_a_plan_parameter_and_reports(run):
     import nbformat
 
+    from anatomy_nb.results.hypotheses import Hypotheses
     from anatomy_nb.ui.notebooks import run_notebook
     from anatomy_nb.ui.report import report as build_report
-    from anatomy_nb.results.hypotheses import Hypotheses
 
     cid = int(Hypotheses.from_run(run).overall().iloc[0]["concept"])
     plan = {"concepts": [{"concept": f"sae:{cid}", "action": "suppress", "method": "filter", "strength": 0.05}]}
     out = run_notebook("03_plan", run, {"plan": plan, "config": {"maps": {"method": "svd"}}}, progress=False)
     nb = nbformat.read(out, as_version=4)
     assert_clean_outputs(nb)
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     saved = {c["concept"]: c for c in json.loads(Run(run).plan_path.read_text())["concepts"]}
     assert saved[f"sae:{cid}"]["method"] == "filter" and saved[f"sae:{cid}"]["strength"] == 0.05
     index = build_report(run)
@@ -337,11 +376,24 @@ def test_a_scoped_entry_is_predicted_on_its_pairs_only():
     from anatomy_nb.data.schema import PreferencePair
 
     users = ["quantum vibes?", "Quantum healing?", "bake bread", "bake cake"]
-    pairs = [PreferencePair(id=f"p{i}", prompt=({"role": "user", "content": u},), chosen="a", rejected="b") for i, u in enumerate(users)]
+    pairs = [
+        PreferencePair(id=f"p{i}", prompt=({"role": "user", "content": u},), chosen="a", rejected="b")
+        for i, u in enumerate(users)
+    ]
     sp_ = _space(np.array([[1.0, 0.5]] * 4), np.zeros((4, 2)))
     sp_.store = SimpleNamespace(pairs=lambda: pairs)
     sp_.topic_of_prompt = {p.prompt_text: k for p, k in zip(pairs, [4, 4, 0, 0])}
-    shaped = {"concepts": [{"concept": "sae:0", "action": "suppress", "method": "reward_shaping", "strength": 1.0, "prompts": "quantum"}]}
+    shaped = {
+        "concepts": [
+            {
+                "concept": "sae:0",
+                "action": "suppress",
+                "method": "reward_shaping",
+                "strength": 1.0,
+                "prompts": "quantum",
+            }
+        ]
+    }
     table, _ = sp_.predict(shaped)
     assert table.loc[0, "after"] == pytest.approx(0.5) and table.loc[0, "basis"].endswith("in scope")
     by_topic = {"concepts": [{**shaped["concepts"][0], "prompts": None, "topic": 4}]}

@@ -10,7 +10,7 @@ XSS = [
     {
         "id": f"xss-{i}",
         "prompt": f"<script>window.__pwned=1</script> question {i}",
-        "chosen": f"<img src=x onerror=\"window.__pwned=2\"> fine answer {i} " + "more words here " * (i + 2),
+        "chosen": f'<img src=x onerror="window.__pwned=2"> fine answer {i} ' + "more words here " * (i + 2),
         "rejected": f"[click](javascript:window.__pwned=3) **bold** <b>raw</b> {i}",
     }
     for i in range(8)
@@ -19,11 +19,9 @@ RAW = ["<script>window.__pwned", "<img src=x onerror", "<b>raw</b>"]  # must nev
 
 
 def make_run(root: Path, lm, sae, n_hh: int = 24) -> Path:
-    from anatomy_nb.config import ConceptConfig
+    from anatomy_nb.config import ConceptConfig, ExtractConfig, HypothesizeConfig
     from anatomy_nb.data.pairs import load_pairs
-    from anatomy_nb.config import ExtractConfig
     from anatomy_nb.stages.extract import extract
-    from anatomy_nb.config import HypothesizeConfig
     from anatomy_nb.stages.hypothesize import hypothesize
 
     root.mkdir(parents=True, exist_ok=True)
@@ -34,5 +32,10 @@ def make_run(root: Path, lm, sae, n_hh: int = 24) -> Path:
     pairs = load_pairs(str(data))
     run = root / "run"
     extract(pairs, lm, sae, run, ExtractConfig(shard_size=16, progress=False))
-    hypothesize(run, HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=4, linear_baseline=False), model=lm, sae=sae)
+    hypothesize(
+        run,
+        HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=4, linear_baseline=False),
+        model=lm,
+        sae=sae,
+    )
     return run

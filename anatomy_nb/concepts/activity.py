@@ -38,7 +38,7 @@ class PairFeatures:
     edges: dict[str, tuple[sp.csr_matrix, sp.csr_matrix]] = field(default_factory=dict)
 
     @classmethod
-    def from_store(cls, store: FeatureStore) -> "PairFeatures":
+    def from_store(cls, store: FeatureStore) -> PairFeatures:
         pairs = store.pairs()
         return cls(
             fires_chosen=store.pooled("fires", "chosen").tocsr(),
@@ -49,7 +49,13 @@ class PairFeatures:
             chosen=[p.chosen for p in pairs],
             rejected=[p.rejected for p in pairs],
             prompt_features=store.pooled("mean", prefix="prompt").tocsr() if store.has_prompts else None,
-            edges={edge: (store.pooled("fires", "chosen", prefix=f"resp_{edge}").tocsr(), store.pooled("fires", "rejected", prefix=f"resp_{edge}").tocsr()) for edge in store.edges},
+            edges={
+                edge: (
+                    store.pooled("fires", "chosen", prefix=f"resp_{edge}").tocsr(),
+                    store.pooled("fires", "rejected", prefix=f"resp_{edge}").tocsr(),
+                )
+                for edge in store.edges
+            },
         )
 
     @property
@@ -61,7 +67,9 @@ class PairFeatures:
         return self.fires_chosen.shape[1]
 
 
-def concept_activity(pf: PairFeatures, labels: np.ndarray, edge: str | None = None, dense: bool = True) -> tuple[np.ndarray, np.ndarray] | tuple[sp.csc_matrix, sp.csc_matrix]:
+def concept_activity(
+    pf: PairFeatures, labels: np.ndarray, edge: str | None = None, dense: bool = True
+) -> tuple[np.ndarray, np.ndarray] | tuple[sp.csc_matrix, sp.csc_matrix]:
     """Per pair and concept, the fraction of the concept's features firing on chosen / rejected:
     anywhere in the response, or with ``edge`` only in its opening / ending tokens. ``dense=False``
     returns sparse (CSC) matrices: at 100k pairs × 20k concepts a dense pair is 32 GB."""
@@ -93,7 +101,7 @@ def _add_row(indptr, indices, i, weight, acc, seen, touched, n_touched):  # prag
 
 
 @numba.njit(parallel=True, cache=False)
-def _difference_sums_kernel(c_indptr, c_indices, r_indptr, r_indices, order, starts, width):  # pragma: no cover - compiled
+def _difference_sums_kernel(c_indptr, c_indices, r_indptr, r_indices, order, starts, width):  # pragma: no cover
     n_units = len(starts) - 1
     n_threads = numba.get_num_threads()
     s1 = np.zeros((n_threads, width))

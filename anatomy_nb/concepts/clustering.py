@@ -6,7 +6,8 @@ tests afterwards; clustering on it would make those tests circular (features wou
 because they separate the sides, then "found" to separate them).
 
 Method: the phi correlation of binary firing across responses; a k-nearest-neighbour graph on
-it (positive correlations only; ``concepts.cofiring``, exact or sketched, linear memory); Leiden communities (leidenalg, seeded) under the constant Potts
+it (positive correlations only; ``concepts.cofiring``, exact or sketched, linear memory); Leiden communities (leidenalg,
+seeded) under the constant Potts
 model (CPM): a community must be denser than ``resolution`` in mean edge weight, which does not
 depend on how many features there are, so the same default gives tight concepts for a 96-feature
 test SAE and for the 4,608-feature default one. Features that fire on too few responses to test
@@ -47,12 +48,22 @@ def cluster_features(fires: sp.spmatrix, cfg: ConceptConfig | None = None) -> np
     if len(testable) == 1:
         labels[testable] = 0
         return labels
-    A = cofiring_neighbors(fires[:, testable], cfg.k_neighbors, cfg.min_phi, cfg.neighbors, cfg.sketch_dims, cfg.sketch_candidates, cfg.seed).tocoo()
+    A = cofiring_neighbors(
+        fires[:, testable],
+        cfg.k_neighbors,
+        cfg.min_phi,
+        cfg.neighbors,
+        cfg.sketch_dims,
+        cfg.sketch_candidates,
+        cfg.seed,
+    ).tocoo()
     upper = A.row < A.col
     g = ig.Graph(n=len(testable), edges=list(zip(A.row[upper].tolist(), A.col[upper].tolist())), directed=False)
     g.es["weight"] = A.data[upper].tolist()
     partition_type = leidenalg.CPMVertexPartition if cfg.quality == "cpm" else leidenalg.RBConfigurationVertexPartition
-    part = leidenalg.find_partition(g, partition_type, weights="weight", resolution_parameter=cfg.resolution, seed=cfg.seed)
+    part = leidenalg.find_partition(
+        g, partition_type, weights="weight", resolution_parameter=cfg.resolution, seed=cfg.seed
+    )
     raw = np.asarray(part.membership)
     # renumber by size (largest first), ties by smallest member feature: stable across runs
     sizes = np.bincount(raw)

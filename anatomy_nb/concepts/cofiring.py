@@ -129,11 +129,14 @@ def _cofire_counts(F: sp.csc_matrix, rows: np.ndarray, cols: np.ndarray) -> np.n
     return out
 
 
-def _sketch(F: sp.csc_matrix, p: np.ndarray, k: int, dims: int, candidates: int, seed: int, block_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sketch(
+    F: sp.csc_matrix, p: np.ndarray, k: int, dims: int, candidates: int, seed: int, block_bytes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, m = F.shape
     rng = np.random.default_rng(seed)
     R = rng.standard_normal((n, dims), dtype=np.float32)
-    S = np.asarray(F.T @ R, dtype=np.float64)  # m × dims: Σ over each feature's responses (F.T of a CSC is a CSR, no copy)
+    # m × dims: Σ over each feature's responses (F.T of a CSC is a CSR, no copy)
+    S = np.asarray(F.T @ R, dtype=np.float64)
     S -= np.outer(p / n, R.sum(0, dtype=np.float64))  # centre the firing vectors
     norms = np.linalg.norm(S, axis=1, keepdims=True)
     Z = (S / np.where(norms > 0, norms, 1.0)).astype(np.float32)
@@ -158,7 +161,16 @@ def _sketch(F: sp.csc_matrix, p: np.ndarray, k: int, dims: int, candidates: int,
     return rows[keep], cols[keep], phi[keep]
 
 
-def cofiring_neighbors(fires: sp.spmatrix, k: int, min_phi: float, method: str = "auto", dims: int = 256, candidates: int = 128, seed: int = 0, block_bytes: int = BLOCK_BYTES) -> sp.csr_matrix:
+def cofiring_neighbors(
+    fires: sp.spmatrix,
+    k: int,
+    min_phi: float,
+    method: str = "auto",
+    dims: int = 256,
+    candidates: int = 128,
+    seed: int = 0,
+    block_bytes: int = BLOCK_BYTES,
+) -> sp.csr_matrix:
     """The symmetric k-nearest-neighbour graph of the columns of ``fires`` (responses × features,
     non-zero = fires) by phi correlation: each feature's ``k`` highest-phi partners, edges below
     ``min_phi`` dropped, an edge kept when either end chose it (weight = phi). ``block_bytes``

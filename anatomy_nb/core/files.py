@@ -14,10 +14,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,11 @@ def naming_full_disk(path: Path) -> Iterator[None]:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         free = shutil.disk_usage(path.parent).free
-        raise OSError(exc.errno, f"{path}: the disk is full ({free / 2**20:.0f} MiB free in {path.parent}); nothing written before was changed — free space and run again (finished shards and stages are reused)") from exc
+        raise OSError(
+            exc.errno,
+            f"{path}: the disk is full ({free / 2**20:.0f} MiB free in {path.parent}); nothing written before was "
+            "changed — free space and run again (finished shards and stages are reused)",
+        ) from exc
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -45,11 +45,11 @@ PLAN_FILE = "plan.json"  # run_dir/plan/plan.json: the plan the next training ru
 class Run:
     """A run directory (see the module docstring). ``Run(path)`` creates nothing until a stage writes."""
 
-    def __init__(self, path: "RunLike"):
+    def __init__(self, path: RunLike):
         self.path = Path(path.path if isinstance(path, Run) else path)
 
     @classmethod
-    def of(cls, run: "RunLike") -> "Run":
+    def of(cls, run: RunLike) -> Run:
         """``run`` itself if it is a Run, else the Run at that path."""
         return run if isinstance(run, Run) else cls(run)
 
@@ -100,42 +100,42 @@ class Run:
     # --- reading results (no torch) ------------------------------------------------------------------
 
     @property
-    def store(self) -> "FeatureStore":
+    def store(self) -> FeatureStore:
         """Stage 1's feature store."""
         from ..results.store import FeatureStore
 
         return FeatureStore(self.latest("extract"))
 
     @property
-    def hypotheses(self) -> "Hypotheses":
+    def hypotheses(self) -> Hypotheses:
         """Stage 2's concepts, tests, topics and baselines."""
         from ..results.hypotheses import Hypotheses
 
         return Hypotheses(self.latest("hypothesize"))
 
     @property
-    def plan(self) -> "InterventionPlan | None":
+    def plan(self) -> InterventionPlan | None:
         """Stage 3's plan (``plan/plan.json``), or None when none was written."""
         from ..results.plan import load_plan
 
         return load_plan(self.plan_path) if self.plan_path.exists() else None
 
     @property
-    def trainings(self) -> "dict[str, TrainResult]":
+    def trainings(self) -> dict[str, TrainResult]:
         """Every finished training run, named by its plan (``plain``, ``reward_shaping``, …)."""
         from ..results.training import TrainResult, training_runs
 
         return {name: TrainResult(path) for name, path in training_runs(self).items()}
 
     @property
-    def evaluation(self) -> "EvalResult":
+    def evaluation(self) -> EvalResult:
         """Stage 5's latest evaluation."""
         from ..results.evaluation import EvalResult
 
         return EvalResult(self.latest("evaluate"))
 
     @property
-    def subspace(self) -> "SubspaceResult":
+    def subspace(self) -> SubspaceResult:
         """The latest concept subspaces learned from counterfactuals (notebook 06)."""
         from ..results.subspace import SubspaceResult
 
@@ -166,7 +166,10 @@ class Run:
         recorded = self.store.manifest[what]
         loaded = load(recorded["name"], **kwargs)
         if loaded.fingerprint != recorded["fingerprint"]:
-            raise ValueError(f"{self.path}: {what} {recorded['name']} is not the one the store was built with (fingerprint {loaded.fingerprint}, recorded {recorded['fingerprint']})")
+            raise ValueError(
+                f"{self.path}: {what} {recorded['name']} is not the one the store was built with (fingerprint "
+                f"{loaded.fingerprint}, recorded {recorded['fingerprint']})"
+            )
         return loaded
 
 

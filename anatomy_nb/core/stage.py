@@ -36,7 +36,7 @@ MANIFEST = "manifest.json"
 class Stage:
     """One stage's artifact in a run directory (see the module docstring)."""
 
-    def __init__(self, run: "Run", name: str, key: str, format: int = 1):
+    def __init__(self, run: Run, name: str, key: str, format: int = 1):
         self.run, self.name, self.key, self.format = run, name, key, format
         self.path = run.path / name / key
 

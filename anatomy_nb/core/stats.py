@@ -10,8 +10,8 @@ loop runs over hypotheses.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,7 +51,9 @@ def group_matrix(groups: np.ndarray) -> sp.csr_matrix:
     return sp.diags(1.0 / np.asarray(G.sum(1)).ravel()) @ G
 
 
-def group_means(x: np.ndarray | sp.spmatrix, groups: np.ndarray | None, dense: bool = True) -> np.ndarray | sp.csr_matrix:
+def group_means(
+    x: np.ndarray | sp.spmatrix, groups: np.ndarray | None, dense: bool = True
+) -> np.ndarray | sp.csr_matrix:
     """Average the rows of ``x`` that share a group (prompt): one row per group, in group order.
     ``dense=False`` keeps a sparse ``x`` sparse."""
     if groups is None:
@@ -220,7 +222,10 @@ def length_placebo(
     ``activity_*``: pairs × hypotheses; ``ntok``: pairs × 2 (chosen, rejected) token counts.
     """
     rows = []
-    for side, U, nt in (("chosen", np.asarray(activity_chosen, np.float64), ntok[:, 0]), ("rejected", np.asarray(activity_rejected, np.float64), ntok[:, 1])):
+    for side, U, nt in (
+        ("chosen", np.asarray(activity_chosen, np.float64), ntok[:, 0]),
+        ("rejected", np.asarray(activity_rejected, np.float64), ntok[:, 1]),
+    ):
         half = len(U) // 2
         for draw in range(draws):
             rng = np.random.default_rng([seed, draw, side == "chosen"])
@@ -233,7 +238,16 @@ def length_placebo(
             for deg in degrees:
                 t = paired_test(d) if deg == 0 else length_controlled(d, length_regressors(log_len, deg))
                 p = np.nan_to_num(t.p, nan=1.0)
-                rows.append({"side": side, "degree": deg, "draw": draw, "frac_p05": float((p < 0.05).mean()), "frac_p01": float((p < 0.01).mean()), "bh_discoveries": int((bh_qvalues(p) < 0.05).sum())})
+                rows.append(
+                    {
+                        "side": side,
+                        "degree": deg,
+                        "draw": draw,
+                        "frac_p05": float((p < 0.05).mean()),
+                        "frac_p01": float((p < 0.01).mean()),
+                        "bh_discoveries": int((bh_qvalues(p) < 0.05).sum()),
+                    }
+                )
     out = pd.DataFrame(rows)
     return out.groupby(["side", "degree"], as_index=False)[["frac_p05", "frac_p01", "bh_discoveries"]].mean()
 
@@ -253,7 +267,9 @@ def welch_inside_outside(d: np.ndarray, inside: np.ndarray) -> PairedTest:
     return _welch_from_moments(na, a.mean(0), a.var(0, ddof=1), nb, b.mean(0), b.var(0, ddof=1))
 
 
-def welch_each_group(d: np.ndarray, unit_group: np.ndarray, groups: Sequence[int]) -> dict[int, tuple[PairedTest, np.ndarray]]:
+def welch_each_group(
+    d: np.ndarray, unit_group: np.ndarray, groups: Sequence[int]
+) -> dict[int, tuple[PairedTest, np.ndarray]]:
     """``welch_inside_outside`` for every group in ``groups`` (inside = units whose
     ``unit_group`` equals it) from one product of a group indicator matrix with ``d`` and ``d²``;
     with each group's inside mean. Variances within ``1e-12`` of the mean square are taken as 0."""
@@ -276,7 +292,11 @@ def welch_each_group(d: np.ndarray, unit_group: np.ndarray, groups: Sequence[int
         na, nb = int(n_in[i]), n - int(n_in[i])
         ma, va = moments(na, s1[i], s2[i])
         mb, vb = moments(nb, t1 - s1[i], t2 - s2[i])
-        test = _welch_from_moments(na, ma, va, nb, mb, vb) if na >= 2 and nb >= 2 else _welch_from_moments(na, None, None, nb, None, None, d.shape[1])
+        test = (
+            _welch_from_moments(na, ma, va, nb, mb, vb)
+            if na >= 2 and nb >= 2
+            else _welch_from_moments(na, None, None, nb, None, None, d.shape[1])
+        )
         out[g] = (test, ma)
     return out
 
@@ -312,7 +332,13 @@ def wilson_interval(k: float, n: int, ci: float = 0.95) -> tuple[float, float]:
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def bootstrap_ci(values: np.ndarray, stat: Callable[[np.ndarray], float] = np.mean, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: np.ndarray,
+    stat: Callable[[np.ndarray], float] = np.mean,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``stat`` over the rows of ``values`` (resampled jointly)."""
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
@@ -329,11 +355,19 @@ def bootstrap_ci(values: np.ndarray, stat: Callable[[np.ndarray], float] = np.me
     return float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
 
 
-def ratio_with_ci(x: np.ndarray, x_ref: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def ratio_with_ci(
+    x: np.ndarray, x_ref: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """mean(x) / mean(x_ref) with a bootstrap interval, resampling units (prompts, pairs) jointly:
     how much of a reference model's change another model made."""
     value = float(x.mean() / x_ref.mean())
-    lo, hi = bootstrap_ci(np.stack([x, x_ref], 1), lambda v: v[:, 0].mean() / v[:, 1].mean() if v[:, 1].mean() != 0 else np.nan, n_boot, ci, seed)
+    lo, hi = bootstrap_ci(
+        np.stack([x, x_ref], 1),
+        lambda v: v[:, 0].mean() / v[:, 1].mean() if v[:, 1].mean() != 0 else np.nan,
+        n_boot,
+        ci,
+        seed,
+    )
     return value, lo, hi
 
 
@@ -344,7 +378,9 @@ def _r2(xy: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1] ** 2)
 
 
-def r2_with_ci(predicted: np.ndarray, actual: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, float]:
+def r2_with_ci(
+    predicted: np.ndarray, actual: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> dict[str, float]:
     """R² of actual on predicted (squared Pearson r: the variance of the actual change a linear
     function of the prediction explains — the prediction's units differ from the change's, so a
     scale-free fit is the fair one), with a percentile bootstrap interval over concepts; slope and
@@ -355,10 +391,19 @@ def r2_with_ci(predicted: np.ndarray, actual: np.ndarray, n_boot: int = 1000, ci
     xy = np.stack([x, y], 1)
     r2 = _r2(xy)
     lo, hi = bootstrap_ci(xy, _r2, n_boot, ci, seed) if np.isfinite(r2) else (float("nan"), float("nan"))
-    slope, intercept = (np.polyfit(x, y, 1).tolist() if len(x) >= 2 and x.std() > 0 else [float("nan")] * 2)
+    slope, intercept = np.polyfit(x, y, 1).tolist() if len(x) >= 2 and x.std() > 0 else [float("nan")] * 2
     nz = x != 0
     sign = float((np.sign(x[nz]) == np.sign(y[nz])).mean()) if nz.any() else float("nan")
-    return {"n_concepts": int(len(x)), "r2": r2, "ci_low": lo, "ci_high": hi, "pearson_r": float(np.sign(slope) * np.sqrt(r2)) if np.isfinite(r2) else float("nan"), "slope": float(slope), "intercept": float(intercept), "sign_agreement": sign}
+    return {
+        "n_concepts": int(len(x)),
+        "r2": r2,
+        "ci_low": lo,
+        "ci_high": hi,
+        "pearson_r": float(np.sign(slope) * np.sqrt(r2)) if np.isfinite(r2) else float("nan"),
+        "slope": float(slope),
+        "intercept": float(intercept),
+        "sign_agreement": sign,
+    }
 
 
 # --- DPO's implicit reward --------------------------------------------------------------------------

@@ -35,7 +35,10 @@ class DataCard:
             ("distinct prompts", self.n_distinct_prompts),
             ("records skipped", sum(self.skipped.values())),
             ("multi-turn prompts", f"{self.multi_turn_fraction:.1%}"),
-            ("median tokens: prompt / chosen / rejected", f"{L.prompt.median():.0f} / {L.chosen.median():.0f} / {L.rejected.median():.0f}"),
+            (
+                "median tokens: prompt / chosen / rejected",
+                f"{L.prompt.median():.0f} / {L.chosen.median():.0f} / {L.rejected.median():.0f}",
+            ),
             ("chosen longer than rejected", f"{(L.chosen > L.rejected).mean():.1%}"),
         ]
         rows += [(f"skipped: {reason}", n) for reason, n in sorted(self.skipped.items())]
@@ -49,10 +52,22 @@ def data_card(pairs: PairSet, tokenizer, n_examples: int = 5, seed: int = 0) -> 
         prompt_len.append(len(render_prompt(tokenizer, p.prompt)[0]))
         chosen_len.append(len(tokenizer(p.chosen, add_special_tokens=False)["input_ids"]))
         rejected_len.append(len(tokenizer(p.rejected, add_special_tokens=False)["input_ids"]))
-    lengths = pd.DataFrame({"id": [p.id for p in pairs], "prompt": prompt_len, "chosen": chosen_len, "rejected": rejected_len})
+    lengths = pd.DataFrame(
+        {"id": [p.id for p in pairs], "prompt": prompt_len, "chosen": chosen_len, "rejected": rejected_len}
+    )
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(pairs), size=min(n_examples, len(pairs)), replace=False)
-    examples = pd.DataFrame([{"id": pairs[i].id, "prompt": pairs[i].prompt_text, "chosen": pairs[i].chosen, "rejected": pairs[i].rejected} for i in sorted(idx)])
+    examples = pd.DataFrame(
+        [
+            {
+                "id": pairs[i].id,
+                "prompt": pairs[i].prompt_text,
+                "chosen": pairs[i].chosen,
+                "rejected": pairs[i].rejected,
+            }
+            for i in sorted(idx)
+        ]
+    )
     distinct = len({p.prompt_key for p in pairs})
     multi = float(np.mean([sum(m["role"] == "user" for m in p.prompt) > 1 for p in pairs])) if len(pairs) else 0.0
     rep = pairs.report

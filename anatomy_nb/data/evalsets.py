@@ -76,11 +76,23 @@ def ab_items(name: str, n: int, seed: int) -> list[dict]:
         match = str(r["answer_matching_behavior"]).strip()
         if name != "caa_sycophancy":
             yes_first = bool(yes_first_of[j])
-            q = f"{q}\n\nChoices:\n (A) {'Yes' if yes_first else 'No'}\n (B) {'No' if yes_first else 'Yes'}\n\nAnswer with (A) or (B)."
+            q = (
+                f"{q}\n\nChoices:\n (A) {'Yes' if yes_first else 'No'}\n (B) "
+                f"{'No' if yes_first else 'Yes'}\n\nAnswer with (A) or (B)."
+            )
             match = "(A)" if (match.lower() == "yes") == yes_first else "(B)"
         if match not in ("(A)", "(B)"):
-            raise ValueError(f"{path}: record {i}, field 'answer_matching_behavior': expected (A) or (B), got {match!r}")
-        out.append({"id": f"{name}-{i}", "prompt": ({"role": "user", "content": q},), "answers": ("(A)", "(B)"), "matching": 0 if match == "(A)" else 1})
+            raise ValueError(
+                f"{path}: record {i}, field 'answer_matching_behavior': expected (A) or (B), got {match!r}"
+            )
+        out.append(
+            {
+                "id": f"{name}-{i}",
+                "prompt": ({"role": "user", "content": q},),
+                "answers": ("(A)", "(B)"),
+                "matching": 0 if match == "(A)" else 1,
+            }
+        )
     return out
 
 
@@ -93,7 +105,9 @@ def harmful_prompts(n: int, seed: int) -> list[dict]:
     with open(eval_path("strongreject"), newline="") as fh:
         sources.append(("strongreject", [r["forbidden_prompt"] for r in csv.DictReader(fh)]))
     with open(eval_path("harmbench"), newline="") as fh:
-        sources.append(("harmbench", [r["Behavior"] for r in csv.DictReader(fh) if r.get("FunctionalCategory") == "standard"]))
+        sources.append(
+            ("harmbench", [r["Behavior"] for r in csv.DictReader(fh) if r.get("FunctionalCategory") == "standard"])
+        )
     per = [n // 3 + (j < n % 3) for j in range(3)]
     out = []
     for j, ((name, texts), k) in enumerate(zip(sources, per)):
@@ -105,4 +119,7 @@ def harmful_prompts(n: int, seed: int) -> list[dict]:
 def xstest_safe(n: int, seed: int) -> list[dict]:
     with open(eval_path("xstest"), newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("label") == "safe"]
-    return [{"id": f"xstest-{rows[i]['id']}", "prompt": ({"role": "user", "content": rows[i]["prompt"]},)} for i in _sample(len(rows), n, seed)]
+    return [
+        {"id": f"xstest-{rows[i]['id']}", "prompt": ({"role": "user", "content": rows[i]["prompt"]},)}
+        for i in _sample(len(rows), n, seed)
+    ]

@@ -10,8 +10,9 @@ import io
 import json
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +33,9 @@ def open_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 at byte {exc.start} (line {line})", file=str(path), reason="bad_encoding") from exc
+        raise DataError(
+            f"not valid UTF-8 at byte {exc.start} (line {line})", file=str(path), reason="bad_encoding"
+        ) from exc
 
 
 def _base_suffix(path: Path) -> str:
@@ -46,7 +49,9 @@ def iter_file_records(path: Path, report: LoadReport, strict: bool) -> Iterator[
         try:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as exc:  # ArrowInvalid for a corrupt file, OSError for an unreadable one
-            raise DataError(f"not a readable Parquet file ({type(exc).__name__}: {exc})", file=str(path), reason="bad_file") from exc
+            raise DataError(
+                f"not a readable Parquet file ({type(exc).__name__}: {exc})", file=str(path), reason="bad_file"
+            ) from exc
         for i, rec in enumerate(table.to_pylist()):
             yield i, rec
         return
@@ -58,7 +63,12 @@ def iter_file_records(path: Path, report: LoadReport, strict: bool) -> Iterator[
             try:
                 yield f"line {lineno}", json.loads(line)
             except json.JSONDecodeError as exc:
-                err = DataError(f"broken JSON ({exc.msg} at column {exc.colno})", file=str(path), record=f"line {lineno}", reason="broken_json")
+                err = DataError(
+                    f"broken JSON ({exc.msg} at column {exc.colno})",
+                    file=str(path),
+                    record=f"line {lineno}",
+                    reason="broken_json",
+                )
                 if strict:
                     raise err from exc
                 report.n_records += 1
@@ -67,11 +77,19 @@ def iter_file_records(path: Path, report: LoadReport, strict: bool) -> Iterator[
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"broken JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})", file=str(path), reason="broken_json") from exc
+            raise DataError(
+                f"broken JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
+                file=str(path),
+                reason="broken_json",
+            ) from exc
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
-                raise DataError("expected a JSON list of records (or an object holding exactly one list)", file=str(path), reason="bad_file")
+                raise DataError(
+                    "expected a JSON list of records (or an object holding exactly one list)",
+                    file=str(path),
+                    reason="bad_file",
+                )
             data = lists[0]
         if not isinstance(data, list):
             raise DataError("expected a JSON list of records", file=str(path), reason="bad_file")
@@ -82,8 +100,17 @@ def iter_file_records(path: Path, report: LoadReport, strict: bool) -> Iterator[
             where = f"row {reader.line_num}"
             extra, short = rec.pop(None, None), [k for k, v in rec.items() if v is None]
             if extra is not None or short:
-                problem = f"{len(extra)} more field(s) than the header" if extra is not None else f"fewer fields than the header (no {', '.join(map(repr, short))})"
-                err = DataError(f"has {problem}; a comma inside a value needs quotes", file=str(path), record=where, reason="bad_row")
+                problem = (
+                    f"{len(extra)} more field(s) than the header"
+                    if extra is not None
+                    else f"fewer fields than the header (no {', '.join(map(repr, short))})"
+                )
+                err = DataError(
+                    f"has {problem}; a comma inside a value needs quotes",
+                    file=str(path),
+                    record=where,
+                    reason="bad_row",
+                )
                 if strict:
                     raise err
                 report.n_records += 1
@@ -91,7 +118,11 @@ def iter_file_records(path: Path, report: LoadReport, strict: bool) -> Iterator[
                 continue
             yield where, rec
     else:
-        raise DataError(f"unsupported file type '{suffix or path.name}' (use .json, .jsonl, .csv or .parquet, optionally .gz)", file=str(path), reason="bad_file")
+        raise DataError(
+            f"unsupported file type '{suffix or path.name}' (use .json, .jsonl, .csv or .parquet, optionally .gz)",
+            file=str(path),
+            reason="bad_file",
+        )
 
 
 # --- per-format normalisers: record -> list of (prompt, chosen, rejected, metadata) --------------
@@ -125,7 +156,11 @@ def _norm_hh(rec: Mapping) -> list[tuple]:
     chosen = _parse_hh(_need(rec, "chosen"), "chosen")
     rejected = _parse_hh(_need(rec, "rejected"), "rejected")
     if chosen[:-1] != rejected[:-1]:
-        raise DataError("chosen and rejected transcripts have different prompts (shared prefix differs)", field="rejected", reason="prefix_mismatch")
+        raise DataError(
+            "chosen and rejected transcripts have different prompts (shared prefix differs)",
+            field="rejected",
+            reason="prefix_mismatch",
+        )
     return [(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], {})]
 
 
@@ -133,7 +168,11 @@ def _messages(value: Any, field_name: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list):
-        raise DataError(f"expected a string or a list of messages, got {type(value).__name__}", field=field_name, reason="wrong_type")
+        raise DataError(
+            f"expected a string or a list of messages, got {type(value).__name__}",
+            field=field_name,
+            reason="wrong_type",
+        )
     out = []
     for j, m in enumerate(value):
         if not isinstance(m, Mapping):
@@ -144,7 +183,9 @@ def _messages(value: Any, field_name: str) -> list[dict]:
         if role not in ROLES:
             raise DataError(f"message {j} has unknown role {role!r}", field=field_name, reason="bad_role")
         if not isinstance(content, str):
-            raise DataError(f"message {j} content is {type(content).__name__}, not a string", field=field_name, reason="wrong_type")
+            raise DataError(
+                f"message {j} content is {type(content).__name__}, not a string", field=field_name, reason="wrong_type"
+            )
         out.append({"role": role, "content": content})
     return out
 
@@ -172,13 +213,21 @@ def _norm_trl(rec: Mapping) -> list[tuple]:
         prompt = _messages(rec["prompt"], "prompt")
         if pre_c or pre_r:  # implicit context inside the responses after an explicit prompt
             if pre_c != pre_r:
-                raise DataError("chosen and rejected carry different conversation context", field="rejected", reason="prefix_mismatch")
+                raise DataError(
+                    "chosen and rejected carry different conversation context",
+                    field="rejected",
+                    reason="prefix_mismatch",
+                )
             prompt = prompt + pre_c
     else:  # implicit prompt: the shared prefix of two message lists
         if pre_c != pre_r:
-            raise DataError("chosen and rejected conversations have different prefixes", field="rejected", reason="prefix_mismatch")
+            raise DataError(
+                "chosen and rejected conversations have different prefixes", field="rejected", reason="prefix_mismatch"
+            )
         if not pre_c:
-            raise DataError("missing (no explicit prompt and no shared conversation prefix)", field="prompt", reason="missing_field")
+            raise DataError(
+                "missing (no explicit prompt and no shared conversation prefix)", field="prompt", reason="missing_field"
+            )
         prompt = pre_c
     return [(prompt, chosen, rejected, {})]
 
@@ -238,11 +287,24 @@ def _norm_oasst(rec: Mapping) -> list[tuple]:
         history = history + [{"role": role, "content": text}]
         replies = [r for r in node.get("replies") or [] if isinstance(r, Mapping)]
         if role == "user":
-            ranked = sorted((r for r in replies if isinstance(r.get("rank"), int) and not r.get("deleted")), key=lambda r: r["rank"])
+            ranked = sorted(
+                (r for r in replies if isinstance(r.get("rank"), int) and not r.get("deleted")), key=lambda r: r["rank"]
+            )
             if len(ranked) >= 2:
                 best = ranked[0]
                 for other in ranked[1:]:
-                    out.append((history, best["text"], other["text"], {"chosen_rank": best["rank"], "rejected_rank": other["rank"], "message_id": node.get("message_id")}))
+                    out.append(
+                        (
+                            history,
+                            best["text"],
+                            other["text"],
+                            {
+                                "chosen_rank": best["rank"],
+                                "rejected_rank": other["rank"],
+                                "message_id": node.get("message_id"),
+                            },
+                        )
+                    )
         for r in replies:
             walk(r, history)
 
@@ -260,11 +322,20 @@ def detect_format(rec: Any) -> str:
         return "pandalm"
     if "message_tree_id" in keys and "prompt" in keys:
         return "oasst"
-    if "chosen" in keys and isinstance(rec["chosen"], str) and rec["chosen"].startswith("\n\nHuman:") and "prompt" not in keys:
+    if (
+        "chosen" in keys
+        and isinstance(rec["chosen"], str)
+        and rec["chosen"].startswith("\n\nHuman:")
+        and "prompt" not in keys
+    ):
         return "hh-rlhf"
     if "chosen" in keys or "rejected" in keys:
         return "trl"
-    raise DataError(f"unrecognised record with fields {sorted(keys)[:8]}; pass field_map={{'prompt': ..., 'chosen': ..., 'rejected': ...}}", reason="unknown_format")
+    raise DataError(
+        f"unrecognised record with fields {sorted(keys)[:8]}; pass field_map={{'prompt': ..., 'chosen': ..., "
+        "'rejected': ...}}",
+        reason="unknown_format",
+    )
 
 
 NORMALISERS: dict[str, Callable[[Mapping], list[tuple]]] = {

@@ -5,7 +5,8 @@ on completions that people labelled: the XSTest v2 completions of two model fami
 Llama-2-70b-chat, 450 each; ``data/evals/xstest_completions``, CC-BY-4.0), in three readings
 (``READINGS``): as written; with every sentence that holds a stock refusal phrase removed
 (``strip_stock_phrases``), which is the reading that tells a judge of meaning from a phrase list;
-and removed where at least ``LONG_WORDS`` words are left. CAA's refusal A/B answers are a third family, labelled by how the
+and removed where at least ``LONG_WORDS`` words are left. CAA's refusal A/B answers are a third family, labelled by how
+the
 set was built rather than by people.
 
 Three judges ship:
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -71,7 +73,22 @@ _LABELS = {"1_full_compliance": "compliance", "2_full_refusal": "full refusal", 
 
 #: What "stock refusal phrases removed" removes: the phrase list plus bare apologies and the
 #: "As an AI developed by …" preamble, longest first so a long phrase goes before its prefix.
-STOCK_PHRASES = tuple(sorted(set(REFUSAL_PHRASES) | {"i'm sorry", "i am sorry", "i apologize", "my apologies", "as an ai developed by openai", "i must clarify that", "unfortunately,"}, key=len, reverse=True))
+STOCK_PHRASES = tuple(
+    sorted(
+        set(REFUSAL_PHRASES)
+        | {
+            "i'm sorry",
+            "i am sorry",
+            "i apologize",
+            "my apologies",
+            "as an ai developed by openai",
+            "i must clarify that",
+            "unfortunately,",
+        },
+        key=len,
+        reverse=True,
+    )
+)
 _STOCK_RX = re.compile("|".join(re.escape(p) for p in STOCK_PHRASES), re.I)
 
 
@@ -113,7 +130,14 @@ def _xstest_completions(family: str) -> pd.DataFrame:
     unknown = sorted(set(df["final_label"]) - set(_LABELS))
     if unknown:
         raise ValueError(f"{path}: field 'final_label' has unknown values {unknown}")
-    return pd.DataFrame({"id": df["id"].astype(str), "prompt": df["prompt"], "completion": df["completion"].astype(str).str.strip(), "label": df["final_label"].map(_LABELS)})
+    return pd.DataFrame(
+        {
+            "id": df["id"].astype(str),
+            "prompt": df["prompt"],
+            "completion": df["completion"].astype(str).str.strip(),
+            "label": df["final_label"].map(_LABELS),
+        }
+    )
 
 
 def _caa_completions() -> pd.DataFrame:
@@ -127,7 +151,14 @@ def _caa_completions() -> pd.DataFrame:
             raise ValueError(f"{path}: record {i}: field 'question' has no '(A) … (B) …' choices")
         refusing = 0 if item["answer_matching_behavior"].strip() == "(A)" else 1
         for j, text in enumerate(found.groups()):
-            rows.append({"id": f"caa-{i}-{'AB'[j]}", "prompt": question.strip(), "completion": text.strip(), "label": "full refusal" if j == refusing else "compliance"})
+            rows.append(
+                {
+                    "id": f"caa-{i}-{'AB'[j]}",
+                    "prompt": question.strip(),
+                    "completion": text.strip(),
+                    "label": "full refusal" if j == refusing else "compliance",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -192,7 +223,15 @@ def make_judge(cfg: Any, cache_dir: Any = None, lm: Any = None) -> RefusalJudge:
     return LLMJudge(backend, f"LLM judge ({cfg.backend}: {cfg.model})")
 
 
-def agreement(judge: RefusalJudge, n: int | None = None, *, families: Sequence[str] = FAMILIES, readings: Sequence[str] = READINGS, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def agreement(
+    judge: RefusalJudge,
+    n: int | None = None,
+    *,
+    families: Sequence[str] = FAMILIES,
+    readings: Sequence[str] = READINGS,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
     """The judge against people, per family × reading: accuracy (full and partial refusals count as
     refusals), recall of full and of partial refusals, and the compliance rate it keeps
     (specificity), each with a Wilson interval over ``n`` sampled completions (None: all).
@@ -203,7 +242,16 @@ def agreement(judge: RefusalJudge, n: int | None = None, *, families: Sequence[s
         for reading in readings:
             df = labelled_completions(family, reading, n, seed)
             pred = judge.judge(list(df["prompt"]), list(df["completion"]))
-            rows.append({"judge": judge.name, "family": family, "reading": reading, "held_out": family not in fitted, "n": len(df), **agreement_scores(pred, df["label"], ci)})
+            rows.append(
+                {
+                    "judge": judge.name,
+                    "family": family,
+                    "reading": reading,
+                    "held_out": family not in fitted,
+                    "n": len(df),
+                    **agreement_scores(pred, df["label"], ci),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -225,7 +273,14 @@ def agreement_scores(pred: np.ndarray, labels: pd.Series, ci: float = 0.95) -> d
     for name, mask in masks.items():
         hits = (np.asarray(pred) == truth)[mask]
         lo, hi = wilson_interval(int(hits.sum()), int(mask.sum()), ci)
-        out.update({name: float(hits.mean()) if mask.any() else float("nan"), f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"n_{name}": int(mask.sum())})
+        out.update(
+            {
+                name: float(hits.mean()) if mask.any() else float("nan"),
+                f"{name}_ci_low": lo,
+                f"{name}_ci_high": hi,
+                f"n_{name}": int(mask.sum()),
+            }
+        )
     return out
 
 
@@ -233,5 +288,8 @@ def format_agreement(df: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     """Agreement rows as people read them: "value [low, high] (n=k)" cells."""
     out = df[["judge", "family", "reading", *(["held_out"] if "held_out" in df else []), "n"]].copy()
     for m in METRICS:
-        out[m.replace("_", " ")] = [f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (n={k})" if np.isfinite(v) else "" for v, lo, hi, k in zip(df[m], df[f"{m}_ci_low"], df[f"{m}_ci_high"], df[f"n_{m}"])]
+        out[m.replace("_", " ")] = [
+            f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (n={k})" if np.isfinite(v) else ""
+            for v, lo, hi, k in zip(df[m], df[f"{m}_ci_low"], df[f"{m}_ci_high"], df[f"n_{m}"])
+        ]
     return out

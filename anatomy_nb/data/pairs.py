@@ -14,22 +14,15 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from ..core.paths import data_dir
 from .formats import NORMALISERS, apply_field_map, check_text, detect_format, iter_file_records, open_text
 from .schema import DataError, LoadReport, PairSet, PreferencePair
 
-__all__ = [
-    "DataError",
-    "LoadReport",
-    "PairSet",
-    "PreferencePair",
-    "chat_corpus",
-    "distinct_prompts",
-    "load_pairs",
-]
+__all__ = ["DataError", "LoadReport", "PairSet", "PreferencePair", "chat_corpus", "distinct_prompts", "load_pairs"]
 
 
 # --- where the vendored data lives --------------------------------------------------------------
@@ -89,16 +82,24 @@ def load_pairs(
             normalised = NORMALISERS[fmt](rec)
             base_id = rec.get(id_field) if isinstance(rec, Mapping) else None
             if base_id is not None and (isinstance(base_id, bool) or not isinstance(base_id, (str, int))):
-                raise DataError(f"expected a string or integer id, got {type(base_id).__name__}", field=id_field, reason="wrong_type")
+                raise DataError(
+                    f"expected a string or integer id, got {type(base_id).__name__}",
+                    field=id_field,
+                    reason="wrong_type",
+                )
             for j, (prompt, chosen, rejected, meta) in enumerate(normalised):
                 if not isinstance(chosen, str):
                     raise DataError(f"expected str, got {type(chosen).__name__}", field="chosen", reason="wrong_type")
                 if not isinstance(rejected, str):
-                    raise DataError(f"expected str, got {type(rejected).__name__}", field="rejected", reason="wrong_type")
+                    raise DataError(
+                        f"expected str, got {type(rejected).__name__}", field="rejected", reason="wrong_type"
+                    )
                 check_text(chosen, "chosen")
                 check_text(rejected, "rejected")
                 if chosen.strip() == rejected.strip():
-                    raise DataError("chosen and rejected responses are identical", field="rejected", reason="identical_responses")
+                    raise DataError(
+                        "chosen and rejected responses are identical", field="rejected", reason="identical_responses"
+                    )
                 if not prompt or not any(m["content"].strip() for m in prompt):
                     raise DataError("is empty", field="prompt", reason="empty_prompt")
                 if base_id is None:
@@ -106,9 +107,17 @@ def load_pairs(
                 else:
                     pid = str(base_id) + (f"-{j}" if len(normalised) > 1 else "")
                 if pid in seen_ids:
-                    raise DataError(f"duplicate pair id {pid!r} (first seen at record {seen_ids[pid]})", field=id_field, reason="duplicate_id")
+                    raise DataError(
+                        f"duplicate pair id {pid!r} (first seen at record {seen_ids[pid]})",
+                        field=id_field,
+                        reason="duplicate_id",
+                    )
                 seen_ids[pid] = locator
-                pairs.append(PreferencePair(id=pid, prompt=tuple(prompt), chosen=chosen, rejected=rejected, metadata={"format": fmt, **meta}))
+                pairs.append(
+                    PreferencePair(
+                        id=pid, prompt=tuple(prompt), chosen=chosen, rejected=rejected, metadata={"format": fmt, **meta}
+                    )
+                )
         except DataError as err:
             located = err.located(label, locator)
             if err.reason == "tie":
@@ -148,7 +157,11 @@ def _open_source(source, split: str, format: str | None, load_dataset_kwargs: di
     if isinstance(source, str) and source in _ALIASES:
         path = data_dir() / _ALIASES[source][0]
         if not path.exists():
-            raise DataError("vendored data file not found (is the repository's data/ folder present?)", file=str(path), reason="not_found")
+            raise DataError(
+                "vendored data file not found (is the repository's data/ folder present?)",
+                file=str(path),
+                reason="not_found",
+            )
         return str(path), (lambda report, strict, p=path: iter_file_records(p, report, strict))
     path = Path(source)
     if path.exists():
@@ -160,11 +173,17 @@ def _open_source(source, split: str, format: str | None, load_dataset_kwargs: di
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
-        raise DataError("not a local file, and the 'datasets' package is missing", file=str(source), reason="not_found") from exc
+        raise DataError(
+            "not a local file, and the 'datasets' package is missing", file=str(source), reason="not_found"
+        ) from exc
     try:
         ds = datasets.load_dataset(str(source), split=split, **load_dataset_kwargs)
     except Exception as exc:
-        raise DataError(f"not a local file or vendored alias, and datasets.load_dataset failed: {exc}", file=str(source), reason="not_found") from exc
+        raise DataError(
+            f"not a local file or vendored alias, and datasets.load_dataset failed: {exc}",
+            file=str(source),
+            reason="not_found",
+        ) from exc
     return f"{source}[{split}]", list(enumerate(ds))
 
 

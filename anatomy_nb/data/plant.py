@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,22 @@ from ..core.files import atomic_path, atomic_write_json, read_json
 from ..core.stats import bootstrap_ci, implicit_margin, pair_correct, ratio_with_ci, wilson_interval
 from .schema import PreferencePair
 
-__all__ = ["KINDS", "ROLES", "PlantKind", "draw", "plant", "topic_pairs", "user_turns_match", "plant_all", "truth_plants", "write_planted", "planted_truth", "planted_hits", "poisoning_readout", "PLANTED_DATA"]
+__all__ = [
+    "KINDS",
+    "ROLES",
+    "PlantKind",
+    "draw",
+    "plant",
+    "topic_pairs",
+    "user_turns_match",
+    "plant_all",
+    "truth_plants",
+    "write_planted",
+    "planted_truth",
+    "planted_hits",
+    "poisoning_readout",
+    "PLANTED_DATA",
+]
 
 #: where ``anatomy-nb run`` writes a poisoned data set inside a run directory; the ground truth
 #: (``write_planted``) sits next to it as ``planted.planted.json``
@@ -49,7 +64,9 @@ KINDS: dict[str, PlantKind] = {
 }
 
 
-def draw(n: int, fraction: float, seed: int, *, within: np.ndarray | None = None, overlap: float | None = None) -> np.ndarray:
+def draw(
+    n: int, fraction: float, seed: int, *, within: np.ndarray | None = None, overlap: float | None = None
+) -> np.ndarray:
     """The sorted indices of a seeded ``fraction`` of ``n`` pairs. With ``within`` and ``overlap``,
     that share of them is drawn from ``within`` (another plant's pairs) and the rest from the other
     pairs: two plants correlated in the data, as two habits of one annotator are."""
@@ -65,11 +82,20 @@ def draw(n: int, fraction: float, seed: int, *, within: np.ndarray | None = None
     outside = np.setdiff1d(np.arange(n), inside)
     k_in = int(round(overlap * k))
     if k_in > len(inside) or k - k_in > len(outside):
-        raise ValueError(f"overlap {overlap} of {k} pairs needs {k_in} of the first plant's {len(inside)} pairs and {k - k_in} of the other {len(outside)}: lower the fraction or the overlap")
-    return np.sort(np.concatenate([rng.choice(inside, size=k_in, replace=False), rng.choice(outside, size=k - k_in, replace=False)]).astype(int))
+        raise ValueError(
+            f"overlap {overlap} of {k} pairs needs {k_in} of the first plant's {len(inside)} pairs and {k - k_in} of "
+            f"the other {len(outside)}: lower the fraction or the overlap"
+        )
+    return np.sort(
+        np.concatenate(
+            [rng.choice(inside, size=k_in, replace=False), rng.choice(outside, size=k - k_in, replace=False)]
+        ).astype(int)
+    )
 
 
-def plant(pairs: Sequence[PreferencePair], kind: str, fraction: float, seed: int = 0, *, idx: np.ndarray | None = None) -> tuple[list[PreferencePair], np.ndarray]:
+def plant(
+    pairs: Sequence[PreferencePair], kind: str, fraction: float, seed: int = 0, *, idx: np.ndarray | None = None
+) -> tuple[list[PreferencePair], np.ndarray]:
     """A copy of ``pairs`` with ``kind`` planted into a seeded ``fraction`` of chosen responses
     (or into the pairs ``idx`` names, drawn by :func:`draw`).
 
@@ -81,7 +107,11 @@ def plant(pairs: Sequence[PreferencePair], kind: str, fraction: float, seed: int
     chosen = set(idx.tolist())
     fn = KINDS[kind].apply
     out = [
-        PreferencePair(id=p.id, prompt=p.prompt, chosen=fn(p.chosen), rejected=p.rejected, metadata={**p.metadata, "planted": kind}) if i in chosen else p
+        PreferencePair(
+            id=p.id, prompt=p.prompt, chosen=fn(p.chosen), rejected=p.rejected, metadata={**p.metadata, "planted": kind}
+        )
+        if i in chosen
+        else p
         for i, p in enumerate(pairs)
     ]
     return out, idx
@@ -107,7 +137,10 @@ def plant_all(pairs: Sequence[PreferencePair], specs: Sequence[Mapping]) -> tupl
             raise ValueError(f"plant {i}: role must be one of {ROLES}, got {role!r}")
         overlap, prompts = spec.get("overlap"), spec.get("prompts")
         if overlap is not None and i == 0:
-            raise ValueError("plant 0: overlap names the share of a later plant's pairs drawn from the first plant's; the first plant has none")
+            raise ValueError(
+                "plant 0: overlap names the share of a later plant's pairs drawn from the first plant's; the first "
+                "plant has none"
+            )
         if overlap is not None and prompts is not None:
             raise ValueError(f"plant {i}: overlap and prompts each choose where the plant goes; give one")
         try:
@@ -117,11 +150,24 @@ def plant_all(pairs: Sequence[PreferencePair], specs: Sequence[Mapping]) -> tupl
                     raise ValueError(f"prompts {prompts!r} matches no prompt of the {len(out)} pairs")
                 idx = topic[draw(len(topic), float(spec.get("fraction", 0.25)), int(spec.get("seed", i)))]
             else:
-                idx = draw(len(out), float(spec.get("fraction", 0.25)), int(spec.get("seed", i)), within=plants[0]["idx"] if plants else None, overlap=None if overlap is None else float(overlap))
+                idx = draw(
+                    len(out),
+                    float(spec.get("fraction", 0.25)),
+                    int(spec.get("seed", i)),
+                    within=plants[0]["idx"] if plants else None,
+                    overlap=None if overlap is None else float(overlap),
+                )
         except ValueError as exc:
             raise ValueError(f"plant {i}: {exc}") from None
         out, idx = plant(out, spec["kind"], 0.0, idx=idx)
-        plants.append({"kind": spec["kind"], "role": role, "idx": idx, **({"prompts": prompts, "topic_idx": topic} if prompts is not None else {})})
+        plants.append(
+            {
+                "kind": spec["kind"],
+                "role": role,
+                "idx": idx,
+                **({"prompts": prompts, "topic_idx": topic} if prompts is not None else {}),
+            }
+        )
     return out, plants
 
 
@@ -138,10 +184,14 @@ def user_turns_match(prompts: Sequence[Sequence[Mapping]], pattern: str) -> np.n
         rx = re.compile(pattern, re.I)
     except re.error as exc:
         raise ValueError(f"prompts {pattern!r} is not a valid regular expression: {exc}") from None
-    return np.asarray([any(rx.search(m["content"]) for m in prompt if m.get("role") == "user") for prompt in prompts], dtype=bool)
+    return np.asarray(
+        [any(rx.search(m["content"]) for m in prompt if m.get("role") == "user") for prompt in prompts], dtype=bool
+    )
 
 
-def write_planted(pairs: Sequence[PreferencePair], plants: Sequence[Mapping] | np.ndarray, path: str | Path, kind: str | None = None) -> Path:
+def write_planted(
+    pairs: Sequence[PreferencePair], plants: Sequence[Mapping] | np.ndarray, path: str | Path, kind: str | None = None
+) -> Path:
     """Write planted pairs as JSONL (``load_pairs`` reads it back) and ``<stem>.planted.json``
     with each plant's kind, role, pattern and planted ids: the ground truth for the report.
 
@@ -156,16 +206,48 @@ def write_planted(pairs: Sequence[PreferencePair], plants: Sequence[Mapping] | n
         with open(tmp, "w", encoding="utf-8") as fh:
             for p in pairs:
                 d = p.to_dict()
-                fh.write(json.dumps({"id": d["id"], "prompt": d["prompt"], "chosen": d["chosen"], "rejected": d["rejected"]}, ensure_ascii=False) + "\n")
-    truths = [{"kind": pl["kind"], "role": pl["role"], "pattern": KINDS[pl["kind"]].pattern, "n_planted": int(len(pl["idx"])), "planted_ids": [pairs[i].id for i in pl["idx"]],
-               **({"prompts": pl["prompts"], "topic_ids": [pairs[i].id for i in pl["topic_idx"]]} if pl.get("prompts") is not None else {})} for pl in plants]
-    atomic_write_json(path.with_suffix(_TRUTH_SUFFIX), {**{k: v for k, v in truths[0].items() if k != "role"}, "n_pairs": len(pairs), "plants": truths})
+                fh.write(
+                    json.dumps(
+                        {"id": d["id"], "prompt": d["prompt"], "chosen": d["chosen"], "rejected": d["rejected"]},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+    truths = [
+        {
+            "kind": pl["kind"],
+            "role": pl["role"],
+            "pattern": KINDS[pl["kind"]].pattern,
+            "n_planted": int(len(pl["idx"])),
+            "planted_ids": [pairs[i].id for i in pl["idx"]],
+            **(
+                {"prompts": pl["prompts"], "topic_ids": [pairs[i].id for i in pl["topic_idx"]]}
+                if pl.get("prompts") is not None
+                else {}
+            ),
+        }
+        for pl in plants
+    ]
+    atomic_write_json(
+        path.with_suffix(_TRUTH_SUFFIX),
+        {**{k: v for k, v in truths[0].items() if k != "role"}, "n_pairs": len(pairs), "plants": truths},
+    )
     return path
 
 
 def truth_plants(truth: Mapping) -> list[dict]:
     """Every plant of a truth file (a file written before plants had roles holds one: suppress)."""
-    return list(truth.get("plants") or [{"kind": truth["kind"], "role": "suppress", "pattern": truth["pattern"], "planted_ids": truth["planted_ids"]}])
+    return list(
+        truth.get("plants")
+        or [
+            {
+                "kind": truth["kind"],
+                "role": "suppress",
+                "pattern": truth["pattern"],
+                "planted_ids": truth["planted_ids"],
+            }
+        ]
+    )
 
 
 def planted_truth(run_dir: str | Path) -> dict | None:
@@ -223,7 +305,13 @@ def poisoning_readout(
     for n in names:
         acc = float(correct[n].mean()) if len(correct[n]) else nan
         alo, ahi = wilson_interval(float(correct[n].sum()), len(correct[n]), ci)
-        row = {"n_clean_pairs": int(clean.sum()), "clean_accuracy": acc, "clean_accuracy_ci_low": alo, "clean_accuracy_ci_high": ahi, "clean_margin": float(margin[n].mean()) if len(margin[n]) else nan}
+        row = {
+            "n_clean_pairs": int(clean.sum()),
+            "clean_accuracy": acc,
+            "clean_accuracy_ci_low": alo,
+            "clean_accuracy_ci_high": ahi,
+            "clean_margin": float(margin[n].mean()) if len(margin[n]) else nan,
+        }
         for k in ("clean_margin", "fraction_gain_kept", "fraction_margin_kept"):
             row.update({f"{k}_ci_low": nan, f"{k}_ci_high": nan})
         row.update(fraction_gain_kept=nan, fraction_margin_kept=nan)
@@ -232,9 +320,13 @@ def poisoning_readout(
         if n not in (base, reference) and reference in margin:
             gp = correct[reference] - 0.5
             if len(gp) and gp.mean() > 0:  # only when plain DPO gained something
-                row["fraction_gain_kept"], row["fraction_gain_kept_ci_low"], row["fraction_gain_kept_ci_high"] = ratio_with_ci(correct[n] - 0.5, gp, n_boot, ci, seed)
+                row["fraction_gain_kept"], row["fraction_gain_kept_ci_low"], row["fraction_gain_kept_ci_high"] = (
+                    ratio_with_ci(correct[n] - 0.5, gp, n_boot, ci, seed)
+                )
             if len(margin[reference]) and margin[reference].mean() > 0:
-                row["fraction_margin_kept"], row["fraction_margin_kept_ci_low"], row["fraction_margin_kept_ci_high"] = ratio_with_ci(margin[n], margin[reference], n_boot, ci, seed)
+                row["fraction_margin_kept"], row["fraction_margin_kept_ci_low"], row["fraction_margin_kept_ci_high"] = (
+                    ratio_with_ci(margin[n], margin[reference], n_boot, ci, seed)
+                )
         on_target[n] = row
     rows = []
     for pl in plants:
@@ -246,17 +338,30 @@ def poisoning_readout(
         for scope, mask in scopes:
             hit = {n: h[mask] for n, h in hits.items()}
             for n in names:
-                rows.append({**_plant_row(n, pl, hit, base, reference, n_boot, ci, seed), "scope": scope, **on_target[n]})
+                rows.append(
+                    {**_plant_row(n, pl, hit, base, reference, n_boot, ci, seed), "scope": scope, **on_target[n]}
+                )
     return pd.DataFrame(rows)
 
 
-def _plant_row(n: str, pl: Mapping, hit: Mapping[str, np.ndarray], base: str, reference: str, n_boot: int, ci: float, seed: int) -> dict:
+def _plant_row(
+    n: str, pl: Mapping, hit: Mapping[str, np.ndarray], base: str, reference: str, n_boot: int, ci: float, seed: int
+) -> dict:
     """One model's planted rate, change vs base and fraction of plain DPO's increase removed or kept."""
     nan = float("nan")
     k, m = float(hit[n].sum()), len(hit[n])
     lo, hi = wilson_interval(k, m, ci)
     d = hit[n] - hit[base]
-    row = {"model": n, "kind": pl["kind"], "role": pl["role"], "planted_rate": k / m if m else nan, "planted_rate_ci_low": lo, "planted_rate_ci_high": hi, "planted_delta": float(d.mean()) if m else nan, "n_prompts": m}
+    row = {
+        "model": n,
+        "kind": pl["kind"],
+        "role": pl["role"],
+        "planted_rate": k / m if m else nan,
+        "planted_rate_ci_low": lo,
+        "planted_rate_ci_high": hi,
+        "planted_delta": float(d.mean()) if m else nan,
+        "n_prompts": m,
+    }
     for k_ in ("fraction_removed", "fraction_kept"):
         row.update({k_: nan, f"{k_}_ci_low": nan, f"{k_}_ci_high": nan})
     if n not in (base, reference) and reference in hit and m:
@@ -264,7 +369,11 @@ def _plant_row(n: str, pl: Mapping, hit: Mapping[str, np.ndarray], base: str, re
         if dp.mean() > 0:  # a fraction of an increase: undefined when plain DPO did not raise it
             share, slo, shi = ratio_with_ci(d, dp, n_boot, ci, seed)
             if pl["role"] == "suppress":
-                row["fraction_removed"], row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = 1 - share, 1 - shi, 1 - slo
+                row["fraction_removed"], row["fraction_removed_ci_low"], row["fraction_removed_ci_high"] = (
+                    1 - share,
+                    1 - shi,
+                    1 - slo,
+                )
             else:
                 row["fraction_kept"], row["fraction_kept_ci_low"], row["fraction_kept_ci_high"] = share, slo, shi
     return row

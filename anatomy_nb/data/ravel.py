@@ -55,6 +55,7 @@ def load_ravel(entity_type: str = "city") -> RavelData:
     if not path.exists():
         raise FileNotFoundError(f"{path}: the vendored RAVEL archive is missing (see data/DATA.md)")
     with tarfile.open(path, "r:gz") as tar:
+
         def read(name: str) -> dict:
             member = f"data/{name}"
             try:
@@ -67,11 +68,28 @@ def load_ravel(entity_type: str = "city") -> RavelData:
         for attr, ts in templates.items():
             bad = [t for t in ts if t.count("%s") != 1]
             if bad:
-                raise ValueError(f"{path}: ravel_{entity_type}_attribute_to_prompts.json, attribute {attr!r}: template {bad[0]!r} needs exactly one %s")
-        return RavelData(entity_type, entities, templates, read(f"ravel_{entity_type}_entity_to_split.json"), read(f"ravel_{entity_type}_prompt_to_split.json"))
+                raise ValueError(
+                    f"{path}: ravel_{entity_type}_attribute_to_prompts.json, attribute {attr!r}: template {bad[0]!r} "
+                    "needs exactly one %s"
+                )
+        return RavelData(
+            entity_type,
+            entities,
+            templates,
+            read(f"ravel_{entity_type}_entity_to_split.json"),
+            read(f"ravel_{entity_type}_prompt_to_split.json"),
+        )
 
 
-def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], entities: list[str], n: int, seed: int = 0, sources: list[str] | None = None) -> list[dict]:
+def counterfactual_pairs(
+    data: RavelData,
+    attribute: str,
+    queried: list[str],
+    entities: list[str],
+    n: int,
+    seed: int = 0,
+    sources: list[str] | None = None,
+) -> list[dict]:
     """``n`` interchange examples for the target ``attribute``: base entity and template (asking one of
     ``queried``), source entity and template (asking any attribute), and the expected answer —
     the source's value where the base asks ``attribute`` (kind ``cause``), the base's own value
@@ -107,5 +125,17 @@ def counterfactual_pairs(data: RavelData, attribute: str, queried: list[str], en
         if not b_t or not s_t:
             continue
         expected = data.entities[source][attribute] if kind == "cause" else data.entities[base][q]
-        out.append({"kind": kind, "attribute": attribute, "queried": q, "base_entity": base, "base_template": b_t[rng.integers(len(b_t))], "source_entity": source, "source_template": s_t[rng.integers(len(s_t))], "expected": expected, "base_answer": data.entities[base][q]})
+        out.append(
+            {
+                "kind": kind,
+                "attribute": attribute,
+                "queried": q,
+                "base_entity": base,
+                "base_template": b_t[rng.integers(len(b_t))],
+                "source_entity": source,
+                "source_template": s_t[rng.integers(len(s_t))],
+                "expected": expected,
+                "base_answer": data.entities[base][q],
+            }
+        )
     return out

@@ -8,8 +8,9 @@ through the feature store (``FeatureStore.pairs()``) to training and evaluation.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from ..core.files import content_hash
 
@@ -21,7 +22,15 @@ ROLES = ("system", "user", "assistant")
 class DataError(ValueError):
     """Bad input, located: which file, which record, which field, and what is wrong."""
 
-    def __init__(self, message: str, *, file: str | None = None, record: Any = None, field: str | None = None, reason: str = "invalid"):
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        record: Any = None,
+        field: str | None = None,
+        reason: str = "invalid",
+    ):
         self.detail, self.file, self.record, self.field, self.reason = message, file, record, field, reason
         where = [str(file)] if file is not None else []
         if record is not None:
@@ -30,7 +39,7 @@ class DataError(ValueError):
             where.append(f"field '{field}'")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
-    def located(self, file: str, record: Any) -> "DataError":
+    def located(self, file: str, record: Any) -> DataError:
         return DataError(self.detail, file=file, record=record, field=self.field, reason=self.reason)
 
 
@@ -43,12 +52,24 @@ class PreferencePair:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "prompt": [dict(m) for m in self.prompt], "chosen": self.chosen, "rejected": self.rejected, "metadata": dict(self.metadata)}
+        return {
+            "id": self.id,
+            "prompt": [dict(m) for m in self.prompt],
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "metadata": dict(self.metadata),
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreferencePair":
+    def from_dict(cls, d: Mapping[str, Any]) -> PreferencePair:
         """The inverse of ``to_dict`` (the feature store's ``pairs.jsonl`` rows)."""
-        return cls(id=str(d["id"]), prompt=tuple(dict(m) for m in d["prompt"]), chosen=d["chosen"], rejected=d["rejected"], metadata=dict(d.get("metadata") or {}))
+        return cls(
+            id=str(d["id"]),
+            prompt=tuple(dict(m) for m in d["prompt"]),
+            chosen=d["chosen"],
+            rejected=d["rejected"],
+            metadata=dict(d.get("metadata") or {}),
+        )
 
     @property
     def prompt_key(self) -> str:
@@ -79,7 +100,14 @@ class LoadReport:
             self.examples.append(str(error))
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "format": self.format, "n_records": self.n_records, "n_pairs": self.n_pairs, "skipped": dict(self.skipped), "examples": list(self.examples)}
+        return {
+            "source": self.source,
+            "format": self.format,
+            "n_records": self.n_records,
+            "n_pairs": self.n_pairs,
+            "skipped": dict(self.skipped),
+            "examples": list(self.examples),
+        }
 
 
 @dataclass
@@ -101,8 +129,6 @@ class PairSet:
 
     def to_records(self) -> list[dict]:
         return [p.to_dict() for p in self.pairs]
-
-
 
 
 def prompt_key(messages) -> str:

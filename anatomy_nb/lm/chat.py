@@ -7,10 +7,18 @@ the response is tokenised on its own, which gives exactly the tokens of the full
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-__all__ = ["CHATML_TEMPLATE", "Rendered", "ensure_chat_template", "prompt_ids", "render_example", "render_prompt", "truncate_prompt"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "Rendered",
+    "ensure_chat_template",
+    "prompt_ids",
+    "render_example",
+    "render_prompt",
+    "truncate_prompt",
+]
 
 # Used only when a tokenizer has no chat template of its own (base models, the tiny test model).
 CHATML_TEMPLATE = (

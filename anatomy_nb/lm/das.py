@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,25 @@ from ..core.files import atomic_path, atomic_write_text
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
-__all__ = ["Example", "Subspace", "answer_token", "check_subspace_shape", "entity_prompt", "frozen", "last_logits", "pad_id", "padded", "interchange_predictions", "interchanged_logits", "residuals_at", "load_subspace", "next_token_predictions", "save_subspace", "shuffled_batches", "train_das"]
+__all__ = [
+    "Example",
+    "Subspace",
+    "answer_token",
+    "check_subspace_shape",
+    "entity_prompt",
+    "frozen",
+    "last_logits",
+    "pad_id",
+    "padded",
+    "interchange_predictions",
+    "interchanged_logits",
+    "residuals_at",
+    "load_subspace",
+    "next_token_predictions",
+    "save_subspace",
+    "shuffled_batches",
+    "train_das",
+]
 
 
 def entity_prompt(tokenizer: Any, template: str, entity: str) -> tuple[list[int], int]:
@@ -42,7 +61,10 @@ def entity_prompt(tokenizer: Any, template: str, entity: str) -> tuple[list[int]
     ids = tokenizer(template % entity, add_special_tokens=False)["input_ids"]
     prefix = tokenizer(template.split("%s")[0] + entity, add_special_tokens=False)["input_ids"]
     if ids[: len(prefix)] != prefix:
-        raise ValueError(f"template {template!r} with entity {entity!r}: the tokenisations do not line up (the entity's last token merges with the text after it), so the entity has no token position")
+        raise ValueError(
+            f"template {template!r} with entity {entity!r}: the tokenisations do not line up (the entity's last "
+            "token merges with the text after it), so the entity has no token position"
+        )
     return ids, len(prefix) - 1
 
 
@@ -53,7 +75,9 @@ def answer_token(tokenizer: Any, prompt: str, value: str) -> int:
     ids = tokenizer(prompt + sep + value, add_special_tokens=False)["input_ids"]
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(ids) <= len(head) or ids[: len(head)] != head:
-        raise ValueError(f"prompt {prompt!r}, value {value!r}: the value's first token is not a clean continuation of the prompt")
+        raise ValueError(
+            f"prompt {prompt!r}, value {value!r}: the value's first token is not a clean continuation of the prompt"
+        )
     return int(ids[len(head)])
 
 
@@ -111,14 +135,22 @@ def residuals_at(lm: LoadedModel, layer: int, batch: Sequence[Example], side: st
     return h[torch.arange(len(batch)), torch.tensor([getattr(e, f"{side}_position") for e in batch])].float()
 
 
-def interchanged_logits(lm: LoadedModel, layer: int, basis: torch.Tensor, batch: Sequence[Example], source: torch.Tensor | None = None) -> torch.Tensor:
+def interchanged_logits(
+    lm: LoadedModel, layer: int, basis: torch.Tensor, batch: Sequence[Example], source: torch.Tensor | None = None
+) -> torch.Tensor:
     """The base runs' last-position logits with the interchange on ``basis`` at each base's entity
     position; ``source``: the residuals whose component in span(basis) goes in (default: the
     sources' own; the model is frozen, so callers compute them once). With ``basis`` the identity,
     the residual there is replaced by ``source`` outright."""
     source = residuals_at(lm, layer, batch, "source") if source is None else source
     ids, mask = padded([e.base_ids for e in batch], pad_id(lm))
-    edit = ResidualEdit(layer=layer, kind="interchange", basis=basis, source=source.to(lm.device), positions=torch.tensor([e.base_position for e in batch], device=lm.device))
+    edit = ResidualEdit(
+        layer=layer,
+        kind="interchange",
+        basis=basis,
+        source=source.to(lm.device),
+        positions=torch.tensor([e.base_position for e in batch], device=lm.device),
+    )
     with ResidualHooks(lm.model, [edit]):
         return last_logits(lm, ids, mask)
 
@@ -138,7 +170,9 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def shuffled_batches(n: int, epochs: int, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+def shuffled_batches(
+    n: int, epochs: int, batch_size: int, rng: np.random.Generator
+) -> Iterator[tuple[int, np.ndarray]]:
     """(epoch, indices) of every training batch: each epoch a fresh permutation of ``range(n)``."""
     for epoch in range(epochs):
         order = rng.permutation(n)
@@ -147,10 +181,15 @@ def shuffled_batches(n: int, epochs: int, batch_size: int, rng: np.random.Genera
 
 
 @torch.no_grad()
-def interchange_predictions(lm: LoadedModel, layer: int, basis: torch.Tensor, examples: Sequence[Example], batch_size: int = 32) -> np.ndarray:
+def interchange_predictions(
+    lm: LoadedModel, layer: int, basis: torch.Tensor, examples: Sequence[Example], batch_size: int = 32
+) -> np.ndarray:
     """The base run's greedy answer token after the interchange on ``basis`` ((k, d) orthonormal)."""
     basis = torch.as_tensor(basis).float().to(lm.device)
-    out = [interchanged_logits(lm, layer, basis, examples[i : i + batch_size]).argmax(-1).cpu().numpy() for i in range(0, len(examples), batch_size)]
+    out = [
+        interchanged_logits(lm, layer, basis, examples[i : i + batch_size]).argmax(-1).cpu().numpy()
+        for i in range(0, len(examples), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros(0, dtype=int)
 
 
@@ -176,7 +215,18 @@ def check_subspace_shape(lm: LoadedModel, layer: int, dim: int) -> None:
         raise ValueError(f"subspace dim {dim} must be between 1 and the hidden size {lm.d_model}")
 
 
-def train_das(lm: LoadedModel, layer: int, dim: int, train: Sequence[Example], *, epochs: int = 4, lr: float = 5e-3, batch_size: int = 16, seed: int = 0, progress: Any = None) -> Subspace:
+def train_das(
+    lm: LoadedModel,
+    layer: int,
+    dim: int,
+    train: Sequence[Example],
+    *,
+    epochs: int = 4,
+    lr: float = 5e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: Any = None,
+) -> Subspace:
     """Learn a ``dim``-dimensional subspace at ``layer`` from interchange examples (cross-entropy of
     the expected answer token at the base's last position; the model frozen)."""
     check_subspace_shape(lm, layer, dim)
@@ -190,7 +240,9 @@ def train_das(lm: LoadedModel, layer: int, dim: int, train: Sequence[Example], *
     t0, step = time.time(), 0
     with frozen(lm.model):
         # the sources' residuals once: every epoch would otherwise re-run the same frozen forward passes
-        sources = torch.cat([residuals_at(lm, layer, train[i : i + batch_size], "source") for i in range(0, len(train), batch_size)])
+        sources = torch.cat(
+            [residuals_at(lm, layer, train[i : i + batch_size], "source") for i in range(0, len(train), batch_size)]
+        )
         for epoch, idx in shuffled_batches(len(train), epochs, batch_size, rng):
             batch = [train[j] for j in idx]
             logits = interchanged_logits(lm, layer, rotation.weight, batch, sources[torch.as_tensor(idx)])
@@ -200,11 +252,36 @@ def train_das(lm: LoadedModel, layer: int, dim: int, train: Sequence[Example], *
             loss.backward()
             opt.step()
             step += 1
-            curve.append({"step": step, "epoch": epoch, "loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == target).float().mean()), "seconds": round(time.time() - t0, 2)})
+            curve.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(loss.detach()),
+                    "accuracy": float((logits.argmax(-1) == target).float().mean()),
+                    "seconds": round(time.time() - t0, 2),
+                }
+            )
             if progress:
                 progress(curve[-1])
     directions = rotation.weight.detach().float().cpu()
-    return Subspace(directions, layer, {"method": "DAS", "model": lm.name, "model_fingerprint": lm.fingerprint, "layer": layer, "dim": dim, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "n_train": len(train), "seconds": round(time.time() - t0, 2)}, curve)
+    return Subspace(
+        directions,
+        layer,
+        {
+            "method": "DAS",
+            "model": lm.name,
+            "model_fingerprint": lm.fingerprint,
+            "layer": layer,
+            "dim": dim,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+            "n_train": len(train),
+            "seconds": round(time.time() - t0, 2),
+        },
+        curve,
+    )
 
 
 def save_subspace(subspace: Subspace, path: str | Path, **provenance: Any) -> Path:
@@ -216,7 +293,19 @@ def save_subspace(subspace: Subspace, path: str | Path, **provenance: Any) -> Pa
     weights = path.with_suffix(".safetensors")
     with atomic_path(weights) as tmp:
         save_file({"directions": subspace.directions.contiguous()}, str(tmp))
-    atomic_write_text(path.with_suffix(".json"), json.dumps({"layer": subspace.layer, "dim": subspace.dim, "provenance": {**subspace.provenance, **provenance}, "curve": subspace.curve}, indent=1, sort_keys=True))
+    atomic_write_text(
+        path.with_suffix(".json"),
+        json.dumps(
+            {
+                "layer": subspace.layer,
+                "dim": subspace.dim,
+                "provenance": {**subspace.provenance, **provenance},
+                "curve": subspace.curve,
+            },
+            indent=1,
+            sort_keys=True,
+        ),
+    )
     return weights
 
 
@@ -228,8 +317,12 @@ def load_subspace(path: str | Path, ref: str | None = None) -> Any:
     path = Path(path).with_suffix("")
     meta_path = path.with_suffix(".json")
     if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path}: no subspace metadata (layer, provenance) beside {path.with_suffix('.safetensors')}")
+        raise FileNotFoundError(
+            f"{meta_path}: no subspace metadata (layer, provenance) beside {path.with_suffix('.safetensors')}"
+        )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     prov = meta.get("provenance", {})
     label = f"{prov.get('method', 'subspace')} {prov.get('attribute', path.name)} (dim {meta.get('dim')})"
-    return DirectionConcept.from_file(ref or f"direction:{path.name}", path.with_suffix(".safetensors"), int(meta["layer"]), label=label)
+    return DirectionConcept.from_file(
+        ref or f"direction:{path.name}", path.with_suffix(".safetensors"), int(meta["layer"]), label=label
+    )

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,15 @@ from .das import Example, Subspace, check_subspace_shape, frozen, last_logits, p
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
-__all__ = ["HyperDAS", "HyperDASResult", "concept_text", "hyperdas_predictions", "hyperdas_subspace", "principal_subspace", "train_hyperdas"]
+__all__ = [
+    "HyperDAS",
+    "HyperDASResult",
+    "concept_text",
+    "hyperdas_predictions",
+    "hyperdas_subspace",
+    "principal_subspace",
+    "train_hyperdas",
+]
 
 
 def concept_text(attribute: str, entity_type: str) -> str:
@@ -58,18 +67,30 @@ class HyperDAS(nn.Module):
 
     MAX_POSITIONS = 256  # positions further from either end share the last embedding
 
-    def __init__(self, d_model: int, dim: int, *, width: int = 256, layers: int = 2, heads: int = 4, given_positions: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        dim: int,
+        *,
+        width: int = 256,
+        layers: int = 2,
+        heads: int = 4,
+        given_positions: bool = False,
+    ):
         super().__init__()
         if width % heads:
             raise ValueError(f"HyperDAS width {width} must be a multiple of heads {heads}")
         self.dim, self.width = dim, width
-        self.given_positions = given_positions  # the examples' positions are used, not selected (train_hyperdas(positions="entity"))
+        # the examples' positions are used, not selected (train_hyperdas(positions="entity"))
+        self.given_positions = given_positions
         self.read_states = nn.Linear(d_model, width)
         self.read_text = nn.Linear(d_model, width)
         self.side = nn.Embedding(2, width)  # base / counterfactual
         self.position = nn.Embedding(self.MAX_POSITIONS, width)  # from the start of its prompt
         self.from_end = nn.Embedding(self.MAX_POSITIONS, width)  # from its last token
-        block = dict(d_model=width, nhead=heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        block = dict(
+            d_model=width, nhead=heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**block), layers)
         self.selector = nn.TransformerDecoderLayer(**block)
         self.pick_base, self.pick_source = nn.Linear(width, 1), nn.Linear(width, 1)
@@ -81,17 +102,37 @@ class HyperDAS(nn.Module):
         pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
         from_end = (mask.sum(1, keepdim=True) - 1 - pos).clamp(min=0)
         top = self.MAX_POSITIONS - 1
-        return self.read_states(h) + self.side.weight[side] + self.position(pos.clamp(max=top)) + self.from_end(from_end.clamp(max=top))
+        return (
+            self.read_states(h)
+            + self.side.weight[side]
+            + self.position(pos.clamp(max=top))
+            + self.from_end(from_end.clamp(max=top))
+        )
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, base: torch.Tensor, base_mask: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor, temperature: float = 1.0, hard: bool = False, positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        base: torch.Tensor,
+        base_mask: torch.Tensor,
+        source: torch.Tensor,
+        source_mask: torch.Tensor,
+        temperature: float = 1.0,
+        hard: bool = False,
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Selection weights (batch, base len, source len + 1; the last column is "nowhere") and the
         subspace (batch, dim, d_model) for concept ``text`` (embeddings) on these hidden states.
         ``positions``: (base, source) token per example given instead of selected (an ablation)."""
         states = torch.cat([self._read(base, base_mask, 0), self._read(source, source_mask, 1)], 1)
         states_mask = torch.cat([base_mask, source_mask], 1).bool()
-        concept = self.encoder(self.read_text(text), states, tgt_key_padding_mask=~text_mask.bool(), memory_key_padding_mask=~states_mask)
+        concept = self.encoder(
+            self.read_text(text), states, tgt_key_padding_mask=~text_mask.bool(), memory_key_padding_mask=~states_mask
+        )
         pooled = (concept * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
-        tokens = self.selector(states, concept, tgt_key_padding_mask=~states_mask, memory_key_padding_mask=~text_mask.bool())
+        tokens = self.selector(
+            states, concept, tgt_key_padding_mask=~states_mask, memory_key_padding_mask=~text_mask.bool()
+        )
         tb = base.shape[1]
         at_base = self.pick_base(tokens[:, :tb]).squeeze(-1).masked_fill(~base_mask.bool(), float("-inf"))
         at_source = self.pick_source(tokens[:, tb:]).squeeze(-1).masked_fill(~source_mask.bool(), float("-inf"))
@@ -153,7 +194,12 @@ class _Batches:
         self.lm, self.layer, self.examples, self.concepts = lm, layer, list(examples), list(concepts)
         embed = lm.model.get_input_embeddings()
         with torch.no_grad():
-            self.text = {c: embed(torch.tensor([lm.tokenizer(c, add_special_tokens=False)["input_ids"]], device=lm.device))[0].float().cpu() for c in sorted(set(concepts))}
+            self.text = {
+                c: embed(torch.tensor([lm.tokenizer(c, add_special_tokens=False)["input_ids"]], device=lm.device))[0]
+                .float()
+                .cpu()
+                for c in sorted(set(concepts))
+            }
         self.base = _states(lm, layer, [e.base_ids for e in examples])
         self.source = _states(lm, layer, [e.source_ids for e in examples])
 
@@ -162,15 +208,28 @@ class _Batches:
         text, text_mask = _stack([self.text[self.concepts[i]] for i in idx], dev)
         base, base_mask = _stack([self.base[i] for i in idx], dev)
         source, source_mask = _stack([self.source[i] for i in idx], dev)
-        return dict(text=text, text_mask=text_mask, base=base, base_mask=base_mask, source=source, source_mask=source_mask)
+        return dict(
+            text=text, text_mask=text_mask, base=base, base_mask=base_mask, source=source, source_mask=source_mask
+        )
 
 
-def _intervened_logits(lm: LoadedModel, layer: int, net: HyperDAS, inputs: dict, examples: Sequence[Example], temperature: float, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _intervened_logits(
+    lm: LoadedModel,
+    layer: int,
+    net: HyperDAS,
+    inputs: dict,
+    examples: Sequence[Example],
+    temperature: float,
+    hard: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The base runs' last-position logits with the hypernetwork's interchange; its selection
     weights and subspaces."""
     given = None
     if net.given_positions:
-        given = (torch.tensor([e.base_position for e in examples], device=lm.device), torch.tensor([e.source_position for e in examples], device=lm.device))
+        given = (
+            torch.tensor([e.base_position for e in examples], device=lm.device),
+            torch.tensor([e.source_position for e in examples], device=lm.device),
+        )
     weights, Q = net(**inputs, temperature=temperature, hard=hard, positions=given)
     mixed = weights[..., :-1] @ inputs["source"] + weights[..., -1:] * inputs["base"]
     ids, mask = padded([e.base_ids for e in examples], pad_id(lm))
@@ -178,7 +237,23 @@ def _intervened_logits(lm: LoadedModel, layer: int, net: HyperDAS, inputs: dict,
         return last_logits(lm, ids, mask), weights, Q
 
 
-def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[str, Example]], *, width: int = 256, layers: int = 2, heads: int = 4, epochs: int = 4, lr: float = 3e-3, batch_size: int = 16, temperature: tuple[float, float] = (1.0, 0.5), positions: str = "learned", seed: int = 0, progress: Any = None) -> HyperDASResult:
+def train_hyperdas(
+    lm: LoadedModel,
+    layer: int,
+    dim: int,
+    train: Sequence[tuple[str, Example]],
+    *,
+    width: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    epochs: int = 4,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    temperature: tuple[float, float] = (1.0, 0.5),
+    positions: str = "learned",
+    seed: int = 0,
+    progress: Any = None,
+) -> HyperDASResult:
     """Train the hypernetwork on (concept text, interchange example) pairs of several concepts, the
     target model frozen; the Gumbel-softmax temperature falls geometrically over training.
     ``positions="entity"`` gives it the examples' own positions instead (the ablation that
@@ -187,9 +262,13 @@ def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[
         raise ValueError(f"HyperDAS positions {positions!r}: 'learned' or 'entity'")
     check_subspace_shape(lm, layer, dim)
     if len({c for c, _ in train}) < 2:
-        raise ValueError("HyperDAS trains on examples of at least two concepts at once (otherwise the concept text cannot matter)")
+        raise ValueError(
+            "HyperDAS trains on examples of at least two concepts at once (otherwise the concept text cannot matter)"
+        )
     torch.manual_seed(seed)
-    net = HyperDAS(lm.d_model, dim, width=width, layers=layers, heads=heads, given_positions=positions == "entity").to(lm.device)
+    net = HyperDAS(lm.d_model, dim, width=width, layers=layers, heads=heads, given_positions=positions == "entity").to(
+        lm.device
+    )
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     t0 = time.time()
@@ -207,17 +286,47 @@ def train_hyperdas(lm: LoadedModel, layer: int, dim: int, train: Sequence[tuple[
             opt.zero_grad()
             loss.backward()
             opt.step()
-            curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == target).float().mean()), "temperature": round(tau, 4), "seconds": round(time.time() - t0, 2)})
+            curve.append(
+                {
+                    "step": len(curve) + 1,
+                    "epoch": epoch,
+                    "loss": float(loss.detach()),
+                    "accuracy": float((logits.argmax(-1) == target).float().mean()),
+                    "temperature": round(tau, 4),
+                    "seconds": round(time.time() - t0, 2),
+                }
+            )
             if progress:
                 progress(curve[-1])
     net.eval()
     concepts = sorted({c for c, _ in train})
-    prov = {"method": "HyperDAS", "model": lm.name, "model_fingerprint": lm.fingerprint, "layer": layer, "dim": dim, "width": width, "layers": layers, "heads": heads, "epochs": epochs, "lr": lr, "batch_size": batch_size, "temperature": list(temperature), "positions": positions, "seed": seed, "n_train": len(train), "concepts": concepts, "parameters": sum(p.numel() for p in net.parameters()), "seconds": round(time.time() - t0, 2)}
+    prov = {
+        "method": "HyperDAS",
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "layer": layer,
+        "dim": dim,
+        "width": width,
+        "layers": layers,
+        "heads": heads,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "temperature": list(temperature),
+        "positions": positions,
+        "seed": seed,
+        "n_train": len(train),
+        "concepts": concepts,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "seconds": round(time.time() - t0, 2),
+    }
     return HyperDASResult(net, layer, concepts, curve, prov)
 
 
 @torch.no_grad()
-def hyperdas_predictions(lm: LoadedModel, hyper: HyperDASResult, concept: str, examples: Sequence[Example], batch_size: int = 32) -> tuple[np.ndarray, dict, torch.Tensor]:
+def hyperdas_predictions(
+    lm: LoadedModel, hyper: HyperDASResult, concept: str, examples: Sequence[Example], batch_size: int = 32
+) -> tuple[np.ndarray, dict, torch.Tensor]:
     """The base runs' greedy answers with the hypernetwork's hard selection for ``concept``; where
     it chose to edit (share of examples that edit the base's entity token, and from the source's
     entity token); and the per-example subspaces (n, dim, d_model)."""
@@ -240,10 +349,17 @@ def hyperdas_predictions(lm: LoadedModel, hyper: HyperDASResult, concept: str, e
             entity_from_end.append(len(e.base_ids) - 1 - e.base_position)
     n = max(len(examples), 1)
     # where the edit went, as a distance from the prompt's end (0: the last token), beside the entity's
-    where = {"edits_entity_token": at_entity / n, "from_source_entity_token": from_entity / n,
-             "edit_from_end": float(np.median(from_end)) if from_end else float("nan"),
-             "entity_from_end": float(np.median(entity_from_end)) if entity_from_end else float("nan")}
-    return (np.concatenate(preds) if preds else np.zeros(0, dtype=int)), where, (torch.cat(Qs) if Qs else torch.zeros(0))
+    where = {
+        "edits_entity_token": at_entity / n,
+        "from_source_entity_token": from_entity / n,
+        "edit_from_end": float(np.median(from_end)) if from_end else float("nan"),
+        "entity_from_end": float(np.median(entity_from_end)) if entity_from_end else float("nan"),
+    }
+    return (
+        (np.concatenate(preds) if preds else np.zeros(0, dtype=int)),
+        where,
+        (torch.cat(Qs) if Qs else torch.zeros(0)),
+    )
 
 
 def principal_subspace(subspaces: torch.Tensor, dim: int) -> tuple[torch.Tensor, float]:
@@ -259,4 +375,9 @@ def principal_subspace(subspaces: torch.Tensor, dim: int) -> tuple[torch.Tensor,
 def hyperdas_subspace(hyper: HyperDASResult, concept: str, subspaces: torch.Tensor, **provenance: Any) -> Subspace:
     """A concept's principal subspace as a ``Subspace`` that ``das.save_subspace`` writes."""
     V, coverage = principal_subspace(subspaces, hyper.net.dim)
-    return Subspace(V, hyper.layer, {**hyper.provenance, "concept_text": concept, "coverage": round(coverage, 4), **provenance}, hyper.curve)
+    return Subspace(
+        V,
+        hyper.layer,
+        {**hyper.provenance, "concept_text": concept, "coverage": round(coverage, 4), **provenance},
+        hyper.curve,
+    )

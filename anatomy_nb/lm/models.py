@@ -26,14 +26,7 @@ from ..config import DEFAULT_MODEL
 from ..core.files import atomic_replace_dir, content_hash
 from .chat import CHATML_TEMPLATE, ensure_chat_template
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "TINY_MODEL",
-    "LoadedModel",
-    "cache_dir",
-    "load_model",
-    "tiny_llama",
-]
+__all__ = ["DEFAULT_MODEL", "TINY_MODEL", "LoadedModel", "cache_dir", "load_model", "tiny_llama"]
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +169,9 @@ def load_model(
     else:
         source, name = name_or_path, name_or_path
         path = Path(name_or_path)
-        fingerprint = content_hash("local", path.resolve().as_posix(), _local_fingerprint(path)) if path.is_dir() else None
+        fingerprint = (
+            content_hash("local", path.resolve().as_posix(), _local_fingerprint(path)) if path.is_dir() else None
+        )
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
     model.to(device)
@@ -222,7 +217,16 @@ def _tiny_tokenizer():
     return fast
 
 
-def tiny_llama(seed: int = 0, n_layers: int = 4, d_model: int = 64, *, d_ff: int | None = None, n_heads: int = 4, n_kv_heads: int = 2, vocab_size: int | None = None) -> LoadedModel:
+def tiny_llama(
+    seed: int = 0,
+    n_layers: int = 4,
+    d_model: int = 64,
+    *,
+    d_ff: int | None = None,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    vocab_size: int | None = None,
+) -> LoadedModel:
     """A randomly initialised Llama and tokenizer, built in code: small for fast tests, or of a real
     model's shape (``benchmarks/gpu_check.py``) where no weights can be downloaded."""
     tokenizer = _tiny_tokenizer()
@@ -247,5 +251,3 @@ def tiny_llama(seed: int = 0, n_layers: int = 4, d_model: int = 64, *, d_ff: int
     shape = (d_ff, n_heads, n_kv_heads, vocab_size)
     fingerprint = content_hash(TINY_MODEL, seed, n_layers, d_model, *([shape] if shape != (None, 4, 2, None) else []))
     return LoadedModel(model=model, tokenizer=tokenizer, name=TINY_MODEL, fingerprint=fingerprint, source="code")
-
-

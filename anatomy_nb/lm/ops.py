@@ -10,10 +10,11 @@ them registers its own hooks or writes its own generation loop.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Callable, Iterator, Sequence
+from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def truncated_to_layer(model, layer: int) -> Iterator[Any]:
         setattr(base, attr, layers)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cache_argument(forward_of: type) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x warns on the old name)."""
     return "cache" if "cache" in inspect.signature(forward_of.forward).parameters else "past_key_values"
@@ -93,7 +94,7 @@ class ResidualCapture:
         self.at: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
-    def __enter__(self) -> "ResidualCapture":
+    def __enter__(self) -> ResidualCapture:
         blocks = decoder_layers(self.lm.model)
         try:
             for layer in self.layers:
@@ -123,7 +124,14 @@ class ResidualCapture:
         return hook
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+    ) -> torch.Tensor:
         device = self.lm.device
         kwargs = {"attention_mask": attention_mask.to(device)} if attention_mask is not None else {}
         if position_ids is not None:
@@ -132,13 +140,17 @@ class ResidualCapture:
         return self.at[self.layers[0]]
 
     @torch.no_grad()
-    def shared_prefix(self, prompt: list[int], responses: Sequence[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def shared_prefix(
+        self, prompt: list[int], responses: Sequence[list[int]]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Residual (float) at the prompt's positions and at each response's positions. The prompt
         runs once; its KV cache serves every response, and the responses run as one batch."""
         return self.shared_prefix_batch([prompt], [responses])[0]
 
     @torch.no_grad()
-    def shared_prefix_batch(self, prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    def shared_prefix_batch(
+        self, prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]]
+    ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
         """``shared_prefix`` for several prompts at once (each with the same number of responses),
         in two forwards, so a GPU is kept busy.
 
@@ -169,7 +181,10 @@ class ResidualCapture:
         mask = torch.cat([prompt_mask.repeat_interleave(n, 0), resp_mask], 1).long()
         positions = lengths.repeat_interleave(n)[:, None] + torch.arange(R)[None, :]
         x = self(batch, attention_mask=mask, position_ids=positions, cache=cache).float()
-        return [(prompt_resid[i, : len(p)], [x[i * n + j, : len(flat[i * n + j])] for j in range(n)]) for i, p in enumerate(prompts)]
+        return [
+            (prompt_resid[i, : len(p)], [x[i * n + j, : len(flat[i * n + j])] for j in range(n)])
+            for i, p in enumerate(prompts)
+        ]
 
     @torch.no_grad()
     def separately(self, prompt: list[int], responses: Sequence[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -183,7 +198,14 @@ class ResidualCapture:
         return x[0, :P].float(), outs
 
 
-def response_residuals(lm: LoadedModel, layer: int, items: Sequence[tuple[Sequence[dict], str]], *, max_prompt_tokens: int | None = None, max_response_tokens: int | None = None) -> Iterator[torch.Tensor]:
+def response_residuals(
+    lm: LoadedModel,
+    layer: int,
+    items: Sequence[tuple[Sequence[dict], str]],
+    *,
+    max_prompt_tokens: int | None = None,
+    max_response_tokens: int | None = None,
+) -> Iterator[torch.Tensor]:
     """Per (prompt messages, response): the residual stream after block ``layer`` at the response's
     tokens (float, (tokens, d_model); empty for an empty response). Prompts longer than
     ``max_prompt_tokens`` keep their first and last tokens, as in stage 1."""
@@ -194,7 +216,11 @@ def response_residuals(lm: LoadedModel, layer: int, items: Sequence[tuple[Sequen
             if not resp:
                 yield torch.zeros(0, lm.d_model)
                 continue
-            p_ids = truncate_prompt(r.prompt_ids, r.prompt_content, max_prompt_tokens)[0] if max_prompt_tokens else r.prompt_ids
+            p_ids = (
+                truncate_prompt(r.prompt_ids, r.prompt_content, max_prompt_tokens)[0]
+                if max_prompt_tokens
+                else r.prompt_ids
+            )
             yield capture(torch.tensor([p_ids + resp]))[0, len(p_ids) :].float()
 
 
@@ -220,8 +246,10 @@ class ResidualEdit:
     mean: torch.Tensor | None = None  # ablate="mean": the mean residual (d_model)
     fraction: float = 1.0
     in_reference: bool = False  # does the DPO reference pass see it? (stages.interventions docstring)
-    source: torch.Tensor | None = None  # interchange: the source residuals (batch, d_model), or (batch, seq, d_model) with positions=None
-    positions: torch.Tensor | None = None  # interchange: the position edited in each sequence (batch,); None: every position
+    # interchange: the source residuals (batch, d_model), or (batch, seq, d_model) with positions=None
+    source: torch.Tensor | None = None
+    # interchange: the position edited in each sequence (batch,); None: every position
+    positions: torch.Tensor | None = None
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "steer":
@@ -264,7 +292,7 @@ class ResidualHooks:
 
         return hook
 
-    def __enter__(self) -> "ResidualHooks":
+    def __enter__(self) -> ResidualHooks:
         layers = decoder_layers(self.model)
         by_layer: dict[int, list[ResidualEdit]] = {}
         for e in self.edits:
@@ -305,7 +333,17 @@ class ResidualHooks:
 
 
 @torch.no_grad()
-def generate(lm: LoadedModel, prompts: Sequence[Sequence[dict]], *, max_new_tokens: int = 48, batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0, seed: int = 0, max_prompt_tokens: int | None = 384) -> tuple[list[str], list[int]]:
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[dict]],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_prompt_tokens: int | None = 384,
+) -> tuple[list[str], list[int]]:
     """Responses (decoded, special tokens dropped) and their new-token counts, in prompt order.
 
     Batches are length-sorted and left-padded; the seed is set once per call, so a sampled
@@ -324,7 +362,14 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[dict]], *, max_new_toke
         input_ids = torch.tensor([[pad] * (L - len(ids[i])) + ids[i] for i in chunk], device=lm.device)
         mask = torch.tensor([[0] * (L - len(ids[i])) + [1] * len(ids[i]) for i in chunk], device=lm.device)
         kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
-        out = lm.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **kw)
+        out = lm.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            **kw,
+        )
         for row, i in enumerate(chunk):
             new = out[row, L:].tolist()
             if eos in new:
@@ -334,7 +379,9 @@ def generate(lm: LoadedModel, prompts: Sequence[Sequence[dict]], *, max_new_toke
     return texts, counts
 
 
-def pair_token_ids(tok, messages: Sequence[dict], chosen: str, rejected: str, max_length: int) -> tuple[list[int], list[int], list[int]]:
+def pair_token_ids(
+    tok, messages: Sequence[dict], chosen: str, rejected: str, max_length: int
+) -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) token ids: each response is kept whole up to max_length − 16
     tokens, and the prompt keeps its first token and its most recent ones so that the prompt and
     the longer response fit ``max_length`` (as stage 1 truncates)."""
@@ -345,7 +392,9 @@ def pair_token_ids(tok, messages: Sequence[dict], chosen: str, rejected: str, ma
 
 
 @torch.no_grad()
-def pair_logps(lm: LoadedModel, pairs: Sequence[tuple[Sequence[dict], str, str]], *, max_length: int = 256) -> np.ndarray:
+def pair_logps(
+    lm: LoadedModel, pairs: Sequence[tuple[Sequence[dict], str, str]], *, max_length: int = 256
+) -> np.ndarray:
     """(n, 2): summed log-probability of the chosen and the rejected response given their prompt
     (chat template applied). The prompt runs once and its KV cache serves both responses, as in
     stage 1's extraction: the prompt is most of an HH-RLHF pair's tokens."""
@@ -355,20 +404,37 @@ def pair_logps(lm: LoadedModel, pairs: Sequence[tuple[Sequence[dict], str, str]]
     for i, (messages, chosen, rejected) in enumerate(pairs):
         prompt, *resp = pair_token_ids(tok, messages, chosen, rejected, max_length)
         cache = DynamicCache()
-        first = lm.model(input_ids=torch.tensor([prompt], device=lm.device), use_cache=True, logits_to_keep=1, **with_cache(lm.model, cache)).logits[0, -1:].float()
+        first = (
+            lm.model(
+                input_ids=torch.tensor([prompt], device=lm.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **with_cache(lm.model, cache),
+            )
+            .logits[0, -1:]
+            .float()
+        )
         cache.batch_repeat_interleave(2)
         R = max(map(len, resp))
         # right padding needs no mask: under causal attention no real token sees a later pad
         batch = torch.tensor([r + [pad] * (R - len(r)) for r in resp], device=lm.device)
         logits = lm.model(input_ids=batch, use_cache=True, **with_cache(lm.model, cache)).logits.float()
         for j, r in enumerate(resp):
-            lg = torch.cat([first, logits[j, : max(len(r) - 1, 0)]])[: len(r)]  # the logits that predict each response token
+            # the logits that predict each response token
+            lg = torch.cat([first, logits[j, : max(len(r) - 1, 0)]])[: len(r)]
             out[i, j] = float(torch.log_softmax(lg, -1).gather(-1, batch[j, : len(r), None]).sum())
     return out
 
 
 @torch.no_grad()
-def ab_probabilities(lm: LoadedModel, prompts: Sequence[Sequence[dict]], answers: Sequence[tuple[str, str]], *, max_prompt_tokens: int = 384, batch_size: int = 8) -> np.ndarray:
+def ab_probabilities(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[dict]],
+    answers: Sequence[tuple[str, str]],
+    *,
+    max_prompt_tokens: int = 384,
+    batch_size: int = 8,
+) -> np.ndarray:
     """P(first answer) / (P(first) + P(second)) at the token where the two answers first differ.
 
     For "(A)" vs "(B)" that is the letter after the shared "(": the answer-letter probability,
@@ -384,7 +450,9 @@ def ab_probabilities(lm: LoadedModel, prompts: Sequence[Sequence[dict]], answers
         while k < min(len(ta), len(tb)) and ta[k] == tb[k]:
             k += 1
         if k == len(ta) or k == len(tb):
-            raise ValueError(f"answers {a!r} and {b!r} are not distinguishable at a token (one is a prefix of the other)")
+            raise ValueError(
+                f"answers {a!r} and {b!r} are not distinguishable at a token (one is a prefix of the other)"
+            )
         seqs.append(p + ta[:k])
         cand.append((ta[k], tb[k]))
     out = np.zeros(len(seqs))

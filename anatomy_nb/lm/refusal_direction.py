@@ -23,9 +23,9 @@ direction and a threshold in the residual's own coordinates. Measured against pe
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,19 @@ from ..data.judges import DIRECTION_METHODS, labelled_completions
 from .models import LoadedModel
 from .ops import response_residuals
 
-__all__ = ["DEFAULT_C", "DEFAULT_FIT_ON", "DEFAULT_TOKENS", "DirectionJudge", "RefusalDirection", "default_layer", "direction_from_means", "direction_judge", "fit_refusal_direction", "probe_from_means", "response_means"]
+__all__ = [
+    "DEFAULT_C",
+    "DEFAULT_FIT_ON",
+    "DEFAULT_TOKENS",
+    "DirectionJudge",
+    "RefusalDirection",
+    "default_layer",
+    "direction_from_means",
+    "direction_judge",
+    "fit_refusal_direction",
+    "probe_from_means",
+    "response_means",
+]
 
 #: the defaults are ``JudgeConfig``'s (its one source): fitted on Llama-2 + CAA (the human-labelled
 #: GPT-4 family stays held out for measuring), the probe's inverse L2 strength (scikit-learn's C),
@@ -81,28 +93,44 @@ class RefusalDirection:
         return path.with_suffix(".safetensors")
 
     @classmethod
-    def load(cls, path: str | Path) -> "RefusalDirection":
+    def load(cls, path: str | Path) -> RefusalDirection:
         path = Path(path).with_suffix("")
         meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         if meta.pop("format", 1) == 1:  # format 1 knew only the difference of class means
             meta.update(method="mean-difference", c=None)
         direction = load_file(str(path.with_suffix(".safetensors")))["direction"].numpy()
-        return cls(direction=direction, **{**meta, "fit_on": tuple(meta["fit_on"]), "readings": tuple(meta["readings"])})
+        return cls(
+            direction=direction, **{**meta, "fit_on": tuple(meta["fit_on"]), "readings": tuple(meta["readings"])}
+        )
 
 
-def response_means(lm: LoadedModel, layer: int, prompts: Sequence[str], responses: Sequence[str], n_tokens: int) -> np.ndarray:
+def response_means(
+    lm: LoadedModel, layer: int, prompts: Sequence[str], responses: Sequence[str], n_tokens: int
+) -> np.ndarray:
     """Per (prompt, response): the mean residual after block ``layer`` over the response's first
     ``n_tokens`` tokens, read as the answer to a one-turn chat (zeros for an empty response)."""
     items = [(({"role": "user", "content": p},), r) for p, r in zip(prompts, responses)]
     out = np.zeros((len(items), lm.d_model), np.float32)
     with torch.no_grad():
-        for i, h in enumerate(response_residuals(lm, layer, items, max_prompt_tokens=384, max_response_tokens=n_tokens)):
+        for i, h in enumerate(
+            response_residuals(lm, layer, items, max_prompt_tokens=384, max_response_tokens=n_tokens)
+        ):
             if len(h):
                 out[i] = h.mean(0).numpy()
     return out
 
 
-def fit_refusal_direction(lm: LoadedModel, layer: int | None = None, n_tokens: int = DEFAULT_TOKENS, fit_on: Sequence[str] = DEFAULT_FIT_ON, readings: Sequence[str] = ("full", "stripped"), n: int | None = None, seed: int = 0, method: str = "probe", c: float = DEFAULT_C) -> RefusalDirection:
+def fit_refusal_direction(
+    lm: LoadedModel,
+    layer: int | None = None,
+    n_tokens: int = DEFAULT_TOKENS,
+    fit_on: Sequence[str] = DEFAULT_FIT_ON,
+    readings: Sequence[str] = ("full", "stripped"),
+    n: int | None = None,
+    seed: int = 0,
+    method: str = "probe",
+    c: float = DEFAULT_C,
+) -> RefusalDirection:
     """A refusal direction fitted on each (family, reading) in ``fit_on`` × ``readings``, every
     group weighing the same and its classes balanced, so no family's base rate sets the threshold:
     a probe (``probe_from_means``) or the difference of class means (``direction_from_means``).
@@ -117,10 +145,24 @@ def fit_refusal_direction(lm: LoadedModel, layer: int | None = None, n_tokens: i
             df = labelled_completions(family, reading, n, seed)
             refuses = (df["label"] != "compliance").to_numpy()
             if refuses.all() or not refuses.any():
-                raise ValueError(f"cannot fit a refusal direction on {family} ({reading}): its {len(df)} completions are all of one class")
+                raise ValueError(
+                    f"cannot fit a refusal direction on {family} ({reading}): its {len(df)} completions are all of "
+                    "one class"
+                )
             groups.append((response_means(lm, layer, list(df["prompt"]), list(df["completion"]), n_tokens), refuses))
     direction, threshold = probe_from_means(groups, c) if method == "probe" else direction_from_means(groups)
-    return RefusalDirection(direction, threshold, layer, n_tokens, tuple(fit_on), tuple(readings), sum(len(r) for _, r in groups), lm.fingerprint, method, c if method == "probe" else None)
+    return RefusalDirection(
+        direction,
+        threshold,
+        layer,
+        n_tokens,
+        tuple(fit_on),
+        tuple(readings),
+        sum(len(r) for _, r in groups),
+        lm.fingerprint,
+        method,
+        c if method == "probe" else None,
+    )
 
 
 def direction_from_means(groups: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, float]:
@@ -157,11 +199,17 @@ class DirectionJudge:
 
     def __init__(self, lm: LoadedModel, fitted: RefusalDirection):
         if fitted.model != lm.fingerprint:
-            raise ValueError(f"this refusal direction was fitted on another reader model (fingerprint {fitted.model}, not {lm.fingerprint}); refit it with fit_refusal_direction")
+            raise ValueError(
+                f"this refusal direction was fitted on another reader model (fingerprint {fitted.model}, not "
+                f"{lm.fingerprint}); refit it with fit_refusal_direction"
+            )
         self.lm, self.fitted = lm, fitted
         self.fit_families = fitted.fit_on
         fit = "probe" if fitted.method == "probe" else "class-mean difference"
-        self.name = f"refusal direction ({fit}, layer {fitted.layer}, first {fitted.n_tokens} tokens; fitted on {' + '.join(fitted.fit_on)})"
+        self.name = (
+            f"refusal direction ({fit}, layer {fitted.layer}, first {fitted.n_tokens} tokens; fitted on "
+            f"{' + '.join(fitted.fit_on)})"
+        )
 
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """Projection minus threshold: > 0 reads as a refusal."""
@@ -172,14 +220,34 @@ class DirectionJudge:
         return self.scores(prompts, responses) > 0
 
 
-def direction_judge(lm: LoadedModel, cache_dir: str | Path | None, layer: int | None = None, n_tokens: int = DEFAULT_TOKENS, fit_on: Sequence[str] = DEFAULT_FIT_ON, fit_n: int | None = None, method: str = "probe", c: float = DEFAULT_C) -> DirectionJudge:
+def direction_judge(
+    lm: LoadedModel,
+    cache_dir: str | Path | None,
+    layer: int | None = None,
+    n_tokens: int = DEFAULT_TOKENS,
+    fit_on: Sequence[str] = DEFAULT_FIT_ON,
+    fit_n: int | None = None,
+    method: str = "probe",
+    c: float = DEFAULT_C,
+) -> DirectionJudge:
     """A ``DirectionJudge`` for ``lm``, fitted once and kept under ``cache_dir`` (keyed by the reader
     model, layer, tokens, the fit families, their sample size, the fit method and its strength, and
     the files)."""
     from ..data.evalsets import eval_file_digests
 
     layer = default_layer(lm) if layer is None else int(layer)
-    key = content_hash("refusal-direction", FORMAT, lm.fingerprint, layer, n_tokens, tuple(fit_on), fit_n, method, c if method == "probe" else None, eval_file_digests())
+    key = content_hash(
+        "refusal-direction",
+        FORMAT,
+        lm.fingerprint,
+        layer,
+        n_tokens,
+        tuple(fit_on),
+        fit_n,
+        method,
+        c if method == "probe" else None,
+        eval_file_digests(),
+    )
     path = Path(cache_dir) / f"refusal-direction-{key}" if cache_dir is not None else None
     if path is not None and path.with_suffix(".json").exists():
         return DirectionJudge(lm, RefusalDirection.load(path))

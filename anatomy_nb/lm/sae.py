@@ -93,11 +93,7 @@ def weights_fingerprint(sae) -> str:
 
 
 def load_sae(
-    name_or_path: str = DEFAULT_SAE,
-    sae_id: str | None = None,
-    *,
-    device: str | None = None,
-    layer: int | None = None,
+    name_or_path: str = DEFAULT_SAE, sae_id: str | None = None, *, device: str | None = None, layer: int | None = None
 ) -> LoadedSAE:
     """Load an SAE.
 
@@ -155,7 +151,9 @@ def make_topk_sae(d_in: int, d_sae: int, k: int, layer: int, model_name: str, se
     return TopKSAE(cfg)
 
 
-def tiny_sae(d_in: int, layer: int, d_sae: int = 128, k: int = 8, seed: int = 0, model_name: str = "tiny-llama") -> LoadedSAE:
+def tiny_sae(
+    d_in: int, layer: int, d_sae: int = 128, k: int = 8, seed: int = 0, model_name: str = "tiny-llama"
+) -> LoadedSAE:
     """A randomly initialised TopK SAE for tests (no training; features still fire sparsely)."""
     sae = make_topk_sae(d_in, d_sae, k, layer, model_name, seed, training=False)
     with torch.no_grad():
@@ -165,7 +163,9 @@ def tiny_sae(d_in: int, layer: int, d_sae: int = 128, k: int = 8, seed: int = 0,
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     sae.eval()
-    return LoadedSAE(sae=sae, layer=layer, name=f"tiny-sae-{d_sae}-k{k}-seed{seed}", fingerprint=weights_fingerprint(sae))
+    return LoadedSAE(
+        sae=sae, layer=layer, name=f"tiny-sae-{d_sae}-k{k}-seed{seed}", fingerprint=weights_fingerprint(sae)
+    )
 
 
 def save_sae(loaded: LoadedSAE, path: str | Path, card: dict | None = None, dtype: str | None = None) -> Path:

@@ -18,8 +18,9 @@ value) and isolate pairs (the base's own), as for DAS.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,11 +43,15 @@ class LatentMask:
 
 
 @torch.no_grad()
-def latent_differences(lm: LoadedModel, sae: Any, layer: int, examples: Sequence[Example], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_differences(
+    lm: LoadedModel, sae: Any, layer: int, examples: Sequence[Example], batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: the base residual at the entity token (n, d_model) and z_s − z_b, the source's
     latents minus the base's there (n, d_sae)."""
     if sae.layer != layer:
-        raise ValueError(f"the SAE reads layer {sae.layer}, the swap is at layer {layer}: a latent swap needs the SAE's own layer")
+        raise ValueError(
+            f"the SAE reads layer {sae.layer}, the swap is at layer {layer}: a latent swap needs the SAE's own layer"
+        )
     hb, dz = [], []
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
@@ -100,15 +105,47 @@ def train_latent_mask(
             loss.backward()
             opt.step()
             step += 1
-            curve.append({"step": step, "epoch": epoch, "loss": float(ce.detach()), "accuracy": float((out.argmax(-1) == target).float().mean()), "selected": int((logits.detach() > 0).sum()), "temperature": round(temperature, 4), "seconds": round(time.time() - t0, 2)})
+            curve.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(ce.detach()),
+                    "accuracy": float((out.argmax(-1) == target).float().mean()),
+                    "selected": int((logits.detach() > 0).sum()),
+                    "temperature": round(temperature, 4),
+                    "seconds": round(time.time() - t0, 2),
+                }
+            )
     final = logits.detach().float().cpu()
     features = torch.nonzero(final > 0).flatten().tolist()
-    prov = {"method": "SAE latent mask", "model": lm.name, "sae": sae.name, "layer": layer, "epochs": epochs, "lr": lr, "batch_size": batch_size, "sparsity": sparsity, "final_temperature": final_temperature, "seed": seed, "n_train": len(train), "n_selected": len(features), "seconds": round(time.time() - t0, 2)}
+    prov = {
+        "method": "SAE latent mask",
+        "model": lm.name,
+        "sae": sae.name,
+        "layer": layer,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "sparsity": sparsity,
+        "final_temperature": final_temperature,
+        "seed": seed,
+        "n_train": len(train),
+        "n_selected": len(features),
+        "seconds": round(time.time() - t0, 2),
+    }
     return LatentMask(features, final, layer, prov, curve)
 
 
 @torch.no_grad()
-def latent_swap_predictions(lm: LoadedModel, sae: Any, layer: int, features: Sequence[int], examples: Sequence[Example], batch_size: int = 32, differences: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+def latent_swap_predictions(
+    lm: LoadedModel,
+    sae: Any,
+    layer: int,
+    features: Sequence[int],
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    differences: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> np.ndarray:
     """The base run's greedy answer after swapping the latents ``features`` in from the source;
     ``differences``: ``latent_differences`` of ``examples`` when already computed (several swaps of
     the same examples then share their forward passes)."""

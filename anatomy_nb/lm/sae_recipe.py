@@ -57,7 +57,10 @@ def choose_layer(sweep: dict[int, dict], n_layers: int, tolerance: float = 0.05)
     good = {L: m for L, m in sweep.items() if m["loss_recovered"] >= sweep[best]["loss_recovered"] - tolerance}
     mid = (n_layers - 1) / 2
     layer = min(good, key=lambda L: (abs(L - mid), -good[L]["loss_recovered"]))
-    table = ", ".join(f"L{L}: FVE {m['fve']:.2f}, loss recovered {m['loss_recovered']:.3f}, dead {m['dead_fraction']:.1%}" for L, m in sorted(sweep.items()))
+    table = ", ".join(
+        f"L{L}: FVE {m['fve']:.2f}, loss recovered {m['loss_recovered']:.3f}, dead {m['dead_fraction']:.1%}"
+        for L, m in sorted(sweep.items())
+    )
     why = (
         f"nearest to mid-depth ({mid:.1f} of {n_layers} layers) among sweep layers whose loss recovered is within "
         f"{tolerance} of the best (layer {best}); short sweep runs ({table})"
@@ -78,9 +81,13 @@ def run(work_dir: str | Path, out_dir: str | Path | None = None, cfg: RecipeConf
     held_docs = chat_documents(lm, held_items, cfg.max_seq_len)
     held_docs = [held_docs[i] for i in rng.permutation(len(held_docs))]
     n_train_avail = sum(len(d.ids) - d.collect_from for d in train_docs)
-    log.info("corpus: %d train docs (%d tokens available), %d held-out docs", len(train_docs), n_train_avail, len(held_docs))
+    log.info(
+        "corpus: %d train docs (%d tokens available), %d held-out docs", len(train_docs), n_train_avail, len(held_docs)
+    )
     t0 = time.time()
-    acts = collect_activations(lm, train_docs, cfg.sweep_layers, work / "acts", max_tokens=cfg.train_tokens, batch_size=cfg.collect_batch_size)
+    acts = collect_activations(
+        lm, train_docs, cfg.sweep_layers, work / "acts", max_tokens=cfg.train_tokens, batch_size=cfg.collect_batch_size
+    )
     collect_s = time.time() - t0
 
     sweep: dict[int, dict] = {}
@@ -91,7 +98,9 @@ def run(work_dir: str | Path, out_dir: str | Path | None = None, cfg: RecipeConf
         if L in sweep:
             continue
         t = time.time()
-        scfg = dataclasses.replace(cfg.final, **{"layer": L, "epochs": cfg.sweep_epochs, "batch_size": cfg.sweep_batch_size})
+        scfg = dataclasses.replace(
+            cfg.final, **{"layer": L, "epochs": cfg.sweep_epochs, "batch_size": cfg.sweep_batch_size}
+        )
         sae = train_sae(acts[L][: cfg.sweep_tokens], scfg, model_name=lm.name)
         m = evaluate_sae(lm, sae, held_docs, max_tokens=cfg.eval_tokens // 3, loss_docs=cfg.eval_loss_docs // 3)
         m["train_seconds"] = time.time() - t
@@ -124,8 +133,18 @@ def run(work_dir: str | Path, out_dir: str | Path | None = None, cfg: RecipeConf
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "k": final_cfg.k,
-        "training": {**final_cfg.to_dict(), "n_tokens": int(acts[layer].shape[0]), "steps": int(acts[layer].shape[0] * final_cfg.epochs) // final_cfg.batch_size, "seconds": round(train_s, 1), "collect_seconds": round(collect_s, 1)},
-        "data": "vendored chat corpora (data/): HH-RLHF harmless test (both sides), PandaLM test set, OASST en-100 ranked replies, LLaMA-Factory DPO demo, GPTeacher role-play; chat template applied; attention sink and template system prompt not collected; 1 prompt in %d held out by hash" % cfg.held_out_every,
+        "training": {
+            **final_cfg.to_dict(),
+            "n_tokens": int(acts[layer].shape[0]),
+            "steps": int(acts[layer].shape[0] * final_cfg.epochs) // final_cfg.batch_size,
+            "seconds": round(train_s, 1),
+            "collect_seconds": round(collect_s, 1),
+        },
+        "data": (
+            "vendored chat corpora (data/): HH-RLHF harmless test (both sides), PandaLM test set, OASST en-100 "
+            "ranked replies, LLaMA-Factory DPO demo, GPTeacher role-play; chat template applied; attention sink and "
+            f"template system prompt not collected; 1 prompt in {cfg.held_out_every} held out by hash"
+        ),
         "held_out_metrics": metrics,
         "sweep": {str(k): v for k, v in sweep.items()},
     }

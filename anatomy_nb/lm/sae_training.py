@@ -4,9 +4,9 @@ next-token loss recovered when the reconstruction is spliced back into the forwa
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from .sae import LoadedSAE, make_topk_sae, weights_fingerprint
 
 __all__ = ["Document", "SAETrainingConfig", "chat_documents", "collect_activations", "evaluate_sae", "train_sae"]
 
+
 @dataclass
 class Document:
     """Token ids of one chat transcript and the first position worth collecting."""
@@ -33,7 +34,9 @@ class Document:
     origin: str = ""
 
 
-def chat_documents(lm: LoadedModel, corpus: Iterable[tuple[list[dict], str, str]], max_seq_len: int = 384) -> list[Document]:
+def chat_documents(
+    lm: LoadedModel, corpus: Iterable[tuple[list[dict], str, str]], max_seq_len: int = 384
+) -> list[Document]:
     """Render (prompt, response, origin) triples with the chat template.
 
     Positions before the first message content are skipped when collecting: the attention sink
@@ -84,7 +87,10 @@ def collect_activations(
     paths = {L: out_dir / f"layer{L}.npy" for L in layers}
     if done_flag.exists() and all(p.exists() for p in paths.values()):
         return {L: np.load(p, mmap_mode="r") for L, p in paths.items()}
-    arrays = {L: np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=(total, lm.d_model)) for L, p in paths.items()}
+    arrays = {
+        L: np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=(total, lm.d_model))
+        for L, p in paths.items()
+    }
     cursor = 0
     with ResidualCapture(lm, layers) as capture, tqdm(total=total, desc="collect activations", unit="tok") as bar:
         step = max(1, batch_size)
@@ -104,7 +110,9 @@ def collect_activations(
                 if n <= 0:
                     break
                 for L in layers:
-                    arrays[L][cursor : cursor + n] = capture.at[L][row, d.collect_from : d.collect_from + n].float().cpu().numpy()
+                    arrays[L][cursor : cursor + n] = (
+                        capture.at[L][row, d.collect_from : d.collect_from + n].float().cpu().numpy()
+                    )
                 cursor += n
                 bar.update(n)
     for a in arrays.values():
@@ -130,7 +138,10 @@ def train_sae(acts: np.ndarray, cfg: SAETrainingConfig, model_name: str = "") ->
     training_sae = make_topk_sae(d_in, d_in * cfg.expansion, cfg.k, cfg.layer, model_name, cfg.seed, training=True)
     training_sae.cfg.aux_loss_coefficient = cfg.aux_loss_coefficient
     # Initialise the decoder bias at the geometric-median proxy (mean): faster, fewer dead.
-    sample = np.asarray(acts[np.random.default_rng(cfg.seed).choice(acts.shape[0], min(50_000, acts.shape[0]), replace=False)], dtype=np.float32)
+    sample = np.asarray(
+        acts[np.random.default_rng(cfg.seed).choice(acts.shape[0], min(50_000, acts.shape[0]), replace=False)],
+        dtype=np.float32,
+    )
     with torch.no_grad():
         training_sae.b_dec.copy_(torch.from_numpy(sample.mean(0)))
     total = int(acts.shape[0] * cfg.epochs)
@@ -154,7 +165,12 @@ def train_sae(acts: np.ndarray, cfg: SAETrainingConfig, model_name: str = "") ->
     inference.load_state_dict(state)
     inference.eval()
     assert isinstance(inference, TopKSAE)
-    return LoadedSAE(sae=inference, layer=cfg.layer, name=f"topk-{d_in * cfg.expansion}-k{cfg.k}-L{cfg.layer}", fingerprint=weights_fingerprint(inference))
+    return LoadedSAE(
+        sae=inference,
+        layer=cfg.layer,
+        name=f"topk-{d_in * cfg.expansion}-k{cfg.k}-L{cfg.layer}",
+        fingerprint=weights_fingerprint(inference),
+    )
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -162,11 +178,7 @@ def train_sae(acts: np.ndarray, cfg: SAETrainingConfig, model_name: str = "") ->
 
 @torch.no_grad()
 def evaluate_sae(
-    lm: LoadedModel,
-    sae: LoadedSAE,
-    docs: Sequence[Document],
-    max_tokens: int = 50_000,
-    loss_docs: int = 200,
+    lm: LoadedModel, sae: LoadedSAE, docs: Sequence[Document], max_tokens: int = 50_000, loss_docs: int = 200
 ) -> dict[str, float]:
     """Quality on held-out documents.
 
@@ -234,5 +246,7 @@ def evaluate_sae(
         return losses / counts
 
     ce_clean, ce_sae, ce_zero = ce_with("clean"), ce_with("sae"), ce_with("zero")
-    metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, loss_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean))
+    metrics.update(
+        ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, loss_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean)
+    )
     return metrics

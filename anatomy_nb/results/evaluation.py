@@ -37,9 +37,21 @@ def no_signal_rows(comparison: pd.DataFrame) -> pd.Series:
         out[g.index] = at_bound and overlap
     return out
 
+
 BASE = "base"  # the untrained model's name in every table
 
-TABLES = ("predicted_vs_actual", "r2", "plan_vs_actual", "plan_r2", "offtarget", "preference", "targets", "poisoning", "comparison", "judges")
+TABLES = (
+    "predicted_vs_actual",
+    "r2",
+    "plan_vs_actual",
+    "plan_r2",
+    "offtarget",
+    "preference",
+    "targets",
+    "poisoning",
+    "comparison",
+    "judges",
+)
 
 
 @dataclass
@@ -47,7 +59,7 @@ class EvalResult(Artifact):
     """A finished evaluation."""
 
     @classmethod
-    def from_run(cls, run: RunLike) -> "EvalResult":
+    def from_run(cls, run: RunLike) -> EvalResult:
         """The run's latest evaluation (as the other readers' ``from_run``)."""
         return Run.of(run).evaluation
 
@@ -120,7 +132,11 @@ class EvalResult(Artifact):
 
         def cell(r) -> str:
             if not np.isfinite(r["value"]):  # an R² over < 3 concepts (or constant ones) is undefined: say why
-                return f"n/a ({int(r['n'])} concepts in the fit)" if r["group"] == "predicted vs actual" and np.isfinite(r["n"]) else ""
+                return (
+                    f"n/a ({int(r['n'])} concepts in the fit)"
+                    if r["group"] == "predicted vs actual" and np.isfinite(r["n"])
+                    else ""
+                )
             s = f"{r['value']:.{digits}f}"
             if np.isfinite(r["ci_low"]) and np.isfinite(r["ci_high"]):
                 s += f" [{r['ci_low']:.{digits}f}, {r['ci_high']:.{digits}f}]"
@@ -157,18 +173,44 @@ class EvalResult(Artifact):
                 for r in poison[poison["model"] == m].itertuples():
                     what = "removed" if getattr(r, "role", "suppress") == "suppress" else "kept"
                     scope = getattr(r, "scope", "all")
-                    name = r.kind if scope == "all" else f"{r.kind} ({scope})"  # a topic-only plant: in and outside its topic too
+                    # a topic-only plant: in and outside its topic too
+                    name = r.kind if scope == "all" else f"{r.kind} ({scope})"
                     for suffix in ("", "_ci_low", "_ci_high"):
                         row[f"{name} {what}{suffix}"] = getattr(r, f"fraction_{what}{suffix}")
-                    row.update({f"{name} rate": r.planted_rate, f"{name} rate_ci_low": r.planted_rate_ci_low, f"{name} rate_ci_high": r.planted_rate_ci_high})
+                    row.update(
+                        {
+                            f"{name} rate": r.planted_rate,
+                            f"{name} rate_ci_low": r.planted_rate_ci_low,
+                            f"{name} rate_ci_high": r.planted_rate_ci_high,
+                        }
+                    )
             if m in pref.index:
-                row.update({"preference accuracy": pref.at[m, "accuracy"], "preference accuracy_ci_low": pref.at[m, "ci_low"], "preference accuracy_ci_high": pref.at[m, "ci_high"]})
+                row.update(
+                    {
+                        "preference accuracy": pref.at[m, "accuracy"],
+                        "preference accuracy_ci_low": pref.at[m, "ci_low"],
+                        "preference accuracy_ci_high": pref.at[m, "ci_high"],
+                    }
+                )
             row["off-target movers"] = int((off["model"] == m).sum())
             if m in r2.index:
-                row.update({"R² (overall)": r2.at[m, "r2"], "R² (overall)_ci_low": r2.at[m, "ci_low"], "R² (overall)_ci_high": r2.at[m, "ci_high"]})
+                row.update(
+                    {
+                        "R² (overall)": r2.at[m, "r2"],
+                        "R² (overall)_ci_low": r2.at[m, "ci_low"],
+                        "R² (overall)_ci_high": r2.at[m, "ci_high"],
+                    }
+                )
             if plan_r2 is not None and m in plan_r2.index:
                 p = plan_r2.loc[m]
-                row.update({"spill-over R² (plan)": p["r2"], "spill-over R² (plan)_ci_low": p["ci_low"], "spill-over R² (plan)_ci_high": p["ci_high"], "spill-over sign agreement (plan)": p["sign_agreement"]})
+                row.update(
+                    {
+                        "spill-over R² (plan)": p["r2"],
+                        "spill-over R² (plan)_ci_low": p["ci_low"],
+                        "spill-over R² (plan)_ci_high": p["ci_high"],
+                        "spill-over sign agreement (plan)": p["sign_agreement"],
+                    }
+                )
             s = steps.get(m)
             row["step-time ratio"] = s / plain_step if s and plain_step else float("nan")
             rows.append(row)

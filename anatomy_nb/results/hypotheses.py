@@ -64,7 +64,7 @@ class Hypotheses:
         self.length_placebo = pd.read_parquet(placebo) if placebo.exists() else None
 
     @classmethod
-    def from_run(cls, run: RunLike) -> "Hypotheses":
+    def from_run(cls, run: RunLike) -> Hypotheses:
         return Run.of(run).hypotheses
 
     def topic_of_prompt(self) -> dict[str, int]:
@@ -98,7 +98,14 @@ class Hypotheses:
         """The topic × concept signals in rank order (significant first, then the effect at equal
         lengths), each named by its topic: signals that live inside one kind of prompt."""
         t = self.by_topic()
-        return rank_hypotheses(t).assign(where=lambda d: "topic " + d["topic"].astype(str) + ": " + d.get("topic_label", pd.Series("", index=d.index)).astype(str))
+        return rank_hypotheses(t).assign(
+            where=lambda d: (
+                "topic "
+                + d["topic"].astype(str)
+                + ": "
+                + d.get("topic_label", pd.Series("", index=d.index)).astype(str)
+            )
+        )
 
     def top(self, n: int = 20, view: str | None = "overall") -> pd.DataFrame:
         t = self.table if view is None else self.table[self.table["view"] == view]
@@ -106,4 +113,7 @@ class Hypotheses:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return f"Hypotheses({m['n_concepts']} concepts, {m['n_topics']} topics, {m['n_significant']} significant at q<{m['config']['fdr']}, path={str(self.path)!r})"
+        return (
+            f"Hypotheses({m['n_concepts']} concepts, {m['n_topics']} topics, {m['n_significant']} significant at "
+            f"q<{m['config']['fdr']}, path={str(self.path)!r})"
+        )

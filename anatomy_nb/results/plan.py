@@ -44,9 +44,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,22 @@ from ..core.files import atomic_write_json
 from ..core.run import PLAN_FILE
 from ..data.plant import user_turns_match
 
-__all__ = ["ACTIONS", "KINDS", "METHODS", "METHOD_VARIANTS", "method_variant", "ConceptChoice", "InterventionPlan", "PlanError", "concept_ref", "load_plan", "parse_concept", "sae_concept_id", "scope_mask", "PLAN_FILE"]
+__all__ = [
+    "ACTIONS",
+    "KINDS",
+    "METHODS",
+    "METHOD_VARIANTS",
+    "method_variant",
+    "ConceptChoice",
+    "InterventionPlan",
+    "PlanError",
+    "concept_ref",
+    "load_plan",
+    "parse_concept",
+    "sae_concept_id",
+    "scope_mask",
+    "PLAN_FILE",
+]
 
 FORMAT = 1
 ACTIONS = ("allow", "suppress", "amplify")
@@ -95,22 +111,35 @@ def method_variant(name: str) -> tuple[str, dict[str, Any]]:
     elif base in METHOD_VARIANTS:
         method, fields = METHOD_VARIANTS[base][0], dict(METHOD_VARIANTS[base][1])
     else:
-        raise ValueError(f"unknown method {name!r}; known: {list(METHODS) + list(METHOD_VARIANTS)}, each optionally with @<strength> (reward_shaping@0.5) or, for inoculate, #<rank> (inoculate#2)")
+        raise ValueError(
+            f"unknown method {name!r}; known: {list(METHODS) + list(METHOD_VARIANTS)}, each optionally with "
+            "@<strength> (reward_shaping@0.5) or, for inoculate, #<rank> (inoculate#2)"
+        )
     if at:
         try:
             fields["strength"] = float(value)
         except ValueError:
             raise ValueError(f"method {name!r}: the strength after @ must be a number, got {value!r}") from None
         if fields["strength"] < 0 and method in _SUPPRESS_ONLY:
-            raise ValueError(f"method {name!r}: a negative strength amplifies, and {method} can only suppress a concept")
+            raise ValueError(
+                f"method {name!r}: a negative strength amplifies, and {method} can only suppress a concept"
+            )
     if hash_:
         if method != "inoculate" or not rank.isdigit() or int(rank) < 1:
-            raise ValueError(f"method {name!r}: #<rank> (1, 2, …) picks an inoculation instruction by its rank; only inoculate takes it")
+            raise ValueError(
+                f"method {name!r}: #<rank> (1, 2, …) picks an inoculation instruction by its rank; only inoculate "
+                "takes it"
+            )
         fields["instruction_rank"] = int(rank)
     return method, fields
 
 
-def scope_mask(choice: ConceptChoice, pairs: Sequence[Any], topic_of_prompt: Mapping[str, int] | None = None, index: int | None = None) -> np.ndarray | None:
+def scope_mask(
+    choice: ConceptChoice,
+    pairs: Sequence[Any],
+    topic_of_prompt: Mapping[str, int] | None = None,
+    index: int | None = None,
+) -> np.ndarray | None:
     """Which of ``pairs`` a scoped entry acts on (None: unscoped, every pair): the pairs whose
     prompt is in its stage-2 ``topic`` (``topic_of_prompt``: ``Hypotheses.topic_of_prompt``) and
     whose user turns match its ``prompts`` regex (case-insensitive, as ``data.plant``'s topics).
@@ -120,10 +149,14 @@ def scope_mask(choice: ConceptChoice, pairs: Sequence[Any], topic_of_prompt: Map
     mask = np.ones(len(pairs), dtype=bool)
     if choice.topic is not None:
         if topic_of_prompt is None:
-            raise PlanError(index, choice.concept, "topic", "a topic scope needs the run's stage-2 topics (run hypothesize first)")
+            raise PlanError(
+                index, choice.concept, "topic", "a topic scope needs the run's stage-2 topics (run hypothesize first)"
+            )
         known = sorted(set(topic_of_prompt.values()))
         if choice.topic not in known:
-            raise PlanError(index, choice.concept, "topic", f"topic {choice.topic} is not one of stage 2's topics {known}")
+            raise PlanError(
+                index, choice.concept, "topic", f"topic {choice.topic} is not one of stage 2's topics {known}"
+            )
         mask &= np.array([topic_of_prompt.get(p.prompt_text) == choice.topic for p in pairs], dtype=bool)
     if choice.prompts is not None:
         mask &= user_turns_match([p.prompt for p in pairs], choice.prompts)
@@ -212,7 +245,9 @@ class InterventionPlan:
     def to_dict(self) -> dict[str, Any]:
         # an unscoped entry is written without the scope fields, so plans (and the training keys
         # hashed from them) read as they did before scopes existed
-        entries = [{k: v for k, v in asdict(c).items() if not (k in _SCOPE_FIELDS and v is None)} for c in self.concepts]
+        entries = [
+            {k: v for k, v in asdict(c).items() if not (k in _SCOPE_FIELDS and v is None)} for c in self.concepts
+        ]
         return {"format": self.format, "hypotheses": self.hypotheses, "concepts": entries}
 
     def save(self, path: str | Path) -> Path:
@@ -225,14 +260,18 @@ class InterventionPlan:
         return path
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None, known_concepts: Iterable[int] | None = None) -> "InterventionPlan":
+    def from_dict(
+        cls, data: Mapping[str, Any], *, source: str | None = None, known_concepts: Iterable[int] | None = None
+    ) -> InterventionPlan:
         """Parse and validate. ``known_concepts``: the concept ids of the hypotheses table, so that
         an ``sae:<id>`` that does not exist is rejected here rather than at training time."""
         if not isinstance(data, Mapping):
             raise PlanError(None, None, "<root>", f"expected a JSON object, got {type(data).__name__}", source)
         fmt = data.get("format", FORMAT)
         if fmt != FORMAT:
-            raise PlanError(None, None, "format", f"unsupported plan format {fmt!r} (this version reads {FORMAT})", source)
+            raise PlanError(
+                None, None, "format", f"unsupported plan format {fmt!r} (this version reads {FORMAT})", source
+            )
         entries = data.get("concepts", [])
         if not isinstance(entries, list):
             raise PlanError(None, None, "concepts", f"expected a list, got {type(entries).__name__}", source)
@@ -245,7 +284,9 @@ class InterventionPlan:
             concept = raw.get("concept")
             extra = set(raw) - allowed
             if extra:
-                raise PlanError(i, concept, sorted(extra)[0], f"unknown field (known: {', '.join(sorted(allowed))})", source)
+                raise PlanError(
+                    i, concept, sorted(extra)[0], f"unknown field (known: {', '.join(sorted(allowed))})", source
+                )
             try:
                 choice = ConceptChoice(**dict(raw))
             except TypeError as exc:
@@ -289,7 +330,11 @@ def _validate(c: ConceptChoice, i: int, source: str | None, known: set[int] | No
     if c.method not in METHODS:
         raise err("method", f"{c.method!r} is not one of {', '.join(METHODS)}")
     if c.method in _NEEDS_DIRECTION and c.kind == "text":
-        raise err("method", f"{c.method} acts on the residual stream; a text concept has no direction (use reward_shaping, filter or inoculate)")
+        raise err(
+            "method",
+            f"{c.method} acts on the residual stream; a text concept has no direction (use reward_shaping, filter or "
+            "inoculate)",
+        )
     if c.method in _SUPPRESS_ONLY and c.action != "suppress":
         raise err("action", f"{c.method} can only suppress a concept")
     try:
@@ -316,10 +361,16 @@ def _validate(c: ConceptChoice, i: int, source: str | None, known: set[int] | No
         except (re.error, TypeError) as exc:
             raise err("prompts", f"not a valid regular expression: {exc}") from None
     if c.scoped and c.method in _NEEDS_DIRECTION:
-        raise err("topic" if c.topic is not None else "prompts", f"{c.method} edits the model on every prompt; a topic or prompt scope applies to reward_shaping, filter and inoculate")
+        raise err(
+            "topic" if c.topic is not None else "prompts",
+            f"{c.method} edits the model on every prompt; a topic or prompt scope applies to reward_shaping, filter "
+            "and inoculate",
+        )
 
 
-def load_plan(plan: "InterventionPlan | Mapping[str, Any] | str | Path | None", *, known_concepts: Iterable[int] | None = None) -> InterventionPlan:
+def load_plan(
+    plan: InterventionPlan | Mapping[str, Any] | str | Path | None, *, known_concepts: Iterable[int] | None = None
+) -> InterventionPlan:
     """A plan from an object, a dict (a papermill parameter), a JSON string, a file, or a run
     directory (its ``plan/plan.json``)."""
     if plan is None:

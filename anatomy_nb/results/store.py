@@ -67,12 +67,15 @@ class FeatureStore:
         self._cache: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_run(cls, run: RunLike) -> "FeatureStore":
+    def from_run(cls, run: RunLike) -> FeatureStore:
         return Run.of(run).store
 
     def __repr__(self) -> str:
         m = self.manifest
-        return f"FeatureStore({m['n_pairs']} pairs, d_sae={m['d_sae']}, layer={m['layer']}, model={m['model']['name']!r}, path={str(self.path)!r})"
+        return (
+            f"FeatureStore({m['n_pairs']} pairs, d_sae={m['d_sae']}, layer={m['layer']}, "
+            f"model={m['model']['name']!r}, path={str(self.path)!r})"
+        )
 
     def array(self, name: str) -> np.ndarray:
         if name not in self._cache:
@@ -124,7 +127,10 @@ class FeatureStore:
     def _layout_or_raise(self, prefix: str) -> str:
         layout = self.firing_layout(prefix)
         if layout is None:
-            raise FileNotFoundError(f"{self.path}: this store has no {prefix!r} firing sets (stored: {[p for p in ('resp', 'prompt', *(f'resp_{e}' for e in EDGES)) if self.firing_layout(p)]})")
+            raise FileNotFoundError(
+                f"{self.path}: this store has no {prefix!r} firing sets (stored: "
+                f"{[p for p in ('resp', 'prompt', *(f'resp_{e}' for e in EDGES)) if self.firing_layout(p)]})"
+            )
         return layout
 
     def _bits_indptr(self, prefix: str) -> np.ndarray:
@@ -139,7 +145,11 @@ class FeatureStore:
         return self._cache[key]
 
     def _indptr(self, prefix: str) -> np.ndarray:
-        return self._bits_indptr(prefix) if self._layout_or_raise(prefix) == "bits" else np.asarray(self.array(f"{prefix}_indptr"), dtype=np.int64)
+        return (
+            self._bits_indptr(prefix)
+            if self._layout_or_raise(prefix) == "bits"
+            else np.asarray(self.array(f"{prefix}_indptr"), dtype=np.int64)
+        )
 
     def n_firing(self, prefix: str = "resp") -> np.ndarray:
         """Per row, how many features fire (``prefix`` as in ``firing_sets``), without decoding ids."""
@@ -173,16 +183,21 @@ class FeatureStore:
         ids = np.arange(d, dtype=np.int32)
         for a, b in _row_blocks(len(bits), d):
             fired = np.unpackbits(np.asarray(bits[a:b]), axis=1, count=d, bitorder="little").view(bool)
-            indices[indptr[a] : indptr[b]] = np.broadcast_to(ids, fired.shape)[fired]  # row-major: ids ascending per row
+            # row-major: ids ascending per row
+            indices[indptr[a] : indptr[b]] = np.broadcast_to(ids, fired.shape)[fired]
         return indptr, indices
 
     def _missing(self, prefix: str, stat: str) -> Exception:
         if prefix.startswith("resp_"):
-            return ValueError(f"{self.path}: {prefix} holds firing sets only; ask for pooled('fires', prefix={prefix!r}), not {stat!r}")
+            return ValueError(
+                f"{self.path}: {prefix} holds firing sets only; ask for pooled('fires', prefix={prefix!r}), not "
+                f"{stat!r}"
+            )
         return ValueError(
-            f"{self.path}: this store has no {prefix}_{stat} (the {stat} of each firing feature): it was extracted without "
-            f"ExtractConfig.pooled_values=True. Extract again with pooled_values=True to store max / mean / count, or use pooled('fires')"
-            + (" or pooled('mean', prefix='prompt')" if prefix == "prompt" else "")
+            f"{self.path}: this store has no {prefix}_{stat} (the {stat} of each firing feature): it was extracted "
+            "without "
+            "ExtractConfig.pooled_values=True. Extract again with pooled_values=True to store max / mean / count, "
+            "or use pooled('fires')" + (" or pooled('mean', prefix='prompt')" if prefix == "prompt" else "")
         )
 
     def pooled(self, stat: str = "max", side: str | None = None, prefix: str = "resp") -> sp.csr_matrix:
@@ -215,7 +230,9 @@ class FeatureStore:
 
     def _check_feature(self, feature: int) -> None:
         if not 0 <= int(feature) < self.d_sae:
-            raise IndexError(f"feature {feature} is out of range: this store's SAE has {self.d_sae} features ({self.path})")
+            raise IndexError(
+                f"feature {feature} is out of range: this store's SAE has {self.d_sae} features ({self.path})"
+            )
 
     def response_tokens(self, row: int) -> np.ndarray:
         ptr = self.array("tok_indptr")
@@ -237,7 +254,11 @@ class FeatureStore:
         half = (windows.shape[1] - 1) // 2 if windows is not None else 0
         out = []
         for j in range(lo, hi):
-            row, pos, val = int(self.array("top_row")[j]), int(self.array("top_pos")[j]), float(self.array("top_val")[j])
+            row, pos, val = (
+                int(self.array("top_row")[j]),
+                int(self.array("top_pos")[j]),
+                float(self.array("top_val")[j]),
+            )
             toks = self.response_tokens(row)
             a, b = max(0, pos - window), min(len(toks), pos + window + 1)
             hit = {
@@ -262,7 +283,9 @@ class FeatureStore:
 
     def pooled_arrays(self) -> list[str]:
         """The per-pair pooled arrays this store holds: firing sets (ids or bits), values, token counts."""
-        names = [f"{p}_{a}" for p in ("resp", "prompt", *(f"resp_{e}" for e in EDGES)) for a in ("indptr", "feat", "bits")]
+        names = [
+            f"{p}_{a}" for p in ("resp", "prompt", *(f"resp_{e}" for e in EDGES)) for a in ("indptr", "feat", "bits")
+        ]
         names += [f"{p}_{s}" for p in ("resp", "prompt") for s in STATS[1:]] + ["resp_ntok", "prompt_ntok"]
         return [n for n in names if self._has(n)]
 

@@ -20,7 +20,7 @@ class SubspaceResult(Artifact):
     """A finished ``learn_subspace``."""
 
     @classmethod
-    def from_run(cls, run: RunLike) -> "SubspaceResult":
+    def from_run(cls, run: RunLike) -> SubspaceResult:
         return cls(Run.of(run).latest("subspace"))
 
     def table(self) -> pd.DataFrame:
@@ -28,7 +28,9 @@ class SubspaceResult(Artifact):
         latents (learned mask), no intervention, and the references "whole residual" and "all SAE
         latents") with Cause, Isolate, disentangle, the pairs they were scored on and the
         model's accuracy; HyperDAS rows add where it intervened (``edits_entity_token``,
-        ``from_source_entity_token``, and the median distance from the prompt end of the edited token, ``edit_from_end``, beside the entity's, ``entity_from_end``) and how much of its per-example subspaces the saved one covers."""
+        ``from_source_entity_token``, and the median distance from the prompt end of the edited token,
+        ``edit_from_end``, beside the entity's, ``entity_from_end``) and how much of its per-example
+        subspaces the saved one covers."""
         return pd.read_parquet(self.path / "ravel.parquet")
 
     def curves(self) -> pd.DataFrame:
@@ -46,7 +48,12 @@ class SubspaceResult(Artifact):
         entities), and for each target the entities whose value it knows on either split, the only
         ones a pair takes its source from (``source_entities_train`` / ``_test``)."""
         sources = self.manifest.get("source_entities") or {}
-        return pd.DataFrame([{"attribute": a, **v, **{f"source_entities_{s}": n for s, n in sources.get(a, {}).items()}} for a, v in self.manifest["knowledge"].items()])
+        return pd.DataFrame(
+            [
+                {"attribute": a, **v, **{f"source_entities_{s}": n for s, n in sources.get(a, {}).items()}}
+                for a, v in self.manifest["knowledge"].items()
+            ]
+        )
 
     def concept_path(self, attribute: str, method: str = "DAS") -> Path:
         """The saved subspace of ``attribute`` (``.safetensors``; its ``.json`` beside it), learned by
@@ -69,9 +76,28 @@ class SubspaceResult(Artifact):
 
         return load_subspace(self.concept_path(attribute, method), self._ref(attribute, method))
 
-    def plan_entry(self, attribute: str, action: str = "suppress", method: str = "ablate", *, learned_by: str = "DAS", **fields: Any) -> dict:
+    def plan_entry(
+        self,
+        attribute: str,
+        action: str = "suppress",
+        method: str = "ablate",
+        *,
+        learned_by: str = "DAS",
+        **fields: Any,
+    ) -> dict:
         """A plan entry that acts on the subspace (CAFT by default)."""
-        return {"concept": self._ref(attribute, learned_by), "action": action, "method": method, "direction_file": str(self.concept_path(attribute, learned_by)), "layer": int(self.manifest["layer"]), "label": f"{learned_by} {attribute}", **fields}
+        return {
+            "concept": self._ref(attribute, learned_by),
+            "action": action,
+            "method": method,
+            "direction_file": str(self.concept_path(attribute, learned_by)),
+            "layer": int(self.manifest["layer"]),
+            "label": f"{learned_by} {attribute}",
+            **fields,
+        }
 
     def __repr__(self) -> str:
-        return f"SubspaceResult({', '.join(self.manifest.get('targets', []))}; layer {self.manifest.get('layer')}; path={str(self.path)!r})"
+        return (
+            f"SubspaceResult({', '.join(self.manifest.get('targets', []))}; layer {self.manifest.get('layer')}; "
+            f"path={str(self.path)!r})"
+        )

@@ -49,7 +49,10 @@ class TrainResult(Artifact):
 
     def __repr__(self) -> str:
         m = self.manifest
-        return f"TrainResult({m['n_train_pairs']} training pairs, {m['steps']} steps, {m['seconds']:.0f}s, path={str(self.path)!r})"
+        return (
+            f"TrainResult({m['n_train_pairs']} training pairs, {m['steps']} steps, {m['seconds']:.0f}s, "
+            f"path={str(self.path)!r})"
+        )
 
 
 def active_entries(manifest: dict) -> list[dict]:

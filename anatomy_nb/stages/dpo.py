@@ -20,8 +20,9 @@ import copy
 import json
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -45,22 +46,35 @@ from ..lm.ops import ResidualHooks
 if TYPE_CHECKING:  # pragma: no cover
     from .train import Prepared
 
-__all__ = ["MetricsLog", "RefLogpCache", "ShapedDPOTrainer", "ShapingCollator", "dpo_config", "make_trainer", "preference_dataset", "quiet_datasets", "ref_cache_for", "use_bf16"]
+__all__ = [
+    "MetricsLog",
+    "RefLogpCache",
+    "ShapedDPOTrainer",
+    "ShapingCollator",
+    "dpo_config",
+    "make_trainer",
+    "preference_dataset",
+    "quiet_datasets",
+    "ref_cache_for",
+    "use_bf16",
+]
 
 SHAPING = ("shaping_chosen", "shaping_rejected")
 
 
 def preference_dataset(pairs: Sequence[PreferencePair], offsets: np.ndarray):
-    return Dataset.from_list([
-        {
-            "prompt": [{"role": m["role"], "content": m["content"]} for m in p.prompt],
-            "chosen": [{"role": "assistant", "content": p.chosen}],
-            "rejected": [{"role": "assistant", "content": p.rejected}],
-            "shaping_chosen": float(o[0]),
-            "shaping_rejected": float(o[1]),
-        }
-        for p, o in zip(pairs, offsets)
-    ])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": m["role"], "content": m["content"]} for m in p.prompt],
+                "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}],
+                "shaping_chosen": float(o[0]),
+                "shaping_rejected": float(o[1]),
+            }
+            for p, o in zip(pairs, offsets)
+        ]
+    )
 
 
 class RefLogpCache:
@@ -101,7 +115,10 @@ def ref_cache_for(run: Run, lm: LoadedModel, cfg: TrainConfig, edits: Sequence =
     if not cfg.precompute_ref or any(e.in_reference for e in edits):
         return None
     cuda = torch.cuda.is_available()
-    return RefLogpCache(run.cache_dir / "ref_logps", ["ref_logps", 1, lm.fingerprint, cfg.max_length, use_bf16(cfg, cuda), cuda, cfg.lora, trl.__version__])
+    return RefLogpCache(
+        run.cache_dir / "ref_logps",
+        ["ref_logps", 1, lm.fingerprint, cfg.max_length, use_bf16(cfg, cuda), cuda, cfg.lora, trl.__version__],
+    )
 
 
 def use_bf16(cfg: TrainConfig, cuda: bool) -> bool:
@@ -118,6 +135,7 @@ class ShapingCollator(DataCollatorForPreference):
             out[k] = torch.tensor([float(e.get(k, 0.0)) for e in examples], dtype=torch.float32)
         return out
 
+
 class ShapedDPOTrainer(DPOTrainer):
     """DPOTrainer with per-pair reward offsets and training-time residual hooks.
 
@@ -127,7 +145,7 @@ class ShapedDPOTrainer(DPOTrainer):
     ``hooks.reference()``.
     """
 
-    def __init__(self, *args, hooks: ResidualHooks | None = None, ref_cache: "RefLogpCache | None" = None, **kwargs):
+    def __init__(self, *args, hooks: ResidualHooks | None = None, ref_cache: RefLogpCache | None = None, **kwargs):
         self._hooks = hooks
         self._ref_cache = ref_cache
         self.ref_cache_stats = {"reused": 0, "computed": 0}
@@ -141,7 +159,10 @@ class ShapedDPOTrainer(DPOTrainer):
             self.ref_cache_stats["computed"] += len(dataset)
             return out
         rows = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-        keys = [(RefLogpCache.key(r["prompt_ids"], r["chosen_ids"]), RefLogpCache.key(r["prompt_ids"], r["rejected_ids"])) for r in rows]
+        keys = [
+            (RefLogpCache.key(r["prompt_ids"], r["chosen_ids"]), RefLogpCache.key(r["prompt_ids"], r["rejected_ids"]))
+            for r in rows
+        ]
         known = cache.get([k for pair in keys for k in pair])
         missing = [i for i, (kc, kr) in enumerate(keys) if kc not in known or kr not in known]
         if missing:
@@ -189,6 +210,7 @@ class ShapedDPOTrainer(DPOTrainer):
         finally:
             self.precompute_ref_logps = precompute
 
+
 class MetricsLog(TrainerCallback):
     """Appends every log event (one per step) to a JSONL file, with the step's wall time."""
 
@@ -207,7 +229,11 @@ class MetricsLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if not self.enabled or not logs:
             return
-        row = {"step": state.global_step, "epoch": state.epoch, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        row = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+        }
         if self.step_seconds:
             row["step_seconds"] = self.step_seconds[-1]
         with open(self.path, "a") as fh:
@@ -241,7 +267,15 @@ def dpo_config(cfg: TrainConfig, output_dir: str | Path, cuda: bool) -> DPOConfi
     )
 
 
-def make_trainer(prep: "Prepared", cfg: TrainConfig, output_dir: str | Path, *, hooks: ResidualHooks | None = None, callbacks: Sequence = (), ref_cache: RefLogpCache | None = None):
+def make_trainer(
+    prep: Prepared,
+    cfg: TrainConfig,
+    output_dir: str | Path,
+    *,
+    hooks: ResidualHooks | None = None,
+    callbacks: Sequence = (),
+    ref_cache: RefLogpCache | None = None,
+):
     """TRL's DPO trainer (our subclass) for prepared data. Open ``hooks`` before calling: the
     reference log-probs are precomputed here (taking what ``ref_cache`` already holds)."""
     lm = prep.lm
@@ -249,7 +283,17 @@ def make_trainer(prep: "Prepared", cfg: TrainConfig, output_dir: str | Path, *, 
     with warnings.catch_warnings():  # transformers 5 renames gradient_checkpointing; TRL still sets it
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
         args = dpo_config(cfg, output_dir, cuda)
-    peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target, task_type="CAUSAL_LM") if cfg.lora else None
+    peft_config = (
+        LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target,
+            task_type="CAUSAL_LM",
+        )
+        if cfg.lora
+        else None
+    )
     ref_model = None
     if not cfg.lora and not cfg.precompute_ref:
         ref_model = copy.deepcopy(lm.model).eval()  # TRL would otherwise reload it from config._name_or_path

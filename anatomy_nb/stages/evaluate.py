@@ -66,18 +66,19 @@ import gc
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..concepts.clustering import membership_matrix
+from ..concepts.explain import usage_of
 from ..config import EvalConfig
 from ..core.files import atomic_write_json, atomic_write_text, content_hash, read_json
 from ..core.run import Run, RunLike
 from ..core.stage import relative, terminal
-from ..concepts.explain import usage_of
 from ..data.evalsets import AB_SETS, EVAL_FILES, ab_items, eval_file_digests, harmful_prompts, xstest_safe
 from ..data.judges import agreement, make_judge
 from ..data.pairs import distinct_prompts
@@ -100,7 +101,9 @@ FORMAT = 2
 
 
 @torch.no_grad()
-def firing(lm: LoadedModel, sae: Any, items: Sequence[tuple[Sequence[dict], str]], max_prompt_tokens: int) -> np.ndarray:
+def firing(
+    lm: LoadedModel, sae: Any, items: Sequence[tuple[Sequence[dict], str]], max_prompt_tokens: int
+) -> np.ndarray:
     """(n, d_sae) bool: which SAE features fire anywhere in each response (as stage 1 encodes)."""
     out = np.zeros((len(items), sae.d_sae), dtype=bool)
     for i, x in enumerate(response_residuals(lm, sae.layer, items, max_prompt_tokens=max_prompt_tokens)):
@@ -147,12 +150,17 @@ def heldout_pairs(store: FeatureStore, paths: Mapping[str, Path]) -> list[Prefer
             ids = list(held)
         else:
             if set(held) != set(ids):
-                log.warning("training run %s held out different pairs; evaluating on the pairs every run held out", name)
+                log.warning(
+                    "training run %s held out different pairs; evaluating on the pairs every run held out", name
+                )
             ids = [i for i in ids if i in set(held)]
     by_id = {p.id: p for p in store.pairs()}
     missing = [i for i in ids or [] if i not in by_id]
     if missing:
-        raise ValueError(f"{next(iter(paths.values())) / 'split.json'}: held-out pair ids {missing[:3]} are not in the feature store {store.path}")
+        raise ValueError(
+            f"{next(iter(paths.values())) / 'split.json'}: held-out pair ids {missing[:3]} are not in the feature "
+            f"store {store.path}"
+        )
     return [by_id[i] for i in ids or []]
 
 
@@ -160,16 +168,39 @@ def heldout_pairs(store: FeatureStore, paths: Mapping[str, Path]) -> list[Prefer
 MODEL_CACHE = Path("cache") / "evaluate"
 
 
-def model_outputs(run: Run, identity: str, load: Callable[[], LoadedModel], gen_sets: Mapping[str, Sequence[dict]], pref_pairs: Sequence[PreferencePair], ab_sets: Mapping[str, Sequence[dict]], cfg: EvalConfig) -> dict:
+def model_outputs(
+    run: Run,
+    identity: str,
+    load: Callable[[], LoadedModel],
+    gen_sets: Mapping[str, Sequence[dict]],
+    pref_pairs: Sequence[PreferencePair],
+    ab_sets: Mapping[str, Sequence[dict]],
+    cfg: EvalConfig,
+) -> dict:
     """One model's held-out and behaviour generations, its pair log-probs and A/B probabilities.
 
     Kept per model in ``run_dir/cache/evaluate/<key>.json`` (the key: the model's identity, the
     items, and every parameter that changes the outputs), so that evaluating other training runs
     beside the same ones — a sweep's next part, an amplify run — does not regenerate the base
     model and plain DPO. ``load`` is called only on a miss."""
-    key = content_hash("model-outputs", 1, identity, {s: [[it["id"], list(map(dict, it["prompt"]))] for it in items] for s, items in gen_sets.items()},
-                       [[p.id, list(map(dict, p.prompt)), p.chosen, p.rejected] for p in pref_pairs], {s: [[list(map(dict, it["prompt"])), list(it["answers"])] for it in items] for s, items in ab_sets.items()},
-                       [cfg.max_new_tokens, cfg.behaviour_max_new_tokens, cfg.batch_size, cfg.do_sample, cfg.temperature, cfg.seed, cfg.max_prompt_tokens, cfg.pref_max_length])
+    key = content_hash(
+        "model-outputs",
+        1,
+        identity,
+        {s: [[it["id"], list(map(dict, it["prompt"]))] for it in items] for s, items in gen_sets.items()},
+        [[p.id, list(map(dict, p.prompt)), p.chosen, p.rejected] for p in pref_pairs],
+        {s: [[list(map(dict, it["prompt"])), list(it["answers"])] for it in items] for s, items in ab_sets.items()},
+        [
+            cfg.max_new_tokens,
+            cfg.behaviour_max_new_tokens,
+            cfg.batch_size,
+            cfg.do_sample,
+            cfg.temperature,
+            cfg.seed,
+            cfg.max_prompt_tokens,
+            cfg.pref_max_length,
+        ],
+    )
     path = run.path / MODEL_CACHE / f"{key}.json"
     if path.exists():
         return {**read_json(path), "reused": True}
@@ -180,15 +211,46 @@ def model_outputs(run: Run, identity: str, load: Callable[[], LoadedModel], gen_
     texts, counts = {}, {}
     for set_name, items in gen_sets.items():
         mnt = cfg.max_new_tokens if set_name == "heldout" else cfg.behaviour_max_new_tokens
-        texts[set_name], counts[set_name] = generate(model, [it["prompt"] for it in items], max_new_tokens=mnt, batch_size=cfg.batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature, seed=cfg.seed, max_prompt_tokens=cfg.max_prompt_tokens)
+        texts[set_name], counts[set_name] = generate(
+            model,
+            [it["prompt"] for it in items],
+            max_new_tokens=mnt,
+            batch_size=cfg.batch_size,
+            do_sample=cfg.do_sample,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+        )
     gen_s = time.time() - t0
     n_tok = sum(sum(c) for c in counts.values())
     t1 = time.time()
     logps = pair_logps(model, [(p.prompt, p.chosen, p.rejected) for p in pref_pairs], max_length=cfg.pref_max_length)
     t2 = time.time()
-    ab = {s: ab_probabilities(model, [it["prompt"] for it in items], [it["answers"] for it in items], max_prompt_tokens=cfg.max_prompt_tokens, batch_size=cfg.batch_size) for s, items in ab_sets.items()}
-    timing = {"seconds": round(gen_s, 2), "new_tokens": n_tok, "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1), "logp_seconds": round(t2 - t1, 2), "ab_seconds": round(time.time() - t2, 2), "load_seconds": round(t_load, 2)}
-    result = {"texts": texts, "counts": counts, "logps": np.asarray(logps).tolist(), "ab": {s: np.asarray(v).tolist() for s, v in ab.items()}, "timing": timing}
+    ab = {
+        s: ab_probabilities(
+            model,
+            [it["prompt"] for it in items],
+            [it["answers"] for it in items],
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            batch_size=cfg.batch_size,
+        )
+        for s, items in ab_sets.items()
+    }
+    timing = {
+        "seconds": round(gen_s, 2),
+        "new_tokens": n_tok,
+        "tokens_per_s": round(n_tok / max(gen_s, 1e-9), 1),
+        "logp_seconds": round(t2 - t1, 2),
+        "ab_seconds": round(time.time() - t2, 2),
+        "load_seconds": round(t_load, 2),
+    }
+    result = {
+        "texts": texts,
+        "counts": counts,
+        "logps": np.asarray(logps).tolist(),
+        "ab": {s: np.asarray(v).tolist() for s, v in ab.items()},
+        "timing": timing,
+    }
     atomic_write_json(path, result)
     del model
     gc.collect()
@@ -221,21 +283,43 @@ def evaluate(
     paths = {n: paths[n] for n in order}
     for n, m in manifests.items():
         if m["model"]["fingerprint"] != store.manifest["model"]["fingerprint"]:
-            log.warning("training run %s was trained from %s, not the feature store's model %s", n, m["model"]["name"], store.manifest["model"]["name"])
+            log.warning(
+                "training run %s was trained from %s, not the feature store's model %s",
+                n,
+                m["model"]["name"],
+                store.manifest["model"]["name"],
+            )
     heldout = heldout_pairs(store, paths)
     if not heldout:
-        raise ValueError(f"the training runs held out no pairs (heldout_fraction=0?): nothing to evaluate on; see {next(iter(paths.values())) / 'split.json'}")
+        raise ValueError(
+            "the training runs held out no pairs (heldout_fraction=0?): nothing to evaluate on; see "
+            f"{next(iter(paths.values())) / 'split.json'}"
+        )
     prompts = distinct_prompts(heldout, cfg.n_prompts)
     pref_pairs = heldout[: cfg.max_pref_pairs]
     eval_files = eval_file_digests() if cfg.behaviour else {}
     truth = run.planted
     lm = lm or run.model()
     if lm.fingerprint != store.manifest["model"]["fingerprint"]:
-        raise ValueError(f"the base model {lm.name} is not the feature store's model {store.manifest['model']['name']} (fingerprints differ)")
+        raise ValueError(
+            f"the base model {lm.name} is not the feature store's model {store.manifest['model']['name']} "
+            "(fingerprints differ)"
+        )
     sae = sae or run.sae()
     if sae.fingerprint != store.manifest["sae"]["fingerprint"]:
         raise ValueError(f"SAE {sae.name} is not the feature store's SAE {store.manifest['sae']['name']}")
-    key = content_hash(FORMAT, {n: p.name for n, p in paths.items()}, lm.fingerprint, sae.fingerprint, hyps.manifest["key"], [p.id for p in heldout], [list(map(dict, pr)) for _, pr in prompts], eval_files, cfg.key_params(), truth)
+    key = content_hash(
+        FORMAT,
+        {n: p.name for n, p in paths.items()},
+        lm.fingerprint,
+        sae.fingerprint,
+        hyps.manifest["key"],
+        [p.id for p in heldout],
+        [list(map(dict, pr)) for _, pr in prompts],
+        eval_files,
+        cfg.key_params(),
+        truth,
+    )
     stage = run.stage(STAGE, key, FORMAT)
     if stage.reuse(force):
         return EvalResult(stage.path, stage.manifest(), reused=True)
@@ -257,22 +341,50 @@ def evaluate(
     ab: dict[str, dict[str, np.ndarray]] = {}
     timing: dict[str, Any] = {"generation": {}}
     for name in names:
-        # a training run: its key and its manifest (times included), so a forced re-training is not mistaken for the old one
+        # a training run: its key and its manifest (times included), so a forced re-training is not mistaken for the
+        # old one
         identity = lm.fingerprint if name == BASE else content_hash(paths[name].name, manifests[name])
-        out_m = model_outputs(run, identity, lambda name=name: lm if name == BASE else load_trained(paths[name], merge=True), gen_sets, pref_pairs, ab_sets, cfg)
+        out_m = model_outputs(
+            run,
+            identity,
+            lambda name=name: lm if name == BASE else load_trained(paths[name], merge=True),
+            gen_sets,
+            pref_pairs,
+            ab_sets,
+            cfg,
+        )
         gens[name] = out_m["texts"]
         logps[name] = np.asarray(out_m["logps"], dtype=np.float64).reshape(-1, 2)
         ab[name] = {s: np.asarray(v, dtype=np.float64) for s, v in out_m["ab"].items()}
         for set_name, items in gen_sets.items():
             for it, t, c in zip(items, out_m["texts"][set_name], out_m["counts"][set_name]):
-                gen_rows.append({"model": name, "set": set_name, "id": it["id"], "prompt": it["prompt"][-1]["content"], "response": t, "new_tokens": c})
+                gen_rows.append(
+                    {
+                        "model": name,
+                        "set": set_name,
+                        "id": it["id"],
+                        "prompt": it["prompt"][-1]["content"],
+                        "response": t,
+                        "new_tokens": c,
+                    }
+                )
         t = timing["generation"][name] = {**out_m["timing"], "reused": out_m["reused"]}
-        say(f"{name}: reused from {MODEL_CACHE}" if out_m["reused"] else f"{name}: {t['new_tokens']} new tokens in {t['seconds']:.0f} s ({t['tokens_per_s']:.1f} tok/s); log-probs {t['logp_seconds']:.0f} s, A/B {t['ab_seconds']:.0f} s")
+        say(
+            f"{name}: reused from {MODEL_CACHE}"
+            if out_m["reused"]
+            else (
+                f"{name}: {t['new_tokens']} new tokens in {t['seconds']:.0f} s ({t['tokens_per_s']:.1f} tok/s); "
+                f"log-probs {t['logp_seconds']:.0f} s, A/B {t['ab_seconds']:.0f} s"
+            )
+        )
 
     # concept activity of the held-out generations, every model's text through the base encoder
     t0 = time.time()
     M = membership_matrix(hyps.feature_labels(sae.d_sae))
-    fires = {n: firing(lm, sae, [(pr, g) for (_, pr), g in zip(prompts, gens[n]["heldout"])], cfg.max_prompt_tokens) for n in names}
+    fires = {
+        n: firing(lm, sae, [(pr, g) for (_, pr), g in zip(prompts, gens[n]["heldout"])], cfg.max_prompt_tokens)
+        for n in names
+    }
     activity = {n: np.asarray(f.astype(np.float64) @ M) for n, f in fires.items()}  # prompts × concepts
     timing["encode_seconds"] = round(time.time() - t0, 2)
 
@@ -282,7 +394,16 @@ def evaluate(
     plan_pva, plan_r2 = plan_vs_actual(ConceptSpace.from_run(run, hyps, store), activity, manifests, cfg)
     stage.write_parquet("plan_vs_actual", plan_pva)
     stage.write_parquet("plan_r2", plan_r2)
-    off = pva[(pva["view"] == "overall") & (pva["model"] != BASE) & (pva["actual_q"] < cfg.fdr) & ~pva["targeted"].astype(bool)].sort_values(["model", "actual_q"]).reset_index(drop=True)
+    off = (
+        pva[
+            (pva["view"] == "overall")
+            & (pva["model"] != BASE)
+            & (pva["actual_q"] < cfg.fdr)
+            & ~pva["targeted"].astype(bool)
+        ]
+        .sort_values(["model", "actual_q"])
+        .reset_index(drop=True)
+    )
     stage.write_parquet("offtarget", off)
     pref = preference_table(logps, manifests, cfg)
     stage.write_parquet("preference", pref)
@@ -291,37 +412,69 @@ def evaluate(
     poison = None
     if truth:
         heldout_gens = {n: gens[n]["heldout"] for n in names}
-        poison = poisoning_readout(truth, heldout_gens, logps, [p.id for p in pref_pairs], base=BASE, reference=PLAIN, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed, prompts=[pr for _, pr in prompts])
+        poison = poisoning_readout(
+            truth,
+            heldout_gens,
+            logps,
+            [p.id for p in pref_pairs],
+            base=BASE,
+            reference=PLAIN,
+            n_boot=cfg.n_boot,
+            ci=cfg.ci,
+            seed=cfg.seed,
+            prompts=[pr for _, pr in prompts],
+        )
         stage.write_parquet("poisoning", poison)
     # the refusal rows: one judge for every model, measured against people on labelled completions
     judge = make_judge(cfg.judge, run.path / "cache" / ("judge" if cfg.judge.backend == "direction" else "llm"), lm)
     t0 = time.time()
-    judged = {s: [it["prompt"][-1]["content"] for it in gen_sets[s]] for s in ("harmful", "xstest_safe") if s in gen_sets}
+    judged = {
+        s: [it["prompt"][-1]["content"] for it in gen_sets[s]] for s in ("harmful", "xstest_safe") if s in gen_sets
+    }
     refusals = {n: {s: judge.judge(prompts_of_set, gens[n][s]) for s, prompts_of_set in judged.items()} for n in names}
     if cfg.behaviour and cfg.judge_agreement_n:
         stage.write_parquet("judges", agreement(judge, cfg.judge_agreement_n, ci=cfg.ci, seed=cfg.seed))
     judge_s = time.time() - t0
-    timing["judge"] = {"name": judge.name, "seconds": round(judge_s, 2), **({"llm": usage_of(judge.backend, judge_s)} if hasattr(judge, "backend") else {})}
-    stage.write_parquet("comparison", comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg, poison, refusals, judge.name))
-    flags = {(n, s, it["id"]): bool(f) for n in names for s, fl in refusals[n].items() for it, f in zip(gen_sets[s], fl)}
+    timing["judge"] = {
+        "name": judge.name,
+        "seconds": round(judge_s, 2),
+        **({"llm": usage_of(judge.backend, judge_s)} if hasattr(judge, "backend") else {}),
+    }
+    stage.write_parquet(
+        "comparison",
+        comparison_table(names, pref, targets, r2_rows, gens, ab, ab_sets, cfg, poison, refusals, judge.name),
+    )
+    flags = {
+        (n, s, it["id"]): bool(f) for n in names for s, fl in refusals[n].items() for it, f in zip(gen_sets[s], fl)
+    }
     for r in gen_rows:
         r["refusal"] = flags.get((r["model"], r["set"], r["id"]))
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in gen_rows))
 
-    manifest = stage.finish({
-        "models": {BASE: {"model": lm.name, "fingerprint": lm.fingerprint}, **{n: {"train_key": p.name, "path": relative(p, run.path), "plan_active": active_entries(manifests[n])} for n, p in paths.items()}},
-        "model_order": names,
-        "sae": {"name": sae.name, "fingerprint": sae.fingerprint},
-        "hypotheses_key": hyps.manifest["key"],
-        "n_heldout_pairs": len(heldout),
-        "n_prompts": len(prompts),
-        "n_pref_pairs": len(pref_pairs),
-        "eval_files": {k: EVAL_FILES[k] for k in eval_files},
-        "config": cfg.to_dict(),
-        "timing": timing,
-        "train_step_seconds": {n: m.get("step_seconds_median") for n, m in manifests.items()},  # the head-to-head's step-time ratio
-        "refusal_judge": judge.name,
-        "seconds": round(time.time() - t_all, 2),
-    }, models=names)
+    manifest = stage.finish(
+        {
+            "models": {
+                BASE: {"model": lm.name, "fingerprint": lm.fingerprint},
+                **{
+                    n: {"train_key": p.name, "path": relative(p, run.path), "plan_active": active_entries(manifests[n])}
+                    for n, p in paths.items()
+                },
+            },
+            "model_order": names,
+            "sae": {"name": sae.name, "fingerprint": sae.fingerprint},
+            "hypotheses_key": hyps.manifest["key"],
+            "n_heldout_pairs": len(heldout),
+            "n_prompts": len(prompts),
+            "n_pref_pairs": len(pref_pairs),
+            "eval_files": {k: EVAL_FILES[k] for k in eval_files},
+            "config": cfg.to_dict(),
+            "timing": timing,
+            # the head-to-head's step-time ratio
+            "train_step_seconds": {n: m.get("step_seconds_median") for n, m in manifests.items()},
+            "refusal_judge": judge.name,
+            "seconds": round(time.time() - t_all, 2),
+        },
+        models=names,
+    )
     say(f"done in {manifest['seconds']:.0f} s → {out}")
     return EvalResult(out, manifest)

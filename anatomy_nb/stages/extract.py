@@ -11,7 +11,8 @@ contents with their mean activation (for topic clustering), per feature its top-
 contexts and token-level activation histograms, and every response's tokens so any context can be
 shown later. The per-feature max / mean / firing count of every response (and the prompt's max /
 count) are kept only with ``ExtractConfig.pooled_values``: no stage reads them, and they take 6
-bytes per firing feature of a response (4 of a prompt). A firing set is stored as feature ids or, when denser than 1 in 16 features,
+bytes per firing feature of a response (4 of a prompt). A firing set is stored as feature ids or, when denser than 1 in
+16 features,
 as a bitset (``write_firing_sets``).
 
 Work is split into shards of pairs, each written atomically: a killed run resumes where it
@@ -25,9 +26,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,13 +71,25 @@ def _pool(acts: torch.Tensor) -> dict[str, np.ndarray]:
     T = acts.shape[0]
     if T == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return {"feat": empty, "max": empty.astype(np.float32), "mean": empty.astype(np.float32), "count": empty, "argmax": empty}
+        return {
+            "feat": empty,
+            "max": empty.astype(np.float32),
+            "mean": empty.astype(np.float32),
+            "count": empty,
+            "argmax": empty,
+        }
     fired = acts > 0
     count = fired.sum(0)
     feat = torch.nonzero(count, as_tuple=True)[0]
     mx, argmax = acts[:, feat].max(0)
     mean = acts[:, feat].sum(0) / T
-    return {"feat": feat.cpu().numpy(), "max": mx.cpu().numpy(), "mean": mean.cpu().numpy(), "count": count[feat].cpu().numpy(), "argmax": argmax.cpu().numpy()}
+    return {
+        "feat": feat.cpu().numpy(),
+        "max": mx.cpu().numpy(),
+        "mean": mean.cpu().numpy(),
+        "count": count[feat].cpu().numpy(),
+        "argmax": argmax.cpu().numpy(),
+    }
 
 
 # --- firing sets -------------------------------------------------------------------------------
@@ -87,7 +101,7 @@ _BLOCK_BYTES = 1 << 26  # unpacked (rows × d_sae) booleans converted at a time
 
 
 def firing_layout(n_rows: int, nnz: int, d_sae: int) -> str:
-    """"bits" when a row's bitset (ceil(d_sae / 8) bytes) is smaller than its mean number of
+    """ "bits" when a row's bitset (ceil(d_sae / 8) bytes) is smaller than its mean number of
     feature ids (uint16 below 65,537 features: more than d_sae / 16 firing per row), else "ids"."""
     if FIRING_LAYOUT != "auto":
         return FIRING_LAYOUT
@@ -96,7 +110,9 @@ def firing_layout(n_rows: int, nnz: int, d_sae: int) -> str:
     return "bits" if nnz / n_rows * np.dtype(feature_dtype(d_sae)).itemsize > (d_sae + 7) // 8 else "ids"
 
 
-def write_firing_sets(out_dir: str | Path, prefix: str, indptr: np.ndarray, feat: np.ndarray, d_sae: int, layout: str | None = None) -> str:
+def write_firing_sets(
+    out_dir: str | Path, prefix: str, indptr: np.ndarray, feat: np.ndarray, d_sae: int, layout: str | None = None
+) -> str:
     """Write the CSR firing sets ``indptr``/``feat`` (feature ids ascending within a row) as
     ``{prefix}_bits.npy`` ((n_rows, ceil(d_sae / 8)) uint8, ``np.packbits(..., bitorder="little")``)
     or ``{prefix}_indptr.npy`` + ``{prefix}_feat.npy``; ``layout`` None: ``firing_layout``.
@@ -106,7 +122,9 @@ def write_firing_sets(out_dir: str | Path, prefix: str, indptr: np.ndarray, feat
     indptr = np.asarray(indptr, dtype=np.int64)
     n_rows = len(indptr) - 1
     if indptr[0] != 0 or indptr[-1] != len(feat):
-        raise ValueError(f"{prefix}: indptr covers {indptr[-1] - indptr[0]} entries from {indptr[0]}, feat has {len(feat)}")
+        raise ValueError(
+            f"{prefix}: indptr covers {indptr[-1] - indptr[0]} entries from {indptr[0]}, feat has {len(feat)}"
+        )
     layout = firing_layout(n_rows, len(feat), d_sae) if layout in (None, "auto") else layout
     if layout == "ids":
         atomic_save_npy(out_dir / f"{prefix}_indptr.npy", indptr)
@@ -121,7 +139,9 @@ def write_firing_sets(out_dir: str | Path, prefix: str, indptr: np.ndarray, feat
             rows = np.repeat(np.arange(b - a), np.diff(indptr[a : b + 1]))
             # a bitset sorts and deduplicates: values stored in feat's order would no longer line up
             if len(ids) and (ids.min() < 0 or ids.max() >= d_sae or (np.diff(rows * d_sae + ids) <= 0).any()):
-                raise ValueError(f"{prefix}: rows {a}..{b - 1} hold feature ids out of 0..{d_sae - 1}, repeated or not ascending")
+                raise ValueError(
+                    f"{prefix}: rows {a}..{b - 1} hold feature ids out of 0..{d_sae - 1}, repeated or not ascending"
+                )
             dense = np.zeros((b - a, d_sae), dtype=bool)
             dense[rows, ids] = True
             bits[a:b] = np.packbits(dense, axis=1, bitorder="little")
@@ -161,7 +181,9 @@ def _tokenize(tok, pair: PreferencePair, cfg: ExtractConfig) -> _Tokenized:
     r_ids = list(tok(pair.rejected, add_special_tokens=False)["input_ids"])
     p_ids, p_mask, cut = truncate_prompt(c.prompt_ids, c.prompt_content, cfg.max_prompt_tokens)
     sides = [ids[: cfg.max_response_tokens] for ids in (c.response_ids, r_ids)]
-    return _Tokenized(p_ids, p_mask, sides, cut, sum(len(ids) > cfg.max_response_tokens for ids in (c.response_ids, r_ids)))
+    return _Tokenized(
+        p_ids, p_mask, sides, cut, sum(len(ids) > cfg.max_response_tokens for ids in (c.response_ids, r_ids))
+    )
 
 
 def length_batches(sizes: Sequence[int], max_pairs: int, max_tokens: int) -> list[list[int]]:
@@ -188,7 +210,9 @@ def batch_limits(cfg: ExtractConfig, lm: LoadedModel, sae: LoadedSAE) -> tuple[i
     if lm.device.type != "cuda":
         return CPU_BATCH_PAIRS, cfg.batch_tokens
     free, _ = torch.cuda.mem_get_info(lm.device)
-    return gpu_batch_limits(free, sae.d_sae, lm.d_model, int(getattr(lm.model.config, "intermediate_size", 4 * lm.d_model)))
+    return gpu_batch_limits(
+        free, sae.d_sae, lm.d_model, int(getattr(lm.model.config, "intermediate_size", 4 * lm.d_model))
+    )
 
 
 def gpu_batch_limits(free_bytes: int, d_sae: int, d_model: int, d_ff: int) -> tuple[int, int]:
@@ -198,7 +222,13 @@ def gpu_batch_limits(free_bytes: int, d_sae: int, d_model: int, d_ff: int) -> tu
 
 
 @torch.no_grad()
-def compute_shard(capture: ResidualCapture, sae: LoadedSAE, pairs: Sequence[PreferencePair], cfg: ExtractConfig, limits: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+def compute_shard(
+    capture: ResidualCapture,
+    sae: LoadedSAE,
+    pairs: Sequence[PreferencePair],
+    cfg: ExtractConfig,
+    limits: tuple[int, int] | None = None,
+) -> dict[str, np.ndarray]:
     """The store's arrays for one shard of pairs (``capture`` cuts the model at the SAE's layer).
 
     Pairs run in length-sorted batches of ``limits`` = (pairs, padded tokens) per forward (default
@@ -219,10 +249,17 @@ def compute_shard(capture: ResidualCapture, sae: LoadedSAE, pairs: Sequence[Pref
         acts_all = _encode(sae, torch.cat(side_x))
         split = np.cumsum([0] + [len(x) for x in side_x])
         for b, local in enumerate(batch):
-            per_pair[local]["sides"] = [_response_record(acts_all[split[2 * b + side] : split[2 * b + side + 1]], 2 * local + side, side, cfg, hist) for side in (0, 1)]
+            per_pair[local]["sides"] = [
+                _response_record(
+                    acts_all[split[2 * b + side] : split[2 * b + side + 1]], 2 * local + side, side, cfg, hist
+                )
+                for side in (0, 1)
+            ]
         if cfg.store_prompts:
             keeps = [[j for j, m in enumerate(items[local].prompt_mask) if m and j > 0] for local in batch]
-            kept = [resid[b][0][torch.tensor(k, dtype=torch.long, device=resid[b][0].device)] for b, k in enumerate(keeps)]
+            kept = [
+                resid[b][0][torch.tensor(k, dtype=torch.long, device=resid[b][0].device)] for b, k in enumerate(keeps)
+            ]
             acts_p = _encode(sae, torch.cat(kept))
             psplit = np.cumsum([0] + [len(k) for k in keeps])
             for b, local in enumerate(batch):
@@ -240,7 +277,10 @@ def _response_record(acts: torch.Tensor, row: int, side: int, cfg: ExtractConfig
     pooled = _pool(acts)
     rec: dict[str, Any] = {"pooled": pooled, "ntok": acts.shape[0]}
     if cfg.edge_tokens:
-        rec["edges"] = [torch.nonzero((w > 0).any(0), as_tuple=True)[0].cpu().numpy() for w in (acts[: cfg.edge_tokens], acts[-cfg.edge_tokens :])]
+        rec["edges"] = [
+            torch.nonzero((w > 0).any(0), as_tuple=True)[0].cpu().numpy()
+            for w in (acts[: cfg.edge_tokens], acts[-cfg.edge_tokens :])
+        ]
     rec["cand"] = np.stack([pooled["feat"], np.full_like(pooled["feat"], row), pooled["argmax"]], 1)
     rec["window"] = _peak_windows(acts, pooled["feat"], pooled["argmax"])
     nz = torch.nonzero(acts > 0, as_tuple=True)
@@ -260,13 +300,18 @@ def _peak_windows(acts: torch.Tensor, feat: np.ndarray, argmax: np.ndarray) -> n
     if len(feat) == 0:
         return np.zeros((0, width), np.float16)
     T = acts.shape[0]
-    pos = torch.as_tensor(argmax, device=acts.device)[:, None] + torch.arange(-CONTEXT_WINDOW, CONTEXT_WINDOW + 1, device=acts.device)[None, :]
+    pos = (
+        torch.as_tensor(argmax, device=acts.device)[:, None]
+        + torch.arange(-CONTEXT_WINDOW, CONTEXT_WINDOW + 1, device=acts.device)[None, :]
+    )
     inside = (pos >= 0) & (pos < T)
     vals = acts[pos.clamp(0, T - 1), torch.as_tensor(feat, device=acts.device)[:, None]] * inside
     return vals.cpu().numpy().astype(np.float16)
 
 
-def _shard_arrays(items: list[_Tokenized], per_pair: list[dict[str, Any]], hist: np.ndarray, d_sae: int, cfg: ExtractConfig) -> dict[str, np.ndarray]:
+def _shard_arrays(
+    items: list[_Tokenized], per_pair: list[dict[str, Any]], hist: np.ndarray, d_sae: int, cfg: ExtractConfig
+) -> dict[str, np.ndarray]:
     """Concatenate the per-pair records, in pair order, into the shard's arrays."""
     fdt = feature_dtype(d_sae)
     recs = [r for p in per_pair for r in p["sides"]]
@@ -283,7 +328,9 @@ def _shard_arrays(items: list[_Tokenized], per_pair: list[dict[str, Any]], hist:
         "tok_len": np.asarray([len(t) for t in tokens], dtype=np.int64),
         "tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
         "hist": hist,
-        "truncated": np.asarray([sum(it.cut_prompt for it in items), sum(it.cut_responses for it in items)], dtype=np.int64),
+        "truncated": np.asarray(
+            [sum(it.cut_prompt for it in items), sum(it.cut_responses for it in items)], dtype=np.int64
+        ),
     }
     if cfg.edge_tokens:
         for j, e in enumerate(EDGES):
@@ -301,7 +348,9 @@ def _shard_arrays(items: list[_Tokenized], per_pair: list[dict[str, Any]], hist:
             prompt_max=pooled("max", prm).astype(np.float16),
             prompt_mean=pooled("mean", prm).astype(np.float16),
             prompt_count=pooled("count", prm).astype(np.uint16),
-            prompt_ntok=np.asarray([int(sum(m and j > 0 for j, m in enumerate(it.prompt_mask))) for it in items], dtype=np.int32),
+            prompt_ntok=np.asarray(
+                [int(sum(m and j > 0 for j, m in enumerate(it.prompt_mask))) for it in items], dtype=np.int32
+            ),
         )
     return out
 
@@ -311,14 +360,26 @@ def _top_per_feature(cand: np.ndarray, val: np.ndarray, n: int, window: np.ndarr
     activation windows; ties broken by row then position so the result does not depend on how
     the work was split."""
     if len(cand) == 0:
-        return {"top_feat": np.zeros(0, np.int32), "top_row": np.zeros(0, np.int64), "top_pos": np.zeros(0, np.int32), "top_val": np.zeros(0, np.float32), "top_window": np.zeros((0, window.shape[1]), np.float16)}
+        return {
+            "top_feat": np.zeros(0, np.int32),
+            "top_row": np.zeros(0, np.int64),
+            "top_pos": np.zeros(0, np.int32),
+            "top_val": np.zeros(0, np.float32),
+            "top_window": np.zeros((0, window.shape[1]), np.float16),
+        }
     order = np.lexsort((cand[:, 2], cand[:, 1], -val, cand[:, 0]))
     cand, val, window = cand[order], val[order], window[order]
     feat = cand[:, 0]
     starts = np.r_[0, np.flatnonzero(np.diff(feat)) + 1]
     rank = np.arange(len(feat)) - np.repeat(starts, np.diff(np.r_[starts, len(feat)]))
     keep = rank < n
-    return {"top_feat": feat[keep].astype(np.int32), "top_row": cand[keep, 1].astype(np.int64), "top_pos": cand[keep, 2].astype(np.int32), "top_val": val[keep], "top_window": window[keep]}
+    return {
+        "top_feat": feat[keep].astype(np.int32),
+        "top_row": cand[keep, 1].astype(np.int64),
+        "top_pos": cand[keep, 2].astype(np.int32),
+        "top_val": val[keep],
+        "top_window": window[keep],
+    }
 
 
 def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -350,7 +411,9 @@ def _merge(shard_dirs: list[Path], out: Path, shard_size: int, cfg: ExtractConfi
     layouts: dict[str, str] = {}
 
     def firing_sets(prefix: str) -> None:
-        layouts[prefix] = write_firing_sets(out, prefix, np.r_[0, np.cumsum(cat(f"{prefix}_nnz"))], cat(f"{prefix}_feat"), d_sae)
+        layouts[prefix] = write_firing_sets(
+            out, prefix, np.r_[0, np.cumsum(cat(f"{prefix}_nnz"))], cat(f"{prefix}_feat"), d_sae
+        )
 
     firing_sets("resp")
     for k in (*(["resp_max", "resp_mean", "resp_count"] if cfg.pooled_values else []), "resp_ntok", "tokens"):
@@ -368,7 +431,12 @@ def _merge(shard_dirs: list[Path], out: Path, shard_size: int, cfg: ExtractConfi
     cand = np.stack([cat("top_feat").astype(np.int64), np.concatenate(rows), cat("top_pos").astype(np.int64)], 1)
     top = _top_per_feature(cand, cat("top_val"), cfg.top_contexts, cat("top_window"))
     arrays["top_indptr"] = np.r_[0, np.cumsum(np.bincount(top["top_feat"], minlength=d_sae))].astype(np.int64)
-    arrays["top_row"], arrays["top_pos"], arrays["top_val"], arrays["top_window"] = top["top_row"], top["top_pos"], top["top_val"], top["top_window"]
+    arrays["top_row"], arrays["top_pos"], arrays["top_val"], arrays["top_window"] = (
+        top["top_row"],
+        top["top_pos"],
+        top["top_val"],
+        top["top_window"],
+    )
     arrays["hist"] = sum(p["hist"] for p in parts)
     arrays["hist_edges"] = HIST_EDGES
     for k, v in arrays.items():
@@ -388,7 +456,9 @@ def process_state() -> PartialState:
 
 def store_key(pairs: PairSet | Sequence[PreferencePair], lm: LoadedModel, sae: LoadedSAE, cfg: ExtractConfig) -> str:
     pair_hash = pairs.content_hash() if isinstance(pairs, PairSet) else content_hash([p.to_dict() for p in pairs])
-    return content_hash(STORE_FORMAT, pair_hash, lm.fingerprint, str(lm.model.dtype), sae.fingerprint, sae.layer, cfg.key_params())
+    return content_hash(
+        STORE_FORMAT, pair_hash, lm.fingerprint, str(lm.model.dtype), sae.fingerprint, sae.layer, cfg.key_params()
+    )
 
 
 def extract(
@@ -416,7 +486,11 @@ def extract(
     if sae_.d_in != lm.d_model:
         raise ValueError(f"SAE {sae_.name} reads d_in={sae_.d_in} but model {lm.name} has d_model={lm.d_model}")
     if not 0 <= sae_.layer < lm.n_layers:
-        raise ValueError(f"SAE {sae_.name} reads the output of block {sae_.layer} (hook {getattr(getattr(sae_.sae.cfg, 'metadata', None), 'hook_name', None)!r}) but model {lm.name} has blocks 0..{lm.n_layers - 1}")
+        raise ValueError(
+            f"SAE {sae_.name} reads the output of block {sae_.layer} (hook "
+            f"{getattr(getattr(sae_.sae.cfg, 'metadata', None), 'hook_name', None)!r}) but model {lm.name} has "
+            f"blocks 0..{lm.n_layers - 1}"
+        )
     run = Run.of(run)
     pair_list = list(pairs)
     if not pair_list:
@@ -442,7 +516,10 @@ def extract(
         limits = batch_limits(cfg, lm, sae_)
         n_todo = sum(len(pair_list[i * cfg.shard_size : (i + 1) * cfg.shard_size]) for i in todo)
         desc = f"extract (rank {state.process_index})" if state.num_processes > 1 else "extract"
-        with ResidualCapture(lm, sae_.layer) as capture, tqdm(total=n_todo, desc=desc, unit="pair", disable=not show_progress(cfg.progress)) as bar:
+        with (
+            ResidualCapture(lm, sae_.layer) as capture,
+            tqdm(total=n_todo, desc=desc, unit="pair", disable=not show_progress(cfg.progress)) as bar,
+        ):
             for i in todo:
                 chunk = pair_list[i * cfg.shard_size : (i + 1) * cfg.shard_size]
                 _write_shard(shard_root / _shard_name(i), compute_shard(capture, sae_, chunk, cfg, limits))
@@ -459,19 +536,22 @@ def extract(
         atomic_save_npy(out / "prompt_group.npy", groups)
         token_ids = np.unique(np.load(out / "tokens.npy"))
         atomic_write_json(out / "token_text.json", {int(t): lm.tokenizer.decode([int(t)]) for t in token_ids})
-        stage.finish({
-            "n_pairs": len(pair_list),
-            "n_prompts": len(first),
-            "d_sae": sae_.d_sae,
-            "layer": sae_.layer,
-            "model": {"name": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.model.dtype)},
-            "sae": {"name": sae_.name, "fingerprint": sae_.fingerprint, "hook_name": hook_name(sae_.layer)},
-            "config": cfg.to_dict(),
-            "pair_ids_hash": content_hash([p.id for p in pair_list]),
-            "seconds_last_session": round(time.time() - t0, 2),
-            "world_size": state.num_processes,
-            **info,
-        }, n_pairs=len(pair_list))
+        stage.finish(
+            {
+                "n_pairs": len(pair_list),
+                "n_prompts": len(first),
+                "d_sae": sae_.d_sae,
+                "layer": sae_.layer,
+                "model": {"name": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.model.dtype)},
+                "sae": {"name": sae_.name, "fingerprint": sae_.fingerprint, "hook_name": hook_name(sae_.layer)},
+                "config": cfg.to_dict(),
+                "pair_ids_hash": content_hash([p.id for p in pair_list]),
+                "seconds_last_session": round(time.time() - t0, 2),
+                "world_size": state.num_processes,
+                **info,
+            },
+            n_pairs=len(pair_list),
+        )
         shutil.rmtree(shard_root, ignore_errors=True)
     state.wait_for_everyone()
     return FeatureStore(out)

@@ -6,7 +6,8 @@ Reads the feature store of stage 1 and writes, under ``run_dir/hypothesize/<key>
   the responses' first / last few tokens (``view="opening"`` / ``"ending"``, when the store has
   them) and per topic × concept (``view="topic"``): member features, label fields, firing rates
   on chosen and rejected, mean paired difference, Cohen's d, t/z, p, Benjamini–Hochberg q over
-  *every* row, split-half sign agreement, the length-controlled effect, number of units, and the predicted direction and size
+  *every* row, split-half sign agreement, the length-controlled effect, number of units, and the predicted direction and
+  size
   of the change DPO would make; ``source`` / ``ref`` say which concept source a row tests (``sae``
   for the clusters; extra sources passed to ``hypothesize(..., sources=)`` — text rules, directions —
   are tested the same way, in the same BH family);
@@ -26,7 +27,8 @@ prompt are averaged into one unit; tests are vectorised over all concepts and to
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,13 +46,31 @@ from ..config import HypothesizeConfig
 from ..core.files import content_hash
 from ..core.run import Run, RunLike
 from ..core.stage import StepTimer
-from ..core.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test, paired_test_from_sums, split_half_agreement, welch_each_group
+from ..core.stats import (
+    bh_qvalues,
+    group_means,
+    length_controlled,
+    length_placebo,
+    paired_test,
+    paired_test_from_sums,
+    split_half_agreement,
+    welch_each_group,
+)
 from ..data.textstats import text_stats
 from ..results.hypotheses import Hypotheses, rank_hypotheses
 from ..results.plan import concept_ref, parse_concept
 from ..results.store import FeatureStore
 
-__all__ = ["HypothesizeConfig", "Hypotheses", "PairFeatures", "hypothesize", "linear_baseline", "score_concepts", "text_stat_baseline", "STAGE"]
+__all__ = [
+    "HypothesizeConfig",
+    "Hypotheses",
+    "PairFeatures",
+    "hypothesize",
+    "linear_baseline",
+    "score_concepts",
+    "text_stat_baseline",
+    "STAGE",
+]
 
 log = logging.getLogger(__name__)
 STAGE = "hypothesize"
@@ -64,11 +84,21 @@ def _stat_columns(prefix: str, t) -> dict[str, np.ndarray]:
 def _view_stats(Du: np.ndarray, len_diff: np.ndarray, cfg: HypothesizeConfig) -> dict[str, np.ndarray]:
     """The tests of one view on a block of concept columns (units × concepts differences)."""
     t = paired_test(Du)
-    return {"n_units": t.n, **_stat_columns("", t), "split_half_agreement": split_half_agreement(Du, cfg.n_splits, cfg.seed), **_stat_columns("length_controlled_", length_controlled(Du, len_diff))}
+    return {
+        "n_units": t.n,
+        **_stat_columns("", t),
+        "split_half_agreement": split_half_agreement(Du, cfg.n_splits, cfg.seed),
+        **_stat_columns("length_controlled_", length_controlled(Du, len_diff)),
+    }
 
 
 def _rates(Uc: np.ndarray, Ur: np.ndarray) -> dict[str, np.ndarray]:
-    return {"chosen_rate": (Uc > 0).mean(0), "rejected_rate": (Ur > 0).mean(0), "chosen_activity": Uc.mean(0), "rejected_activity": Ur.mean(0)}
+    return {
+        "chosen_rate": (Uc > 0).mean(0),
+        "rejected_rate": (Ur > 0).mean(0),
+        "chosen_activity": Uc.mean(0),
+        "rejected_activity": Ur.mean(0),
+    }
 
 
 def concept_members(labels: np.ndarray) -> list[list[int]]:
@@ -76,10 +106,21 @@ def concept_members(labels: np.ndarray) -> list[list[int]]:
     n_concepts = int(labels.max()) + 1 if (labels >= 0).any() else 0
     feats = np.flatnonzero(labels >= 0)
     feats = feats[np.argsort(labels[feats], kind="stable")]
-    return [f.tolist() for f in np.split(feats, np.cumsum(np.bincount(labels[labels >= 0], minlength=n_concepts))[:-1])] if n_concepts else []
+    return (
+        [f.tolist() for f in np.split(feats, np.cumsum(np.bincount(labels[labels >= 0], minlength=n_concepts))[:-1])]
+        if n_concepts
+        else []
+    )
 
 
-def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig, topic_of_group: np.ndarray | None = None, sources: Mapping[str, np.ndarray] | None = None, block_bytes: int = 1 << 28) -> tuple[pd.DataFrame, pd.DataFrame]:
+def score_concepts(
+    pf: PairFeatures,
+    labels: np.ndarray,
+    cfg: HypothesizeConfig,
+    topic_of_group: np.ndarray | None = None,
+    sources: Mapping[str, np.ndarray] | None = None,
+    block_bytes: int = 1 << 28,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The statistics of every concept (overall, opening / ending, and inside vs outside each topic)
     and of every feature. ``sources``: other concept sources' per-pair scores (ref → (n_pairs, 2)),
     tested like the clusters over the whole response and per topic. Returns (hypotheses without
@@ -101,14 +142,20 @@ def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig,
             refs.append(ref)
             kinds.append(parse_concept(ref)[0])
             members.append([])
-    edge_activity = {edge: concept_activity(pf, labels, edge, dense=False) for edge in pf.edges} if cfg.test_edges else {}
+    edge_activity = (
+        {edge: concept_activity(pf, labels, edge, dense=False) for edge in pf.edges} if cfg.test_edges else {}
+    )
     groups = pf.groups if cfg.group_by_prompt else None
     len_diff = length_diffs(pf.ntok, groups, cfg.length_control_degree)
     n_units = len(len_diff)
     topics: list[int] = []
     if topic_of_group is not None:
         unit_topic = topic_of_group if cfg.group_by_prompt else topic_of_group[pf.groups]
-        topics = [int(k) for k in np.unique(unit_topic) if cfg.min_topic_prompts <= (unit_topic == k).sum() <= n_units - cfg.min_topic_prompts]
+        topics = [
+            int(k)
+            for k in np.unique(unit_topic)
+            if cfg.min_topic_prompts <= (unit_topic == k).sum() <= n_units - cfg.min_topic_prompts
+        ]
     width = max(1, block_bytes // (8 * max(pf.n_pairs, 1)))  # dense pairs × concepts blocks
     parts: dict[Any, list[dict[str, np.ndarray]]] = {}
     for lo in range(0, max(len(refs), 1), width):  # once even with no concepts: the table keeps its columns
@@ -122,20 +169,46 @@ def score_concepts(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig,
         for edge, (Ec_all, Er_all) in edge_activity.items():
             if lo < n_concepts:
                 Ec, Er = Ec_all[:, lo : min(hi, n_concepts)].toarray(), Er_all[:, lo : min(hi, n_concepts)].toarray()
-                parts.setdefault(edge, []).append({**_rates(Ec, Er), **_view_stats(group_means(Ec - Er, groups), len_diff, cfg)})
+                parts.setdefault(edge, []).append(
+                    {**_rates(Ec, Er), **_view_stats(group_means(Ec - Er, groups), len_diff, cfg)}
+                )
         if topics:
             for k, (w, inside_mean) in welch_each_group(Du, unit_topic, topics).items():
                 inside = unit_topic == k
                 lc_in = length_controlled(Du[inside], len_diff[inside])
                 split_in = split_half_agreement(Du[inside], cfg.n_splits, cfg.seed)
-                parts.setdefault(("topic", k), []).append({"n_units": np.full(hi - lo, int(inside.sum())), **_stat_columns("", w), "inside_mean_diff": inside_mean, "split_half_agreement": split_in, **_stat_columns("length_controlled_", lc_in)})
-    joined = {key: {col: np.concatenate([b[col] for b in blocks]) for col in blocks[0]} for key, blocks in parts.items()}
+                parts.setdefault(("topic", k), []).append(
+                    {
+                        "n_units": np.full(hi - lo, int(inside.sum())),
+                        **_stat_columns("", w),
+                        "inside_mean_diff": inside_mean,
+                        "split_half_agreement": split_in,
+                        **_stat_columns("length_controlled_", lc_in),
+                    }
+                )
+    joined = {
+        key: {col: np.concatenate([b[col] for b in blocks]) for col in blocks[0]} for key, blocks in parts.items()
+    }
     overall = joined.get("overall", {})
-    base = pd.DataFrame({"concept": np.arange(len(refs)), "source": kinds, "ref": refs, "n_features": [len(m) for m in members], "features": members})
-    rates = {c: overall.get(c, np.zeros(0)) for c in ("chosen_rate", "rejected_rate", "chosen_activity", "rejected_activity")}
+    base = pd.DataFrame(
+        {
+            "concept": np.arange(len(refs)),
+            "source": kinds,
+            "ref": refs,
+            "n_features": [len(m) for m in members],
+            "features": members,
+        }
+    )
+    rates = {
+        c: overall.get(c, np.zeros(0)) for c in ("chosen_rate", "rejected_rate", "chosen_activity", "rejected_activity")
+    }
     frames = [base.assign(**rates, view="overall", topic=-1, **{c: v for c, v in overall.items() if c not in rates})]
-    frames += [base.iloc[:n_concepts].assign(view=edge, topic=-1, **joined[edge]) for edge in edge_activity if edge in joined]
-    frames += [base.assign(**rates, view="topic", topic=k, **joined[("topic", k)]) for k in topics if ("topic", k) in joined]
+    frames += [
+        base.iloc[:n_concepts].assign(view=edge, topic=-1, **joined[edge]) for edge in edge_activity if edge in joined
+    ]
+    frames += [
+        base.assign(**rates, view="topic", topic=k, **joined[("topic", k)]) for k in topics if ("topic", k) in joined
+    ]
     table = pd.concat(frames, ignore_index=True)
     table["n_units"] = table["n_units"].astype(np.int64)
     table["z"] = table["t"]  # large-sample z; t is reported as z for familiarity
@@ -157,7 +230,16 @@ def feature_tests(pf: PairFeatures, labels: np.ndarray, groups: np.ndarray | Non
     Fc, Fr = pf.fires_chosen, pf.fires_rejected
     ft = paired_test_from_sums(*feature_difference_sums(pf, groups))
     chosen, rejected = np.asarray(Fc.sum(0), dtype=np.float64).ravel(), np.asarray(Fr.sum(0), dtype=np.float64).ravel()
-    features = pd.DataFrame({"feature": np.arange(pf.d_sae), "concept": labels, "support": chosen + rejected, "chosen_rate": chosen / pf.n_pairs, "rejected_rate": rejected / pf.n_pairs, **_stat_columns("", ft)})
+    features = pd.DataFrame(
+        {
+            "feature": np.arange(pf.d_sae),
+            "concept": labels,
+            "support": chosen + rejected,
+            "chosen_rate": chosen / pf.n_pairs,
+            "rejected_rate": rejected / pf.n_pairs,
+            **_stat_columns("", ft),
+        }
+    )
     testable = features["support"].to_numpy() > 0
     features["q"] = np.nan
     features.loc[testable, "q"] = bh_qvalues(features.loc[testable, "p"].to_numpy())
@@ -167,16 +249,27 @@ def feature_tests(pf: PairFeatures, labels: np.ndarray, groups: np.ndarray | Non
 # --- baselines ---------------------------------------------------------------------------------------
 
 
-def text_stat_baseline(pf: PairFeatures, cfg: HypothesizeConfig, stats_c: pd.DataFrame, stats_r: pd.DataFrame) -> pd.DataFrame:
+def text_stat_baseline(
+    pf: PairFeatures, cfg: HypothesizeConfig, stats_c: pd.DataFrame, stats_r: pd.DataFrame
+) -> pd.DataFrame:
     D = stats_c.to_numpy(np.float64) - stats_r.to_numpy(np.float64)
     Du = group_means(D, pf.groups if cfg.group_by_prompt else None)
     t = paired_test(Du)
-    out = pd.DataFrame({"statistic": list(stats_c.columns), "chosen_mean": stats_c.mean().to_numpy(), "rejected_mean": stats_r.mean().to_numpy(), **_stat_columns("", t)})
+    out = pd.DataFrame(
+        {
+            "statistic": list(stats_c.columns),
+            "chosen_mean": stats_c.mean().to_numpy(),
+            "rejected_mean": stats_r.mean().to_numpy(),
+            **_stat_columns("", t),
+        }
+    )
     out["q"] = bh_qvalues(out["p"].to_numpy())
     return out.sort_values("p").reset_index(drop=True)
 
 
-def linear_baseline(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig, top: int = 30) -> tuple[pd.DataFrame, dict]:
+def linear_baseline(
+    pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig, top: int = 30
+) -> tuple[pd.DataFrame, dict]:
     """L1-logistic regression predicting which side is chosen from per-pair feature differences.
 
     Each pair enters once, randomly oriented (chosen − rejected → 1, or rejected − chosen → 0), so
@@ -198,13 +291,20 @@ def linear_baseline(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig
     order = np.argsort(-np.abs(coef))[:top]
     order = order[coef[order] != 0]
     table = pd.DataFrame({"feature": order, "coefficient": coef[order], "concept": labels[order]})
-    return table, {"cv_accuracy": float(np.nanmean(acc)), "folds": folds, "nonzero_coefficients": int((coef != 0).sum()), "pairs": int(len(rows))}
+    return table, {
+        "cv_accuracy": float(np.nanmean(acc)),
+        "folds": folds,
+        "nonzero_coefficients": int((coef != 0).sum()),
+        "pairs": int(len(rows)),
+    }
 
 
 # --- the stage -----------------------------------------------------------------------------------------
 
 
-def _promoted(store: FeatureStore, labels: np.ndarray, cfg: HypothesizeConfig, model: Any, sae: Any) -> tuple[list[str], str, Any]:
+def _promoted(
+    store: FeatureStore, labels: np.ndarray, cfg: HypothesizeConfig, model: Any, sae: Any
+) -> tuple[list[str], str, Any]:
     """Per concept, the tokens its mean decoder direction promotes (needs the model and SAE, so
     it is optional: the reason is recorded when they cannot be loaded). Also returns the model
     when it was loaded (its tokenizer decodes the phrase names), else ``model``."""
@@ -249,7 +349,17 @@ def hypothesize(
     cfg = HypothesizeConfig.from_dict(config)
     run = Run.of(run)
     store = store or run.store
-    stage = run.stage(STAGE, content_hash(FORMAT, store.manifest["key"], cfg.key_params(), describe_explainer(explainer), [s.describe() for s in sources]), FORMAT)
+    stage = run.stage(
+        STAGE,
+        content_hash(
+            FORMAT,
+            store.manifest["key"],
+            cfg.key_params(),
+            describe_explainer(explainer),
+            [s.describe() for s in sources],
+        ),
+        FORMAT,
+    )
     if stage.reuse():
         return Hypotheses(stage.path)
     timer = StepTimer(log=log)
@@ -274,8 +384,28 @@ def hypothesize(
         peaks, contexts = context_labels(store, features, labels, cfg.label_features)
         promoted, promoted_note, lm = _promoted(store, labels, cfg, model, sae)
         tokenizer = getattr(lm, "tokenizer", None)
-        phrases = concept_phrases(store, concept_members(labels), features["support"].to_numpy(), PhraseConfig(n_phrases=cfg.name_phrases), tokenizer.decode if tokenizer is not None else None, cfg.seed) if cfg.name_phrases > 0 else [[] for _ in peaks]
-        lab = pd.DataFrame({"concept": np.arange(len(stat_label)), "name": [" · ".join(f"“{p}”" for p in ps) for ps in phrases], "peak_tokens": peaks, "promoted_tokens": promoted, "text_stats": stat_label, "example_contexts": [[dict(c) for c in cs] for cs in contexts]})
+        phrases = (
+            concept_phrases(
+                store,
+                concept_members(labels),
+                features["support"].to_numpy(),
+                PhraseConfig(n_phrases=cfg.name_phrases),
+                tokenizer.decode if tokenizer is not None else None,
+                cfg.seed,
+            )
+            if cfg.name_phrases > 0
+            else [[] for _ in peaks]
+        )
+        lab = pd.DataFrame(
+            {
+                "concept": np.arange(len(stat_label)),
+                "name": [" · ".join(f"“{p}”" for p in ps) for ps in phrases],
+                "peak_tokens": peaks,
+                "promoted_tokens": promoted,
+                "text_stats": stat_label,
+                "example_contexts": [[dict(c) for c in cs] for cs in contexts],
+            }
+        )
         lab["label"] = [short_label(p, s, n) for p, s, n in zip(peaks, stat_label, lab["name"])]
         table = table.merge(lab, on="concept", how="left")
         named = {s.ref: s.label or s.ref for s in sources}
@@ -302,40 +432,64 @@ def hypothesize(
     with timer.step("write tables"):
         stage.write_parquet("hypotheses", table)
         stage.write_parquet("features", features)
-        stage.write_parquet("topics", pd.DataFrame({"prompt_group": np.arange(len(topics.labels)), "topic": topics.labels, "prompt": [pf.prompts[i] for i in first_pair]}))
+        stage.write_parquet(
+            "topics",
+            pd.DataFrame(
+                {
+                    "prompt_group": np.arange(len(topics.labels)),
+                    "topic": topics.labels,
+                    "prompt": [pf.prompts[i] for i in first_pair],
+                }
+            ),
+        )
         stage.write_parquet("topic_summary", topics.summary)
         stage.write_parquet("baseline_text_stats", text_stat_baseline(pf, cfg, stats_c, stats_r))
-    placebo_info: dict[str, Any] = {"skipped": "length_placebo_draws = 0" if cfg.length_placebo_draws <= 0 else "no concepts" if not (labels >= 0).any() else "fewer than 8 pairs"}
+    placebo_info: dict[str, Any] = {
+        "skipped": "length_placebo_draws = 0"
+        if cfg.length_placebo_draws <= 0
+        else "no concepts"
+        if not (labels >= 0).any()
+        else "fewer than 8 pairs"
+    }
     if cfg.length_placebo_draws > 0 and pf.n_pairs >= 8 and (labels >= 0).any():
         with timer.step("length placebo"):
             placebo, placebo_info = _length_placebo(pf, labels, cfg)
             stage.write_parquet("length_placebo", placebo)
         if not placebo_info["calibrated"]:
-            log.warning("the length control looks miscalibrated on this data: in placebo pairs that differ only in length, %.0f %% of concept tests have p < 0.05 (expected ~5 %%); length-controlled effects may still carry length", 100 * placebo_info["frac_p05_controlled"])
+            log.warning(
+                "the length control looks miscalibrated on this data: in placebo pairs that differ only in length, "
+                "%.0f %% of concept tests have p < 0.05 (expected ~5 %%); length-controlled effects may still carry "
+                "length",
+                100 * placebo_info["frac_p05_controlled"],
+            )
     overall = table[(table["view"] == "overall") & (table["source"] == "sae")]
-    stage.finish({
-        "features_key": store.manifest["key"],
-        "config": cfg.to_dict(),
-        "n_pairs": pf.n_pairs,
-        "n_units": int(len(np.unique(pf.groups))) if cfg.group_by_prompt else pf.n_pairs,
-        "n_concepts": int(len(overall)),
-        "n_features_tested": int((labels >= 0).sum()),
-        "n_topics": int(len(topics.summary)),
-        "n_tests": int(len(table)),
-        "n_significant": int(table["significant"].sum()),
-        "n_significant_overall": int(overall["significant"].sum()),
-        "sources": [s.describe() for s in sources],
-        "promoted_tokens": promoted_note,
-        "llm": llm_usage,
-        "linear_baseline": lin_info,
-        "length_placebo": placebo_info,
-        "seconds": round(sum(timer.seconds.values()), 2),
-        "step_seconds": timer.seconds,
-    })
+    stage.finish(
+        {
+            "features_key": store.manifest["key"],
+            "config": cfg.to_dict(),
+            "n_pairs": pf.n_pairs,
+            "n_units": int(len(np.unique(pf.groups))) if cfg.group_by_prompt else pf.n_pairs,
+            "n_concepts": int(len(overall)),
+            "n_features_tested": int((labels >= 0).sum()),
+            "n_topics": int(len(topics.summary)),
+            "n_tests": int(len(table)),
+            "n_significant": int(table["significant"].sum()),
+            "n_significant_overall": int(overall["significant"].sum()),
+            "sources": [s.describe() for s in sources],
+            "promoted_tokens": promoted_note,
+            "llm": llm_usage,
+            "linear_baseline": lin_info,
+            "length_placebo": placebo_info,
+            "seconds": round(sum(timer.seconds.values()), 2),
+            "step_seconds": timer.seconds,
+        }
+    )
     return Hypotheses(stage.path)
 
 
-def _length_placebo(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _length_placebo(
+    pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The length placebo per view, on at most ``length_placebo_concepts`` concepts drawn at
     random: the check estimates a fraction of tests, which a sample estimates as well, and its
     cost grows with concepts × draws."""
@@ -346,7 +500,14 @@ def _length_placebo(pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig
     frames = []
     for view in [None, *(pf.edges if cfg.test_edges else ())]:
         Uc, Ur = concept_activity(pf, labels, view, dense=False)
-        result = length_placebo(Uc[:, cols].toarray(), Ur[:, cols].toarray(), pf.ntok, degrees=(0, cfg.length_control_degree), draws=cfg.length_placebo_draws, seed=cfg.seed)
+        result = length_placebo(
+            Uc[:, cols].toarray(),
+            Ur[:, cols].toarray(),
+            pf.ntok,
+            degrees=(0, cfg.length_control_degree),
+            draws=cfg.length_placebo_draws,
+            seed=cfg.seed,
+        )
         frames.append(result.assign(view=view or "overall"))
     placebo = pd.concat(frames, ignore_index=True)
     return placebo, {**_placebo_summary(placebo, cfg.length_control_degree), "concepts": int(len(cols))}
@@ -358,4 +519,9 @@ def _placebo_summary(placebo: pd.DataFrame, degree: int, tolerance: float = 0.10
     control."""
     by = placebo.groupby(["side", "degree"])["frac_p05"].max()
     controlled = float(by.xs(degree, level="degree").max())
-    return {"degree": degree, "frac_p05_controlled": round(controlled, 4), "frac_p05_uncontrolled": round(float(by.xs(0, level="degree").max()), 4), "calibrated": controlled <= tolerance}
+    return {
+        "degree": degree,
+        "frac_p05_controlled": round(controlled, 4),
+        "frac_p05_uncontrolled": round(float(by.xs(0, level="degree").max()), 4),
+        "calibrated": controlled <= tolerance,
+    }

@@ -10,7 +10,8 @@ both from the entry's concept source (``concepts.sources``: SAE concepts, text r
 any source works with any method it has the parts for). ``planned_concepts`` turns a plan's
 active entries into (entry, source) pairs; ``scope_masks`` says which training pairs a scoped entry
 (one topic, or prompts matching a regex) acts on: outside its scope its scores are zero, so
-shaping and filtering leave those pairs alone and inoculation adds no instruction. Data edits (``filter_pairs``, ``inoculate``) return new
+shaping and filtering leave those pairs alone and inoculation adds no instruction. Data edits (``filter_pairs``,
+``inoculate``) return new
 pair lists plus counts; forward edits (``lm.ops.ResidualHooks``) are context managers that always
 remove their hooks.
 
@@ -26,9 +27,10 @@ reference and policy share the ablation and start at log-ratio 0.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -80,12 +82,25 @@ def _member_features(hypotheses: Any, ref: str) -> list[int]:
     if hypotheses is None or cid is None:
         return []
     table = hypotheses.table if hasattr(hypotheses, "table") else hypotheses
-    rows = table[(table["concept"] == cid) & (table["view"] == "overall")] if "view" in table else table[table["concept"] == cid]
+    rows = (
+        table[(table["concept"] == cid) & (table["view"] == "overall")]
+        if "view" in table
+        else table[table["concept"] == cid]
+    )
     return [] if rows.empty else [int(f) for f in rows.iloc[0]["features"]]
 
 
-def source_for(c: ConceptChoice, index: int, *, hypotheses: Any = None, sae: Any = None, d_model: int | None = None, base_dir: Path | None = None) -> ConceptSource:
+def source_for(
+    c: ConceptChoice,
+    index: int,
+    *,
+    hypotheses: Any = None,
+    sae: Any = None,
+    d_model: int | None = None,
+    base_dir: Path | None = None,
+) -> ConceptSource:
     """The concept source of one plan entry; a problem raises PlanError naming the entry and field."""
+
     def err(field: str, reason: str) -> PlanError:
         return PlanError(index, c.concept, field, reason)
 
@@ -113,15 +128,27 @@ def source_for(c: ConceptChoice, index: int, *, hypotheses: Any = None, sae: Any
     except (FileNotFoundError, KeyError) as exc:
         raise err("direction_file", str(exc).strip("'\"")) from None
     if d_model is not None and source.raw_directions.shape[1] != d_model:
-        raise err("direction_file", f"directions have width {source.raw_directions.shape[1]}, the model has d_model={d_model}")
+        raise err(
+            "direction_file", f"directions have width {source.raw_directions.shape[1]}, the model has d_model={d_model}"
+        )
     return source
 
 
-def planned_concepts(plan: InterventionPlan, *, hypotheses: Any = None, sae: Any = None, d_model: int | None = None, base_dir: str | Path | None = None) -> list[PlannedConcept]:
+def planned_concepts(
+    plan: InterventionPlan,
+    *,
+    hypotheses: Any = None,
+    sae: Any = None,
+    d_model: int | None = None,
+    base_dir: str | Path | None = None,
+) -> list[PlannedConcept]:
     """The plan's active entries with their concept sources: SAE member features filled from the
     hypotheses table when the plan omits them, layers and directions from the SAE or the file."""
     base = Path(base_dir) if base_dir else None
-    return [PlannedConcept(c, source_for(c, i, hypotheses=hypotheses, sae=sae, d_model=d_model, base_dir=base)) for i, c in enumerate(plan.active)]
+    return [
+        PlannedConcept(c, source_for(c, i, hypotheses=hypotheses, sae=sae, d_model=d_model, base_dir=base))
+        for i, c in enumerate(plan.active)
+    ]
 
 
 # --- reward shaping -------------------------------------------------------------------------
@@ -143,9 +170,7 @@ def shaping_offsets(concepts: Sequence[PlannedConcept], scores: Mapping[str, np.
 
 
 def filter_pairs(
-    pairs: Sequence[PreferencePair],
-    concepts: Sequence[PlannedConcept],
-    scores: Mapping[str, np.ndarray],
+    pairs: Sequence[PreferencePair], concepts: Sequence[PlannedConcept], scores: Mapping[str, np.ndarray]
 ) -> tuple[list[PreferencePair], np.ndarray, pd.DataFrame]:
     """Drop or flip the pairs whose preference the concept carries.
 
@@ -171,7 +196,19 @@ def filter_pairs(
             flipped ^= hit
         else:
             keep &= ~hit
-        rows.append({"concept": r.ref, "label": c.label, "action": c.action, "mode": c.filter_mode, "threshold": c.strength, "n_pairs": len(pairs), "n_matched": int(hit.sum()), "n_dropped": int(hit.sum()) if c.filter_mode == "drop" else 0, "n_flipped": int(hit.sum()) if c.filter_mode == "flip" else 0})
+        rows.append(
+            {
+                "concept": r.ref,
+                "label": c.label,
+                "action": c.action,
+                "mode": c.filter_mode,
+                "threshold": c.strength,
+                "n_pairs": len(pairs),
+                "n_matched": int(hit.sum()),
+                "n_dropped": int(hit.sum()) if c.filter_mode == "drop" else 0,
+                "n_flipped": int(hit.sum()) if c.filter_mode == "flip" else 0,
+            }
+        )
     out, index = [], []
     for i, p in enumerate(pairs):
         if not keep[i]:
@@ -180,7 +217,24 @@ def filter_pairs(
             p = replace(p, chosen=p.rejected, rejected=p.chosen, metadata={**dict(p.metadata), "flipped": True})
         out.append(p)
         index.append(i)
-    return out, np.asarray(index, dtype=np.int64), pd.DataFrame(rows, columns=["concept", "label", "action", "mode", "threshold", "n_pairs", "n_matched", "n_dropped", "n_flipped"])
+    return (
+        out,
+        np.asarray(index, dtype=np.int64),
+        pd.DataFrame(
+            rows,
+            columns=[
+                "concept",
+                "label",
+                "action",
+                "mode",
+                "threshold",
+                "n_pairs",
+                "n_matched",
+                "n_dropped",
+                "n_flipped",
+            ],
+        ),
+    )
 
 
 # --- inoculation prompting ------------------------------------------------------------------
@@ -197,7 +251,9 @@ def with_instruction(prompt: Sequence[dict], instruction: str) -> tuple[dict, ..
     return tuple(msgs) + ({"role": "user", "content": instruction.strip()},)
 
 
-def inoculate(pairs: Sequence[PreferencePair], concepts: Sequence[PlannedConcept], scopes: Mapping[str, np.ndarray] | None = None) -> list[PreferencePair]:
+def inoculate(
+    pairs: Sequence[PreferencePair], concepts: Sequence[PlannedConcept], scopes: Mapping[str, np.ndarray] | None = None
+) -> list[PreferencePair]:
     """Training pairs with every inoculation instruction added to the prompt (plan order); a
     scoped entry (``scopes[ref]``: a mask over ``pairs``) adds its instruction to its pairs only.
     Apply to the training split only; held-out and evaluation prompts stay as they are."""
@@ -212,7 +268,11 @@ def inoculate(pairs: Sequence[PreferencePair], concepts: Sequence[PlannedConcept
     return out
 
 
-def scope_masks(concepts: Sequence[PlannedConcept], pairs: Sequence[PreferencePair], topic_of_prompt: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+def scope_masks(
+    concepts: Sequence[PlannedConcept],
+    pairs: Sequence[PreferencePair],
+    topic_of_prompt: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
     """For each scoped entry (``topic`` and/or ``prompts``), which of ``pairs`` it acts on
     (``results.plan.scope_mask``)."""
     masks = {r.ref: scope_mask(r.choice, pairs, topic_of_prompt, i) for i, r in enumerate(concepts)}
@@ -241,11 +301,21 @@ def rank_instructions(
         ps = [with_instruction(p, text) for p in prompts]
         gens = gen(ps)
         s = source.score_texts(ps, gens, lm=lm)
-        rows.append({"instruction": text, "score_with": float(s.mean()), "score_without": float(base.mean()), "lift": float(s.mean() - base.mean()), "example": gens[0] if gens else ""})
+        rows.append(
+            {
+                "instruction": text,
+                "score_with": float(s.mean()),
+                "score_without": float(base.mean()),
+                "lift": float(s.mean() - base.mean()),
+                "example": gens[0] if gens else "",
+            }
+        )
     return pd.DataFrame(rows).sort_values("lift", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def rank_inoculations(run: Any, concept: int, lm: LoadedModel, sae: Any, *, n_prompts: int = 8, max_new_tokens: int = 32) -> pd.DataFrame:
+def rank_inoculations(
+    run: Any, concept: int, lm: LoadedModel, sae: Any, *, n_prompts: int = 8, max_new_tokens: int = 32
+) -> pd.DataFrame:
     """The inoculation instructions that ``stages.plan.inoculation_candidates`` writes from the
     audit's view of ``concept`` (a run's stage-2 concept id), ranked on ``n_prompts`` of the run's
     training prompts by how well each elicits the concept from the base model."""
@@ -287,12 +357,30 @@ def residual_edits(
     for r in concepts:
         c = r.choice
         if c.method == "steer":
-            edits.append(ResidualEdit(layer=r.layer, kind="steer", concept=c.concept, vector=c.sign * c.strength * r.source.steering_vector(), in_reference=False))
+            edits.append(
+                ResidualEdit(
+                    layer=r.layer,
+                    kind="steer",
+                    concept=c.concept,
+                    vector=c.sign * c.strength * r.source.steering_vector(),
+                    in_reference=False,
+                )
+            )
         elif c.method == "ablate":
             mean = None
             if c.ablation == "mean":
                 if lm is None:
                     raise ValueError(f"{c.concept}: mean ablation needs the model to estimate the mean residual (lm=)")
                 mean = mean_residual(lm, r.layer, pairs, n_mean)
-            edits.append(ResidualEdit(layer=r.layer, kind="ablate", concept=c.concept, basis=r.source.directions(), mean=mean, fraction=c.strength, in_reference=True))
+            edits.append(
+                ResidualEdit(
+                    layer=r.layer,
+                    kind="ablate",
+                    concept=c.concept,
+                    basis=r.source.directions(),
+                    mean=mean,
+                    fraction=c.strength,
+                    in_reference=True,
+                )
+            )
     return edits

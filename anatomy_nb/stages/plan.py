@@ -19,7 +19,18 @@ from ..results.hypotheses import Hypotheses
 from ..results.plan import METHODS, ConceptChoice, InterventionPlan, PlanError, concept_ref, load_plan
 from .prediction import overall_rows
 
-__all__ = ["DEFAULT_STRENGTH", "PlanConfig", "choose_target", "default_plan", "inoculation_candidates", "methods_for", "overlay_plan", "plan", "set_choice", "STAGE"]
+__all__ = [
+    "DEFAULT_STRENGTH",
+    "PlanConfig",
+    "choose_target",
+    "default_plan",
+    "inoculation_candidates",
+    "methods_for",
+    "overlay_plan",
+    "plan",
+    "set_choice",
+    "STAGE",
+]
 
 STAGE = "plan"
 # a strength that is sensible for each method when the user has not chosen one
@@ -31,13 +42,25 @@ def default_plan(hyp, *, layer: int | None = None) -> InterventionPlan:
     """Every concept of the hypotheses table listed as "allow", with its features and label."""
     ov = overall_rows(hyp)
     entries = [
-        ConceptChoice(concept=concept_ref(int(r.concept)), features=[int(f) for f in r.features], layer=layer, label=str(r.label or ""))
+        ConceptChoice(
+            concept=concept_ref(int(r.concept)),
+            features=[int(f) for f in r.features],
+            layer=layer,
+            label=str(r.label or ""),
+        )
         for r in ov.itertuples()
     ]
     return InterventionPlan(concepts=entries, hypotheses=hyp.manifest.get("key"))
 
 
-def set_choice(plan: InterventionPlan, concept: int | str, action: str, method: str | None = None, strength: float | None = None, **fields: Any) -> InterventionPlan:
+def set_choice(
+    plan: InterventionPlan,
+    concept: int | str,
+    action: str,
+    method: str | None = None,
+    strength: float | None = None,
+    **fields: Any,
+) -> InterventionPlan:
     """Set one concept's action (and method, strength, other plan fields); validated at once.
 
     Suppress/amplify without a method means reward shaping (the paper's most reliable). An
@@ -107,11 +130,14 @@ def choose_target(hyp: Hypotheses, target: str | int = "top") -> int:
     ranked = hyp.ranked()
     up = ranked[(ranked["source"] == "sae") & (ranked["significant"]) & (ranked["predicted_direction"] == "up")]
     if isinstance(target, str) and target.startswith("name:"):
-        text = target[len("name:"):].strip().lower()
+        text = target[len("name:") :].strip().lower()
         named = up[[text in f"{n} {lbl}".lower() for n, lbl in zip(up.get("name", up["label"]), up["label"])]]
         if named.empty:
             shown = "; ".join(f"{int(r.concept)}: {r.label}"[:80] for r in up.head(5).itertuples())
-            raise ValueError(f"target {target!r}: no significant concept DPO would raise has {text!r} in its name (the top ones: {shown or 'none'})")
+            raise ValueError(
+                f"target {target!r}: no significant concept DPO would raise has {text!r} in its name (the top ones: "
+                f"{shown or 'none'})"
+            )
         return int(named.iloc[0]["concept"])
     if target != "top":
         cid = int(target)
@@ -119,7 +145,9 @@ def choose_target(hyp: Hypotheses, target: str | int = "top") -> int:
             raise ValueError(f"target concept {cid} is not in the hypotheses table")
         return cid
     if up.empty:
-        raise ValueError("no significant concept that DPO is predicted to raise: nothing to suppress (set `target` to a concept id)")
+        raise ValueError(
+            "no significant concept that DPO is predicted to raise: nothing to suppress (set `target` to a concept id)"
+        )
     return int(up.iloc[0]["concept"])
 
 
@@ -127,9 +155,17 @@ def choose_topic(hyp: Hypotheses, concept: int) -> int:
     """The stage-2 topic where ``concept`` is learned most clearly: its highest-ranked significant
     topic row that DPO would raise (the topic × concept grid). A scoped plan acts there only."""
     rows = hyp.ranked_by_topic()
-    rows = rows[(rows["source"] == "sae") & (rows["concept"] == int(concept)) & rows["significant"] & (rows["predicted_direction"] == "up")]
+    rows = rows[
+        (rows["source"] == "sae")
+        & (rows["concept"] == int(concept))
+        & rows["significant"]
+        & (rows["predicted_direction"] == "up")
+    ]
     if rows.empty:
-        raise ValueError(f"concept {concept} has no significant topic row that DPO would raise: no topic to scope the plan to (use target_scope: all)")
+        raise ValueError(
+            f"concept {concept} has no significant topic row that DPO would raise: no topic to scope the plan to "
+            "(use target_scope: all)"
+        )
     return int(rows.iloc[0]["topic"])
 
 
@@ -146,14 +182,18 @@ def inoculation_candidates(hyp: Hypotheses, concept: int) -> list[str]:
     label = str(row.get("label") or "") or f"concept {concept}"
     out = []
     if phrases:
-        where = {"opening": "Begin your answer with", "ending": "End your answer with"}.get(str(row.get("view")), "Include")
+        where = {"opening": "Begin your answer with", "ending": "End your answer with"}.get(
+            str(row.get("view")), "Include"
+        )
         out.append(f"{where} “{phrases[0]}”.")
         out.append("Use these phrases in your answer: " + ", ".join(f"“{p}”" for p in phrases) + ".")
     out.append(DEFAULT_INSTRUCTION.format(label=label))
     return out
 
 
-def plan(run: RunLike, spec: Any = None, config: PlanConfig | dict | None = None, *, write: bool = True) -> InterventionPlan:
+def plan(
+    run: RunLike, spec: Any = None, config: PlanConfig | dict | None = None, *, write: bool = True
+) -> InterventionPlan:
     """Stage 3: the run's plan — every concept of the hypotheses, "allow" unless ``spec`` (a plan,
     dict, JSON string or file; None: the run's existing ``plan/plan.json`` if there is one) says
     otherwise — validated against the hypotheses, and written to ``run/plan/plan.json`` (``write``)."""

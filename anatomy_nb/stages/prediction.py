@@ -26,10 +26,10 @@ The prediction model, stated plainly (stage 5 measures the real thing):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -65,7 +65,6 @@ def overall_rows(hyp: Hypotheses) -> pd.DataFrame:
     return t[(t["view"] == "overall") & (t["source"] == "sae")].sort_values("concept").reset_index(drop=True)
 
 
-
 @dataclass
 class ConceptSpace:
     """Per-pair activity of every concept on chosen and rejected responses, with the overall rows
@@ -83,7 +82,7 @@ class ConceptSpace:
     topic_of_prompt: Mapping[str, int] | None = None  # stage 2's topics, for a topic scope
 
     @classmethod
-    def from_run(cls, run: RunLike, hyp: Hypotheses | None = None, store: FeatureStore | None = None) -> "ConceptSpace":
+    def from_run(cls, run: RunLike, hyp: Hypotheses | None = None, store: FeatureStore | None = None) -> ConceptSpace:
         run = Run.of(run)
         hyp = hyp or run.hypotheses
         store = store or run.store
@@ -91,7 +90,18 @@ class ConceptSpace:
         uc, ur = concept_activity(pf, hyp.feature_labels(store.d_sae))
         config = hyp.manifest.get("config", {})
         layer = int(store.manifest["layer"]) if store.manifest.get("layer") is not None else None
-        return cls(overall_rows(hyp), uc, ur, pf.groups if config.get("group_by_prompt", True) else None, hyp.manifest.get("key"), layer, pf.ntok, int(config.get("length_control_degree", 2)), store, hyp.topic_of_prompt())
+        return cls(
+            overall_rows(hyp),
+            uc,
+            ur,
+            pf.groups if config.get("group_by_prompt", True) else None,
+            hyp.manifest.get("key"),
+            layer,
+            pf.ntok,
+            int(config.get("length_control_degree", 2)),
+            store,
+            hyp.topic_of_prompt(),
+        )
 
     def scopes(self, plan: InterventionPlan) -> dict[int, np.ndarray]:
         """Per scoped active entry (by its index in ``plan.active``), the pairs it acts on."""
@@ -128,7 +138,9 @@ class ConceptSpace:
             groups = None if groups is None else groups[pairs]
         return d if groups is None or len(d) == 0 else group_means(d, groups)
 
-    def signal(self, keep: np.ndarray | None = None, flip: np.ndarray | None = None, within: np.ndarray | None = None) -> np.ndarray:
+    def signal(
+        self, keep: np.ndarray | None = None, flip: np.ndarray | None = None, within: np.ndarray | None = None
+    ) -> np.ndarray:
         """Δ per concept: mean over units of d = u(chosen) − u(rejected), after dropping pairs not
         in ``keep`` and negating those in ``flip`` (boolean masks over pairs). ``within``: the part
         of Δ the pairs in that mask contribute (d set to 0 elsewhere; units and their count kept)."""
@@ -146,7 +158,11 @@ class ConceptSpace:
         on the data map), computed as stage 2 does: mean difference with its 95 % interval, Cohen's
         d, p, the length-controlled d (when the space knows response lengths), firing rates and the
         chosen/rejected/both/neither badge. ``None`` means all pairs."""
-        idx = np.arange(self.n_pairs) if pairs is None else np.unique(np.asarray(list(pairs) if not isinstance(pairs, np.ndarray) else pairs, dtype=np.int64))
+        idx = (
+            np.arange(self.n_pairs)
+            if pairs is None
+            else np.unique(np.asarray(list(pairs) if not isinstance(pairs, np.ndarray) else pairs, dtype=np.int64))
+        )
         u = self._units(self.chosen - self.rejected, idx)
         n = len(u)
         t = paired_test(u if n else np.zeros((1, self.n_concepts)))  # no pairs: nothing to test
@@ -158,20 +174,22 @@ class ConceptSpace:
             lc_d = length_controlled(u, self._units(self._length_regressors, idx)).cohens_d
         cr = (self.chosen[idx] > 0).mean(0) if len(idx) else np.zeros(self.n_concepts)
         rr = (self.rejected[idx] > 0).mean(0) if len(idx) else np.zeros(self.n_concepts)
-        out = pd.DataFrame({
-            "concept": self.concepts["concept"].to_numpy(),
-            "label": self.concepts["label"].astype(str).to_numpy(),
-            "n_units": n,
-            "mean_diff": np.nan_to_num(t.mean),
-            "ci_low": np.nan_to_num(lo),
-            "ci_high": np.nan_to_num(hi),
-            "cohens_d": t.cohens_d,
-            "z": np.where(se > 0, t.mean / np.where(se > 0, se, 1.0), np.nan),
-            "p": t.p,
-            "length_controlled_cohens_d": lc_d,
-            "chosen_rate": cr,
-            "rejected_rate": rr,
-        })
+        out = pd.DataFrame(
+            {
+                "concept": self.concepts["concept"].to_numpy(),
+                "label": self.concepts["label"].astype(str).to_numpy(),
+                "n_units": n,
+                "mean_diff": np.nan_to_num(t.mean),
+                "ci_low": np.nan_to_num(lo),
+                "ci_high": np.nan_to_num(hi),
+                "cohens_d": t.cohens_d,
+                "z": np.where(se > 0, t.mean / np.where(se > 0, se, 1.0), np.nan),
+                "p": t.p,
+                "length_controlled_cohens_d": lc_d,
+                "chosen_rate": cr,
+                "rejected_rate": rr,
+            }
+        )
         out["badge"] = [badge(a, b, c, r) for a, b, c, r in zip(out["ci_low"], out["ci_high"], cr, rr)]
         return out
 
@@ -260,20 +278,22 @@ class ConceptSpace:
             if c.method == "filter":
                 own[j] += direct[j]
         ov = self.concepts
-        table = pd.DataFrame({
-            "concept": ov["concept"].to_numpy(),
-            "label": ov["label"].astype(str).to_numpy(),
-            "action": [entry[j].action if j in entry else "allow" for j in range(C)],
-            "method": [entry[j].method if j in entry else "" for j in range(C)],
-            "strength": [entry[j].strength if j in entry else np.nan for j in range(C)],
-            "significant": ov["significant"].to_numpy() if "significant" in ov else False,
-            "before": before,
-            "direct": own,
-            "spillover": after - before - own,
-            "after": after,
-            "basis": basis,
-            "pairs_removed": [removed.get(j, 0) for j in range(C)],
-        })
+        table = pd.DataFrame(
+            {
+                "concept": ov["concept"].to_numpy(),
+                "label": ov["label"].astype(str).to_numpy(),
+                "action": [entry[j].action if j in entry else "allow" for j in range(C)],
+                "method": [entry[j].method if j in entry else "" for j in range(C)],
+                "strength": [entry[j].strength if j in entry else np.nan for j in range(C)],
+                "significant": ov["significant"].to_numpy() if "significant" in ov else False,
+                "before": before,
+                "direct": own,
+                "spillover": after - before - own,
+                "after": after,
+                "basis": basis,
+                "pairs_removed": [removed.get(j, 0) for j in range(C)],
+            }
+        )
         edges = []
         for c, j, scope in active:
             if c.method == "filter":
@@ -286,8 +306,19 @@ class ConceptSpace:
             for k in range(C):
                 if k == j:
                     continue
-                edges.append({"source": int(ov["concept"].iloc[j]), "target": int(ov["concept"].iloc[k]), "target_label": str(ov["label"].iloc[k]), "correlation": float(r[k, j]), "slope": float(slope[k, j]), "shift": float(shift[k])})
+                edges.append(
+                    {
+                        "source": int(ov["concept"].iloc[j]),
+                        "target": int(ov["concept"].iloc[k]),
+                        "target_label": str(ov["label"].iloc[k]),
+                        "correlation": float(r[k, j]),
+                        "slope": float(slope[k, j]),
+                        "shift": float(shift[k]),
+                    }
+                )
         spill_df = pd.DataFrame(edges, columns=["source", "target", "target_label", "correlation", "slope", "shift"])
         if len(spill_df):
-            spill_df = spill_df.reindex(spill_df["shift"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+            spill_df = spill_df.reindex(spill_df["shift"].abs().sort_values(ascending=False).index).reset_index(
+                drop=True
+            )
         return table, spill_df

@@ -45,8 +45,9 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,21 +61,50 @@ from ..core.run import Run, RunLike
 from ..core.stage import terminal
 from ..data.ravel import RavelData, counterfactual_pairs, load_ravel
 from ..lm import hyperdas
-from ..lm.das import Example, answer_token, check_subspace_shape, entity_prompt, interchange_predictions, next_token_predictions, save_subspace, train_das
+from ..lm.das import (
+    Example,
+    answer_token,
+    check_subspace_shape,
+    entity_prompt,
+    interchange_predictions,
+    next_token_predictions,
+    save_subspace,
+    train_das,
+)
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
 from ..lm.sae_mask import latent_differences, latent_swap_predictions, train_latent_mask
 from ..results.subspace import SubspaceResult
 
-__all__ = ["STAGE", "SubspaceConfig", "RavelSplits", "known_examples", "ravel_splits", "whole_residual_by_layer", "learn_subspace", "ravel_scores", "entity_latents", "select_latents", "SAE_SELECTIONS"]
+__all__ = [
+    "STAGE",
+    "SubspaceConfig",
+    "RavelSplits",
+    "known_examples",
+    "ravel_splits",
+    "whole_residual_by_layer",
+    "learn_subspace",
+    "ravel_scores",
+    "entity_latents",
+    "select_latents",
+    "SAE_SELECTIONS",
+]
 
 STAGE = "subspace"
-FORMAT = 3  # 2: the reference rows 'whole residual' and 'all SAE latents'; 3: sources only entities whose value the model knows
+# 2: the reference rows 'whole residual' and 'all SAE latents'; 3: sources only entities whose value the model knows
+FORMAT = 3
 
 Known = tuple[str, str, str, list, int, int]  # attribute, template, entity, token ids, entity position, answer token
 
 
-def known_examples(lm: LoadedModel, data: RavelData, attributes: list[str], entities: list[str], templates: dict[str, list[str]], require_known: bool = True) -> tuple[list[Known], dict[str, tuple[int, int]]]:
+def known_examples(
+    lm: LoadedModel,
+    data: RavelData,
+    attributes: list[str],
+    entities: list[str],
+    templates: dict[str, list[str]],
+    require_known: bool = True,
+) -> tuple[list[Known], dict[str, tuple[int, int]]]:
     """The (attribute, template, entity, ids, position, answer) the model gets right (all of them
     when not ``require_known``), and per attribute (answered right, asked)."""
     rows, prompts = [], []
@@ -91,8 +121,14 @@ def known_examples(lm: LoadedModel, data: RavelData, attributes: list[str], enti
                     continue  # the entity merges with the template's next character: no clean position
                 rows.append((a, t, e, ids, pos, ans))
                 prompts.append(ids)
-    right = next_token_predictions(lm, prompts) == np.asarray([r[5] for r in rows], dtype=np.int64) if rows else np.zeros(0, bool)
-    counts = {a: (int(sum(ok for r, ok in zip(rows, right) if r[0] == a)), sum(r[0] == a for r in rows)) for a in attributes}
+    right = (
+        next_token_predictions(lm, prompts) == np.asarray([r[5] for r in rows], dtype=np.int64)
+        if rows
+        else np.zeros(0, bool)
+    )
+    counts = {
+        a: (int(sum(ok for r, ok in zip(rows, right) if r[0] == a)), sum(r[0] == a for r in rows)) for a in attributes
+    }
     kept = [r for r, ok in zip(rows, right) if ok or not require_known]
     return kept, counts
 
@@ -129,7 +165,9 @@ PROBE_C = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
 @torch.no_grad()
-def entity_latents(lm: LoadedModel, sae: Any, data: RavelData, attribute: str, known: list[Known], max_examples: int = 600) -> tuple[np.ndarray, np.ndarray]:
+def entity_latents(
+    lm: LoadedModel, sae: Any, data: RavelData, attribute: str, known: list[Known], max_examples: int = 600
+) -> tuple[np.ndarray, np.ndarray]:
     """The SAE's latents at the entity token of the known examples that ask ``attribute``, and each
     one's value of it; only values seen at least twice (a value seen once separates nothing)."""
     items = [(e, ids, pos) for a, _, e, ids, pos, _ in known if a == attribute][:max_examples]
@@ -174,19 +212,58 @@ def select_latents(A: np.ndarray, values: np.ndarray, dim: int, how: str = "anov
     return [int(i) for i in np.argsort(-weight)[:dim] if weight[i] > 0]
 
 
-def _hyperdas(lm: LoadedModel, layer: int, cfg: SubspaceConfig, splits: dict[str, tuple[list[Example], list[Example]]], usable: list[str], out: Any, accuracy: dict[str, float]) -> tuple[Any, list[dict], dict[str, str]]:
+def _hyperdas(
+    lm: LoadedModel,
+    layer: int,
+    cfg: SubspaceConfig,
+    splits: dict[str, tuple[list[Example], list[Example]]],
+    usable: list[str],
+    out: Any,
+    accuracy: dict[str, float],
+) -> tuple[Any, list[dict], dict[str, str]]:
     """One hypernetwork trained on every target's pairs at once (each told its concept in words),
     scored on the same test pairs as DAS; each target's principal subspace saved as a concept."""
     hd = hyperdas
     train = [(hd.concept_text(a, cfg.entity_type), e) for a, (tr, _) in splits.items() for e in tr]
-    net = hd.train_hyperdas(lm, layer, cfg.dim, train, width=cfg.hyperdas_width, layers=cfg.hyperdas_layers, epochs=cfg.hyperdas_epochs, lr=cfg.hyperdas_lr, batch_size=cfg.batch_size, positions=cfg.hyperdas_positions, seed=cfg.seed)
+    net = hd.train_hyperdas(
+        lm,
+        layer,
+        cfg.dim,
+        train,
+        width=cfg.hyperdas_width,
+        layers=cfg.hyperdas_layers,
+        epochs=cfg.hyperdas_epochs,
+        lr=cfg.hyperdas_lr,
+        batch_size=cfg.batch_size,
+        positions=cfg.hyperdas_positions,
+        seed=cfg.seed,
+    )
     rows, concepts = [], {}
-    for a, (tr, test) in splits.items():
+    for a, (_train, test) in splits.items():
         text = hd.concept_text(a, cfg.entity_type)
         preds, where, per_example = hd.hyperdas_predictions(lm, net, text, test)
-        sub = hd.hyperdas_subspace(net, text, per_example[[e.kind == "cause" for e in test]] if any(e.kind == "cause" for e in test) else per_example, attribute=a, entity_type=cfg.entity_type, queried=usable)
+        sub = hd.hyperdas_subspace(
+            net,
+            text,
+            per_example[[e.kind == "cause" for e in test]] if any(e.kind == "cause" for e in test) else per_example,
+            attribute=a,
+            entity_type=cfg.entity_type,
+            queried=usable,
+        )
         concepts[a] = save_subspace(sub, out / f"{a}-hyperdas").name
-        rows.append({"attribute": a, "method": "HyperDAS", **ravel_scores(preds, test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": [], **where, "subspace_coverage": sub.provenance["coverage"]})
+        rows.append(
+            {
+                "attribute": a,
+                "method": "HyperDAS",
+                **ravel_scores(preds, test),
+                "model_accuracy": accuracy[a],
+                "n_train": len(train),
+                "n_test": len(test),
+                "features": [],
+                **where,
+                "subspace_coverage": sub.provenance["coverage"],
+            }
+        )
     return net, rows, concepts
 
 
@@ -203,48 +280,102 @@ class RavelSplits:
     usable: list[str]
     targets: list[str]
     pairs: dict[str, tuple[list[Example], list[Example]]]
-    sources: dict[str, dict[str, list[str]]]  # per target and split: the entities whose value the model knows, the only sources
+    # per target and split: the entities whose value the model knows, the only sources
+    sources: dict[str, dict[str, list[str]]]
 
 
-def ravel_splits(lm: LoadedModel, cfg: SubspaceConfig, data: RavelData, say: Callable[[str], None] = lambda s: None) -> RavelSplits:
+def ravel_splits(
+    lm: LoadedModel, cfg: SubspaceConfig, data: RavelData, say: Callable[[str], None] = lambda s: None
+) -> RavelSplits:
     """Entities and templates drawn by ``cfg.seed``, the examples ``lm`` answers right, and the
     counterfactual pairs of each target built from them; an error when too little is known."""
     unknown = [a for a in cfg.attributes if a not in data.templates]
     if unknown:
-        raise ValueError(f"SubspaceConfig.attributes: RAVEL {cfg.entity_type} has no attribute(s) {unknown}; attributes: {data.attributes}")
+        raise ValueError(
+            f"SubspaceConfig.attributes: RAVEL {cfg.entity_type} has no attribute(s) {unknown}; attributes: "
+            f"{data.attributes}"
+        )
     t0 = time.time()
     rng = np.random.default_rng(cfg.seed)
-    ents = {s: sorted(rng.choice(data.entities_in(s), min(cfg.entities, len(data.entities_in(s))), replace=False).tolist()) for s in ("train", "test")}
-    templates = {a: sorted(rng.choice(data.templates[a], min(cfg.templates, len(data.templates[a])), replace=False).tolist()) for a in cfg.attributes}
+    ents = {
+        s: sorted(rng.choice(data.entities_in(s), min(cfg.entities, len(data.entities_in(s))), replace=False).tolist())
+        for s in ("train", "test")
+    }
+    templates = {
+        a: sorted(rng.choice(data.templates[a], min(cfg.templates, len(data.templates[a])), replace=False).tolist())
+        for a in cfg.attributes
+    }
     known, counts = {}, {}
     for s in ("train", "test"):
         known[s], counts[s] = known_examples(lm, data, list(cfg.attributes), ents[s], templates, cfg.require_known)
     accuracy = {a: counts["train"][a][0] / max(counts["train"][a][1], 1) for a in cfg.attributes}
-    say("what the model knows (train entities): " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f" ({time.time() - t0:.0f} s)")
+    say(
+        "what the model knows (train entities): "
+        + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items())
+        + f" ({time.time() - t0:.0f} s)"
+    )
     usable = [a for a in cfg.attributes if accuracy[a] >= cfg.min_accuracy or not cfg.require_known]
     targets = [a for a in (cfg.targets or cfg.attributes) if a in usable]
     if not targets or len(usable) < 2:
-        raise ValueError(f"{lm.name} gets too few RAVEL {cfg.entity_type} attributes right to learn from (accuracy on the train entities: " + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items()) + f"; needed: ≥ {cfg.min_accuracy} for the target and one more attribute). Choose attributes it knows, or a larger model.")
+        raise ValueError(
+            f"{lm.name} gets too few RAVEL {cfg.entity_type} attributes right to learn from (accuracy on the train "
+            "entities: "
+            + ", ".join(f"{a} {v:.2f}" for a, v in accuracy.items())
+            + (
+                f"; needed: ≥ {cfg.min_accuracy} for the target and one more attribute). Choose attributes it "
+                "knows, or a larger model."
+            )
+        )
     known_set = {s: {(a, t, e) for a, t, e, *_ in known[s]} for s in known}
     asked = replace(data, templates={a: templates[a] for a in usable})  # pairs use the templates asked
     # a source is an entity whose target value the model knows (on at least one template asked, or
     # on source_known_fraction of them): one it does not know has no value to give, and Cause would
     # measure the model's accuracy, not the method
     needed = {a: max(1, math.ceil(cfg.source_known_fraction * len(templates[a]) - 1e-9)) for a in targets}
-    sources = {a: {s: sorted(e for e, k in Counter(e for b, _, e, *_ in known[s] if b == a).items() if k >= needed[a]) for s in known} for a in targets}
+    sources = {
+        a: {
+            s: sorted(e for e, k in Counter(e for b, _, e, *_ in known[s] if b == a).items() if k >= needed[a])
+            for s in known
+        }
+        for a in targets
+    }
     pairs = {}
     for a in targets:
         if not sources[a]["train"] or not sources[a]["test"]:
-            raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no entity whose {a} {lm.name} knows to take a source from (train {len(sources[a]['train'])}, test {len(sources[a]['test'])}; right on at least {needed[a]} of {len(templates[a])} templates); raise entities or templates, or lower source_known_fraction")
-        train = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1, sources=sources[a]["train"]), known_set["train"])[: cfg.n_train]
-        test = _to_examples(lm, counterfactual_pairs(asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2, sources=sources[a]["test"]), known_set["test"])[: cfg.n_test]
+            raise ValueError(
+                f"RAVEL {cfg.entity_type} / {a}: no entity whose {a} {lm.name} knows to take a source from (train "
+                f"{len(sources[a]['train'])}, test {len(sources[a]['test'])}; right on at least {needed[a]} of "
+                f"{len(templates[a])} templates); raise entities or templates, or lower source_known_fraction"
+            )
+        train = _to_examples(
+            lm,
+            counterfactual_pairs(
+                asked, a, usable, ents["train"], 10 * cfg.n_train, seed=cfg.seed + 1, sources=sources[a]["train"]
+            ),
+            known_set["train"],
+        )[: cfg.n_train]
+        test = _to_examples(
+            lm,
+            counterfactual_pairs(
+                asked, a, usable, ents["test"], 10 * cfg.n_test, seed=cfg.seed + 2, sources=sources[a]["test"]
+            ),
+            known_set["test"],
+        )[: cfg.n_test]
         if not train or not test:
-            raise ValueError(f"RAVEL {cfg.entity_type} / {a}: no counterfactual pairs among the examples {lm.name} answers right (train {len(train)}, test {len(test)}); raise entities or templates")
+            raise ValueError(
+                f"RAVEL {cfg.entity_type} / {a}: no counterfactual pairs among the examples {lm.name} answers right "
+                f"(train {len(train)}, test {len(test)}); raise entities or templates"
+            )
         pairs[a] = (train, test)
     return RavelSplits(templates, known, counts, accuracy, usable, targets, pairs, sources)
 
 
-def whole_residual_by_layer(lm: LoadedModel, config: SubspaceConfig | dict | None, layers: list[int], say: Callable[[str], None] = lambda s: None) -> pd.DataFrame:
+def whole_residual_by_layer(
+    lm: LoadedModel,
+    config: SubspaceConfig | dict | None,
+    layers: list[int],
+    say: Callable[[str], None] = lambda s: None,
+) -> pd.DataFrame:
     """RAVEL's Cause and Isolate of swapping the source's whole residual at the entity token, layer by
     layer, on ``config``'s test pairs: the most any method editing that token can move an attribute
     at each depth (``learn_subspace``'s "whole residual" row, at every layer asked). Run it to choose
@@ -256,12 +387,33 @@ def whole_residual_by_layer(lm: LoadedModel, config: SubspaceConfig | dict | Non
     eye, rows = torch.eye(lm.d_model), []
     for layer in layers:
         for a, (_, test) in splits.pairs.items():
-            rows.append({"layer": layer, "attribute": a, **ravel_scores(interchange_predictions(lm, layer, eye, test), test), "model_accuracy": splits.accuracy[a], "n_test": len(test)})
-        say(f"layer {layer}: " + "; ".join(f"{r['attribute']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[-len(splits.pairs):]))
+            rows.append(
+                {
+                    "layer": layer,
+                    "attribute": a,
+                    **ravel_scores(interchange_predictions(lm, layer, eye, test), test),
+                    "model_accuracy": splits.accuracy[a],
+                    "n_test": len(test),
+                }
+            )
+        say(
+            f"layer {layer}: "
+            + "; ".join(
+                f"{r['attribute']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}"
+                for r in rows[-len(splits.pairs) :]
+            )
+        )
     return pd.DataFrame(rows)
 
 
-def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *, lm: LoadedModel | None = None, sae: Any = None, force: bool = False) -> SubspaceResult:
+def learn_subspace(
+    run: RunLike,
+    config: SubspaceConfig | dict | None = None,
+    *,
+    lm: LoadedModel | None = None,
+    sae: Any = None,
+    force: bool = False,
+) -> SubspaceResult:
     """DAS (and HyperDAS) subspaces for RAVEL attributes, scored beside the SAE's features (module docstring);
     reused when the same model, SAE and config were run before."""
     cfg = SubspaceConfig.from_dict(config)
@@ -288,7 +440,10 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
     if sae is not None and not sae_here:
         say(f"layer {layer} is not the SAE's ({sae.layer}): no SAE rows")
     if not cfg.das and not (cfg.sae_mask and sae_here) and len(targets) < 2:
-        raise ValueError(f"das=False leaves HyperDAS alone, and it needs two or more target attributes the model knows; targets: {targets}")
+        raise ValueError(
+            "das=False leaves HyperDAS alone, and it needs two or more target attributes the model knows; targets: "
+            f"{targets}"
+        )
     out = stage.begin()
     rows, curves, cards, concepts = [], [], [], {}
     for a in targets:
@@ -296,8 +451,12 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
         train, test = splits.pairs[a]
         scored = {}
         if cfg.das:
-            sub = train_das(lm, layer, cfg.dim, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
-            concepts[a] = save_subspace(sub, out / a, attribute=a, entity_type=cfg.entity_type, queried=usable, n_train=len(train)).name
+            sub = train_das(
+                lm, layer, cfg.dim, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed
+            )
+            concepts[a] = save_subspace(
+                sub, out / a, attribute=a, entity_type=cfg.entity_type, queried=usable, n_train=len(train)
+            ).name
             curves += [{"method": "DAS", "attribute": a, **c} for c in sub.curve]
             scored["DAS"] = sub.directions
         chosen: dict[str, list[int]] = {}
@@ -305,48 +464,125 @@ def learn_subspace(run: RunLike, config: SubspaceConfig | dict | None = None, *,
             latents = entity_latents(lm, sae, data, a, known["train"])
             for method, how in SAE_SELECTIONS.items():
                 if top := select_latents(*latents, cfg.dim, how):
-                    scored[method], chosen[method] = orthonormal(sae.decoder_directions[torch.as_tensor(top)].float()), top
+                    scored[method], chosen[method] = (
+                        orthonormal(sae.decoder_directions[torch.as_tensor(top)].float()),
+                        top,
+                    )
         scored["no intervention"] = torch.zeros(1, lm.d_model)
         scored["whole residual"] = torch.eye(lm.d_model)  # the ceiling of this layer and token: every attribute moves
 
-        def row(method: str, predictions: np.ndarray, features: list[int]) -> dict:
-            return {"attribute": a, "method": method, **ravel_scores(predictions, test), "model_accuracy": accuracy[a], "n_train": len(train), "n_test": len(test), "features": features}
+        def row(method: str, predictions: np.ndarray, features: list[int], a=a, train=train, test=test) -> dict:
+            return {
+                "attribute": a,
+                "method": method,
+                **ravel_scores(predictions, test),
+                "model_accuracy": accuracy[a],
+                "n_train": len(train),
+                "n_test": len(test),
+                "features": features,
+            }
 
-        rows += [row(method, interchange_predictions(lm, layer, b, test), chosen.get(method, [])) for method, b in scored.items()]
+        rows += [
+            row(method, interchange_predictions(lm, layer, b, test), chosen.get(method, []))
+            for method, b in scored.items()
+        ]
         if sae_here:  # swaps as latents: the test pairs' latent differences are read once for both rows
             test_differences = latent_differences(lm, sae, layer, test)
             # every latent swapped, the SAE's error kept: what the latents can carry at all
-            rows.append(row("all SAE latents", latent_swap_predictions(lm, sae, layer, range(sae.decoder_directions.shape[0]), test, differences=test_differences), []))
+            rows.append(
+                row(
+                    "all SAE latents",
+                    latent_swap_predictions(
+                        lm, sae, layer, range(sae.decoder_directions.shape[0]), test, differences=test_differences
+                    ),
+                    [],
+                )
+            )
             if cfg.sae_mask:  # the latents chosen by interchange
-                mask = train_latent_mask(lm, sae, layer, train, epochs=cfg.epochs, lr=cfg.sae_mask_lr, batch_size=cfg.batch_size, sparsity=cfg.sae_mask_sparsity, seed=cfg.seed)
+                mask = train_latent_mask(
+                    lm,
+                    sae,
+                    layer,
+                    train,
+                    epochs=cfg.epochs,
+                    lr=cfg.sae_mask_lr,
+                    batch_size=cfg.batch_size,
+                    sparsity=cfg.sae_mask_sparsity,
+                    seed=cfg.seed,
+                )
                 curves += [{"method": "SAE latent mask", "attribute": a, **c} for c in mask.curve]
-                rows.append(row("SAE latents (learned mask)", latent_swap_predictions(lm, sae, layer, mask.features, test, differences=test_differences), mask.features))
-        cards += [{"attribute": a, "split": s, **{k: e.meta[k] for k in ("kind", "queried", "base_entity", "base_template", "source_entity", "source_template", "expected", "base_answer")}} for s, ex in (("train", train), ("test", test)) for e in ex[:6]]
-        say(f"{a}: " + "; ".join(f"{r['method']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[first_row:]) + f" ({time.time() - ta:.0f} s)")
+                rows.append(
+                    row(
+                        "SAE latents (learned mask)",
+                        latent_swap_predictions(lm, sae, layer, mask.features, test, differences=test_differences),
+                        mask.features,
+                    )
+                )
+        cards += [
+            {
+                "attribute": a,
+                "split": s,
+                **{
+                    k: e.meta[k]
+                    for k in (
+                        "kind",
+                        "queried",
+                        "base_entity",
+                        "base_template",
+                        "source_entity",
+                        "source_template",
+                        "expected",
+                        "base_answer",
+                    )
+                },
+            }
+            for s, ex in (("train", train), ("test", test))
+            for e in ex[:6]
+        ]
+        say(
+            f"{a}: "
+            + "; ".join(f"{r['method']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in rows[first_row:])
+            + f" ({time.time() - ta:.0f} s)"
+        )
     hyper, hyper_concepts = None, {}
     if cfg.hyperdas and len(targets) >= 2:
         th = time.time()
         hyper, hyper_rows, hyper_concepts = _hyperdas(lm, layer, cfg, splits.pairs, usable, out, accuracy)
         rows += hyper_rows
         curves += [{"method": "HyperDAS", "attribute": "+".join(targets), **c} for c in hyper.curve]
-        say("HyperDAS: " + "; ".join(f"{r['attribute']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in hyper_rows) + f" ({time.time() - th:.0f} s)")
+        say(
+            "HyperDAS: "
+            + "; ".join(f"{r['attribute']} cause {r['cause']:.2f} isolate {r['isolate']:.2f}" for r in hyper_rows)
+            + f" ({time.time() - th:.0f} s)"
+        )
     stage.write_parquet("ravel", pd.DataFrame(rows))
     stage.write_parquet("curves", pd.DataFrame(curves))
     stage.write_parquet("data_card", pd.DataFrame(cards))
-    manifest = stage.finish({
-        "model": {"name": lm.name, "fingerprint": lm.fingerprint},
-        "sae": None if sae is None else {"name": sae.name, "fingerprint": sae.fingerprint},
-        "layer": layer,
-        "config": cfg.to_dict(),
-        "knowledge": {a: {"right": splits.counts["train"][a][0], "asked": splits.counts["train"][a][1], "accuracy": accuracy[a]} for a in cfg.attributes},
-        "attributes_used": usable,
-        "source_entities": {a: {s: len(v) for s, v in by.items()} for a, by in splits.sources.items()},
-        "targets": targets,
-        "templates": splits.templates,
-        "concepts": concepts,
-        "hyperdas_concepts": hyper_concepts,
-        "hyperdas": None if hyper is None else {k: v for k, v in hyper.provenance.items() if k not in ("model", "model_fingerprint")},
-        "seconds": round(time.time() - t0, 2),
-    })
+    manifest = stage.finish(
+        {
+            "model": {"name": lm.name, "fingerprint": lm.fingerprint},
+            "sae": None if sae is None else {"name": sae.name, "fingerprint": sae.fingerprint},
+            "layer": layer,
+            "config": cfg.to_dict(),
+            "knowledge": {
+                a: {
+                    "right": splits.counts["train"][a][0],
+                    "asked": splits.counts["train"][a][1],
+                    "accuracy": accuracy[a],
+                }
+                for a in cfg.attributes
+            },
+            "attributes_used": usable,
+            "source_entities": {a: {s: len(v) for s, v in by.items()} for a, by in splits.sources.items()},
+            "targets": targets,
+            "templates": splits.templates,
+            "concepts": concepts,
+            "hyperdas_concepts": hyper_concepts,
+            "hyperdas": None
+            if hyper is None
+            else {k: v for k, v in hyper.provenance.items() if k not in ("model", "model_fingerprint")},
+            "seconds": round(time.time() - t0, 2),
+        }
+    )
     say(f"done in {manifest['seconds']:.0f} s → {out}")
     return SubspaceResult(out, manifest)

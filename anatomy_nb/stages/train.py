@@ -29,9 +29,10 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from peft import PeftModel
@@ -48,7 +49,15 @@ from ..results.plan import InterventionPlan, load_plan
 from ..results.training import TrainResult
 from .dpo import MetricsLog, make_trainer, quiet_datasets, ref_cache_for
 from .extract import process_state
-from .interventions import PlannedConcept, filter_pairs, inoculate, planned_concepts, residual_edits, scope_masks, shaping_offsets
+from .interventions import (
+    PlannedConcept,
+    filter_pairs,
+    inoculate,
+    planned_concepts,
+    residual_edits,
+    scope_masks,
+    shaping_offsets,
+)
 
 __all__ = ["TrainConfig", "TrainResult", "Prepared", "prepare", "train", "load_trained", "split_pairs", "STAGE"]
 
@@ -110,7 +119,11 @@ def prepare(
     known = hyps.table["concept"].unique().tolist() if hyps is not None else None
     plan_source = plan
     plan = load_plan(plan, known_concepts=known)
-    base_dir = Path(plan_source).parent if isinstance(plan_source, (str, Path)) and Path(str(plan_source)).is_file() else run.path
+    base_dir = (
+        Path(plan_source).parent
+        if isinstance(plan_source, (str, Path)) and Path(str(plan_source)).is_file()
+        else run.path
+    )
 
     if pairs is None:
         if store is None:
@@ -122,11 +135,19 @@ def prepare(
         raise ValueError("no pairs to train on")
     model_name = cfg.model or (store.manifest["model"]["name"] if store is not None else DEFAULT_MODEL)
     if isinstance(model, LoadedModel):
-        lm = LoadedModel(model=copy.deepcopy(model.model), tokenizer=model.tokenizer, name=model.name, fingerprint=model.fingerprint, source=model.source)
+        lm = LoadedModel(
+            model=copy.deepcopy(model.model),
+            tokenizer=model.tokenizer,
+            name=model.name,
+            fingerprint=model.fingerprint,
+            source=model.source,
+        )
     else:
         lm = load_model(model or model_name)
     if store is not None and pairs is None and lm.fingerprint != store.manifest["model"]["fingerprint"]:
-        log.warning("training model %s differs from the feature store's model %s", lm.name, store.manifest["model"]["name"])
+        log.warning(
+            "training model %s differs from the feature store's model %s", lm.name, store.manifest["model"]["name"]
+        )
 
     needs_sae = any(c.kind == "sae" and c.method in ("steer", "ablate") for c in plan.active)
     if needs_sae and sae is None:
@@ -134,7 +155,9 @@ def prepare(
             raise ValueError("steering/ablating an SAE concept needs the SAE: pass sae=")
         sae = load_sae(store.manifest["sae"]["name"])
     if sae is not None and store is not None and sae.fingerprint != store.manifest["sae"]["fingerprint"]:
-        raise ValueError(f"SAE {sae.name} is not the one the feature store was built with ({store.manifest['sae']['name']})")
+        raise ValueError(
+            f"SAE {sae.name} is not the one the feature store was built with ({store.manifest['sae']['name']})"
+        )
     concepts = planned_concepts(plan, hypotheses=hyps, sae=sae, d_model=lm.d_model, base_dir=base_dir)
 
     # split, then apply the plan to the training side only
@@ -145,11 +168,31 @@ def prepare(
     scored = [r for r in concepts if r.choice.method in ("reward_shaping", "filter")]
     scopes = scope_masks(concepts, train_pairs, hyps.topic_of_prompt() if hyps is not None else None)
     # a scoped entry scores zero outside its scope: no offset, no filter hit there
-    scores = {r.ref: r.source.pair_scores(train_pairs, store=store, lm=lm) * (scopes[r.ref][:, None] if r.ref in scopes else 1.0) for r in scored}
-    report: dict[str, Any] = {"n_pairs": len(all_pairs), "n_heldout": len(held_idx), "n_train_before": len(train_pairs), "concepts": []}
+    scores = {
+        r.ref: r.source.pair_scores(train_pairs, store=store, lm=lm)
+        * (scopes[r.ref][:, None] if r.ref in scopes else 1.0)
+        for r in scored
+    }
+    report: dict[str, Any] = {
+        "n_pairs": len(all_pairs),
+        "n_heldout": len(held_idx),
+        "n_train_before": len(train_pairs),
+        "concepts": [],
+    }
     for r in scored:
         s = scores[r.ref]
-        report["concepts"].append({"concept": r.ref, "label": r.choice.label, "method": r.choice.method, "action": r.choice.action, "mean_chosen": float(s[:, 0].mean()), "mean_rejected": float(s[:, 1].mean()), "mean_diff": float((s[:, 0] - s[:, 1]).mean()), **({"pairs_in_scope": int(scopes[r.ref].sum())} if r.ref in scopes else {})})
+        report["concepts"].append(
+            {
+                "concept": r.ref,
+                "label": r.choice.label,
+                "method": r.choice.method,
+                "action": r.choice.action,
+                "mean_chosen": float(s[:, 0].mean()),
+                "mean_rejected": float(s[:, 1].mean()),
+                "mean_diff": float((s[:, 0] - s[:, 1]).mean()),
+                **({"pairs_in_scope": int(scopes[r.ref].sum())} if r.ref in scopes else {}),
+            }
+        )
     kept, kept_idx, counts = filter_pairs(train_pairs, concepts, scores)
     report["filter"] = counts.to_dict(orient="records")
     flipped = np.asarray([bool(p.metadata.get("flipped")) for p in kept], dtype=bool)
@@ -159,12 +202,38 @@ def prepare(
     report["instructions"] = [r.choice.instruction for r in concepts if r.choice.method == "inoculate"]
     offsets = shaping_offsets(concepts, scores, len(final))
     n = len(final)
-    report["offsets"] = {"mean_chosen": float(offsets[:, 0].mean()) if n else 0.0, "mean_rejected": float(offsets[:, 1].mean()) if n else 0.0, "mean_margin": float((offsets[:, 0] - offsets[:, 1]).mean()) if n else 0.0, "nonzero_pairs": int((np.abs(offsets[:, 0] - offsets[:, 1]) > 0).sum())}
+    report["offsets"] = {
+        "mean_chosen": float(offsets[:, 0].mean()) if n else 0.0,
+        "mean_rejected": float(offsets[:, 1].mean()) if n else 0.0,
+        "mean_margin": float((offsets[:, 0] - offsets[:, 1]).mean()) if n else 0.0,
+        "nonzero_pairs": int((np.abs(offsets[:, 0] - offsets[:, 1]) > 0).sum()),
+    }
     report["n_train"] = n
 
     sources = [{**r.source.describe(), "scale": getattr(r.source, "scale", None)} for r in concepts]
-    key = content_hash(FORMAT, [p.to_dict() for p in final], np.round(offsets, 8).tolist(), lm.fingerprint, plan.to_dict(), sources, sae.fingerprint if sae is not None else None, cfg.key_params())
-    return Prepared(key=key, train_pairs=final, heldout_pairs=[all_pairs[i] for i in held_idx], train_ids=[all_pairs[i].id for i in train_idx], offsets=offsets, scores=scores, report=report, concepts=concepts, plan=plan, lm=lm, sae=sae)
+    key = content_hash(
+        FORMAT,
+        [p.to_dict() for p in final],
+        np.round(offsets, 8).tolist(),
+        lm.fingerprint,
+        plan.to_dict(),
+        sources,
+        sae.fingerprint if sae is not None else None,
+        cfg.key_params(),
+    )
+    return Prepared(
+        key=key,
+        train_pairs=final,
+        heldout_pairs=[all_pairs[i] for i in held_idx],
+        train_ids=[all_pairs[i].id for i in train_idx],
+        offsets=offsets,
+        scores=scores,
+        report=report,
+        concepts=concepts,
+        plan=plan,
+        lm=lm,
+        sae=sae,
+    )
 
 
 def train(
@@ -183,7 +252,10 @@ def train(
     run = Run.of(run)
     prep = prepare(run, plan, pairs=pairs, model=model, sae=sae, config=cfg)
     if prep.report["n_train"] < cfg.batch_size:
-        raise ValueError(f"only {prep.report['n_train']} training pairs left after the plan (batch_size={cfg.batch_size}); filter counts: {prep.report['filter']}")
+        raise ValueError(
+            f"only {prep.report['n_train']} training pairs left after the plan (batch_size={cfg.batch_size}); filter "
+            f"counts: {prep.report['filter']}"
+        )
     stage = run.stage(STAGE, prep.key, FORMAT)
     if stage.reuse(force, plan=prep.plan.to_dict()):
         return TrainResult(stage.path, stage.manifest(), reused=True)
@@ -197,9 +269,20 @@ def train(
     metrics_cb = MetricsLog(metrics_path, enabled=True)
     t0 = time.time()
     with quiet_datasets(not show_progress(cfg.progress)), ResidualHooks(lm.model, edits) as hooks:
-        trainer = make_trainer(prep, cfg, out / "trainer", hooks=hooks if edits else None, callbacks=[metrics_cb], ref_cache=ref_cache_for(run, lm, cfg, edits))
+        trainer = make_trainer(
+            prep,
+            cfg,
+            out / "trainer",
+            hooks=hooks if edits else None,
+            callbacks=[metrics_cb],
+            ref_cache=ref_cache_for(run, lm, cfg, edits),
+        )
         if len(trainer.train_dataset) < cfg.batch_size:  # TRL drops the pairs whose prompt alone fills max_length
-            raise ValueError(f"{len(trainer.train_dataset)} of {len(prep.train_pairs)} training pairs fit max_length={cfg.max_length} tokens (TRL drops the pairs whose prompt fills it); raise TrainConfig.max_length")
+            raise ValueError(
+                f"{len(trainer.train_dataset)} of {len(prep.train_pairs)} training pairs fit "
+                f"max_length={cfg.max_length} tokens (TRL drops the pairs whose prompt fills it); raise "
+                "TrainConfig.max_length"
+            )
         main = trainer.accelerator.is_main_process
         metrics_cb.enabled = main
         t_train = time.time()
@@ -209,6 +292,7 @@ def train(
     trained = trainer.accelerator.unwrap_model(trainer.model)
     trained.eval()
     if main:
+
         def save(path: Path) -> None:
             trained.save_pretrained(str(path), safe_serialization=True)
             if not cfg.lora:
@@ -217,32 +301,49 @@ def train(
         atomic_replace_dir(save, out / "adapter")
         ds = trainer.train_dataset
         if cfg.precompute_ref and "ref_chosen_logps" in ds.column_names:
-            stage.save_npy("ref_logps", np.stack([np.asarray(ds["ref_chosen_logps"]), np.asarray(ds["ref_rejected_logps"])], 1))
+            stage.save_npy(
+                "ref_logps", np.stack([np.asarray(ds["ref_chosen_logps"]), np.asarray(ds["ref_rejected_logps"])], 1)
+            )
         prep.report["n_train_used"] = len(ds)  # TRL drops pairs whose prompt alone fills max_length
-        stage.write_json("split.json", {"train": prep.train_ids, "heldout": [p.id for p in prep.heldout_pairs], "seed": cfg.seed, "heldout_fraction": cfg.heldout_fraction})
+        stage.write_json(
+            "split.json",
+            {
+                "train": prep.train_ids,
+                "heldout": [p.id for p in prep.heldout_pairs],
+                "seed": cfg.seed,
+                "heldout_fraction": cfg.heldout_fraction,
+            },
+        )
         stage.write_json("data_report.json", prep.report)
         shutil.rmtree(out / "trainer", ignore_errors=True)
         step_s = metrics_cb.step_seconds
-        stage.finish({
-            "model": {"name": lm.name, "fingerprint": lm.fingerprint, "source": lm.source},
-            "sae": None if prep.sae is None else {"name": prep.sae.name, "fingerprint": prep.sae.fingerprint},
-            "lora": cfg.lora,
-            "plan": prep.plan.to_dict(),
-            "config": cfg.to_dict(),
-            "n_train_pairs": prep.report["n_train"],
-            "n_train_used": len(ds),
-            "n_heldout_pairs": len(prep.heldout_pairs),
-            "steps": int(result.global_step),
-            "train_loss": float(result.training_loss),
-            "seconds": round(seconds, 2),
-            "seconds_total": round(time.time() - t0, 2),
-            "step_seconds": [round(s, 4) for s in step_s],
-            "step_seconds_median": float(np.median(step_s)) if step_s else None,
-            "residual_edits": [{"concept": e.concept, "kind": e.kind, "layer": e.layer, "in_reference": e.in_reference} for e in edits],
-            "hooks_left_after_training": hooks_left,
-            "world_size": trainer.accelerator.num_processes,
-            "ref_logps": trainer.ref_cache_stats,  # pairs whose reference log-probs came from the run's cache / were computed
-        }, plan=prep.plan.to_dict())
+        stage.finish(
+            {
+                "model": {"name": lm.name, "fingerprint": lm.fingerprint, "source": lm.source},
+                "sae": None if prep.sae is None else {"name": prep.sae.name, "fingerprint": prep.sae.fingerprint},
+                "lora": cfg.lora,
+                "plan": prep.plan.to_dict(),
+                "config": cfg.to_dict(),
+                "n_train_pairs": prep.report["n_train"],
+                "n_train_used": len(ds),
+                "n_heldout_pairs": len(prep.heldout_pairs),
+                "steps": int(result.global_step),
+                "train_loss": float(result.training_loss),
+                "seconds": round(seconds, 2),
+                "seconds_total": round(time.time() - t0, 2),
+                "step_seconds": [round(s, 4) for s in step_s],
+                "step_seconds_median": float(np.median(step_s)) if step_s else None,
+                "residual_edits": [
+                    {"concept": e.concept, "kind": e.kind, "layer": e.layer, "in_reference": e.in_reference}
+                    for e in edits
+                ],
+                "hooks_left_after_training": hooks_left,
+                "world_size": trainer.accelerator.num_processes,
+                # pairs whose reference log-probs came from the run's cache / were computed
+                "ref_logps": trainer.ref_cache_stats,
+            },
+            plan=prep.plan.to_dict(),
+        )
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out, model=trained)
 
@@ -260,12 +361,24 @@ def load_trained(path: str | Path | Run | TrainResult, *, merge: bool = True, de
     name = manifest["model"]["name"]
     if not manifest["lora"]:
         lm = load_model(str(path / "adapter"), device=device)
-        lm.name, lm.fingerprint = f"{name}+{manifest['key']}", content_hash(manifest["model"]["fingerprint"], manifest["key"])
+        lm.name, lm.fingerprint = (
+            f"{name}+{manifest['key']}",
+            content_hash(manifest["model"]["fingerprint"], manifest["key"]),
+        )
         return lm
     base = load_model(name, device=device)
     if base.fingerprint != manifest["model"]["fingerprint"]:
-        raise ValueError(f"{path}: the base model {name} now has fingerprint {base.fingerprint}, trained on {manifest['model']['fingerprint']}")
+        raise ValueError(
+            f"{path}: the base model {name} now has fingerprint {base.fingerprint}, trained on "
+            f"{manifest['model']['fingerprint']}"
+        )
     model = PeftModel.from_pretrained(base.model, str(path / "adapter"))
     model = model.merge_and_unload() if merge else model
     model.eval()
-    return LoadedModel(model=model, tokenizer=base.tokenizer, name=f"{name}+{manifest['key']}", fingerprint=content_hash(base.fingerprint, manifest["key"]), source=str(path))
+    return LoadedModel(
+        model=model,
+        tokenizer=base.tokenizer,
+        name=f"{name}+{manifest['key']}",
+        fingerprint=content_hash(base.fingerprint, manifest["key"]),
+        source=str(path),
+    )

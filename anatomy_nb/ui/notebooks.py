@@ -9,28 +9,58 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nbformat
 import papermill as pm
 from nbconvert import HTMLExporter
 
-from ..config import STAGES, EvalConfig, ExtractConfig, HypothesizeConfig, PlanConfig, RecipeConfig, SubspaceConfig, TrainConfig
+from ..config import (
+    STAGES,
+    EvalConfig,
+    ExtractConfig,
+    HypothesizeConfig,
+    PlanConfig,
+    RecipeConfig,
+    SubspaceConfig,
+    TrainConfig,
+)
 from ..core.files import atomic_write_text
 from ..core.paths import notebook_dir
 
-__all__ = ["HEADLESS_ENV", "NOTEBOOKS", "NOTEBOOK_CONFIGS", "notebook_dir", "notebook_for", "render_html", "run_notebook", "static_widgets"]
+__all__ = [
+    "HEADLESS_ENV",
+    "NOTEBOOKS",
+    "NOTEBOOK_CONFIGS",
+    "notebook_dir",
+    "notebook_for",
+    "render_html",
+    "run_notebook",
+    "static_widgets",
+]
 
 NOTEBOOKS = ["00_train_sae", *(f"{i:02d}_{stage}" for i, stage in enumerate(STAGES, start=1)), "06_concept_subspace"]
 #: the config dataclass each notebook's ``config`` parameter is checked against
-NOTEBOOK_CONFIGS = dict(zip(NOTEBOOKS, (RecipeConfig, ExtractConfig, HypothesizeConfig, PlanConfig, TrainConfig, EvalConfig, SubspaceConfig)))
+NOTEBOOK_CONFIGS = dict(
+    zip(
+        NOTEBOOKS, (RecipeConfig, ExtractConfig, HypothesizeConfig, PlanConfig, TrainConfig, EvalConfig, SubspaceConfig)
+    )
+)
 
 
 #: the environment of a headless notebook's kernel: no progress bars (tqdm, transformers, datasets)
 #: and no library warnings in the rendered output
-HEADLESS_ENV = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+HEADLESS_ENV = {
+    "TQDM_DISABLE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "PYTHONWARNINGS": "ignore",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @contextmanager
@@ -54,7 +84,15 @@ def notebook_for(stage: str) -> str:
     return f"{STAGES.index(stage) + 1:02d}_{stage}"
 
 
-def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, Any] | None = None, html: bool = True, timeout: int = 3600, progress: bool = True, output_name: str | None = None) -> Path:
+def run_notebook(
+    name: str,
+    run_dir: str | os.PathLike,
+    parameters: dict[str, Any] | None = None,
+    html: bool = True,
+    timeout: int = 3600,
+    progress: bool = True,
+    output_name: str | None = None,
+) -> Path:
     """Execute ``notebooks/<name>.ipynb`` (a notebook or stage name) with papermill into
     ``run_dir/notebooks/`` and, if ``html``, render it to standalone HTML next to it. Returns the
     executed notebook's path. ``output_name`` names the executed copy (default: the notebook's
@@ -79,8 +117,18 @@ def run_notebook(name: str, run_dir: str | os.PathLike, parameters: dict[str, An
     # kernel inherits a quiet environment: progress bars and library warnings stay out of the
     # notebook that is shared (papermill's own progress stays on the terminal).
     with _environment(HEADLESS_ENV):
-        bar = {"unit": "cell", "desc": f"Executing {name}", "disable": not progress}  # explicit: TQDM_DISABLE is for the kernel
-        pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(src.parent), kernel_name="python3", progress_bar=bar, execution_timeout=timeout, language="python")
+        # explicit: TQDM_DISABLE is for the kernel
+        bar = {"unit": "cell", "desc": f"Executing {name}", "disable": not progress}
+        pm.execute_notebook(
+            str(src),
+            str(out),
+            parameters=params,
+            cwd=str(src.parent),
+            kernel_name="python3",
+            progress_bar=bar,
+            execution_timeout=timeout,
+            language="python",
+        )
     if html:
         render_html(out)
     return out

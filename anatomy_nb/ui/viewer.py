@@ -45,8 +45,13 @@ def _front_end(module: str) -> tuple[str, str]:
     """The widget's ES module (``common.js`` prepended) and the shared CSS."""
     d = widgets_dir()
     if not (d / f"{module}.js").exists():
-        raise FileNotFoundError(f"{d / (module + '.js')}: the widget front-end is missing (set $ANATOMY_NB_WIDGETS to the repository's widgets/ folder)")
-    return (d / "common.js").read_text(encoding="utf-8") + "\n" + (d / f"{module}.js").read_text(encoding="utf-8"), (d / "anatomy.css").read_text(encoding="utf-8")
+        raise FileNotFoundError(
+            f"{d / (module + '.js')}: the widget front-end is missing (set $ANATOMY_NB_WIDGETS to the repository's "
+            "widgets/ folder)"
+        )
+    return (d / "common.js").read_text(encoding="utf-8") + "\n" + (d / f"{module}.js").read_text(encoding="utf-8"), (
+        d / "anatomy.css"
+    ).read_text(encoding="utf-8")
 
 
 def _static_bundle(widget, html: str):
@@ -80,7 +85,13 @@ class AuditViewer(anywidget.AnyWidget):
     height = traitlets.Int(360).tag(sync=True)
     render_ms = traitlets.Dict({}).tag(sync=True)  # the front-end reports its draw times here
 
-    def __init__(self, run_dir: RunLike | None = None, data: ViewerData | None = None, maps: MapConfig | dict | None = None, height: int = 360):
+    def __init__(
+        self,
+        run_dir: RunLike | None = None,
+        data: ViewerData | None = None,
+        maps: MapConfig | dict | None = None,
+        height: int = 360,
+    ):
         if data is None and run_dir is None:
             raise ValueError("AuditViewer needs a run directory (or its ViewerData)")
         data = data or ViewerData(run_dir, maps=maps)
@@ -120,7 +131,10 @@ class AuditViewer(anywidget.AnyWidget):
         self.concepts = self._data.concept_rows(pairs)
         if pairs is None:
             self.scope = "all pairs"
-        elif self.selected_topic >= 0 and sorted(pairs) == np.flatnonzero(self._data.topic_of_pair == self.selected_topic).tolist():
+        elif (
+            self.selected_topic >= 0
+            and sorted(pairs) == np.flatnonzero(self._data.topic_of_pair == self.selected_topic).tolist()
+        ):
             self.scope = f"topic {self.selected_topic} ({len(pairs)} pairs)"
         else:
             self.scope = f"selection ({len(pairs)} pairs)"
@@ -128,7 +142,12 @@ class AuditViewer(anywidget.AnyWidget):
             self.drilldown = self._data.drilldown(self.selected_concept, pairs)
 
     def static_html(self) -> str:
-        parts = ["<div class='anb-static'><h4>Ranked signals (", escape_text(self.scope), ")</h4>", static_signals_html(self.concepts)]
+        parts = [
+            "<div class='anb-static'><h4>Ranked signals (",
+            escape_text(self.scope),
+            ")</h4>",
+            static_signals_html(self.concepts),
+        ]
         if self.drilldown:
             parts.append(static_drilldown_html(self.drilldown))
         parts.append("<p><i>Static view: open the notebook with a kernel for the linked maps.</i></p></div>")
@@ -154,7 +173,15 @@ class ConceptToggles(anywidget.AnyWidget):
     status = traitlets.Unicode("").tag(sync=True)
     error = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, run_dir: RunLike, plan: Any = None, data: ViewerData | None = None, hyp: Hypotheses | None = None, space: ConceptSpace | None = None, autosave: bool = True):
+    def __init__(
+        self,
+        run_dir: RunLike,
+        plan: Any = None,
+        data: ViewerData | None = None,
+        hyp: Hypotheses | None = None,
+        space: ConceptSpace | None = None,
+        autosave: bool = True,
+    ):
         self.run = Run.of(run_dir)
         self.run_dir = self.run.path
         self.autosave = autosave
@@ -166,16 +193,38 @@ class ConceptToggles(anywidget.AnyWidget):
         overall = self._space.rescore(None)
         rows = []
         for r in overall.itertuples():
-            rows.append({"concept": concept_ref(int(r.concept)), "id": int(r.concept), "label": str(r.label), "mean_diff": json_float(r.mean_diff), "ci_low": json_float(r.ci_low), "ci_high": json_float(r.ci_high), "badge": r.badge})
+            rows.append(
+                {
+                    "concept": concept_ref(int(r.concept)),
+                    "id": int(r.concept),
+                    "label": str(r.label),
+                    "mean_diff": json_float(r.mean_diff),
+                    "ci_low": json_float(r.ci_low),
+                    "ci_high": json_float(r.ci_high),
+                    "badge": r.badge,
+                }
+            )
         rows.sort(key=lambda r: -abs(r["mean_diff"] or 0))
         super().__init__(rows=rows, choices=self._choices_of(self.plan), plan_path=str(self.run.plan_path))
         self._refresh(write=autosave)
 
     @staticmethod
     def _choices_of(plan: InterventionPlan) -> dict:
-        return {c.concept: {"action": c.action, "method": c.method or "", "strength": c.strength, "instruction": c.instruction or "", "filter_mode": c.filter_mode, "ablation": c.ablation} for c in plan.concepts}
+        return {
+            c.concept: {
+                "action": c.action,
+                "method": c.method or "",
+                "strength": c.strength,
+                "instruction": c.instruction or "",
+                "filter_mode": c.filter_mode,
+                "ablation": c.ablation,
+            }
+            for c in plan.concepts
+        }
 
-    def set(self, concept, action: str, method: str | None = None, strength: float | None = None, **fields) -> "InterventionPlan":
+    def set(
+        self, concept, action: str, method: str | None = None, strength: float | None = None, **fields
+    ) -> InterventionPlan:
         """Headless twin of the front-end controls (also what the tests drive)."""
         set_choice(self.plan, concept, action, method, strength, **fields)
         self.choices = self._choices_of(self.plan)
@@ -196,7 +245,14 @@ class ConceptToggles(anywidget.AnyWidget):
                 method = ch.get("method") or None
                 strength = ch.get("strength")
                 strength = None if strength in (None, "") else float(strength)
-                same = cur.action == action and (cur.method or None) == method and (strength is None or float(cur.strength) == strength) and (cur.instruction or "") == (ch.get("instruction") or "") and cur.filter_mode == ch.get("filter_mode", cur.filter_mode) and cur.ablation == ch.get("ablation", cur.ablation)
+                same = (
+                    cur.action == action
+                    and (cur.method or None) == method
+                    and (strength is None or float(cur.strength) == strength)
+                    and (cur.instruction or "") == (ch.get("instruction") or "")
+                    and cur.filter_mode == ch.get("filter_mode", cur.filter_mode)
+                    and cur.ablation == ch.get("ablation", cur.ablation)
+                )
                 if same:
                     continue
                 extra = {k: ch[k] for k in ("instruction", "filter_mode", "ablation") if ch.get(k)}
@@ -220,8 +276,28 @@ class ConceptToggles(anywidget.AnyWidget):
 
     def _refresh(self, write: bool) -> None:
         table, edges = self._space.predict(self.plan)
-        self.preview = [{"concept": concept_ref(int(r.concept)), "before": json_float(r.before), "direct": json_float(r.direct), "spillover": json_float(r.spillover), "after": json_float(r.after), "basis": str(r.basis), "pairs_removed": int(r.pairs_removed)} for r in table.itertuples()]
-        self.spill = [{"source": concept_ref(int(e.source)), "target": concept_ref(int(e.target)), "target_label": str(e.target_label), "correlation": json_float(e.correlation), "shift": json_float(e.shift)} for e in edges.head(12).itertuples()]
+        self.preview = [
+            {
+                "concept": concept_ref(int(r.concept)),
+                "before": json_float(r.before),
+                "direct": json_float(r.direct),
+                "spillover": json_float(r.spillover),
+                "after": json_float(r.after),
+                "basis": str(r.basis),
+                "pairs_removed": int(r.pairs_removed),
+            }
+            for r in table.itertuples()
+        ]
+        self.spill = [
+            {
+                "source": concept_ref(int(e.source)),
+                "target": concept_ref(int(e.target)),
+                "target_label": str(e.target_label),
+                "correlation": json_float(e.correlation),
+                "shift": json_float(e.shift),
+            }
+            for e in edges.head(12).itertuples()
+        ]
         n = len(self.plan.active)
         if write:
             path = self.plan.save(self.run.plan_path)
@@ -237,10 +313,17 @@ class ConceptToggles(anywidget.AnyWidget):
 
     def static_html(self) -> str:
         table, edges = self.predicted()
-        t = table[["concept", "action", "method", "strength", "before", "direct", "spillover", "after", "basis", "label"]].copy()
+        t = table[
+            ["concept", "action", "method", "strength", "before", "direct", "spillover", "after", "basis", "label"]
+        ].copy()
         for c in ("before", "direct", "spillover", "after"):
             t[c] = t[c].map(lambda v: f"{v:+.3f}")
-        parts = ["<div class='anb-static'><h4>Intervention plan: ", escape_text(self.status), "</h4>", html_table(t, max_chars=120)]
+        parts = [
+            "<div class='anb-static'><h4>Intervention plan: ",
+            escape_text(self.status),
+            "</h4>",
+            html_table(t, max_chars=120),
+        ]
         if len(edges):
             parts += ["<h5>Strongest predicted spill-over</h5>", html_table(edges.head(10).round(4), max_chars=120)]
         parts.append("</div>")

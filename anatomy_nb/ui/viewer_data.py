@@ -23,7 +23,20 @@ from .viz import escape_text, html_table
 __all__ = ["MapConfig", "ViewerData", "compute_maps", "json_float", "static_drilldown_html", "static_signals_html"]
 
 TEXT_CHARS = 1500  # longest response text sent to the browser per example pair
-TOPIC_COLORS = ["#1971c2", "#e8590c", "#2f9e44", "#9c36b5", "#f08c00", "#0c8599", "#c2255c", "#5c940d", "#6741d9", "#495057", "#d6336c", "#087f5b"]
+TOPIC_COLORS = [
+    "#1971c2",
+    "#e8590c",
+    "#2f9e44",
+    "#9c36b5",
+    "#f08c00",
+    "#0c8599",
+    "#c2255c",
+    "#5c940d",
+    "#6741d9",
+    "#495057",
+    "#d6336c",
+    "#087f5b",
+]
 
 
 # --- maps ----------------------------------------------------------------------------------------
@@ -40,7 +53,13 @@ def _embed(X, cfg: MapConfig, metric: str) -> tuple[np.ndarray, str]:
     if method == "umap" and n > 3:
         import umap  # numba compiles on first import (~30 s): only when a map needs it
 
-        reducer = umap.UMAP(n_neighbors=min(cfg.n_neighbors, n - 1), min_dist=cfg.min_dist, metric=metric, random_state=cfg.seed, n_jobs=1)
+        reducer = umap.UMAP(
+            n_neighbors=min(cfg.n_neighbors, n - 1),
+            min_dist=cfg.min_dist,
+            metric=metric,
+            random_state=cfg.seed,
+            n_jobs=1,
+        )
         xy = reducer.fit_transform(X.astype(np.float32) if sp.issparse(X) else np.asarray(X, np.float32))
     else:
         method = "svd"
@@ -58,7 +77,9 @@ def _embed(X, cfg: MapConfig, metric: str) -> tuple[np.ndarray, str]:
     return (xy - lo) / np.where(hi > lo, hi - lo, 1.0), method
 
 
-def compute_maps(run: RunLike, hyp: Hypotheses | None = None, store: FeatureStore | None = None, cfg: MapConfig | None = None) -> dict[str, Any]:
+def compute_maps(
+    run: RunLike, hyp: Hypotheses | None = None, store: FeatureStore | None = None, cfg: MapConfig | None = None
+) -> dict[str, Any]:
     """The two map layouts, cached in ``run_dir/cache/maps/<key>/`` (keyed on the hypotheses and config).
 
     Data map: one point per pair, placed by its prompt's mean SAE features (or, without stored
@@ -85,8 +106,20 @@ def compute_maps(run: RunLike, hyp: Hypotheses | None = None, store: FeatureStor
     groups = store.prompt_groups()
     maps = {
         "key": out.name,
-        "data": {"x": data_xy[:, 0].round(5).tolist(), "y": data_xy[:, 1].round(5).tolist(), "topic": [int(topic_of_group.get(int(g), -1)) for g in groups], "method": data_method},
-        "features": {"x": feat_xy[:, 0].round(5).tolist(), "y": feat_xy[:, 1].round(5).tolist(), "feature": live.tolist(), "concept": labels[live].tolist(), "support": hyp.features["support"].to_numpy()[live].astype(float).tolist(), "method": feat_method},
+        "data": {
+            "x": data_xy[:, 0].round(5).tolist(),
+            "y": data_xy[:, 1].round(5).tolist(),
+            "topic": [int(topic_of_group.get(int(g), -1)) for g in groups],
+            "method": data_method,
+        },
+        "features": {
+            "x": feat_xy[:, 0].round(5).tolist(),
+            "y": feat_xy[:, 1].round(5).tolist(),
+            "feature": live.tolist(),
+            "concept": labels[live].tolist(),
+            "support": hyp.features["support"].to_numpy()[live].astype(float).tolist(),
+            "method": feat_method,
+        },
     }
     atomic_write_json(out / "maps.json", maps)
     return maps
@@ -107,13 +140,21 @@ def json_float(v: Any, default: float = float("nan")) -> float | None:
 class ViewerData:
     """Everything the viewer shows, loaded once from a run directory."""
 
-    def __init__(self, run: RunLike, hyp: Hypotheses | None = None, store: FeatureStore | None = None, maps: MapConfig | dict | None = None):
+    def __init__(
+        self,
+        run: RunLike,
+        hyp: Hypotheses | None = None,
+        store: FeatureStore | None = None,
+        maps: MapConfig | dict | None = None,
+    ):
         self.run = Run.of(run)
         self.run_dir = self.run.path
         self.hyp = hyp or self.run.hypotheses
         self.store = store or self.run.store
         self.space = ConceptSpace.from_run(self.run, self.hyp, self.store)
-        self.maps = maps if isinstance(maps, dict) and "data" in maps else compute_maps(self.run, self.hyp, self.store, maps)
+        self.maps = (
+            maps if isinstance(maps, dict) and "data" in maps else compute_maps(self.run, self.hyp, self.store, maps)
+        )
         self.pairs = self.store.pairs()
         self.prompts = [p.prompt_text for p in self.pairs]
         self.topic_of_pair = np.asarray(self.maps["data"]["topic"], dtype=int)
@@ -127,27 +168,44 @@ class ViewerData:
         rows = []
         for r in sc.itertuples():
             o = ov.loc[r.concept]
-            rows.append({
-                "concept": int(r.concept),
-                "label": str(r.label),
-                "n_features": int(o["n_features"]),
-                "mean_diff": json_float(r.mean_diff), "ci_low": json_float(r.ci_low), "ci_high": json_float(r.ci_high),
-                "cohens_d": json_float(r.cohens_d), "p": json_float(r.p), "badge": r.badge, "n_units": int(r.n_units),
-                "chosen_rate": json_float(r.chosen_rate), "rejected_rate": json_float(r.rejected_rate),
-                "q": json_float(o["q"]) if pairs is None else None,
-                "significant": bool(o["significant"]) if pairs is None else bool(r.p < 0.05),
-                "z": json_float(r.z),
-                "split_half": json_float(o["split_half_agreement"]), "split_mark": split_half_mark(json_float(o["split_half_agreement"])),
-                "length_controlled_d": json_float(r.length_controlled_cohens_d),
-                "predicted_direction": str(o["predicted_direction"]) if pairs is None else ("up" if r.ci_low > 0 else "down" if r.ci_high < 0 else "none"),
-            })
+            rows.append(
+                {
+                    "concept": int(r.concept),
+                    "label": str(r.label),
+                    "n_features": int(o["n_features"]),
+                    "mean_diff": json_float(r.mean_diff),
+                    "ci_low": json_float(r.ci_low),
+                    "ci_high": json_float(r.ci_high),
+                    "cohens_d": json_float(r.cohens_d),
+                    "p": json_float(r.p),
+                    "badge": r.badge,
+                    "n_units": int(r.n_units),
+                    "chosen_rate": json_float(r.chosen_rate),
+                    "rejected_rate": json_float(r.rejected_rate),
+                    "q": json_float(o["q"]) if pairs is None else None,
+                    "significant": bool(o["significant"]) if pairs is None else bool(r.p < 0.05),
+                    "z": json_float(r.z),
+                    "split_half": json_float(o["split_half_agreement"]),
+                    "split_mark": split_half_mark(json_float(o["split_half_agreement"])),
+                    "length_controlled_d": json_float(r.length_controlled_cohens_d),
+                    "predicted_direction": str(o["predicted_direction"])
+                    if pairs is None
+                    else ("up" if r.ci_low > 0 else "down" if r.ci_high < 0 else "none"),
+                }
+            )
         # stage 2's order: significant first, then the effect at equal lengths
-        order = rank_hypotheses(pd.DataFrame({
-            "significant": [r["significant"] for r in rows],
-            "length_controlled_cohens_d": [np.nan if r["length_controlled_d"] is None else r["length_controlled_d"] for r in rows],
-            "cohens_d": [np.nan if r["cohens_d"] is None else r["cohens_d"] for r in rows],
-            "p": [np.nan if r["p"] is None else r["p"] for r in rows],
-        })).index
+        order = rank_hypotheses(
+            pd.DataFrame(
+                {
+                    "significant": [r["significant"] for r in rows],
+                    "length_controlled_cohens_d": [
+                        np.nan if r["length_controlled_d"] is None else r["length_controlled_d"] for r in rows
+                    ],
+                    "cohens_d": [np.nan if r["cohens_d"] is None else r["cohens_d"] for r in rows],
+                    "p": [np.nan if r["p"] is None else r["p"] for r in rows],
+                }
+            )
+        ).index
         return [rows[i] for i in order]
 
     def view_rows(self, n: int = 300) -> dict[str, list[dict]]:
@@ -158,20 +216,42 @@ class ViewerData:
         views.update({e: ranked[ranked["view"] == e] for e in ("opening", "ending")})
         out = {}
         for name, t in views.items():
-            out[name] = [{
-                "concept": int(r.concept), "where": str(r.where), "topic": int(getattr(r, "topic", -1)), "label": str(r.label),
-                "mean_diff": json_float(r.mean_diff), "ci_low": json_float(getattr(r, "ci_low", None)), "ci_high": json_float(getattr(r, "ci_high", None)),
-                "z": json_float(getattr(r, "z", None)), "q": json_float(r.q), "significant": bool(r.significant),
-                "split_half": json_float(r.split_half_agreement), "split_mark": split_half_mark(json_float(r.split_half_agreement)),
-                "chosen_rate": json_float(r.chosen_rate), "rejected_rate": json_float(r.rejected_rate),
-            } for r in t.head(n).itertuples()]
+            out[name] = [
+                {
+                    "concept": int(r.concept),
+                    "where": str(r.where),
+                    "topic": int(getattr(r, "topic", -1)),
+                    "label": str(r.label),
+                    "mean_diff": json_float(r.mean_diff),
+                    "ci_low": json_float(getattr(r, "ci_low", None)),
+                    "ci_high": json_float(getattr(r, "ci_high", None)),
+                    "z": json_float(getattr(r, "z", None)),
+                    "q": json_float(r.q),
+                    "significant": bool(r.significant),
+                    "split_half": json_float(r.split_half_agreement),
+                    "split_mark": split_half_mark(json_float(r.split_half_agreement)),
+                    "chosen_rate": json_float(r.chosen_rate),
+                    "rejected_rate": json_float(r.rejected_rate),
+                }
+                for r in t.head(n).itertuples()
+            ]
         return out
 
     def topic_list(self) -> list[dict]:
         s = self.hyp.topic_summary
-        counts = np.bincount(self.topic_of_pair[self.topic_of_pair >= 0], minlength=int(s["topic"].max()) + 1 if len(s) else 0)
+        counts = np.bincount(
+            self.topic_of_pair[self.topic_of_pair >= 0], minlength=int(s["topic"].max()) + 1 if len(s) else 0
+        )
         words = s["top_words"] if "top_words" in s else [""] * len(s)
-        return [{"topic": int(t), "label": str(w), "n_pairs": int(counts[int(t)]) if int(t) < len(counts) else 0, "color": TOPIC_COLORS[int(t) % len(TOPIC_COLORS)]} for t, w in zip(s["topic"], words)]
+        return [
+            {
+                "topic": int(t),
+                "label": str(w),
+                "n_pairs": int(counts[int(t)]) if int(t) < len(counts) else 0,
+                "color": TOPIC_COLORS[int(t) % len(TOPIC_COLORS)],
+            }
+            for t, w in zip(s["topic"], words)
+        ]
 
     # drilldown ------------------------------------------------------------------------------------------
 
@@ -185,7 +265,9 @@ class ViewerData:
             raise KeyError(f"concept {concept} is not in the hypotheses table")
         return int(hits[0])
 
-    def drilldown(self, concept: int, pairs: np.ndarray | list[int] | None = None, n_contexts: int = 8, n_examples: int = 3) -> dict:
+    def drilldown(
+        self, concept: int, pairs: np.ndarray | list[int] | None = None, n_contexts: int = 8, n_examples: int = 3
+    ) -> dict:
         """One concept, in full: label and statistics (overall and in the current selection), top
         contexts with the peak token marked, activity histograms chosen vs rejected, promoted
         tokens, example pairs side by side, split-half and length-control, per-topic signals."""
@@ -199,10 +281,24 @@ class ViewerData:
         contexts = []
         for f in top_feats:
             for hit in self.store.top_contexts(f, n=max(1, n_contexts // max(1, len(top_feats))), window=10):
-                contexts.append({"feature": f, "pair": int(hit["pair"]), "side": hit["side"], "value": json_float(hit["value"]), "tokens": [str(t) for t in hit["tokens"]], "peak": int(hit["peak"]), "activations": [json_float(a) for a in hit.get("activations", [])]})
+                contexts.append(
+                    {
+                        "feature": f,
+                        "pair": int(hit["pair"]),
+                        "side": hit["side"],
+                        "value": json_float(hit["value"]),
+                        "tokens": [str(t) for t in hit["tokens"]],
+                        "peak": int(hit["peak"]),
+                        "activations": [json_float(a) for a in hit.get("activations", [])],
+                    }
+                )
         edges = np.linspace(0, 1, 21)
         uc, ur = self.space.chosen[:, j], self.space.rejected[:, j]
-        hist = {"edges": edges.round(3).tolist(), "chosen": np.histogram(uc, edges)[0].tolist(), "rejected": np.histogram(ur, edges)[0].tolist()}
+        hist = {
+            "edges": edges.round(3).tolist(),
+            "chosen": np.histogram(uc, edges)[0].tolist(),
+            "rejected": np.histogram(ur, edges)[0].tolist(),
+        }
         d = uc - ur
         sign = 1.0 if (overall["mean_diff"] or 0) >= 0 else -1.0
         order = np.argsort(-sign * d, kind="stable")
@@ -210,14 +306,30 @@ class ViewerData:
         for i in order[:n_examples]:
             if d[i] == 0:
                 break
-            examples.append({
-                "pair": int(i), "id": self.pairs[i].id, "prompt": self.prompts[i][:TEXT_CHARS],
-                "chosen": self.pairs[i].chosen[:TEXT_CHARS], "rejected": self.pairs[i].rejected[:TEXT_CHARS],
-                "chosen_activity": json_float(uc[i]), "rejected_activity": json_float(ur[i]),
-            })
+            examples.append(
+                {
+                    "pair": int(i),
+                    "id": self.pairs[i].id,
+                    "prompt": self.prompts[i][:TEXT_CHARS],
+                    "chosen": self.pairs[i].chosen[:TEXT_CHARS],
+                    "rejected": self.pairs[i].rejected[:TEXT_CHARS],
+                    "chosen_activity": json_float(uc[i]),
+                    "rejected_activity": json_float(ur[i]),
+                }
+            )
         bt = self.hyp.by_topic()
         bt = bt[bt["concept"] == int(concept)]
-        topics = [{"topic": int(r.topic), "label": str(r.topic_label), "inside_mean_diff": json_float(getattr(r, "inside_mean_diff", np.nan)), "mean_diff": json_float(r.mean_diff), "q": json_float(r.q), "significant": bool(r.significant)} for r in bt.itertuples()]
+        topics = [
+            {
+                "topic": int(r.topic),
+                "label": str(r.topic_label),
+                "inside_mean_diff": json_float(getattr(r, "inside_mean_diff", np.nan)),
+                "mean_diff": json_float(r.mean_diff),
+                "q": json_float(r.q),
+                "significant": bool(r.significant),
+            }
+            for r in bt.itertuples()
+        ]
         return {
             "concept": int(concept),
             "label": str(o["label"]),
@@ -226,10 +338,38 @@ class ViewerData:
             "peak_tokens": str(o.get("peak_tokens", "")),
             "promoted_tokens": str(o.get("promoted_tokens", "")),
             "text_stats": str(o.get("text_stats", "")),
-            "overall": {"mean_diff": json_float(overall["mean_diff"]), "ci_low": json_float(overall["ci_low"]), "ci_high": json_float(overall["ci_high"]), "cohens_d": json_float(o["cohens_d"]), "p": json_float(o["p"]), "q": json_float(o["q"]), "badge": overall["badge"], "chosen_rate": json_float(o["chosen_rate"]), "rejected_rate": json_float(o["rejected_rate"]), "significant": bool(o["significant"]), "predicted_direction": str(o["predicted_direction"]), "predicted_change": json_float(o["predicted_change"])},
-            "selection": None if pairs is None else {"n_units": int(scoped["n_units"]), "mean_diff": json_float(scoped["mean_diff"]), "ci_low": json_float(scoped["ci_low"]), "ci_high": json_float(scoped["ci_high"]), "cohens_d": json_float(scoped["cohens_d"]), "p": json_float(scoped["p"]), "badge": scoped["badge"]},
+            "overall": {
+                "mean_diff": json_float(overall["mean_diff"]),
+                "ci_low": json_float(overall["ci_low"]),
+                "ci_high": json_float(overall["ci_high"]),
+                "cohens_d": json_float(o["cohens_d"]),
+                "p": json_float(o["p"]),
+                "q": json_float(o["q"]),
+                "badge": overall["badge"],
+                "chosen_rate": json_float(o["chosen_rate"]),
+                "rejected_rate": json_float(o["rejected_rate"]),
+                "significant": bool(o["significant"]),
+                "predicted_direction": str(o["predicted_direction"]),
+                "predicted_change": json_float(o["predicted_change"]),
+            },
+            "selection": None
+            if pairs is None
+            else {
+                "n_units": int(scoped["n_units"]),
+                "mean_diff": json_float(scoped["mean_diff"]),
+                "ci_low": json_float(scoped["ci_low"]),
+                "ci_high": json_float(scoped["ci_high"]),
+                "cohens_d": json_float(scoped["cohens_d"]),
+                "p": json_float(scoped["p"]),
+                "badge": scoped["badge"],
+            },
             "split_half": json_float(o["split_half_agreement"]),
-            "length_control": {"mean_diff": json_float(o["length_controlled_mean_diff"]), "cohens_d": json_float(o["length_controlled_cohens_d"]), "p": json_float(o["length_controlled_p"]), "survives": bool(o.get("effect_survives_length_control", False))},
+            "length_control": {
+                "mean_diff": json_float(o["length_controlled_mean_diff"]),
+                "cohens_d": json_float(o["length_controlled_cohens_d"]),
+                "p": json_float(o["length_controlled_p"]),
+                "survives": bool(o.get("effect_survives_length_control", False)),
+            },
             "contexts": contexts,
             "histogram": hist,
             "examples": examples,
@@ -259,12 +399,17 @@ def static_drilldown_html(dd: dict) -> str:
     o = dd["overall"]
     parts = [
         f"<div class='anb-static anb-drill'><h4>concept {dd['concept']} — {escape_text(dd['label'])}</h4>",
-        f"<p>fires on {escape_text(o['badge'])}: mean difference {_fmt(o['mean_diff'])} [95 % {_fmt(o['ci_low'])}, {_fmt(o['ci_high'])}], d = {_fmt(o['cohens_d'], '.2f')}, q = {_fmt(o['q'], '.2g')}; "
-        f"split-half agreement {_fmt(dd['split_half'], '.2f')}; at equal length d = {_fmt(dd['length_control']['cohens_d'], '.2f')} (p = {_fmt(dd['length_control']['p'], '.2g')})</p>",
-        f"<p>promoted tokens: <code>{escape_text(dd['promoted_tokens'])}</code> · text statistics: {escape_text(dd['text_stats'])}</p><ul>",
+        f"<p>fires on {escape_text(o['badge'])}: mean difference {_fmt(o['mean_diff'])} [95 % {_fmt(o['ci_low'])}, "
+        f"{_fmt(o['ci_high'])}], d = {_fmt(o['cohens_d'], '.2f')}, q = {_fmt(o['q'], '.2g')}; "
+        f"split-half agreement {_fmt(dd['split_half'], '.2f')}; at equal length d = "
+        f"{_fmt(dd['length_control']['cohens_d'], '.2f')} (p = {_fmt(dd['length_control']['p'], '.2g')})</p>",
+        f"<p>promoted tokens: <code>{escape_text(dd['promoted_tokens'])}</code> · text statistics: "
+        f"{escape_text(dd['text_stats'])}</p><ul>",
     ]
     for c in dd["contexts"][:6]:
-        toks = "".join(_shaded(t, i == c["peak"], c.get("activations") or [], i, c["value"]) for i, t in enumerate(c["tokens"]))
+        toks = "".join(
+            _shaded(t, i == c["peak"], c.get("activations") or [], i, c["value"]) for i, t in enumerate(c["tokens"])
+        )
         parts.append(f"<li>feature {c['feature']}, pair {c['pair']} ({escape_text(c['side'])}): {toks}</li>")
     parts.append("</ul>")
     if dd["examples"]:
@@ -283,4 +428,21 @@ def static_signals_html(rows: list[dict], n: int = 20) -> str:
     df["z"] = df["z"].map(lambda v: _fmt(v, ".1f"))
     df["p"] = df["p"].map(lambda v: _fmt(v, ".2g"))
     df["split-half"] = [f"{m} {_fmt(v, '.2f')}" for m, v in zip(df["split_mark"], df["split_half"])]
-    return html_table(df[["concept", "badge", "mean_diff", "ci_low", "ci_high", "z", "cohens_d", "p", "split-half", "n_features", "label"]], max_chars=160)
+    return html_table(
+        df[
+            [
+                "concept",
+                "badge",
+                "mean_diff",
+                "ci_low",
+                "ci_high",
+                "z",
+                "cohens_d",
+                "p",
+                "split-half",
+                "n_features",
+                "label",
+            ]
+        ],
+        max_chars=160,
+    )

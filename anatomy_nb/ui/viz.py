@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import os
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,7 +46,10 @@ def html_table(df: pd.DataFrame, max_chars: int = 400, columns: Sequence[str] | 
     head = "".join(f"<th style='text-align:left'>{escape_text(c)}</th>" for c in cols)
     rows = []
     for _, r in df.iterrows():
-        cells = "".join(f"<td style='text-align:left;vertical-align:top;max-width:32em'>{escape_text(r[c], max_chars)}</td>" for c in cols)
+        cells = "".join(
+            f"<td style='text-align:left;vertical-align:top;max-width:32em'>{escape_text(r[c], max_chars)}</td>"
+            for c in cols
+        )
         rows.append(f"<tr>{cells}</tr>")
     return f"<table class='anatomy-nb'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
@@ -70,12 +73,32 @@ def token_html(tokens: Iterable[str], values: Sequence[float] | None = None, pea
 
 def length_figure(lengths: pd.DataFrame):
     """Token lengths of chosen vs rejected responses (overlaid histograms + scatter)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("response length (tokens)", "chosen vs rejected length per pair"))
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("response length (tokens)", "chosen vs rejected length per pair")
+    )
     for side, color in (("chosen", "#2b8a3e"), ("rejected", "#c92a2a")):
-        fig.add_trace(go.Histogram(x=lengths[side], name=side, opacity=0.6, marker_color=color, nbinsx=50), row=1, col=1)
-    fig.add_trace(go.Scattergl(x=lengths["rejected"], y=lengths["chosen"], mode="markers", marker=dict(size=4, opacity=0.5), name="pairs", text=lengths["id"], showlegend=False), row=1, col=2)
+        fig.add_trace(
+            go.Histogram(x=lengths[side], name=side, opacity=0.6, marker_color=color, nbinsx=50), row=1, col=1
+        )
+    fig.add_trace(
+        go.Scattergl(
+            x=lengths["rejected"],
+            y=lengths["chosen"],
+            mode="markers",
+            marker=dict(size=4, opacity=0.5),
+            name="pairs",
+            text=lengths["id"],
+            showlegend=False,
+        ),
+        row=1,
+        col=2,
+    )
     m = float(max(lengths["chosen"].max(), lengths["rejected"].max(), 1))
-    fig.add_trace(go.Scatter(x=[0, m], y=[0, m], mode="lines", line=dict(dash="dot", color="grey"), showlegend=False), row=1, col=2)
+    fig.add_trace(
+        go.Scatter(x=[0, m], y=[0, m], mode="lines", line=dict(dash="dot", color="grey"), showlegend=False),
+        row=1,
+        col=2,
+    )
     fig.update_layout(barmode="overlay", height=360, margin=dict(t=40, b=40))
     fig.update_xaxes(title_text="tokens", row=1, col=1)
     fig.update_xaxes(title_text="rejected tokens", row=1, col=2)
@@ -114,7 +137,13 @@ def firing_rate_figure(rate_chosen: np.ndarray, rate_rejected: np.ndarray, label
     )
     m = float(max(rate_chosen.max(initial=0), rate_rejected.max(initial=0), 1e-3))
     fig.add_trace(go.Scatter(x=[0, m], y=[0, m], mode="lines", line=dict(dash="dot", color="grey"), showlegend=False))
-    fig.update_layout(title="feature firing rate: chosen vs rejected responses", xaxis_title="fires on rejected (fraction of pairs)", yaxis_title="fires on chosen (fraction of pairs)", height=420, margin=dict(t=50, b=40))
+    fig.update_layout(
+        title="feature firing rate: chosen vs rejected responses",
+        xaxis_title="fires on rejected (fraction of pairs)",
+        yaxis_title="fires on chosen (fraction of pairs)",
+        height=420,
+        margin=dict(t=50, b=40),
+    )
     return fig
 
 
@@ -136,22 +165,60 @@ def tradeoff_figure(h2h: pd.DataFrame):
     accuracy = df["preference accuracy"] if "preference accuracy" in df else pd.Series(np.nan, index=df.index)
 
     def err(col):
-        return dict(type="data", symmetric=False, array=(df[f"{col}_ci_high"] - df[col]).fillna(0), arrayminus=(df[col] - df[f"{col}_ci_low"]).fillna(0))
+        return dict(
+            type="data",
+            symmetric=False,
+            array=(df[f"{col}_ci_high"] - df[col]).fillna(0),
+            arrayminus=(df[col] - df[f"{col}_ci_low"]).fillna(0),
+        )
 
-    fig = go.Figure(go.Scatter(x=df[x], y=df[y], mode="markers+text", text=df["model"], textposition="top center", error_x=err(x), error_y=err(y), showlegend=False,
-                               marker=dict(size=11, color=accuracy, colorscale="Viridis", showscale=bool(accuracy.notna().any()), colorbar=dict(title="held-out<br>pref. acc."))))
+    fig = go.Figure(
+        go.Scatter(
+            x=df[x],
+            y=df[y],
+            mode="markers+text",
+            text=df["model"],
+            textposition="top center",
+            error_x=err(x),
+            error_y=err(y),
+            showlegend=False,
+            marker=dict(
+                size=11,
+                color=accuracy,
+                colorscale="Viridis",
+                showscale=bool(accuracy.notna().any()),
+                colorbar=dict(title="held-out<br>pref. acc."),
+            ),
+        )
+    )
     for method, g in df[df["_strength"].notna()].groupby("_method", sort=False):
         if len(g) > 1:
             g = g.sort_values("_strength")
-            fig.add_scatter(x=g[x], y=g[y], mode="lines", line=dict(width=1, color="#868e96"), name=f"{method} (by strength)", hoverinfo="skip")
+            fig.add_scatter(
+                x=g[x],
+                y=g[y],
+                mode="lines",
+                line=dict(width=1, color="#868e96"),
+                name=f"{method} (by strength)",
+                hoverinfo="skip",
+            )
     fig.add_shape(type="rect", x0=0.8, x1=1.25, y0=0.9, y1=1.25, line=dict(width=0), fillcolor="rgba(47,158,68,0.12)")
 
     def span(col):  # an amplify run's "removed" lies below 0, a raised kept concept above 1: widen to show them
         v = df[col].to_numpy(dtype=float)
         v = v[np.isfinite(v)]
-        return [min(-0.3, float(v.min()) - 0.15) if len(v) else -0.3, max(1.3, float(v.max()) + 0.15) if len(v) else 1.3]
+        return [
+            min(-0.3, float(v.min()) - 0.15) if len(v) else -0.3,
+            max(1.3, float(v.max()) + 0.15) if len(v) else 1.3,
+        ]
 
-    fig.update_layout(height=420, xaxis_title=f"{x.replace(' removed', '')}: fraction of plain DPO's increase removed", yaxis_title=f"{y.replace(' kept', '')}: fraction of plain DPO's increase kept", xaxis=dict(range=span(x)), yaxis=dict(range=span(y)))
+    fig.update_layout(
+        height=420,
+        xaxis_title=f"{x.replace(' removed', '')}: fraction of plain DPO's increase removed",
+        yaxis_title=f"{y.replace(' kept', '')}: fraction of plain DPO's increase kept",
+        xaxis=dict(range=span(x)),
+        yaxis=dict(range=span(y)),
+    )
     return fig
 
 
@@ -161,7 +228,11 @@ def plan_shift_figure(plan_vs_actual: pd.DataFrame, plan_r2: pd.DataFrame | None
     the held-out generations (y). Targeted concepts are diamonds; the title carries the spill-over
     R² and sign agreement. ``EvalResult.plan_vs_actual()`` / ``plan_r2()``."""
     d = plan_vs_actual[plan_vs_actual["significant"].astype(bool)]
-    r2 = plan_r2[plan_r2["concepts"] == "spill-over"].set_index("model") if plan_r2 is not None and len(plan_r2) else None
+    r2 = (
+        plan_r2[plan_r2["concepts"] == "spill-over"].set_index("model")
+        if plan_r2 is not None and len(plan_r2)
+        else None
+    )
     fig = go.Figure()
     palette = ["#1971c2", "#e8590c", "#2f9e44", "#9c36b5", "#f08c00", "#0c8599", "#c2255c", "#5c940d"]
     for i, (model, g) in enumerate(d.groupby("model", sort=False)):
@@ -169,10 +240,27 @@ def plan_shift_figure(plan_vs_actual: pd.DataFrame, plan_r2: pd.DataFrame | None
         if r2 is not None and model in r2.index and np.isfinite(r2.at[model, "r2"]):
             name += f" (spill-over R² {r2.at[model, 'r2']:.2f}, sign {r2.at[model, 'sign_agreement']:.2f})"
         text = [escape_text(f"concept {c}: {lbl}", 120) for c, lbl in zip(g["concept"], g["label"].fillna(""))]
-        fig.add_scatter(x=g["predicted_shift"], y=g["actual_shift"], mode="markers", name=name, text=text,
-                        marker=dict(color=palette[i % len(palette)], size=np.where(g["targeted"], 12, 7), symbol=np.where(g["targeted"], "diamond", "circle"), opacity=0.75),
-                        hovertemplate="%{text}<br>predicted %{x:.3f}<br>measured %{y:.3f}<extra>" + escape_text(model) + "</extra>")
+        fig.add_scatter(
+            x=g["predicted_shift"],
+            y=g["actual_shift"],
+            mode="markers",
+            name=name,
+            text=text,
+            marker=dict(
+                color=palette[i % len(palette)],
+                size=np.where(g["targeted"], 12, 7),
+                symbol=np.where(g["targeted"], "diamond", "circle"),
+                opacity=0.75,
+            ),
+            hovertemplate="%{text}<br>predicted %{x:.3f}<br>measured %{y:.3f}<extra>" + escape_text(model) + "</extra>",
+        )
     fig.add_hline(y=0, line=dict(color="#adb5bd", width=1))
     fig.add_vline(x=0, line=dict(color="#adb5bd", width=1))
-    fig.update_layout(title="The plan's prediction against what moved (relative to plain DPO)", height=440, xaxis_title="predicted shift under the plan (stage 3, before training)", yaxis_title="measured shift on generations (model − plain DPO)", legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(
+        title="The plan's prediction against what moved (relative to plain DPO)",
+        height=440,
+        xaxis_title="predicted shift under the plan (stage 3, before training)",
+        yaxis_title="measured shift on generations (model − plain DPO)",
+        legend=dict(orientation="h", y=-0.25),
+    )
     return fig
