@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/default
 
-.PHONY: setup run compare sweep amplify entangled topic subspace test test-all lab benchmark sae
+.PHONY: setup run compare sweep amplify entangled topic subspace test test-e2e lint test-all lab benchmark sae
 setup:
 	bash scripts/setup.sh
 
@@ -35,8 +35,21 @@ topic: setup
 subspace: setup
 	$(VENV)/bin/anatomy-nb subspace --run-dir runs/subspace
 
+# the tests a change waits for (~12 min on two cores): the fast suite on the tiny model and the real
+# default model at a small size (the main job's shape included). One process: pytest-xdist on two
+# cores ran it in 20 min instead of 14 (torch threads and notebook kernels compete)
 test: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not long" $(PYTEST_ARGS)
+
+# the rest of what CI runs (~20 min): the main job at full size against its reference run, and the
+# multi-process, installed-wheel and GPU-check runs
+test-e2e: setup
+	$(PY) -m pytest -m "long" $(PYTEST_ARGS)
+
+# ruff: the format and the lint rules of pyproject.toml ([tool.ruff]); `ruff format .` fixes the first
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 lab: setup
 	$(VENV)/bin/jupyter lab anatomy_nb/notebooks

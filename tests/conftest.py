@@ -4,6 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers import SMALL, synthetic_pairs
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -38,39 +40,6 @@ def hh_pairs():
     from anatomy_nb.data.pairs import load_pairs
 
     return load_pairs("hh-rlhf", limit=20)
-
-
-SMALL = dict(
-    n_prompts=8,
-    max_new_tokens=12,
-    n_ab=6,
-    n_harmful=3,
-    n_xstest=3,
-    behaviour_max_new_tokens=8,
-    n_boot=200,
-    concepts="all",
-    progress=False,
-)
-
-
-TOPICS = ["bread", "tea", "rain", "cats", "maps", "jazz", "glue", "kites", "salt", "moss", "owls", "ink"]
-
-
-def synthetic_pairs(n=48):
-    """Short pairs (fast on the tiny model) whose chosen response opens with a flattering phrase."""
-    from anatomy_nb.data.schema import PreferencePair
-
-    return [
-        PreferencePair(
-            id=f"s{i}",
-            prompt=({"role": "user", "content": f"Tell me about {TOPICS[i % 12]} ({i // 12})."},),
-            chosen=f"Great question! {TOPICS[i % 12].capitalize()} is a fine thing.",
-            rejected=f"{TOPICS[i % 12].capitalize()} is a thing, I suppose."
-            if i % 3
-            else f"Sorry, {TOPICS[i % 12]} is hard.",
-        )
-        for i in range(n)
-    ]
 
 
 @pytest.fixture(scope="session")
@@ -135,21 +104,3 @@ def tiny_eval(tmp_path_factory, tiny_lm, tiny_sae_):
     return SimpleNamespace(
         run=run, res=res, sae=sae, lm=tiny_lm, concept=int(top.concept), features=[int(f) for f in top.features]
     )
-
-
-NOISE = ("Warning", "warnings.warn", "it/s]", "s/it]", "Loading weights", "%|")
-
-
-def assert_clean_outputs(nb) -> None:
-    """A rendered notebook shows results, not library chatter: no error, no warning, no progress bar
-    in any cell's output (headless runs keep progress on the terminal; ui.notebooks.HEADLESS_ENV)."""
-    for i, cell in enumerate(nb.cells):
-        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
-            assert out.get("output_type") != "error", (i, out.get("ename"), out.get("evalue"))
-            text = (
-                out.get("text", "")
-                if out.get("output_type") == "stream"
-                else "".join(out.get("data", {}).get("text/plain", ""))
-            )
-            noisy = [n for n in NOISE if n in text]
-            assert not noisy, f"cell {i}: {noisy} in {text[:300]!r}"

@@ -232,3 +232,23 @@ def test_the_run_loads_only_the_weights_its_store_was_built_with(tmp_path, tiny_
     (store.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="sae .* is not the one the store was built with"):
         run.sae()
+
+
+def test_test_modules_share_helpers_not_each_other():
+    """Shared test code lives in ``tests/helpers.py`` / ``tests/tinyrun.py`` (fixtures in
+    ``conftest.py``): a test module that imports another test module, or ``conftest``, breaks when
+    that one is renamed or run alone."""
+    tests = REPO / "tests"
+    test_modules = {p.stem for p in tests.glob("test_*.py")} | {"conftest"}
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            found += [f"{path.name}: imports {n}" for n in names if n and n.split(".")[0] in test_modules]
+    assert not found, found

@@ -78,6 +78,7 @@ def test_gpu_batch_limits_grow_with_free_memory_and_shrink_with_width():
     assert wide * 131072 * 4 * 3 <= 0.4 * (80 << 30)
 
 
+@pytest.mark.long  # `make test-e2e` (CI): the whole GPU check on the tiny model, ~60 s
 def test_gpu_check_dry_run(tmp_path):
     """The GPU check runs end to end on CPU (tiny shapes), so it has not rotted when a GPU is lent."""
     import json

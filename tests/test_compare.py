@@ -25,6 +25,7 @@ def tiny_sae_dir(tmp_path_factory, tiny_sae_):
     return str(save_sae(tiny_sae_, tmp_path_factory.mktemp("sae") / "tiny_sae"))
 
 
+@pytest.mark.long  # `make test-e2e` (CI): seven training runs and two notebooks per method, ~150 s
 def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sae_dir):
     cfg = load_config(
         __import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "compare.yaml",

@@ -210,11 +210,11 @@ def test_answer_token_is_the_values_first_token(lm):
 def test_stage_2_scores_a_learned_subspace_on_preference_pairs(tiny_lm, tiny_sae_, tmp_path):
     """A DAS subspace, saved and loaded back as a concept, is tested by stage 2 beside the SAE
     concepts (projection activity, paired test, one BH family)."""
-    from conftest import synthetic_pairs
-
     from anatomy_nb.config import ConceptConfig, ExtractConfig, HypothesizeConfig
     from anatomy_nb.stages.extract import extract
     from anatomy_nb.stages.hypothesize import hypothesize
+
+    from helpers import synthetic_pairs
 
     sub = train_das(
         tiny_lm,
@@ -260,11 +260,12 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
     every example): RAVEL's table for DAS, HyperDAS, the SAE's features (ANOVA and learned mask) and
     no intervention, curves, the data card, the saved concepts; a second call reuses the artifact."""
     import nbformat
-    from conftest import assert_clean_outputs
 
     from anatomy_nb.lm.sae import save_sae, tiny_sae
     from anatomy_nb.results.subspace import SubspaceResult
     from anatomy_nb.ui.notebooks import run_notebook
+
+    from helpers import assert_clean_outputs
 
     # at the layer DAS uses: the mask swaps its latents
     sae_dir = save_sae(tiny_sae(tiny_lm.d_model, layer=1, d_sae=96, k=6), tmp_path / "tiny_sae")

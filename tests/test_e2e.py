@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import assert_clean_outputs
+
+from helpers import assert_clean_outputs
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +51,7 @@ def test_extract_with_the_shipped_sae_on_real_pairs(real, tmp_path):
     print(f"FVE on 12 HH-RLHF chosen responses: {fve:.3f}; pooled bytes/pair {store.bytes_per_pair():.0f}")
 
 
+@pytest.mark.long  # `make test-e2e` (CI; ~15 s): the small main job in make test runs notebook 01 too
 def test_notebook_01_on_the_default_model(tmp_path):
     from anatomy_nb.ui.notebooks import run_notebook
 
@@ -65,3 +67,48 @@ def test_notebook_01_on_the_default_model(tmp_path):
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["extract"]["n_pairs"] == 16
     assert out.with_suffix(".html").stat().st_size > 100_000  # plotly.js and figures embedded
+
+
+def test_the_main_job_at_a_small_size(tmp_path):
+    """`make run`'s config (configs/poisoning.yaml) on the real model, SAE and HH-RLHF pairs, every
+    step and the report, at a size that takes a few minutes: 48 pairs, 2 training steps per run,
+    6 held-out prompts and two items per behaviour set. It checks the shape of the main job (steps,
+    models, tables, report, clean notebook outputs); the full-size run and its reference intervals
+    are `make test-e2e` (tests/test_pipeline.py)."""
+    from pathlib import Path
+
+    import nbformat
+
+    from anatomy_nb.core.run import Run
+    from anatomy_nb.pipeline import load_config, run_pipeline
+
+    small = {
+        "run_dir": str(tmp_path / "run"),
+        "extract.n_pairs": 48,
+        "train.max_train_pairs": 8,
+        "train.max_steps": 2,
+        "evaluate.n_prompts": 6,
+        "evaluate.max_new_tokens": 12,
+        "evaluate.n_ab": 2,
+        "evaluate.n_harmful": 2,
+        "evaluate.n_xstest": 2,
+        "evaluate.behaviour_max_new_tokens": 8,
+        "evaluate.judge_agreement_n": 20,
+        "evaluate.max_pref_pairs": 8,
+        "evaluate.n_boot": 200,
+    }
+    config = Path(__file__).resolve().parent.parent / "configs" / "poisoning.yaml"
+    state = run_pipeline(load_config(config, small), log=print)
+    steps = ["extract", "hypothesize", "plan", "train-plain", "train-reward_shaping", "train-filter", "evaluate"]
+    assert list(state["steps"]) == steps and all(s["status"] == "done" for s in state["steps"].values())
+    run = Run(tmp_path / "run")
+    target = json.loads((run.path / "plan" / "target.json").read_text())
+    assert target["planted_kind"] == "bold" and target["concept"] >= 0
+    res = run.evaluation
+    assert res.models == ["base", "plain", "reward_shaping", "filter"]
+    assert list(res.poisoning()["model"]) == res.models
+    assert {"predicted vs actual", "preference", "refusal"} <= set(res.comparison()["group"])
+    page = (run.path / "report" / "index.html").read_text()
+    assert "Head to head" in page and "Pipeline steps" in page
+    for executed in sorted((run.path / "notebooks").glob("*.ipynb")):
+        assert_clean_outputs(nbformat.read(executed, as_version=4))

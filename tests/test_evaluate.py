@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, assert_clean_outputs
 
 from anatomy_nb.config import EvalConfig
 from anatomy_nb.core.paths import data_dir
@@ -21,6 +20,8 @@ from anatomy_nb.lm.ops import ab_probabilities, generate, pair_logps
 from anatomy_nb.results.evaluation import BASE
 from anatomy_nb.results.training import training_runs
 from anatomy_nb.stages.evaluate import evaluate
+
+from helpers import SMALL, assert_clean_outputs
 
 # --- statistics ---------------------------------------------------------------------------------
 

@@ -1,9 +1,5 @@
 """LLM explanations: templates, backends and the fidelity score, with deterministic backends."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler
-
 from anatomy_nb.concepts.explain import (
     OpenAICompatibleBackend,
     TransformersBackend,
@@ -12,69 +8,7 @@ from anatomy_nb.concepts.explain import (
     load_prompt,
 )
 
-
-class KeywordJudge:
-    """A stand-in model: explains by the peak token, judges by whether the keyword occurs."""
-
-    def complete(self, prompt, max_new_tokens=32):
-        if "Answer with the phrase only" in prompt:
-            line = next(ln for ln in prompt.splitlines() if ln.startswith("ACTIVE:"))
-            peak = line.split("[[", 1)[1].split("]]", 1)[0]
-            return f"the word {peak.strip()}"
-        desc = prompt.split('described as: "', 1)[1].split('"', 1)[0]
-        word = desc.split()[-1]
-        text = prompt.split("Text: ", 1)[1]
-        return "yes" if word.lower() in text.lower() else "no"
-
-
-class ChatServer:
-    """A small server that speaks the OpenAI chat-completions protocol on loopback (real HTTP, one
-    thread per request), answering as ``KeywordJudge`` with a usage block; it records every request
-    and the most requests it had in flight at once."""
-
-    def __init__(self, delay: float = 0.02, answer=None):
-        from http.server import ThreadingHTTPServer
-
-        self.requests, self.in_flight, self.max_in_flight = [], 0, 0
-        lock, outer = threading.Lock(), self
-        answer = answer or KeywordJudge().complete
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                import time
-
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    outer.requests.append({**body, "path": self.path, "auth": self.headers.get("Authorization")})
-                    outer.in_flight += 1
-                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
-                time.sleep(delay)
-                prompt = body["messages"][0]["content"]
-                text = answer(prompt, body["max_tokens"])
-                out = json.dumps(
-                    {
-                        "choices": [{"message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())},
-                    }
-                ).encode()
-                with lock:
-                    outer.in_flight -= 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+from helpers import ChatServer, KeywordJudge
 
 
 def test_openai_compatible_backend_speaks_the_chat_api(monkeypatch):

@@ -379,6 +379,7 @@ def test_model_sae_mismatch_is_a_clear_error(tiny_lm, hh_pairs, tmp_path):
         extract(hh_pairs, tiny_lm, tiny_sae(64, layer=7), tmp_path, CFG)
 
 
+@pytest.mark.long  # `make test-e2e` (CI): two extraction processes, ~20 s
 def test_torchrun_two_processes_match_one(tiny_lm, tiny_sae_, tmp_path):
     """A real distributed run (torchrun, gloo on CPU, as `accelerate launch --multi_gpu` uses):
     each rank writes its shards, rank 0 merges; bitwise equal to one process at equal threads."""

@@ -11,52 +11,7 @@ from anatomy_nb.config import HypothesizeConfig
 from anatomy_nb.results.hypotheses import Hypotheses, rank_hypotheses
 from anatomy_nb.stages.hypothesize import hypothesize, score_concepts
 
-
-def synthetic(n=400, d=120, planted=0.3, seed=0, swap=None):
-    """Background features fire independently (same rate on both sides); block A (0-5) and block
-    B (6-11) each co-fire through a latent switch. A's switch is on more often in chosen responses
-    (by ``planted``); B's is not."""
-    rng = np.random.default_rng(seed)
-    rates = rng.uniform(0.02, 0.3, d)
-
-    def side(p_a):
-        F = rng.uniform(size=(n, d)) < rates
-        za = rng.uniform(size=n) < p_a
-        zb = rng.uniform(size=n) < 0.3
-        F[:, :6] = za[:, None] & (rng.uniform(size=(n, 6)) < 0.85)
-        F[:, 6:12] = zb[:, None] & (rng.uniform(size=(n, 6)) < 0.85)
-        return F
-
-    Fc, Fr = side(0.15 + planted), side(0.15)
-    if swap is not None:  # shuffle sides: the null
-        Fc, Fr = np.where(swap[:, None], Fr, Fc), np.where(swap[:, None], Fc, Fr)
-    ntok = rng.integers(20, 200, size=(n, 2))
-    return PairFeatures(
-        sp.csr_matrix(Fc.astype(np.float32)),
-        sp.csr_matrix(Fr.astype(np.float32)),
-        ntok,
-        np.arange(n),
-        [""] * n,
-        [""] * n,
-        [""] * n,
-    )
-
-
-def with_edges(pf, seed=0, rate=0.2):
-    """The same pairs with opening / ending firing sets: each feature that fires in a response
-    fires in its opening (and, independently, its ending) with probability ``rate``, whatever the
-    side: edge views with no effect of their own."""
-    rng = np.random.default_rng(seed)
-
-    def edge(F):
-        F = F.toarray() > 0
-        return sp.csr_matrix((F & (rng.uniform(size=F.shape) < rate)).astype(np.float32))
-
-    edges = {e: (edge(pf.fires_chosen), edge(pf.fires_rejected)) for e in ("opening", "ending")}
-    return PairFeatures(
-        pf.fires_chosen, pf.fires_rejected, pf.ntok, pf.groups, pf.prompts, pf.chosen, pf.rejected, edges=edges
-    )
-
+from helpers import synthetic, with_edges
 
 CFG = HypothesizeConfig(concepts=ConceptConfig(min_support=5, k_neighbors=5, min_phi=0.2))
 
@@ -264,12 +219,12 @@ def test_other_concept_sources_are_tested_in_the_same_family(tiny_lm, tiny_sae_,
     """Stage 2 tests any concept source beside the SAE concepts: a text rule that every chosen
     response carries is found (sign test), one that no response carries is not; both rows are in the
     one BH family and rank like the rest; the SAE concepts are tested exactly as without them."""
-    from conftest import synthetic_pairs
-
     from anatomy_nb.concepts.sources import TextConcept
     from anatomy_nb.config import ExtractConfig
     from anatomy_nb.core.stats import bh_qvalues
     from anatomy_nb.stages.extract import extract
+
+    from helpers import synthetic_pairs
 
     extract(synthetic_pairs(), tiny_lm, tiny_sae_, tmp_path, ExtractConfig(shard_size=24, progress=False))
     cfg = HypothesizeConfig(

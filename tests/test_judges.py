@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from test_explain import ChatServer
 
 from anatomy_nb.config import EvalConfig, ExplainConfig, JudgeConfig
 from anatomy_nb.data.judges import (
@@ -18,6 +17,8 @@ from anatomy_nb.data.judges import (
     make_judge,
     strip_stock_phrases,
 )
+
+from helpers import ChatServer
 
 
 def test_labelled_completions_carry_the_human_labels():

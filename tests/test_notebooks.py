@@ -5,10 +5,11 @@ import json
 
 import nbformat
 import pytest
-from conftest import assert_clean_outputs
 
 from anatomy_nb.lm.sae import save_sae
 from anatomy_nb.ui.notebooks import notebook_dir, run_notebook
+
+from helpers import assert_clean_outputs
 
 XSS = [
     {

@@ -62,6 +62,7 @@ def test_the_wheel_carries_what_a_user_needs(wheel):
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/")) or "__pycache__" in n]
 
 
+@pytest.mark.long  # `make test-e2e` (CI): a fresh venv with the wheel, ~90 s
 def test_the_installed_wheel_runs_the_pipeline_outside_the_checkout(wheel, tmp_path, tiny_sae_):
     from anatomy_nb.lm.sae import save_sae
 

@@ -5,12 +5,13 @@ it, a failed step is resumed, and an unknown key anywhere is an error that names
 import json
 
 import pytest
-from conftest import assert_clean_outputs
 
 from anatomy_nb.config import PipelineConfig
 from anatomy_nb.lm.sae import save_sae
 from anatomy_nb.pipeline import STATE_FILE, load_config, run_pipeline
 from anatomy_nb.ui import notebooks as nbmod
+
+from helpers import assert_clean_outputs
 
 TRAIN = {"max_train_pairs": 12, "max_steps": 2, "batch_size": 2, "max_length": 96}
 
@@ -182,7 +183,7 @@ def test_a_changed_plant_reruns_extraction_although_the_data_path_is_the_same(tm
     assert len(ran) == 2 and ran[0][1] == ran[1][1]
 
 
-@pytest.mark.e2e  # the main job itself: ~20 min on two idle cores; CI runs it
+@pytest.mark.long  # the main job itself: ~15 min on two idle cores; `make test-e2e` (CI)
 def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
     """`make run`'s config (configs/poisoning.yaml) on the real model, SAE and HH-RLHF pairs: the
     audit finds the planted concept, plain DPO learns it, reward shaping removes most of what plain
@@ -246,11 +247,12 @@ def _the_default_store_gives_the_dense_oracles_concepts(run):
     import numpy as np
     import scipy.sparse as sp
     from sklearn.metrics import adjusted_rand_score
-    from test_scale import knn_reference
 
     from anatomy_nb.concepts.clustering import cluster_features
     from anatomy_nb.concepts.cofiring import cofiring_neighbors
     from anatomy_nb.config import ConceptConfig
+
+    from helpers import knn_reference
 
     store = run.store
     fires = sp.vstack([store.pooled("fires", "chosen"), store.pooled("fires", "rejected")]).tocsc()

@@ -15,12 +15,20 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
+def replaced(text: str, old: str, new: str) -> str:
+    """``text`` with ``old`` replaced by ``new``; an error when ``old`` is not there, so a change of
+    the README's wording fails this test instead of silently running the unedited example."""
+    assert old in text, f"the README example no longer contains {old!r}: update tests/test_readme.py"
+    return text.replace(old, new)
+
+
 def test_the_readme_has_the_two_commands_and_ci_runs_the_second():
     (quick,) = [b for b in blocks("bash") if "make run" in b]
     commands = [line.split("#")[0].strip() for line in quick.splitlines() if line.strip()]
     assert commands == ["make run", "make test"]
-    assert "make test" in (REPO / ".ci" / "run").read_text()
-    for target in ("run", "test", "lab", "setup", "compare"):
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test " in ci and "make test-e2e" in ci and "make lint" in ci
+    for target in ("run", "test", "test-e2e", "lint", "lab", "setup", "compare"):
         dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
         assert dry.returncode == 0, dry.stderr
     assert "anatomy-nb run" in subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True).stdout
@@ -70,7 +78,7 @@ def test_the_python_example_runs_on_the_tiny_model(tmp_path, monkeypatch, tiny_l
     monkeypatch.setattr(anb, "load_sae", lambda *a, **k: load_sae(str(sae_dir)))
     monkeypatch.chdir(tmp_path)
     # the tiny model needs no more
-    code = code.replace('anb.load_pairs("hh-rlhf", limit=300)', 'anb.load_pairs("hh-rlhf", limit=40)')
+    code = replaced(code, 'anb.load_pairs("hh-rlhf", limit=300)', 'anb.load_pairs("hh-rlhf", limit=40)')
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     run = namespace["run"]

@@ -11,14 +11,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
-from test_hypothesize import synthetic, with_edges
 
 from anatomy_nb.concepts.clustering import cluster_features
-from anatomy_nb.concepts.cofiring import cofiring_neighbors, phi_correlation
+from anatomy_nb.concepts.cofiring import cofiring_neighbors
 from anatomy_nb.concepts.labels import text_stat_labels
 from anatomy_nb.config import ConceptConfig, HypothesizeConfig
 from anatomy_nb.core.stats import paired_test, paired_test_sparse, welch_each_group, welch_inside_outside
 from anatomy_nb.stages.hypothesize import score_concepts
+
+from helpers import knn_reference, synthetic, with_edges
 
 
 def grouped_firing(n=1500, n_groups=40, size=6, background=60, seed=0):
@@ -32,19 +33,6 @@ def grouped_firing(n=1500, n_groups=40, size=6, background=60, seed=0):
     return sp.csr_matrix(np.hstack([F, B]).astype(np.float32)), np.r_[
         np.repeat(np.arange(n_groups), size), -1 - np.arange(background)
     ]
-
-
-def knn_reference(fires, k, min_phi):
-    """The graph the dense path built (stage 2 before the scalable paths): the dense phi matrix
-    (diagonal 0), each row's k largest by ``argpartition``, kept when either end chose it."""
-    phi = phi_correlation(fires, np.arange(fires.shape[1]))
-    m = phi.shape[0]
-    nbrs = np.argpartition(-phi, kth=k - 1, axis=1)[:, :k]
-    rows = np.repeat(np.arange(m), k)
-    w = phi[rows, nbrs.ravel()]
-    keep = w >= min_phi
-    A = sp.coo_matrix((w[keep], (rows[keep], nbrs.ravel()[keep])), shape=(m, m)).tocsr()
-    return A.maximum(A.T).toarray(), phi
 
 
 @pytest.mark.parametrize("block_bytes", [1 << 29, 4096])

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_clean_outputs
 from safetensors.torch import save_file
 
 from anatomy_nb.config import TrainConfig
 from anatomy_nb.data.schema import PreferencePair
 from anatomy_nb.stages.dpo import make_trainer
 from anatomy_nb.stages.train import load_trained, prepare, split_pairs, train
+
+from helpers import assert_clean_outputs
 
 TOPICS = ["bread", "tea", "rain", "cats", "maps", "jazz", "glue", "kites", "salt", "moss", "owls", "ink"]
 
@@ -270,7 +271,7 @@ def test_split_is_deterministic_and_groups_prompts():
     assert (0 in held_i) == (len(pairs) - 1 in held_i)  # the two pairs sharing a prompt stay together
 
 
-@pytest.mark.e2e  # the real default model, in CI (~65 s idle)
+@pytest.mark.long  # the real default model, `make test-e2e` (CI; ~40 s): the small main job in make test trains it too
 def test_default_model_trains_with_shaping(tmp_path):
     from anatomy_nb.data.pairs import load_pairs
 
@@ -331,6 +332,7 @@ def test_04_train_notebook_runs_headless(tmp_path, tiny_lm, tiny_sae_):
     assert "plotly" in html.lower() and "Reward-shaping offset" in html
 
 
+@pytest.mark.long  # `make test-e2e` (CI): two training processes, ~35 s
 def test_accelerate_two_processes_match_one(tmp_path):
     """DDP for real: `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo; accelerate's
     launcher is torchrun) trains with 2 pairs per process; one process with the same global batch of

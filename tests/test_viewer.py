@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_clean_outputs
 
 from anatomy_nb.core.run import Run
 from anatomy_nb.results.plan import PlanError, load_plan
@@ -16,6 +15,7 @@ from anatomy_nb.stages.plan import default_plan, set_choice
 from anatomy_nb.stages.plan import plan as make_plan
 from anatomy_nb.stages.prediction import ConceptSpace, badge
 
+from helpers import assert_clean_outputs
 from tinyrun import RAW, make_run
 
 WIDGETS = Path(__file__).resolve().parent.parent / "widgets"

@@ -144,7 +144,8 @@ def report(run_dir: RunLike, out: str | os.PathLike | None = None, render: bool 
     pages = []
     for nb in sorted((run.path / "notebooks").glob("*.ipynb")):
         if render:
-            html = render_html(nb)
+            done = nb.with_suffix(".html")  # written by the pipeline right after the notebook ran
+            html = done if done.exists() and done.stat().st_mtime >= nb.stat().st_mtime else render_html(nb)
             target = out_dir / html.name
             with atomic_path(target) as tmp:
                 tmp.write_bytes(html.read_bytes())
