@@ -118,7 +118,6 @@ OVER_500 = {
     "anatomy_nb/config.py": 813,
     "anatomy_nb/stages/subspace.py": 588,
     "anatomy_nb/stages/extract.py": 557,
-    "anatomy_nb/stages/readouts.py": 534,
     "anatomy_nb/stages/hypothesize.py": 527,
 }
 

@@ -248,6 +248,40 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
         assert wide.loc[(r.group, r.metric), r.model] == f"n/a ({int(r.n)} concepts in the fit)"
 
 
+def test_the_audit_is_scored_beside_simpler_predictors_on_the_same_concepts(tiny_eval):
+    """Every trained model gets a row per predictor and the split-half ceiling; the audit's row is
+    the r2 table's overall fit; each predictor is scored on the concepts of that fit; the audit's
+    prediction is stage 2's mean paired difference."""
+    from anatomy_nb.concepts.predictors import PREDICTORS
+    from anatomy_nb.results.evaluation import CEILING
+
+    res = tiny_eval.res
+    table = res.predictors()
+    assert list(table[table["model"] == "plain"]["predictor"]) == [*PREDICTORS, CEILING]
+    r2 = res.r2().set_index(["model", "view"])
+    audit = table[table["predictor"] == "audit"].set_index("model")
+    for model in ("plain", "reward_shaping"):
+        fit = r2.loc[(model, "overall")]
+        assert audit.at[model, "n_concepts"] == fit["n_concepts"]
+        np.testing.assert_allclose([audit.at[model, "r2"]], [fit["r2"]], equal_nan=True)
+        for k in (1, 3, 10):
+            np.testing.assert_allclose(
+                [audit.at[model, f"r2_without_top{k}"]], [fit[f"r2_without_top{k}"]], equal_nan=True
+            )
+    others = table[~table["predictor"].isin(["audit", CEILING])]
+    assert (others["n_concepts"] == others["model"].map(audit["n_concepts"])).all()
+    assert np.isnan(audit["delta_r2"]).all()
+    predictions = res.predictions().set_index("concept")
+    overall = res.predicted_vs_actual().query("model == 'plain' and view == 'overall' and in_fit").set_index("concept")
+    np.testing.assert_allclose(predictions.loc[overall.index, "audit"], overall["mean_diff"], atol=1e-12)
+    shown = res.predictor_table()
+    assert (
+        shown is not None and shown["predictor"].iloc[0].startswith("the audit") and len(shown) == len(PREDICTORS) + 1
+    )
+    report = res.prediction_report()
+    assert {"R²", "Spearman", "sign agreement", "R² without top 10"} <= set(report.columns)
+
+
 def test_target_activity_agrees_with_stage_4s_concept_scorer(tiny_eval):
     """The planted/target concept's activity on generations, recomputed through a different code
     path (interventions.score_texts: its own residual runs and SAE encoding)."""

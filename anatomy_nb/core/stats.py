@@ -19,11 +19,15 @@ import scipy.sparse as sp
 from scipy import stats as sps
 
 __all__ = [
+    "LEAVE_OUT",
     "PairedTest",
     "bh_qvalues",
     "bootstrap_ci",
+    "delta_r2",
     "implicit_margin",
     "pair_correct",
+    "prediction_scores",
+    "r2_without_top",
     "r2_with_ci",
     "ratio_with_ci",
     "wilson_interval",
@@ -420,3 +424,70 @@ def pair_correct(margin: np.ndarray) -> np.ndarray:
     """1 where the implicit reward prefers the chosen response, 0.5 on a tie (the base model
     against itself), else 0."""
     return np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
+
+
+# --- how well a per-concept prediction fits the measured change -------------------------------------
+
+
+def _spearman(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(sps.spearmanr(x, y).statistic)
+
+
+def r2_without_top(predicted: np.ndarray, actual: np.ndarray, k: int) -> float:
+    """R² after leaving out the ``k`` concepts of largest |predicted|: whether the fit is more than
+    its few strongest concepts (a planted one, a length effect)."""
+    x, y = np.asarray(predicted, np.float64), np.asarray(actual, np.float64)
+    keep = np.argsort(-np.abs(x), kind="stable")[k:]
+    return _r2(np.stack([x[keep], y[keep]], 1))
+
+
+#: leave-top-k-out R² is reported for these k
+LEAVE_OUT = (1, 3, 10)
+
+
+def prediction_scores(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    leave_out: Sequence[int] = LEAVE_OUT,
+) -> dict[str, float]:
+    """``r2_with_ci`` plus Spearman's rank correlation and the R² without the top-k concepts by
+    |predicted| (``r2_without_top<k>``): the prediction's report wherever R² is shown."""
+    x, y = np.asarray(predicted, np.float64), np.asarray(actual, np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    out = r2_with_ci(x, y, n_boot, ci, seed)
+    out["spearman"] = _spearman(np.stack([x, y], 1))
+    for k in leave_out:
+        out[f"r2_without_top{k}"] = r2_without_top(x, y, k)
+    return out
+
+
+def delta_r2(
+    predicted_a: np.ndarray,
+    predicted_b: np.ndarray,
+    actual: np.ndarray,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """R²(a) − R²(b) on the same concepts and actual changes, with a paired percentile bootstrap
+    interval (the same resampled concepts for both): the fair way to say one predictor beats
+    another — two overlapping R² intervals can still differ when the predictors are correlated."""
+    a, b, y = (np.asarray(v, np.float64) for v in (predicted_a, predicted_b, actual))
+    ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(y)
+    xyz = np.stack([a[ok], b[ok], y[ok]], 1)
+
+    def diff(v: np.ndarray) -> float:
+        return _r2(v[:, [0, 2]]) - _r2(v[:, [1, 2]])
+
+    value = diff(xyz)
+    if not np.isfinite(value):
+        return value, float("nan"), float("nan")
+    lo, hi = bootstrap_ci(xyz, diff, n_boot, ci, seed)
+    return value, lo, hi

@@ -11,9 +11,37 @@ import pandas as pd
 
 from ..core.run import Run, RunLike
 from ..core.stage import Artifact
+from ..core.stats import LEAVE_OUT
 from ..data.judges import format_agreement
+from .training import PLAIN
 
-__all__ = ["BASE", "NO_SIGNAL", "TABLES", "EvalResult", "no_signal_rows"]
+__all__ = [
+    "BASE",
+    "CEILING",
+    "NO_SIGNAL",
+    "PREDICTOR_COLUMNS",
+    "PREDICTOR_NAMES",
+    "TABLES",
+    "EvalResult",
+    "no_signal_rows",
+]
+
+#: the row of the predictor table that is a ceiling, not a rival (``stages.baselines``)
+CEILING = "ceiling"
+#: what each row of the predictor table is, for people
+PREDICTOR_NAMES = {
+    "audit": "the audit (chosen − rejected concept activity)",
+    "audit_length_controlled": "the audit at equal lengths",
+    "length": "length alone",
+    "text_stats": "text statistics",
+    "linear": "linear classifier on SAE features",
+    CEILING: "ceiling: split-half reliability",
+}
+PREDICTOR_COLUMNS = [
+    "model", "predictor", "n_concepts", "r2", "ci_low", "ci_high", "spearman", "sign_agreement",
+    *(f"r2_without_top{k}" for k in LEAVE_OUT), "delta_r2", "delta_ci_low", "delta_ci_high",
+    "reliability_predicted", "reliability_measured",
+]  # fmt: skip
 
 NO_SIGNAL = "no signal at this scale"
 
@@ -41,6 +69,8 @@ def no_signal_rows(comparison: pd.DataFrame) -> pd.Series:
 BASE = "base"  # the untrained model's name in every table
 
 TABLES = (
+    "predictors",
+    "predictions",
     "predicted_vs_actual",
     "r2",
     "plan_vs_actual",
@@ -52,6 +82,15 @@ TABLES = (
     "comparison",
     "judges",
 )
+
+
+def _cell(row, digits: int, value: str = "r2", low: str = "ci_low", high: str = "ci_high") -> str:
+    """ "value [low, high]" of one table row (empty where the value is undefined)."""
+    v = float(row.get(value, np.nan))
+    if not np.isfinite(v):
+        return ""
+    lo, hi = float(row.get(low, np.nan)), float(row.get(high, np.nan))
+    return f"{v:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
 
 
 @dataclass
@@ -88,6 +127,56 @@ class EvalResult(Artifact):
         """R² and sign agreement of ``plan_vs_actual`` per model, over the significant concepts and
         over the non-targeted ones (``concepts == "spill-over"``)."""
         return self.table("plan_r2") if (self.path / "plan_r2.parquet").exists() else None
+
+    def predictors(self) -> pd.DataFrame | None:
+        """The audit against simpler predictors (``stages.baselines``): per trained model a row per
+        predictor — R² with its interval, Spearman, sign agreement, R² without the top 1 / 3 / 10
+        concepts, ΔR² (audit − predictor) with its paired-bootstrap interval — then the split-half
+        ceiling; None for evaluations written before it existed."""
+        return self.table("predictors") if (self.path / "predictors.parquet").exists() else None
+
+    def predictions(self) -> pd.DataFrame | None:
+        """Per concept of the fit, every predictor's value (the audit's, length's, …)."""
+        return self.table("predictions") if (self.path / "predictions.parquet").exists() else None
+
+    def prediction_report(self, digits: int = 2) -> pd.DataFrame:
+        """The predicted-vs-actual fit as people read it, a row per model and view: R² [interval],
+        Spearman, sign agreement and R² without the top 1 / 3 / 10 concepts by |predicted|."""
+        df = self.r2()
+        out = pd.DataFrame({"model": df["model"], "view": df["view"], "concepts": df["n_concepts"]})
+        out["R²"] = [_cell(r, digits) for _, r in df.iterrows()]
+        for col, name in (
+            ("spearman", "Spearman"),
+            ("sign_agreement", "sign agreement"),
+            *((f"r2_without_top{k}", f"R² without top {k}") for k in LEAVE_OUT),
+        ):
+            out[name] = [
+                f"{v:.{digits}f}" if np.isfinite(v) else ""
+                for v in df.get(col, pd.Series(np.nan, index=df.index)).astype(float)
+            ]
+        return out
+
+    def predictor_table(self, model: str | None = None, digits: int = 2) -> pd.DataFrame | None:
+        """``predictors()`` of one model (plain DPO by default) as people read it."""
+        df = self.predictors()
+        if df is None or df.empty:
+            return None
+        model = model or (PLAIN if (df["model"] == PLAIN).any() else str(df["model"].iloc[0]))
+        df = df[df["model"] == model]
+        out = pd.DataFrame(
+            {"predictor": [PREDICTOR_NAMES.get(p, p) for p in df["predictor"]], "concepts": df["n_concepts"].to_numpy()}
+        )
+        out["R²"] = [_cell(r, digits) for _, r in df.iterrows()]
+        out["ΔR² (audit − it)"] = [
+            _cell(r, digits, "delta_r2", "delta_ci_low", "delta_ci_high") for _, r in df.iterrows()
+        ]
+        for col, name in (
+            ("spearman", "Spearman"),
+            ("sign_agreement", "sign agreement"),
+            *((f"r2_without_top{k}", f"R² without top {k}") for k in LEAVE_OUT),
+        ):
+            out[name] = [f"{v:.{digits}f}" if np.isfinite(v) else "" for v in df[col].astype(float)]
+        return out.reset_index(drop=True)
 
     def offtarget(self) -> pd.DataFrame:
         return self.table("offtarget")

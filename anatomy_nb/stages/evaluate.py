@@ -11,7 +11,11 @@
   concepts of that model and view, whether the concept was targeted by the model's plan and
   whether the row enters the R² fit (``in_fit``);
 - ``r2.parquet`` — per model × view: R² of actual on predicted with a bootstrap interval (resampling
-  concepts), slope, Pearson r, sign agreement;
+  concepts), slope, Pearson r, sign agreement, Spearman, R² without the top 1 / 3 / 10 concepts;
+- ``predictions.parquet`` / ``predictors.parquet`` — per concept of the overall fit, what simpler
+  predictors made from the preference data predict (length alone, text statistics, a linear
+  classifier on SAE features, the audit at equal lengths); per model, each scored like the audit,
+  with ΔR² against it (paired bootstrap), and the split-half ceiling (``stages.predicted_vs_actual``);
 - ``plan_vs_actual.parquet`` / ``plan_r2.parquet`` — per intervention × concept: stage 3's predicted
   shift under its plan relative to plain DPO (spill-over included) against the measured shift
   (intervention − plain DPO, paired over prompts); R² and sign agreement per model over the
@@ -89,15 +93,16 @@ from ..lm.ops import ab_probabilities, generate, pair_logps, response_residuals
 from ..results.evaluation import BASE, EvalResult
 from ..results.store import FeatureStore
 from ..results.training import PLAIN, active_entries, run_name, training_runs
+from .predicted_vs_actual import predicted_vs_actual, predictor_inputs, predictor_table
 from .prediction import ConceptSpace
-from .readouts import comparison_table, plan_vs_actual, predicted_vs_actual, preference_table, targets_table
+from .readouts import comparison_table, plan_vs_actual, preference_table, targets_table
 from .train import load_trained
 
 __all__ = ["BASE", "EvalConfig", "EvalResult", "evaluate", "firing", "heldout_pairs", "resolve_models", "STAGE"]
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
-FORMAT = 2
+FORMAT = 3  # 3: predictors / predictions tables, Spearman and leave-top-k-out R² in r2
 
 
 @torch.no_grad()
@@ -391,6 +396,11 @@ def evaluate(
     pva, r2_rows = predicted_vs_actual(hyps, store, heldout, prompts, activity, manifests, cfg)
     stage.write_parquet("predicted_vs_actual", pva)
     stage.write_parquet("r2", r2_rows)
+    # the same fit for simpler predictors made from the preference data alone, and its ceiling
+    in_fit = pva[(pva["view"] == "overall") & pva["in_fit"].astype(bool)]
+    predictions, reliability, linear_info = predictor_inputs(hyps, store, np.unique(in_fit["concept"].astype(int)), cfg)
+    stage.write_parquet("predictions", predictions)
+    stage.write_parquet("predictors", predictor_table(pva, predictions, reliability, activity, cfg))
     plan_pva, plan_r2 = plan_vs_actual(ConceptSpace.from_run(run, hyps, store), activity, manifests, cfg)
     stage.write_parquet("plan_vs_actual", plan_pva)
     stage.write_parquet("plan_r2", plan_r2)
@@ -472,6 +482,7 @@ def evaluate(
             # the head-to-head's step-time ratio
             "train_step_seconds": {n: m.get("step_seconds_median") for n, m in manifests.items()},
             "refusal_judge": judge.name,
+            "linear_predictor": linear_info,
             "seconds": round(time.time() - t_all, 2),
         },
         models=names,

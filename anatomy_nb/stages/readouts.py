@@ -34,7 +34,6 @@ __all__ = [
     "comparison_table",
     "concept_scores",
     "plan_vs_actual",
-    "predicted_vs_actual",
     "preference_table",
     "targets_table",
 ]
@@ -50,121 +49,6 @@ R2_COLUMNS = ["n_concepts", "r2", "ci_low", "ci_high", "pearson_r", "slope", "in
 def targeted_concepts(entries: Sequence[dict]) -> set[int]:
     """The stage-2 concept ids a training run's active plan entries act on."""
     return {cid for e in entries if (cid := sae_concept_id(e["concept"])) is not None}
-
-
-def predicted_vs_actual(
-    hyps, store, heldout, prompts, activity, manifests, cfg: EvalConfig
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    table = hyps.table
-    n_concepts = next(iter(activity.values())).shape[1]
-    # topic of each evaluated prompt: its prompt group in the store → the topic of that group
-    row_of = store.pair_index()
-    groups = store.prompt_groups()
-    topic_of_group = dict(zip(hyps.topics["prompt_group"].to_numpy(), hyps.topics["topic"].to_numpy()))
-    prompt_topic = np.asarray([topic_of_group.get(int(groups[row_of[pid]]), -1) for pid, _ in prompts])
-    base = activity[BASE]
-    rows, r2_rows = [], []
-    for name, act in activity.items():
-        if name == BASE:
-            continue
-        targeted = targeted_concepts(active_entries(manifests[name]))
-        D = act - base  # prompts × concepts, paired
-        for view in ("overall", "topic"):
-            sub = table[table["view"] == view]
-            if sub.empty:
-                continue
-            if view == "overall":
-                t = paired_test(D)
-                actual = pd.DataFrame(
-                    {
-                        "concept": np.arange(n_concepts),
-                        "actual_change": D.mean(0),
-                        "base_activity": base.mean(0),
-                        "model_activity": act.mean(0),
-                        "n_prompts": len(D),
-                        "actual_p": t.p,
-                    }
-                )
-                df = sub.merge(actual, on="concept", how="left")
-            else:
-                parts = []
-                for k in sorted(set(sub["topic"].astype(int))):
-                    inside = prompt_topic == k
-                    if inside.sum() < cfg.min_topic_prompts:
-                        continue
-                    t = paired_test(D[inside])
-                    parts.append(
-                        pd.DataFrame(
-                            {
-                                "topic": k,
-                                "concept": np.arange(n_concepts),
-                                "actual_change": D[inside].mean(0),
-                                "base_activity": base[inside].mean(0),
-                                "model_activity": act[inside].mean(0),
-                                "n_prompts": int(inside.sum()),
-                                "actual_p": t.p,
-                            }
-                        )
-                    )
-                if not parts:
-                    continue
-                df = sub.merge(pd.concat(parts, ignore_index=True), on=["topic", "concept"], how="inner")
-            df = df.dropna(subset=["actual_change"])
-            df["actual_q"] = bh_qvalues(df["actual_p"].to_numpy()) if len(df) else []
-            raw_pred = df["inside_mean_diff"] if view == "topic" and "inside_mean_diff" in df else df["mean_diff"]
-            if cfg.concepts == "significant":
-                df["predicted"] = df["predicted_change"]
-                df["in_fit"] = df["significant"].astype(bool)
-            else:
-                df["predicted"] = raw_pred
-                df["in_fit"] = True
-            df["targeted"] = df["concept"].astype(int).isin(targeted)
-            keep = [
-                "view",
-                "topic",
-                "concept",
-                "label",
-                "rank",
-                "n_features",
-                "significant",
-                "predicted_direction",
-                "predicted_change",
-                "mean_diff",
-                "predicted",
-                "actual_change",
-                "base_activity",
-                "model_activity",
-                "n_prompts",
-                "actual_p",
-                "actual_q",
-                "targeted",
-                "in_fit",
-            ]
-            df = df[[c for c in keep if c in df]].copy()
-            df.insert(0, "model", name)
-            rows.append(df)
-            fit = df[df["in_fit"]]
-            r = r2_with_ci(fit["predicted"].to_numpy(), fit["actual_change"].to_numpy(), cfg.n_boot, cfg.ci, cfg.seed)
-            r2_rows.append({"model": name, "view": view, **r})
-    pva = (
-        pd.concat(rows, ignore_index=True)
-        if rows
-        else pd.DataFrame(
-            columns=[
-                "model",
-                "view",
-                "topic",
-                "concept",
-                "predicted",
-                "actual_change",
-                "actual_p",
-                "actual_q",
-                "targeted",
-                "in_fit",
-            ]
-        )
-    )
-    return pva, pd.DataFrame(r2_rows, columns=["model", "view", *R2_COLUMNS])
 
 
 PLAN_COLUMNS = [

@@ -66,6 +66,22 @@ def _pipeline_sections(run: Run) -> list[str]:
         ]
     if run.has("evaluate"):
         ev = run.evaluation
+        parts += [
+            "<h2>Did the audit predict what DPO changed?</h2>",
+            "<p class='muted'>Each concept's predicted change (stage 2) against the change of its activity on the "
+            "model's own held-out generations: R² [95 % interval over concepts], Spearman, the share of concepts "
+            "whose direction was predicted, and R² without the 1 / 3 / 10 concepts of largest predicted change.</p>",
+            html_table(ev.prediction_report()),
+        ]
+        predictors = ev.predictor_table()
+        if predictors is not None:
+            parts += [
+                "<p>The same fit for simpler predictors made from the preference data alone (plain DPO's changes); "
+                "ΔR² = R²(audit) − R²(predictor) with a paired bootstrap interval: above 0, the audit predicts "
+                "better. The ceiling is the split-half reliability of the audit times that of the measured change."
+                "</p>",
+                html_table(predictors),
+            ]
         if len(ev.models) > 2:
             parts += [
                 "<h2>Head to head: each intervention against plain DPO</h2>",

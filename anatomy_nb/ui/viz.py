@@ -19,7 +19,10 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-__all__ = ["escape_text", "html_table", "setup_notebook", "token_html"]
+#: one colour per trained model, in model order (the base model is grey)
+PALETTE = ["#1971c2", "#e8590c", "#2f9e44", "#9c36b5", "#f08c00", "#0c8599"]
+
+__all__ = ["PALETTE", "escape_text", "html_table", "predicted_vs_actual_figure", "setup_notebook", "token_html"]
 
 
 def setup_notebook() -> None:
@@ -263,4 +266,66 @@ def plan_shift_figure(plan_vs_actual: pd.DataFrame, plan_r2: pd.DataFrame | None
         yaxis_title="measured shift on generations (model − plain DPO)",
         legend=dict(orientation="h", y=-0.25),
     )
+    return fig
+
+
+def predicted_vs_actual_figure(pva: pd.DataFrame, r2: pd.DataFrame, models: Sequence[str], named: int = 6):
+    """Stage 2's predicted change against the change measured on each model's generations, one panel
+    per view (overall, topic), a colour per trained model; targeted concepts are diamonds, and the
+    ``named`` concepts of largest |predicted| in each panel carry their name (escaped). None when
+    there is nothing to draw."""
+    r2 = r2.set_index(["model", "view"])
+    trained = [m for m in models if m != "base"]
+    views = [v for v in ("overall", "topic") if v in set(pva["view"])]
+    if not views:
+        return None
+    palette = PALETTE
+    titles = []
+    for v in views:
+        parts = [
+            f"{m}: R²={r2.at[(m, v), 'r2']:.2f} [{r2.at[(m, v), 'ci_low']:.2f}, {r2.at[(m, v), 'ci_high']:.2f}]"
+            for m in trained
+            if (m, v) in r2.index and np.isfinite(r2.at[(m, v), "r2"])
+        ]
+        titles.append(f"{v} — " + ("; ".join(parts) if parts else "R² undefined (too few concepts)"))
+    fig = make_subplots(rows=1, cols=len(views), subplot_titles=[escape_text(t) for t in titles])
+    for j, v in enumerate(views, start=1):
+        for i, name in enumerate(trained):
+            d = pva[(pva["view"] == v) & (pva["model"] == name) & pva["in_fit"].astype(bool)]
+            if d.empty:
+                continue
+            labels = [
+                escape_text(f"concept {c}" + (f", topic {t}" if v == "topic" else "") + f": {lab}", 120)
+                for c, t, lab in zip(d["concept"], d["topic"], d["label"].fillna(""))
+            ]
+            top = set(d["predicted"].abs().nlargest(named).index) if i == 0 else set()
+            shown = [escape_text(lab, 40) if k in top else "" for k, lab in zip(d.index, d["label"].fillna(""))]
+            fig.add_trace(
+                go.Scatter(
+                    x=d["predicted"],
+                    y=d["actual_change"],
+                    mode="markers+text",
+                    text=shown,
+                    textposition="top center",
+                    textfont=dict(size=10, color="#495057"),
+                    customdata=labels,
+                    name=name,
+                    legendgroup=name,
+                    showlegend=j == 1,
+                    marker=dict(
+                        color=palette[i % len(palette)],
+                        size=np.where(d["targeted"], 12, 7),
+                        symbol=np.where(d["targeted"], "diamond", "circle"),
+                        opacity=0.75,
+                    ),
+                    hovertemplate="%{customdata}<br>predicted %{x:.3f}<br>actual %{y:.3f}<extra>" + name + "</extra>",
+                ),
+                row=1,
+                col=j,
+            )
+        fig.add_hline(y=0, line=dict(color="#adb5bd", width=1), row=1, col=j)
+        fig.add_vline(x=0, line=dict(color="#adb5bd", width=1), row=1, col=j)
+    fig.update_xaxes(title_text="predicted change (stage 2)")
+    fig.update_yaxes(title_text="actual change on generations")
+    fig.update_layout(title="Predicted vs actual", height=480, legend=dict(orientation="h", y=-0.2))
     return fig
