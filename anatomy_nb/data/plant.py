@@ -271,14 +271,15 @@ def poisoning_readout(
     pair_ids: Sequence[str],
     *,
     base: str = "base",
-    reference: str = "plain",
+    reference: str | Mapping[str, str] = "plain",
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
     prompts: Sequence[Sequence[Mapping]] | None = None,
 ) -> pd.DataFrame:
     """The controlled-poisoning read-out, one row per model and plant (``generations`` and
-    ``logps`` keyed by model name, ``base`` the untrained model, ``reference`` plain DPO), with
+    ``logps`` keyed by model name, ``base`` the untrained model, ``reference`` plain DPO, or per
+    model name the plain-DPO run it is read against: plain DPO of the same training order), with
     ``scope`` "all"; a plant put into one topic only (its ``prompts`` regex) gets two more rows per
     model, read on the generations whose prompts (``prompts``: each one's chat messages) are in the
     topic ("in topic") and outside it ("outside topic"):
@@ -295,6 +296,10 @@ def poisoning_readout(
 
     Fractions are NaN where plain DPO did not move the quantity the way they measure."""
     names = list(generations)
+
+    def ref_of(n: str) -> str:
+        return reference if isinstance(reference, str) else reference.get(n, n)
+
     plants = truth_plants(truth)
     touched = [i for pl in plants for i in pl["planted_ids"]]
     clean = ~np.isin(list(pair_ids), touched)
@@ -317,15 +322,16 @@ def poisoning_readout(
         row.update(fraction_gain_kept=nan, fraction_margin_kept=nan)
         if len(margin[n]) > 1 and n != base:
             row["clean_margin_ci_low"], row["clean_margin_ci_high"] = bootstrap_ci(margin[n], np.mean, n_boot, ci, seed)
-        if n not in (base, reference) and reference in margin:
-            gp = correct[reference] - 0.5
+        ref = ref_of(n)
+        if n not in (base, ref) and ref in margin:
+            gp = correct[ref] - 0.5
             if len(gp) and gp.mean() > 0:  # only when plain DPO gained something
                 row["fraction_gain_kept"], row["fraction_gain_kept_ci_low"], row["fraction_gain_kept_ci_high"] = (
                     ratio_with_ci(correct[n] - 0.5, gp, n_boot, ci, seed)
                 )
-            if len(margin[reference]) and margin[reference].mean() > 0:
+            if len(margin[ref]) and margin[ref].mean() > 0:
                 row["fraction_margin_kept"], row["fraction_margin_kept_ci_low"], row["fraction_margin_kept_ci_high"] = (
-                    ratio_with_ci(margin[n], margin[reference], n_boot, ci, seed)
+                    ratio_with_ci(margin[n], margin[ref], n_boot, ci, seed)
                 )
         on_target[n] = row
     rows = []
@@ -339,7 +345,11 @@ def poisoning_readout(
             hit = {n: h[mask] for n, h in hits.items()}
             for n in names:
                 rows.append(
-                    {**_plant_row(n, pl, hit, base, reference, n_boot, ci, seed), "scope": scope, **on_target[n]}
+                    {
+                        **_plant_row(n, pl, hit, base, ref_of(n), n_boot, ci, seed),
+                        "scope": scope,
+                        **on_target[n],
+                    }
                 )
     return pd.DataFrame(rows)
 

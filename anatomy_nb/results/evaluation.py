@@ -13,7 +13,7 @@ from ..core.run import Run, RunLike
 from ..core.stage import Artifact
 from ..core.stats import LEAVE_OUT
 from ..data.judges import format_agreement
-from .training import PLAIN
+from .training import PLAIN, order_of, plain_reference
 
 __all__ = [
     "BASE",
@@ -252,7 +252,6 @@ class EvalResult(Artifact):
         if plan_r2 is not None:
             plan_r2 = plan_r2[plan_r2["concepts"] == "spill-over"].set_index("model")
         steps = self.manifest.get("train_step_seconds") or {}
-        plain_step = steps.get("plain")
         rows = []
         for m in self.models:
             if m == BASE:
@@ -300,9 +299,39 @@ class EvalResult(Artifact):
                         "spill-over sign agreement (plan)": p["sign_agreement"],
                     }
                 )
-            s = steps.get(m)
+            s, plain_step = steps.get(m), steps.get(plain_reference(m))
             row["step-time ratio"] = s / plain_step if s and plain_step else float("nan")
             rows.append(row)
+        return pd.DataFrame(rows)
+
+    def order_spread(self) -> pd.DataFrame | None:
+        """For every run trained in more than one order (``PipelineConfig.order_seeds``): each
+        head-to-head figure per order, with its mean, lowest, highest and range — how much of a
+        "removed" or "kept" the order of the training pairs alone moves. Each intervention is read
+        against plain DPO of its own order. None when no run was trained in another order."""
+        h2h = self.head_to_head()
+        if h2h.empty:
+            return None
+        orders = {m: v.get("order") for m, v in self.manifest.get("models", {}).items()}
+        h2h = h2h.assign(run=[order_of(m)[0] for m in h2h["model"]], order=[orders.get(m) for m in h2h["model"]])
+        runs = [r for r, g in h2h.groupby("run", sort=False) if len(g) > 1]
+        if not runs:
+            return None
+        metrics = [
+            c for c in h2h.columns if c not in ("model", "run", "order") and not c.endswith(("_ci_low", "_ci_high"))
+        ]
+        rows = []
+        for run in runs:
+            g = h2h[h2h["run"] == run]
+            for metric in metrics:
+                v = g[metric].astype(float).to_numpy()
+                ok = np.isfinite(v)
+                if not ok.any():
+                    continue
+                low, high = float(v[ok].min()), float(v[ok].max())
+                per_order = "; ".join(f"{o}: {x:.2f}" for o, x in zip(g["order"], v) if np.isfinite(x))
+                row = {"run": run, "metric": metric, "orders": len(g), "mean": float(v[ok].mean())}
+                rows.append({**row, "min": low, "max": high, "range": high - low, "per_order": per_order})
         return pd.DataFrame(rows)
 
     def head_to_head_table(self, digits: int = 2) -> pd.DataFrame:

@@ -15,9 +15,44 @@ from ..core.files import read_json
 from ..core.run import Run, RunLike
 from ..core.stage import MANIFEST, Artifact
 
-__all__ = ["PLAIN", "TrainResult", "active_entries", "run_name", "training_runs"]
+__all__ = [
+    "PLAIN",
+    "TrainResult",
+    "active_entries",
+    "order_of",
+    "ordered_name",
+    "plain_reference",
+    "run_name",
+    "training_runs",
+]
 
 PLAIN = "plain"  # the name of the training run whose plan changes nothing (plain DPO)
+ORDER = "-order"  # <run>-order<seed>: the same run trained in another order (PipelineConfig.order_seeds)
+
+
+def ordered_name(run: str, seed: int) -> str:
+    """The name of ``run`` trained once more with ``TrainConfig.order_seed = seed``."""
+    return f"{run}{ORDER}{int(seed)}"
+
+
+def order_of(name: str) -> tuple[str, int | None]:
+    """(run, seed) of a model name: ``("filter", 2)`` for ``filter-order2``; the seed is None for a
+    run in the configured order."""
+    run, sep, seed = name.rpartition(ORDER)
+    return (run, int(seed)) if sep and run and seed.isdigit() else (name, None)
+
+
+def training_order(manifest: dict) -> int:
+    """The seed that ordered a training run's pairs (``TrainConfig.order_seed``, else its ``seed``)."""
+    cfg = manifest.get("config", {})
+    return int(cfg["order_seed"] if cfg.get("order_seed") is not None else cfg.get("seed", 0))
+
+
+def plain_reference(name: str) -> str:
+    """The plain-DPO run a model is read against: plain DPO trained in the same order, so that what
+    the order alone moves is not credited to the intervention."""
+    seed = order_of(name)[1]
+    return PLAIN if seed is None else ordered_name(PLAIN, seed)
 
 
 @dataclass

@@ -92,7 +92,7 @@ from ..lm.models import LoadedModel
 from ..lm.ops import ab_probabilities, generate, pair_logps, response_residuals
 from ..results.evaluation import BASE, EvalResult
 from ..results.store import FeatureStore
-from ..results.training import PLAIN, active_entries, run_name, training_runs
+from ..results.training import PLAIN, active_entries, plain_reference, run_name, training_order, training_runs
 from .predicted_vs_actual import predicted_vs_actual, predictor_inputs, predictor_table
 from .prediction import ConceptSpace
 from .readouts import comparison_table, plan_vs_actual, preference_table, targets_table
@@ -428,7 +428,7 @@ def evaluate(
             logps,
             [p.id for p in pref_pairs],
             base=BASE,
-            reference=PLAIN,
+            reference={n: plain_reference(n) for n in names},
             n_boot=cfg.n_boot,
             ci=cfg.ci,
             seed=cfg.seed,
@@ -466,7 +466,12 @@ def evaluate(
             "models": {
                 BASE: {"model": lm.name, "fingerprint": lm.fingerprint},
                 **{
-                    n: {"train_key": p.name, "path": relative(p, run.path), "plan_active": active_entries(manifests[n])}
+                    n: {
+                        "train_key": p.name,
+                        "path": relative(p, run.path),
+                        "plan_active": active_entries(manifests[n]),
+                        "order": training_order(manifests[n]),
+                    }
                     for n, p in paths.items()
                 },
             },

@@ -26,7 +26,7 @@ from ..core.stats import (
 from ..data.textstats import text_stats
 from ..results.evaluation import BASE
 from ..results.plan import parse_concept, sae_concept_id
-from ..results.training import PLAIN, active_entries
+from ..results.training import PLAIN, active_entries, order_of, plain_reference
 from .prediction import ConceptSpace
 
 __all__ = [
@@ -81,12 +81,13 @@ def plan_vs_actual(
         return pd.DataFrame(columns=PLAN_COLUMNS), pd.DataFrame(columns=PLAN_R2_COLUMNS)
     rows, r2_rows = [], []
     for name, act in activity.items():
-        if name in (BASE, PLAIN):
+        reference = plain_reference(name)
+        if name in (BASE, reference) or order_of(name)[0] == PLAIN or reference not in activity:
             continue
         entries = active_entries(manifests[name])
         table, _ = space.predict({"concepts": entries})
         ids = table["concept"].to_numpy().astype(int)
-        D = (act - activity[PLAIN])[:, ids]
+        D = (act - activity[reference])[:, ids]
         t = paired_test(D)
         targeted = targeted_concepts(entries)
         df = pd.DataFrame(
@@ -213,8 +214,9 @@ def targets_table(names, manifests, fires, gens, cfg: EvalConfig) -> pd.DataFram
                 "fraction_removed_ci_high": float("nan"),
                 "n_prompts": len(d),
             }
-            if PLAIN in s and n not in (BASE, PLAIN):
-                dp = s[PLAIN] - s[BASE]
+            reference = plain_reference(n)
+            if reference in s and n not in (BASE, reference) and order_of(n)[0] != PLAIN:
+                dp = s[reference] - s[BASE]
                 row["plain_delta"] = float(dp.mean())
                 # a fraction of plain DPO's change in the plan's direction; undefined when plain DPO
                 # did not move the concept that way (1 − Δ/Δ_plain of a fall is not "removed")
@@ -226,7 +228,7 @@ def targets_table(names, manifests, fires, gens, cfg: EvalConfig) -> pd.DataFram
                         1 - shi,
                         1 - slo,
                     )
-            elif n == PLAIN:
+            elif order_of(n)[0] == PLAIN:
                 row["plain_delta"] = row["delta"]
             rows.append(row)
     return pd.DataFrame(rows, columns=cols)
