@@ -4,12 +4,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/default
 
-.PHONY: setup run compare sweep amplify entangled topic subspace test test-e2e lint test-all lab benchmark sae
+.PHONY: setup run real compare sweep amplify entangled topic subspace test test-e2e lint test-all lab benchmark sae
 setup:
 	bash scripts/setup.sh
 
 run: setup
 	$(VENV)/bin/anatomy-nb run --run-dir $(RUN_DIR)
+
+# real data, nothing planted: does the audit predict what plain DPO learns, better than simpler
+# predictors? HH-RLHF harmless-base, then PandaLM (docs/explanation.md; ~30 + ~25 min on two cores)
+real: setup
+	$(VENV)/bin/anatomy-nb run configs/real-hh.yaml
+	$(VENV)/bin/anatomy-nb run configs/real-pandalm.yaml
 
 # the paper's comparison: five interventions against plain DPO on two planted concepts (docs/explanation.md)
 compare: setup

@@ -250,6 +250,34 @@ def test_the_experiment_configs_share_the_compare_run_where_they_say_so():
     assert entangled.run_dir != compare.run_dir and entangled.plants[1]["overlap"] == 0.9
 
 
+def test_the_real_data_configs_audit_the_data_as_it_is():
+    """`make real`'s configs (their runs stay out of CI; results in benchmarks/results/): no plant,
+    plain DPO only, 30 % of the prompts held out, 512 training pairs; every held-out PandaLM
+    instruction is evaluated. And compare.yaml trains plain DPO, shaping and filtering in orders 0-2."""
+    from anatomy_nb.data.pairs import load_pairs
+    from anatomy_nb.pipeline import training_orders
+    from anatomy_nb.stages.train import split_pairs
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+    for name, data, n_pairs in (("real-hh", "hh-rlhf", 1200), ("real-pandalm", "pandalm", None)):
+        cfg = load_config(root / f"{name}.yaml")
+        assert cfg.plants == [] and cfg.methods == [] and cfg.run_dir == f"runs/{name}"
+        assert (cfg.extract.data, cfg.extract.n_pairs) == (data, n_pairs)
+        assert (cfg.train.heldout_fraction, cfg.train.max_train_pairs) == (0.3, 512) and not cfg.evaluate.behaviour
+    pandalm = load_pairs("pandalm")
+    train, held = split_pairs(pandalm, 0.3, 0)
+    held_prompts = {pandalm[i].prompt_key for i in held}
+    assert (
+        len(pandalm) > 800
+        and len(train) >= 512
+        and 40 <= len(held_prompts) <= load_config(root / "real-pandalm.yaml").evaluate.n_prompts
+    )
+    compare = load_config(root / "compare.yaml")
+    assert [n for n, _, _ in training_orders(compare)] == [
+        f"{r}-order{s}" for s in (1, 2) for r in ("plain", "reward_shaping", "filter")
+    ]
+
+
 def method_variant_strength(name: str) -> float:
     from anatomy_nb.results.plan import method_variant
 
