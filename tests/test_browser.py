@@ -216,12 +216,13 @@ def _drive_the_viewer_and_toggles(page, run, data, concept):
     assert "<script>window.__pwned=1</script>" in drill
     assert "<img src=x onerror=" in drill or "javascript:window.__pwned=3" in drill
     assert page.evaluate("window.__pwned") is None and page.dialogs == []
-    assert (
-        page.evaluate(
-            "document.querySelectorAll('.anb-root img, .anb-root script, .anb-root a, .anb-root iframe').length"
-        )
-        == 0
+    assert page.evaluate("document.querySelectorAll('.anb-root img, .anb-root script, .anb-root a').length") == 0
+    # the one frame is the summary (ui.summary), sandboxed: nothing in it can run
+    frames = page.evaluate(
+        "[...document.querySelectorAll('.anb-root iframe')].map(f => [f.className, f.getAttribute('sandbox')])"
     )
+    assert frames == [["anb-summary-frame", ""]]
+    assert page.frame_locator(".anb-summary-frame").locator("h2").inner_text() == "What DPO on this data will teach"
     # only our own markup
     assert page.evaluate("[...document.querySelectorAll('.anb-root b')].every(b => b.textContent === 'Scope: ')")
 
@@ -327,3 +328,45 @@ def test_canvas_map_draws_and_lassos_50k_points(page):
     assert res["draw"] < 1000 and res["lasso"] < 1000  # generous: CI machines are slow and shared
     assert 0.4 * 50000 < res["selected"] < 0.6 * 50000  # the left half
     assert res["hit"] >= 0
+
+
+def test_the_report_opens_on_the_summary_and_its_dataset_text_stays_inert(browser, tmp_path, tiny_lm, tiny_sae_):
+    """The shareable report (``anb.report``) at 1280×800: the summary of what DPO will teach and its
+    plot lie in the first screen; pairs whose chosen responses open with markup (script, img with
+    onerror) are shown as text, and no element or script of theirs exists in the page."""
+    from anatomy_nb.config import ConceptConfig, ExtractConfig, HypothesizeConfig
+    from anatomy_nb.stages.extract import extract
+    from anatomy_nb.stages.hypothesize import hypothesize
+    from anatomy_nb.ui.report import report
+
+    from helpers import synthetic_pairs
+
+    payload = '<img src=x onerror="window.__pwned=2"><script>window.__pwned=1</script> '
+    pairs = [
+        p.__class__(id=p.id, prompt=p.prompt, chosen=payload + p.chosen, rejected=p.rejected) for p in synthetic_pairs()
+    ]
+    run = tmp_path / "run"
+    extract(pairs, tiny_lm, tiny_sae_, run, ExtractConfig(shard_size=24, progress=False))
+    hypothesize(
+        run, HypothesizeConfig(concepts=ConceptConfig(min_support=3), promoted_tokens=0), model=tiny_lm, sae=tiny_sae_
+    )
+    index = report(run, render=False)
+    html = index.read_text()
+    assert "<script>window.__pwned" not in html and "<img src=x" not in html and "onerror=&quot;" in html
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = ctx.new_page()
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    try:
+        page.goto(index.as_uri())
+        section = page.locator("#what-it-teaches").bounding_box()
+        plot = page.locator("#what-it-teaches svg.anb-effects").bounding_box()
+        assert section is not None and plot is not None
+        assert 0 <= section["y"] < 800 and plot["y"] >= 0 and plot["y"] + plot["height"] <= 800, (section, plot)
+        assert "onerror=" in page.text_content("body")  # the payload is in the page, as text
+        assert page.evaluate("window.__pwned") is None and dialogs == []
+        assert page.evaluate("document.querySelectorAll('script, img, iframe, object, embed').length") == 0
+    finally:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "report-first-screen.png"))
+        ctx.close()

@@ -13,7 +13,7 @@ from ..core.files import read_json
 from ..core.run import Run, RunLike
 from .store import EDGES
 
-__all__ = ["SPLIT_HALF_OK", "Hypotheses", "rank_hypotheses", "split_half_mark"]
+__all__ = ["SPLIT_HALF_OK", "Hypotheses", "number_ranks", "rank_hypotheses", "split_half_mark"]
 
 #: a signal "replicates" when its sign agreed in at least this share of the random half/half splits
 SPLIT_HALF_OK = 0.9
@@ -47,6 +47,18 @@ def rank_hypotheses(table: pd.DataFrame) -> pd.DataFrame:
     return table.loc[key.sort_values(["_sig", "_d", "_p"], kind="stable").index]
 
 
+def number_ranks(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (in rank order) with ``rank`` counted from 1 within each listing people read: the
+    prompt-independent rows (whole response, opening, ending: ``Hypotheses.ranked``) and the topic
+    × concept rows (``Hypotheses.ranked_by_topic``). Format 2 counted over both at once, so the
+    first row a reader saw could be rank 12."""
+    listing = np.where(table["view"].to_numpy() == "topic", 1, 0)
+    rank = pd.Series(listing).groupby(listing).cumcount().to_numpy() + 1
+    out = table.drop(columns="rank", errors="ignore")
+    out.insert(0, "rank", rank)
+    return out
+
+
 class Hypotheses:
     """The hypotheses artifact: ranked tables plus the clustering and topics behind them."""
 
@@ -54,6 +66,8 @@ class Hypotheses:
         self.path = Path(path)
         self.manifest = read_json(self.path / "manifest.json")
         self.table = pd.read_parquet(self.path / "hypotheses.parquet")
+        if self.manifest.get("format", 1) < 3:  # written before ranks counted per listing
+            self.table = number_ranks(self.table)
         self.features = pd.read_parquet(self.path / "features.parquet")
         self.topics = pd.read_parquet(self.path / "topics.parquet")
         self.topic_summary = pd.read_parquet(self.path / "topic_summary.parquet")
@@ -97,14 +111,15 @@ class Hypotheses:
     def ranked_by_topic(self) -> pd.DataFrame:
         """The topic × concept signals in rank order (significant first, then the effect at equal
         lengths), each named by its topic: signals that live inside one kind of prompt."""
-        t = self.by_topic()
-        return rank_hypotheses(t).assign(
+        t = rank_hypotheses(self.by_topic())
+        return t.assign(
+            rank=np.arange(1, len(t) + 1),
             where=lambda d: (
                 "topic "
                 + d["topic"].astype(str)
                 + ": "
                 + d.get("topic_label", pd.Series("", index=d.index)).astype(str)
-            )
+            ),
         )
 
     def top(self, n: int = 20, view: str | None = "overall") -> pd.DataFrame:

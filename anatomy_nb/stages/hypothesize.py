@@ -57,7 +57,7 @@ from ..core.stats import (
     welch_each_group,
 )
 from ..data.textstats import text_stats
-from ..results.hypotheses import Hypotheses, rank_hypotheses
+from ..results.hypotheses import Hypotheses, number_ranks, rank_hypotheses
 from ..results.plan import concept_ref, parse_concept
 from ..results.store import FeatureStore
 
@@ -74,7 +74,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 STAGE = "hypothesize"
-FORMAT = 2
+FORMAT = 3  # 3: ranks count within each listing (results.hypotheses.number_ranks)
 
 
 def _stat_columns(prefix: str, t) -> dict[str, np.ndarray]:
@@ -412,8 +412,7 @@ def hypothesize(
         table["label"] = [named.get(r, lbl) for r, lbl in zip(table["ref"], table["label"])]
         topic_words = dict(zip(topics.summary["topic"], topics.summary["top_words"]))
         table["topic_label"] = table["topic"].map(lambda t: "all prompts" if t < 0 else topic_words.get(t, ""))
-        table = rank_hypotheses(table).reset_index(drop=True)
-        table.insert(0, "rank", np.arange(1, len(table) + 1))
+        table = number_ranks(rank_hypotheses(table).reset_index(drop=True))
     if explainer is None and cfg.explain.backend != "none":
         explainer = make_explainer(cfg.explain, run.path / "cache" / "llm", lm=model)
     llm_usage: dict[str, Any] = {"skipped": "no explainer (HypothesizeConfig.explain.backend)"}

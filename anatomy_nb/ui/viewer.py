@@ -35,6 +35,7 @@ from ..results.hypotheses import Hypotheses
 from ..results.plan import ACTIONS, METHODS, InterventionPlan, PlanError, concept_ref
 from ..stages.plan import DEFAULT_STRENGTH, overlay_plan, set_choice
 from ..stages.prediction import ConceptSpace
+from .summary import summary_html
 from .viewer_data import ViewerData, json_float, static_drilldown_html, static_signals_html
 from .viz import escape_text, html_table
 
@@ -84,6 +85,9 @@ class AuditViewer(anywidget.AnyWidget):
     drilldown = traitlets.Dict({}).tag(sync=True)
     height = traitlets.Int(360).tag(sync=True)
     render_ms = traitlets.Dict({}).tag(sync=True)  # the front-end reports its draw times here
+    # what DPO on this data will teach (ui.summary, the report's first section): escaped HTML and
+    # inline SVG, shown by the front-end in a sandboxed iframe (no script runs there)
+    summary = traitlets.Unicode("").tag(sync=True)
 
     def __init__(
         self,
@@ -104,6 +108,7 @@ class AuditViewer(anywidget.AnyWidget):
             data_map={**m["data"], "text": [p[:160] for p in data.prompts]},
             feature_map=m["features"],
             height=height,
+            summary=summary_html(data.run),
         )
 
     @property
@@ -143,7 +148,9 @@ class AuditViewer(anywidget.AnyWidget):
 
     def static_html(self) -> str:
         parts = [
-            "<div class='anb-static'><h4>Ranked signals (",
+            "<div class='anb-static'>",
+            self.summary,
+            "<h4>Ranked signals (",
             escape_text(self.scope),
             ")</h4>",
             static_signals_html(self.concepts),

@@ -206,7 +206,7 @@ class ViewerData:
                 }
             )
         ).index
-        return [rows[i] for i in order]
+        return [{**rows[i], "rank": k} for k, i in enumerate(order, start=1)]
 
     def view_rows(self, n: int = 300) -> dict[str, list[dict]]:
         """Stage 2's other views, ranked and not re-scored: the topic × concept signals and each
@@ -218,6 +218,7 @@ class ViewerData:
         for name, t in views.items():
             out[name] = [
                 {
+                    "rank": k,
                     "concept": int(r.concept),
                     "where": str(r.where),
                     "topic": int(getattr(r, "topic", -1)),
@@ -233,7 +234,7 @@ class ViewerData:
                     "chosen_rate": json_float(r.chosen_rate),
                     "rejected_rate": json_float(r.rejected_rate),
                 }
-                for r in t.head(n).itertuples()
+                for k, r in enumerate(t.head(n).itertuples(), start=1)
             ]
         return out
 

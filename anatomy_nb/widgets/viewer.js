@@ -21,6 +21,19 @@ function render({ model, el: root }) {
   const maps = el("div", "anb-maps");
   const tableBox = el("div", "anb-table-box");
   const drill = el("div", "anb-drill");
+  // what DPO on this data will teach: the report's first section, rendered by Python (ui.summary) and
+  // shown in a sandboxed iframe, so its HTML never runs in this page (dataset text in it is escaped too)
+  if (model.get("summary")) {
+    const box = el("details", "anb-summary-box");
+    box.open = true;
+    box.appendChild(el("summary", null, "What DPO on this data will teach"));
+    const frame = document.createElement("iframe");
+    frame.setAttribute("sandbox", "");
+    frame.className = "anb-summary-frame";
+    frame.srcdoc = model.get("summary");
+    box.appendChild(frame);
+    root.append(box);
+  }
   root.append(bar, maps, el("div", "anb-split"));
   root.lastChild.append(tableBox, drill);
 
@@ -94,6 +107,7 @@ function render({ model, el: root }) {
   const ci = (r) => r.ci_low === null || r.ci_low === undefined ? signed(r.mean_diff) : `${signed(r.mean_diff)} [${fmt(r.ci_low)}, ${fmt(r.ci_high)}]`;
   const columnsFor = {
     overall: [
+      ["rank", "#", (r) => r.rank],
       ["concept", "concept", (r) => r.concept],
       ["badge", "fires on", (r) => r.badge],
       ["mean_diff", "Δ (95 % CI)", ci],
@@ -105,6 +119,7 @@ function render({ model, el: root }) {
       ["label", "label", (r) => r.label],
     ],
     other: [
+      ["rank", "#", (r) => r.rank],
       ["where", "where", (r) => r.where],
       ["concept", "concept", (r) => r.concept],
       ["mean_diff", "Δ", ci],
