@@ -170,13 +170,15 @@ def test_hypothesize_on_a_real_store_writes_a_keyed_artifact(tiny_lm, tiny_sae_,
         assert col in t.columns, col
     named = t[t["name"].str.len() > 0]
     assert all(lbl.startswith(n) for n, lbl in zip(named["name"], named["label"]))  # the name comes first
-    assert list(t["rank"]) == list(range(1, len(t) + 1))
+    # ranks count from 1 in each listing a reader sees: the prompt-independent rows and the topic rows
+    assert list(h.ranked()["rank"]) == list(range(1, len(h.ranked()) + 1))
+    assert list(h.ranked_by_topic()["rank"]) == list(range(1, len(h.ranked_by_topic()) + 1))
     assert h.manifest["promoted_tokens"] == "ok" and t["promoted_tokens"].str.len().gt(0).all()
     assert (h.features["concept"] >= -1).all() and len(h.features) == tiny_sae_.d_sae
     # every concept is also tested on the responses' opening and ending tokens, in the same family
     n = h.manifest["n_concepts"]
     assert len(h.by_edge()) == 2 * n and set(h.by_edge()["view"]) == {"opening", "ending"}
-    assert len(h.ranked()) == 3 * n and list(h.ranked()["rank"]) == sorted(h.ranked()["rank"])
+    assert len(h.ranked()) == 3 * n
     # an edge is part of the response
     assert (
         h.by_edge()["chosen_rate"]
@@ -251,9 +253,43 @@ def test_other_concept_sources_are_tested_in_the_same_family(tiny_lm, tiny_sae_,
     )
     assert not rows.loc["text:pineapple", "significant"] and rows.loc["text:pineapple", "p"] == 1.0
     np.testing.assert_allclose(t["q"].to_numpy(), bh_qvalues(t["p"].to_numpy()))  # one family
-    assert list(t["rank"]) == list(range(1, len(t) + 1))
+    assert list(h.ranked()["rank"]) == list(range(1, len(h.ranked()) + 1))
     # the SAE concepts' statistics do not change (only their q, through the larger family)
     sae_rows = t[t["source"] == "sae"].set_index(["view", "topic", "concept"]).sort_index()
     before = plain.table.set_index(["view", "topic", "concept"]).sort_index()
     np.testing.assert_allclose(sae_rows["p"], before["p"])
     assert h.manifest["n_concepts"] == plain.manifest["n_concepts"]
+
+
+def test_a_run_written_before_per_listing_ranks_is_read_with_them(tmp_path):
+    """Format-2 hypotheses counted ranks over every row, topic rows included (the first row of the
+    prompt-independent listing could read 12); read now, each listing counts from 1."""
+    import json
+    import shutil
+
+    from anatomy_nb.results.hypotheses import number_ranks
+
+    rows = ["topic", "overall", "topic", "opening", "overall", "topic"]
+    t = pd.DataFrame({"rank": range(1, 7), "view": rows, "concept": range(6)})
+    assert list(number_ranks(t)["rank"]) == [1, 1, 2, 2, 3, 3]
+    old = tmp_path / "old"
+    old.mkdir()
+    pd.DataFrame(
+        {
+            "rank": range(1, 7),
+            "view": rows,
+            "concept": range(6),
+            "topic": [0, -1, 1, -1, -1, 0],
+            "significant": True,
+            "q": 0.01,
+            "p": 0.001,
+            "cohens_d": 1.0,
+            "length_controlled_cohens_d": 1.0,
+        }
+    ).to_parquet(old / "hypotheses.parquet")
+    for name in ("features", "topics", "topic_summary", "baseline_text_stats"):
+        pd.DataFrame({"x": [0]}).to_parquet(old / f"{name}.parquet")
+    (old / "manifest.json").write_text(json.dumps({"complete": True, "format": 2}))
+    h = Hypotheses(old)
+    assert list(h.ranked()["rank"]) == [1, 2, 3] and list(h.ranked_by_topic()["rank"]) == [1, 2, 3]
+    shutil.rmtree(old)
