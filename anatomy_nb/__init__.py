@@ -34,6 +34,7 @@ _EXPORTS = {
     "report": "ui.report",
     "run_notebook": "ui.notebooks",
     "learn_subspace": "stages.subspace",
+    "compare_audits": "stages.compare_audits",
     # the run directory and what it holds (readers: no torch)
     "Run": "core.run",
     "FeatureStore": "results.store",
@@ -42,6 +43,7 @@ _EXPORTS = {
     "TrainResult": "results.training",
     "EvalResult": "results.evaluation",
     "SubspaceResult": "results.subspace",
+    "CompareResult": "results.compare_audits",
     # parameters
     "ConceptConfig": "config",
     "EvalConfig": "config",
@@ -54,6 +56,7 @@ _EXPORTS = {
     "TopicConfig": "config",
     "TrainConfig": "config",
     "SubspaceConfig": "config",
+    "CompareAuditsConfig": "config",
     "DEFAULT_MODEL": "config",
     "DEFAULT_SAE": "config",
     # data, models, SAEs, concept sources
@@ -94,6 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import (
         DEFAULT_MODEL,
         DEFAULT_SAE,
+        CompareAuditsConfig,
         ConceptConfig,
         EvalConfig,
         ExtractConfig,
@@ -113,12 +117,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .lm.models import LoadedModel, load_model, tiny_llama
     from .lm.sae import LoadedSAE, load_sae, tiny_sae
     from .pipeline import run
+    from .results.compare_audits import CompareResult
     from .results.evaluation import EvalResult
     from .results.hypotheses import Hypotheses
     from .results.plan import InterventionPlan
     from .results.store import FeatureStore
     from .results.subspace import SubspaceResult
     from .results.training import TrainResult
+    from .stages.compare_audits import compare_audits
     from .stages.evaluate import evaluate
     from .stages.extract import extract
     from .stages.hypothesize import hypothesize

@@ -8,6 +8,8 @@ dataclass (``anatomy_nb.config``): ``anatomy-nb <command> --help`` lists them wi
     anatomy-nb train --run-dir runs/x [--plan runs/x] [--learning-rate 1e-3]
     anatomy-nb evaluate --run-dir runs/x [--n-prompts 60]
     anatomy-nb subspace [configs/subspace-gpu.yaml] --run-dir runs/subspace [--dim 8]   # DAS / HyperDAS on RAVEL
+    anatomy-nb compare-audits runs/a runs/b --run-dir runs/a-vs-b   # two data sets by concept
+    anatomy-nb compare-audits runs/pandalm-annotators              # one data set's annotators
     anatomy-nb train-sae --work-dir work/sae_recipe       # rebuild the default SAE
     anatomy-nb report runs/default                        # standalone HTML: notebooks + summary
 
@@ -23,6 +25,7 @@ import logging
 import sys
 
 from .config import (
+    CompareAuditsConfig,
     EvalConfig,
     ExtractConfig,
     HypothesizeConfig,
@@ -103,6 +106,20 @@ def _cmd_subspace(args: argparse.Namespace) -> int:
     res = learn_subspace(args.run_dir, SubspaceConfig.from_args(args, base=base), force=args.force)
     print(res)
     print(res.table().drop(columns=["features"]).round(3).to_string())
+    return 0
+
+
+def _cmd_compare_audits(args: argparse.Namespace) -> int:
+    from .stages.compare_audits import compare_audits
+
+    base = CompareAuditsConfig.from_dict(read_config_file(args.config), args.config) if args.config else None
+    res = compare_audits(
+        args.a, args.b, run_dir=args.run_dir, config=CompareAuditsConfig.from_args(args, base=base), force=args.force
+    )
+    print(res)
+    for sentence in res.sentences():
+        print(sentence)
+    print(res.table().to_string(index=False))
     return 0
 
 
@@ -204,6 +221,18 @@ def parser() -> argparse.ArgumentParser:
     su.add_argument("--force", action="store_true")
     SubspaceConfig.add_arguments(su)
     su.set_defaults(func=_cmd_subspace)
+
+    ca = sub.add_parser(
+        "compare-audits",
+        help="two data sets (two run directories) or one data set's annotators (one) compared by concept",
+    )
+    ca.add_argument("a", help="run directory with a feature store (side A, or the annotated data set)")
+    ca.add_argument("b", nargs="?", default=None, help="run directory with side B's feature store (omit: annotators)")
+    ca.add_argument("--run-dir", default=None, help="where the comparison is written (default: A's run directory)")
+    ca.add_argument("--config", default=None, help="YAML/JSON CompareAuditsConfig; flags override it")
+    ca.add_argument("--force", action="store_true")
+    CompareAuditsConfig.add_arguments(ca)
+    ca.set_defaults(func=_cmd_compare_audits)
 
     s = sub.add_parser("train-sae", help="re-train the default SAE (sweep, train, evaluate, card)")
     s.add_argument("--work-dir", default="work/sae_recipe")

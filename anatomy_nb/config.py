@@ -23,6 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .config_compare import CompareAuditsConfig, ConceptConfig
 from .config_sae import RecipeConfig, SAETrainingConfig
 from .config_subspace import SubspaceConfig
 from .core.config_base import DEFAULT_MODEL, DEFAULT_SAE, KEYED_WHEN_SET, NOT_KEYED, Config, ConfigError
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_SAE",
     "STAGES",
+    "CompareAuditsConfig",
     "ConceptConfig",
     "ConfigError",
     "EvalConfig",
@@ -137,36 +139,6 @@ class ExtractConfig(Config):
 
 
 # --- stage 2: hypothesize ---------------------------------------------------------------------------
-
-
-@dataclass
-class ConceptConfig(Config):
-    """How features are clustered into concepts (``anatomy_nb.concepts.clustering``)."""
-
-    min_support: int = field(
-        default=5, metadata=_help("a feature must fire on at least this many responses to be tested")
-    )
-    k_neighbors: int = field(default=10, metadata=_help("neighbours per feature in the co-firing graph"))
-    min_phi: float = field(default=0.05, metadata=_help("kNN edges below this correlation are dropped"))
-    resolution: float = field(
-        default=0.05, metadata=_help("CPM density threshold: higher gives more, smaller, tighter concepts")
-    )
-    quality: str = field(
-        default="cpm", metadata=_help("'cpm' (constant Potts; graph-size free) or 'rb' (modularity-style)")
-    )
-    neighbors: str = field(
-        default="auto",
-        metadata=_help(
-            "'exact' (time ∝ responses × features²), 'sketch' (random projection proposes, exact phi re-scores; "
-            "linear) "
-            "or 'auto'"
-        ),
-    )
-    sketch_dims: int = field(
-        default=256, metadata=_help("sketch: random projection dimensions (estimate noise ≈ 1/√dims)")
-    )
-    sketch_candidates: int = field(default=128, metadata=_help("sketch: candidates per feature re-scored exactly"))
-    seed: int = 0
 
 
 @dataclass
@@ -641,6 +613,10 @@ def reference_markdown() -> str:
         (PipelineConfig, "the whole pipeline · `run` · `anatomy-nb run` (each stage's block takes that stage's keys)"),
         (RecipeConfig, "the default SAE · notebook 00 · `anatomy-nb train-sae`"),
         (SubspaceConfig, "concept subspaces from counterfactuals · notebook 06 · `anb.learn_subspace`"),
+        (
+            CompareAuditsConfig,
+            "two audits compared by concept · notebook 07 · `anb.compare_audits` · `anatomy-nb compare-audits`",
+        ),
     ):
         summary = " ".join(line.strip() for line in (cls.__doc__ or "").split("\n\n")[0].splitlines())
         out += [

@@ -245,29 +245,53 @@ def _norm_sharegpt(rec: Mapping) -> list[tuple]:
     return [(prompt, c, r, {})]
 
 
-def _norm_pandalm(rec: Mapping) -> list[tuple]:
+ANNOTATORS = ("annotator1", "annotator2", "annotator3")  # PandaLM's human votes: 0 tie, 1 or 2 the better response
+
+
+def _norm_pandalm(rec: Mapping, annotator: int | str | None = None) -> list[tuple]:
+    """One PandaLM record. ``annotator``: None takes the majority vote (ties skipped); 1, 2 or 3
+    takes that annotator's vote (its ties skipped); "each" keeps the responses in the order listed
+    (response 1 as "chosen") whenever any annotator prefers one. Every pair records each
+    annotator's vote relative to its own sides in ``metadata["annotator_votes"]`` (+1: prefers
+    "chosen", −1: prefers "rejected", 0: tie), so one extraction serves every annotator."""
     instruction = _need(rec, "instruction")
     extra = rec.get("input") or ""
     if not isinstance(extra, str):
         raise DataError(f"expected str, got {type(extra).__name__}", field="input", reason="wrong_type")
     prompt_text = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
     r1, r2 = _need(rec, "response1"), _need(rec, "response2")
-    votes = Counter()
-    for key in ("annotator1", "annotator2", "annotator3"):
+    raw: dict[str, int] = {}
+    for key in ANNOTATORS:
         v = rec.get(key)
         if v is None:
             continue
         try:
-            votes[int(v)] += 1
+            raw[key] = int(v)
         except (TypeError, ValueError) as exc:
             raise DataError(f"expected 0, 1 or 2, got {v!r}", field=key, reason="wrong_type") from exc
-    if not votes:
+        if raw[key] not in (0, 1, 2):
+            raise DataError(f"expected 0, 1 or 2, got {v!r}", field=key, reason="wrong_type")
+    if not raw:
         raise DataError("missing (no annotator votes)", field="annotator1", reason="missing_field")
-    top, n = votes.most_common(1)[0]
-    if top == 0 or list(votes.values()).count(n) > 1:
-        raise DataError("tie: annotators prefer neither response", field="annotator1", reason="tie")
+    votes = Counter(raw.values())
+    if annotator is None:
+        top, n = votes.most_common(1)[0]
+        if top == 0 or list(votes.values()).count(n) > 1:
+            raise DataError("tie: annotators prefer neither response", field="annotator1", reason="tie")
+    elif annotator == "each":
+        if not any(raw.values()):
+            raise DataError("tie: no annotator prefers a response", field="annotator1", reason="tie")
+        top = 1
+    else:
+        key = f"annotator{annotator}"
+        if key not in raw:
+            raise DataError("missing (this annotator did not vote)", field=key, reason="missing_field")
+        if raw[key] == 0:
+            raise DataError("tie: this annotator prefers neither response", field=key, reason="tie")
+        top = raw[key]
     chosen, rejected = (r1, r2) if top == 1 else (r2, r1)
-    meta = {"votes": {str(k): v for k, v in votes.items()}}
+    side = {0: 0, top: 1, 3 - top: -1}
+    meta = {"votes": {str(k): v for k, v in votes.items()}, "annotator_votes": {k: side[v] for k, v in raw.items()}}
     for key in ("motivation_app", "cmp_key"):
         if key in rec:
             meta[key] = rec[key]

@@ -31,6 +31,8 @@ _ALIASES = {
     "hh-rlhf": ("hh_rlhf/harmless-base/test.jsonl.gz", "hh-rlhf"),
     "hh-rlhf-harmless-test": ("hh_rlhf/harmless-base/test.jsonl.gz", "hh-rlhf"),
     "pandalm": ("pandalm/testset-v1.json", "pandalm"),
+    # every pair at least one annotator prefers a response of, sides as listed, each vote recorded
+    "pandalm-annotators": ("pandalm/testset-v1.json", "pandalm", {"annotator": "each"}),
     "oasst-en100": ("oasst_en100/en_100_tree.jsonl", "oasst"),
     "llamafactory-dpo-demo": ("llamafactory_demo/dpo_en_demo.json", "sharegpt"),
 }
@@ -46,6 +48,7 @@ def load_pairs(
     limit: int | None = None,
     strict: bool | None = None,
     id_field: str = "id",
+    annotator: int | str | None = None,
     **load_dataset_kwargs: Any,
 ) -> PairSet:
     """Load preference pairs from any supported source into one schema.
@@ -57,7 +60,10 @@ def load_pairs(
     ``strict=False`` skips bad records and counts them in ``report.skipped`` instead of raising;
     the default (``None``) is strict for your own files and lenient for the vendored aliases,
     which are real data with a few known-bad records (empty responses, mismatched prompts).
-    ``limit`` keeps the first ``limit`` valid pairs.
+    ``limit`` keeps the first ``limit`` valid pairs. ``annotator`` (data with several annotators per
+    pair: PandaLM): None, the majority vote; a number, that annotator's vote; ``"each"``, the sides
+    as listed with every annotator's vote kept (``metadata["annotator_votes"]``; the alias
+    ``"pandalm-annotators"``).
     """
     is_alias = isinstance(source, str) and source in _ALIASES
     if strict is None:
@@ -67,6 +73,10 @@ def load_pairs(
     label, records = _open_source(source, split, format, load_dataset_kwargs)
     if is_alias:
         format = format or _ALIASES[source][1]
+        options = _ALIASES[source][2] if len(_ALIASES[source]) > 2 else {}
+        annotator = options.get("annotator", annotator)
+    if annotator is not None and annotator != "each" and annotator not in (1, 2, 3):
+        raise ValueError(f"annotator must be None (the majority vote), 1, 2, 3 or 'each', got {annotator!r}")
     report = LoadReport(source=label)
     stream = _records_with_report(records, report, strict)
     pairs: list[PreferencePair] = []
@@ -79,7 +89,9 @@ def load_pairs(
                 rec = apply_field_map(rec, field_map)
             fmt = format or detect_format(rec)
             seen_formats[fmt] += 1
-            normalised = NORMALISERS[fmt](rec)
+            if annotator is not None and fmt != "pandalm":
+                raise DataError(f"annotator={annotator!r}: the {fmt} format has no annotators", reason="unknown_format")
+            normalised = NORMALISERS[fmt](rec, annotator) if fmt == "pandalm" else NORMALISERS[fmt](rec)
             base_id = rec.get(id_field) if isinstance(rec, Mapping) else None
             if base_id is not None and (isinstance(base_id, bool) or not isinstance(base_id, (str, int))):
                 raise DataError(

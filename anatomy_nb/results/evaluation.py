@@ -38,10 +38,21 @@ PREDICTOR_NAMES = {
     CEILING: "ceiling: split-half reliability",
 }
 PREDICTOR_COLUMNS = [
-    "model", "predictor", "n_concepts", "r2", "ci_low", "ci_high", "spearman", "sign_agreement",
-    *(f"r2_without_top{k}" for k in LEAVE_OUT), "delta_r2", "delta_ci_low", "delta_ci_high",
-    "reliability_predicted", "reliability_measured",
-]  # fmt: skip
+    "model",
+    "predictor",
+    "n_concepts",
+    "r2",
+    "ci_low",
+    "ci_high",
+    "spearman",
+    "sign_agreement",
+    *(f"r2_without_top{k}" for k in LEAVE_OUT),
+    "delta_r2",
+    "delta_ci_low",
+    "delta_ci_high",
+    "reliability_predicted",
+    "reliability_measured",
+]
 
 NO_SIGNAL = "no signal at this scale"
 

@@ -20,6 +20,7 @@ from nbconvert import HTMLExporter
 
 from ..config import (
     STAGES,
+    CompareAuditsConfig,
     EvalConfig,
     ExtractConfig,
     HypothesizeConfig,
@@ -42,11 +43,26 @@ __all__ = [
     "static_widgets",
 ]
 
-NOTEBOOKS = ["00_train_sae", *(f"{i:02d}_{stage}" for i, stage in enumerate(STAGES, start=1)), "06_concept_subspace"]
+NOTEBOOKS = [
+    "00_train_sae",
+    *(f"{i:02d}_{stage}" for i, stage in enumerate(STAGES, start=1)),
+    "06_concept_subspace",
+    "07_compare_audits",
+]
 #: the config dataclass each notebook's ``config`` parameter is checked against
 NOTEBOOK_CONFIGS = dict(
     zip(
-        NOTEBOOKS, (RecipeConfig, ExtractConfig, HypothesizeConfig, PlanConfig, TrainConfig, EvalConfig, SubspaceConfig)
+        NOTEBOOKS,
+        (
+            RecipeConfig,
+            ExtractConfig,
+            HypothesizeConfig,
+            PlanConfig,
+            TrainConfig,
+            EvalConfig,
+            SubspaceConfig,
+            CompareAuditsConfig,
+        ),
     )
 )
 

@@ -22,7 +22,9 @@ import pandas as pd
 
 from ..core.files import atomic_path, atomic_write_text, read_json
 from ..core.run import Run, RunLike
+from ..results.compare_audits import CompareResult
 from ..results.hypotheses import split_half_mark
+from .compare_view import compare_html
 from .notebooks import render_html
 from .summary import summary_html
 from .viz import escape_text, html_table
@@ -179,7 +181,7 @@ def report(run_dir: RunLike, out: str | os.PathLike | None = None, render: bool 
         f"<p class='muted'>{escape_text(str(run.path.resolve()))} · generated "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} · notebooks and run details at the end</p>",
     ]
-    if run.has("hypothesize"):
+    if run.has("hypothesize") and run.has("extract"):
         parts.append(summary_html(run))
     target_path = run.path / "plan" / "target.json"
     if target_path.exists():
@@ -188,6 +190,8 @@ def report(run_dir: RunLike, out: str | os.PathLike | None = None, render: bool 
         parts += ["<h2>The audit's target</h2>", html_table(pd.DataFrame([cells]), max_chars=200)]
     if run.has("evaluate"):
         parts += _evaluation_sections(run)
+    if run.has("compare_audits"):
+        parts.append(compare_html(CompareResult.from_run(run)))
     if run.has("hypothesize"):
         hyp = run.hypotheses
         legend = f"<p class='muted'>{escape_text(SIGNAL_LEGEND)}</p>"

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
+from ..core.contrast import minimum_detectable_d
 from ..core.run import Run, RunLike
 from ..results.hypotheses import Hypotheses
 from .viz import escape_text, token_html
@@ -136,15 +136,6 @@ class TeachingSummary:
         parts += [f"<li>{escape_text(b)}</li>" for b in self.baselines]
         parts.append("</ul></section>")
         return "".join(parts)
-
-
-def minimum_detectable_d(n_units: int, n_tests: int, fdr: float, power: float = 0.8) -> float:
-    """The smallest paired effect (Cohen's d) a two-sided test over ``n_units`` finds with ``power``
-    at the level BH needs for a first discovery among ``n_tests`` (``fdr`` / ``n_tests``)."""
-    if n_units < 2:
-        return float("nan")
-    alpha = fdr / max(n_tests, 1)
-    return float((sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)) / np.sqrt(n_units))
 
 
 def _d_interval(d: float, n: int) -> tuple[float, float]:
