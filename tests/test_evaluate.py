@@ -306,7 +306,9 @@ def test_runs_trained_in_other_orders_are_read_against_plain_dpo_of_their_order(
     with pytest.raises(ValueError, match="not trained"):
         PipelineConfig.from_dict({"order_seeds": [1], "order_methods": ["steer"]})
 
-    run = tiny_eval.run
+    import shutil
+
+    run = shutil.copytree(tiny_eval.run, tmp_path / "run")  # trains more runs: keep the shared run as it was
     tcfg = TrainConfig(
         max_length=64,
         batch_size=4,
