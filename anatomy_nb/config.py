@@ -590,11 +590,10 @@ class PipelineConfig(Config):
                 f"order_seeds: {own} is the configured runs' own order (train.order_seed, else train.seed)"
             )
         unknown = sorted(set(self.order_methods or []) - {"plain", *self.methods})
-        if unknown or len(set(self.order_seeds)) != len(self.order_seeds):
-            raise ValueError(
-                f"order_methods {unknown} are not trained (valid: plain, {', '.join(self.methods)}), or order_seeds "
-                f"{self.order_seeds} name a seed twice"
-            )
+        if unknown:
+            raise ValueError(f"order_methods {unknown} are not trained (valid: plain, {', '.join(self.methods)})")
+        if len(set(self.order_seeds)) != len(self.order_seeds):
+            raise ValueError(f"order_seeds {self.order_seeds} name a seed twice")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages {unknown} unknown; known: {list(STAGES)}")

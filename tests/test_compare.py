@@ -34,6 +34,8 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
             "extract": {"model": "tiny-llama", "sae": tiny_sae_dir, "n_pairs": 40},
             "target": 0,  # the tiny model's concept names are noise: pick by id
             "methods": METHODS,
+            "order_seeds": [1],  # the config's extra orders, at one seed for plain DPO and filtering
+            "order_methods": ["plain", "filter"],
             "hypothesize": {"concepts": {"min_support": 3}, "length_placebo_draws": 0},
             "train": {
                 "max_train_pairs": 8,
@@ -47,10 +49,8 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
             "report": False,  # rendered below without the notebooks' HTML (9 renders: ~20 s)
         },
     )
-    assert (
-        load_config(__import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "compare.yaml").methods
-        == CONFIG_METHODS
-    )
+    full = load_config(__import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "compare.yaml")
+    assert full.methods == CONFIG_METHODS and full.order_methods == ["plain", "reward_shaping", "filter"]
     assert [p["role"] for p in cfg.plants] == ["suppress", "keep"]
     state = run_pipeline(cfg, log=lambda s: None)
     assert list(state["steps"]) == [
@@ -59,6 +59,8 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
         "plan",
         "train-plain",
         *[f"train-{m}" for m in METHODS],
+        "train-plain-order1",
+        "train-filter-order1",
         "evaluate",
     ]
     run = Run(cfg.run_dir)
@@ -87,14 +89,16 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
     assert lifts == sorted(lifts, reverse=True)
     # one evaluation of all seven trained models; both plants read out, each with its role
     ev = run.evaluation
-    assert ev.models == ["base", "plain", *METHODS]
+    assert ev.models == ["base", "plain", *METHODS, "plain-order1", "filter-order1"]
+    spread = ev.order_spread()
+    assert set(spread["run"]) == {"plain", "filter"} and (spread["orders"] == 2).all()
     poison = ev.poisoning()
     assert sorted(set(zip(poison["kind"], poison["role"]))) == [("bold", "suppress"), ("opener", "keep")]
     assert len(poison) == 2 * len(ev.models)
     assert poison.loc[poison["role"] == "keep", "fraction_removed"].isna().all()
     assert poison.loc[poison["role"] == "suppress", "fraction_kept"].isna().all()
     h2h = ev.head_to_head()
-    assert list(h2h["model"]) == ["plain", *METHODS]
+    assert list(h2h["model"]) == ["plain", *METHODS, "plain-order1", "filter-order1"]
     assert {
         "bold removed",
         "opener kept",
@@ -106,7 +110,7 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
     assert np.isclose(h2h.set_index("model").at["plain", "step-time ratio"], 1.0)
     assert (h2h["step-time ratio"] > 0).all()
     table = ev.head_to_head_table()
-    assert list(table.columns)[0] == "model" and len(table) == len(METHODS) + 1
+    assert list(table.columns)[0] == "model" and len(table) == len(METHODS) + 3
     from anatomy_nb.ui.report import report
 
     html = report(run.path, render=False).read_text()
