@@ -66,8 +66,17 @@ class SubspaceConfig(Config):
             "ablation)"
         ),
     )
-    hyperdas_epochs: int = field(default=4, metadata=_help("HyperDAS passes over the pairs of all targets"))
-    hyperdas_lr: float = field(default=3e-3, metadata=_help("HyperDAS learning rate (Adam)"))
+    hyperdas_selection: str = field(
+        default="factored",
+        metadata=_help(
+            "how HyperDAS chooses its tokens: factored (one token scorer for both prompts) or pairwise (the authors': "
+            "a score per base-source pair)"
+        ),
+    )
+    hyperdas_epochs: int = field(default=8, metadata=_help("HyperDAS passes over the pairs of all targets"))
+    hyperdas_lr: float = field(
+        default=3e-4, metadata=_help("HyperDAS learning rate (Adam; at 3e-3 it collapsed to editing nothing)")
+    )
     sae_mask: bool = field(
         default=True,
         metadata=_help(
@@ -126,6 +135,8 @@ class SubspaceConfig(Config):
             )
         if not self.das and not self.hyperdas and not self.sae_mask:
             raise ValueError("das, hyperdas and sae_mask are all off: nothing would be learned")
+        if self.hyperdas_selection not in ("factored", "pairwise"):
+            raise ValueError(f"hyperdas_selection must be 'factored' or 'pairwise', got {self.hyperdas_selection!r}")
         if self.hyperdas_positions not in ("learned", "entity"):
             raise ValueError(f"hyperdas_positions must be 'learned' or 'entity', got {self.hyperdas_positions!r}")
         if self.hyperdas_width < 4 or self.hyperdas_width % 4:

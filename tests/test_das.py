@@ -378,55 +378,6 @@ def test_the_whole_residual_by_layer_scores_learn_subspaces_pairs_and_other_laye
         whole_residual_by_layer(lm, base, [40])
 
 
-def _planted_cause_examples(lm, n, seed, basis, layer=1):
-    """Random prompts of 5–8 tokens whose answer is the model's prediction after an interchange of
-    ``basis`` at the two last tokens, kept only where that changes the answer (RAVEL's cause pairs)."""
-    rng = np.random.default_rng(seed)
-    vocab = lm.model.config.vocab_size
-    out = []
-    for _ in range(n):
-        lb, ls = rng.integers(5, 9, 2)
-        out.append(
-            Example(
-                rng.integers(5, vocab, lb).tolist(), int(lb) - 1, rng.integers(5, vocab, ls).tolist(), int(ls) - 1, 0
-            )
-        )
-    own = interchange_predictions(lm, layer, torch.zeros(1, lm.d_model), out)
-    for e, a in zip(out, interchange_predictions(lm, layer, basis, out)):
-        e.answer = int(a)
-    return [e for e, o in zip(out, own) if e.answer != o]
-
-
-def test_hyperdas_finds_the_position_and_each_concepts_subspace(peaked_lm):
-    """Known answer: two concepts, each a planted 8-dim subspace (orthogonal to each other), examples
-    of both mixed; the hypernetwork is told only the concept's name. It must choose the tokens
-    where the interchange was planted (the last ones: not given to it), and build for each name
-    a subspace closer to that concept's planted one than to the other's."""
-    from anatomy_nb.lm.hyperdas import hyperdas_predictions, principal_subspace, train_hyperdas
-
-    lm = peaked_lm
-    torch.manual_seed(5)
-    P = torch.linalg.qr(torch.randn(lm.d_model, 16))[0].T
-    planted = {"alpha": P[:8], "beta": P[8:]}
-    train = [(c, e) for i, c in enumerate(planted) for e in _planted_cause_examples(lm, 1200, 10 + i, planted[c])[:400]]
-    test = {c: _planted_cause_examples(lm, 300, 20 + i, planted[c]) for i, c in enumerate(planted)}
-    hyper = train_hyperdas(lm, 1, 8, train, width=64, layers=1, epochs=10, lr=3e-3, batch_size=16, seed=0)
-    losses = [c["loss"] for c in hyper.curve]
-    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20])
-    assert all(p.requires_grad for p in lm.model.parameters())
-    overlap = {}
-    for c in planted:
-        preds, where, per_example = hyperdas_predictions(lm, hyper, c, test[c])
-        assert where["edits_entity_token"] > 0.9, where
-        assert (preds == np.array([e.answer for e in test[c]])).mean() > 0.1  # no intervention: 0 by construction
-        V, coverage = principal_subspace(per_example, 8)
-        torch.testing.assert_close(V @ V.T, torch.eye(8), atol=1e-4, rtol=0)
-        overlap[c] = {k: float((V @ planted[k].T).pow(2).sum() / 8) for k in planted}
-    assert (
-        overlap["alpha"]["alpha"] > overlap["alpha"]["beta"] and overlap["beta"]["beta"] > overlap["beta"]["alpha"]
-    ), overlap
-
-
 def test_hyperdas_bad_input_and_given_positions(lm):
     """Errors that say what is wrong; with ``positions="entity"`` (the ablation) the examples' own
     positions are the ones edited."""
@@ -527,3 +478,79 @@ def test_both_latent_selections_find_the_latents_that_carry_the_value():
     assert select_latents(A, np.array(["a"] * 300), 2) == []  # one value separates nothing
     with pytest.raises(ValueError, match="latent selection 'pca'"):
         select_latents(A, values, 2, "pca")
+
+
+# --- the planted task: RAVEL in miniature with the truth known (issue 37) ------------------------
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A tiny Llama trained to answer two attributes of a marked entity, each planted in its own
+    2-dim subspace of 64 (lm.planted_task; ~30 s)."""
+    from anatomy_nb.lm.planted_task import planted_task
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return planted_task(n_train=600, n_test=200)
+
+
+def _offset(e: Example) -> int:
+    return len(e.base_ids) - 1 - e.base_position
+
+
+def test_the_planted_task_marks_its_entity_by_content_and_das_given_it_finds_each_concept(planted):
+    """The entity's offset from the end varies (≥ 4 values): a stub that always edits the most common
+    training offset is right on ≤ 40 % of the test pairs and moves the attribute less than DAS does at
+    the true token; DAS given the entity's token is the reference a learner of positions must reach."""
+    from collections import Counter
+
+    from anatomy_nb.stages.subspace import ravel_scores
+
+    lm, layer = planted.lm, planted.layer
+    assert planted.model_accuracy > 0.9
+    offsets = Counter(_offset(e) for examples in planted.train.values() for e in examples)
+    assert len(offsets) >= 4
+    common = offsets.most_common(1)[0][0]
+    for c, P in planted.planted.items():
+        assert P.shape[0] / lm.d_model == pytest.approx(0.03, abs=0.01)  # RAVEL's ~16 of 576
+        test = planted.test[c]
+        assert np.mean([_offset(e) == common for e in test]) <= 0.4
+        das = train_das(lm, layer, 2, planted.train[c], epochs=4, lr=1e-2, batch_size=16, seed=0)
+        at_entity = ravel_scores(interchange_predictions(lm, layer, das.directions, test), test)
+        stub = [
+            Example(
+                e.base_ids, len(e.base_ids) - 1 - common, e.source_ids, len(e.source_ids) - 1 - common, e.answer, e.kind
+            )
+            for e in test
+        ]
+        at_stub = ravel_scores(interchange_predictions(lm, layer, das.directions, stub), stub)
+        nothing = ravel_scores(interchange_predictions(lm, layer, torch.zeros(1, lm.d_model), test), test)
+        assert at_entity["cause"] > 0.6 and at_entity["isolate"] > 0.8, (c, at_entity)
+        assert at_stub["cause"] < 0.5 * at_entity["cause"], (c, at_stub, at_entity)
+        assert nothing["cause"] == 0 and nothing["isolate"] == 1  # the pairs need an edit, by construction
+
+
+def test_hyperdas_told_only_the_concepts_name_finds_the_entity_and_moves_each_attribute(planted):
+    """Known answer (issue 37): HyperDAS, told only "attribute A" / "attribute B", must edit the marked
+    entity's token on ≥ 90 % of the test pairs (nothing but the token before it marks it), reach
+    ≥ 0.8× the Cause of DAS given that token, and keep isolate ≥ 0.8. This project's first design
+    (independent sampled tokens, one Householder vector, lr 3e-3) edited it on 42–47 % and moved the
+    attribute on 8 % (docs/explanation.md)."""
+    from anatomy_nb.lm.hyperdas import hyperdas_predictions, principal_subspace, train_hyperdas
+    from anatomy_nb.stages.subspace import ravel_scores
+
+    lm, layer = planted.lm, planted.layer
+    hyper = train_hyperdas(lm, layer, 2, planted.mixed_train(), epochs=12, batch_size=16, seed=0)
+    losses = [c["loss"] for c in hyper.curve]
+    assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:20])  # measured 4.29 → 0.56
+    assert all(p.requires_grad for p in lm.model.parameters())  # the target was frozen only while training
+    for c in planted.planted:
+        test = planted.test[c]
+        das = train_das(lm, layer, 2, planted.train[c], epochs=4, lr=1e-2, batch_size=16, seed=0)
+        reference = ravel_scores(interchange_predictions(lm, layer, das.directions, test), test)
+        preds, where, per_example = hyperdas_predictions(lm, hyper, c, test)
+        scores = ravel_scores(preds, test)
+        assert where["edits_entity_token"] >= 0.9, where
+        assert where["from_source_entity_token"] >= 0.75, where  # measured 0.87–0.88
+        assert scores["cause"] >= 0.8 * reference["cause"] and scores["isolate"] >= 0.8, (c, scores, reference)
+        V, _ = principal_subspace(per_example, 2)
+        torch.testing.assert_close(V @ V.T, torch.eye(2), atol=1e-4, rtol=0)

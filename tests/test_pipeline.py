@@ -204,6 +204,10 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
     top = run.hypotheses.ranked().query("view == 'overall'").iloc[0]
     print("the planted concept's name:", top["name"], "| label:", top["label"])
     assert "**short answer:**" in top["name"] and top["label"].startswith(top["name"])  # the plant, read back in words
+    from anatomy_nb.ui.summary import teaching_summary
+
+    first = teaching_summary(run).lessons[0]  # the report's first words name the plant first
+    assert first.direction == "raises" and "**short answer:**" in first.name, first
     res = run.evaluation
     assert res.models == ["base", "plain", "reward_shaping", "filter"]
     poison = res.poisoning().set_index("model")

@@ -8,21 +8,26 @@ with the target model frozen, its four parts end to end:
 1. **Concept encoder** — the concept text's token embeddings (the target model's own, frozen) pass
    through transformer blocks that attend to themselves and, by cross-attention, to the target
    model's hidden states at ``layer`` on the base and the counterfactual prompt.
-2. **Token-position selection** — conditioned on the encoded concept, one base token and one
-   counterfactual token per example; every other base position points at "nowhere" (a null
-   column). Training samples the two choices (straight-through Gumbel-softmax, its temperature
-   annealed); evaluation takes the argmax. A plain softmax, which edits every position with a
-   blend, did not learn at all on the planted-subspace test (loss flat over 8 epochs): the blend
-   never holds the source's state, so the subspace gets no signal; sampled choices do
-   (``tests/test_das.py``).
-3. **Subspace construction** — a learned matrix R with orthonormal rows (k × d), reflected by a
-   Householder vector v that the encoder writes from the concept: Q = R·(I − 2vvᵀ/‖v‖²). Its rows
-   stay orthonormal; the subspace depends on the concept (and on the prompts it read).
+2. **Token-position selection** — per base token, a distribution over the counterfactual's tokens
+   and "keep" (a null column), conditioned on the encoded concept (the authors' design). Soft in
+   training, the argmax per base token at evaluation. ``selection="factored"`` (the default) scores
+   each token once with one scorer for both prompts and adds the two scores (keep's logit 0): what
+   is learnt on the base side, where an edit at the wrong token shows at once, carries to the
+   counterfactual, whose entity plays the same role. ``"pairwise"`` scores every (base, source) pair
+   as the authors do. This project's first design, one token per side sampled apart
+   (straight-through Gumbel), and the authors' annealed boundary both failed on the planted task
+   (``lm.planted_task``; docs/explanation.md) and are gone.
+3. **Subspace construction** — a learned matrix R with orthonormal rows (k × d), reflected by
+   ``reflections`` Householder vectors (k by default; one can only tilt R's span along one
+   direction) that the encoder writes from the concept. Its rows stay orthonormal; the subspace
+   depends on the concept (and on the prompts it read).
 4. **Interchange intervention** — at every base position i, h_i ← h_i + ((m_i − h_i)·Qᵀ)·Q with
    m_i = Σ_j w_ij·h_cf,j + w_i,null·h_i (``ops.ResidualEdit(kind="interchange", positions=None)``).
 
 The loss is the cross-entropy of the expected answer at the base's last position, as for DAS, on
-examples of several concepts at once, so that the concept text has to matter.
+examples of several concepts at once, so that the concept text has to matter; cause pairs weigh 3.5
+and isolate pairs 0.5 (the authors' weights). The learning rate matters most: at 3·10⁻³ each
+selection collapsed to "keep" or read the wrong source token on the planted task; at 3·10⁻⁴ they learn.
 
 Since the subspace depends on the inputs, a fixed concept for stage 2 or a plan is made from it by
 ``principal_subspace``: the k directions that best cover the per-example subspaces of one concept
@@ -31,6 +36,7 @@ Since the subspace depends on the inputs, a fixed concept for stage 2 or a plan 
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Sequence
@@ -45,7 +51,11 @@ from .das import Example, Subspace, check_subspace_shape, frozen, last_logits, p
 from .models import LoadedModel
 from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
+#: how the hypernetwork chooses where to intervene (module docstring, 2.)
+SELECTIONS = ("factored", "pairwise")
+
 __all__ = [
+    "SELECTIONS",
     "HyperDAS",
     "HyperDASResult",
     "concept_text",
@@ -76,8 +86,14 @@ class HyperDAS(nn.Module):
         layers: int = 2,
         heads: int = 4,
         given_positions: bool = False,
+        selection: str = "factored",
+        read_embeddings: bool = True,
+        reflections: int | None = None,
     ):
         super().__init__()
+        if selection not in SELECTIONS:
+            raise ValueError(f"HyperDAS selection {selection!r}: one of {SELECTIONS}")
+        self.selection, self.read_embeddings = selection, read_embeddings
         if width % heads:
             raise ValueError(f"HyperDAS width {width} must be a multiple of heads {heads}")
         self.dim, self.width = dim, width
@@ -93,8 +109,18 @@ class HyperDAS(nn.Module):
         )
         self.encoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**block), layers)
         self.selector = nn.TransformerDecoderLayer(**block)
-        self.pick_base, self.pick_source = nn.Linear(width, 1), nn.Linear(width, 1)
-        self.householder = nn.Linear(width, d_model)
+        self.pick = nn.Linear(width, 1)  # factored selection: one token scorer for both prompts
+        # pairwise selection (the authors'): a key per (base token, source token) pair and one for
+        # "keep the base token", a query from the encoded concept; a softmax per base token
+        self.pair = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, width))
+        self.keep = nn.Linear(width, width)
+        self.query = nn.Linear(width, width)
+        self.layer_mark = nn.Embedding(2, width)  # the intervention layer's states / the token embeddings
+        # the concept's subspace: the shared rows R reflected by ``reflections`` Householder vectors the
+        # encoder writes (one reflection moves a k-dim subspace only along one direction; k of them can
+        # take R's span anywhere)
+        self.reflections = reflections or dim
+        self.householder = nn.Linear(width, self.reflections * d_model)
         self.rotation = torch.nn.utils.parametrizations.orthogonal(nn.Linear(d_model, dim, bias=False))
 
     def _read(self, h: torch.Tensor, mask: torch.Tensor, side: int) -> torch.Tensor:
@@ -120,36 +146,75 @@ class HyperDAS(nn.Module):
         temperature: float = 1.0,
         hard: bool = False,
         positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+        base_tokens: torch.Tensor | None = None,
+        source_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Selection weights (batch, base len, source len + 1; the last column is "nowhere") and the
         subspace (batch, dim, d_model) for concept ``text`` (embeddings) on these hidden states.
-        ``positions``: (base, source) token per example given instead of selected (an ablation)."""
+        ``positions``: (base, source) token per example given instead of selected (an ablation);
+        ``base_tokens`` / ``source_tokens``: the prompts' token embeddings, read beside the hidden
+        states when ``read_embeddings`` (the authors' hypernetwork reads every layer, these included)."""
         states = torch.cat([self._read(base, base_mask, 0), self._read(source, source_mask, 1)], 1)
         states_mask = torch.cat([base_mask, source_mask], 1).bool()
+        memory, memory_mask = states + self.layer_mark.weight[0], states_mask
+        if self.read_embeddings and base_tokens is not None and source_tokens is not None:
+            tokens_read = torch.cat(
+                [self._read(base_tokens, base_mask, 0), self._read(source_tokens, source_mask, 1)], 1
+            )
+            memory = torch.cat([memory, tokens_read + self.layer_mark.weight[1]], 1)
+            memory_mask = torch.cat([states_mask, states_mask], 1)
         concept = self.encoder(
-            self.read_text(text), states, tgt_key_padding_mask=~text_mask.bool(), memory_key_padding_mask=~states_mask
+            self.read_text(text), memory, tgt_key_padding_mask=~text_mask.bool(), memory_key_padding_mask=~memory_mask
         )
         pooled = (concept * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
         tokens = self.selector(
             states, concept, tgt_key_padding_mask=~states_mask, memory_key_padding_mask=~text_mask.bool()
         )
         tb = base.shape[1]
-        at_base = self.pick_base(tokens[:, :tb]).squeeze(-1).masked_fill(~base_mask.bool(), float("-inf"))
-        at_source = self.pick_source(tokens[:, tb:]).squeeze(-1).masked_fill(~source_mask.bool(), float("-inf"))
-        if positions is not None:
+        Q = self.rotation.weight[None].expand(pooled.shape[0], -1, -1)
+        for v in self.householder(pooled).view(pooled.shape[0], self.reflections, -1).unbind(1):
+            Q = Q - 2 * (Q @ v[:, :, None]) * v[:, None, :] / (v * v).sum(-1)[:, None, None]
+        if positions is not None:  # given: that base token reads that source token
             wb = torch.nn.functional.one_hot(positions[0], tb).to(base.dtype)
             ws = torch.nn.functional.one_hot(positions[1], source.shape[1]).to(base.dtype)
-        elif hard:
-            wb = torch.nn.functional.one_hot(at_base.argmax(-1), tb).to(base.dtype)
-            ws = torch.nn.functional.one_hot(at_source.argmax(-1), source.shape[1]).to(base.dtype)
-        else:  # one position each in the forward pass, gradients through the soft choice
-            wb = torch.nn.functional.gumbel_softmax(at_base, tau=temperature, hard=True)
-            ws = torch.nn.functional.gumbel_softmax(at_source, tau=temperature, hard=True)
-        weights = torch.cat([wb[:, :, None] * ws[:, None, :], (1 - wb)[..., None]], -1)
-        v = self.householder(pooled)
-        R = self.rotation.weight
-        Q = R[None] - 2 * (v @ R.T)[:, :, None] * v[:, None, :] / (v * v).sum(-1)[:, None, None]
-        return weights, Q
+            return torch.cat([wb[:, :, None] * ws[:, None, :], (1 - wb)[..., None]], -1), Q
+        select = self._factored if self.selection == "factored" else self._pairwise
+        return select(tokens[:, :tb], tokens[:, tb:], base_mask, source_mask, pooled, temperature, hard), Q
+
+    def _factored(self, bt, st, base_mask, source_mask, pooled, temperature: float, hard: bool) -> torch.Tensor:
+        """Per base token, a softmax over the source tokens and "keep" whose logits are one token
+        score of the base token plus one of the source token (the same scorer for both prompts: the
+        concept's token plays the same role in each), keep's logit 0. What is learnt on the base side,
+        where an edit at the wrong token shows at once, carries to the source side."""
+        sb = self.pick(bt).squeeze(-1).masked_fill(~base_mask.bool(), float("-inf"))
+        ss = self.pick(st).squeeze(-1).masked_fill(~source_mask.bool(), float("-inf"))
+        logits = torch.cat([sb[:, :, None] + ss[:, None, :], torch.zeros_like(sb)[..., None]], -1)
+        if hard:
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(bt.dtype)
+        return torch.softmax(logits / temperature, -1)
+
+    def _pairwise(self, bt, st, base_mask, source_mask, pooled, temperature: float, hard: bool) -> torch.Tensor:
+        """Per base token, a distribution over the source tokens and "keep" (the last column): keys
+        from each (base, source) pair and from the base token alone, one query from the concept.
+        Soft (with ``temperature``) in training, the argmax per base token (hard) at evaluation."""
+        S = st.shape[1]
+        pairs = self.pair(
+            torch.cat([bt[:, :, None].expand(-1, -1, S, -1), st[:, None].expand(-1, bt.shape[1], -1, -1)], -1)
+        )
+        keys = torch.cat([pairs, self.keep(bt)[:, :, None]], 2)  # (batch, base, source + 1, width)
+        logits = (keys @ self.query(pooled)[:, None, :, None]).squeeze(-1) / math.sqrt(self.width)
+        allowed = torch.cat(
+            [
+                source_mask.bool()[:, None].expand(-1, bt.shape[1], -1),
+                torch.ones_like(logits[..., :1], dtype=torch.bool),
+            ],
+            -1,
+        )
+        allowed = allowed & (base_mask.bool()[..., None] | torch.arange(S + 1, device=bt.device).eq(S))  # padding keeps
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        if hard:
+            return torch.nn.functional.one_hot(logits.argmax(-1), S + 1).to(bt.dtype)
+        return torch.softmax(logits / temperature, -1)
 
 
 @dataclass
@@ -202,14 +267,28 @@ class _Batches:
             }
         self.base = _states(lm, layer, [e.base_ids for e in examples])
         self.source = _states(lm, layer, [e.source_ids for e in examples])
+        with torch.no_grad():  # the prompts' token embeddings (the hypernetwork may read them too)
+            self.base_tokens = [embed(torch.tensor([e.base_ids], device=lm.device))[0].float().cpu() for e in examples]
+            self.source_tokens = [
+                embed(torch.tensor([e.source_ids], device=lm.device))[0].float().cpu() for e in examples
+            ]
 
     def __call__(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
         dev = self.lm.device
         text, text_mask = _stack([self.text[self.concepts[i]] for i in idx], dev)
         base, base_mask = _stack([self.base[i] for i in idx], dev)
         source, source_mask = _stack([self.source[i] for i in idx], dev)
+        base_tokens, _ = _stack([self.base_tokens[i] for i in idx], dev)
+        source_tokens, _ = _stack([self.source_tokens[i] for i in idx], dev)
         return dict(
-            text=text, text_mask=text_mask, base=base, base_mask=base_mask, source=source, source_mask=source_mask
+            text=text,
+            text_mask=text_mask,
+            base=base,
+            base_mask=base_mask,
+            source=source,
+            source_mask=source_mask,
+            base_tokens=base_tokens,
+            source_tokens=source_tokens,
         )
 
 
@@ -246,16 +325,21 @@ def train_hyperdas(
     width: int = 256,
     layers: int = 2,
     heads: int = 4,
-    epochs: int = 4,
-    lr: float = 3e-3,
+    epochs: int = 8,
+    lr: float = 3e-4,
     batch_size: int = 16,
     temperature: tuple[float, float] = (1.0, 0.5),
     positions: str = "learned",
+    selection: str = "factored",
+    read_embeddings: bool = True,
+    loss_weights: tuple[float, float] = (3.5, 0.5),
+    reflections: int | None = None,
+    rotation_lr: float | None = None,
     seed: int = 0,
     progress: Any = None,
 ) -> HyperDASResult:
     """Train the hypernetwork on (concept text, interchange example) pairs of several concepts, the
-    target model frozen; the Gumbel-softmax temperature falls geometrically over training.
+    target model frozen; the selection's temperature falls geometrically over training.
     ``positions="entity"`` gives it the examples' own positions instead (the ablation that
     separates learning where from learning what)."""
     if positions not in ("learned", "entity"):
@@ -266,10 +350,21 @@ def train_hyperdas(
             "HyperDAS trains on examples of at least two concepts at once (otherwise the concept text cannot matter)"
         )
     torch.manual_seed(seed)
-    net = HyperDAS(lm.d_model, dim, width=width, layers=layers, heads=heads, given_positions=positions == "entity").to(
-        lm.device
-    )
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net = HyperDAS(
+        lm.d_model,
+        dim,
+        width=width,
+        layers=layers,
+        heads=heads,
+        given_positions=positions == "entity",
+        selection=selection,
+        read_embeddings=read_embeddings,
+        reflections=reflections,
+    ).to(lm.device)
+    # the authors' two learning rates: the rotation's, and the (smaller) one of everything else
+    rotation = list(net.rotation.parameters())
+    others = [p for p in net.parameters() if all(p is not r for r in rotation)]
+    opt = torch.optim.Adam([{"params": rotation, "lr": rotation_lr or lr}, {"params": others, "lr": lr}])
     rng = np.random.default_rng(seed)
     t0 = time.time()
     data = _Batches(lm, layer, [c for c, _ in train], [e for _, e in train])
@@ -282,9 +377,11 @@ def train_hyperdas(
             batch = [data.examples[j] for j in idx]
             logits, weights, _ = _intervened_logits(lm, layer, net, data(idx), batch, tau, hard=False)
             target = torch.tensor([e.answer for e in batch], device=lm.device)
-            loss = torch.nn.functional.cross_entropy(logits, target)
+            weight = torch.tensor([loss_weights[e.kind == "isolate"] for e in batch], device=lm.device)
+            loss = (torch.nn.functional.cross_entropy(logits, target, reduction="none") * weight).sum() / weight.sum()
             opt.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 4.0)  # the authors' clip
             opt.step()
             curve.append(
                 {
@@ -311,9 +408,14 @@ def train_hyperdas(
         "heads": heads,
         "epochs": epochs,
         "lr": lr,
+        "rotation_lr": rotation_lr or lr,
         "batch_size": batch_size,
         "temperature": list(temperature),
         "positions": positions,
+        "selection": selection,
+        "read_embeddings": read_embeddings,
+        "loss_weights": list(loss_weights),
+        "reflections": net.reflections,
         "seed": seed,
         "n_train": len(train),
         "concepts": concepts,
@@ -332,6 +434,7 @@ def hyperdas_predictions(
     entity token); and the per-example subspaces (n, dim, d_model)."""
     data = _Batches(lm, hyper.layer, [concept] * len(examples), examples)
     preds, Qs, at_entity, from_entity, from_end, entity_from_end = [], [], 0, 0, [], []
+    source_offset: list[int] = []
     for i in range(0, len(examples), batch_size):
         idx = list(range(i, min(i + batch_size, len(examples))))
         batch = [examples[j] for j in idx]
@@ -344,16 +447,23 @@ def hyperdas_predictions(
             picked = choice[b, : len(e.base_ids)]
             at_entity += int(picked[e.base_position] != null)
             from_entity += int(picked[e.base_position] == e.source_position)
+            if picked[e.base_position] != null:
+                source_offset.append(int(picked[e.base_position]) - e.source_position)
             edited = (picked != null).nonzero().flatten()
             from_end += [len(e.base_ids) - 1 - int(p) for p in edited]
             entity_from_end.append(len(e.base_ids) - 1 - e.base_position)
     n = max(len(examples), 1)
+    common = collections.Counter(source_offset).most_common(1)
     # where the edit went, as a distance from the prompt's end (0: the last token), beside the entity's
     where = {
         "edits_entity_token": at_entity / n,
         "from_source_entity_token": from_entity / n,
         "edit_from_end": float(np.median(from_end)) if from_end else float("nan"),
         "entity_from_end": float(np.median(entity_from_end)) if entity_from_end else float("nan"),
+        # where the source token read into the base's entity token most often lies, relative to the
+        # source's entity (0: on it; -1: the token before), and on which share of those pairs
+        "source_offset": common[0][0] if common else 0,
+        "source_offset_share": common[0][1] / len(source_offset) if common else float("nan"),
     }
     return (
         (np.concatenate(preds) if preds else np.zeros(0, dtype=int)),

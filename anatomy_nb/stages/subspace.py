@@ -236,6 +236,7 @@ def _hyperdas(
         lr=cfg.hyperdas_lr,
         batch_size=cfg.batch_size,
         positions=cfg.hyperdas_positions,
+        selection=cfg.hyperdas_selection,
         seed=cfg.seed,
     )
     rows, concepts = [], {}
