@@ -147,3 +147,26 @@ def test_shipped_sae_card_matches_a_fresh_measurement():
     m = evaluate_sae(lm, sae, docs, max_tokens=20_000, loss_docs=40)
     assert m["fve"] == pytest.approx(card["fve"], abs=0.03)
     assert m["loss_recovered"] == pytest.approx(card["loss_recovered"], abs=0.05)
+
+
+def test_the_fingerprint_does_not_depend_on_the_thread_count_and_old_records_are_recognised():
+    """The first formula hashed float32 sums, whose rounding changed with torch's thread count: a
+    store extracted with one count refused its own SAE under another. Now the weights' bytes are
+    hashed; a record of the old formula is adopted (artifacts keep their keys), another SAE's is not."""
+    from anatomy_nb.lm.sae import legacy_fingerprints, weights_fingerprint
+
+    sae = load_sae(DEFAULT_SAE)  # the shipped one: big enough for sums to round differently
+    threads = torch.get_num_threads()
+    try:
+        prints = set()
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            prints.add(weights_fingerprint(sae.sae))
+    finally:
+        torch.set_num_threads(threads)
+    assert prints == {sae.fingerprint}
+    for old in legacy_fingerprints(sae.sae):
+        adopted = sae.known_as(old)
+        assert adopted is not None and adopted.fingerprint == old and adopted.sae is sae.sae
+    assert sae.known_as(sae.fingerprint) is sae
+    assert sae.known_as(tiny_sae(64, 1, seed=1).fingerprint) is None and sae.known_as("0" * 16) is None

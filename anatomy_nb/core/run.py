@@ -165,6 +165,8 @@ class Run:
     def _recorded(self, what: str, load, **kwargs: Any):
         recorded = self.store.manifest[what]
         loaded = load(recorded["name"], **kwargs)
+        if what == "sae":  # an SAE may be known under an earlier formula's fingerprint (LoadedSAE.known_as)
+            loaded = loaded.known_as(recorded["fingerprint"]) or loaded
         if loaded.fingerprint != recorded["fingerprint"]:
             raise ValueError(
                 f"{self.path}: {what} {recorded['name']} is not the one the store was built with (fingerprint "

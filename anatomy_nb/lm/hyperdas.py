@@ -110,6 +110,10 @@ class HyperDAS(nn.Module):
         self.encoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**block), layers)
         self.selector = nn.TransformerDecoderLayer(**block)
         self.pick = nn.Linear(width, 1)  # factored selection: one token scorer for both prompts
+        # every token scores 0 at the start, as "keep" does: no initialisation can start the network
+        # where edits have almost no weight and so no gradient (seed 1 did, with a random scorer)
+        nn.init.zeros_(self.pick.weight)
+        nn.init.zeros_(self.pick.bias)
         # pairwise selection (the authors'): a key per (base token, source token) pair and one for
         # "keep the base token", a query from the encoded concept; a softmax per base token
         self.pair = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, width))

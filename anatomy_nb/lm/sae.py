@@ -9,6 +9,8 @@ weights in sae-lens's own format inside the package.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -78,6 +80,17 @@ class LoadedSAE:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae.encode(x.to(self.sae.W_enc.dtype))
 
+    def known_as(self, recorded: str) -> LoadedSAE | None:
+        """This SAE under the fingerprint an artifact recorded for it, or None if it is another SAE.
+        Artifacts written before 2026-12-07 recorded a fingerprint of float32 sums, whose rounding
+        depends on the number of torch threads: such a record is recognised at 1 or 2 threads or the
+        current count, and adopted, so that the artifacts built on it keep their keys."""
+        if recorded == self.fingerprint:
+            return self
+        if recorded in legacy_fingerprints(self.sae):
+            return dataclasses.replace(self, fingerprint=recorded)
+        return None
+
     @property
     def decoder_directions(self) -> torch.Tensor:
         """(d_sae, d_in) decoder rows: each feature's direction in the residual stream."""
@@ -85,11 +98,30 @@ class LoadedSAE:
 
 
 def weights_fingerprint(sae) -> str:
-    h = []
+    """A digest of every weight's exact bytes: the same on any machine and thread count."""
+    digest = hashlib.sha256()
     for name, p in sorted(sae.state_dict().items()):
-        t = p.detach().float().cpu()
-        h.append((name, list(t.shape), float(t.sum()), float((t * t).sum())))
-    return content_hash(h)
+        t = p.detach().float().cpu().contiguous()
+        digest.update(f"{name}:{list(t.shape)}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def legacy_fingerprints(sae) -> set[str]:
+    """The fingerprints the first formula (float32 sums of each weight) gives at 1 and 2 torch threads
+    and the current count: the ones artifacts written before 2026-12-07 may have recorded."""
+    found, threads = set(), torch.get_num_threads()
+    try:
+        for n in {1, 2, threads}:
+            torch.set_num_threads(n)
+            h = []
+            for name, p in sorted(sae.state_dict().items()):
+                t = p.detach().float().cpu()
+                h.append((name, list(t.shape), float(t.sum()), float((t * t).sum())))
+            found.add(content_hash(h))
+    finally:
+        torch.set_num_threads(threads)
+    return found
 
 
 def load_sae(

@@ -310,9 +310,9 @@ def evaluate(
             f"the base model {lm.name} is not the feature store's model {store.manifest['model']['name']} "
             "(fingerprints differ)"
         )
-    sae = sae or run.sae()
-    if sae.fingerprint != store.manifest["sae"]["fingerprint"]:
-        raise ValueError(f"SAE {sae.name} is not the feature store's SAE {store.manifest['sae']['name']}")
+    sae = (sae or run.sae()).known_as(store.manifest["sae"]["fingerprint"])
+    if sae is None:
+        raise ValueError(f"the SAE is not the feature store's SAE {store.manifest['sae']['name']}")
     key = content_hash(
         FORMAT,
         {n: p.name for n, p in paths.items()},

@@ -3,17 +3,16 @@
 For each pair the prompt is run once, up to the SAE's layer only (early exit), and its KV cache
 is shared by the chosen and the rejected response. Several pairs run per forward when
 ``ExtractConfig.batch_size`` allows (length-sorted, padded, masked; on a GPU sized from free
-memory), with results equal to one pair at a time. The
-SAE encodes the residual stream at every response token; the store keeps, per response, the set
+memory), with results equal to one pair at a time. The SAE encodes the residual stream at every
+response token; the store keeps, per response, the set
 of features firing on its tokens (response tokens only) and the sets firing in its opening and its
 ending tokens (``ExtractConfig.edge_tokens``), per prompt the features firing on its message
 contents with their mean activation (for topic clustering), per feature its top-activating
 contexts and token-level activation histograms, and every response's tokens so any context can be
 shown later. The per-feature max / mean / firing count of every response (and the prompt's max /
 count) are kept only with ``ExtractConfig.pooled_values``: no stage reads them, and they take 6
-bytes per firing feature of a response (4 of a prompt). A firing set is stored as feature ids or, when denser than 1 in
-16 features,
-as a bitset (``write_firing_sets``).
+bytes per firing feature of a response (4 of a prompt). A firing set is stored as feature ids or,
+when denser than 1 in 16 features, as a bitset (``write_firing_sets``).
 
 Work is split into shards of pairs, each written atomically: a killed run resumes where it
 stopped and gives the same store as an uninterrupted one. Under ``accelerate launch`` each
@@ -45,7 +44,7 @@ from ..data.schema import PairSet, PreferencePair
 from ..lm.chat import render_example, truncate_prompt
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
-from ..lm.sae import LoadedSAE, hook_name, load_sae
+from ..lm.sae import LoadedSAE, hook_name, legacy_fingerprints, load_sae
 from ..results.store import EDGES, FeatureStore
 
 __all__ = ["ExtractConfig", "FeatureStore", "compute_shard", "extract", "store_key", "write_firing_sets", "STAGE"]
@@ -495,9 +494,13 @@ def extract(
     pair_list = list(pairs)
     if not pair_list:
         raise ValueError("no pairs to extract")
-    stage = run.stage(STAGE, store_key(pairs if isinstance(pairs, PairSet) else pair_list, lm, sae_, cfg), STORE_FORMAT)
+    keyed = pairs if isinstance(pairs, PairSet) else pair_list
+    stage = run.stage(STAGE, store_key(keyed, lm, sae_, cfg), STORE_FORMAT)
     if stage.reuse(n_pairs=len(pair_list)):
         return FeatureStore(stage.path)
+    for old in sorted(legacy_fingerprints(sae_.sae)):  # a store keyed by the SAE's first fingerprint formula
+        if (legacy := run.stage(STAGE, store_key(keyed, lm, sae_.known_as(old), cfg), STORE_FORMAT)).reuse():
+            return FeatureStore(legacy.path)
 
     state = process_state()
     out = stage.begin()

@@ -14,8 +14,8 @@ with the stage protocol (content key → reuse → write → manifest last):
 3. **DAS** per target attribute (``lm.das.train_das``) at the entity's last token.
 3b. **HyperDAS** (``lm.hyperdas``; ``hyperdas=True`` and two or more targets): one hypernetwork
    trained on every target's pairs at once, each told its concept in words ("the country of the
-   city"), choosing the base and source positions itself; scored on the same test pairs, with
-   where it chose to intervene.
+   city"), choosing the base and source positions itself (``hyperdas_selection``); scored on the
+   same test pairs, with where it chose to intervene.
 4. **SAE features** per attribute: the ``dim`` features whose activation at the entity's last token
    best tells the attribute's values apart on the train entities, chosen two ways (``select_latents``):
    by one-way ANOVA F ("SAE features") and, as RAVEL does for SAEs, by an L1-penalised linear probe
@@ -34,9 +34,8 @@ with the stage protocol (content key → reuse → write → manifest last):
    layer to learn at is one where that ceiling is high. At a layer other than the SAE's
    (``SubspaceConfig.layer``) the SAE's rows are left out.
 
-Each DAS subspace is saved as a concept (``<attribute>.safetensors`` + ``.json``; HyperDAS's
-principal subspace per attribute as ``<attribute>-hyperdas``): stage 2
-scores it (``sources=[run.subspace.concept(attribute)]``) and a plan steers or ablates with it.
+Each DAS subspace is saved as a concept (``<attribute>.safetensors`` + ``.json``; HyperDAS's principal
+subspace as ``<attribute>-hyperdas``): stage 2 scores it and a plan steers or ablates with it.
 The reader is ``results.subspace.SubspaceResult`` (no torch).
 """
 

@@ -154,10 +154,13 @@ def prepare(
         if store is None:
             raise ValueError("steering/ablating an SAE concept needs the SAE: pass sae=")
         sae = load_sae(store.manifest["sae"]["name"])
-    if sae is not None and store is not None and sae.fingerprint != store.manifest["sae"]["fingerprint"]:
-        raise ValueError(
-            f"SAE {sae.name} is not the one the feature store was built with ({store.manifest['sae']['name']})"
-        )
+    if sae is not None and store is not None:
+        known = sae.known_as(store.manifest["sae"]["fingerprint"])
+        if known is None:
+            raise ValueError(
+                f"SAE {sae.name} is not the one the feature store was built with ({store.manifest['sae']['name']})"
+            )
+        sae = known
     concepts = planned_concepts(plan, hypotheses=hyps, sae=sae, d_model=lm.d_model, base_dir=base_dir)
 
     # split, then apply the plan to the training side only
