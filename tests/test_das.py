@@ -527,3 +527,29 @@ def test_the_planted_task_marks_its_entity_by_content_and_das_given_it_finds_eac
         assert at_entity["cause"] > 0.6 and at_entity["isolate"] > 0.8, (c, at_entity)
         assert at_stub["cause"] < 0.5 * at_entity["cause"], (c, at_stub, at_entity)
         assert nothing["cause"] == 0 and nothing["isolate"] == 1  # the pairs need an edit, by construction
+
+
+def test_hyperdas_told_only_the_concepts_name_finds_the_entity_and_moves_each_attribute(planted):
+    """Known answer (issue 37): HyperDAS, told only "attribute A" / "attribute B", must edit the marked
+    entity's token (nothing but the token before it marks it) and move each attribute nearly as far as
+    DAS given that token, keeping the other. Thresholds all three seeds measured met (docs/explanation.md:
+    Cause 0.74–1.4 × DAS's, isolate 0.78–1.00); this project's first design edited the entity on 42–47 %
+    of pairs and had Cause 0.08."""
+    from anatomy_nb.lm.hyperdas import hyperdas_predictions, principal_subspace, train_hyperdas
+    from anatomy_nb.stages.subspace import ravel_scores
+
+    lm, layer = planted.lm, planted.layer
+    hyper = train_hyperdas(lm, layer, 2, planted.mixed_train(), epochs=12, batch_size=16, seed=0)
+    losses = [c["loss"] for c in hyper.curve]
+    assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:20])  # measured 3.67 → 0.33 (by sixths)
+    assert all(p.requires_grad for p in lm.model.parameters())  # the target was frozen only while training
+    for c in planted.planted:
+        test = planted.test[c]
+        das = train_das(lm, layer, 2, planted.train[c], epochs=4, lr=1e-2, batch_size=16, seed=0)
+        reference = ravel_scores(interchange_predictions(lm, layer, das.directions, test), test)
+        preds, where, per_example = hyperdas_predictions(lm, hyper, c, test)
+        scores = ravel_scores(preds, test)
+        assert where["edits_entity_token"] >= 0.9, where
+        assert scores["cause"] >= 0.7 * reference["cause"] and scores["isolate"] >= 0.75, (c, scores, reference)
+        V, _ = principal_subspace(per_example, 2)
+        torch.testing.assert_close(V @ V.T, torch.eye(2), atol=1e-4, rtol=0)
