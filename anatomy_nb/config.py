@@ -298,7 +298,8 @@ class HypothesizeConfig(Config):
     linear_baseline_pairs: int = field(
         default=20_000,
         metadata=_help(
-            "the baseline fits on at most this many pairs, drawn at random (liblinear's time grows with pairs × firing "
+            "the baseline fits on at most this many pairs, drawn at random (liblinear's time grows with pairs × "
+            "firing "
             "features)"
         ),
     )
@@ -609,7 +610,10 @@ def reference_markdown() -> str:
         (PlanConfig, "stage 3 · `plan` · notebook 03 · `anatomy-nb plan`"),
         (TrainConfig, "stage 4 · `train` · notebook 04 · `anatomy-nb train`"),
         (EvalConfig, "stage 5 · `evaluate` · notebook 05 · `anatomy-nb evaluate`"),
-        (PipelineConfig, "the whole pipeline · `run` · `anatomy-nb run` (each stage's block takes that stage's keys)"),
+        (
+            PipelineConfig,
+            "the whole pipeline · `run` · `anatomy-nb run` (each stage's block takes that stage's keys)",
+        ),
         (RecipeConfig, "the default SAE · notebook 00 · `anatomy-nb train-sae`"),
         (SubspaceConfig, "concept subspaces from counterfactuals · notebook 06 · `anb.learn_subspace`"),
         (

@@ -45,10 +45,8 @@ def text_stat_labels(U: np.ndarray | sp.spmatrix, stats_df: pd.DataFrame) -> lis
     names = list(stats_df.columns)
     out = []
     for c in range(R.shape[0]):
-        top = np.argsort(-np.abs(R[c]))[:2]
-        out.append(
-            ", ".join(f"{'+' if R[c, j] > 0 else '−'}{names[j]} (r={R[c, j]:.2f})" for j in top if abs(R[c, j]) >= 0.1)
-        )
+        top = [j for j in np.argsort(-np.abs(R[c]))[:2] if abs(R[c, j]) >= 0.1]
+        out.append(", ".join(f"{'+' if R[c, j] > 0 else '−'}{names[j]} (r={R[c, j]:.2f})" for j in top))
     return out
 
 
