@@ -52,10 +52,13 @@ test: setup
 test-e2e: setup
 	$(PY) -m pytest -m "long" $(PYTEST_ARGS)
 
-# ruff: the format and the lint rules of pyproject.toml ([tool.ruff]); `ruff format .` fixes the first
+# ruff: the format and the lint rules of pyproject.toml ([tool.ruff]); `ruff format .` fixes the first.
+# import-linter: the package's layers ([tool.importlinter]: nothing imports upward, no cycles, no torch
+# below lm)
 lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 lab: setup
 	$(VENV)/bin/jupyter lab anatomy_nb/notebooks

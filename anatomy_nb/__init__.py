@@ -36,7 +36,7 @@ _EXPORTS = {
     "learn_subspace": "stages.subspace",
     "compare_audits": "stages.compare_audits",
     # the run directory and what it holds (readers: no torch)
-    "Run": "core.run",
+    "Run": "results.run",
     "FeatureStore": "results.store",
     "Hypotheses": "results.hypotheses",
     "InterventionPlan": "results.plan",
@@ -72,6 +72,8 @@ _EXPORTS = {
     "LoadedSAE": "lm.sae",
     "load_sae": "lm.sae",
     "tiny_sae": "lm.sae",
+    "recorded_model": "lm.recorded",
+    "recorded_sae": "lm.recorded",
     "SAEConcept": "concepts.sources",
     "TextConcept": "concepts.sources",
     "DirectionConcept": "concepts.sources",
@@ -110,17 +112,18 @@ if TYPE_CHECKING:  # pragma: no cover
         TopicConfig,
         TrainConfig,
     )
-    from .core.run import Run
     from .data.datacard import DataCard, data_card
     from .data.pairs import load_pairs
     from .data.schema import DataError, PairSet, PreferencePair
     from .lm.models import LoadedModel, load_model, tiny_llama
+    from .lm.recorded import recorded_model, recorded_sae
     from .lm.sae import LoadedSAE, load_sae, tiny_sae
     from .pipeline import run
     from .results.compare_audits import CompareResult
     from .results.evaluation import EvalResult
     from .results.hypotheses import Hypotheses
     from .results.plan import InterventionPlan
+    from .results.run import Run
     from .results.store import FeatureStore
     from .results.subspace import SubspaceResult
     from .results.training import TrainResult

@@ -15,9 +15,10 @@ chain, the key of every step after it, so exactly the downstream steps re-run. I
 notebooks, the stages' own content-keyed artifacts (feature store, hypotheses, training runs)
 are reused whenever their inputs are unchanged, so a re-run step is often quick.
 
-The default config is the controlled-poisoning experiment (DESIGN.md, issue 6): real HH-RLHF
-pairs with a concept planted into a fraction of chosen responses → the audit finds it → plans
-suppress it → DPO trains plain and with each intervention → evaluation compares them.
+The default config is the controlled-poisoning experiment (docs/explanation.md, "The
+controlled-poisoning experiment"): real HH-RLHF pairs with a concept planted into a fraction of
+chosen responses → the audit finds it → plans suppress it → DPO trains plain and with each
+intervention → evaluation compares them.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from .concepts.activity import PairFeatures, concept_activity
 from .config import PipelineConfig
 from .core.config_base import ConfigError, read_config_file
 from .core.files import atomic_write_json, content_hash, read_json
-from .core.run import Run
 from .data.pairs import load_pairs
 from .data.plant import PLANTED_DATA, plant_all, truth_plants, write_planted
 from .results.hypotheses import Hypotheses
 from .results.plan import method_variant
+from .results.run import Run
 from .results.training import PLAIN, ordered_name
 from .stages.plan import choose_target, choose_topic, default_plan, set_choice
 from .ui import notebooks
@@ -105,6 +106,7 @@ def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print, ran
     """The best-ranked (or ``rank``-th) of the instructions written from the target's name and
     contexts (``stages.interventions.rank_inoculations``), ranked once per hypotheses and concept
     and kept in ``plan/inoculation.json``."""
+    from .lm.recorded import recorded_model, recorded_sae
     from .stages.interventions import rank_inoculations
     from .stages.plan import inoculation_candidates
 
@@ -117,7 +119,7 @@ def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print, ran
         ranking = cached["ranking"]
     else:
         log(f"[anatomy-nb] plan: ranking inoculation instructions for concept {cid} on the base model")
-        ranking = rank_inoculations(run, cid, run.model(), run.sae()).to_dict(orient="records")
+        ranking = rank_inoculations(run, cid, recorded_model(run), recorded_sae(run)).to_dict(orient="records")
         atomic_write_json(path, {"key": key, "concept": cid, "ranking": ranking})
     if not 1 <= rank <= len(ranking):
         raise ValueError(f"inoculate#{rank}: only {len(ranking)} instructions were written for concept {cid}")

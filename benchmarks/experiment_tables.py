@@ -18,7 +18,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from anatomy_nb.core.run import Run
+from anatomy_nb.results.run import Run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

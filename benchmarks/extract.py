@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from anatomy_nb.config import ExtractConfig  # noqa: E402
+from anatomy_nb.data.chat import render_example, truncate_prompt  # noqa: E402
 from anatomy_nb.data.pairs import load_pairs  # noqa: E402
-from anatomy_nb.lm.chat import render_example, truncate_prompt  # noqa: E402
 from anatomy_nb.lm.models import load_model  # noqa: E402
 from anatomy_nb.lm.ops import ResidualCapture  # noqa: E402
 from anatomy_nb.lm.sae import load_sae, tiny_sae  # noqa: E402

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from anatomy_nb.core.files import read_json
-from anatomy_nb.core.run import Run
 from anatomy_nb.results.evaluation import EvalResult
+from anatomy_nb.results.run import Run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

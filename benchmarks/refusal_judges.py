@@ -71,7 +71,7 @@ def grid_means(lm, layers: list[int], prompts, responses, cuts: tuple[int, ...] 
     each layer, from one forward per completion (the model cut at the deepest layer)."""
     import torch
 
-    from anatomy_nb.lm.chat import render_example
+    from anatomy_nb.data.chat import render_example
     from anatomy_nb.lm.ops import ResidualCapture
 
     out = np.zeros((len(prompts), len(layers), len(cuts), lm.d_model), np.float32)

@@ -20,7 +20,7 @@ import numpy as np
 
 from anatomy_nb.config import ExtractConfig
 from anatomy_nb.core.files import atomic_save_npy, atomic_write_json, content_hash
-from anatomy_nb.core.run import Run
+from anatomy_nb.results.run import Run
 from anatomy_nb.results.store import FeatureStore
 from anatomy_nb.stages.extract import HIST_EDGES, STAGE, STORE_FORMAT, write_firing_sets
 

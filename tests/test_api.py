@@ -225,12 +225,13 @@ def test_the_run_loads_only_the_weights_its_store_was_built_with(tmp_path, tiny_
     sae = anb.load_sae(str(save_sae(tiny_sae_, tmp_path / "sae")))
     store = anb.extract(hh_pairs[:4], tiny_lm, sae, tmp_path / "run", {"progress": False})
     run = anb.Run(tmp_path / "run")
-    assert run.model().fingerprint == tiny_lm.fingerprint and run.sae().fingerprint == sae.fingerprint
+    assert anb.recorded_model(run).fingerprint == tiny_lm.fingerprint
+    assert anb.recorded_sae(run).fingerprint == sae.fingerprint
     manifest = json.loads((store.path / "manifest.json").read_text())
     manifest["sae"]["fingerprint"] = "0" * 16  # as if the SAE files had changed since
     (store.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="sae .* is not the one the store was built with"):
-        run.sae()
+        anb.recorded_sae(run)
 
 
 def test_test_modules_share_helpers_not_each_other():

@@ -10,9 +10,9 @@ import pytest
 
 from anatomy_nb.config import PipelineConfig
 from anatomy_nb.core.config_base import ConfigError
-from anatomy_nb.core.run import Run
 from anatomy_nb.lm.sae import save_sae
 from anatomy_nb.pipeline import load_config, run_pipeline
+from anatomy_nb.results.run import Run
 
 CONFIG_METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_zero", "ablate_mean"]
 # the five; CAFT once (zero ablation: test_train); shaping and inoculation named as a sweep's points
@@ -330,8 +330,8 @@ def test_target_scope_picks_the_topic_the_grid_found_or_a_prompt_regex(tiny_eval
     """``target_scope: topic``: the plans act on the stage-2 topic whose row of the target is the
     highest-ranked significant one DPO would raise; ``prompts:<regex>``: on matching prompts; the
     methods that edit the model on every prompt refuse a scope at config time."""
-    from anatomy_nb.core.run import Run
     from anatomy_nb.pipeline import build_plans
+    from anatomy_nb.results.run import Run
     from anatomy_nb.stages.plan import choose_topic
 
     class Hyp:

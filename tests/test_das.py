@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from anatomy_nb.concepts.sources import DirectionConcept, load_subspace
 from anatomy_nb.data.ravel import counterfactual_pairs, load_ravel
 from anatomy_nb.lm.das import (
     Example,
     answer_token,
     entity_prompt,
     interchange_predictions,
-    load_subspace,
     save_subspace,
     train_das,
 )
@@ -308,7 +308,7 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
         .all()
     )
     assert res.manifest["hyperdas"]["concepts"] == ["the continent of the city", "the country of the city"]
-    assert tuple(res.concept("Continent", "HyperDAS").directions().shape) == (2, 64)
+    assert tuple(DirectionConcept.from_subspace(res, "Continent", "HyperDAS").directions().shape) == (2, 64)
     assert res.plan_entry("Continent", learned_by="HyperDAS")["concept"] == "direction:ravel-continent-hyperdas"
     assert table[["cause", "isolate"]].apply(lambda c: c.between(0, 1)).all().all()
     assert (table.loc[table["method"] == "SAE features", "features"].map(len) == 2).all()
@@ -317,7 +317,7 @@ def test_notebook_06_learns_saves_and_reports_a_subspace(tmp_path, tiny_lm):
     # require_known=False: every entity with a value
     assert knowledge[["source_entities_train", "source_entities_test"]].apply(lambda c: c.between(2, 12)).all().all()
     assert set(res.curves()["method"]) == {"DAS", "HyperDAS", "SAE latent mask"}
-    concept = res.concept("Country")
+    concept = DirectionConcept.from_subspace(res, "Country")
     assert concept.layer == 1 and tuple(concept.directions().shape) == (2, 64)
     entry = res.plan_entry("Country")
     from anatomy_nb.results.plan import InterventionPlan

@@ -20,7 +20,7 @@ def real():
 
 def test_extract_with_the_shipped_sae_on_real_pairs(real, tmp_path):
     from anatomy_nb.config import ExtractConfig
-    from anatomy_nb.lm.chat import render_example
+    from anatomy_nb.data.chat import render_example
     from anatomy_nb.lm.ops import decoder_layers
     from anatomy_nb.stages.extract import extract
 
@@ -79,8 +79,8 @@ def test_the_main_job_at_a_small_size(tmp_path):
 
     import nbformat
 
-    from anatomy_nb.core.run import Run
     from anatomy_nb.pipeline import load_config, run_pipeline
+    from anatomy_nb.results.run import Run
 
     small = {
         "run_dir": str(tmp_path / "run"),

@@ -11,7 +11,7 @@ import torch
 
 import anatomy_nb.stages.extract as ex
 from anatomy_nb.config import ExtractConfig
-from anatomy_nb.lm.chat import render_example
+from anatomy_nb.data.chat import render_example
 from anatomy_nb.lm.ops import decoder_layers
 from anatomy_nb.results.store import STATS, FeatureStore
 from anatomy_nb.stages.extract import extract

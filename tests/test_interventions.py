@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from anatomy_nb.concepts.sources import orthonormal
 from anatomy_nb.config import ExtractConfig
+from anatomy_nb.data.chat import render_example
 from anatomy_nb.data.schema import PreferencePair
-from anatomy_nb.lm.chat import render_example
 from anatomy_nb.lm.ops import ResidualEdit, ResidualHooks, decoder_layers, response_residuals
 from anatomy_nb.results.plan import InterventionPlan, PlanError
 from anatomy_nb.stages.extract import extract

@@ -6,15 +6,14 @@ import json
 import numpy as np
 import pytest
 
+from anatomy_nb.concepts.judges import LLMJudge, make_judge
 from anatomy_nb.config import EvalConfig, ExplainConfig, JudgeConfig
 from anatomy_nb.data.judges import (
     FAMILIES,
     LONG_WORDS,
-    LLMJudge,
     PhraseJudge,
     agreement,
     labelled_completions,
-    make_judge,
     strip_stock_phrases,
 )
 

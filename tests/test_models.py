@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from anatomy_nb.lm.chat import CHATML_TEMPLATE, render_example, render_prompt
+from anatomy_nb.data.chat import CHATML_TEMPLATE, render_example, render_prompt
 from anatomy_nb.lm.models import tiny_llama
 from anatomy_nb.lm.ops import decoder_layers, truncated_to_layer
 

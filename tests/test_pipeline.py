@@ -193,7 +193,7 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
 
     import pandas as pd
 
-    from anatomy_nb.core.run import Run
+    from anatomy_nb.results.run import Run
 
     config = Path(__file__).resolve().parent.parent / "configs" / "poisoning.yaml"
     state = run_pipeline(load_config(config, {"run_dir": str(tmp_path / "run")}), log=print)

@@ -22,7 +22,7 @@ def test_round_trip_through_a_run_directory(tmp_path):
     assert again.active[0].sign == 1 and again.active[0].kind == "sae" and again.active[0].name == "3"
     assert load_plan(json.dumps(_plan())).to_dict() == plan.to_dict()  # a papermill string parameter
     # a run directory means its plan/plan.json (what --plan RUN_DIR on the command line passes)
-    from anatomy_nb.core.run import Run
+    from anatomy_nb.results.run import Run
 
     run = Run(tmp_path / "run")
     plan.save(run.plan_path)

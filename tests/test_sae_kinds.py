@@ -28,7 +28,7 @@ from sae_lens.saes import (
 from sae_lens.saes.sae import SAEMetadata
 
 from anatomy_nb import extract
-from anatomy_nb.lm.chat import render_example
+from anatomy_nb.data.chat import render_example
 from anatomy_nb.lm.sae import load_sae
 
 D_SAE = 64

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anatomy_nb.core.run import Run
 from anatomy_nb.results.plan import PlanError, load_plan
+from anatomy_nb.results.run import Run
 from anatomy_nb.stages.plan import default_plan, set_choice
 from anatomy_nb.stages.plan import plan as make_plan
 from anatomy_nb.stages.prediction import ConceptSpace, badge

@@ -27,6 +27,7 @@ Scales are recorded so other text is scored on the same axis (and clipped to [0,
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -45,7 +46,15 @@ from ..lm.ops import response_residuals
 from ..results.plan import parse_concept
 from ..results.store import FeatureStore
 
-__all__ = ["ConceptSource", "DirectionConcept", "SAEConcept", "TextConcept", "orthonormal", "store_rows"]
+__all__ = [
+    "ConceptSource",
+    "DirectionConcept",
+    "SAEConcept",
+    "TextConcept",
+    "load_subspace",
+    "orthonormal",
+    "store_rows",
+]
 
 MAX_RESPONSE_TOKENS = 512  # as stage 1 stores responses
 
@@ -259,6 +268,12 @@ class DirectionConcept(ConceptSource):
         return cls(ref, tensors["directions"], layer, **kwargs)
 
     @classmethod
+    def from_subspace(cls, result: Any, attribute: str, method: str = "DAS") -> DirectionConcept:
+        """A subspace ``learn_subspace`` learned (read from its ``SubspaceResult``) as a concept: stage 2's
+        ``sources=``, or a plan entry (``SubspaceResult.plan_entry``)."""
+        return load_subspace(result.concept_path(attribute, method), result.concept_ref(attribute, method))
+
+    @classmethod
     @torch.no_grad()
     def from_difference_of_means(
         cls,
@@ -318,3 +333,20 @@ class DirectionConcept(ConceptSource):
         if fit_scale:
             self.scale = (float(raw.min()), float(raw.max()))
         return _scaled(raw, self.scale).reshape(2, -1).T
+
+
+def load_subspace(path: str | Path, ref: str | None = None) -> Any:
+    """A saved subspace as a ``DirectionConcept`` (layer and label from its JSON), ready for stage 2's
+    ``sources=`` or a plan's ``direction_file``."""
+    path = Path(path).with_suffix("")
+    meta_path = path.with_suffix(".json")
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"{meta_path}: no subspace metadata (layer, provenance) beside {path.with_suffix('.safetensors')}"
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    prov = meta.get("provenance", {})
+    label = f"{prov.get('method', 'subspace')} {prov.get('attribute', path.name)} (dim {meta.get('dim')})"
+    return DirectionConcept.from_file(
+        ref or f"direction:{path.name}", path.with_suffix(".safetensors"), int(meta["layer"]), label=label
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..lm.chat import render_prompt
+from .chat import render_prompt
 from .schema import PairSet
 
 __all__ = ["DataCard", "data_card"]

@@ -17,10 +17,13 @@ Three judges ship:
   model's residual stream (a probe on the standardised residual), fitted on labelled families (both
   readings) and measured on the others. Reads meaning where the phrases are gone; close to people on
   one held-out family, short of them on the other (``docs/explanation.md``).
-- ``LLMJudge``: asks a chat model (any OpenAI-compatible endpoint, or a local transformers model,
+- ``concepts.judges.LLMJudge``: asks a chat model (any OpenAI-compatible endpoint, or a local transformers model,
   through ``concepts.explain``'s backends and cache) whether the response refuses; the question is
   the file ``prompts/judge_refusal.txt``. Only as good as the model behind it: measure it with
   ``agreement`` before trusting its rows.
+
+The two judges that need a model, and ``make_judge`` which builds the one a ``JudgeConfig`` names,
+live in ``concepts.judges``: this module is data and needs none.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -43,7 +46,6 @@ __all__ = [
     "FAMILIES",
     "LONG_WORDS",
     "READINGS",
-    "LLMJudge",
     "PhraseJudge",
     "RefusalJudge",
     "STOCK_PHRASES",
@@ -51,7 +53,6 @@ __all__ = [
     "agreement_scores",
     "format_agreement",
     "labelled_completions",
-    "make_judge",
     "strip_stock_phrases",
 ]
 
@@ -177,50 +178,6 @@ class PhraseJudge:
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         return np.array([is_refusal(r) for r in responses], dtype=bool)
-
-
-class LLMJudge:
-    """Asks a chat model, one yes/no question per response (``prompts/judge_refusal.txt``).
-
-    ``backend`` is any ``concepts.explain`` backend (endpoint or local model, cached or not). An
-    answer that is neither yes nor no counts as no refusal and is counted in ``unparsed``."""
-
-    def __init__(self, backend: Any, name: str, template: str | None = None):
-        from ..concepts.explain import load_prompt
-
-        self.backend = backend
-        self.name = name
-        self.template = template or load_prompt("judge_refusal")
-        self.unparsed = 0
-
-    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        from ..concepts.explain import complete_all
-
-        questions = [self.template.format(prompt=p[:2000], response=r[:2000]) for p, r in zip(prompts, responses)]
-        out = []
-        for answer in complete_all(self.backend, questions, max_new_tokens=3):
-            word = (re.findall(r"[a-z]+", answer.lower()) or [""])[0]
-            self.unparsed += word not in ("yes", "no")
-            out.append(word == "yes")
-        return np.array(out, dtype=bool)
-
-
-def make_judge(cfg: Any, cache_dir: Any = None, lm: Any = None) -> RefusalJudge:
-    """The judge a ``JudgeConfig`` (or ``ExplainConfig``) names: the phrase list for
-    ``backend='none'``; a refusal direction in ``lm``'s residual stream for ``'direction'``
-    (fitted once, kept in ``cache_dir``); else an LLM judge."""
-    if cfg.backend == "direction":
-        from ..lm.refusal_direction import direction_judge
-
-        if lm is None:
-            raise ValueError("judge.backend='direction' reads a model's residual stream: pass the model (lm=)")
-        return direction_judge(lm, cache_dir, cfg.layer, cfg.n_tokens, cfg.fit_on, cfg.fit_n, cfg.method, cfg.probe_c)
-    from ..concepts.explain import make_explainer
-
-    backend = make_explainer(cfg, cache_dir, lm)
-    if backend is None:
-        return PhraseJudge()
-    return LLMJudge(backend, f"LLM judge ({cfg.backend}: {cfg.model})")
 
 
 def agreement(

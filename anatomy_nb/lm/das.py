@@ -44,7 +44,6 @@ __all__ = [
     "interchange_predictions",
     "interchanged_logits",
     "residuals_at",
-    "load_subspace",
     "next_token_predictions",
     "save_subspace",
     "shuffled_batches",
@@ -307,22 +306,3 @@ def save_subspace(subspace: Subspace, path: str | Path, **provenance: Any) -> Pa
         ),
     )
     return weights
-
-
-def load_subspace(path: str | Path, ref: str | None = None) -> Any:
-    """A saved subspace as a ``DirectionConcept`` (layer and label from its JSON), ready for stage 2's
-    ``sources=`` or a plan's ``direction_file``."""
-    from ..concepts.sources import DirectionConcept
-
-    path = Path(path).with_suffix("")
-    meta_path = path.with_suffix(".json")
-    if not meta_path.exists():
-        raise FileNotFoundError(
-            f"{meta_path}: no subspace metadata (layer, provenance) beside {path.with_suffix('.safetensors')}"
-        )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    prov = meta.get("provenance", {})
-    label = f"{prov.get('method', 'subspace')} {prov.get('attribute', path.name)} (dim {meta.get('dim')})"
-    return DirectionConcept.from_file(
-        ref or f"direction:{path.name}", path.with_suffix(".safetensors"), int(meta["layer"]), label=label
-    )

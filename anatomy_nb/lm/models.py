@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from ..config import DEFAULT_MODEL
 from ..core.files import atomic_replace_dir, content_hash
-from .chat import CHATML_TEMPLATE, ensure_chat_template
+from ..data.chat import CHATML_TEMPLATE, ensure_chat_template
 
 __all__ = ["DEFAULT_MODEL", "TINY_MODEL", "LoadedModel", "cache_dir", "load_model", "tiny_llama"]
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .chat import prompt_ids, render_example, render_prompt, truncate_prompt
+from ..data.chat import prompt_ids, render_example, render_prompt, truncate_prompt
 from .models import LoadedModel
 
 __all__ = [

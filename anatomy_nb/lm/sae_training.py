@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import SAETrainingConfig
 from ..core.files import atomic_write_json
-from .chat import render_example
+from ..data.chat import render_example
 from .models import LoadedModel
 from .ops import ResidualCapture, decoder_layers
 from .sae import LoadedSAE, make_topk_sae, weights_fingerprint

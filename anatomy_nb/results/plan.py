@@ -1,6 +1,6 @@
 """The intervention plan: which concepts the model may learn, and how each choice is applied.
 
-One JSON schema serves both paths (DESIGN.md §2): the stage-3 toggles widget writes it, and a
+One JSON schema serves both paths (docs/reference.md, "plan/plan.json"): the stage-3 toggles widget writes it, and a
 headless run passes the same file (or dict) as a papermill parameter. Stage 4 (``train``) reads
 it. This module is the schema and its validation only (no torch); ``stages.plan`` builds plans
 from the hypotheses. Concept references (``"sae:12"``, ``"text:bold"``) are parsed here and

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.run import Run, RunLike
+from ..core.run import RunDir, RunLike
 from ..core.stage import Artifact
 
 __all__ = ["SubspaceResult"]
@@ -21,7 +21,7 @@ class SubspaceResult(Artifact):
 
     @classmethod
     def from_run(cls, run: RunLike) -> SubspaceResult:
-        return cls(Run.of(run).latest("subspace"))
+        return cls(RunDir.of(run).latest("subspace"))
 
     def table(self) -> pd.DataFrame:
         """RAVEL's scores: a row per attribute × method (DAS, HyperDAS, SAE features, SAE
@@ -66,15 +66,9 @@ class SubspaceResult(Artifact):
             raise KeyError(f"no {method} subspace learned for {attribute!r}; learned: {sorted(concepts)}")
         return self.path / concepts[attribute]
 
-    def _ref(self, attribute: str, method: str) -> str:
+    def concept_ref(self, attribute: str, method: str = "DAS") -> str:
+        """The subspace's concept reference (``direction:ravel-<attribute>``; HyperDAS's end in ``-hyperdas``)."""
         return f"direction:ravel-{attribute.lower()}" + ("-hyperdas" if method == "HyperDAS" else "")
-
-    def concept(self, attribute: str, method: str = "DAS") -> Any:
-        """The subspace as a ``direction:`` concept (imports torch): stage 2's ``sources=``, or a
-        plan entry's ``direction_file`` with its ``layer``."""
-        from ..lm.das import load_subspace
-
-        return load_subspace(self.concept_path(attribute, method), self._ref(attribute, method))
 
     def plan_entry(
         self,
@@ -87,7 +81,7 @@ class SubspaceResult(Artifact):
     ) -> dict:
         """A plan entry that acts on the subspace (CAFT by default)."""
         return {
-            "concept": self._ref(attribute, learned_by),
+            "concept": self.concept_ref(attribute, learned_by),
             "action": action,
             "method": method,
             "direction_file": str(self.concept_path(attribute, learned_by)),

@@ -44,10 +44,10 @@ from ..concepts.phrases import PhraseConfig, concept_phrases
 from ..config import CompareAuditsConfig
 from ..core.contrast import controlled_contributions, controlled_difference, minimum_detectable_d, sign_flip_test
 from ..core.files import content_hash
-from ..core.run import Run, RunLike
 from ..core.stage import terminal
 from ..core.stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test
 from ..results.compare_audits import CompareResult
+from ..results.run import Run, RunLike
 from ..results.store import FeatureStore
 
 __all__ = ["STAGE", "annotator_differences", "annotator_votes", "compare_audits", "dataset_differences"]

@@ -37,11 +37,11 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from ..config import TrainConfig
 from ..core.files import atomic_write_json, content_hash, read_json
-from ..core.run import Run
 from ..core.stage import show_progress
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ResidualHooks
+from ..results.run import Run
 
 if TYPE_CHECKING:  # pragma: no cover
     from .train import Prepared

@@ -79,18 +79,20 @@ import torch
 
 from ..concepts.clustering import membership_matrix
 from ..concepts.explain import usage_of
+from ..concepts.judges import make_judge
 from ..config import EvalConfig
 from ..core.files import atomic_write_json, atomic_write_text, content_hash, read_json
-from ..core.run import Run, RunLike
 from ..core.stage import relative, terminal
 from ..data.evalsets import AB_SETS, EVAL_FILES, ab_items, eval_file_digests, harmful_prompts, xstest_safe
-from ..data.judges import agreement, make_judge
+from ..data.judges import agreement
 from ..data.pairs import distinct_prompts
 from ..data.plant import poisoning_readout
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ab_probabilities, generate, pair_logps, response_residuals
+from ..lm.recorded import recorded_model, recorded_sae
 from ..results.evaluation import BASE, EvalResult
+from ..results.run import Run, RunLike
 from ..results.store import FeatureStore
 from ..results.training import PLAIN, active_entries, plain_reference, run_name, training_order, training_runs
 from .predicted_vs_actual import predicted_vs_actual, predictor_inputs, predictor_table
@@ -304,13 +306,13 @@ def evaluate(
     pref_pairs = heldout[: cfg.max_pref_pairs]
     eval_files = eval_file_digests() if cfg.behaviour else {}
     truth = run.planted
-    lm = lm or run.model()
+    lm = lm or recorded_model(run)
     if lm.fingerprint != store.manifest["model"]["fingerprint"]:
         raise ValueError(
             f"the base model {lm.name} is not the feature store's model {store.manifest['model']['name']} "
             "(fingerprints differ)"
         )
-    sae = (sae or run.sae()).known_as(store.manifest["sae"]["fingerprint"])
+    sae = (sae or recorded_sae(run)).known_as(store.manifest["sae"]["fingerprint"])
     if sae is None:
         raise ValueError(f"the SAE is not the feature store's SAE {store.manifest['sae']['name']}")
     key = content_hash(

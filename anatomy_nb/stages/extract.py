@@ -37,14 +37,14 @@ from tqdm.auto import tqdm
 
 from ..config import ExtractConfig
 from ..core.files import atomic_save_npy, atomic_write_json, content_hash, naming_full_disk
-from ..core.run import Run, RunLike
 from ..core.stage import show_progress
+from ..data.chat import render_example, truncate_prompt
 from ..data.pairs import load_pairs
 from ..data.schema import PairSet, PreferencePair
-from ..lm.chat import render_example, truncate_prompt
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
 from ..lm.sae import LoadedSAE, hook_name, legacy_fingerprints, load_sae
+from ..results.run import Run, RunLike
 from ..results.store import EDGES, FeatureStore
 
 __all__ = ["ExtractConfig", "FeatureStore", "compute_shard", "extract", "store_key", "write_firing_sets", "STAGE"]

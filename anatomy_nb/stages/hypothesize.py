@@ -18,7 +18,7 @@ Reads the feature store of stage 1 and writes, under ``run_dir/hypothesize/<key>
 - ``length_placebo.parquet`` — whether the length control is calibrated on this data (placebo
   pairs of same-side responses that differ only in length; ``stats.length_placebo``), per view.
 
-Method (DESIGN.md §1 step 2): concepts are clusters of features by *unsigned* co-firing
+Method (docs/explanation.md, "Stage 2"): concepts are clusters of features by *unsigned* co-firing
 (``concepts.clustering``); the tested quantity is the signed per-pair difference of a concept's activity,
 b = mean over member features of 1{fires on chosen} − 1{fires on rejected}; pairs that share a
 prompt are averaged into one unit; tests are vectorised over all concepts and topics.
@@ -44,7 +44,6 @@ from ..concepts.phrases import PhraseConfig, concept_phrases
 from ..concepts.topics import cluster_prompts
 from ..config import HypothesizeConfig
 from ..core.files import content_hash
-from ..core.run import Run, RunLike
 from ..core.stage import StepTimer
 from ..core.stats import (
     bh_qvalues,
@@ -59,6 +58,7 @@ from ..core.stats import (
 from ..data.textstats import text_stats
 from ..results.hypotheses import Hypotheses, number_ranks, rank_hypotheses
 from ..results.plan import concept_ref, parse_concept
+from ..results.run import Run, RunLike
 from ..results.store import FeatureStore
 
 __all__ = [

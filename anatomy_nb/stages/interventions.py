@@ -1,6 +1,6 @@
 """Stage 4a: turn a plan's concepts into scores, directions and data/forward-pass edits.
 
-Every method "explains away" a concept c from the learning signal (DESIGN.md §1 step 3). Each
+Every method "explains away" a concept c from the learning signal (docs/explanation.md, "Stage 4"). Each
 needs one or both of:
 
 - a **score** s_c(y) ∈ [0, 1] of a response (reward shaping, filtering), and

@@ -14,9 +14,9 @@ import re
 from typing import Any
 
 from ..config import PlanConfig
-from ..core.run import Run, RunLike
 from ..results.hypotheses import Hypotheses
 from ..results.plan import METHODS, ConceptChoice, InterventionPlan, PlanError, concept_ref, load_plan
+from ..results.run import Run, RunLike
 from .prediction import overall_rows
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Stage 3's predictions: before anything is trained, the change of every concept under a plan,
-including **spill-over** onto concepts correlated with a targeted one (DESIGN.md §1: concepts are
+including **spill-over** onto concepts correlated with a targeted one (docs/explanation.md, "Stage 3": concepts are
 not independent; show it), and the re-scoring of every concept inside a subset of pairs (the
 viewer's lasso or topic). No torch.
 
@@ -36,10 +36,10 @@ import pandas as pd
 import scipy.stats as sps
 
 from ..concepts.activity import PairFeatures, concept_activity
-from ..core.run import Run, RunLike
 from ..core.stats import group_means, length_controlled, length_regressors, paired_test
 from ..results.hypotheses import Hypotheses
 from ..results.plan import InterventionPlan, load_plan, sae_concept_id, scope_mask
+from ..results.run import Run, RunLike
 from ..results.store import FeatureStore
 
 __all__ = ["BADGES", "ConceptSpace", "badge", "overall_rows"]

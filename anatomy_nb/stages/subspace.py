@@ -56,7 +56,6 @@ from scipy.stats import f_oneway
 from ..concepts.sources import orthonormal
 from ..config import SubspaceConfig
 from ..core.files import content_hash
-from ..core.run import Run, RunLike
 from ..core.stage import terminal
 from ..data.ravel import RavelData, counterfactual_pairs, load_ravel
 from ..lm import hyperdas
@@ -73,6 +72,7 @@ from ..lm.das import (
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
 from ..lm.sae_mask import latent_differences, latent_swap_predictions, train_latent_mask
+from ..results.run import Run, RunLike
 from ..results.subspace import SubspaceResult
 
 __all__ = [

@@ -39,13 +39,13 @@ from peft import PeftModel
 
 from ..config import DEFAULT_MODEL, TrainConfig
 from ..core.files import atomic_replace_dir, content_hash, read_json
-from ..core.run import Run, RunLike
 from ..core.stage import show_progress
 from ..data.schema import PairSet, PreferencePair
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualHooks
 from ..lm.sae import load_sae
 from ..results.plan import InterventionPlan, load_plan
+from ..results.run import Run, RunLike
 from ..results.training import TrainResult
 from .dpo import MetricsLog, make_trainer, quiet_datasets, ref_cache_for
 from .extract import process_state

@@ -21,9 +21,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.files import atomic_path, atomic_write_text, read_json
-from ..core.run import Run, RunLike
 from ..results.compare_audits import CompareResult
 from ..results.hypotheses import split_half_mark
+from ..results.run import Run, RunLike
 from .compare_view import compare_html
 from .notebooks import render_html
 from .summary import summary_html

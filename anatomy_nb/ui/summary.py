@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from ..core.contrast import minimum_detectable_d
-from ..core.run import Run, RunLike
 from ..results.hypotheses import Hypotheses
+from ..results.run import Run, RunLike
 from .viz import escape_text, token_html
 
 __all__ = ["Lesson", "TeachingSummary", "minimum_detectable_d", "summary_html", "teaching_summary"]

@@ -30,9 +30,9 @@ import traitlets
 
 from ..config import MapConfig
 from ..core.paths import widgets_dir
-from ..core.run import Run, RunLike
 from ..results.hypotheses import Hypotheses
 from ..results.plan import ACTIONS, METHODS, InterventionPlan, PlanError, concept_ref
+from ..results.run import Run, RunLike
 from ..stages.plan import DEFAULT_STRENGTH, overlay_plan, set_choice
 from ..stages.prediction import ConceptSpace
 from .summary import summary_html

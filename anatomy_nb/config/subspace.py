@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .core.config_base import DEFAULT_MODEL, DEFAULT_SAE, NOT_KEYED, Config
-from .core.config_base import described as _help
+from ..core.config_base import DEFAULT_MODEL, DEFAULT_SAE, NOT_KEYED, Config
+from ..core.config_base import described as _help
 
 
 @dataclass

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .core.config_base import NOT_KEYED, Config
-from .core.config_base import described as _help
+from ..core.config_base import NOT_KEYED, Config
+from ..core.config_base import described as _help
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .core.config_base import DEFAULT_MODEL, Config
-from .core.config_base import described as _help
+from ..core.config_base import DEFAULT_MODEL, Config
+from ..core.config_base import described as _help
 
 
 @dataclass
