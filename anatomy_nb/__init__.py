@@ -10,7 +10,7 @@ The small functional API, one function per stage, plus the whole pipeline and th
     result = anb.train("runs/default", plan)       # DPO with the plan applied
     ev = anb.evaluate("runs/default")              # predicted vs actual, behaviour, intervals
     anb.run("configs/poisoning.yaml")              # notebooks 01-05 headless, + anb.report(...)
-    anb.Run("runs/default").hypotheses.ranked()    # read any result (no torch)
+    anb.RunDir("runs/default").hypotheses.ranked()    # read any result (no torch)
 
 Everything is imported on first use: ``import anatomy_nb`` is cheap and never imports torch, and no
 module shares a name with these functions, so they stay callable whatever else was imported.
@@ -36,7 +36,7 @@ _EXPORTS = {
     "learn_subspace": "stages.subspace",
     "compare_audits": "stages.compare_audits",
     # the run directory and what it holds (readers: no torch)
-    "Run": "results.run",
+    "RunDir": "results.run",
     "FeatureStore": "results.store",
     "Hypotheses": "results.hypotheses",
     "InterventionPlan": "results.plan",
@@ -123,7 +123,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .results.evaluation import EvalResult
     from .results.hypotheses import Hypotheses
     from .results.plan import InterventionPlan
-    from .results.run import Run
+    from .results.run import RunDir
     from .results.store import FeatureStore
     from .results.subspace import SubspaceResult
     from .results.training import TrainResult

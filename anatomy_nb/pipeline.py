@@ -40,7 +40,7 @@ from .data.pairs import load_pairs
 from .data.plant import PLANTED_DATA, plant_all, truth_plants, write_planted
 from .results.hypotheses import Hypotheses
 from .results.plan import method_variant
-from .results.run import Run
+from .results.run import RunDir
 from .results.training import PLAIN, ordered_name
 from .stages.plan import choose_target, choose_topic, default_plan, set_choice
 from .ui import notebooks
@@ -84,7 +84,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
 # --- the steps between notebooks -------------------------------------------------------------
 
 
-def write_data(run: Run, cfg: PipelineConfig) -> tuple[dict, dict]:
+def write_data(run: RunDir, cfg: PipelineConfig) -> tuple[dict, dict]:
     """Stage 1's data: the configured source, or a poisoned copy written into the run. Returns
     (the extract config notebook 01 gets, what was written)."""
     extract = cfg.extract.to_dict()
@@ -102,7 +102,7 @@ def write_data(run: Run, cfg: PipelineConfig) -> tuple[dict, dict]:
 INOCULATION_FILE = "inoculation.json"
 
 
-def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print, rank: int = 1) -> str:
+def best_inoculation(run: RunDir, cid: int, log: Callable[[str], None] = print, rank: int = 1) -> str:
     """The best-ranked (or ``rank``-th) of the instructions written from the target's name and
     contexts (``stages.interventions.rank_inoculations``), ranked once per hypotheses and concept
     and kept in ``plan/inoculation.json``."""
@@ -126,7 +126,7 @@ def best_inoculation(run: Run, cid: int, log: Callable[[str], None] = print, ran
     return str(ranking[rank - 1]["instruction"])
 
 
-def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
+def build_plans(run: RunDir, cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
     """One plan per method (or method variant), each suppressing the target concept (amplifying
     it where the strength is negative: ``reward_shaping@-1``), on every prompt or on the scope
     ``target_scope`` names; written to ``run_dir/plan/``. An inoculation gets the best-ranked
@@ -161,7 +161,7 @@ def build_plans(run: Run, cfg: PipelineConfig, log: Callable[[str], None] = prin
     return plans
 
 
-def describe_target(run: Run, hyp: Hypotheses, cid: int) -> dict:
+def describe_target(run: RunDir, hyp: Hypotheses, cid: int) -> dict:
     """What the plans act on, and — for a poisoned run — whether it is the planted concept: the
     target's paired difference on planted pairs vs the rest, and the AUROC with which it picks
     out the planted pairs (ground truth from ``data/planted.planted.json``, never from the test)."""
@@ -219,7 +219,7 @@ Step = tuple[str, str, Callable[[], dict]]
 
 
 def _steps(
-    run: Run, cfg: PipelineConfig, pipeline_state: dict, inputs: dict, log: Callable[[str], None] = print
+    run: RunDir, cfg: PipelineConfig, pipeline_state: dict, inputs: dict, log: Callable[[str], None] = print
 ) -> list[Step]:
     """(step name, notebook, parameters) in order; parameters are computed lazily, just before
     the step, because some depend on what the previous steps wrote. ``inputs[name]`` receives what
@@ -289,9 +289,9 @@ def _trained_models(pipeline_state: dict, cfg: PipelineConfig) -> dict:
 
 
 def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the pipeline; returns the state written to ``run_dir/pipeline.json``."""
+    """RunDir (or resume) the pipeline; returns the state written to ``run_dir/pipeline.json``."""
     cfg = config or PipelineConfig()
-    run = Run(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     state_path = run.path / STATE_FILE
     state = read_json(state_path) if state_path.exists() else {"steps": {}}
     state["config"] = cfg.to_dict()

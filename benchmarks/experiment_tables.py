@@ -18,7 +18,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from anatomy_nb.results.run import Run
+from anatomy_nb.results.run import RunDir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--note", default="")
     ap.add_argument("--date", default=dt.date.today().isoformat())
     args = ap.parse_args()
-    run = Run(args.run_dir)
+    run = RunDir(args.run_dir)
     ev = run.evaluation
     stem = RESULTS / f"{args.name}"
     ev.head_to_head_table().to_csv(f"{stem}-head-to-head-{args.date}.csv", index=False)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from anatomy_nb.core.files import read_json
 from anatomy_nb.results.evaluation import EvalResult
-from anatomy_nb.results.run import Run
+from anatomy_nb.results.run import RunDir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,7 +44,7 @@ def generation_health(texts: list[str]) -> dict:
     }
 
 
-def evaluation_rows(run: Run, ev: EvalResult) -> dict:
+def evaluation_rows(run: RunDir, ev: EvalResult) -> dict:
     gens = ev.generations()
     held = gens[gens["set"] == "heldout"]
     pref = ev.preference().set_index("model")
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--note", default="")
     ap.add_argument("--date", default=dt.date.today().isoformat())
     args = ap.parse_args()
-    run = Run(args.run_dir)
+    run = RunDir(args.run_dir)
     evaluations = [
         EvalResult(p.parent, read_json(p))
         for p in sorted((run.path / "evaluate").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)

@@ -20,7 +20,7 @@ import numpy as np
 
 from anatomy_nb.config import ExtractConfig
 from anatomy_nb.core.files import atomic_save_npy, atomic_write_json, content_hash
-from anatomy_nb.results.run import Run
+from anatomy_nb.results.run import RunDir
 from anatomy_nb.results.store import FeatureStore
 from anatomy_nb.stages.extract import HIST_EDGES, STAGE, STORE_FORMAT, write_firing_sets
 
@@ -89,7 +89,7 @@ def write_synthetic_store(
     pooled_values: bool = False,
 ) -> FeatureStore:
     """Write (or reuse) a synthetic store under ``run_dir/extract/<key>`` and return it."""
-    run = Run(run_dir)
+    run = RunDir(run_dir)
     key = content_hash(
         "synthetic", 3, STORE_FORMAT, n_pairs, d_sae, per_response, seed, n_topics, n_planted, pooled_values
     )

@@ -71,7 +71,7 @@ def test_importing_the_package_is_cheap_and_lists_the_api():
 
 def test_reading_every_artifact_of_a_run_never_imports_torch(tiny_eval, tmp_path):
     """A finished run (extract, hypothesize, plan, two trainings, evaluate) opened and read through
-    ``Run``, the viewer's data, the widgets and the report, in a fresh interpreter."""
+    ``RunDir``, the viewer's data, the widgets and the report, in a fresh interpreter."""
     code = f"""
 import sys
 import anatomy_nb as anb
@@ -80,7 +80,7 @@ from anatomy_nb.ui.report import report
 from anatomy_nb.ui.viewer import AuditViewer, ConceptToggles
 from anatomy_nb.ui.viewer_data import ViewerData
 
-run = anb.Run({str(tiny_eval.run)!r})
+run = anb.RunDir({str(tiny_eval.run)!r})
 store = run.store
 assert store.pooled("fires", "chosen").shape[0] == store.n_pairs and store.pairs()[0].prompt_text
 assert store.pooled("mean", prefix="prompt").shape == (store.n_pairs, store.d_sae) and store.bytes_per_pair() > 0
@@ -224,7 +224,7 @@ def test_the_run_loads_only_the_weights_its_store_was_built_with(tmp_path, tiny_
 
     sae = anb.load_sae(str(save_sae(tiny_sae_, tmp_path / "sae")))
     store = anb.extract(hh_pairs[:4], tiny_lm, sae, tmp_path / "run", {"progress": False})
-    run = anb.Run(tmp_path / "run")
+    run = anb.RunDir(tmp_path / "run")
     assert anb.recorded_model(run).fingerprint == tiny_lm.fingerprint
     assert anb.recorded_sae(run).fingerprint == sae.fingerprint
     manifest = json.loads((store.path / "manifest.json").read_text())

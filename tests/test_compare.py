@@ -12,7 +12,7 @@ from anatomy_nb.config import PipelineConfig
 from anatomy_nb.core.config_base import ConfigError
 from anatomy_nb.lm.sae import save_sae
 from anatomy_nb.pipeline import load_config, run_pipeline
-from anatomy_nb.results.run import Run
+from anatomy_nb.results.run import RunDir
 
 CONFIG_METHODS = ["reward_shaping", "filter", "inoculate", "steer", "ablate_zero", "ablate_mean"]
 # the five; CAFT once (zero ablation: test_train); shaping and inoculation named as a sweep's points
@@ -63,7 +63,7 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
         "train-filter-order1",
         "evaluate",
     ]
-    run = Run(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     # ground truth: two plants, each its own half of the pairs, with its role
     truth = json.loads((run.path / "data" / "planted.planted.json").read_text())
     assert [(p["kind"], p["role"], p["n_planted"]) for p in truth["plants"]] == [
@@ -331,7 +331,7 @@ def test_target_scope_picks_the_topic_the_grid_found_or_a_prompt_regex(tiny_eval
     highest-ranked significant one DPO would raise; ``prompts:<regex>``: on matching prompts; the
     methods that edit the model on every prompt refuse a scope at config time."""
     from anatomy_nb.pipeline import build_plans
-    from anatomy_nb.results.run import Run
+    from anatomy_nb.results.run import RunDir
     from anatomy_nb.stages.plan import choose_topic
 
     class Hyp:
@@ -355,7 +355,7 @@ def test_target_scope_picks_the_topic_the_grid_found_or_a_prompt_regex(tiny_eval
     )
     import shutil
 
-    run = Run.of(shutil.copytree(tiny_eval.run, tmp_path / "run"))  # the shared fixture's plans stay as they are
+    run = RunDir.of(shutil.copytree(tiny_eval.run, tmp_path / "run"))  # the shared fixture's plans stay as they are
     plans = build_plans(run, cfg, log=lambda *_: None)
     assert all(p["concepts"][0]["prompts"] == "bread|tea" for p in plans.values())
     assert json.loads((run.path / "plan" / "target.json").read_text())["scope"] == {"prompts": "bread|tea"}

@@ -80,7 +80,7 @@ def test_the_main_job_at_a_small_size(tmp_path):
     import nbformat
 
     from anatomy_nb.pipeline import load_config, run_pipeline
-    from anatomy_nb.results.run import Run
+    from anatomy_nb.results.run import RunDir
 
     small = {
         "run_dir": str(tmp_path / "run"),
@@ -101,7 +101,7 @@ def test_the_main_job_at_a_small_size(tmp_path):
     state = run_pipeline(load_config(config, small), log=print)
     steps = ["extract", "hypothesize", "plan", "train-plain", "train-reward_shaping", "train-filter", "evaluate"]
     assert list(state["steps"]) == steps and all(s["status"] == "done" for s in state["steps"].values())
-    run = Run(tmp_path / "run")
+    run = RunDir(tmp_path / "run")
     target = json.loads((run.path / "plan" / "target.json").read_text())
     assert target["planted_kind"] == "bold" and target["concept"] >= 0
     res = run.evaluation

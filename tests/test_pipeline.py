@@ -193,11 +193,11 @@ def test_the_default_config_runs_the_poisoning_experiment_end_to_end(tmp_path):
 
     import pandas as pd
 
-    from anatomy_nb.results.run import Run
+    from anatomy_nb.results.run import RunDir
 
     config = Path(__file__).resolve().parent.parent / "configs" / "poisoning.yaml"
     state = run_pipeline(load_config(config, {"run_dir": str(tmp_path / "run")}), log=print)
-    run = Run(tmp_path / "run")
+    run = RunDir(tmp_path / "run")
     assert all(s["status"] == "done" for s in state["steps"].values()) and len(state["steps"]) == 7
     target = json.loads((run.path / "plan" / "target.json").read_text())
     assert target["planted_kind"] == "bold" and target["rank"] == 1 and target["auroc_planted"] > 0.95

@@ -22,11 +22,11 @@ def test_round_trip_through_a_run_directory(tmp_path):
     assert again.active[0].sign == 1 and again.active[0].kind == "sae" and again.active[0].name == "3"
     assert load_plan(json.dumps(_plan())).to_dict() == plan.to_dict()  # a papermill string parameter
     # a run directory means its plan/plan.json (what --plan RUN_DIR on the command line passes)
-    from anatomy_nb.results.run import Run
+    from anatomy_nb.results.run import RunDir
 
-    run = Run(tmp_path / "run")
+    run = RunDir(tmp_path / "run")
     plan.save(run.plan_path)
-    assert load_plan(run.path).to_dict() == plan.to_dict() and Run(run.path).plan.to_dict() == plan.to_dict()
+    assert load_plan(run.path).to_dict() == plan.to_dict() and RunDir(run.path).plan.to_dict() == plan.to_dict()
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ def test_the_summary_of_a_tiny_run_lists_what_separates_the_sides(tiny_eval):
     s = teaching_summary(tiny_eval.run)
     assert s.n_raise + s.n_lower > 0 and s.lessons
     ranked = s.lessons[0]
-    table = __import__("anatomy_nb").Run(tiny_eval.run).hypotheses.ranked()
+    table = __import__("anatomy_nb").RunDir(tiny_eval.run).hypotheses.ranked()
     row = table[(table["concept"] == ranked.concept) & (table["view"] == ranked.where)].iloc[0]
     assert (
         ranked.rank == row["rank"]

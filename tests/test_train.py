@@ -129,9 +129,9 @@ def test_prepare_applies_the_plan_to_the_training_split_only(tiny_lm, tmp_path):
 def test_a_topic_scoped_plan_shapes_the_pairs_of_its_stage_2_topic_only(tiny_eval, tiny_lm):
     """The plan acts on one of stage 2's topics (``topic``): offsets where the pair's prompt is in
     that topic, none elsewhere; the report counts the pairs in scope."""
-    from anatomy_nb.results.run import Run
+    from anatomy_nb.results.run import RunDir
 
-    topic_of = Run.of(tiny_eval.run).hypotheses.topic_of_prompt()
+    topic_of = RunDir.of(tiny_eval.run).hypotheses.topic_of_prompt()
     topic = max(set(topic_of.values()), key=list(topic_of.values()).count)
     cfg = TrainConfig(**FAST)
     prep = prepare(tiny_eval.run, {"concepts": [{**SHAPE, "topic": topic}]}, model=tiny_lm, config=cfg)

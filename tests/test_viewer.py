@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from anatomy_nb.results.plan import PlanError, load_plan
-from anatomy_nb.results.run import Run
+from anatomy_nb.results.run import RunDir
 from anatomy_nb.stages.plan import default_plan, set_choice
 from anatomy_nb.stages.plan import plan as make_plan
 from anatomy_nb.stages.prediction import ConceptSpace, badge
@@ -185,7 +185,7 @@ def test_default_plan_lists_every_concept_as_allow_with_its_features(run):
 def test_toggles_write_the_plan_file_on_each_valid_change_and_refuse_invalid_ones(run):
     from anatomy_nb.ui.viewer import ConceptToggles
 
-    path = Run(run).plan_path
+    path = RunDir(run).plan_path
     path.unlink(missing_ok=True)
     t = ConceptToggles(run)
     first = json.loads(path.read_text())
@@ -356,7 +356,7 @@ def test_notebook_03_runs_headless_with_a_plan_parameter_and_reports(run):
     assert not [
         o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
     ]
-    saved = {c["concept"]: c for c in json.loads(Run(run).plan_path.read_text())["concepts"]}
+    saved = {c["concept"]: c for c in json.loads(RunDir(run).plan_path.read_text())["concepts"]}
     assert saved[f"sae:{cid}"]["method"] == "filter" and saved[f"sae:{cid}"]["strength"] == 0.05
     index = build_report(run)
     html = (index.parent / "03_plan.html").read_text()

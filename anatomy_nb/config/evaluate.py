@@ -79,8 +79,8 @@ class JudgeConfig(ExplainConfig):
 class EvalConfig(Config):
     """Stage 5. CPU-sized defaults: on a GPU raise ``n_prompts``, ``max_new_tokens`` and ``n_*``."""
 
-    n_prompts: int = field(default=24, metadata=_help("distinct held-out prompts to generate from"))
-    max_new_tokens: int = 48
+    n_prompts: int = field(default=30, metadata=_help("distinct held-out prompts to generate from"))
+    max_new_tokens: int = 32
     max_prompt_tokens: int = field(default=384, metadata=_help("longer prompts keep their last tokens"))
     batch_size: int = field(default=8, metadata=_help("prompts per generation batch"))
     do_sample: bool = field(default=False, metadata=_help("greedy by default; True samples with temperature and seed"))
@@ -95,16 +95,16 @@ class EvalConfig(Config):
     fdr: float = field(default=0.05, metadata=_help("off-target: BH q over concepts below this"))
     n_boot: int = field(default=1000, metadata=_help("bootstrap resamples per interval"))
     ci: float = field(default=0.95, metadata=_help("interval coverage"))
-    max_pref_pairs: int = field(default=64, metadata=_help("held-out pairs scored for preference accuracy"))
+    max_pref_pairs: int = field(default=60, metadata=_help("held-out pairs scored for preference accuracy"))
     pref_max_length: int = field(default=256, metadata=_help("tokens of prompt + response when scoring log-probs"))
     behaviour: bool = field(
         default=True, metadata=_help("run the behaviour sets (sycophancy, persona, refusal, over-refusal)")
     )
-    n_ab: int = field(default=24, metadata=_help("items per A/B set (CAA sycophancy, Anthropic persona)"))
+    n_ab: int = field(default=8, metadata=_help("items per A/B set (CAA sycophancy, Anthropic persona)"))
     n_harmful: int = field(
-        default=12, metadata=_help("harmful prompts (AdvBench / StrongREJECT / HarmBench, sampled evenly)")
+        default=6, metadata=_help("harmful prompts (AdvBench / StrongREJECT / HarmBench, sampled evenly)")
     )
-    n_xstest: int = field(default=12, metadata=_help("XSTest safe prompts (over-refusal)"))
+    n_xstest: int = field(default=6, metadata=_help("XSTest safe prompts (over-refusal)"))
     behaviour_max_new_tokens: int = field(default=32, metadata=_help("a refusal shows in the first sentence"))
     judge: JudgeConfig = field(
         default_factory=JudgeConfig,

@@ -83,14 +83,8 @@ class PipelineConfig(Config):
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     hypothesize: HypothesizeConfig = field(default_factory=HypothesizeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
-    # lr 1e-3: at 5e-5 (and 5e-4) 64 pairs teach nothing measurable; 20 % of the prompts held out
-    # (60 pairs, about half of them unpoisoned) so the on-target preference is measured on enough pairs
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-3, heldout_fraction=0.2))
-    evaluate: EvalConfig = field(
-        default_factory=lambda: EvalConfig(
-            n_prompts=30, max_new_tokens=32, n_ab=8, n_harmful=6, n_xstest=6, max_pref_pairs=60
-        )
-    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
     stages: list[str] = field(
         default_factory=lambda: list(STAGES), metadata=_help(f"which stages run, of {', '.join(STAGES)}")
     )

@@ -5,16 +5,16 @@ Layout (one folder per stage, named like the stage, its module and its notebook)
 
     run_dir/
       index.json                 stage → key of its latest artifact
-      extract/<key>/             the feature store            (Run.store)
-      hypothesize/<key>/         concepts, tests, topics       (Run.hypotheses)
-      plan/plan.json             the intervention plan         (Run.plan)
-      train/<key>/               one folder per training run   (Run.trainings)
-      evaluate/<key>/            the evaluation tables         (Run.evaluation)
+      extract/<key>/             the feature store            (RunDir.store)
+      hypothesize/<key>/         concepts, tests, topics       (RunDir.hypotheses)
+      plan/plan.json             the intervention plan         (RunDir.plan)
+      train/<key>/               one folder per training run   (RunDir.trainings)
+      evaluate/<key>/            the evaluation tables         (RunDir.evaluation)
       cache/                     shared caches (reference log-probs, viewer maps)
       notebooks/, report/        executed notebooks and the shareable report
       data/                      data written by the pipeline (a poisoned copy and its truth)
 
-``RunDir`` holds the paths and the index; the readers of the artifacts (``results.run.Run``) and
+``RunPaths`` holds the paths and the index; the readers of the artifacts (``results.run.RunDir``) and
 the loaders of the weights a store was built with (``lm.recorded``) sit in the layers above, which
 own them.
 """
@@ -28,19 +28,19 @@ from typing import Any, TypeVar
 from .files import atomic_write_json, read_json
 from .stage import Stage
 
-__all__ = ["PLAN_FILE", "RunDir", "RunLike"]
+__all__ = ["PLAN_FILE", "RunPaths", "RunLike"]
 
 INDEX = "index.json"
-R = TypeVar("R", bound="RunDir")
+R = TypeVar("R", bound="RunPaths")
 PLAN_FILE = "plan.json"  # run_dir/plan/plan.json: the plan the next training run applies
 
 
-class RunDir:
-    """A run directory's paths and index (see the module docstring); ``results.run.Run`` adds the
-    readers. ``RunDir(path)`` creates nothing until a stage writes."""
+class RunPaths:
+    """A run directory's paths and index (see the module docstring); ``results.run.RunDir`` adds the
+    readers. ``RunPaths(path)`` creates nothing until a stage writes."""
 
     def __init__(self, path: RunLike):
-        self.path = Path(path.path if isinstance(path, RunDir) else path)
+        self.path = Path(path.path if isinstance(path, RunPaths) else path)
 
     @classmethod
     def of(cls: type[R], run: RunLike) -> R:
@@ -92,4 +92,4 @@ class RunDir:
         return self.path / "cache"
 
 
-RunLike = RunDir | str | os.PathLike
+RunLike = RunPaths | str | os.PathLike

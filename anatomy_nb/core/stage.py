@@ -26,7 +26,7 @@ import numpy as np
 from .files import atomic_save_npy, atomic_write_json, atomic_write_parquet, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .run import RunDir
+    from .run import RunPaths
 
 __all__ = ["MANIFEST", "Artifact", "Stage", "StepTimer", "relative", "show_progress", "terminal"]
 
@@ -36,7 +36,7 @@ MANIFEST = "manifest.json"
 class Stage:
     """One stage's artifact in a run directory (see the module docstring)."""
 
-    def __init__(self, run: RunDir, name: str, key: str, format: int = 1):
+    def __init__(self, run: RunPaths, name: str, key: str, format: int = 1):
         self.run, self.name, self.key, self.format = run, name, key, format
         self.path = run.path / name / key
 

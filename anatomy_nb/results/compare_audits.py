@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..core.run import RunDir, RunLike
+from ..core.run import RunPaths, RunLike
 from ..core.stage import Artifact
 
 __all__ = ["CompareResult"]
@@ -20,7 +20,7 @@ class CompareResult(Artifact):
 
     @classmethod
     def from_run(cls, run: RunLike) -> CompareResult:
-        return cls(RunDir.of(run).latest("compare_audits"))
+        return cls(RunPaths.of(run).latest("compare_audits"))
 
     @property
     def mode(self) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..core.run import RunDir, RunLike
+from ..core.run import RunPaths, RunLike
 from ..core.stage import Artifact
 from ..core.stats import LEAVE_OUT
 from ..data.judges import format_agreement
@@ -111,7 +111,7 @@ class EvalResult(Artifact):
     @classmethod
     def from_run(cls, run: RunLike) -> EvalResult:
         """The run's latest evaluation (as the other readers' ``from_run``)."""
-        return cls(RunDir.of(run).latest("evaluate"))
+        return cls(RunPaths.of(run).latest("evaluate"))
 
     @property
     def models(self) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.files import read_json
-from ..core.run import RunDir, RunLike
+from ..core.run import RunPaths, RunLike
 from .store import EDGES
 
 __all__ = ["SPLIT_HALF_OK", "Hypotheses", "number_ranks", "rank_hypotheses", "split_half_mark"]
@@ -79,7 +79,7 @@ class Hypotheses:
 
     @classmethod
     def from_run(cls, run: RunLike) -> Hypotheses:
-        return cls(RunDir.of(run).latest("hypothesize"))
+        return cls(RunPaths.of(run).latest("hypothesize"))
 
     def topic_of_prompt(self) -> dict[str, int]:
         """Each distinct prompt's stage-2 topic id, keyed by its text (``PreferencePair.prompt_text``)."""

@@ -1,6 +1,6 @@
-"""``Run``: a run directory with a reader for every stage's artifact (``anatomy_nb.Run``).
+"""``RunDir``: a run directory with a reader for every stage's artifact (``anatomy_nb.RunDir``).
 
-``core.run.RunDir`` holds the paths and the index; this class adds the readers, looked up by stage
+``core.run.RunPaths`` holds the paths and the index; this class adds the readers, looked up by stage
 name in ``READERS`` (``run.read("hypothesize")``, or the named properties below). Nothing here
 imports torch: the weights a store was built with are loaded by ``lm.recorded``.
 """
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..core.run import RunDir, RunLike
+from ..core.run import RunPaths, RunLike
 from ..data.plant import planted_truth
 from .compare_audits import CompareResult
 from .evaluation import EvalResult
@@ -21,7 +21,7 @@ from .store import FeatureStore
 from .subspace import SubspaceResult
 from .training import TrainResult, training_runs
 
-__all__ = ["READERS", "Run", "RunLike"]
+__all__ = ["READERS", "RunDir", "RunLike"]
 
 #: stage name → the reader of its latest artifact folder (a stage with its own reader registers here)
 READERS: dict[str, Callable[[Path], Any]] = {
@@ -33,8 +33,8 @@ READERS: dict[str, Callable[[Path], Any]] = {
 }
 
 
-class Run(RunDir):
-    """A run directory and the readers of what its stages wrote. ``Run(path)`` creates nothing
+class RunDir(RunPaths):
+    """A run directory and the readers of what its stages wrote. ``RunDir(path)`` creates nothing
     until a stage writes; reading never imports torch."""
 
     def read(self, stage: str) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..core.files import read_json
-from ..core.run import RunDir, RunLike
+from ..core.run import RunPaths, RunLike
 from ..data.schema import PreferencePair
 
 __all__ = ["CHOSEN", "EDGES", "REJECTED", "STATS", "FeatureStore"]
@@ -68,7 +68,7 @@ class FeatureStore:
 
     @classmethod
     def from_run(cls, run: RunLike) -> FeatureStore:
-        return cls(RunDir.of(run).latest("extract"))
+        return cls(RunPaths.of(run).latest("extract"))
 
     def __repr__(self) -> str:
         m = self.manifest

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.run import RunDir, RunLike
+from ..core.run import RunPaths, RunLike
 from ..core.stage import Artifact
 
 __all__ = ["SubspaceResult"]
@@ -21,7 +21,7 @@ class SubspaceResult(Artifact):
 
     @classmethod
     def from_run(cls, run: RunLike) -> SubspaceResult:
-        return cls(RunDir.of(run).latest("subspace"))
+        return cls(RunPaths.of(run).latest("subspace"))
 
     def table(self) -> pd.DataFrame:
         """RAVEL's scores: a row per attribute × method (DAS, HyperDAS, SAE features, SAE

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from ..core.files import read_json
-from ..core.run import RunDir, RunLike
+from ..core.run import RunPaths, RunLike
 from ..core.stage import MANIFEST, Artifact
 
 __all__ = [
@@ -106,7 +106,7 @@ def run_name(manifest: dict) -> str:
 def training_runs(run: RunLike) -> dict[str, Path]:
     """Every finished training run in the run directory, named by its plan (``run_name``); a
     repeated name gets the key's first 6 characters appended. Oldest first."""
-    root = RunDir.of(run).path / "train"
+    root = RunPaths.of(run).path / "train"
     found = []
     for m in sorted(root.glob(f"*/{MANIFEST}")):
         man = read_json(m)

@@ -47,7 +47,7 @@ from ..core.files import content_hash
 from ..core.stage import terminal
 from ..core.stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test
 from ..results.compare_audits import CompareResult
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from ..results.store import FeatureStore
 
 __all__ = ["STAGE", "annotator_differences", "annotator_votes", "compare_audits", "dataset_differences"]
@@ -203,9 +203,9 @@ def compare_audits(
     and SAE) or, with ``b`` None, the annotators of ``a``'s pairs; write (or reuse)
     ``run_dir/compare_audits/<key>/`` (``run_dir`` defaults to ``a``)."""
     cfg = CompareAuditsConfig.from_dict(config)
-    store_a = Run.of(a).store
-    store_b = Run.of(b).store if b is not None else None
-    run = Run.of(run_dir if run_dir is not None else a)
+    store_a = RunDir.of(a).store
+    store_b = RunDir.of(b).store if b is not None else None
+    run = RunDir.of(run_dir if run_dir is not None else a)
     if store_b is not None:
         for part in ("model", "sae"):
             if store_a.manifest[part]["fingerprint"] != store_b.manifest[part]["fingerprint"]:

@@ -41,7 +41,7 @@ from ..core.stage import show_progress
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ResidualHooks
-from ..results.run import Run
+from ..results.run import RunDir
 
 if TYPE_CHECKING:  # pragma: no cover
     from .train import Prepared
@@ -109,7 +109,7 @@ class RefLogpCache:
         atomic_write_json(self.path, {"logps": stored})
 
 
-def ref_cache_for(run: Run, lm: LoadedModel, cfg: TrainConfig, edits: Sequence = ()) -> RefLogpCache | None:
+def ref_cache_for(run: RunDir, lm: LoadedModel, cfg: TrainConfig, edits: Sequence = ()) -> RefLogpCache | None:
     """The run directory's cache for this model and config; None when it must not be used: no
     precomputed reference pass, or a reference pass that sees a residual edit (CAFT)."""
     if not cfg.precompute_ref or any(e.in_reference for e in edits):

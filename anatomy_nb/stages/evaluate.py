@@ -92,7 +92,7 @@ from ..lm.models import LoadedModel
 from ..lm.ops import ab_probabilities, generate, pair_logps, response_residuals
 from ..lm.recorded import recorded_model, recorded_sae
 from ..results.evaluation import BASE, EvalResult
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from ..results.store import FeatureStore
 from ..results.training import PLAIN, active_entries, plain_reference, run_name, training_order, training_runs
 from .predicted_vs_actual import predicted_vs_actual, predictor_inputs, predictor_table
@@ -119,7 +119,7 @@ def firing(
     return out
 
 
-def resolve_models(run: Run, models: Any) -> dict[str, Path]:
+def resolve_models(run: RunDir, models: Any) -> dict[str, Path]:
     if models is None:
         out = training_runs(run)
         if not out:
@@ -176,7 +176,7 @@ MODEL_CACHE = Path("cache") / "evaluate"
 
 
 def model_outputs(
-    run: Run,
+    run: RunDir,
     identity: str,
     load: Callable[[], LoadedModel],
     gen_sets: Mapping[str, Sequence[dict]],
@@ -280,7 +280,7 @@ def evaluate(
     ``sae`` default to the feature store's model and SAE (loaded by name); trained models are
     reloaded from their adapters one at a time."""
     cfg = EvalConfig.from_dict(config)
-    run = Run.of(run)
+    run = RunDir.of(run)
     store = run.store
     hyps = run.hypotheses
     paths = resolve_models(run, models)

@@ -44,7 +44,7 @@ from ..data.schema import PairSet, PreferencePair
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
 from ..lm.sae import LoadedSAE, hook_name, legacy_fingerprints, load_sae
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from ..results.store import EDGES, FeatureStore
 
 __all__ = ["ExtractConfig", "FeatureStore", "compute_shard", "extract", "store_key", "write_firing_sets", "STAGE"]
@@ -490,7 +490,7 @@ def extract(
             f"{getattr(getattr(sae_.sae.cfg, 'metadata', None), 'hook_name', None)!r}) but model {lm.name} has "
             f"blocks 0..{lm.n_layers - 1}"
         )
-    run = Run.of(run)
+    run = RunDir.of(run)
     pair_list = list(pairs)
     if not pair_list:
         raise ValueError("no pairs to extract")

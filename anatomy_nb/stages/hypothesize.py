@@ -58,7 +58,7 @@ from ..core.stats import (
 from ..data.textstats import text_stats
 from ..results.hypotheses import Hypotheses, number_ranks, rank_hypotheses
 from ..results.plan import concept_ref, parse_concept
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from ..results.store import FeatureStore
 
 __all__ = [
@@ -347,7 +347,7 @@ def hypothesize(
     sources (``concepts.sources``: text rules, directions) tested beside the SAE concepts.
     """
     cfg = HypothesizeConfig.from_dict(config)
-    run = Run.of(run)
+    run = RunDir.of(run)
     store = store or run.store
     stage = run.stage(
         STAGE,

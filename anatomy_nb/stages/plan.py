@@ -16,7 +16,7 @@ from typing import Any
 from ..config import PlanConfig
 from ..results.hypotheses import Hypotheses
 from ..results.plan import METHODS, ConceptChoice, InterventionPlan, PlanError, concept_ref, load_plan
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from .prediction import overall_rows
 
 __all__ = [
@@ -198,7 +198,7 @@ def plan(
     dict, JSON string or file; None: the run's existing ``plan/plan.json`` if there is one) says
     otherwise — validated against the hypotheses, and written to ``run/plan/plan.json`` (``write``)."""
     PlanConfig.from_dict(config)  # validated; its fields shape the views, not the plan
-    run = Run.of(run)
+    run = RunDir.of(run)
     hyp = run.hypotheses
     if spec is None and run.plan_path.exists():
         spec = run.plan_path

@@ -39,7 +39,7 @@ from ..concepts.activity import PairFeatures, concept_activity
 from ..core.stats import group_means, length_controlled, length_regressors, paired_test
 from ..results.hypotheses import Hypotheses
 from ..results.plan import InterventionPlan, load_plan, sae_concept_id, scope_mask
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from ..results.store import FeatureStore
 
 __all__ = ["BADGES", "ConceptSpace", "badge", "overall_rows"]
@@ -83,7 +83,7 @@ class ConceptSpace:
 
     @classmethod
     def from_run(cls, run: RunLike, hyp: Hypotheses | None = None, store: FeatureStore | None = None) -> ConceptSpace:
-        run = Run.of(run)
+        run = RunDir.of(run)
         hyp = hyp or run.hypotheses
         store = store or run.store
         pf = PairFeatures.from_store(store)

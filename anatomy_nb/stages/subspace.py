@@ -72,7 +72,7 @@ from ..lm.das import (
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
 from ..lm.sae_mask import latent_differences, latent_swap_predictions, train_latent_mask
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from ..results.subspace import SubspaceResult
 
 __all__ = [
@@ -378,7 +378,7 @@ def whole_residual_by_layer(
 ) -> pd.DataFrame:
     """RAVEL's Cause and Isolate of swapping the source's whole residual at the entity token, layer by
     layer, on ``config``'s test pairs: the most any method editing that token can move an attribute
-    at each depth (``learn_subspace``'s "whole residual" row, at every layer asked). Run it to choose
+    at each depth (``learn_subspace``'s "whole residual" row, at every layer asked). RunDir it to choose
     the layer before training DAS there: where even this ceiling is low, no subspace can do better."""
     cfg = SubspaceConfig.from_dict(config)
     for layer in layers:  # before the knowledge filter, not after it
@@ -417,7 +417,7 @@ def learn_subspace(
     """DAS (and HyperDAS) subspaces for RAVEL attributes, scored beside the SAE's features (module docstring);
     reused when the same model, SAE and config were run before."""
     cfg = SubspaceConfig.from_dict(config)
-    run = Run.of(run)
+    run = RunDir.of(run)
     say: Callable[[str], None] = (lambda s: terminal(f"[subspace] {s}")) if cfg.progress else (lambda s: None)
     lm = lm or load_model(cfg.model)
     if sae is None and cfg.sae:

@@ -45,7 +45,7 @@ from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualHooks
 from ..lm.sae import load_sae
 from ..results.plan import InterventionPlan, load_plan
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from ..results.training import TrainResult
 from .dpo import MetricsLog, make_trainer, quiet_datasets, ref_cache_for
 from .extract import process_state
@@ -113,7 +113,7 @@ def prepare(
     to the store's SAE by name. A plan given as a path may be a run directory (its plan file).
     """
     cfg = TrainConfig.from_dict(config)
-    run = Run.of(run)
+    run = RunDir.of(run)
     store = run.store if run.has("extract") else None
     hyps = run.hypotheses if plan is not None and run.has("hypothesize") else None
     known = hyps.table["concept"].unique().tolist() if hyps is not None else None
@@ -252,7 +252,7 @@ def train(
     """Train DPO with ``plan`` (None: plain DPO) on the run's pairs; reuse a finished identical
     run unless ``force``. Arguments as in ``prepare``."""
     cfg = TrainConfig.from_dict(config)
-    run = Run.of(run)
+    run = RunDir.of(run)
     prep = prepare(run, plan, pairs=pairs, model=model, sae=sae, config=cfg)
     if prep.report["n_train"] < cfg.batch_size:
         raise ValueError(
@@ -351,14 +351,16 @@ def train(
     return TrainResult(out, model=trained)
 
 
-def load_trained(path: str | Path | Run | TrainResult, *, merge: bool = True, device: str | None = None) -> LoadedModel:
+def load_trained(
+    path: str | Path | RunDir | TrainResult, *, merge: bool = True, device: str | None = None
+) -> LoadedModel:
     """The trained model: the base model with the saved adapter (merged into the weights unless
     ``merge=False``), or the full fine-tuned model. ``path``: a train artifact or a run directory
     (its latest training run)."""
     if isinstance(path, TrainResult):
         path = path.path
-    elif isinstance(path, Run) or (Path(path) / "index.json").exists():
-        path = Run.of(path).latest(STAGE)
+    elif isinstance(path, RunDir) or (Path(path) / "index.json").exists():
+        path = RunDir.of(path).latest(STAGE)
     path = Path(path)
     manifest = read_json(path / "manifest.json")
     name = manifest["model"]["name"]

@@ -23,7 +23,7 @@ import pandas as pd
 from ..core.files import atomic_path, atomic_write_text, read_json
 from ..results.compare_audits import CompareResult
 from ..results.hypotheses import split_half_mark
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from .compare_view import compare_html
 from .notebooks import render_html
 from .summary import summary_html
@@ -62,7 +62,7 @@ SIGNAL_LEGEND = (
 )
 
 
-def _facts(run: Run) -> pd.DataFrame:
+def _facts(run: RunDir) -> pd.DataFrame:
     rows: list[tuple[str, str]] = []
     if run.has("extract"):
         m = run.store.manifest
@@ -89,7 +89,7 @@ def _folded(title: str, body: str, open_: bool = False) -> str:
     return f"<details{' open' if open_ else ''}><summary>{escape_text(title)}</summary>{body}</details>"
 
 
-def _evaluation_sections(run: Run) -> list[str]:
+def _evaluation_sections(run: RunDir) -> list[str]:
     """What stage 5 measured: the audit's prediction against what moved (and simpler predictors),
     the head-to-head table and its spread over training orders, the full comparison, the judge."""
     ev = run.evaluation
@@ -161,7 +161,7 @@ def _signal_table(t: pd.DataFrame) -> pd.DataFrame:
 def report(run_dir: RunLike, out: str | os.PathLike | None = None, render: bool = True) -> Path:
     """Render ``run_dir/notebooks/*.ipynb`` to HTML and write ``index.html`` beside them.
     Returns the summary page's path (``out`` defaults to ``run_dir/report``)."""
-    run = Run.of(run_dir)
+    run = RunDir.of(run_dir)
     out_dir = Path(out) if out else run.path / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     pages = []
@@ -224,7 +224,7 @@ def report(run_dir: RunLike, out: str | os.PathLike | None = None, render: bool 
         "<li>none executed yet (run <code>anatomy-nb run</code>)</li>"
     ]
     parts.append("</ul>")
-    parts.append(_folded("Run: data, model, SAE, concepts, tests", html_table(_facts(run))))
+    parts.append(_folded("RunDir: data, model, SAE, concepts, tests", html_table(_facts(run))))
     state_path = run.path / "pipeline.json"
     if state_path.exists():
         steps = read_json(state_path).get("steps", {})

@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..core.contrast import minimum_detectable_d
 from ..results.hypotheses import Hypotheses
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from .viz import escape_text, token_html
 
 __all__ = ["Lesson", "TeachingSummary", "minimum_detectable_d", "summary_html", "teaching_summary"]
@@ -225,7 +225,7 @@ def _stat_sentences(stats: pd.DataFrame, fdr: float) -> tuple[list[str], list[st
 def teaching_summary(run: RunLike, n: int = 3) -> TeachingSummary:
     """The summary of a run directory's latest stage-2 result: the ``n`` strongest concepts DPO
     would raise and the ``n`` it would lower (each concept once, at its best-ranked view)."""
-    run = Run.of(run)
+    run = RunDir.of(run)
     hyp: Hypotheses = run.hypotheses
     m = hyp.manifest
     fdr = float(m.get("config", {}).get("fdr", 0.05))

@@ -32,7 +32,7 @@ from ..config import MapConfig
 from ..core.paths import widgets_dir
 from ..results.hypotheses import Hypotheses
 from ..results.plan import ACTIONS, METHODS, InterventionPlan, PlanError, concept_ref
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from ..stages.plan import DEFAULT_STRENGTH, overlay_plan, set_choice
 from ..stages.prediction import ConceptSpace
 from .summary import summary_html
@@ -189,7 +189,7 @@ class ConceptToggles(anywidget.AnyWidget):
         space: ConceptSpace | None = None,
         autosave: bool = True,
     ):
-        self.run = Run.of(run_dir)
+        self.run = RunDir.of(run_dir)
         self.run_dir = self.run.path
         self.autosave = autosave
         self._hyp = data.hyp if data is not None else (hyp or self.run.hypotheses)

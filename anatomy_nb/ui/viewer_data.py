@@ -15,7 +15,7 @@ from sklearn.decomposition import TruncatedSVD
 from ..config import MapConfig
 from ..core.files import atomic_write_json, content_hash, read_json
 from ..results.hypotheses import Hypotheses, rank_hypotheses, split_half_mark
-from ..results.run import Run, RunLike
+from ..results.run import RunDir, RunLike
 from ..results.store import FeatureStore
 from ..stages.prediction import ConceptSpace
 from .viz import escape_text, html_table
@@ -86,7 +86,7 @@ def compute_maps(
     prompts, its responses' firing). Feature map: one point per tested feature, placed by its
     co-firing over all responses (cosine), so concepts appear as neighbourhoods."""
     cfg = MapConfig.from_dict(cfg)
-    run = Run.of(run)
+    run = RunDir.of(run)
     hyp = hyp or run.hypotheses
     out = run.cache_dir / "maps" / content_hash("maps-1", hyp.manifest["key"], cfg.to_dict())
     if (out / "maps.json").exists():
@@ -147,7 +147,7 @@ class ViewerData:
         store: FeatureStore | None = None,
         maps: MapConfig | dict | None = None,
     ):
-        self.run = Run.of(run)
+        self.run = RunDir.of(run)
         self.run_dir = self.run.path
         self.hyp = hyp or self.run.hypotheses
         self.store = store or self.run.store
