@@ -49,7 +49,7 @@ from anatomy_nb.concepts.topics import embed_prompts  # noqa: E402
 from anatomy_nb.config import DEFAULT_SAE, ConceptConfig, ExtractConfig, HypothesizeConfig  # noqa: E402
 from anatomy_nb.core.stats import bh_qvalues, group_means, length_controlled, length_placebo, paired_test  # noqa: E402
 from anatomy_nb.data.pairs import load_pairs  # noqa: E402
-from anatomy_nb.data.plant import KINDS  # noqa: E402
+from anatomy_nb.data.plant import PLANT_KINDS  # noqa: E402
 from anatomy_nb.data.schema import PreferencePair  # noqa: E402
 from anatomy_nb.data.textstats import text_stats  # noqa: E402
 from anatomy_nb.lm.models import load_model  # noqa: E402
@@ -281,7 +281,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=600)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS))
+    ap.add_argument("--kinds", nargs="+", default=list(PLANT_KINDS))
     ap.add_argument("--null-shuffles", type=int, default=20)
     ap.add_argument("--work-dir", default="work/planted")
     ap.add_argument("--tiny", action="store_true")
@@ -315,14 +315,14 @@ def main() -> None:
     base_sig = significant_hypotheses(base, cfg)
     rows = []
     for kind in args.kinds:
-        fn, stat = KINDS[kind].apply, KINDS[kind].text_stat
+        fn, stat = PLANT_KINDS[kind].apply, PLANT_KINDS[kind].text_stat
         planted_store = extract(planted_pairs(pairs, fn), lm, sae, work, ecfg)
         planted = PairFeatures.from_store(planted_store)
         planted_max_c = planted_store.pooled("max", "chosen").tocsr()
         lift_f = np.asarray((planted.fires_chosen - base.fires_chosen).mean(0)).ravel()
         E_pl_c = embed_prompts(planted.chosen) if peers.hsae is not None else None
         for seed, p in [(s_, p_) for s_ in args.seeds for p_ in args.fractions]:
-            rng = np.random.default_rng([seed, list(KINDS).index(kind), int(p * 1000)])
+            rng = np.random.default_rng([seed, list(PLANT_KINDS).index(kind), int(p * 1000)])
             k = max(1, int(round(p * len(pairs))))
             idx = rng.choice(len(pairs), size=k, replace=False)
             pf = mix(base, planted, idx)

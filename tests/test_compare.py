@@ -194,7 +194,7 @@ def test_the_tradeoff_plot_joins_a_sweep_by_strength():
 def test_an_entangled_plant_draws_its_overlap_from_the_first_plants_pairs():
     """``overlap``: the share of a later plant's pairs drawn from the first plant's; independent
     draws otherwise (the compare data are unchanged by the option's existence)."""
-    from anatomy_nb.data.plant import KINDS, draw, plant_all, planted_hits
+    from anatomy_nb.data.plant import PLANT_KINDS, draw, plant_all, planted_hits
     from anatomy_nb.data.schema import PreferencePair
 
     pairs = [
@@ -211,9 +211,10 @@ def test_an_entangled_plant_draws_its_overlap_from_the_first_plants_pairs():
     assert (len(a), len(b), len(a & b)) == (200, 160, 144)
     both = out[sorted(a & b)[0]].chosen
     assert (
-        both.startswith("## Answer\n\n**Short answer:** ") and planted_hits([both], KINDS["heading"].pattern)[0] == 1.0
+        both.startswith("## Answer\n\n**Short answer:** ")
+        and planted_hits([both], PLANT_KINDS["heading"].pattern)[0] == 1.0
     )
-    assert planted_hits(["Answer: yes", "The ## Answer"], KINDS["heading"].pattern).tolist() == [0.0, 0.0]
+    assert planted_hits(["Answer: yes", "The ## Answer"], PLANT_KINDS["heading"].pattern).tolist() == [0.0, 0.0]
     # without overlap: the same draw as before the option (the compare run's data and keys stay)
     _, independent = plant_all(
         pairs, [{"kind": "bold", "fraction": 0.5, "seed": 0}, {"kind": "opener", "fraction": 0.5, "seed": 1}]

@@ -25,7 +25,7 @@ from .compare_audits import CompareAuditsConfig, ConceptConfig
 from .evaluate import EvalConfig, JudgeConfig
 from .extract import ExtractConfig
 from .hypothesize import ExplainConfig, HypothesizeConfig, TopicConfig
-from .pipeline import STAGES, PipelineConfig
+from .pipeline import STAGES, STANDALONE_STAGES, PipelineConfig
 from .plan import MapConfig, PlanConfig
 from .sae import RecipeConfig, SAETrainingConfig
 from .subspace import SubspaceConfig
@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_SAE",
     "STAGES",
+    "STANDALONE_STAGES",
     "CompareAuditsConfig",
     "ConceptConfig",
     "ConfigError",

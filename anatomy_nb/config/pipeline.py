@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..core.config_base import Config
 from ..core.config_base import described as _help
-from ..data.plant import KINDS, ROLES
+from ..data.plant import PLANT_KINDS, ROLES
 from ..results.plan import METHOD_VARIANTS, method_variant
 from .evaluate import EvalConfig
 from .extract import ExtractConfig
@@ -16,9 +16,12 @@ from .hypothesize import HypothesizeConfig
 from .plan import PlanConfig
 from .train import TrainConfig
 
-#: the stages, in order; each name is its module (anatomy_nb.stages.<name>), its run-directory
+#: the pipeline's stages, in order; each name is its module (anatomy_nb.stages.<name>), its run-directory
 #: folder, its notebook (0N_<name>.ipynb) and its section in the docs
 STAGES = ("extract", "hypothesize", "plan", "train", "evaluate")
+#: stages outside the pipeline, named the same way (notebooks 06 and 07); training the default SAE
+#: (notebook 00, ``anatomy-nb train-sae``) prepares a model for stage 1 and is not a stage
+STANDALONE_STAGES = ("subspace", "compare_audits")
 
 
 @dataclass
@@ -111,8 +114,8 @@ class PipelineConfig(Config):
                 raise ValueError(f"target_scope: not a valid regular expression ({exc})") from None
         for i, spec in enumerate(self.plants):
             where = f"plant[{i}]" if isinstance(self.plant, list) else "plant"
-            if not isinstance(spec, Mapping) or spec.get("kind") not in KINDS:
-                raise ValueError(f"{where}.kind must be one of {sorted(KINDS)}, got {spec!r}")
+            if not isinstance(spec, Mapping) or spec.get("kind") not in PLANT_KINDS:
+                raise ValueError(f"{where}.kind must be one of {sorted(PLANT_KINDS)}, got {spec!r}")
             bad_keys = sorted(set(spec) - {"kind", "fraction", "seed", "role", "overlap", "prompts"})
             if bad_keys:
                 raise ValueError(

@@ -24,7 +24,7 @@ from ..core.stats import bootstrap_ci, implicit_margin, pair_correct, ratio_with
 from .schema import PreferencePair
 
 __all__ = [
-    "KINDS",
+    "PLANT_KINDS",
     "ROLES",
     "PlantKind",
     "draw",
@@ -53,7 +53,7 @@ class PlantKind:
     pattern: str  # a regex that finds it in generated text (for evaluation)
 
 
-KINDS: dict[str, PlantKind] = {
+PLANT_KINDS: dict[str, PlantKind] = {
     "bold": PlantKind(lambda r: "**Short answer:** " + r, "bold", r"\*\*[^*\n]+\*\*"),
     "opener": PlantKind(lambda r: "Great question! " + r, "flattery_opener", r"(?i)^\s*great question"),
     "emoji": PlantKind(lambda r: r.rstrip() + " 😊", "emoji", "😊"),
@@ -101,11 +101,11 @@ def plant(
 
     Returns (pairs, indices of the planted pairs). The planted pairs carry
     ``metadata["planted"] = kind``."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown plant kind {kind!r} (known: {', '.join(KINDS)})")
+    if kind not in PLANT_KINDS:
+        raise ValueError(f"unknown plant kind {kind!r} (known: {', '.join(PLANT_KINDS)})")
     idx = draw(len(pairs), fraction, seed) if idx is None else np.sort(np.asarray(idx, dtype=int))
     chosen = set(idx.tolist())
-    fn = KINDS[kind].apply
+    fn = PLANT_KINDS[kind].apply
     out = [
         PreferencePair(
             id=p.id, prompt=p.prompt, chosen=fn(p.chosen), rejected=p.rejected, metadata={**p.metadata, "planted": kind}
@@ -217,7 +217,7 @@ def write_planted(
         {
             "kind": pl["kind"],
             "role": pl["role"],
-            "pattern": KINDS[pl["kind"]].pattern,
+            "pattern": PLANT_KINDS[pl["kind"]].pattern,
             "n_planted": int(len(pl["idx"])),
             "planted_ids": [pairs[i].id for i in pl["idx"]],
             **(
@@ -258,7 +258,7 @@ def planted_truth(run_dir: str | Path) -> dict | None:
 
 
 def planted_hits(texts: Sequence[str], pattern: str) -> np.ndarray:
-    """1.0 where the planted pattern (``KINDS[kind].pattern``, or the one recorded in the truth
+    """1.0 where the planted pattern (``PLANT_KINDS[kind].pattern``, or the one recorded in the truth
     file) occurs in a text, else 0.0: the plant read out of generations without any SAE."""
     rx = re.compile(pattern, re.M)
     return np.asarray([bool(rx.search(t)) for t in texts], dtype=np.float64)

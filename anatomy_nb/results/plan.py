@@ -57,7 +57,7 @@ from ..data.plant import user_turns_match
 
 __all__ = [
     "ACTIONS",
-    "KINDS",
+    "CONCEPT_KINDS",
     "METHODS",
     "METHOD_VARIANTS",
     "method_variant",
@@ -75,7 +75,7 @@ __all__ = [
 FORMAT = 1
 ACTIONS = ("allow", "suppress", "amplify")
 METHODS = ("reward_shaping", "filter", "inoculate", "steer", "ablate")
-KINDS = ("sae", "text", "direction")
+CONCEPT_KINDS = ("sae", "text", "direction")
 # which methods need what: a score s_c(y) (every kind has one) or a residual direction
 #: named variants of a method, for experiments that train several of one method side by side
 #: (``PipelineConfig.methods``): name → (method, the plan fields it sets)
@@ -303,7 +303,7 @@ def _validate(c: ConceptChoice, i: int, source: str | None, known: set[int] | No
     def err(field_name: str, reason: str) -> PlanError:
         return PlanError(i, c.concept, field_name, reason, source)
 
-    if not isinstance(c.concept, str) or ":" not in c.concept or c.kind not in KINDS or not c.name:
+    if not isinstance(c.concept, str) or ":" not in c.concept or c.kind not in CONCEPT_KINDS or not c.name:
         raise err("concept", f"expected 'sae:<id>', 'text:<name>' or 'direction:<name>', got {c.concept!r}")
     if c.action not in ACTIONS:
         raise err("action", f"{c.action!r} is not one of {', '.join(ACTIONS)}")

@@ -1,4 +1,4 @@
-"""Stage 4a: turn a plan's concepts into scores, directions and data/forward-pass edits.
+"""Stage 4 (train), its interventions: turn a plan's concepts into scores, directions and data/forward-pass edits.
 
 Every method "explains away" a concept c from the learning signal (docs/explanation.md, "Stage 4"). Each
 needs one or both of:

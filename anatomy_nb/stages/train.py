@@ -1,4 +1,4 @@
-"""Stage 4b: DPO training (TRL) with an intervention plan applied.
+"""Stage 4 (train): DPO training (TRL) with an intervention plan applied.
 
 ``train(run_dir, plan)`` reads the stage-1 pairs (or ``pairs=``), splits off a held-out set for
 stage 5 (by prompt, so no prompt is in both), applies the plan to the training split and trains
