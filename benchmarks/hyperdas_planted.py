@@ -1,4 +1,4 @@
-"""HyperDAS on the planted task (``lm.planted_task``): RAVEL in miniature with the truth known.
+"""HyperDAS on the planted task (``stages.subspace.planted_task``): RAVEL in miniature with the truth known.
 
 Builds the task once (a tiny Llama trained ~30 s; two attributes planted in 2-dim subspaces of 64),
 trains DAS at the entity's token per attribute (the reference), then HyperDAS once per seed, told
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from anatomy_nb.lm.das import interchange_predictions, train_das
-from anatomy_nb.lm.hyperdas import hyperdas_predictions, train_hyperdas
-from anatomy_nb.lm.planted_task import planted_task
 from anatomy_nb.stages.subspace import ravel_scores
+from anatomy_nb.stages.subspace.das import interchange_predictions, train_das
+from anatomy_nb.stages.subspace.hyperdas import hyperdas_predictions, train_hyperdas
+from anatomy_nb.stages.subspace.planted_task import planted_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

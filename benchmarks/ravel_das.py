@@ -10,9 +10,9 @@ Steps (all on the upstream entity split: train entities to fit, test entities to
    half *cause* (the base asks the target attribute; the answer should become the source's
    value), half *isolate* (the base asks another attribute; its answer should stay).
 3. **DAS** per target attribute: a ``--dim``-dimensional subspace at the SAE's layer, at the
-   entity's last token (``lm.das.train_das``).
+   entity's last token (``stages.subspace.das.train_das``).
 3b. **HyperDAS**: one hypernetwork for all target attributes at once, told each concept in words,
-   choosing the positions itself (``lm.hyperdas``), on the same pairs.
+   choosing the positions itself (``stages.subspace.hyperdas``), on the same pairs.
 4. **SAE features** per target attribute, as RAVEL does for SAEs: the ``--dim`` features whose
    activation at the entity's last token best tells the attribute's values apart on the train
    entities (one-way ANOVA F), their decoder rows orthonormalised into a subspace and interchanged
@@ -20,7 +20,7 @@ Steps (all on the upstream entity split: train entities to fit, test entities to
    Also RAVEL's own selection for SAEs: an L1-penalised linear probe on the latents
    ("SAE features (L1 probe)", ``stages.subspace.select_latents``).
 4b. **SAE latents, learned mask**: the latents a binary mask selects when trained by interchange on
-   the same pairs as DAS (``lm.sae_mask``; L1 weight ``--sae-mask-sparsity``), swapped as latents.
+   the same pairs as DAS (``stages.subspace.sae_mask``; L1 weight ``--sae-mask-sparsity``), swapped as latents.
 4c. **References**: the source's whole residual swapped in ("whole residual": the most Cause this
    layer and token allow) and every SAE latent swapped with the base's SAE error kept ("all SAE
    latents": what the latents can carry at all).

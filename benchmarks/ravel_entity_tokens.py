@@ -26,10 +26,10 @@ import torch
 
 import anatomy_nb as anb
 from anatomy_nb.data.ravel import load_ravel
-from anatomy_nb.lm.das import Example, interchange_predictions, last_logits, pad_id, padded
 from anatomy_nb.lm.models import load_model
 from anatomy_nb.lm.ops import ResidualCapture, ResidualEdit, ResidualHooks
 from anatomy_nb.stages.subspace import ravel_scores, ravel_splits
+from anatomy_nb.stages.subspace.das import Example, interchange_predictions, last_logits, pad_id, padded
 
 
 def entity_span(tokenizer: Any, template: str, ids: list[int], last: int) -> tuple[int, int]:

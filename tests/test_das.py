@@ -9,7 +9,9 @@ import torch
 
 from anatomy_nb.concepts.sources import DirectionConcept, load_subspace
 from anatomy_nb.data.ravel import counterfactual_pairs, load_ravel
-from anatomy_nb.lm.das import (
+from anatomy_nb.lm.models import tiny_llama
+from anatomy_nb.lm.ops import ResidualEdit
+from anatomy_nb.stages.subspace.das import (
     Example,
     answer_token,
     entity_prompt,
@@ -17,8 +19,6 @@ from anatomy_nb.lm.das import (
     save_subspace,
     train_das,
 )
-from anatomy_nb.lm.models import tiny_llama
-from anatomy_nb.lm.ops import ResidualEdit
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_sources_are_only_entities_whose_value_the_model_knows(lm, monkeypatch):
     model's accuracy). Here the model 'knows' every Continent and the Country of even-length names
     only: every Country pair, cause or isolate, takes its source from those."""
     import anatomy_nb as anb
-    from anatomy_nb.stages import subspace
+    from anatomy_nb.stages.subspace import ravel_task as subspace
 
     real = subspace.known_examples
 
@@ -176,7 +176,7 @@ def test_a_stricter_source_rule_keeps_only_entities_known_on_most_templates(lm, 
     then be right on that fraction of its target's templates (default half). Here even-length names are known on
     every Country template, odd-length ones on the first only."""
     import anatomy_nb as anb
-    from anatomy_nb.stages import subspace
+    from anatomy_nb.stages.subspace import ravel_task as subspace
 
     real = subspace.known_examples
 
@@ -381,7 +381,7 @@ def test_the_whole_residual_by_layer_scores_learn_subspaces_pairs_and_other_laye
 def test_hyperdas_bad_input_and_given_positions(lm):
     """Errors that say what is wrong; with ``positions="entity"`` (the ablation) the examples' own
     positions are the ones edited."""
-    from anatomy_nb.lm.hyperdas import hyperdas_predictions, train_hyperdas
+    from anatomy_nb.stages.subspace.hyperdas import hyperdas_predictions, train_hyperdas
 
     mixed = [("alpha", e) for e in _examples(lm, 8, 0)] + [("beta", e) for e in _examples(lm, 8, 1)]
     for e in [e for _, e in mixed][::2]:
@@ -429,7 +429,7 @@ def test_subspace_command_takes_a_config_file_and_flags(tmp_path, capsys):
 def _swap_labelled(lm, sae, planted, n, seed):
     """Random prompt pairs whose answer is the model's after swapping the ``planted`` latents in from
     the source: every pair the swap changes (cause) and as many it leaves alone (isolate)."""
-    from anatomy_nb.lm.sae_mask import latent_swap_predictions
+    from anatomy_nb.stages.subspace.sae_mask import latent_swap_predictions
 
     out = _examples(lm, n, seed)
     swapped, none = latent_swap_predictions(lm, sae, 1, planted, out), latent_swap_predictions(lm, sae, 1, [], out)
@@ -444,7 +444,7 @@ def test_the_latent_mask_recovers_planted_sae_latents(peaked_lm):
     interchange selects those four (measured: exactly them at sparsity 1e-2, one extra at 1e-3) and
     its swap gives the labelled answers on held-out pairs, where no intervention gets half."""
     from anatomy_nb.lm.sae import tiny_sae
-    from anatomy_nb.lm.sae_mask import latent_swap_predictions, train_latent_mask
+    from anatomy_nb.stages.subspace.sae_mask import latent_swap_predictions, train_latent_mask
 
     lm = peaked_lm
     sae = tiny_sae(lm.d_model, layer=1, d_sae=96, k=6)
@@ -486,8 +486,8 @@ def test_both_latent_selections_find_the_latents_that_carry_the_value():
 @pytest.fixture(scope="module")
 def planted():
     """A tiny Llama trained to answer two attributes of a marked entity, each planted in its own
-    2-dim subspace of 64 (lm.planted_task; ~30 s)."""
-    from anatomy_nb.lm.planted_task import planted_task
+    2-dim subspace of 64 (stages.subspace.planted_task; ~30 s)."""
+    from anatomy_nb.stages.subspace.planted_task import planted_task
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     return planted_task(n_train=600, n_test=200)
@@ -537,8 +537,8 @@ def test_hyperdas_told_only_the_concepts_name_finds_the_entity_and_moves_each_at
     and seed 0 at two, docs/explanation.md: Cause 0.69–1.4 × DAS's, isolate 0.78–1.00), not the issue's
     0.8 / 0.8, which one of those four met; this project's first design edited the entity on 42–47 % of
     pairs and had Cause 0.08."""
-    from anatomy_nb.lm.hyperdas import hyperdas_predictions, principal_subspace, train_hyperdas
     from anatomy_nb.stages.subspace import ravel_scores
+    from anatomy_nb.stages.subspace.hyperdas import hyperdas_predictions, principal_subspace, train_hyperdas
 
     lm, layer = planted.lm, planted.layer
     threads = torch.get_num_threads()

@@ -82,7 +82,7 @@ class SubspaceConfig(Config):
         metadata=_help(
             "also learn which SAE latents carry each target by interchange (RAVEL's differential binary masking "
             "over the "
-            "SAE's latents, lm.sae_mask); needs sae"
+            "SAE's latents, stages.subspace.sae_mask); needs sae"
         ),
     )
     sae_mask_sparsity: float = field(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..core.run import RunPaths, RunLike
+from ..core.run import RunLike, RunPaths
 from ..core.stage import Artifact
 
 __all__ = ["CompareResult"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..core.run import RunPaths, RunLike
+from ..core.run import RunLike, RunPaths
 from ..core.stage import Artifact
 from ..core.stats import LEAVE_OUT
 from ..data.judges import format_agreement

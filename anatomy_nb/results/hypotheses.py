@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.files import read_json
-from ..core.run import RunPaths, RunLike
+from ..core.run import RunLike, RunPaths
 from .store import EDGES
 
 __all__ = ["SPLIT_HALF_OK", "Hypotheses", "number_ranks", "rank_hypotheses", "split_half_mark"]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..core.run import RunPaths, RunLike
+from ..core.run import RunLike, RunPaths
 from ..data.plant import planted_truth
 from .compare_audits import CompareResult
 from .evaluation import EvalResult

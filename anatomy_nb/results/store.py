@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..core.files import read_json
-from ..core.run import RunPaths, RunLike
+from ..core.run import RunLike, RunPaths
 from ..data.schema import PreferencePair
 
 __all__ = ["CHOSEN", "EDGES", "REJECTED", "STATS", "FeatureStore"]

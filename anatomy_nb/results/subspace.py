@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.run import RunPaths, RunLike
+from ..core.run import RunLike, RunPaths
 from ..core.stage import Artifact
 
 __all__ = ["SubspaceResult"]

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from ..core.files import read_json
-from ..core.run import RunPaths, RunLike
+from ..core.run import RunLike, RunPaths
 from ..core.stage import MANIFEST, Artifact
 
 __all__ = [

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..core.files import atomic_path, atomic_write_text
-from .models import LoadedModel
-from .ops import ResidualCapture, ResidualEdit, ResidualHooks
+from ...core.files import atomic_path, atomic_write_text
+from ...lm.models import LoadedModel
+from ...lm.ops import ResidualCapture, ResidualEdit, ResidualHooks
 
 __all__ = [
     "Example",

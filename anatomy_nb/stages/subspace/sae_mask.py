@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...lm.models import LoadedModel
 from .das import Example, frozen, interchanged_logits, residuals_at, shuffled_batches
-from .models import LoadedModel
 
 __all__ = ["LatentMask", "latent_differences", "latent_swap_predictions", "train_latent_mask"]
 

@@ -2,7 +2,7 @@
 one hypernetwork that, given a concept *in words* ("the country of the city"), decides where to
 intervene and which subspace to interchange, for any of the concepts it was trained on.
 
-DAS (``lm.das``) learns one fixed subspace per concept at a position given by hand. HyperDAS learns,
+DAS (``das``) learns one fixed subspace per concept at a position given by hand. HyperDAS learns,
 with the target model frozen, its four parts end to end:
 
 1. **Concept encoder** — the concept text's token embeddings (the target model's own, frozen) pass
@@ -16,7 +16,7 @@ with the target model frozen, its four parts end to end:
    counterfactual, whose entity plays the same role. ``"pairwise"`` scores every (base, source) pair
    as the authors do. This project's first design, one token per side sampled apart
    (straight-through Gumbel), and the authors' annealed boundary both failed on the planted task
-   (``lm.planted_task``; docs/explanation.md) and are gone.
+   (``planted_task``; docs/explanation.md) and are gone.
 3. **Subspace construction** — a learned matrix R with orthonormal rows (k × d), reflected by
    ``reflections`` Householder vectors (k by default; one can only tilt R's span along one
    direction) that the encoder writes from the concept. Its rows stay orthonormal; the subspace
@@ -47,9 +47,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...lm.models import LoadedModel
+from ...lm.ops import ResidualCapture, ResidualEdit, ResidualHooks
 from .das import Example, Subspace, check_subspace_shape, frozen, last_logits, pad_id, padded, shuffled_batches
-from .models import LoadedModel
-from .ops import ResidualCapture, ResidualEdit, ResidualHooks
 
 #: how the hypernetwork chooses where to intervene (module docstring, 2.)
 SELECTIONS = ("factored", "pairwise")

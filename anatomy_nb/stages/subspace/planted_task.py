@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ...lm.models import LoadedModel, tiny_llama
 from .das import Example, last_logits, pad_id, padded
-from .models import LoadedModel, tiny_llama
 
 __all__ = ["CONCEPTS", "PlantedTask", "planted_task", "train_planted_model"]
 
