@@ -38,8 +38,8 @@ from .core.config_base import ConfigError, read_config_file
 from .core.files import atomic_write_json, content_hash, read_json
 from .data.pairs import load_pairs
 from .data.plant import PLANTED_DATA, plant_all, truth_plants, write_planted
+from .methods import METHODS, method_variant
 from .results.hypotheses import Hypotheses
-from .results.plan import method_variant
 from .results.run import RunDir
 from .results.training import PLAIN, ordered_name
 from .stages.plan import choose_target, choose_topic, default_plan, set_choice
@@ -148,7 +148,7 @@ def build_plans(run: RunDir, cfg: PipelineConfig, log: Callable[[str], None] = p
         method, fields = method_variant(name)
         fields.update(scope)  # steer / ablate with a scope: refused by PipelineConfig
         strength = fields.pop("strength", cfg.strengths.get(name, cfg.strengths.get(method)))
-        if method == "inoculate":
+        if METHODS[method].takes_rank:  # inoculate: the rank-th of the instructions written for the target
             rank = fields.pop("instruction_rank", 1)
             fields = {**fields, "instruction": best_inoculation(run, cid, log, rank)}
         action = "suppress"

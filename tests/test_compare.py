@@ -118,7 +118,7 @@ def test_compare_runs_every_method_against_plain_on_two_plants(tmp_path, tiny_sa
 
 
 def test_compare_config_errors():
-    from anatomy_nb.results.plan import method_variant
+    from anatomy_nb.methods import method_variant
 
     assert method_variant("ablate_zero") == ("ablate", {"ablation": "zero"}) and method_variant("steer") == (
         "steer",
@@ -284,7 +284,7 @@ def test_the_real_data_configs_audit_the_data_as_it_is():
 
 
 def method_variant_strength(name: str) -> float:
-    from anatomy_nb.results.plan import method_variant
+    from anatomy_nb.methods import method_variant
 
     return method_variant(name)[1]["strength"]
 

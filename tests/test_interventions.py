@@ -14,13 +14,13 @@ from anatomy_nb.lm.ops import ResidualEdit, ResidualHooks, decoder_layers, respo
 from anatomy_nb.results.plan import InterventionPlan, PlanError
 from anatomy_nb.stages.extract import extract
 from anatomy_nb.stages.interventions import (
-    filter_pairs,
-    inoculate,
+    edit_prompts,
     planned_concepts,
     rank_instructions,
     residual_edits,
+    reward_offsets,
     scope_masks,
-    shaping_offsets,
+    select_pairs,
 )
 
 
@@ -73,7 +73,7 @@ def test_shaping_offsets_on_known_numbers():
         "text:b": np.array([[0.0, 1.0], [1.0, 1.0]]),
         "text:c": np.ones((2, 2)),
     }
-    off = shaping_offsets(a, scores, 2)
+    off = reward_offsets(a, scores, 2)
     # o(y) = Σ sign·λ·s(y): a suppresses with λ=2, b amplifies with λ=0.5, c is not shaping
     np.testing.assert_allclose(off, [[2.0, -0.5], [0.5 - 0.5, 1.5 - 0.5]])
     # the margin term λ_a(s⁺−s⁻) − 0.5(s_b⁺−s_b⁻)
@@ -83,22 +83,22 @@ def test_shaping_offsets_on_known_numbers():
 def test_filter_drops_exactly_the_pairs_the_concept_carries():
     cs = resolved(APOLOGY)
     scores = {"text:apology": pair_scores(cs[0], PAIRS)}
-    kept, idx, counts = filter_pairs(PAIRS, cs, scores)
+    kept, idx, counts = select_pairs(PAIRS, cs, scores)
     assert [p.id for p in kept] == ["p1", "p2", "p3"] and idx.tolist() == [1, 2, 3]
     assert counts.iloc[0][["n_pairs", "n_matched", "n_dropped", "n_flipped"]].tolist() == [4, 1, 1, 0]
     # amplify: drop the pairs whose preference points away from the concept
     cs = resolved({**APOLOGY, "action": "amplify"})
-    kept, _, counts = filter_pairs(PAIRS, cs, scores)
+    kept, _, counts = select_pairs(PAIRS, cs, scores)
     assert [p.id for p in kept] == ["p0", "p2", "p3"] and counts["n_dropped"].tolist() == [1]
     # flip: chosen and rejected swap, nothing dropped, the input is not mutated
     cs = resolved({**APOLOGY, "filter_mode": "flip"})
-    kept, _, counts = filter_pairs(PAIRS, cs, scores)
+    kept, _, counts = select_pairs(PAIRS, cs, scores)
     assert len(kept) == 4 and counts["n_flipped"].tolist() == [1]
     assert (kept[0].chosen, kept[0].rejected) == (PAIRS[0].rejected, PAIRS[0].chosen) and kept[0].metadata["flipped"]
     assert kept[1:] == PAIRS[1:] and PAIRS[0].chosen == "I'm sorry, I can't."
     # a threshold above every difference matches nothing
     cs = resolved({**APOLOGY, "pattern": "exclamations", "strength": 1.0})
-    kept, _, counts = filter_pairs(PAIRS, cs, {"text:apology": np.array([[0.5, 0.0]] * 4)})
+    kept, _, counts = select_pairs(PAIRS, cs, {"text:apology": np.array([[0.5, 0.0]] * 4)})
     assert len(kept) == 4 and counts["n_matched"].tolist() == [0]
 
 
@@ -125,13 +125,13 @@ def test_inoculation_changes_only_the_prompt_text_it_should():
             "instruction": "Apologise a lot.",
         }
     )
-    out = inoculate(pairs, cs)
+    out = edit_prompts(pairs, cs)
     for before, after in zip(pairs, out):
         assert (after.id, after.chosen, after.rejected) == (before.id, before.chosen, before.rejected)
         assert after.prompt[:-1] == before.prompt[:-1]  # only the last user turn changes
         assert after.prompt[-1]["content"] == before.prompt[-1]["content"] + "\n\nApologise a lot."
     assert pairs[-1].prompt[-1]["content"] == "Again"  # inputs untouched
-    assert inoculate(pairs, resolved(APOLOGY)) == pairs  # no inoculation entry: nothing changes
+    assert edit_prompts(pairs, resolved(APOLOGY)) == pairs  # no inoculation entry: nothing changes
 
 
 SCOPED = [
@@ -156,13 +156,13 @@ def test_a_scoped_entry_acts_on_its_prompts_only():
     (c,) = resolved(shaping)
     masks = scope_masks([c], SCOPED)
     assert masks["text:sorry"].tolist() == [True, False, True, False]  # case-insensitive, as data.plant's topics
-    off = shaping_offsets([c], {"text:sorry": pair_scores(c, SCOPED) * masks["text:sorry"][:, None]}, 4)
+    off = reward_offsets([c], {"text:sorry": pair_scores(c, SCOPED) * masks["text:sorry"][:, None]}, 4)
     assert (off[:, 0] - off[:, 1]).tolist() == [1.0, 0.0, 1.0, 0.0]
     (f,) = resolved({**shaping, "method": "filter"})
-    kept, _, _ = filter_pairs(SCOPED, [f], {"text:sorry": pair_scores(f, SCOPED) * masks["text:sorry"][:, None]})
+    kept, _, _ = select_pairs(SCOPED, [f], {"text:sorry": pair_scores(f, SCOPED) * masks["text:sorry"][:, None]})
     assert [p.id for p in kept] == ["p1", "p3"]  # p1 carries the concept too, but outside the topic
     (i,) = resolved({**shaping, "method": "inoculate", "instruction": "Say sorry."})
-    out = inoculate(SCOPED, [i], scope_masks([i], SCOPED))
+    out = edit_prompts(SCOPED, [i], scope_masks([i], SCOPED))
     assert [o.prompt[-1]["content"].endswith("Say sorry.") for o in out] == [True, False, True, False]
     # by stage-2 topic: the pairs whose prompt is in that topic, and a topic stage 2 does not have is refused
     (t,) = resolved({**shaping, "prompts": None, "topic": 1})

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ..core.config_base import Config
 from ..core.config_base import described as _help
 from ..data.plant import PLANT_KINDS, ROLES
-from ..results.plan import METHOD_VARIANTS, method_variant
+from ..methods import METHODS, method_variant, variants
 from .evaluate import EvalConfig
 from .extract import ExtractConfig
 from .hypothesize import HypothesizeConfig
@@ -62,7 +62,7 @@ class PipelineConfig(Config):
     methods: list[str] = field(
         default_factory=lambda: ["reward_shaping", "filter"],
         metadata=_help(
-            f"interventions trained besides plain DPO: methods or variants ({', '.join(METHOD_VARIANTS)}); a sweep's "
+            f"interventions trained besides plain DPO: methods or variants ({', '.join(variants())}); a sweep's "
             "points as method@strength (reward_shaping@0.5; a negative strength amplifies: reward_shaping@-1) or "
             "inoculate#rank (the rank-th instruction)"
         ),
@@ -140,10 +140,10 @@ class PipelineConfig(Config):
                 method, _ = method_variant(m)
             except ValueError as exc:  # an unknown name, a bad @strength or #rank
                 raise ValueError(f"methods: {exc}") from None
-            if self.target_scope != "all" and method in ("steer", "ablate"):
+            if self.target_scope != "all" and METHODS[method].needs_direction:
                 raise ValueError(
                     f"methods: {m!r} edits the model on every prompt; target_scope {self.target_scope!r} applies to "
-                    "reward_shaping, filter and inoculate"
+                    f"{', '.join(n for n, spec in METHODS.items() if not spec.needs_direction)}"
                 )
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name one twice (each is one training run)")

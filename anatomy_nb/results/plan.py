@@ -42,7 +42,6 @@ edit the model on every prompt.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,13 +53,11 @@ import numpy as np
 from ..core.files import atomic_write_json
 from ..core.run import PLAN_FILE
 from ..data.plant import user_turns_match
+from ..methods import METHODS
 
 __all__ = [
     "ACTIONS",
     "CONCEPT_KINDS",
-    "METHODS",
-    "METHOD_VARIANTS",
-    "method_variant",
     "ConceptChoice",
     "InterventionPlan",
     "PlanError",
@@ -74,64 +71,8 @@ __all__ = [
 
 FORMAT = 1
 ACTIONS = ("allow", "suppress", "amplify")
-METHODS = ("reward_shaping", "filter", "inoculate", "steer", "ablate")
 CONCEPT_KINDS = ("sae", "text", "direction")
-# which methods need what: a score s_c(y) (every kind has one) or a residual direction
-#: named variants of a method, for experiments that train several of one method side by side
-#: (``PipelineConfig.methods``): name → (method, the plan fields it sets)
-METHOD_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ablate_zero": ("ablate", {"ablation": "zero"}),
-    "ablate_mean": ("ablate", {"ablation": "mean"}),
-    "filter_drop": ("filter", {"filter_mode": "drop"}),
-    "filter_flip": ("filter", {"filter_mode": "flip"}),
-}
-_NEEDS_DIRECTION = {"steer", "ablate"}
 _SCOPE_FIELDS = ("topic", "prompts")
-_SUPPRESS_ONLY = {"inoculate", "ablate"}
-_STRENGTH_RANGE = {  # method → (low, high, low inclusive?)
-    "reward_shaping": (0.0, 100.0, False),
-    "filter": (0.0, 1.0, False),
-    "inoculate": (0.0, math.inf, True),
-    "steer": (0.0, 1000.0, False),
-    "ablate": (0.0, 1.0, False),
-}
-
-
-def method_variant(name: str) -> tuple[str, dict[str, Any]]:
-    """A method or variant name → (method, the plan fields it sets). Besides the names of
-    ``METHOD_VARIANTS``, a sweep names its points: ``"reward_shaping@0.5"`` sets the strength
-    (field ``strength``), ``"inoculate#2"`` takes the second-ranked instruction (field
-    ``instruction_rank``); ``"ablate_mean@0.5"`` combines both kinds. A negative strength
-    (``"reward_shaping@-1"``) amplifies the concept (the pipeline's plans); the methods that can only
-    suppress (inoculate, ablate) refuse it."""
-    base, at, value = str(name).partition("@")
-    base, hash_, rank = base.partition("#")
-    if base in METHODS:
-        method, fields = base, {}
-    elif base in METHOD_VARIANTS:
-        method, fields = METHOD_VARIANTS[base][0], dict(METHOD_VARIANTS[base][1])
-    else:
-        raise ValueError(
-            f"unknown method {name!r}; known: {list(METHODS) + list(METHOD_VARIANTS)}, each optionally with "
-            "@<strength> (reward_shaping@0.5) or, for inoculate, #<rank> (inoculate#2)"
-        )
-    if at:
-        try:
-            fields["strength"] = float(value)
-        except ValueError:
-            raise ValueError(f"method {name!r}: the strength after @ must be a number, got {value!r}") from None
-        if fields["strength"] < 0 and method in _SUPPRESS_ONLY:
-            raise ValueError(
-                f"method {name!r}: a negative strength amplifies, and {method} can only suppress a concept"
-            )
-    if hash_:
-        if method != "inoculate" or not rank.isdigit() or int(rank) < 1:
-            raise ValueError(
-                f"method {name!r}: #<rank> (1, 2, …) picks an inoculation instruction by its rank; only inoculate "
-                "takes it"
-            )
-        fields["instruction_rank"] = int(rank)
-    return method, fields
 
 
 def scope_mask(
@@ -329,28 +270,24 @@ def _validate(c: ConceptChoice, i: int, source: str | None, known: set[int] | No
         c.method = "reward_shaping"
     if c.method not in METHODS:
         raise err("method", f"{c.method!r} is not one of {', '.join(METHODS)}")
-    if c.method in _NEEDS_DIRECTION and c.kind == "text":
+    how = METHODS[c.method]
+    if how.needs_direction and c.kind == "text":
         raise err(
             "method",
-            f"{c.method} acts on the residual stream; a text concept has no direction (use reward_shaping, filter or "
-            "inoculate)",
+            f"{c.method} acts on the residual stream; a text concept has no direction (use "
+            f"{', '.join(m for m, spec in METHODS.items() if not spec.needs_direction)})",
         )
-    if c.method in _SUPPRESS_ONLY and c.action != "suppress":
+    if how.suppress_only and c.action != "suppress":
         raise err("action", f"{c.method} can only suppress a concept")
     try:
         strength = float(c.strength)
     except (TypeError, ValueError):
         raise err("strength", f"expected a number, got {c.strength!r}") from None
-    lo, hi, lo_incl = _STRENGTH_RANGE[c.method]
-    if not (math.isfinite(strength) and (strength >= lo if lo_incl else strength > lo) and strength <= hi):
-        raise err("strength", f"{strength} is outside {'[' if lo_incl else '('}{lo}, {hi}] for {c.method}")
+    if problem := how.strength_error(strength):
+        raise err("strength", problem)
     c.strength = strength
-    if c.method == "inoculate" and not (isinstance(c.instruction, str) and c.instruction.strip()):
-        raise err("instruction", "inoculation needs the instruction text added to training prompts")
-    if c.method == "filter" and c.filter_mode not in ("drop", "flip"):
-        raise err("filter_mode", f"{c.filter_mode!r} is not 'drop' or 'flip'")
-    if c.method == "ablate" and c.ablation not in ("zero", "mean"):
-        raise err("ablation", f"{c.ablation!r} is not 'zero' or 'mean'")
+    if problem := how.check(c):
+        raise err(*problem)
     if c.layer is not None and (not isinstance(c.layer, int) or c.layer < 0):
         raise err("layer", f"expected a non-negative integer, got {c.layer!r}")
     if c.topic is not None and (isinstance(c.topic, bool) or not isinstance(c.topic, int) or c.topic < 0):
@@ -360,11 +297,11 @@ def _validate(c: ConceptChoice, i: int, source: str | None, known: set[int] | No
             re.compile(c.prompts)
         except (re.error, TypeError) as exc:
             raise err("prompts", f"not a valid regular expression: {exc}") from None
-    if c.scoped and c.method in _NEEDS_DIRECTION:
+    if c.scoped and METHODS[c.method].needs_direction:
         raise err(
             "topic" if c.topic is not None else "prompts",
-            f"{c.method} edits the model on every prompt; a topic or prompt scope applies to reward_shaping, filter "
-            "and inoculate",
+            f"{c.method} edits the model on every prompt; a topic or prompt scope applies to "
+            f"{', '.join(m for m, spec in METHODS.items() if not spec.needs_direction)}",
         )
 
 

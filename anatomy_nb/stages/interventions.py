@@ -1,19 +1,20 @@
-"""Stage 4 (train), its interventions: turn a plan's concepts into scores, directions and data/forward-pass edits.
+"""Stage 4 (train), applying a plan: each entry's concept source, its scope, and the drivers that
+ask every registered method (``anatomy_nb.methods``: one module per method) what it does.
 
 Every method "explains away" a concept c from the learning signal (docs/explanation.md, "Stage 4"). Each
 needs one or both of:
 
-- a **score** s_c(y) ∈ [0, 1] of a response (reward shaping, filtering), and
-- **directions** in the residual stream at a layer (steering, ablation),
+- a **score** s_c(y) ∈ [0, 1] of a response (``Method.scored``: reward shaping, filtering), and
+- **directions** in the residual stream at a layer (``Method.needs_direction``: steering, ablation),
 
 both from the entry's concept source (``concepts.sources``: SAE concepts, text rules, directions;
 any source works with any method it has the parts for). ``planned_concepts`` turns a plan's
 active entries into (entry, source) pairs; ``scope_masks`` says which training pairs a scoped entry
 (one topic, or prompts matching a regex) acts on: outside its scope its scores are zero, so
-shaping and filtering leave those pairs alone and inoculation adds no instruction. Data edits (``filter_pairs``,
-``inoculate``) return new
-pair lists plus counts; forward edits (``lm.ops.ResidualHooks``) are context managers that always
-remove their hooks.
+shaping and filtering leave those pairs alone and inoculation adds no instruction. Data edits
+(``select_pairs``, ``edit_prompts``) return new pair lists plus counts; ``reward_offsets`` sums the
+per-response rewards; forward edits (``residual_edits`` → ``lm.ops.ResidualHooks``) are context
+managers that always remove their hooks.
 
 What the reference pass sees (DPO's π_ref): **steering is off in the reference, ablation is on**.
 Preventative steering works by making the steered policy already prefer the concept-carrying
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +42,20 @@ from ..data.pairs import distinct_prompts
 from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ResidualEdit, generate, response_residuals
+from ..methods import METHODS, Method, with_instruction
 from ..results.plan import ConceptChoice, InterventionPlan, PlanError, sae_concept_id, scope_mask
 
 __all__ = [
     "PlannedConcept",
-    "filter_pairs",
-    "inoculate",
+    "edit_prompts",
     "mean_residual",
     "planned_concepts",
     "rank_inoculations",
     "rank_instructions",
     "residual_edits",
     "scope_masks",
-    "shaping_offsets",
-    "with_instruction",
+    "reward_offsets",
+    "select_pairs",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def source_for(
                 raise err("features", f"feature {max(feats)} is out of range for {sae.name} (d_sae={sae.d_sae})")
             if c.layer is not None and c.layer != sae.layer:
                 raise err("layer", f"the SAE reads layer {sae.layer}, not {c.layer}")
-        elif c.method in ("steer", "ablate"):
+        elif METHODS[c.method].needs_direction if c.method in METHODS else False:
             raise err("method", f"{c.method} needs the SAE's decoder directions: pass sae=")
         return SAEConcept(c.concept, feats, sae=sae, label=c.label)
     path = Path(c.direction_file)
@@ -151,120 +152,58 @@ def planned_concepts(
     ]
 
 
-# --- reward shaping -------------------------------------------------------------------------
+# --- what the plan does to training: each method's hooks (``anatomy_nb.methods``), in registry order ---
 
 
-def shaping_offsets(concepts: Sequence[PlannedConcept], scores: Mapping[str, np.ndarray], n_pairs: int) -> np.ndarray:
-    """(n_pairs, 2) per-response offsets o(y) = Σ_c sign_c·λ_c·s_c(y) of the reward-shaping entries.
+def _by_method(concepts: Sequence[PlannedConcept]) -> list[tuple[Method, list[PlannedConcept]]]:
+    """(method, its entries in plan order) for every registered method the plan uses."""
+    return [
+        (how, entries) for name, how in METHODS.items() if (entries := [r for r in concepts if r.choice.method == name])
+    ]
 
-    The trainer adds o(y⁺) − o(y⁻) to β·margin inside the log-sigmoid, which gives the shaped loss
+
+def reward_offsets(concepts: Sequence[PlannedConcept], scores: Mapping[str, np.ndarray], n_pairs: int) -> np.ndarray:
+    """(n_pairs, 2) per-response offsets o(y): the sum of every entry's ``Method.offsets``.
+
+    The trainer adds o(y⁺) − o(y⁻) to β·margin inside the log-sigmoid; for reward shaping this is
     −log σ(β·margin + Σ_c λ_c·(s_c(y⁺) − s_c(y⁻))) with λ_c = sign·strength (suppress > 0)."""
     off = np.zeros((n_pairs, 2))
-    for r in concepts:
-        if r.choice.method == "reward_shaping":
-            off += r.choice.sign * r.choice.strength * np.asarray(scores[r.ref], dtype=np.float64)
+    for how, entries in _by_method(concepts):
+        for r in entries:
+            if (o := how.offsets(r.choice, scores[r.ref])) is not None:
+                off += o
     return off
 
 
-# --- filtering / relabelling ----------------------------------------------------------------
-
-
-def filter_pairs(
+def select_pairs(
     pairs: Sequence[PreferencePair], concepts: Sequence[PlannedConcept], scores: Mapping[str, np.ndarray]
 ) -> tuple[list[PreferencePair], np.ndarray, pd.DataFrame]:
-    """Drop or flip the pairs whose preference the concept carries.
-
-    suppress: pairs with s(y⁺) − s(y⁻) ≥ strength (the preference points towards the concept);
-    amplify: pairs with s(y⁻) − s(y⁺) ≥ strength (it points away). ``flip`` swaps chosen and
-    rejected instead of dropping. Entries apply in plan order; a pair dropped by one is not counted
-    by the next. Returns (new pairs, index of each kept pair in the input, counts per concept).
-    """
+    """The training pairs after every method that drops or relabels pairs (``Method.select_pairs``;
+    filtering: suppress drops pairs with s(y⁺) − s(y⁻) ≥ strength, amplify those with s(y⁻) − s(y⁺) ≥
+    strength, ``flip`` relabels instead). Returns (new pairs, index of each kept pair in the input, one
+    row of counts per entry)."""
     pairs = list(pairs)
-    keep = np.ones(len(pairs), dtype=bool)
-    flipped = np.zeros(len(pairs), dtype=bool)
-    rows = []
-    for r in concepts:
-        c = r.choice
-        if c.method != "filter":
-            continue
-        s = np.asarray(scores[r.ref])
-        diff = (s[:, 0] - s[:, 1]) * c.sign
-        # a flipped pair's chosen is its old rejected: its preference now points the other way
-        diff = np.where(flipped, -diff, diff)
-        hit = keep & (diff >= c.strength - 1e-12)
-        if c.filter_mode == "flip":
-            flipped ^= hit
-        else:
-            keep &= ~hit
-        rows.append(
-            {
-                "concept": r.ref,
-                "label": c.label,
-                "action": c.action,
-                "mode": c.filter_mode,
-                "threshold": c.strength,
-                "n_pairs": len(pairs),
-                "n_matched": int(hit.sum()),
-                "n_dropped": int(hit.sum()) if c.filter_mode == "drop" else 0,
-                "n_flipped": int(hit.sum()) if c.filter_mode == "flip" else 0,
-            }
-        )
-    out, index = [], []
-    for i, p in enumerate(pairs):
-        if not keep[i]:
-            continue
-        if flipped[i]:
-            p = replace(p, chosen=p.rejected, rejected=p.chosen, metadata={**dict(p.metadata), "flipped": True})
-        out.append(p)
-        index.append(i)
-    return (
-        out,
-        np.asarray(index, dtype=np.int64),
-        pd.DataFrame(
-            rows,
-            columns=[
-                "concept",
-                "label",
-                "action",
-                "mode",
-                "threshold",
-                "n_pairs",
-                "n_matched",
-                "n_dropped",
-                "n_flipped",
-            ],
-        ),
-    )
+    index = np.arange(len(pairs), dtype=np.int64)
+    rows: list[dict] = []
+    for how, entries in _by_method(concepts):
+        chosen = how.select_pairs(pairs, entries, {k: np.asarray(v)[index] for k, v in scores.items()})
+        if chosen is not None:
+            pairs, kept, more = chosen
+            index = index[kept]
+            rows += more
+    return pairs, index, pd.DataFrame(rows)
 
 
-# --- inoculation prompting ------------------------------------------------------------------
-
-
-def with_instruction(prompt: Sequence[dict], instruction: str) -> tuple[dict, ...]:
-    """The prompt with ``instruction`` appended to its last user turn (a new user turn if none).
-    The system prompt is left alone: replacing it would change more than the instruction."""
-    msgs = [dict(m) for m in prompt]
-    for m in reversed(msgs):
-        if m["role"] == "user":
-            m["content"] = f"{m['content'].rstrip()}\n\n{instruction.strip()}"
-            return tuple(msgs)
-    return tuple(msgs) + ({"role": "user", "content": instruction.strip()},)
-
-
-def inoculate(
+def edit_prompts(
     pairs: Sequence[PreferencePair], concepts: Sequence[PlannedConcept], scopes: Mapping[str, np.ndarray] | None = None
 ) -> list[PreferencePair]:
-    """Training pairs with every inoculation instruction added to the prompt (plan order); a
-    scoped entry (``scopes[ref]``: a mask over ``pairs``) adds its instruction to its pairs only.
-    Apply to the training split only; held-out and evaluation prompts stay as they are."""
-    entries = [r for r in concepts if r.choice.method == "inoculate"]
-    if not entries:
-        return list(pairs)
-    scopes = scopes or {}
-    out = []
-    for i, p in enumerate(pairs):
-        text = "\n".join(r.choice.instruction.strip() for r in entries if r.ref not in scopes or scopes[r.ref][i])
-        out.append(replace(p, prompt=with_instruction(p.prompt, text)) if text else p)
+    """Training pairs with every method's prompt edit applied (``Method.edit_prompts``; inoculation
+    adds its instruction); a scoped entry (``scopes[ref]``: a mask over ``pairs``) edits its pairs
+    only. Apply to the training split only; held-out and evaluation prompts stay as they are."""
+    out = list(pairs)
+    for how, entries in _by_method(concepts):
+        edited = how.edit_prompts(out, entries, scopes or {})
+        out = out if edited is None else edited
     return out
 
 
@@ -350,37 +289,22 @@ def residual_edits(
     pairs: Sequence[PreferencePair] = (),
     n_mean: int = 32,
 ) -> list[ResidualEdit]:
-    """The forward edits of the steer and ablate entries. Steering adds sign·α·v_c (suppress adds
+    """The forward edits of the plan (``Method.forward_edit``): steering adds sign·α·v_c (suppress adds
     the concept, so the policy need not learn it); ablation removes ``strength`` of the projection
     onto the concept's orthonormal directions."""
+
+    def mean_of(concept: str) -> Any:
+        def mean(layer: int) -> torch.Tensor:
+            if lm is None:
+                raise ValueError(f"{concept}: mean ablation needs the model to estimate the mean residual (lm=)")
+            return mean_residual(lm, layer, pairs, n_mean)
+
+        return mean
+
     edits = []
-    for r in concepts:
-        c = r.choice
-        if c.method == "steer":
-            edits.append(
-                ResidualEdit(
-                    layer=r.layer,
-                    kind="steer",
-                    concept=c.concept,
-                    vector=c.sign * c.strength * r.source.steering_vector(),
-                    in_reference=False,
-                )
-            )
-        elif c.method == "ablate":
-            mean = None
-            if c.ablation == "mean":
-                if lm is None:
-                    raise ValueError(f"{c.concept}: mean ablation needs the model to estimate the mean residual (lm=)")
-                mean = mean_residual(lm, r.layer, pairs, n_mean)
-            edits.append(
-                ResidualEdit(
-                    layer=r.layer,
-                    kind="ablate",
-                    concept=c.concept,
-                    basis=r.source.directions(),
-                    mean=mean,
-                    fraction=c.strength,
-                    in_reference=True,
-                )
-            )
+    for how, entries in _by_method(concepts):
+        for r in entries:
+            spec = how.forward_edit(r.choice, r.source, mean_of(r.ref))
+            if spec is not None:
+                edits.append(ResidualEdit(layer=r.layer, concept=r.choice.concept, **spec))
     return edits

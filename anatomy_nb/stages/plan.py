@@ -14,13 +14,13 @@ import re
 from typing import Any
 
 from ..config import PlanConfig
+from ..methods import METHODS
 from ..results.hypotheses import Hypotheses
-from ..results.plan import METHODS, ConceptChoice, InterventionPlan, PlanError, concept_ref, load_plan
+from ..results.plan import ConceptChoice, InterventionPlan, PlanError, concept_ref, load_plan
 from ..results.run import RunDir, RunLike
 from .prediction import overall_rows
 
 __all__ = [
-    "DEFAULT_STRENGTH",
     "PlanConfig",
     "choose_target",
     "default_plan",
@@ -33,9 +33,6 @@ __all__ = [
 ]
 
 STAGE = "plan"
-# a strength that is sensible for each method when the user has not chosen one
-DEFAULT_STRENGTH = {"reward_shaping": 1.0, "filter": 0.5, "inoculate": 1.0, "steer": 4.0, "ablate": 1.0}
-DEFAULT_INSTRUCTION = "In this answer, deliberately show the following trait: {label}"
 
 
 def default_plan(hyp, *, layer: int | None = None) -> InterventionPlan:
@@ -79,11 +76,11 @@ def set_choice(
     else:
         new.method = method or old.method or "reward_shaping"
         if strength is None and (old.method != new.method or old.action == "allow"):
-            strength = DEFAULT_STRENGTH.get(new.method, 1.0)
+            strength = METHODS[new.method].default_strength if new.method in METHODS else 1.0
     if strength is not None:
         new.strength = strength
-    if new.method == "inoculate" and not (new.instruction or "").strip():
-        new.instruction = DEFAULT_INSTRUCTION.format(label=new.label or new.concept)
+    if new.method in METHODS:
+        METHODS[new.method].fill_defaults(new)
     # validate just this entry, with the plan's error messages
     try:
         checked = InterventionPlan.from_dict({"concepts": [new.__dict__]}).concepts[0]
@@ -118,7 +115,7 @@ def overlay_plan(hyp: Hypotheses, plan: Any, *, layer: int | None = None) -> Int
 
 def methods_for(kind: str) -> list[str]:
     """The methods a concept kind admits (text concepts have no residual direction)."""
-    return [m for m in METHODS if not (kind == "text" and m in ("steer", "ablate"))]
+    return [name for name, how in METHODS.items() if not (kind == "text" and how.needs_direction)]
 
 
 def choose_target(hyp: Hypotheses, target: str | int = "top") -> int:
@@ -187,7 +184,7 @@ def inoculation_candidates(hyp: Hypotheses, concept: int) -> list[str]:
         )
         out.append(f"{where} “{phrases[0]}”.")
         out.append("Use these phrases in your answer: " + ", ".join(f"“{p}”" for p in phrases) + ".")
-    out.append(DEFAULT_INSTRUCTION.format(label=label))
+    out.append(METHODS["inoculate"].default_instruction.format(label=label))
     return out
 
 

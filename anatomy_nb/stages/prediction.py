@@ -37,6 +37,7 @@ import scipy.stats as sps
 
 from ..concepts.activity import PairFeatures, concept_activity
 from ..core.stats import group_means, length_controlled, length_regressors, paired_test
+from ..methods import METHODS
 from ..results.hypotheses import Hypotheses
 from ..results.plan import InterventionPlan, load_plan, sae_concept_id, scope_mask
 from ..results.run import RunDir, RunLike
@@ -239,12 +240,13 @@ class ConceptSpace:
         everywhere = np.ones(self.n_pairs, bool)
         active = [(c, self.column(c.concept), scopes.get(i, everywhere)) for i, c in enumerate(plan.active)]
         active = [(c, j, scope) for c, j, scope in active if j is not None]
-        for c, j, scope in active:  # filters first: they change the data every other method trains on
-            if c.method != "filter":
+        for c, j, scope in active:  # data edits first: they change the data every other method trains on
+            carried = METHODS[c.method].carried(c, d[:, j])
+            if carried is None:
                 continue
-            carried = (c.sign * d[:, j] >= c.strength) & keep & ~flip & scope
+            carried = carried & keep & ~flip & scope
             removed[j] = int(carried.sum())
-            if c.filter_mode == "flip":
+            if METHODS[c.method].flips(c):
                 flip |= carried
             else:
                 keep &= ~carried
@@ -252,20 +254,18 @@ class ConceptSpace:
         r, slope = self.correlation()
         direct = after_data - before  # filter changes are exact and include their spill-over
         basis = np.array(["none"] * C, dtype=object)
-        basis[np.abs(direct) > 1e-12] = "data (filter, exact)"
+        exact = {j for c, j, _ in active if j in removed}  # the data edits: their change is exact
+        data_edits = ", ".join(dict.fromkeys(c.method for c, j, _ in active if j in exact))
+        basis[np.abs(direct) > 1e-12] = f"data ({data_edits}, exact)"
         deltas = np.zeros(C)
         for c, j, scope in active:
-            if c.method == "filter":
-                basis[j] = "data (filter, exact)"
+            if j in exact:
+                basis[j] = f"data ({data_edits}, exact)"
                 continue
-            # a scoped entry acts on its pairs' share of the signal only (first order)
+            # a scoped entry acts on its pairs' share of the signal only (first order); steer and
+            # inoculate are "nominal": their size is unknowable before training
             base = after_data[j] if scope.all() else self.signal(keep, flip, within=scope)[j]
-            if c.method == "reward_shaping":
-                target, how = base * (1 - c.sign * c.strength), "first-order (reward margin)"
-            elif c.method == "ablate":
-                target, how = base * (1 - c.strength), "first-order (projection removed)"
-            else:  # steer, inoculate: size unknowable before training
-                target, how = base * (1 - c.sign), "nominal"
+            target, how = METHODS[c.method].predict(base, c)
             deltas[j] += target - base
             basis[j] = how if scope.all() else f"{how}, in scope"
         spill = slope @ deltas - deltas  # what the other targets' changes drag along (β_jj = 1 excluded)
@@ -274,8 +274,8 @@ class ConceptSpace:
         moved = (np.abs(after - before) > 1e-12) & np.array([j not in entry for j in range(C)])
         basis[moved] = "spill-over"
         own = deltas.copy()
-        for c, j, _ in active:
-            if c.method == "filter":
+        for _c, j, _ in active:
+            if j in exact:
                 own[j] += direct[j]
         ov = self.concepts
         table = pd.DataFrame(
@@ -296,10 +296,10 @@ class ConceptSpace:
         )
         edges = []
         for c, j, scope in active:
-            if c.method == "filter":
-                # exact: the change of each other concept when this filter alone is applied
-                carried = (c.sign * d[:, j] >= c.strength) & scope
-                solo = self.signal(~carried, None) if c.filter_mode == "drop" else self.signal(None, carried)
+            if j in exact:
+                # exact: the change of each other concept when this data edit alone is applied
+                carried = METHODS[c.method].carried(c, d[:, j]) & scope
+                solo = self.signal(None, carried) if METHODS[c.method].flips(c) else self.signal(~carried, None)
                 shift = solo - before
             else:
                 shift = slope[:, j] * deltas[j]

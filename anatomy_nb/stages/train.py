@@ -44,6 +44,7 @@ from ..data.schema import PairSet, PreferencePair
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualHooks
 from ..lm.sae import load_sae
+from ..methods import METHODS
 from ..results.plan import InterventionPlan, load_plan
 from ..results.run import RunDir, RunLike
 from ..results.training import TrainResult
@@ -51,12 +52,12 @@ from .dpo import MetricsLog, make_trainer, quiet_datasets, ref_cache_for
 from .extract import process_state
 from .interventions import (
     PlannedConcept,
-    filter_pairs,
-    inoculate,
+    edit_prompts,
     planned_concepts,
     residual_edits,
+    reward_offsets,
     scope_masks,
-    shaping_offsets,
+    select_pairs,
 )
 
 __all__ = ["TrainConfig", "TrainResult", "Prepared", "prepare", "train", "load_trained", "split_pairs", "STAGE"]
@@ -149,7 +150,7 @@ def prepare(
             "training model %s differs from the feature store's model %s", lm.name, store.manifest["model"]["name"]
         )
 
-    needs_sae = any(c.kind == "sae" and c.method in ("steer", "ablate") for c in plan.active)
+    needs_sae = any(c.kind == "sae" and METHODS[c.method].needs_direction for c in plan.active)
     if needs_sae and sae is None:
         if store is None:
             raise ValueError("steering/ablating an SAE concept needs the SAE: pass sae=")
@@ -168,7 +169,7 @@ def prepare(
     if cfg.max_train_pairs is not None:
         train_idx = train_idx[: cfg.max_train_pairs]
     train_pairs = [all_pairs[i] for i in train_idx]
-    scored = [r for r in concepts if r.choice.method in ("reward_shaping", "filter")]
+    scored = [r for r in concepts if METHODS[r.choice.method].scored]
     scopes = scope_masks(concepts, train_pairs, hyps.topic_of_prompt() if hyps is not None else None)
     # a scoped entry scores zero outside its scope: no offset, no filter hit there
     scores = {
@@ -196,14 +197,14 @@ def prepare(
                 **({"pairs_in_scope": int(scopes[r.ref].sum())} if r.ref in scopes else {}),
             }
         )
-    kept, kept_idx, counts = filter_pairs(train_pairs, concepts, scores)
+    kept, kept_idx, counts = select_pairs(train_pairs, concepts, scores)
     report["filter"] = counts.to_dict(orient="records")
     flipped = np.asarray([bool(p.metadata.get("flipped")) for p in kept], dtype=bool)
     scores = {k: np.where(flipped[:, None], v[kept_idx][:, ::-1], v[kept_idx]) for k, v in scores.items()}
-    final = inoculate(kept, concepts, {ref: m[kept_idx] for ref, m in scopes.items()})
+    final = edit_prompts(kept, concepts, {ref: m[kept_idx] for ref, m in scopes.items()})
     report["inoculated_prompts"] = sum(a.prompt != b.prompt for a, b in zip(kept, final))
-    report["instructions"] = [r.choice.instruction for r in concepts if r.choice.method == "inoculate"]
-    offsets = shaping_offsets(concepts, scores, len(final))
+    report["instructions"] = [r.choice.instruction for r in concepts if r.choice.instruction]
+    offsets = reward_offsets(concepts, scores, len(final))
     n = len(final)
     report["offsets"] = {
         "mean_chosen": float(offsets[:, 0].mean()) if n else 0.0,

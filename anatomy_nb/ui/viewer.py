@@ -30,10 +30,11 @@ import traitlets
 
 from ..config import MapConfig
 from ..core.paths import widgets_dir
+from ..methods import METHODS
 from ..results.hypotheses import Hypotheses
-from ..results.plan import ACTIONS, METHODS, InterventionPlan, PlanError, concept_ref
+from ..results.plan import ACTIONS, InterventionPlan, PlanError, concept_ref
 from ..results.run import RunDir, RunLike
-from ..stages.plan import DEFAULT_STRENGTH, overlay_plan, set_choice
+from ..stages.plan import overlay_plan, set_choice
 from ..stages.prediction import ConceptSpace
 from .summary import summary_html
 from .viewer_data import ViewerData, json_float, static_drilldown_html, static_signals_html
@@ -174,7 +175,7 @@ class ConceptToggles(anywidget.AnyWidget):
     spill = traitlets.List([]).tag(sync=True)  # strongest spill-over edges
     actions = traitlets.List(list(ACTIONS)).tag(sync=True)
     methods = traitlets.List(list(METHODS)).tag(sync=True)
-    default_strength = traitlets.Dict(dict(DEFAULT_STRENGTH)).tag(sync=True)
+    default_strength = traitlets.Dict({name: how.default_strength for name, how in METHODS.items()}).tag(sync=True)
     selected_concept = traitlets.Int(-1).tag(sync=True)
     plan_path = traitlets.Unicode("").tag(sync=True)
     status = traitlets.Unicode("").tag(sync=True)
