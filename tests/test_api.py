@@ -250,3 +250,28 @@ def test_test_modules_share_helpers_not_each_other():
             )
             found += [f"{path.name}: imports {n}" for n in names if n and n.split(".")[0] in test_modules]
     assert not found, found
+
+
+def test_a_file_that_cannot_be_read_is_an_error_naming_it(tmp_path):
+    """A config that is not YAML, SAE weights that are not safetensors, a direction file that is
+    not safetensors and a local model path that does not exist: each error names the file."""
+    from anatomy_nb.concepts.sources import DirectionConcept
+    from anatomy_nb.core.config_base import ConfigError
+    from anatomy_nb.lm.models import load_model
+    from anatomy_nb.lm.sae import load_sae, save_sae, tiny_sae
+    from anatomy_nb.pipeline import load_config
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("run_dir: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad_yaml)
+    sae_dir = save_sae(tiny_sae(64, layer=1, d_sae=32, k=4), tmp_path / "sae")
+    (sae_dir / "sae_weights.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match=r"sae: cannot read the SAE"):
+        load_sae(str(sae_dir))
+    bad_directions = tmp_path / "dir.safetensors"
+    bad_directions.write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match=r"dir\.safetensors: not a valid safetensors file"):
+        DirectionConcept.from_file("direction:x", bad_directions, 1)
+    with pytest.raises(FileNotFoundError, match=r"no-such-model: no such local model directory"):
+        load_model(str(tmp_path / "no-such-model"))

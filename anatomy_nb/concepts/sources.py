@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..core.files import content_hash
@@ -262,7 +263,10 @@ class DirectionConcept(ConceptSource):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: direction file not found")
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except SafetensorError as exc:
+            raise ValueError(f"{path}: not a valid safetensors file ({exc})") from None
         if "directions" not in tensors:
             raise KeyError(f"{path} has no tensor named 'directions' (has: {', '.join(sorted(tensors)) or 'none'})")
         return cls(ref, tensors["directions"], layer, **kwargs)

@@ -5,6 +5,7 @@ config of ``compare_audits``: two data sets, or one data set's annotators, compa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..core.config_base import NOT_KEYED, Config
 from ..core.config_base import described as _help
@@ -22,10 +23,10 @@ class ConceptConfig(Config):
     resolution: float = field(
         default=0.05, metadata=_help("CPM density threshold: higher gives more, smaller, tighter concepts")
     )
-    quality: str = field(
+    quality: Literal["cpm", "rb"] = field(
         default="cpm", metadata=_help("'cpm' (constant Potts; graph-size free) or 'rb' (modularity-style)")
     )
-    neighbors: str = field(
+    neighbors: Literal["auto", "exact", "sketch"] = field(
         default="auto",
         metadata=_help(
             "'exact' (time ∝ responses × features²), 'sketch' (random projection proposes, exact phi re-scores; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..core.config_base import NOT_KEYED, Config
 from ..core.config_base import described as _help
@@ -86,7 +87,7 @@ class EvalConfig(Config):
     do_sample: bool = field(default=False, metadata=_help("greedy by default; True samples with temperature and seed"))
     temperature: float = 1.0
     seed: int = 0
-    concepts: str = field(
+    concepts: Literal["significant", "all"] = field(
         default="significant", metadata=_help("which stage-2 rows the R² is fitted on: 'significant' | 'all'")
     )
     min_topic_prompts: int = field(

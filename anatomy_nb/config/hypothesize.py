@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..core.config_base import Config
 from ..core.config_base import described as _help
@@ -16,7 +17,7 @@ class TopicConfig(Config):
     n_topics: int | None = field(
         default=None, metadata=_help("None: about one topic per 60 distinct prompts, between 2 and 12")
     )
-    source: str = field(
+    source: Literal["sae", "embeddings"] = field(
         default="sae", metadata=_help("'sae' (prompt SAE features) or 'embeddings' (offline all-MiniLM-L6-v2)")
     )
     svd_dims: int = field(default=50, metadata=_help("TruncatedSVD dimensions before KMeans"))

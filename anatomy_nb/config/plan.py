@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..core.config_base import Config
 from ..core.config_base import described as _help
@@ -12,7 +13,7 @@ from ..core.config_base import described as _help
 class MapConfig(Config):
     """The viewer's two maps (pairs by prompt, features by co-firing)."""
 
-    method: str = field(
+    method: Literal["auto", "umap", "svd"] = field(
         default="auto", metadata=_help("'umap', 'svd' (TruncatedSVD to 2-D), or 'auto': UMAP from umap_min_points up")
     )
     umap_min_points: int = field(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..core.config_base import DEFAULT_MODEL, DEFAULT_SAE, NOT_KEYED, Config
 from ..core.config_base import described as _help
@@ -59,14 +60,14 @@ class SubspaceConfig(Config):
     )
     hyperdas_width: int = field(default=256, metadata=_help("HyperDAS hypernetwork width"))
     hyperdas_layers: int = field(default=2, metadata=_help("HyperDAS concept-encoder blocks"))
-    hyperdas_positions: str = field(
+    hyperdas_positions: Literal["learned", "entity"] = field(
         default="learned",
         metadata=_help(
             "learned: HyperDAS chooses the base and source tokens; entity: it is given the entity's last token (an "
             "ablation)"
         ),
     )
-    hyperdas_selection: str = field(
+    hyperdas_selection: Literal["factored", "pairwise"] = field(
         default="factored",
         metadata=_help(
             "how HyperDAS chooses its tokens: factored (one token scorer for both prompts) or pairwise (the authors': "

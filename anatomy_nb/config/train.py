@@ -59,6 +59,10 @@ class TrainConfig(Config):
     progress: bool = field(default=True, metadata=NOT_KEYED)
 
     def __post_init__(self):
+        if not self.learning_rate > 0 or not self.epochs > 0:
+            raise ValueError(f"learning_rate and epochs must be > 0, got {self.learning_rate} and {self.epochs}")
+        if self.lora_r < 1 or (self.max_train_pairs is not None and self.max_train_pairs < 1):
+            raise ValueError(f"lora_r and max_train_pairs must be >= 1, got {self.lora_r} and {self.max_train_pairs}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.beta <= 0:

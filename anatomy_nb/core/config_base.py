@@ -70,7 +70,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text(encoding="utf-8")
-    data = (yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)) or {}
+    try:
+        data = (yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)) or {}
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+        raise ConfigError(f"{path}: not valid {kind} ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return data
@@ -163,7 +167,11 @@ class Config:
                 continue
             value = _coerce(value, tp)
             if not _type_ok(value, tp):
-                shown = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+                shown = (
+                    "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+                    if typing.get_origin(tp) is typing.Literal
+                    else getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+                )
                 raise ConfigError(f"{source}: key {name!r} expects {shown}, got {value!r} ({type(value).__name__})")
             if typing.get_origin(tp) is tuple and isinstance(value, list):
                 value = tuple(value)

@@ -168,7 +168,9 @@ def load_model(
         fingerprint = content_hash("default", path.name)
     else:
         source, name = name_or_path, name_or_path
-        path = Path(name_or_path)
+        path = Path(name_or_path).expanduser()
+        if not path.exists() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
+            raise FileNotFoundError(f"{name_or_path}: no such local model directory")
         fingerprint = (
             content_hash("local", path.resolve().as_posix(), _local_fingerprint(path)) if path.is_dir() else None
         )

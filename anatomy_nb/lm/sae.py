@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from sae_lens import SAE, TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from safetensors import SafetensorError
 
 from ..config import DEFAULT_SAE
 from ..core.files import atomic_replace_dir, atomic_write_json, content_hash
@@ -146,7 +147,14 @@ def load_sae(
         if not (path / "cfg.json").exists():
             raise FileNotFoundError(f"{path}: not a sae-lens SAE directory (no cfg.json)")
         # float16 on disk (the shipped SAE) is computed in float32: CPUs are slow at half precision
-        sae = SAE.load_from_disk(str(path), device=device, dtype=None if str(device).startswith("cuda") else "float32")
+        try:
+            sae = SAE.load_from_disk(
+                str(path), device=device, dtype=None if str(device).startswith("cuda") else "float32"
+            )
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise ValueError(
+                f"{path}: cannot read the SAE (cfg.json + sae_weights.safetensors): {type(exc).__name__}: {exc}"
+            ) from None
         name = str(name_or_path)
         if (path / "card.json").exists():
             card = json.loads((path / "card.json").read_text())

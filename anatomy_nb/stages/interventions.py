@@ -126,7 +126,7 @@ def source_for(
         raise err("layer", "a direction concept needs the residual-stream layer it lives at")
     try:
         source = DirectionConcept.from_file(c.concept, path, c.layer, label=c.label)
-    except (FileNotFoundError, KeyError) as exc:
+    except (FileNotFoundError, KeyError, ValueError) as exc:
         raise err("direction_file", str(exc).strip("'\"")) from None
     if d_model is not None and source.raw_directions.shape[1] != d_model:
         raise err(
