@@ -275,3 +275,18 @@ def test_a_file_that_cannot_be_read_is_an_error_naming_it(tmp_path):
         DirectionConcept.from_file("direction:x", bad_directions, 1)
     with pytest.raises(FileNotFoundError, match=r"no-such-model: no such local model directory"):
         load_model(str(tmp_path / "no-such-model"))
+
+
+def test_readers_check_the_format_they_read(tmp_path):
+    """An artifact written by a newer anatomy_nb is an error naming its folder, not a KeyError later."""
+    import json
+
+    from anatomy_nb.results.evaluation import FORMAT, EvalResult
+
+    folder = tmp_path / "evaluate" / "k"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"complete": True, "stage": "evaluate", "format": FORMAT + 1}))
+    with pytest.raises(
+        ValueError, match=rf"evaluate/k: evaluate format {FORMAT + 1}; this version of anatomy_nb reads"
+    ):
+        EvalResult(folder)

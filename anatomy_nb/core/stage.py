@@ -16,10 +16,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from .files import atomic_save_npy, atomic_write_json, atomic_write_parquet, rea
 if TYPE_CHECKING:  # pragma: no cover
     from .run import RunPaths
 
-__all__ = ["MANIFEST", "Artifact", "Stage", "StepTimer", "relative", "show_progress", "terminal"]
+__all__ = ["MANIFEST", "Artifact", "check_format", "Stage", "StepTimer", "relative", "show_progress", "terminal"]
 
 MANIFEST = "manifest.json"
 
@@ -101,15 +102,30 @@ class Artifact:
     path: Path
     manifest: dict | None = None
     reused: bool = False
+    #: (oldest, newest) artifact format the reader understands; None: any
+    readable_formats: ClassVar[tuple[int, int] | None] = None
 
     def __post_init__(self):
         self.path = Path(self.path)
         if self.manifest is None:
             self.manifest = read_json(self.path / MANIFEST)
+        if self.readable_formats is not None:
+            check_format(self.path, self.manifest, *self.readable_formats)
 
     @property
     def key(self) -> str:
         return self.manifest["key"]
+
+
+def check_format(path: Path, manifest: Mapping[str, Any], oldest: int, newest: int) -> None:
+    """A reader's check of the artifact format it was handed: one written by a newer anatomy_nb (or an
+    older one it no longer reads) is an error naming the folder, not a KeyError further on."""
+    found = manifest.get("format", 1)
+    if not oldest <= found <= newest:
+        raise ValueError(
+            f"{path}: {manifest.get('stage', 'artifact')} format {found}; this version of anatomy_nb reads formats "
+            f"{oldest}–{newest} (re-run the stage, or use the anatomy_nb that wrote it)"
+        )
 
 
 def relative(path: str | os.PathLike, root: str | os.PathLike) -> str:

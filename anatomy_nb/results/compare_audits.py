@@ -14,9 +14,15 @@ from ..core.stage import Artifact
 __all__ = ["CompareResult"]
 
 
+#: the format this stage writes (``stages``) and the newest this reader reads
+FORMAT = 1
+
+
 @dataclass
 class CompareResult(Artifact):
     """A finished ``compare_audits``."""
+
+    readable_formats = (1, FORMAT)
 
     @classmethod
     def from_run(cls, run: RunLike) -> CompareResult:

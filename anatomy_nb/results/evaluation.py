@@ -104,9 +104,15 @@ def _cell(row, digits: int, value: str = "r2", low: str = "ci_low", high: str = 
     return f"{v:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
 
 
+#: the format this stage writes (``stages``) and the newest this reader reads
+FORMAT = 3  # 3: predictors / predictions tables, Spearman and leave-top-k-out R² in r2
+
+
 @dataclass
 class EvalResult(Artifact):
     """A finished evaluation."""
+
+    readable_formats = (1, FORMAT)
 
     @classmethod
     def from_run(cls, run: RunLike) -> EvalResult:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..core.run import RunLike, RunPaths
+from ..core.stage import check_format
 from .store import EDGES
 
 __all__ = ["SPLIT_HALF_OK", "Hypotheses", "number_ranks", "rank_hypotheses", "split_half_mark"]
@@ -59,12 +60,17 @@ def number_ranks(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+#: the format stage 2 writes and the newest this reader reads (3: ranks count within each listing)
+FORMAT = 3
+
+
 class Hypotheses:
     """The hypotheses artifact: ranked tables plus the clustering and topics behind them."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.manifest = read_json(self.path / "manifest.json")
+        check_format(self.path, self.manifest, 1, FORMAT)
         self.table = pd.read_parquet(self.path / "hypotheses.parquet")
         if self.manifest.get("format", 1) < 3:  # written before ranks counted per listing
             self.table = number_ranks(self.table)

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from ..core.files import read_json
 from ..core.run import RunLike, RunPaths
+from ..core.stage import check_format
 from ..data.schema import PreferencePair
 
 __all__ = ["CHOSEN", "EDGES", "REJECTED", "STATS", "FeatureStore"]
@@ -50,6 +51,11 @@ def _take_rows(values: np.ndarray, indptr: np.ndarray, rows: np.ndarray, dtype) 
     return out_ptr, out
 
 
+#: the format stage 1 writes and the newest this reader reads (2: firing sets as bitsets when dense;
+#: pooled values only with pooled_values)
+FORMAT = 2
+
+
 class FeatureStore:
     """Read access to a finished feature store; arrays are memory-mapped, nothing is loaded whole.
 
@@ -62,6 +68,7 @@ class FeatureStore:
         if not mpath.exists():
             raise FileNotFoundError(f"{self.path}: no manifest.json; not a finished feature store")
         self.manifest = read_json(mpath)
+        check_format(self.path, self.manifest, 1, FORMAT)
         if not self.manifest.get("complete"):
             raise FileNotFoundError(f"{self.path}: feature store is incomplete; run extract() again to finish it")
         self._cache: dict[str, np.ndarray] = {}

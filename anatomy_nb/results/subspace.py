@@ -15,9 +15,16 @@ from ..core.stage import Artifact
 __all__ = ["SubspaceResult"]
 
 
+#: the format this stage writes (``stages``) and the newest this reader reads (2: the reference rows 'whole
+#: residual' and 'all SAE latents'; 3: sources only entities whose value the model knows)
+FORMAT = 3
+
+
 @dataclass
 class SubspaceResult(Artifact):
     """A finished ``learn_subspace``."""
+
+    readable_formats = (1, FORMAT)
 
     @classmethod
     def from_run(cls, run: RunLike) -> SubspaceResult:

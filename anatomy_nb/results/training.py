@@ -55,9 +55,15 @@ def plain_reference(name: str) -> str:
     return PLAIN if seed is None else ordered_name(PLAIN, seed)
 
 
+#: the format this stage writes (``stages``) and the newest this reader reads
+FORMAT = 1
+
+
 @dataclass
 class TrainResult(Artifact):
     """A finished training run: its manifest, per-step metrics, split and data report."""
+
+    readable_formats = (1, FORMAT)
 
     model: Any = None  # the trained model in memory (this session only; None when read from disk)
 

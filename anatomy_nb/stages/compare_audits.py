@@ -46,7 +46,7 @@ from ..core.contrast import controlled_contributions, controlled_difference, min
 from ..core.files import content_hash
 from ..core.stage import terminal
 from ..core.stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test
-from ..results.compare_audits import CompareResult
+from ..results.compare_audits import FORMAT, CompareResult
 from ..results.run import RunDir, RunLike
 from ..results.store import FeatureStore
 
@@ -54,7 +54,6 @@ __all__ = ["STAGE", "annotator_differences", "annotator_votes", "compare_audits"
 
 log = logging.getLogger(__name__)
 STAGE = "compare_audits"
-FORMAT = 1
 
 
 def _units(pf: PairFeatures, labels: np.ndarray, cfg: CompareAuditsConfig) -> tuple[np.ndarray, np.ndarray | None]:

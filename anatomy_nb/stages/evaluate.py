@@ -91,7 +91,7 @@ from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ab_probabilities, generate, pair_logps, response_residuals
 from ..lm.recorded import recorded_model, recorded_sae
-from ..results.evaluation import BASE, EvalResult
+from ..results.evaluation import BASE, FORMAT, EvalResult
 from ..results.run import RunDir, RunLike
 from ..results.store import FeatureStore
 from ..results.training import PLAIN, active_entries, plain_reference, run_name, training_order, training_runs
@@ -104,7 +104,6 @@ __all__ = ["BASE", "EvalConfig", "EvalResult", "evaluate", "firing", "heldout_pa
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
-FORMAT = 3  # 3: predictors / predictions tables, Spearman and leave-top-k-out R² in r2
 
 
 @torch.no_grad()

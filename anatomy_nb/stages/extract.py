@@ -46,13 +46,13 @@ from ..lm.ops import ResidualCapture
 from ..lm.sae import LoadedSAE, hook_name, legacy_fingerprints, load_sae
 from ..results.run import RunDir, RunLike
 from ..results.store import EDGES, FeatureStore
+from ..results.store import FORMAT as STORE_FORMAT
 
 __all__ = ["ExtractConfig", "FeatureStore", "compute_shard", "extract", "store_key", "write_firing_sets", "STAGE"]
 
 log = logging.getLogger(__name__)
 
 STAGE = "extract"
-STORE_FORMAT = 2  # 2: firing sets as bitsets when dense; pooled values only with pooled_values
 CONTEXT_WINDOW = 12  # tokens either side of a top context's peak whose activations are kept
 CPU_BATCH_PAIRS = 1  # benchmarks/extract.py: batching gains little on two CPU cores
 HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 48)]).astype(np.float32)

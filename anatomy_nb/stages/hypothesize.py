@@ -56,7 +56,7 @@ from ..core.stats import (
     welch_each_group,
 )
 from ..data.textstats import text_stats
-from ..results.hypotheses import Hypotheses, number_ranks, rank_hypotheses
+from ..results.hypotheses import FORMAT, Hypotheses, number_ranks, rank_hypotheses
 from ..results.plan import concept_ref, parse_concept
 from ..results.run import RunDir, RunLike
 from ..results.store import FeatureStore
@@ -74,7 +74,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 STAGE = "hypothesize"
-FORMAT = 3  # 3: ranks count within each listing (results.hypotheses.number_ranks)
 
 
 def _stat_columns(prefix: str, t) -> dict[str, np.ndarray]:

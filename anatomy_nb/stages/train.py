@@ -47,7 +47,7 @@ from ..lm.sae import load_sae
 from ..methods import METHODS
 from ..results.plan import InterventionPlan, load_plan
 from ..results.run import RunDir, RunLike
-from ..results.training import TrainResult
+from ..results.training import FORMAT, TrainResult
 from .dpo import MetricsLog, make_trainer, quiet_datasets, ref_cache_for
 from .extract import process_state
 from .interventions import (
@@ -64,7 +64,6 @@ __all__ = ["TrainConfig", "TrainResult", "Prepared", "prepare", "train", "load_t
 
 log = logging.getLogger(__name__)
 STAGE = "train"
-FORMAT = 1
 
 
 def split_pairs(pairs: Sequence[PreferencePair], fraction: float, seed: int) -> tuple[list[int], list[int]]:

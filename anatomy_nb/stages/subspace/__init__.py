@@ -12,11 +12,10 @@ counterfactual pairs — DAS and HyperDAS on RAVEL — scored beside the SAE's f
 from __future__ import annotations
 
 from .latents import SAE_SELECTIONS, entity_latents, select_latents
-from .learn import FORMAT, STAGE, learn_subspace
+from .learn import STAGE, learn_subspace
 from .ravel_task import RavelSplits, known_examples, ravel_scores, ravel_splits, whole_residual_by_layer
 
 __all__ = [
-    "FORMAT",
     "SAE_SELECTIONS",
     "STAGE",
     "RavelSplits",

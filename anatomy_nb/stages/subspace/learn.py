@@ -57,7 +57,7 @@ from ...core.stage import terminal
 from ...data.ravel import load_ravel
 from ...lm.models import LoadedModel, load_model
 from ...results.run import RunDir, RunLike
-from ...results.subspace import SubspaceResult
+from ...results.subspace import FORMAT, SubspaceResult
 from . import hyperdas
 from .das import (
     Example,
@@ -70,11 +70,9 @@ from .latents import SAE_SELECTIONS, entity_latents, select_latents
 from .ravel_task import ravel_scores, ravel_splits
 from .sae_mask import latent_differences, latent_swap_predictions, train_latent_mask
 
-__all__ = ["FORMAT", "STAGE", "learn_subspace"]
+__all__ = ["STAGE", "learn_subspace"]
 
 STAGE = "subspace"
-# 2: the reference rows 'whole residual' and 'all SAE latents'; 3: sources only entities whose value the model knows
-FORMAT = 3
 
 
 def _hyperdas(
