@@ -37,11 +37,11 @@ _EXPORTS = {
     "compare_audits": "stages.compare_audits",
     # the run directory and what it holds (readers: no torch)
     "RunDir": "results.run",
-    "FeatureStore": "results.store",
-    "Hypotheses": "results.hypotheses",
+    "FeatureStore": "results.extract",
+    "Hypotheses": "results.hypothesize",
     "InterventionPlan": "results.plan",
-    "TrainResult": "results.training",
-    "EvalResult": "results.evaluation",
+    "TrainResult": "results.train",
+    "EvalResult": "results.evaluate",
     "SubspaceResult": "results.subspace",
     "CompareResult": "results.compare_audits",
     # parameters
@@ -120,13 +120,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .lm.sae import LoadedSAE, load_sae, tiny_sae
     from .pipeline import run
     from .results.compare_audits import CompareResult
-    from .results.evaluation import EvalResult
-    from .results.hypotheses import Hypotheses
+    from .results.evaluate import EvalResult
+    from .results.extract import FeatureStore
+    from .results.hypothesize import Hypotheses
     from .results.plan import InterventionPlan
     from .results.run import RunDir
-    from .results.store import FeatureStore
     from .results.subspace import SubspaceResult
-    from .results.training import TrainResult
+    from .results.train import TrainResult
     from .stages.compare_audits import compare_audits
     from .stages.evaluate import evaluate
     from .stages.extract import extract

@@ -39,9 +39,9 @@ from .core.files import atomic_write_json, content_hash, read_json
 from .data.pairs import load_pairs
 from .data.plant import PLANTED_DATA, plant_all, truth_plants, write_planted
 from .methods import METHODS, method_variant
-from .results.hypotheses import Hypotheses
+from .results.hypothesize import Hypotheses
 from .results.run import RunDir
-from .results.training import PLAIN, ordered_name
+from .results.train import PLAIN, ordered_name
 from .stages.plan import choose_target, choose_topic, default_plan, set_choice
 from .ui import notebooks
 from .ui.report import report

@@ -33,7 +33,7 @@ from anatomy_nb.data.pairs import load_pairs  # noqa: E402
 from anatomy_nb.lm.models import load_model  # noqa: E402
 from anatomy_nb.lm.ops import ResidualCapture  # noqa: E402
 from anatomy_nb.lm.sae import load_sae, tiny_sae  # noqa: E402
-from anatomy_nb.results.store import FeatureStore  # noqa: E402
+from anatomy_nb.results.extract import FeatureStore  # noqa: E402
 from anatomy_nb.stages.extract import compute_shard, extract  # noqa: E402
 
 

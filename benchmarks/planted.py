@@ -54,7 +54,7 @@ from anatomy_nb.data.schema import PreferencePair  # noqa: E402
 from anatomy_nb.data.textstats import text_stats  # noqa: E402
 from anatomy_nb.lm.models import load_model  # noqa: E402
 from anatomy_nb.lm.sae import load_sae, tiny_sae  # noqa: E402
-from anatomy_nb.results.hypotheses import rank_hypotheses  # noqa: E402
+from anatomy_nb.results.hypothesize import rank_hypotheses  # noqa: E402
 from anatomy_nb.stages.extract import extract  # noqa: E402
 from anatomy_nb.stages.hypothesize import linear_baseline, score_concepts, text_stat_baseline  # noqa: E402
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from anatomy_nb.core.files import read_json
-from anatomy_nb.results.evaluation import EvalResult
+from anatomy_nb.results.evaluate import EvalResult
 from anatomy_nb.results.run import RunDir
 
 RESULTS = Path(__file__).resolve().parent / "results"

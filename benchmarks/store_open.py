@@ -61,7 +61,7 @@ def _families(store) -> dict[str, float]:
 
 
 def measure(size: str, cache: Path, layout: str = "auto") -> dict:
-    from anatomy_nb.results.store import FeatureStore
+    from anatomy_nb.results.extract import FeatureStore
 
     path, write_s = _store_path(size, cache, layout)
     t = {}
@@ -102,7 +102,7 @@ def reencode(src: Path) -> dict:
     pooled values; every pooled matrix a stage reads is checked equal."""
     import numpy as np
 
-    from anatomy_nb.results.store import FeatureStore
+    from anatomy_nb.results.extract import FeatureStore
     from anatomy_nb.stages.extract import write_firing_sets
 
     old = FeatureStore(src)

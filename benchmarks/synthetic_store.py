@@ -20,8 +20,8 @@ import numpy as np
 
 from anatomy_nb.config import ExtractConfig
 from anatomy_nb.core.files import atomic_save_npy, atomic_write_json, content_hash
+from anatomy_nb.results.extract import FeatureStore
 from anatomy_nb.results.run import RunDir
-from anatomy_nb.results.store import FeatureStore
 from anatomy_nb.stages.extract import HIST_EDGES, STAGE, STORE_FORMAT, write_firing_sets
 
 GROUP = 8  # features per co-firing group

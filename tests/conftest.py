@@ -52,7 +52,7 @@ def tiny_eval(tmp_path_factory, tiny_lm, tiny_sae_):
 
     from anatomy_nb.config import ConceptConfig, EvalConfig, ExtractConfig, HypothesizeConfig, TrainConfig
     from anatomy_nb.lm.sae import load_sae, save_sae
-    from anatomy_nb.results.hypotheses import Hypotheses
+    from anatomy_nb.results.hypothesize import Hypotheses
     from anatomy_nb.stages.evaluate import evaluate
     from anatomy_nb.stages.extract import extract
     from anatomy_nb.stages.hypothesize import hypothesize

@@ -36,7 +36,7 @@ ORDERS = [
     ],
     [
         "anatomy_nb.config",
-        "anatomy_nb.results.hypotheses",
+        "anatomy_nb.results.hypothesize",
         "anatomy_nb.stages.evaluate",
         "anatomy_nb.concepts.sources",
         "anatomy_nb.lm.ops",
@@ -75,7 +75,7 @@ def test_reading_every_artifact_of_a_run_never_imports_torch(tiny_eval, tmp_path
     code = f"""
 import sys
 import anatomy_nb as anb
-from anatomy_nb.results.evaluation import TABLES
+from anatomy_nb.results.evaluate import TABLES
 from anatomy_nb.ui.report import report
 from anatomy_nb.ui.viewer import AuditViewer, ConceptToggles
 from anatomy_nb.ui.viewer_data import ViewerData
@@ -281,7 +281,7 @@ def test_readers_check_the_format_they_read(tmp_path):
     """An artifact written by a newer anatomy_nb is an error naming its folder, not a KeyError later."""
     import json
 
-    from anatomy_nb.results.evaluation import FORMAT, EvalResult
+    from anatomy_nb.results.evaluate import FORMAT, EvalResult
 
     folder = tmp_path / "evaluate" / "k"
     folder.mkdir(parents=True)

@@ -17,8 +17,8 @@ from anatomy_nb.core.stats import bootstrap_ci, r2_with_ci, wilson_interval
 from anatomy_nb.data.evalsets import ab_items, harmful_prompts, xstest_safe
 from anatomy_nb.data.textstats import is_refusal
 from anatomy_nb.lm.ops import ab_probabilities, generate, pair_logps
-from anatomy_nb.results.evaluation import BASE
-from anatomy_nb.results.training import training_runs
+from anatomy_nb.results.evaluate import BASE
+from anatomy_nb.results.train import training_runs
 from anatomy_nb.stages.evaluate import evaluate
 
 from helpers import SMALL, assert_clean_outputs
@@ -197,7 +197,7 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
     assert (gens["new_tokens"] <= 12).all()
     # the held-out prompts are the training runs' held-out pairs, never training pairs
     split = json.loads((tiny_eval.run / res.manifest["models"]["plain"]["path"] / "split.json").read_text())
-    from anatomy_nb.results.store import FeatureStore
+    from anatomy_nb.results.extract import FeatureStore
 
     prompt_of = {p.id: p.prompt[-1]["content"] for p in FeatureStore.from_run(tiny_eval.run).pairs()}
     held = set(gens[gens["set"] == "heldout"]["id"])
@@ -238,7 +238,7 @@ def test_evaluate_writes_every_table_for_base_plain_and_the_intervention(tiny_ev
     assert (judges["n"] == 100).all() and (judges["accuracy_ci_low"] <= judges["accuracy"]).all()
     wide = res.comparison_table()
     assert list(wide.columns) == res.models
-    from anatomy_nb.results.evaluation import NO_SIGNAL, no_signal_rows
+    from anatomy_nb.results.evaluate import NO_SIGNAL, no_signal_rows
 
     silent = comp[no_signal_rows(comp)].groupby(["group", "metric"]).ngroups
     assert int((wide == NO_SIGNAL).all(axis=1).sum()) == silent  # the rows with no signal say so in every cell
@@ -253,7 +253,7 @@ def test_the_audit_is_scored_beside_simpler_predictors_on_the_same_concepts(tiny
     the r2 table's overall fit; each predictor is scored on the concepts of that fit; the audit's
     prediction is stage 2's mean paired difference."""
     from anatomy_nb.concepts.predictors import PREDICTORS
-    from anatomy_nb.results.evaluation import CEILING
+    from anatomy_nb.results.evaluate import CEILING
 
     res = tiny_eval.res
     table = res.predictors()
@@ -287,7 +287,7 @@ def test_runs_trained_in_other_orders_are_read_against_plain_dpo_of_their_order(
     each intervention's change of its target is read against plain DPO of the same order, and every
     head-to-head figure gets its spread over orders."""
     from anatomy_nb.pipeline import training_orders
-    from anatomy_nb.results.training import order_of, plain_reference
+    from anatomy_nb.results.train import order_of, plain_reference
     from anatomy_nb.stages.train import train
 
     cfg = PipelineConfig.from_dict(
@@ -351,7 +351,7 @@ def test_target_activity_agrees_with_stage_4s_concept_scorer(tiny_eval):
     res = tiny_eval.res
     gens = res.generations()
     gens = gens[gens["set"] == "heldout"]
-    from anatomy_nb.results.store import FeatureStore
+    from anatomy_nb.results.extract import FeatureStore
 
     prompts = {p.id: p.prompt for p in FeatureStore.from_run(tiny_eval.run).pairs()}
     source = SAEConcept(f"sae:{tiny_eval.concept}", tiny_eval.features, sae=tiny_eval.sae)
@@ -468,7 +468,7 @@ def test_evaluate_on_the_default_model(tmp_path):
     from anatomy_nb.data.pairs import load_pairs
     from anatomy_nb.lm.models import load_model
     from anatomy_nb.lm.sae import DEFAULT_SAE, load_sae
-    from anatomy_nb.results.hypotheses import Hypotheses
+    from anatomy_nb.results.hypothesize import Hypotheses
     from anatomy_nb.stages.extract import extract
     from anatomy_nb.stages.hypothesize import hypothesize
     from anatomy_nb.stages.train import train
@@ -605,7 +605,7 @@ def test_a_rate_every_model_has_at_the_floor_is_marked_no_signal():
     moves, one at 0 for base only, and a non-rate at 0 keep their numbers."""
     import pandas as pd
 
-    from anatomy_nb.results.evaluation import NO_SIGNAL, no_signal_rows
+    from anatomy_nb.results.evaluate import NO_SIGNAL, no_signal_rows
 
     rows = []
     for m in ("base", "plain", "reward_shaping"):

@@ -13,7 +13,7 @@ import anatomy_nb.stages.extract as ex
 from anatomy_nb.config import ExtractConfig
 from anatomy_nb.data.chat import render_example
 from anatomy_nb.lm.ops import decoder_layers
-from anatomy_nb.results.store import STATS, FeatureStore
+from anatomy_nb.results.extract import STATS, FeatureStore
 from anatomy_nb.stages.extract import extract
 
 CFG = ExtractConfig(shard_size=6, top_contexts=5, pooled_values=True, progress=False)  # checks max / mean / count
@@ -329,7 +329,7 @@ def test_the_writer_picks_bits_above_one_in_sixteen_features_and_the_reader_deco
     """d_sae = 163 (not a multiple of 8): a bitset row is 21 bytes, against 2 bytes per uint16 id,
     so bits pay off above ~10.5 firing features per row. Decoding matches the CSR written, both
     ways, in blocks of rows smaller than the store (forced here)."""
-    import anatomy_nb.results.store as st
+    import anatomy_nb.results.extract as st
     from anatomy_nb.core.files import atomic_write_json
 
     d, n = 163, 40

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from anatomy_nb.concepts.activity import PairFeatures
 from anatomy_nb.concepts.clustering import ConceptConfig, cluster_features
 from anatomy_nb.config import HypothesizeConfig
-from anatomy_nb.results.hypotheses import Hypotheses, rank_hypotheses
+from anatomy_nb.results.hypothesize import Hypotheses, rank_hypotheses
 from anatomy_nb.stages.hypothesize import hypothesize, score_concepts
 
 from helpers import synthetic, with_edges
@@ -267,7 +267,7 @@ def test_a_run_written_before_per_listing_ranks_is_read_with_them(tmp_path):
     import json
     import shutil
 
-    from anatomy_nb.results.hypotheses import number_ranks
+    from anatomy_nb.results.hypothesize import number_ranks
 
     rows = ["topic", "overall", "topic", "opening", "overall", "topic"]
     t = pd.DataFrame({"rank": range(1, 7), "view": rows, "concept": range(6)})

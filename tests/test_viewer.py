@@ -168,7 +168,7 @@ def test_set_choice_validates_and_names_the_entry():
 
 
 def test_default_plan_lists_every_concept_as_allow_with_its_features(run):
-    from anatomy_nb.results.hypotheses import Hypotheses
+    from anatomy_nb.results.hypothesize import Hypotheses
 
     hyp = Hypotheses.from_run(run)
     plan = default_plan(hyp, layer=2)
@@ -344,7 +344,7 @@ def test_every_static_view_escapes_the_xss_pairs(run):
 def test_notebook_03_runs_headless_with_a_plan_parameter_and_reports(run):
     import nbformat
 
-    from anatomy_nb.results.hypotheses import Hypotheses
+    from anatomy_nb.results.hypothesize import Hypotheses
     from anatomy_nb.ui.notebooks import run_notebook
     from anatomy_nb.ui.report import report as build_report
 

@@ -14,7 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..core.stats import group_means, length_regressors
-from ..results.store import FeatureStore
+from ..results.extract import FeatureStore
 from .clustering import membership_matrix
 
 __all__ = ["PairFeatures", "concept_activity", "feature_difference_sums", "length_diffs"]

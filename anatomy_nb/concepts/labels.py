@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..config import HypothesizeConfig
-from ..results.store import FeatureStore
+from ..results.extract import FeatureStore
 from .explain import (
     ExplainerBackend,
     complete_all,

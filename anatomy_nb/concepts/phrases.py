@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..results.store import FeatureStore
+from ..results.extract import FeatureStore
 
 __all__ = [
     "PhraseConfig",

@@ -44,8 +44,8 @@ from ..data.schema import PreferencePair
 from ..data.textstats import TEXT_STATS
 from ..lm.models import LoadedModel
 from ..lm.ops import response_residuals
+from ..results.extract import FeatureStore
 from ..results.plan import parse_concept
-from ..results.store import FeatureStore
 
 __all__ = [
     "ConceptSource",

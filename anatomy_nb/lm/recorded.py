@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.run import RunLike
-from ..results.store import FeatureStore
+from ..results.extract import FeatureStore
 from .models import LoadedModel, load_model
 from .sae import LoadedSAE, load_sae
 

@@ -14,12 +14,12 @@ from typing import Any
 from ..core.run import RunLike, RunPaths
 from ..data.plant import planted_truth
 from .compare_audits import CompareResult
-from .evaluation import EvalResult
-from .hypotheses import Hypotheses
+from .evaluate import EvalResult
+from .extract import FeatureStore
+from .hypothesize import Hypotheses
 from .plan import InterventionPlan, load_plan
-from .store import FeatureStore
 from .subspace import SubspaceResult
-from .training import TrainResult, training_runs
+from .train import TrainResult, training_runs
 
 __all__ = ["READERS", "RunDir", "RunLike"]
 

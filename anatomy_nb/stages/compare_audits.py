@@ -47,8 +47,8 @@ from ..core.files import content_hash
 from ..core.stage import terminal
 from ..core.stats import bh_qvalues, group_means, length_controlled, length_regressors, paired_test
 from ..results.compare_audits import FORMAT, CompareResult
+from ..results.extract import FeatureStore
 from ..results.run import RunDir, RunLike
-from ..results.store import FeatureStore
 
 __all__ = ["STAGE", "annotator_differences", "annotator_votes", "compare_audits", "dataset_differences"]
 

@@ -91,10 +91,10 @@ from ..data.schema import PreferencePair
 from ..lm.models import LoadedModel
 from ..lm.ops import ab_probabilities, generate, pair_logps, response_residuals
 from ..lm.recorded import recorded_model, recorded_sae
-from ..results.evaluation import BASE, FORMAT, EvalResult
+from ..results.evaluate import BASE, FORMAT, EvalResult
+from ..results.extract import FeatureStore
 from ..results.run import RunDir, RunLike
-from ..results.store import FeatureStore
-from ..results.training import PLAIN, active_entries, plain_reference, run_name, training_order, training_runs
+from ..results.train import PLAIN, active_entries, plain_reference, run_name, training_order, training_runs
 from .predicted_vs_actual import predicted_vs_actual, predictor_inputs, predictor_table
 from .prediction import ConceptSpace
 from .readouts import comparison_table, plan_vs_actual, preference_table, targets_table

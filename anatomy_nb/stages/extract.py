@@ -44,9 +44,9 @@ from ..data.schema import PairSet, PreferencePair
 from ..lm.models import LoadedModel, load_model
 from ..lm.ops import ResidualCapture
 from ..lm.sae import LoadedSAE, hook_name, legacy_fingerprints, load_sae
+from ..results.extract import EDGES, FeatureStore
+from ..results.extract import FORMAT as STORE_FORMAT
 from ..results.run import RunDir, RunLike
-from ..results.store import EDGES, FeatureStore
-from ..results.store import FORMAT as STORE_FORMAT
 
 __all__ = ["ExtractConfig", "FeatureStore", "compute_shard", "extract", "store_key", "write_firing_sets", "STAGE"]
 

@@ -56,10 +56,10 @@ from ..core.stats import (
     welch_each_group,
 )
 from ..data.textstats import text_stats
-from ..results.hypotheses import FORMAT, Hypotheses, number_ranks, rank_hypotheses
+from ..results.extract import FeatureStore
+from ..results.hypothesize import FORMAT, Hypotheses, number_ranks, rank_hypotheses
 from ..results.plan import concept_ref, parse_concept
 from ..results.run import RunDir, RunLike
-from ..results.store import FeatureStore
 
 __all__ = [
     "HypothesizeConfig",

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import PlanConfig
 from ..methods import METHODS
-from ..results.hypotheses import Hypotheses
+from ..results.hypothesize import Hypotheses
 from ..results.plan import ConceptChoice, InterventionPlan, PlanError, concept_ref, load_plan
 from ..results.run import RunDir, RunLike
 from .prediction import overall_rows

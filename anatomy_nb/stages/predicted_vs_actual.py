@@ -27,8 +27,8 @@ from ..concepts.predictors import PREDICTORS, concept_predictions, split_half_re
 from ..config import EvalConfig
 from ..core.stats import LEAVE_OUT, bh_qvalues, delta_r2, group_means, paired_test, prediction_scores
 from ..data.textstats import text_stats
-from ..results.evaluation import BASE, CEILING, PREDICTOR_COLUMNS
-from ..results.training import active_entries
+from ..results.evaluate import BASE, CEILING, PREDICTOR_COLUMNS
+from ..results.train import active_entries
 from .readouts import R2_COLUMNS, targeted_concepts
 
 __all__ = ["PREDICTION_COLUMNS", "SPLIT_HALF_DRAWS", "predicted_vs_actual", "predictor_inputs", "predictor_table"]

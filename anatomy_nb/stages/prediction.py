@@ -38,10 +38,10 @@ import scipy.stats as sps
 from ..concepts.activity import PairFeatures, concept_activity
 from ..core.stats import group_means, length_controlled, length_regressors, paired_test
 from ..methods import METHODS
-from ..results.hypotheses import Hypotheses
+from ..results.extract import FeatureStore
+from ..results.hypothesize import Hypotheses
 from ..results.plan import InterventionPlan, load_plan, sae_concept_id, scope_mask
 from ..results.run import RunDir, RunLike
-from ..results.store import FeatureStore
 
 __all__ = ["BADGES", "ConceptSpace", "badge", "overall_rows"]
 

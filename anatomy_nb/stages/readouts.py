@@ -24,9 +24,9 @@ from ..core.stats import (
     wilson_interval,
 )
 from ..data.textstats import text_stats
-from ..results.evaluation import BASE
+from ..results.evaluate import BASE
 from ..results.plan import parse_concept, sae_concept_id
-from ..results.training import PLAIN, active_entries, order_of, plain_reference
+from ..results.train import PLAIN, active_entries, order_of, plain_reference
 from .prediction import ConceptSpace
 
 __all__ = [

@@ -47,7 +47,7 @@ from ..lm.sae import load_sae
 from ..methods import METHODS
 from ..results.plan import InterventionPlan, load_plan
 from ..results.run import RunDir, RunLike
-from ..results.training import FORMAT, TrainResult
+from ..results.train import FORMAT, TrainResult
 from .dpo import MetricsLog, make_trainer, quiet_datasets, ref_cache_for
 from .extract import process_state
 from .interventions import (

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..core.files import atomic_path, atomic_write_text, read_json
 from ..results.compare_audits import CompareResult
-from ..results.hypotheses import split_half_mark
+from ..results.hypothesize import split_half_mark
 from ..results.run import RunDir, RunLike
 from .compare_view import compare_html
 from .notebooks import render_html

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.contrast import minimum_detectable_d
-from ..results.hypotheses import Hypotheses
+from ..results.hypothesize import Hypotheses
 from ..results.run import RunDir, RunLike
 from .viz import escape_text, token_html
 

@@ -31,7 +31,7 @@ import traitlets
 from ..config import MapConfig
 from ..core.paths import widgets_dir
 from ..methods import METHODS
-from ..results.hypotheses import Hypotheses
+from ..results.hypothesize import Hypotheses
 from ..results.plan import ACTIONS, InterventionPlan, PlanError, concept_ref
 from ..results.run import RunDir, RunLike
 from ..stages.plan import overlay_plan, set_choice

@@ -14,9 +14,9 @@ from sklearn.decomposition import TruncatedSVD
 
 from ..config import MapConfig
 from ..core.files import atomic_write_json, content_hash, read_json
-from ..results.hypotheses import Hypotheses, rank_hypotheses, split_half_mark
+from ..results.extract import FeatureStore
+from ..results.hypothesize import Hypotheses, rank_hypotheses, split_half_mark
 from ..results.run import RunDir, RunLike
-from ..results.store import FeatureStore
 from ..stages.prediction import ConceptSpace
 from .viz import escape_text, html_table
 

@@ -12,7 +12,7 @@ import pandas as pd
 from ..core.files import read_json
 from ..core.run import RunLike, RunPaths
 from ..core.stage import check_format
-from .store import EDGES
+from .extract import EDGES
 
 __all__ = ["SPLIT_HALF_OK", "Hypotheses", "number_ranks", "rank_hypotheses", "split_half_mark"]
 

@@ -13,7 +13,7 @@ from ..core.run import RunLike, RunPaths
 from ..core.stage import Artifact
 from ..core.stats import LEAVE_OUT
 from ..data.judges import format_agreement
-from .training import PLAIN, order_of, plain_reference
+from .train import PLAIN, order_of, plain_reference
 
 __all__ = [
     "BASE",
