@@ -289,7 +289,7 @@ def _trained_models(pipeline_state: dict, cfg: PipelineConfig) -> dict:
 
 
 def run_pipeline(config: PipelineConfig | None = None, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """RunDir (or resume) the pipeline; returns the state written to ``run_dir/pipeline.json``."""
+    """Run (or resume) the pipeline; returns the state written to ``run_dir/pipeline.json``."""
     cfg = config or PipelineConfig()
     run = RunDir(cfg.run_dir)
     state_path = run.path / STATE_FILE

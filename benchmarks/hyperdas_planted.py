@@ -7,7 +7,7 @@ on which its hard selection edits the base's entity token and reads the source's
 source token it reads most often (offset from the source's entity: -1 is the marker before it) and
 the loss per sixth of training. ``--variant`` passes keyword arguments to ``train_hyperdas`` as JSON,
 e.g. ``'{"selection": "pairwise"}'`` or ``'{"positions": "entity"}'``. Results are appended to
-``benchmarks/results/hyperdas-planted-<date>.jsonl``. RunDir with one thread per job on two cores::
+``benchmarks/results/hyperdas-planted-<date>.jsonl``. Run with one thread per job on two cores::
 
     OMP_NUM_THREADS=1 python benchmarks/hyperdas_planted.py --seeds 0 1 2
 """

@@ -266,7 +266,7 @@ def test_notebook_03_in_voila_drilldown_toggles_and_xss(served, page):
 
 
 def test_notebook_03_inside_jupyterlab(lab, page):
-    """The product is "explore in JupyterLab": the notebook opened in JupyterLab, RunDir All Cells, then
+    """The product is "explore in JupyterLab": the notebook opened in JupyterLab, Run All Cells, then
     the same clicks as under voila (the plan file is reset first: both tests write it)."""
     url, run = lab
     (run / "plan" / "plan.json").unlink(missing_ok=True)
@@ -286,7 +286,7 @@ def test_notebook_03_inside_jupyterlab(lab, page):
 
 
 def _run_all_cells_in_lab(page, attempts: int = 3) -> None:
-    """RunDir All Cells once the kernel is idle, and check that execution really started: on a loaded
+    """Run All Cells once the kernel is idle, and check that execution really started: on a loaded
     machine a menu click made while the kernel is still starting can be lost, so it is retried."""
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=180_000)
     started = (
@@ -294,14 +294,14 @@ def _run_all_cells_in_lab(page, attempts: int = 3) -> None:
         "/\\[(\\*|\\d+)\\]/.test(e.textContent))"
     )
     for _ in range(attempts):
-        page.locator(".lm-MenuBar-itemLabel", has_text="RunDir").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="RunDir All Cells").first.click()
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         try:
             page.wait_for_function(started, timeout=60_000)
             return
         except Exception:
             page.keyboard.press("Escape")  # close a menu left open, then try again
-    raise AssertionError(f"RunDir All Cells did not start the notebook after {attempts} tries")
+    raise AssertionError(f"Run All Cells did not start the notebook after {attempts} tries")
 
 
 def test_canvas_map_draws_and_lassos_50k_points(page):

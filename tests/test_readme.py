@@ -66,7 +66,7 @@ def test_every_command_in_the_readme_is_accepted_with_a_valid_config(monkeypatch
 
 
 def test_the_python_example_runs_on_the_tiny_model(tmp_path, monkeypatch, tiny_lm):
-    """RunDir as written, with the default model and SAE swapped for the tiny ones built in code (the
+    """Run as written, with the default model and SAE swapped for the tiny ones built in code (the
     SAE saved to disk, so the later stages reload it by the name the store records)."""
     import anatomy_nb as anb
     from anatomy_nb.lm.sae import load_sae, save_sae, tiny_sae

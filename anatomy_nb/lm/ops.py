@@ -82,7 +82,7 @@ def with_cache(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
 
 
 class ResidualCapture:
-    """RunDir a model only up to the deepest of ``layers`` (early exit) and keep the residual stream
+    """Run a model only up to the deepest of ``layers`` (early exit) and keep the residual stream
     after each of them. A context manager: the hooks and the cut are undone on exit, also on error.
 
     ``capture(ids)`` returns the residual after the first layer, (batch, tokens, d_model);

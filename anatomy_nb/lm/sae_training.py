@@ -68,7 +68,7 @@ def collect_activations(
     max_tokens: int | None = None,
     batch_size: int = 1,
 ) -> dict[int, np.memmap]:
-    """RunDir the documents to the deepest requested layer (early exit) and store the residual
+    """Run the documents to the deepest requested layer (early exit) and store the residual
     stream of every collected position at each layer as float16 memmaps ``layer{L}.npy``.
 
     ``batch_size`` documents go through each forward pass, right-padded with an attention mask

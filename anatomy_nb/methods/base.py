@@ -74,7 +74,8 @@ class Method:
         return None
 
     def offsets(self, choice: Any, scores: np.ndarray) -> np.ndarray | None:
-        """(n_pairs, 2) per-response reward o(y) added to β·log-ratio inside DPO's loss."""
+        """(n_pairs, 2) per-response reward o(y) added to β·log-ratio inside DPO's loss (asked of a
+        ``scored`` method only: ``scores`` are its concept's s_c(y⁺), s_c(y⁻) per training pair)."""
         return None
 
     def forward_edit(self, choice: Any, source: Any, mean_residual: Callable[[int], Any]) -> dict | None:

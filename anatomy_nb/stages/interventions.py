@@ -170,7 +170,7 @@ def reward_offsets(concepts: Sequence[PlannedConcept], scores: Mapping[str, np.n
     off = np.zeros((n_pairs, 2))
     for how, entries in _by_method(concepts):
         for r in entries:
-            if (o := how.offsets(r.choice, scores[r.ref])) is not None:
+            if how.scored and (o := how.offsets(r.choice, scores[r.ref])) is not None:
                 off += o
     return off
 

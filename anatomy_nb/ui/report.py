@@ -224,7 +224,7 @@ def report(run_dir: RunLike, out: str | os.PathLike | None = None, render: bool 
         "<li>none executed yet (run <code>anatomy-nb run</code>)</li>"
     ]
     parts.append("</ul>")
-    parts.append(_folded("RunDir: data, model, SAE, concepts, tests", html_table(_facts(run))))
+    parts.append(_folded("Run: data, model, SAE, concepts, tests", html_table(_facts(run))))
     state_path = run.path / "pipeline.json"
     if state_path.exists():
         steps = read_json(state_path).get("steps", {})

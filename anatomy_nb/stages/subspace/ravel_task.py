@@ -204,7 +204,7 @@ def whole_residual_by_layer(
 ) -> pd.DataFrame:
     """RAVEL's Cause and Isolate of swapping the source's whole residual at the entity token, layer by
     layer, on ``config``'s test pairs: the most any method editing that token can move an attribute
-    at each depth (``learn_subspace``'s "whole residual" row, at every layer asked). RunDir it to choose
+    at each depth (``learn_subspace``'s "whole residual" row, at every layer asked). Run it to choose
     the layer before training DAS there: where even this ceiling is low, no subspace can do better."""
     cfg = SubspaceConfig.from_dict(config)
     for layer in layers:  # before the knowledge filter, not after it
