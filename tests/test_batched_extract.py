@@ -8,7 +8,8 @@ import torch
 
 from anatomy_nb.config import ExtractConfig
 from anatomy_nb.lm.ops import ResidualCapture
-from anatomy_nb.stages.extract import extract, gpu_batch_limits, length_batches
+from anatomy_nb.stages.extract import extract, length_batches
+from anatomy_nb.stages.extract_batching import gpu_batch_limits
 
 CFG = dict(shard_size=7, top_contexts=5, progress=False)
 

@@ -47,6 +47,7 @@ from ..lm.sae import LoadedSAE, hook_name, legacy_fingerprints, load_sae
 from ..results.extract import EDGES, FeatureStore
 from ..results.extract import FORMAT as STORE_FORMAT
 from ..results.run import RunDir, RunLike
+from .extract_batching import batch_limits, length_batches
 
 __all__ = ["ExtractConfig", "FeatureStore", "compute_shard", "extract", "store_key", "write_firing_sets", "STAGE"]
 
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "extract"
 CONTEXT_WINDOW = 12  # tokens either side of a top context's peak whose activations are kept
-CPU_BATCH_PAIRS = 1  # benchmarks/extract.py: batching gains little on two CPU cores
 HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 48)]).astype(np.float32)
 
 
@@ -183,41 +183,6 @@ def _tokenize(tok, pair: PreferencePair, cfg: ExtractConfig) -> _Tokenized:
     return _Tokenized(
         p_ids, p_mask, sides, cut, sum(len(ids) > cfg.max_response_tokens for ids in (c.response_ids, r_ids))
     )
-
-
-def length_batches(sizes: Sequence[int], max_pairs: int, max_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of similar size (sorted, so padding is small), each at most
-    ``max_pairs`` long and, padded to its longest member, at most ``max_tokens`` (a single item
-    larger than that is a batch of its own)."""
-    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        b = batches[-1] if batches else None
-        if b is not None and len(b) < max_pairs and (len(b) + 1) * sizes[i] <= max_tokens:
-            b.append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def batch_limits(cfg: ExtractConfig, lm: LoadedModel, sae: LoadedSAE) -> tuple[int, int]:
-    """(pairs, padded tokens) per forward. On a GPU with ``batch_size=None`` both come from free
-    memory: each token costs about 12 bytes per SAE feature (pre-activations, activations, masks
-    in fp32) plus the model's activations; 40 % of the free memory is used."""
-    if cfg.batch_size is not None:
-        return cfg.batch_size, cfg.batch_tokens
-    if lm.device.type != "cuda":
-        return CPU_BATCH_PAIRS, cfg.batch_tokens
-    free, _ = torch.cuda.mem_get_info(lm.device)
-    return gpu_batch_limits(
-        free, sae.d_sae, lm.d_model, int(getattr(lm.model.config, "intermediate_size", 4 * lm.d_model))
-    )
-
-
-def gpu_batch_limits(free_bytes: int, d_sae: int, d_model: int, d_ff: int) -> tuple[int, int]:
-    per_token = 12 * d_sae + 4 * (3 * d_ff + 8 * d_model)
-    tokens = max(512, int(0.4 * free_bytes / per_token))
-    return 256, tokens
 
 
 @torch.no_grad()

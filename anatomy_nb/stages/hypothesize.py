@@ -33,8 +33,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import cross_val_score
 
 from ..concepts.activity import PairFeatures, concept_activity, feature_difference_sums, length_diffs
 from ..concepts.clustering import cluster_features, membership_matrix
@@ -60,6 +58,7 @@ from ..results.extract import FeatureStore
 from ..results.hypothesize import FORMAT, Hypotheses, number_ranks, rank_hypotheses
 from ..results.plan import concept_ref, parse_concept
 from ..results.run import RunDir, RunLike
+from .hypothesize_baselines import linear_baseline, stat_columns, text_stat_baseline
 
 __all__ = [
     "HypothesizeConfig",
@@ -76,18 +75,14 @@ log = logging.getLogger(__name__)
 STAGE = "hypothesize"
 
 
-def _stat_columns(prefix: str, t) -> dict[str, np.ndarray]:
-    return {f"{prefix}mean_diff": t.mean, f"{prefix}cohens_d": t.cohens_d, f"{prefix}t": t.t, f"{prefix}p": t.p}
-
-
 def _view_stats(Du: np.ndarray, len_diff: np.ndarray, cfg: HypothesizeConfig) -> dict[str, np.ndarray]:
     """The tests of one view on a block of concept columns (units × concepts differences)."""
     t = paired_test(Du)
     return {
         "n_units": t.n,
-        **_stat_columns("", t),
+        **stat_columns("", t),
         "split_half_agreement": split_half_agreement(Du, cfg.n_splits, cfg.seed),
-        **_stat_columns("length_controlled_", length_controlled(Du, len_diff)),
+        **stat_columns("length_controlled_", length_controlled(Du, len_diff)),
     }
 
 
@@ -179,10 +174,10 @@ def score_concepts(
                 parts.setdefault(("topic", k), []).append(
                     {
                         "n_units": np.full(hi - lo, int(inside.sum())),
-                        **_stat_columns("", w),
+                        **stat_columns("", w),
                         "inside_mean_diff": inside_mean,
                         "split_half_agreement": split_in,
-                        **_stat_columns("length_controlled_", lc_in),
+                        **stat_columns("length_controlled_", lc_in),
                     }
                 )
     joined = {
@@ -236,66 +231,13 @@ def feature_tests(pf: PairFeatures, labels: np.ndarray, groups: np.ndarray | Non
             "support": chosen + rejected,
             "chosen_rate": chosen / pf.n_pairs,
             "rejected_rate": rejected / pf.n_pairs,
-            **_stat_columns("", ft),
+            **stat_columns("", ft),
         }
     )
     testable = features["support"].to_numpy() > 0
     features["q"] = np.nan
     features.loc[testable, "q"] = bh_qvalues(features.loc[testable, "p"].to_numpy())
     return features
-
-
-# --- baselines ---------------------------------------------------------------------------------------
-
-
-def text_stat_baseline(
-    pf: PairFeatures, cfg: HypothesizeConfig, stats_c: pd.DataFrame, stats_r: pd.DataFrame
-) -> pd.DataFrame:
-    D = stats_c.to_numpy(np.float64) - stats_r.to_numpy(np.float64)
-    Du = group_means(D, pf.groups if cfg.group_by_prompt else None)
-    t = paired_test(Du)
-    out = pd.DataFrame(
-        {
-            "statistic": list(stats_c.columns),
-            "chosen_mean": stats_c.mean().to_numpy(),
-            "rejected_mean": stats_r.mean().to_numpy(),
-            **_stat_columns("", t),
-        }
-    )
-    out["q"] = bh_qvalues(out["p"].to_numpy())
-    return out.sort_values("p").reset_index(drop=True)
-
-
-def linear_baseline(
-    pf: PairFeatures, labels: np.ndarray, cfg: HypothesizeConfig, top: int = 30
-) -> tuple[pd.DataFrame, dict]:
-    """L1-logistic regression predicting which side is chosen from per-pair feature differences.
-
-    Each pair enters once, randomly oriented (chosen − rejected → 1, or rejected − chosen → 0), so
-    the classifier cannot use an intercept; its largest coefficients are the features it relies on.
-    Above ``cfg.linear_baseline_pairs`` pairs it fits on a random sample of that many.
-    """
-    rng = np.random.default_rng(cfg.seed)
-    rows = np.arange(pf.n_pairs)
-    if pf.n_pairs > cfg.linear_baseline_pairs:
-        rows = np.sort(rng.choice(pf.n_pairs, cfg.linear_baseline_pairs, replace=False))
-    X = (pf.fires_chosen[rows].astype(np.float64) - pf.fires_rejected[rows].astype(np.float64)).tocsr()
-    y = rng.integers(0, 2, X.shape[0])
-    X = sp.diags(np.where(y == 1, 1.0, -1.0)) @ X
-    clf = LogisticRegression(l1_ratio=1.0, C=0.1, solver="liblinear", fit_intercept=False, max_iter=2000)
-    folds = int(min(5, max(2, X.shape[0] // 20)))
-    acc = cross_val_score(clf, X, y, cv=folds, scoring="accuracy") if X.shape[0] >= 20 else np.array([np.nan])
-    clf.fit(X, y)
-    coef = clf.coef_.ravel()
-    order = np.argsort(-np.abs(coef))[:top]
-    order = order[coef[order] != 0]
-    table = pd.DataFrame({"feature": order, "coefficient": coef[order], "concept": labels[order]})
-    return table, {
-        "cv_accuracy": float(np.nanmean(acc)),
-        "folds": folds,
-        "nonzero_coefficients": int((coef != 0).sum()),
-        "pairs": int(len(rows)),
-    }
 
 
 # --- the stage -----------------------------------------------------------------------------------------

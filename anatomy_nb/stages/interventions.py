@@ -116,7 +116,7 @@ def source_for(
                 raise err("features", f"feature {max(feats)} is out of range for {sae.name} (d_sae={sae.d_sae})")
             if c.layer is not None and c.layer != sae.layer:
                 raise err("layer", f"the SAE reads layer {sae.layer}, not {c.layer}")
-        elif METHODS[c.method].needs_direction if c.method in METHODS else False:
+        elif METHODS[c.method].needs_direction:
             raise err("method", f"{c.method} needs the SAE's decoder directions: pass sae=")
         return SAEConcept(c.concept, feats, sae=sae, label=c.label)
     path = Path(c.direction_file)
